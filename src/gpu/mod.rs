@@ -1,0 +1,1 @@
+//! The GPU path: WGSL kernels driven through wgpu.

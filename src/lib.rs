@@ -1,0 +1,9 @@
+//! LeNet-5 on MNIST, trained by WGSL compute shaders through wgpu, with a pure-Rust CPU path
+//! that computes the same functions (the reference for tests, and the fallback without a GPU).
+
+pub mod checkpoint;
+pub mod cpu;
+pub mod data;
+pub mod gpu;
+pub mod model;
+pub mod train;
