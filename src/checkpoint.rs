@@ -1,1 +1,389 @@
-//! safetensors checkpoints
+//! safetensors checkpoints in PyTorch's `state_dict` layout.
+//!
+//! The ten model tensors are f32 little-endian under their `state_dict` names (`conv1.weight`,
+//! ...), so `model.load_state_dict(safetensors.torch.load_file(f))` reads them. Adam's moments,
+//! for `--resume`, live in the same file as `adam.m.<name>` and `adam.v.<name>`, and the step
+//! count, epoch position, seed, batch, shuffle flag and Adam's hyper-parameters in the file's
+//! string metadata. A file with only the ten model tensors is valid (no optimiser state).
+//!
+//! Writes are atomic: a temp file in the target's directory is written and fsynced, then renamed
+//! over the target, then the directory is fsynced. A failed save leaves an existing file as it was.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::model::{AdamConfig, Params, TrainState, PARAM_SPECS};
+
+/// The value of the `format` metadata key in files this crate writes.
+pub const FORMAT_TAG: &str = "lenet-wgpu-checkpoint-v1";
+/// Metadata keys of the optimiser state.
+pub const META_KEYS: [&str; 10] =
+    ["step", "epoch", "step_in_epoch", "seed", "batch", "shuffle", "lr", "beta1", "beta2", "eps"];
+/// A LeNet-5 checkpoint with its optimiser state is about 740 KB; anything far larger is not one,
+/// and is refused before it is read into memory.
+pub const MAX_CHECKPOINT_BYTES: u64 = 64 << 20;
+
+const ADAM_M_PREFIX: &str = "adam.m.";
+const ADAM_V_PREFIX: &str = "adam.v.";
+
+/// Adam's state and the run position, everything `--resume` needs beyond the weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerState {
+    pub adam_m: Params,
+    pub adam_v: Params,
+    pub step: u64,
+    pub epoch: u64,
+    pub step_in_epoch: u64,
+    pub seed: u64,
+    pub batch: usize,
+    pub shuffle: bool,
+    pub adam: AdamConfig,
+}
+
+/// What a checkpoint file holds: the weights, and the optimiser state if it was saved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub params: Params,
+    pub optimizer: Option<OptimizerState>,
+}
+
+impl Checkpoint {
+    /// The training state to resume from and its Adam configuration, if the file has them.
+    pub fn into_train_state(self) -> Option<(TrainState, AdamConfig)> {
+        let opt = self.optimizer?;
+        Some((
+            TrainState {
+                params: self.params,
+                adam_m: opt.adam_m,
+                adam_v: opt.adam_v,
+                step: opt.step,
+                epoch: opt.epoch,
+                step_in_epoch: opt.step_in_epoch,
+                seed: opt.seed,
+                batch: opt.batch,
+                shuffle: opt.shuffle,
+            },
+            opt.adam,
+        ))
+    }
+}
+
+/// What can go wrong reading or writing a checkpoint. Each message is one line that starts with
+/// the file's path.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{}: cannot read checkpoint: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{}: cannot write checkpoint: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+    #[error("{}: checkpoint file is empty", path.display())]
+    Empty { path: PathBuf },
+    #[error("{}: {size} bytes is far too large for a LeNet-5 checkpoint", path.display())]
+    TooLarge { path: PathBuf, size: u64 },
+    #[error("{}: not a safetensors file: {reason}", path.display())]
+    NotSafetensors { path: PathBuf, reason: String },
+    #[error("{}: missing tensor {name}", path.display())]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{}: tensor {name} has shape {found:?}, expected {expected:?}", path.display())]
+    WrongShape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("{}: tensor {name} has dtype {found}, expected F32", path.display())]
+    WrongDtype { path: PathBuf, name: String, found: String },
+    #[error("{}: unexpected tensor {name} (not a LeNet-5 parameter or Adam moment)", path.display())]
+    UnexpectedTensor { path: PathBuf, name: String },
+    #[error("{}: tensor {name} holds a non-finite value {value} at index {index}", path.display())]
+    NonFinite { path: PathBuf, name: String, index: usize, value: f32 },
+    #[error("{}: bad optimiser metadata: {reason}", path.display())]
+    BadMetadata { path: PathBuf, reason: String },
+}
+
+/// Saves the weights, Adam's moments and the run position, atomically.
+pub fn save_checkpoint(path: &Path, state: &TrainState, adam: &AdamConfig) -> Result<(), CheckpointError> {
+    let mut tensors = named_tensors(path, "", &state.params)?;
+    tensors.extend(named_tensors(path, ADAM_M_PREFIX, &state.adam_m)?);
+    tensors.extend(named_tensors(path, ADAM_V_PREFIX, &state.adam_v)?);
+    let meta: HashMap<String, String> = [
+        ("format", FORMAT_TAG.to_string()),
+        ("step", state.step.to_string()),
+        ("epoch", state.epoch.to_string()),
+        ("step_in_epoch", state.step_in_epoch.to_string()),
+        ("seed", state.seed.to_string()),
+        ("batch", state.batch.to_string()),
+        ("shuffle", state.shuffle.to_string()),
+        // Rust prints the shortest decimal that parses back to the same f32: exact round trip.
+        ("lr", adam.lr.to_string()),
+        ("beta1", adam.beta1.to_string()),
+        ("beta2", adam.beta2.to_string()),
+        ("eps", adam.eps.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    write_tensors(path, tensors, meta)
+}
+
+/// Saves only the ten model tensors (a valid `--init` / `eval` input), atomically.
+pub fn save_weights(path: &Path, params: &Params) -> Result<(), CheckpointError> {
+    let tensors = named_tensors(path, "", params)?;
+    let meta = HashMap::from([("format".to_string(), FORMAT_TAG.to_string())]);
+    write_tensors(path, tensors, meta)
+}
+
+/// Loads a checkpoint: the ten model tensors, and the optimiser state if the file has any
+/// `adam.*` tensor (then all twenty moments and the metadata must be there and valid).
+pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, CheckpointError> {
+    let read_err = |source| CheckpointError::Read { path: path.to_owned(), source };
+    let file = File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    if size == 0 {
+        return Err(CheckpointError::Empty { path: path.to_owned() });
+    }
+    if size > MAX_CHECKPOINT_BYTES {
+        return Err(CheckpointError::TooLarge { path: path.to_owned(), size });
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(MAX_CHECKPOINT_BYTES + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    parse_checkpoint(path, &bytes)
+}
+
+/// Parses checkpoint bytes; `path` only names the source in errors.
+pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
+    if bytes.is_empty() {
+        return Err(CheckpointError::Empty { path: path.to_owned() });
+    }
+    precheck_offsets(bytes)
+        .map_err(|reason| CheckpointError::NotSafetensors { path: path.to_owned(), reason })?;
+    let not_st = |e: safetensors::SafeTensorError| CheckpointError::NotSafetensors {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(not_st)?;
+    let st = SafeTensors::deserialize(bytes).map_err(not_st)?;
+
+    let mut names: Vec<&str> = st.names();
+    names.sort_unstable();
+    let mut has_adam = false;
+    for name in &names {
+        let base = name.strip_prefix(ADAM_M_PREFIX).or_else(|| name.strip_prefix(ADAM_V_PREFIX));
+        let known = match base {
+            Some(b) => {
+                has_adam = true;
+                PARAM_SPECS.iter().any(|s| s.name == b)
+            }
+            None => PARAM_SPECS.iter().any(|s| s.name == *name),
+        };
+        if !known {
+            return Err(CheckpointError::UnexpectedTensor { path: path.to_owned(), name: name.to_string() });
+        }
+    }
+
+    let params = read_params(path, &st, "")?;
+    let optimizer = if has_adam {
+        let adam_m = read_params(path, &st, ADAM_M_PREFIX)?;
+        let adam_v = read_params(path, &st, ADAM_V_PREFIX)?;
+        let empty = HashMap::new();
+        let meta = header.metadata().as_ref().unwrap_or(&empty);
+        let bad = |reason: String| CheckpointError::BadMetadata { path: path.to_owned(), reason };
+        match meta.get("format") {
+            Some(f) if f == FORMAT_TAG => {}
+            Some(f) => return Err(bad(format!("format is {f:?}, expected {FORMAT_TAG:?}"))),
+            None => return Err(bad(format!("format tag missing (expected {FORMAT_TAG:?})"))),
+        }
+        let get = |key: &str| -> Result<&String, CheckpointError> {
+            meta.get(key).ok_or_else(|| bad(format!("Adam tensors are present but {key} is missing")))
+        };
+        let int = |key: &str| -> Result<u64, CheckpointError> {
+            let v = get(key)?;
+            v.parse::<u64>().map_err(|_| bad(format!("{key} = {v:?} is not a non-negative integer")))
+        };
+        let float = |key: &str| -> Result<f32, CheckpointError> {
+            let v = get(key)?;
+            match v.parse::<f32>() {
+                Ok(x) if x.is_finite() => Ok(x),
+                _ => Err(bad(format!("{key} = {v:?} is not a finite number"))),
+            }
+        };
+        let shuffle = match get("shuffle")?.as_str() {
+            "true" => true,
+            "false" => false,
+            v => return Err(bad(format!("shuffle = {v:?} is not true or false"))),
+        };
+        let batch = int("batch")?;
+        if batch == 0 {
+            return Err(bad("batch = \"0\" must be positive".into()));
+        }
+        let batch = usize::try_from(batch).map_err(|_| bad(format!("batch = {batch} is too large")))?;
+        Some(OptimizerState {
+            adam_m,
+            adam_v,
+            step: int("step")?,
+            epoch: int("epoch")?,
+            step_in_epoch: int("step_in_epoch")?,
+            seed: int("seed")?,
+            batch,
+            shuffle,
+            adam: AdamConfig {
+                lr: float("lr")?,
+                beta1: float("beta1")?,
+                beta2: float("beta2")?,
+                eps: float("eps")?,
+            },
+        })
+    } else {
+        None
+    };
+    Ok(Checkpoint { params, optimizer })
+}
+
+/// Checks that every tensor's data offsets lie inside the file before the safetensors crate adds
+/// them up (a hostile `data_offsets` near `usize::MAX` would otherwise overflow its arithmetic).
+fn precheck_offsets(bytes: &[u8]) -> Result<(), String> {
+    let Some(len_bytes) = bytes.get(..8) else {
+        return Err(format!("{} bytes is shorter than the 8-byte header length", bytes.len()));
+    };
+    let n = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
+    if n > (bytes.len() - 8) as u64 {
+        return Err(format!("header length {n} runs past the end of the {}-byte file", bytes.len()));
+    }
+    let header = &bytes[8..8 + n as usize];
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(header) else {
+        return Err("header is not valid JSON".into());
+    };
+    let Some(map) = json.as_object() else {
+        return Err("header is not a JSON object".into());
+    };
+    for (name, info) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets = info.get("data_offsets").and_then(|o| o.as_array());
+        if let Some(offsets) = offsets {
+            for o in offsets {
+                if o.as_u64().is_some_and(|o| o > bytes.len() as u64) {
+                    return Err(format!("tensor {name} has data offsets past the end of the file"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_params(path: &Path, st: &SafeTensors<'_>, prefix: &str) -> Result<Params, CheckpointError> {
+    let mut params = Params::zeros();
+    for (tensor, spec) in params.tensors.iter_mut().zip(&PARAM_SPECS) {
+        let name = format!("{prefix}{}", spec.name);
+        let view = st
+            .tensor(&name)
+            .map_err(|_| CheckpointError::MissingTensor { path: path.to_owned(), name: name.clone() })?;
+        if view.dtype() != Dtype::F32 {
+            return Err(CheckpointError::WrongDtype {
+                path: path.to_owned(),
+                name,
+                found: format!("{:?}", view.dtype()),
+            });
+        }
+        if view.shape() != spec.shape {
+            return Err(CheckpointError::WrongShape {
+                path: path.to_owned(),
+                name,
+                expected: spec.shape.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        // safetensors has checked that the data is exactly shape x 4 bytes.
+        for (x, b) in tensor.iter_mut().zip(view.data().chunks_exact(4)) {
+            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        if let Some(index) = tensor.iter().position(|x| !x.is_finite()) {
+            return Err(CheckpointError::NonFinite {
+                path: path.to_owned(),
+                name,
+                index,
+                value: tensor[index],
+            });
+        }
+    }
+    Ok(params)
+}
+
+/// (name, shape, little-endian bytes) of each tensor of `params`; refuses non-finite values, so a
+/// diverged run never overwrites a good checkpoint.
+fn named_tensors(
+    path: &Path,
+    prefix: &str,
+    params: &Params,
+) -> Result<Vec<(String, &'static [usize], Vec<u8>)>, CheckpointError> {
+    let mut out = Vec::with_capacity(PARAM_SPECS.len());
+    for (tensor, spec) in params.tensors.iter().zip(&PARAM_SPECS) {
+        let name = format!("{prefix}{}", spec.name);
+        assert_eq!(tensor.len(), spec.len(), "{name} has the wrong length");
+        if let Some(index) = tensor.iter().position(|x| !x.is_finite()) {
+            return Err(CheckpointError::NonFinite {
+                path: path.to_owned(),
+                name,
+                index,
+                value: tensor[index],
+            });
+        }
+        let bytes = tensor.iter().flat_map(|x| x.to_le_bytes()).collect();
+        out.push((name, spec.shape, bytes));
+    }
+    Ok(out)
+}
+
+fn write_tensors(
+    path: &Path,
+    tensors: Vec<(String, &'static [usize], Vec<u8>)>,
+    meta: HashMap<String, String>,
+) -> Result<(), CheckpointError> {
+    let write_err = |source| CheckpointError::Write { path: path.to_owned(), source };
+    let views = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.to_vec(), bytes).map(|v| (name.as_str(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| write_err(io::Error::other(e.to_string())))?;
+    let bytes =
+        safetensors::serialize(views, Some(meta)).map_err(|e| write_err(io::Error::other(e.to_string())))?;
+    write_atomic(path, &bytes).map_err(write_err)
+}
+
+/// Writes `bytes` to `path` through a temp file in the same directory, fsync and rename; on
+/// failure the temp file is removed and an existing `path` is untouched.
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // Make the rename itself durable. Directories cannot be opened for fsync everywhere (Windows).
+    #[cfg(unix)]
+    File::open(&dir)?.sync_all()?;
+    Ok(())
+}

@@ -1,6 +1,31 @@
 //! MNIST IDX loading (raw or gzip) and validation.
+//!
+//! Every failure is a [`DataError`] whose one-line message names the file and what is wrong with
+//! it. Allocations are bounded by the real data: a raw file's length is checked against its header
+//! before anything is allocated, and a gzip stream is read through `take` so a header that claims
+//! gigabytes costs only what the stream really holds.
 
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+use byteorder::{BigEndian, ByteOrder};
+use flate2::read::MultiGzDecoder;
+
+use crate::model::IMAGE_SIDE;
+
+/// IDX magic of an unsigned-byte, 3-dimensional array (images).
+pub const IMAGES_MAGIC: u32 = 0x0000_0803;
+/// IDX magic of an unsigned-byte, 1-dimensional array (labels).
+pub const LABELS_MAGIC: u32 = 0x0000_0801;
+
+const IMAGES_HEADER: usize = 16;
+const LABELS_HEADER: usize = 8;
+/// Largest first reservation for a gzip stream's payload; beyond it the vector grows only as real
+/// decompressed bytes arrive.
+const GZIP_RESERVE_LIMIT: u64 = 64 << 20;
+/// How far past the declared payload a gzip stream is decompressed to count trailing bytes.
+const GZIP_TRAILING_LIMIT: u64 = 1 << 32;
 
 /// Images (u8 pixels, row-major) and their labels.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,15 +49,279 @@ impl Dataset {
     }
 }
 
+#[derive(Clone, Debug, PartialEq)]
 pub struct Mnist {
     pub train: Dataset,
     pub test: Dataset,
 }
 
-pub fn load_mnist(_dir: &Path) -> Result<Mnist, std::io::Error> {
-    todo!()
+/// The images of one IDX image file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdxImages {
+    /// `count * rows * cols` pixels, image after image, row-major.
+    pub pixels: Vec<u8>,
+    pub count: usize,
+    pub rows: usize,
+    pub cols: usize,
 }
 
+/// What can go wrong reading MNIST. Each message is one line that starts with the file's path.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{}: data directory not found", dir.display())]
+    DirNotFound { dir: PathBuf },
+    #[error(
+        "{}: no {name} file (looked for {name}, {name}.gz and the hyphenated {alt}[.gz])",
+        dir.display()
+    )]
+    FileNotFound { dir: PathBuf, name: &'static str, alt: &'static str },
+    #[error("{}: cannot read: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: file is empty", path.display())]
+    Empty { path: PathBuf },
+    #[error("{}: corrupt or truncated gzip data: {detail}", path.display())]
+    Gzip { path: PathBuf, detail: String },
+    #[error(
+        "{}: bad magic number 0x{found:08x}, expected 0x{expected:08x} (IDX {what}){hint}",
+        path.display()
+    )]
+    BadMagic { path: PathBuf, found: u32, expected: u32, what: &'static str, hint: &'static str },
+    #[error("{}: IDX header truncated: {found} bytes, expected {expected}", path.display())]
+    TruncatedHeader { path: PathBuf, found: usize, expected: usize },
+    #[error("{}: images are {rows}x{cols}, this network needs {side}x{side}", path.display())]
+    BadDimensions { path: PathBuf, rows: u32, cols: u32, side: usize },
+    #[error(
+        "{}: truncated: the header declares {count} items ({expected} bytes of data) but only \
+         {found} bytes follow it",
+        path.display()
+    )]
+    Truncated { path: PathBuf, count: u32, expected: u128, found: u64 },
+    #[error(
+        "{}: {extra} trailing bytes after the {count} items the header declares",
+        path.display()
+    )]
+    TrailingBytes { path: PathBuf, count: u32, extra: u64 },
+    #[error("{}: label {label} at index {index} is out of range 0-9", path.display())]
+    LabelOutOfRange { path: PathBuf, index: usize, label: u8 },
+    #[error(
+        "{}: {labels} labels but {} has {images} images",
+        labels_path.display(),
+        images_path.display()
+    )]
+    CountMismatch { images_path: PathBuf, labels_path: PathBuf, images: usize, labels: usize },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Images,
+    Labels,
+}
+
+/// Reads an IDX image file (raw or gzip), which must hold 28x28 images.
+pub fn load_idx_images(path: &Path) -> Result<IdxImages, DataError> {
+    let (count, rows, cols, pixels) = read_idx(path, Kind::Images)?;
+    Ok(IdxImages { pixels, count, rows, cols })
+}
+
+/// Reads an IDX label file (raw or gzip); every label must be 0-9.
+pub fn load_idx_labels(path: &Path) -> Result<Vec<u8>, DataError> {
+    let (_, _, _, labels) = read_idx(path, Kind::Labels)?;
+    if let Some(index) = labels.iter().position(|&l| l > 9) {
+        return Err(DataError::LabelOutOfRange { path: path.to_owned(), index, label: labels[index] });
+    }
+    Ok(labels)
+}
+
+/// One data set from a pair of IDX files whose counts must agree.
+pub fn load_dataset(images_path: &Path, labels_path: &Path) -> Result<Dataset, DataError> {
+    let images = load_idx_images(images_path)?;
+    let labels = load_idx_labels(labels_path)?;
+    if images.count != labels.len() {
+        return Err(DataError::CountMismatch {
+            images_path: images_path.to_owned(),
+            labels_path: labels_path.to_owned(),
+            images: images.count,
+            labels: labels.len(),
+        });
+    }
+    Ok(Dataset { images: images.pixels, labels, rows: images.rows, cols: images.cols })
+}
+
+/// The four MNIST files in `dir`, each raw or `.gz`, under the usual names
+/// (`train-images.idx3-ubyte`) or the hyphenated ones (`train-images-idx3-ubyte`).
+pub fn load_mnist(dir: &Path) -> Result<Mnist, DataError> {
+    if !dir.is_dir() {
+        return Err(DataError::DirNotFound { dir: dir.to_owned() });
+    }
+    let train_images = find_file(dir, "train-images.idx3-ubyte", "train-images-idx3-ubyte")?;
+    let train_labels = find_file(dir, "train-labels.idx1-ubyte", "train-labels-idx1-ubyte")?;
+    let test_images = find_file(dir, "t10k-images.idx3-ubyte", "t10k-images-idx3-ubyte")?;
+    let test_labels = find_file(dir, "t10k-labels.idx1-ubyte", "t10k-labels-idx1-ubyte")?;
+    Ok(Mnist {
+        train: load_dataset(&train_images, &train_labels)?,
+        test: load_dataset(&test_images, &test_labels)?,
+    })
+}
+
+fn find_file(dir: &Path, name: &'static str, alt: &'static str) -> Result<PathBuf, DataError> {
+    for base in [name, alt] {
+        for suffix in ["", ".gz"] {
+            let path = dir.join(format!("{base}{suffix}"));
+            if path.is_file() {
+                return Ok(path);
+            }
+        }
+    }
+    Err(DataError::FileNotFound { dir: dir.to_owned(), name, alt })
+}
+
+/// The MNIST shipped with the repository, found without the user naming it: `./data/mnist` if it
+/// exists, else a `data/mnist` beside or above the executable (so an installed or copied
+/// `target/release/lenet` still finds the checkout's data), else the source tree's copy.
 pub fn default_data_dir() -> PathBuf {
+    let local = PathBuf::from("data/mnist");
+    if local.is_dir() {
+        return local;
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let mut dir = exe.parent();
+        while let Some(d) = dir {
+            let candidate = d.join("data").join("mnist");
+            if candidate.is_dir() {
+                return candidate;
+            }
+            dir = d.parent();
+        }
+    }
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist"))
+}
+
+/// Reads and checks one IDX file: (count, rows, cols, payload). Labels have rows = cols = 1.
+fn read_idx(path: &Path, kind: Kind) -> Result<(usize, usize, usize, Vec<u8>), DataError> {
+    let io_err = |source| DataError::Io { path: path.to_owned(), source };
+    let mut file = File::open(path).map_err(io_err)?;
+    let file_len = file.metadata().map_err(io_err)?.len();
+    if file_len == 0 {
+        return Err(DataError::Empty { path: path.to_owned() });
+    }
+    // Gzip is recognised by its magic bytes, not by the file's name.
+    let mut magic = [0u8; 2];
+    let sniffed = read_full(&mut file, &mut magic).map_err(io_err)?;
+    file.seek(SeekFrom::Start(0)).map_err(io_err)?;
+    if sniffed == 2 && magic == [0x1f, 0x8b] {
+        let mut decoder = MultiGzDecoder::new(BufReader::new(file));
+        parse_idx(path, kind, &mut decoder, None)
+    } else {
+        parse_idx(path, kind, &mut BufReader::new(file), Some(file_len))
+    }
+}
+
+/// Parses an IDX stream. `raw_len` is the file's length for an uncompressed file, `None` for a
+/// gzip stream (whose read errors are then reported as corrupt gzip data).
+fn parse_idx(
+    path: &Path,
+    kind: Kind,
+    reader: &mut impl Read,
+    raw_len: Option<u64>,
+) -> Result<(usize, usize, usize, Vec<u8>), DataError> {
+    let gzip = raw_len.is_none();
+    let read_err = |source: io::Error| {
+        if gzip {
+            DataError::Gzip { path: path.to_owned(), detail: source.to_string() }
+        } else {
+            DataError::Io { path: path.to_owned(), source }
+        }
+    };
+    let (header_len, expected_magic, what) = match kind {
+        Kind::Images => (IMAGES_HEADER, IMAGES_MAGIC, "images"),
+        Kind::Labels => (LABELS_HEADER, LABELS_MAGIC, "labels"),
+    };
+    let mut header = [0u8; IMAGES_HEADER];
+    let got = read_full(reader, &mut header[..header_len]).map_err(read_err)?;
+    if got == 0 {
+        // Only a gzip stream can get here: an empty raw file was caught before.
+        return Err(DataError::Gzip { path: path.to_owned(), detail: "decompresses to nothing".into() });
+    }
+    if got >= 4 {
+        let found = BigEndian::read_u32(&header[0..4]);
+        if found != expected_magic {
+            let hint = match (kind, found) {
+                (Kind::Images, LABELS_MAGIC) => "; this looks like a label file",
+                (Kind::Labels, IMAGES_MAGIC) => "; this looks like an image file",
+                _ => "",
+            };
+            return Err(DataError::BadMagic {
+                path: path.to_owned(),
+                found,
+                expected: expected_magic,
+                what,
+                hint,
+            });
+        }
+    }
+    if got < header_len {
+        return Err(DataError::TruncatedHeader { path: path.to_owned(), found: got, expected: header_len });
+    }
+    let count = BigEndian::read_u32(&header[4..8]);
+    let (rows, cols) = match kind {
+        Kind::Images => (BigEndian::read_u32(&header[8..12]), BigEndian::read_u32(&header[12..16])),
+        Kind::Labels => (1, 1),
+    };
+    if kind == Kind::Images && (rows as usize != IMAGE_SIDE || cols as usize != IMAGE_SIDE) {
+        return Err(DataError::BadDimensions { path: path.to_owned(), rows, cols, side: IMAGE_SIDE });
+    }
+    // u128: count * rows * cols of a hostile header cannot overflow it.
+    let expected = count as u128 * rows as u128 * cols as u128;
+
+    let data = match raw_len {
+        Some(file_len) => {
+            let found = file_len - header_len as u64;
+            if (found as u128) < expected {
+                return Err(DataError::Truncated { path: path.to_owned(), count, expected, found });
+            }
+            if found as u128 > expected {
+                let extra = (found as u128 - expected) as u64;
+                return Err(DataError::TrailingBytes { path: path.to_owned(), count, extra });
+            }
+            // The file really holds `expected` bytes, so this allocation is backed by data.
+            let mut data = vec![0u8; expected as usize];
+            reader.read_exact(&mut data).map_err(read_err)?;
+            data
+        }
+        None => {
+            let limit = u64::try_from(expected).unwrap_or(u64::MAX);
+            let mut data = Vec::with_capacity(limit.min(GZIP_RESERVE_LIMIT) as usize);
+            Read::take(&mut *reader, limit).read_to_end(&mut data).map_err(read_err)?;
+            if (data.len() as u128) < expected {
+                return Err(DataError::Truncated {
+                    path: path.to_owned(),
+                    count,
+                    expected,
+                    found: data.len() as u64,
+                });
+            }
+            // Reading on to the end also makes the decoder check the gzip CRC and length.
+            let extra = io::copy(&mut Read::take(&mut *reader, GZIP_TRAILING_LIMIT), &mut io::sink())
+                .map_err(read_err)?;
+            if extra > 0 {
+                return Err(DataError::TrailingBytes { path: path.to_owned(), count, extra });
+            }
+            data
+        }
+    };
+    Ok((count as usize, rows as usize, cols as usize, data))
+}
+
+/// Fills `buf` as far as the stream allows; returns how many bytes were read.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }

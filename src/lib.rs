@@ -5,5 +5,6 @@ pub mod checkpoint;
 pub mod cpu;
 pub mod data;
 pub mod gpu;
+pub mod image_input;
 pub mod model;
 pub mod train;

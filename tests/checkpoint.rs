@@ -1,0 +1,356 @@
+//! safetensors checkpoints: exact round trips, weights-only files, every kind of bad file, and
+//! atomic writes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use lenet::checkpoint::{
+    load_checkpoint, save_checkpoint, save_weights, CheckpointError, FORMAT_TAG, META_KEYS,
+};
+use lenet::model::{AdamConfig, Params, TrainState, PARAM_SPECS};
+use safetensors::tensor::{Dtype, TensorView};
+
+fn state() -> TrainState {
+    let mut s = TrainState::new(Params::init(11), 0xdead_beef_1234_5678, 64, false);
+    s.adam_m = Params::init(12);
+    s.adam_v = Params::init(13);
+    // Values whose bits a decimal round trip would lose if done carelessly.
+    s.params.tensors[0][0] = f32::MIN_POSITIVE;
+    s.params.tensors[0][1] = -0.0;
+    s.params.tensors[9][9] = f32::MAX;
+    s.adam_v.tensors[4][3] = 1e-45; // subnormal
+    s.step = 123_456_789_012;
+    s.epoch = 7;
+    s.step_in_epoch = 233;
+    s
+}
+
+fn adam() -> AdamConfig {
+    AdamConfig { lr: 3.3e-4, beta1: 0.85, beta2: 0.9995, eps: 1.1e-8 }
+}
+
+fn bits(p: &Params) -> Vec<u32> {
+    p.flatten().iter().map(|x| x.to_bits()).collect()
+}
+
+fn assert_error(err: &CheckpointError, path: &Path, needle: &str) {
+    let msg = err.to_string();
+    assert!(msg.starts_with(&path.display().to_string()), "message does not name the file: {msg}");
+    assert!(msg.contains(needle), "message {msg:?} does not mention {needle:?}");
+    assert!(!msg.contains('\n'), "message is not one line: {msg:?}");
+}
+
+/// Tensor (name, dtype, shape, bytes) list of a full checkpoint, to build variants from.
+type Raw = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
+fn raw_tensors(with_adam: bool) -> Raw {
+    let s = state();
+    let mut out = Vec::new();
+    let mut add = |prefix: &str, p: &Params| {
+        for (t, spec) in p.tensors.iter().zip(&PARAM_SPECS) {
+            out.push((
+                format!("{prefix}{}", spec.name),
+                Dtype::F32,
+                spec.shape.to_vec(),
+                t.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ));
+        }
+    };
+    add("", &s.params);
+    if with_adam {
+        add("adam.m.", &s.adam_m);
+        add("adam.v.", &s.adam_v);
+    }
+    out
+}
+
+fn good_meta() -> HashMap<String, String> {
+    let mut m: HashMap<String, String> = META_KEYS.iter().map(|k| (k.to_string(), "1".to_string())).collect();
+    m.insert("shuffle".into(), "true".into());
+    m.insert("format".into(), FORMAT_TAG.into());
+    m
+}
+
+fn write_raw(path: &Path, raw: &Raw, meta: Option<HashMap<String, String>>) {
+    let views: Vec<(String, TensorView)> =
+        raw.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    std::fs::write(path, safetensors::serialize(views, meta).unwrap()).unwrap();
+}
+
+fn dir_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn round_trip_is_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ck.safetensors");
+    let s = state();
+    save_checkpoint(&path, &s, &adam()).unwrap();
+    let ck = load_checkpoint(&path).unwrap();
+    assert_eq!(bits(&ck.params), bits(&s.params));
+    let opt = ck.optimizer.clone().expect("optimizer state");
+    assert_eq!(bits(&opt.adam_m), bits(&s.adam_m));
+    assert_eq!(bits(&opt.adam_v), bits(&s.adam_v));
+    assert_eq!(
+        (opt.step, opt.epoch, opt.step_in_epoch, opt.seed, opt.batch, opt.shuffle),
+        (s.step, s.epoch, s.step_in_epoch, s.seed, s.batch, s.shuffle)
+    );
+    let a = adam();
+    for (x, y) in
+        [(opt.adam.lr, a.lr), (opt.adam.beta1, a.beta1), (opt.adam.beta2, a.beta2), (opt.adam.eps, a.eps)]
+    {
+        assert_eq!(x.to_bits(), y.to_bits());
+    }
+    let (back, back_adam) = ck.into_train_state().unwrap();
+    assert_eq!(back, s);
+    assert_eq!(back_adam, a);
+    // Saving over an existing file replaces it, and leaves nothing else behind.
+    let mut s2 = s.clone();
+    s2.step += 1;
+    s2.shuffle = true;
+    save_checkpoint(&path, &s2, &AdamConfig::default()).unwrap();
+    let (back, back_adam) = load_checkpoint(&path).unwrap().into_train_state().unwrap();
+    assert_eq!(back, s2);
+    assert_eq!(back_adam, AdamConfig::default());
+    assert_eq!(dir_entries(dir.path()), vec![path]);
+}
+
+#[test]
+fn file_is_a_pytorch_state_dict() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    save_checkpoint(&path, &state(), &adam()).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.len(), 30);
+    for spec in &PARAM_SPECS {
+        let t = st.tensor(spec.name).unwrap();
+        assert_eq!(t.dtype(), Dtype::F32);
+        assert_eq!(t.shape(), spec.shape);
+    }
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().as_ref().unwrap();
+    assert_eq!(meta["format"], FORMAT_TAG);
+    assert_eq!(meta["step"], "123456789012");
+    assert_eq!(meta["shuffle"], "false");
+}
+
+#[test]
+fn weights_only_file_loads_without_optimizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let p = Params::init(5);
+    save_weights(&path, &p).unwrap();
+    let ck = load_checkpoint(&path).unwrap();
+    assert_eq!(ck.params, p);
+    assert!(ck.optimizer.is_none());
+    // As PyTorch writes it: metadata {"format": "pt"}, or none at all.
+    let pt = dir.path().join("pt.safetensors");
+    write_raw(&pt, &raw_tensors(false), Some(HashMap::from([("format".into(), "pt".into())])));
+    assert!(load_checkpoint(&pt).unwrap().optimizer.is_none());
+    write_raw(&pt, &raw_tensors(false), None);
+    let ck = load_checkpoint(&pt).unwrap();
+    assert_eq!(ck.params, state().params);
+    assert!(ck.into_train_state().is_none());
+}
+
+#[test]
+fn missing_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    let mut raw = raw_tensors(false);
+    raw.retain(|t| t.0 != "fc2.bias");
+    write_raw(&path, &raw, None);
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "missing tensor fc2.bias");
+    // One Adam moment missing.
+    let mut raw = raw_tensors(true);
+    raw.retain(|t| t.0 != "adam.v.conv2.weight");
+    write_raw(&path, &raw, Some(good_meta()));
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "missing tensor adam.v.conv2.weight");
+}
+
+#[test]
+fn wrong_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    let mut raw = raw_tensors(false);
+    // Same element count, PyTorch's transpose of fc1.
+    raw[4].2 = vec![400, 120];
+    write_raw(&path, &raw, None);
+    assert_error(
+        &load_checkpoint(&path).unwrap_err(),
+        &path,
+        "tensor fc1.weight has shape [400, 120], expected [120, 400]",
+    );
+}
+
+#[test]
+fn wrong_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    for (dtype, size, name) in [(Dtype::F64, 8, "F64"), (Dtype::F16, 2, "F16")] {
+        let mut raw = raw_tensors(false);
+        raw[1].1 = dtype;
+        raw[1].3 = vec![0u8; 6 * size];
+        write_raw(&path, &raw, None);
+        assert_error(
+            &load_checkpoint(&path).unwrap_err(),
+            &path,
+            &format!("tensor conv1.bias has dtype {name}, expected F32"),
+        );
+    }
+}
+
+#[test]
+fn unexpected_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    for extra in ["fc4.weight", "adam.m.fc9.bias", "num_batches_tracked"] {
+        let mut raw = raw_tensors(false);
+        raw.push((extra.into(), Dtype::F32, vec![1], vec![0; 4]));
+        write_raw(&path, &raw, None);
+        assert_error(&load_checkpoint(&path).unwrap_err(), &path, &format!("unexpected tensor {extra}"));
+    }
+}
+
+#[test]
+fn non_finite_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    let mut raw = raw_tensors(false);
+    raw[2].3[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    write_raw(&path, &raw, None);
+    assert_error(
+        &load_checkpoint(&path).unwrap_err(),
+        &path,
+        "tensor conv2.weight holds a non-finite value NaN at index 2",
+    );
+    // Saving NaN weights is refused and leaves no file.
+    let mut p = Params::init(1);
+    p.tensors[3][0] = f32::INFINITY;
+    let out = dir.path().join("nan.safetensors");
+    assert_error(&save_weights(&out, &p).unwrap_err(), &out, "conv2.bias");
+    assert!(!out.exists());
+}
+
+#[test]
+fn bad_optimizer_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    let raw = raw_tensors(true);
+    let mut m = good_meta();
+    m.remove("step");
+    write_raw(&path, &raw, Some(m));
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "step is missing");
+    write_raw(&path, &raw, None);
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "format tag missing");
+    let mut m = good_meta();
+    m.insert("lr".into(), "fast".into());
+    write_raw(&path, &raw, Some(m));
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "lr = \"fast\"");
+    let mut m = good_meta();
+    m.insert("epoch".into(), "-1".into());
+    write_raw(&path, &raw, Some(m));
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "epoch");
+    let mut m = good_meta();
+    m.insert("shuffle".into(), "yes".into());
+    write_raw(&path, &raw, Some(m));
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "shuffle");
+    // And the good metadata loads.
+    write_raw(&path, &raw, Some(good_meta()));
+    assert!(load_checkpoint(&path).unwrap().optimizer.is_some());
+}
+
+#[test]
+fn not_a_safetensors_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    std::fs::write(&path, b"PK\x03\x04 this is a zip, say a torch.save pickle").unwrap();
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
+    std::fs::write(&path, b"abc").unwrap();
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
+    // Valid header length and JSON, data cut short.
+    save_weights(&path, &Params::init(3)).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
+}
+
+#[test]
+fn empty_and_missing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    std::fs::write(&path, b"").unwrap();
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "empty");
+    let missing = dir.path().join("missing.safetensors");
+    assert_error(&load_checkpoint(&missing).unwrap_err(), &missing, "cannot read");
+    // A directory is not a checkpoint either.
+    assert!(load_checkpoint(dir.path()).is_err());
+}
+
+#[test]
+fn huge_data_offsets_are_an_error_not_an_overflow() {
+    // Regression: offsets near usize::MAX made safetensors' own arithmetic overflow.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    let header = format!(
+        r#"{{"a":{{"dtype":"U8","shape":[{}],"data_offsets":[0,{}]}}}}"#,
+        usize::MAX - 4,
+        usize::MAX - 4
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
+}
+
+#[test]
+fn failed_save_leaves_previous_file_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ck.safetensors");
+    save_checkpoint(&path, &state(), &adam()).unwrap();
+    let before = std::fs::read(&path).unwrap();
+
+    // Target directory missing.
+    let missing = dir.path().join("no/such/dir/ck.safetensors");
+    assert_error(&save_weights(&missing, &Params::init(1)).unwrap_err(), &missing, "cannot write");
+
+    // The target path is a directory: the rename fails after the temp file was written.
+    let occupied = dir.path().join("occupied");
+    std::fs::create_dir(&occupied).unwrap();
+    std::fs::write(occupied.join("keep"), b"x").unwrap();
+    assert_error(&save_weights(&occupied, &Params::init(1)).unwrap_err(), &occupied, "cannot write");
+
+    // A read-only directory (only meaningful when not running as root, who may write anyway).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let ro = dir.path().join("ro");
+        std::fs::create_dir(&ro).unwrap();
+        let target = ro.join("ck.safetensors");
+        save_weights(&target, &Params::init(2)).unwrap();
+        let ro_before = std::fs::read(&target).unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let result = save_weights(&target, &Params::init(3));
+        let writable_anyway = std::fs::File::create(ro.join("probe")).is_ok();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if !writable_anyway {
+            assert!(result.is_err());
+            assert_eq!(std::fs::read(&target).unwrap(), ro_before);
+        }
+        let _ = std::fs::remove_file(ro.join("probe"));
+        assert_eq!(dir_entries(&ro).len(), 1, "{:?}", dir_entries(&ro));
+    }
+
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    let mut names: Vec<_> = dir_entries(dir.path())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["ck.safetensors", "occupied", "ro"]);
+    assert_eq!(dir_entries(&occupied), vec![occupied.join("keep")]);
+}

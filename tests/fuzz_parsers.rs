@@ -1,0 +1,268 @@
+//! Property tests: the IDX parser (raw and gzip), the checkpoint loader and the image decoders
+//! never panic on random bytes or on mutations of valid files, and never allocate absurdly (a
+//! header's claims are bounded by the data really present, which the "huge claim" cases check by
+//! finishing at all: a 3 TB allocation would abort the test process).
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use lenet::checkpoint::{load_checkpoint, parse_checkpoint, save_checkpoint};
+use lenet::data::{load_idx_images, load_idx_labels};
+use lenet::image_input::decode_gray;
+use lenet::model::{AdamConfig, Params, TrainState};
+use proptest::prelude::*;
+
+const CASES: u32 = 256;
+
+fn images_idx(count: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend(0x0000_0803u32.to_be_bytes());
+    v.extend(count.to_be_bytes());
+    v.extend(28u32.to_be_bytes());
+    v.extend(28u32.to_be_bytes());
+    v.extend((0..count as usize * 784).map(|i| (i * 31 % 256) as u8));
+    v
+}
+
+fn labels_idx(count: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend(0x0000_0801u32.to_be_bytes());
+    v.extend(count.to_be_bytes());
+    v.extend((0..count).map(|i| (i % 10) as u8));
+    v
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn checkpoint_bytes() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ck.safetensors");
+        let mut s = TrainState::new(Params::init(1), 1, 32, true);
+        s.adam_m = Params::init(2);
+        s.adam_v = Params::init(3);
+        save_checkpoint(&path, &s, &AdamConfig::default()).unwrap();
+        std::fs::read(&path).unwrap()
+    })
+}
+
+#[derive(Clone, Debug)]
+enum Mutation {
+    FlipBit(usize, u8),
+    SetByte(usize, u8),
+    Truncate(usize),
+    Insert(usize, Vec<u8>),
+    /// Overwrite a header u32 (IDX count/rows/cols, or the safetensors header length) with a value.
+    HeaderWord(usize, u32),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<usize>(), 0u8..8).prop_map(|(i, b)| Mutation::FlipBit(i, b)),
+        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::SetByte(i, b)),
+        any::<usize>().prop_map(Mutation::Truncate),
+        (any::<usize>(), prop::collection::vec(any::<u8>(), 1..16)).prop_map(|(i, v)| Mutation::Insert(i, v)),
+        (
+            0usize..4,
+            prop_oneof![Just(0u32), Just(1), Just(28), Just(u32::MAX), Just(0x8000_0000), any::<u32>()]
+        )
+            .prop_map(|(w, v)| Mutation::HeaderWord(w, v)),
+    ]
+}
+
+fn apply(bytes: &mut Vec<u8>, mutations: &[Mutation]) {
+    for m in mutations {
+        let n = bytes.len().max(1);
+        match m {
+            Mutation::FlipBit(i, b) if !bytes.is_empty() => bytes[i % n] ^= 1 << b,
+            Mutation::SetByte(i, v) if !bytes.is_empty() => bytes[i % n] = *v,
+            Mutation::Truncate(i) => bytes.truncate(i % (bytes.len() + 1)),
+            Mutation::Insert(i, v) => {
+                let at = i % (bytes.len() + 1);
+                bytes.splice(at..at, v.iter().copied());
+            }
+            Mutation::HeaderWord(w, v) if bytes.len() >= 4 * (w + 1) => {
+                bytes[4 * w..4 * w + 4].copy_from_slice(&v.to_be_bytes())
+            }
+            _ => {}
+        }
+    }
+}
+
+fn check_idx(dir: &Path, bytes: &[u8]) {
+    let path = dir.join("f");
+    std::fs::write(&path, bytes).unwrap();
+    if let Ok(img) = load_idx_images(&path) {
+        assert_eq!(img.pixels.len(), img.count * img.rows * img.cols);
+        assert!(img.pixels.len() <= 64 << 20);
+    }
+    if let Ok(lab) = load_idx_labels(&path) {
+        assert!(lab.iter().all(|&l| l <= 9));
+    }
+    for err in [load_idx_images(&path).err(), load_idx_labels(&path).err()].into_iter().flatten() {
+        let msg = err.to_string();
+        assert!(msg.starts_with(&path.display().to_string()) && !msg.contains('\n'), "{msg}");
+    }
+}
+
+fn check_checkpoint(bytes: &[u8]) {
+    let path = Path::new("fuzz.safetensors");
+    match parse_checkpoint(path, bytes) {
+        Ok(ck) => assert!(ck.params.all_finite()),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.starts_with("fuzz.safetensors: ") && !msg.contains('\n'), "{msg}");
+        }
+    }
+}
+
+fn check_image(bytes: &[u8]) {
+    if let Ok(img) = decode_gray(Path::new("fuzz.img"), bytes) {
+        assert_eq!(img.pixels.len(), img.width * img.height);
+        let _ = lenet::image_input::to_mnist(&img);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn idx_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..64), gz in any::<bool>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = if gz { gzip(&bytes) } else { bytes };
+        check_idx(dir.path(), &bytes);
+    }
+
+    #[test]
+    fn idx_mutated_raw(labels in any::<bool>(), count in 0u32..4, ms in prop::collection::vec(mutation(), 1..4)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = if labels { labels_idx(count * 10) } else { images_idx(count) };
+        apply(&mut bytes, &ms);
+        check_idx(dir.path(), &bytes);
+    }
+
+    #[test]
+    fn idx_mutated_before_gzip(labels in any::<bool>(), count in 0u32..4, ms in prop::collection::vec(mutation(), 1..4)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = if labels { labels_idx(count * 10) } else { images_idx(count) };
+        apply(&mut bytes, &ms);
+        check_idx(dir.path(), &gzip(&bytes));
+    }
+
+    #[test]
+    fn idx_mutated_gzip_stream(labels in any::<bool>(), count in 0u32..4, ms in prop::collection::vec(mutation(), 1..4)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = gzip(&if labels { labels_idx(count * 10) } else { images_idx(count) });
+        apply(&mut bytes, &ms);
+        check_idx(dir.path(), &bytes);
+    }
+
+    #[test]
+    fn checkpoint_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        check_checkpoint(&bytes);
+    }
+
+    #[test]
+    fn checkpoint_mutated(ms in prop::collection::vec(mutation(), 1..4)) {
+        let mut bytes = checkpoint_bytes().to_vec();
+        apply(&mut bytes, &ms);
+        check_checkpoint(&bytes);
+    }
+
+    #[test]
+    fn checkpoint_header_json_mutated(at in any::<usize>(), text in "[-0-9\\[\\]{}\",:A-Za-z_. ]{1,24}") {
+        // Edits inside the JSON header, keeping the header length consistent.
+        let bytes = checkpoint_bytes();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut header = bytes[8..8 + n].to_vec();
+        let at = at % header.len();
+        let end = (at + text.len()).min(header.len());
+        header.splice(at..end, text.bytes());
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend(header);
+        out.extend(&bytes[8 + n..]);
+        check_checkpoint(&out);
+    }
+
+    #[test]
+    fn pgm_and_png_random_and_mutated(
+        kind in 0u8..3,
+        body in prop::collection::vec(any::<u8>(), 0..64),
+        ms in prop::collection::vec(mutation(), 0..3),
+    ) {
+        let mut bytes = match kind {
+            0 => [b"P5 3 2 255\n".as_slice(), &[0, 50, 100, 150, 200, 250]].concat(),
+            1 => b"P2\n# c\n2 2\n65535\n0 1 65535 300\n".to_vec(),
+            _ => tiny_png(),
+        };
+        bytes.extend(body);
+        apply(&mut bytes, &ms);
+        check_image(&bytes);
+    }
+}
+
+fn tiny_png() -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut e = png::Encoder::new(&mut out, 3, 2);
+        e.set_color(png::ColorType::Grayscale);
+        e.set_depth(png::BitDepth::Eight);
+        let mut w = e.write_header().unwrap();
+        w.write_image_data(&[0, 1, 2, 3, 4, 5]).unwrap();
+    }
+    out
+}
+
+// Named regressions: inputs that once broke (or could break) a parser, kept as plain tests.
+
+#[test]
+fn regression_checkpoint_offsets_overflow() {
+    // data_offsets near usize::MAX overflowed safetensors' `buffer_end + N_LEN + n`.
+    let header =
+        format!(r#"{{"x":{{"dtype":"U8","shape":[{m}],"data_offsets":[0,{m}]}}}}"#, m = usize::MAX - 8);
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    check_checkpoint(&bytes);
+    assert!(parse_checkpoint(Path::new("r"), &bytes).is_err());
+}
+
+#[test]
+fn regression_checkpoint_header_length_huge() {
+    let mut bytes = u64::MAX.to_le_bytes().to_vec();
+    bytes.extend(b"{}");
+    assert!(parse_checkpoint(Path::new("r"), &bytes).is_err());
+}
+
+#[test]
+fn regression_idx_huge_count_gzip() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = images_idx(1);
+    bytes[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+    check_idx(dir.path(), &gzip(&bytes));
+    let p = dir.path().join("g");
+    std::fs::write(&p, gzip(&bytes)).unwrap();
+    assert!(load_idx_images(&p).is_err());
+}
+
+#[test]
+fn regression_pgm_huge_dimensions() {
+    assert!(decode_gray(Path::new("r"), b"P5 4294967295 4294967295 255\n\0").is_err());
+    assert!(decode_gray(Path::new("r"), b"P2 99999999999999999999999 1 255\n").is_err());
+    assert!(decode_gray(Path::new("r"), b"P5 2 2 65535\n\0\0\0").is_err());
+}
+
+#[test]
+fn checkpoint_file_loader_agrees_with_parser() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c");
+    std::fs::write(&p, checkpoint_bytes()).unwrap();
+    assert!(load_checkpoint(&p).unwrap().optimizer.is_some());
+}
