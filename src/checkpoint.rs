@@ -29,6 +29,9 @@ pub const META_KEYS: [&str; 10] =
 /// and is refused before it is read into memory.
 pub const MAX_CHECKPOINT_BYTES: u64 = 64 << 20;
 
+/// A tensor ready to serialise: name, shape, little-endian f32 bytes.
+type NamedTensor = (String, &'static [usize], Vec<u8>);
+
 const ADAM_M_PREFIX: &str = "adam.m.";
 const ADAM_V_PREFIX: &str = "adam.v.";
 
@@ -313,11 +316,7 @@ fn read_params(path: &Path, st: &SafeTensors<'_>, prefix: &str) -> Result<Params
 
 /// (name, shape, little-endian bytes) of each tensor of `params`; refuses non-finite values, so a
 /// diverged run never overwrites a good checkpoint.
-fn named_tensors(
-    path: &Path,
-    prefix: &str,
-    params: &Params,
-) -> Result<Vec<(String, &'static [usize], Vec<u8>)>, CheckpointError> {
+fn named_tensors(path: &Path, prefix: &str, params: &Params) -> Result<Vec<NamedTensor>, CheckpointError> {
     let mut out = Vec::with_capacity(PARAM_SPECS.len());
     for (tensor, spec) in params.tensors.iter().zip(&PARAM_SPECS) {
         let name = format!("{prefix}{}", spec.name);
@@ -338,7 +337,7 @@ fn named_tensors(
 
 fn write_tensors(
     path: &Path,
-    tensors: Vec<(String, &'static [usize], Vec<u8>)>,
+    tensors: Vec<NamedTensor>,
     meta: HashMap<String, String>,
 ) -> Result<(), CheckpointError> {
     let write_err = |source| CheckpointError::Write { path: path.to_owned(), source };

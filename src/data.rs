@@ -210,21 +210,21 @@ fn read_idx(path: &Path, kind: Kind) -> Result<(usize, usize, usize, Vec<u8>), D
     file.seek(SeekFrom::Start(0)).map_err(io_err)?;
     if sniffed == 2 && magic == [0x1f, 0x8b] {
         let mut decoder = MultiGzDecoder::new(BufReader::new(file));
-        parse_idx(path, kind, &mut decoder, None)
+        parse_idx(path, kind, &mut decoder, file_len, true)
     } else {
-        parse_idx(path, kind, &mut BufReader::new(file), Some(file_len))
+        parse_idx(path, kind, &mut BufReader::new(file), file_len, false)
     }
 }
 
-/// Parses an IDX stream. `raw_len` is the file's length for an uncompressed file, `None` for a
-/// gzip stream (whose read errors are then reported as corrupt gzip data).
+/// Parses an IDX stream. `file_len` is the length of the file on disk; for a gzip stream
+/// (`gzip`), read errors are reported as corrupt gzip data.
 fn parse_idx(
     path: &Path,
     kind: Kind,
     reader: &mut impl Read,
-    raw_len: Option<u64>,
+    file_len: u64,
+    gzip: bool,
 ) -> Result<(usize, usize, usize, Vec<u8>), DataError> {
-    let gzip = raw_len.is_none();
     let read_err = |source: io::Error| {
         if gzip {
             DataError::Gzip { path: path.to_owned(), detail: source.to_string() }
@@ -273,41 +273,41 @@ fn parse_idx(
     // u128: count * rows * cols of a hostile header cannot overflow it.
     let expected = count as u128 * rows as u128 * cols as u128;
 
-    let data = match raw_len {
-        Some(file_len) => {
-            let found = file_len - header_len as u64;
-            if (found as u128) < expected {
-                return Err(DataError::Truncated { path: path.to_owned(), count, expected, found });
-            }
-            if found as u128 > expected {
-                let extra = (found as u128 - expected) as u64;
-                return Err(DataError::TrailingBytes { path: path.to_owned(), count, extra });
-            }
-            // The file really holds `expected` bytes, so this allocation is backed by data.
-            let mut data = vec![0u8; expected as usize];
-            reader.read_exact(&mut data).map_err(read_err)?;
-            data
+    let data = if !gzip {
+        let found = file_len.saturating_sub(header_len as u64);
+        if (found as u128) < expected {
+            return Err(DataError::Truncated { path: path.to_owned(), count, expected, found });
         }
-        None => {
-            let limit = u64::try_from(expected).unwrap_or(u64::MAX);
-            let mut data = Vec::with_capacity(limit.min(GZIP_RESERVE_LIMIT) as usize);
-            Read::take(&mut *reader, limit).read_to_end(&mut data).map_err(read_err)?;
-            if (data.len() as u128) < expected {
-                return Err(DataError::Truncated {
-                    path: path.to_owned(),
-                    count,
-                    expected,
-                    found: data.len() as u64,
-                });
-            }
-            // Reading on to the end also makes the decoder check the gzip CRC and length.
-            let extra = io::copy(&mut Read::take(&mut *reader, GZIP_TRAILING_LIMIT), &mut io::sink())
-                .map_err(read_err)?;
-            if extra > 0 {
-                return Err(DataError::TrailingBytes { path: path.to_owned(), count, extra });
-            }
-            data
+        if found as u128 > expected {
+            let extra = (found as u128 - expected) as u64;
+            return Err(DataError::TrailingBytes { path: path.to_owned(), count, extra });
         }
+        // The file really holds `expected` bytes, so this allocation is backed by data.
+        let mut data = vec![0u8; expected as usize];
+        reader.read_exact(&mut data).map_err(read_err)?;
+        data
+    } else {
+        let limit = u64::try_from(expected).unwrap_or(u64::MAX);
+        // Reserve no more than the header claims, than deflate's ~1032:1 ratio lets this file
+        // hold, or than a fixed cap; past that the vector grows only with real data.
+        let plausible = file_len.saturating_mul(1032).saturating_add(1 << 16);
+        let mut data = Vec::with_capacity(limit.min(plausible).min(GZIP_RESERVE_LIMIT) as usize);
+        Read::take(&mut *reader, limit).read_to_end(&mut data).map_err(read_err)?;
+        if (data.len() as u128) < expected {
+            return Err(DataError::Truncated {
+                path: path.to_owned(),
+                count,
+                expected,
+                found: data.len() as u64,
+            });
+        }
+        // Reading on to the end also makes the decoder check the gzip CRC and length.
+        let extra = io::copy(&mut Read::take(&mut *reader, GZIP_TRAILING_LIMIT), &mut io::sink())
+            .map_err(read_err)?;
+        if extra > 0 {
+            return Err(DataError::TrailingBytes { path: path.to_owned(), count, extra });
+        }
+        data
     };
     Ok((count as usize, rows as usize, cols as usize, data))
 }

@@ -3,6 +3,8 @@
 //! header's claims are bounded by the data really present, which the "huge claim" cases check by
 //! finishing at all: a 3 TB allocation would abort the test process).
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::io::Write;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -16,6 +18,51 @@ use lenet::model::{AdamConfig, Params, TrainState};
 use proptest::prelude::*;
 
 const CASES: u32 = 256;
+/// No single allocation while parsing these small inputs (a few KB, or a 740 KB checkpoint) may
+/// exceed this: anything larger came from believing a header instead of the data.
+const MAX_ALLOCATION: usize = 8 << 20;
+
+/// Records the largest single allocation made by the current thread, so each property can check
+/// what the parser it called asked for (tests run on parallel threads, hence thread-local).
+struct Tracking;
+
+thread_local! {
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note(size: usize) {
+    let _ = LARGEST.try_with(|m| m.set(m.get().max(size)));
+}
+
+unsafe impl GlobalAlloc for Tracking {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Tracking = Tracking;
+
+/// Runs `f` and panics if it made any single allocation above [`MAX_ALLOCATION`].
+fn bounded<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    LARGEST.with(|m| m.set(0));
+    let out = f();
+    let largest = LARGEST.with(|m| m.get());
+    assert!(largest <= MAX_ALLOCATION, "{what} allocated {largest} bytes at once");
+    out
+}
 
 fn images_idx(count: u32) -> Vec<u8> {
     let mut v = Vec::new();
@@ -100,14 +147,16 @@ fn apply(bytes: &mut Vec<u8>, mutations: &[Mutation]) {
 fn check_idx(dir: &Path, bytes: &[u8]) {
     let path = dir.join("f");
     std::fs::write(&path, bytes).unwrap();
-    if let Ok(img) = load_idx_images(&path) {
+    let images = bounded("load_idx_images", || load_idx_images(&path));
+    let labels = bounded("load_idx_labels", || load_idx_labels(&path));
+    if let Ok(img) = &images {
         assert_eq!(img.pixels.len(), img.count * img.rows * img.cols);
         assert!(img.pixels.len() <= 64 << 20);
     }
-    if let Ok(lab) = load_idx_labels(&path) {
+    if let Ok(lab) = &labels {
         assert!(lab.iter().all(|&l| l <= 9));
     }
-    for err in [load_idx_images(&path).err(), load_idx_labels(&path).err()].into_iter().flatten() {
+    for err in [images.err(), labels.err()].into_iter().flatten() {
         let msg = err.to_string();
         assert!(msg.starts_with(&path.display().to_string()) && !msg.contains('\n'), "{msg}");
     }
@@ -115,7 +164,7 @@ fn check_idx(dir: &Path, bytes: &[u8]) {
 
 fn check_checkpoint(bytes: &[u8]) {
     let path = Path::new("fuzz.safetensors");
-    match parse_checkpoint(path, bytes) {
+    match bounded("parse_checkpoint", || parse_checkpoint(path, bytes)) {
         Ok(ck) => assert!(ck.params.all_finite()),
         Err(e) => {
             let msg = e.to_string();
@@ -125,7 +174,7 @@ fn check_checkpoint(bytes: &[u8]) {
 }
 
 fn check_image(bytes: &[u8]) {
-    if let Ok(img) = decode_gray(Path::new("fuzz.img"), bytes) {
+    if let Ok(img) = bounded("decode_gray", || decode_gray(Path::new("fuzz.img"), bytes)) {
         assert_eq!(img.pixels.len(), img.width * img.height);
         let _ = lenet::image_input::to_mnist(&img);
     }
