@@ -243,8 +243,9 @@ pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
     Ok(Checkpoint { params, optimizer })
 }
 
-/// Checks that every tensor's data offsets lie inside the file before the safetensors crate adds
-/// them up (a hostile `data_offsets` near `usize::MAX` would otherwise overflow its arithmetic).
+/// Checks that the header fits in the file and every tensor's data offsets lie inside it before
+/// the safetensors crate sees the bytes: a clearer message than its generic offset errors, and
+/// no reliance on its arithmetic staying overflow-free for hostile offsets.
 fn precheck_offsets(bytes: &[u8]) -> Result<(), String> {
     let Some(len_bytes) = bytes.get(..8) else {
         return Err(format!("{} bytes is shorter than the 8-byte header length", bytes.len()));

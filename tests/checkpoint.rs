@@ -293,7 +293,7 @@ fn empty_and_missing_files() {
 
 #[test]
 fn huge_data_offsets_are_an_error_not_an_overflow() {
-    // Regression: offsets near usize::MAX made safetensors' own arithmetic overflow.
+    // Offsets near usize::MAX: refused with a clear message, never an arithmetic overflow.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.safetensors");
     let header = format!(

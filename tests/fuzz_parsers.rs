@@ -270,11 +270,12 @@ fn tiny_png() -> Vec<u8> {
     out
 }
 
-// Named regressions: inputs that once broke (or could break) a parser, kept as plain tests.
+// Named edge cases, kept as plain tests: hostile headers that could overflow or over-allocate.
+// (No property above has found a panic; a failing case would be added here by name.)
 
 #[test]
-fn regression_checkpoint_offsets_overflow() {
-    // data_offsets near usize::MAX overflowed safetensors' `buffer_end + N_LEN + n`.
+fn edge_checkpoint_offsets_near_usize_max() {
+    // data_offsets near usize::MAX, next to safetensors' `buffer_end + N_LEN + n` arithmetic.
     let header =
         format!(r#"{{"x":{{"dtype":"U8","shape":[{m}],"data_offsets":[0,{m}]}}}}"#, m = usize::MAX - 8);
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
@@ -284,12 +285,14 @@ fn regression_checkpoint_offsets_overflow() {
 }
 
 #[test]
-fn regression_checkpoint_header_length_huge() {
+fn edge_checkpoint_header_length_huge() {
     let mut bytes = u64::MAX.to_le_bytes().to_vec();
     bytes.extend(b"{}");
     assert!(parse_checkpoint(Path::new("r"), &bytes).is_err());
 }
 
+/// Regression: a tiny gzip file claiming u32::MAX images once got a 64 MiB buffer reserved up front
+/// (caught by the allocation bound in `check_idx`).
 #[test]
 fn regression_idx_huge_count_gzip() {
     let dir = tempfile::tempdir().unwrap();
@@ -302,7 +305,7 @@ fn regression_idx_huge_count_gzip() {
 }
 
 #[test]
-fn regression_pgm_huge_dimensions() {
+fn edge_pgm_huge_dimensions() {
     assert!(decode_gray(Path::new("r"), b"P5 4294967295 4294967295 255\n\0").is_err());
     assert!(decode_gray(Path::new("r"), b"P2 99999999999999999999999 1 255\n").is_err());
     assert!(decode_gray(Path::new("r"), b"P5 2 2 65535\n\0\0\0").is_err());
