@@ -356,7 +356,7 @@ fn write_tensors(
 
 /// Writes `bytes` to `path` through a temp file in the same directory, fsync and rename; on
 /// failure the temp file is removed and an existing `path` is untouched.
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let file_name = path
         .file_name()

@@ -8,3 +8,4 @@ pub mod gpu;
 pub mod image_input;
 pub mod model;
 pub mod train;
+pub mod plot;

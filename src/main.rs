@@ -1,1 +1,393 @@
-fn main() {}
+//! `lenet`: the command line. Parsing and printing only; the work is in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use lenet::checkpoint::{load_checkpoint, Checkpoint};
+use lenet::data::{default_data_dir, load_mnist, Dataset, Mnist};
+use lenet::model::{AdamConfig, Params, TrainState};
+use lenet::train::{evaluate_logits, Backend, TrainConfig};
+
+#[derive(Parser)]
+#[command(name = "lenet", version, about = "Train LeNet-5 on MNIST with WGSL compute shaders (wgpu) or on the CPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train LeNet-5 on MNIST.
+    Train(TrainArgs),
+    /// Accuracy, loss and confusion matrix of a checkpoint on the MNIST test set.
+    Eval(EvalArgs),
+    /// Classify digit images (PNG or PGM, any size).
+    Predict(PredictArgs),
+    /// Time each layer's kernels at a given batch size.
+    Bench(BenchArgs),
+    /// List the GPU adapters and the one `--backend auto` would pick.
+    Devices,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BackendChoice {
+    /// The best GPU adapter; the CPU path when there is none.
+    Auto,
+    Gpu,
+    Cpu,
+}
+
+#[derive(Args)]
+struct DeviceArgs {
+    /// Where the arithmetic runs.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendChoice,
+    /// Pick the GPU adapter whose name contains this (case-insensitive); also LENET_ADAPTER.
+    #[arg(long, env = "LENET_ADAPTER")]
+    adapter: Option<String>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Directory with the four MNIST IDX files (raw or .gz) [default: the shipped data/mnist]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Epochs to train (a resumed run's unfinished epoch counts as one).
+    #[arg(long, default_value_t = 10)]
+    epochs: u64,
+    /// Stop after this many optimiser steps (overrides --epochs).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Images per step [default: 256, or the resumed checkpoint's].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Adam's learning rate [default: 1e-3, or the resumed checkpoint's].
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Seed of the initialisation and of the shuffling [default: 0, or the resumed checkpoint's].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Visit the training images in file order.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Start from these weights (a checkpoint or a file with the ten model tensors).
+    #[arg(long, conflicts_with = "resume")]
+    init: Option<PathBuf>,
+    /// Continue the run saved in this checkpoint exactly (weights, Adam state, position).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Write the final checkpoint here (atomically; also on Ctrl-C and with --checkpoint-every).
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Also save to --save every N steps.
+    #[arg(long, default_value_t = 0, requires = "save")]
+    checkpoint_every: u64,
+    /// Evaluate on the test set every N epochs (0: only at the end).
+    #[arg(long, default_value_t = 1)]
+    eval_every: u64,
+    /// Write one CSV row per step and per evaluation here.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Draw the training curves into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Print the summary as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The checkpoint to evaluate.
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// The checkpoint to classify with.
+    #[arg(long)]
+    weights: PathBuf,
+    /// PNG or PGM images of single digits.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Timed calls per kernel (after warm-up).
+    #[arg(long, default_value_t = 50)]
+    iters: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train(args),
+        Command::Eval(args) => eval(args),
+        Command::Predict(args) => predict(args),
+        Command::Bench(args) => bench(args),
+        Command::Devices => devices(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_data(dir: Option<&Path>) -> Result<Mnist> {
+    let dir = dir.map(Path::to_path_buf).unwrap_or_else(default_data_dir);
+    Ok(load_mnist(&dir)?)
+}
+
+/// Fails now, not after hours of training, if `path` cannot be written later.
+fn check_writable(path: &Path, what: &str) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!("{what} {}: directory {} does not exist", path.display(), dir.display());
+    }
+    if path.is_dir() {
+        bail!("{what} {}: is a directory", path.display());
+    }
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> Result<ExitCode> {
+    if args.epochs == 0 && args.steps.is_none() {
+        bail!("--epochs 0 trains nothing; give at least 1 (or --steps N)");
+    }
+    if args.steps == Some(0) {
+        bail!("--steps 0 trains nothing; give at least 1");
+    }
+    if let Some(lr) = args.lr {
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("--lr must be a positive number, got {lr}");
+        }
+    }
+    for (path, what) in [(&args.save, "--save"), (&args.metrics, "--metrics"), (&args.plot, "--plot")] {
+        if let Some(p) = path {
+            check_writable(p, what)?;
+        }
+    }
+    let mnist = load_data(args.data.as_deref())?;
+
+    let mut adam = AdamConfig::default();
+    let mut state = match &args.resume {
+        Some(path) => {
+            let Checkpoint { params, optimizer } = load_checkpoint(path)?;
+            let Some(opt) = optimizer else {
+                bail!("{}: holds weights only, no optimiser state to resume; use --init to start from it", path.display());
+            };
+            let conflicts = [
+                ("--seed", args.seed.is_some_and(|s| s != opt.seed)),
+                ("--batch", args.batch.is_some_and(|b| b != opt.batch)),
+                ("--no-shuffle", args.no_shuffle && opt.shuffle),
+            ];
+            if let Some((flag, _)) = conflicts.iter().find(|(_, c)| *c) {
+                bail!("{flag} differs from the run saved in {}; a resumed run keeps its settings", path.display());
+            }
+            adam = opt.adam;
+            TrainState {
+                params,
+                adam_m: opt.adam_m,
+                adam_v: opt.adam_v,
+                step: opt.step,
+                epoch: opt.epoch,
+                step_in_epoch: opt.step_in_epoch,
+                seed: opt.seed,
+                batch: opt.batch,
+                shuffle: opt.shuffle,
+            }
+        }
+        None => {
+            let seed = args.seed.unwrap_or(0);
+            let params = match &args.init {
+                Some(path) => load_checkpoint(path)?.params,
+                None => Params::init(seed),
+            };
+            TrainState::new(params, seed, args.batch.unwrap_or(256), !args.no_shuffle)
+        }
+    };
+    if let Some(lr) = args.lr {
+        adam.lr = lr;
+    }
+    if state.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if state.batch > mnist.train.len() {
+        bail!("--batch {} is larger than the training set ({} images)", state.batch, mnist.train.len());
+    }
+
+    let train_set = Arc::new(mnist.train.clone());
+    let mut backend = open_backend(&args.device, Some(train_set))?;
+    let interrupt = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupt.clone();
+        // A second Ctrl-C leaves at once.
+        let _ = ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: finishing the current steps, then saving (Ctrl-C again to quit now)");
+        });
+    }
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        steps: args.steps,
+        adam,
+        eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
+        save: args.save.clone(),
+        metrics: args.metrics.clone(),
+        plain_progress: false,
+    };
+    let report = lenet::train::train(backend.as_mut(), &mut state, &mnist, &cfg, &interrupt)?;
+    if let Some(path) = &args.plot {
+        lenet::plot::write_training_svg(path, &report.history)?;
+    }
+    let saved = args.save.as_ref().map(|p| format!("; saved {}", p.display())).unwrap_or_default();
+    println!(
+        "{} {} steps ({:.2} epochs) in {:.2} s, {:.0} images/s on {} ({}); train loss {:.4}, test accuracy {:.2}% (loss {:.4}){saved}",
+        if report.stopped_early { "interrupted after" } else { "trained" },
+        report.steps,
+        report.epochs,
+        report.train_seconds,
+        report.images_per_s,
+        report.backend,
+        report.adapter,
+        report.train_loss,
+        100.0 * report.test_accuracy,
+        report.test_loss,
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(if report.stopped_early { ExitCode::from(130) } else { ExitCode::SUCCESS })
+}
+
+/// The backend the user asked for. `auto` takes the best GPU adapter and falls back to the
+/// CPU with a one-line notice when there is none or it fails to start.
+fn open_backend(device: &DeviceArgs, train: Option<Arc<Dataset>>) -> Result<Box<dyn Backend>> {
+    let train = train.unwrap_or_else(|| Arc::new(Dataset { images: vec![], labels: vec![], rows: 28, cols: 28 }));
+    let adapter = device.adapter.as_deref();
+    match device.backend {
+        BackendChoice::Cpu => Ok(Box::new(lenet::cpu::backend::CpuBackend::new(train))),
+        BackendChoice::Gpu => {
+            let gpu = lenet::gpu::GpuBackend::open(adapter, train).context("--backend gpu")?;
+            Ok(Box::new(gpu))
+        }
+        BackendChoice::Auto => match lenet::gpu::GpuBackend::open(adapter, train.clone()) {
+            Ok(gpu) => {
+                eprintln!("backend: gpu ({})", gpu.adapter());
+                Ok(Box::new(gpu))
+            }
+            Err(e) => {
+                eprintln!("backend: cpu (no usable GPU: {e:#})");
+                Ok(Box::new(lenet::cpu::backend::CpuBackend::new(train)))
+            }
+        },
+    }
+}
+
+fn eval(args: EvalArgs) -> Result<ExitCode> {
+    let checkpoint = load_checkpoint(&args.weights)?;
+    let mnist = load_data(args.data.as_deref())?;
+    let mut backend = open_backend(&args.device, None)?;
+    let mut state = TrainState::new(checkpoint.params, 0, 1, false);
+    backend.load_state(&state)?;
+    let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
+    backend.store_state(&mut state)?;
+    println!(
+        "accuracy {:.2}% ({}/{}), loss {:.4} on {} ({})",
+        100.0 * eval.accuracy,
+        eval.correct,
+        eval.count,
+        eval.loss,
+        backend.kind(),
+        backend.adapter()
+    );
+    println!("confusion (rows: true digit, columns: predicted)");
+    println!("     {}", (0..10).map(|c| format!("{c:>6}")).collect::<String>());
+    for (label, row) in eval.confusion.iter().enumerate() {
+        println!("{label:>4} {}", row.iter().map(|n| format!("{n:>6}")).collect::<String>());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&eval)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn predict(args: PredictArgs) -> Result<ExitCode> {
+    let params = load_checkpoint(&args.weights)?.params;
+    let mut results = Vec::new();
+    for path in &args.images {
+        let pixels = lenet::image_input::load_image(path)?;
+        let probs = probabilities(&params, &pixels);
+        let digit = lenet::train::argmax(&probs);
+        println!("{}: {digit} ({:.1}%)", path.display(), 100.0 * probs[digit]);
+        results.push(serde_json::json!({
+            "file": path.display().to_string(),
+            "digit": digit,
+            "probability": probs[digit],
+            "probabilities": probs,
+        }));
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Array(results));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Softmax of the network's logits for one image (the CPU path: one image needs no GPU).
+fn probabilities(params: &Params, pixels: &[u8]) -> Vec<f32> {
+    use lenet::cpu::network::{forward, Activations};
+    let mut acts = Activations::new(1);
+    acts.set_input(pixels);
+    forward(params, &mut acts);
+    let max = acts.logits.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z));
+    let exps: Vec<f32> = acts.logits.iter().map(|&z| (z - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.iter().map(|e| e / sum).collect()
+}
+
+fn bench(args: BenchArgs) -> Result<ExitCode> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if args.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let _ = (&args.device.backend, &args.device.adapter, args.json);
+    bail!("bench: not built yet")
+}
+
+fn devices() -> Result<ExitCode> {
+    bail!("devices: not built yet")
+}

@@ -107,6 +107,10 @@ impl ParamSpec {
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The ten tensors of LeNet-5, in `state_dict` order, with PyTorch's names and layouts.
