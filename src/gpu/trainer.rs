@@ -1,0 +1,2 @@
+//! The GPU backend (placeholder while the kernels land).
+pub struct GpuBackend;
