@@ -125,13 +125,17 @@ impl GpuContext {
     pub fn from_adapter(adapter: &wgpu::Adapter) -> anyhow::Result<Self> {
         let info = AdapterSummary::from_info(&adapter.get_info());
         let have = adapter.limits();
-        let mut limits = wgpu::Limits::default();
-        limits.max_storage_buffer_binding_size = have.max_storage_buffer_binding_size;
-        limits.max_buffer_size = have.max_buffer_size;
-        limits.max_storage_buffers_per_shader_stage = have.max_storage_buffers_per_shader_stage;
-        limits.max_compute_workgroups_per_dimension = have.max_compute_workgroups_per_dimension;
-        limits.min_storage_buffer_offset_alignment = have.min_storage_buffer_offset_alignment;
-        limits.min_uniform_buffer_offset_alignment = have.min_uniform_buffer_offset_alignment;
+        // WebGPU's defaults, raised to what the adapter offers where a bigger batch, a bigger
+        // data set or a tighter packing of the parameter tensors needs it.
+        let limits = wgpu::Limits {
+            max_storage_buffer_binding_size: have.max_storage_buffer_binding_size,
+            max_buffer_size: have.max_buffer_size,
+            max_storage_buffers_per_shader_stage: have.max_storage_buffers_per_shader_stage,
+            max_compute_workgroups_per_dimension: have.max_compute_workgroups_per_dimension,
+            min_storage_buffer_offset_alignment: have.min_storage_buffer_offset_alignment,
+            min_uniform_buffer_offset_alignment: have.min_uniform_buffer_offset_alignment,
+            ..Default::default()
+        };
         if limits.max_storage_buffers_per_shader_stage < 8 {
             bail!(
                 "adapter {} allows only {} storage buffers per shader stage; 8 are needed",

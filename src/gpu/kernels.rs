@@ -227,7 +227,7 @@ impl Dispatch {
 /// A small uniform buffer holding `words` (padded to 16 bytes).
 pub fn dims_uniform(device: &wgpu::Device, label: &str, words: &[u32]) -> View {
     let mut w = words.to_vec();
-    while w.len() % 4 != 0 {
+    while !w.len().is_multiple_of(4) {
         w.push(0);
     }
     let buffer = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {

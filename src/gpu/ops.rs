@@ -201,6 +201,7 @@ pub fn conv2d_backward_weight(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn maxpool2x2_forward(
     ctx: &GpuContext,
     out: &mut [f32],
@@ -211,7 +212,7 @@ pub fn maxpool2x2_forward(
     height: usize,
     width: usize,
 ) -> anyhow::Result<()> {
-    ensure!(height % 2 == 0 && width % 2 == 0, "max-pool input must have even sides");
+    ensure!(height.is_multiple_of(2) && width.is_multiple_of(2), "max-pool input must have even sides");
     ensure!(inp.len() == batch * channels * height * width && out.len() * 4 == inp.len());
     ensure!(argmax.len() == out.len());
     let i = storage(ctx, "inp", inp);
@@ -285,6 +286,7 @@ fn pool_backward(
 }
 
 /// out = inp · weightᵀ + bias, no ReLU: the twin of [`crate::cpu::ops::linear_forward`].
+#[allow(clippy::too_many_arguments)]
 pub fn linear_forward(
     ctx: &GpuContext,
     out: &mut [f32],

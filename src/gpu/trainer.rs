@@ -241,6 +241,7 @@ struct Flat {
 }
 
 /// The forward pass: gather the batch, then every layer up to the logits.
+#[allow(clippy::too_many_arguments)]
 fn forward_dispatches(
     b: &Builder,
     layout: &ParamLayout,
