@@ -194,3 +194,38 @@ impl GpuContext {
         self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(name: &str, backend: wgpu::Backend, device_type: wgpu::DeviceType) -> AdapterSummary {
+        AdapterSummary {
+            name: name.into(),
+            backend,
+            device_type,
+            driver: String::new(),
+            driver_info: String::new(),
+        }
+    }
+
+    #[test]
+    fn best_device_type_wins_then_native_backend_and_names_pick() {
+        use wgpu::{Backend::*, DeviceType::*};
+        let list = vec![
+            a("llvmpipe (LLVM 15.0.6, 256 bits)", Vulkan, Cpu),
+            a("NVIDIA H100 80GB HBM3/PCIe/SSE2", Gl, DiscreteGpu),
+            a("Intel(R) UHD Graphics", Vulkan, IntegratedGpu),
+            a("NVIDIA H100 80GB HBM3", Vulkan, DiscreteGpu),
+            a("virtio", Vulkan, VirtualGpu),
+        ];
+        assert_eq!(choose_adapter(&list, None), Some(3));
+        assert_eq!(choose_adapter(&list[..3], None), Some(1));
+        assert_eq!(choose_adapter(&[list[0].clone(), list[4].clone()], None), Some(1));
+        assert_eq!(choose_adapter(&list, Some("LLVMPIPE")), Some(0));
+        assert_eq!(choose_adapter(&list, Some("h100")), Some(3));
+        assert_eq!(choose_adapter(&list, Some("uhd")), Some(2));
+        assert_eq!(choose_adapter(&list, Some("radeon")), None);
+        assert_eq!(choose_adapter(&[], None), None);
+    }
+}
