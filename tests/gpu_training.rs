@@ -255,3 +255,13 @@ fn bad_inputs_are_errors_not_panics() {
     let err = g.train_steps(&idx, huge, 1, &adam).unwrap_err();
     assert!(format!("{err:#}").contains("batch"), "{err:#}");
 }
+
+#[test]
+fn kernel_timings_cover_every_dispatch() {
+    let data = dataset(16, 13);
+    let start = TrainState::new(Params::init(SEED), SEED, BATCH, false);
+    let Some(mut g) = gpu_backend(&data, &start) else { return };
+    let t = g.time_kernels(4, 2).unwrap();
+    assert_eq!(t.len(), lenet::gpu::trainer::STEP_DISPATCHES.len());
+    assert!(t.iter().all(|k| k.seconds > 0.0 && k.batch == 4), "{t:?}");
+}

@@ -327,6 +327,41 @@ fn backward_dispatches(
     ]
 }
 
+/// What each dispatch of a training step computes, in recording order (forward, then backward
+/// and Adam): the names `lenet bench` reports.
+pub const STEP_DISPATCHES: [&str; 21] = [
+    "gather",
+    "conv1_forward_bias_relu",
+    "pool1_forward",
+    "conv2_forward_bias_relu",
+    "pool2_forward",
+    "fc1_forward_relu",
+    "fc2_forward_relu",
+    "fc3_forward",
+    "softmax_xent",
+    "fc3_backward_weight",
+    "fc3_backward_input_relu",
+    "fc2_backward_weight",
+    "fc2_backward_input_relu",
+    "fc1_backward_weight",
+    "fc1_backward_input",
+    "pool2_backward_relu",
+    "conv2_backward_weight",
+    "conv2_backward_input",
+    "pool1_backward_relu",
+    "conv1_backward_weight",
+    "adam",
+];
+
+/// The time of one kernel of the training step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTiming {
+    pub name: &'static str,
+    pub batch: usize,
+    /// Wall time per launch, from `iters` back-to-back launches in one pass and one wait.
+    pub seconds: f64,
+}
+
 /// Everything a chunk of training steps at one batch size records.
 struct TrainProgram {
     batch: usize,
@@ -415,6 +450,43 @@ impl GpuBackend {
     /// Times the host waited for the device so far.
     pub fn host_waits(&self) -> u64 {
         self.host_waits
+    }
+
+    /// Times every kernel of a training step at `batch`: each dispatch is recorded `iters`
+    /// times into one compute pass, submitted and waited for once; the wall time over `iters`.
+    /// Buffers hold real data (one training step runs first). Changes the parameters: call
+    /// [`Backend::load_state`] afterwards to train from a known state.
+    pub fn time_kernels(&mut self, batch: usize, iters: usize) -> anyhow::Result<Vec<KernelTiming>> {
+        ensure!(batch > 0 && iters > 0, "batch and iterations must be positive");
+        let idx: Vec<u32> = (0..batch).map(|i| (i % self.train.len) as u32).collect();
+        let adam = AdamConfig::default();
+        self.train_steps(&idx, batch, 1, &adam)?;
+        let ctx = self.ctx.clone();
+        let p = self.program.as_ref().expect("built by train_steps");
+        debug_assert_eq!(p.dispatches.len(), STEP_DISPATCHES.len());
+        let mut out = Vec::new();
+        for (d, &name) in p.dispatches.iter().zip(&STEP_DISPATCHES) {
+            let run = |n: usize| -> anyhow::Result<f64> {
+                let mut enc = ctx.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    for _ in 0..n {
+                        d.record(&mut pass, Some((&p.steps.group, 0)));
+                    }
+                }
+                let t = std::time::Instant::now();
+                ctx.queue.submit([enc.finish()]);
+                ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
+                Ok(t.elapsed().as_secs_f64())
+            };
+            run(1)?; // warm-up
+            let seconds = run(iters)? / iters as f64;
+            self.submits += 2;
+            self.host_waits += 2;
+            out.push(KernelTiming { name, batch, seconds });
+        }
+        ctx.check_errors()?;
+        Ok(out)
     }
 
     /// The parameter gradients of the last training step (for tests and diagnostics).
