@@ -330,3 +330,15 @@ fn gather_batch_matches_set_input() {
         assert_eq!(got_labels, want_labels, "gathered labels");
     }
 }
+
+#[test]
+fn a_shader_error_is_an_err_not_a_panic() {
+    let Some(ctx) = gpu() else { return };
+    let good = "@group(0) @binding(0) var<storage, read_write> x: array<f32>;\n\
+                @compute @workgroup_size(1) fn main() { x[0] = 1.0; }";
+    lenet::gpu::kernels::check_shader(&ctx.device, "good", good, "main").unwrap();
+    let bad = "@compute @workgroup_size(1) fn main() { let x: f32 = undefined_thing; }";
+    let err = lenet::gpu::kernels::check_shader(&ctx.device, "bad", bad, "main").unwrap_err();
+    assert!(format!("{err:#}").contains("undefined_thing"), "{err:#}");
+    ctx.check_errors().unwrap();
+}

@@ -182,10 +182,36 @@ fn build_kernel(
         layout: Some(&layout),
         module,
         entry_point: Some(name),
-        compilation_options: Default::default(),
+        // Every kernel writes its workgroup arrays before reading them: skip the zeroing prologue.
+        compilation_options: wgpu::PipelineCompilationOptions {
+            zero_initialize_workgroup_memory: false,
+            ..Default::default()
+        },
         cache: None,
     });
     Kernel { name, pipeline, group0, uses_step }
+}
+
+/// Compiles `src` and builds a compute pipeline for `entry` (layout derived from the shader)
+/// inside an error scope: a WGSL error comes back as `Err` with the compiler's message.
+pub fn check_shader(device: &wgpu::Device, label: &str, src: &str, entry: &str) -> anyhow::Result<()> {
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(src.into()),
+    });
+    let _pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: None,
+        module: &module,
+        entry_point: Some(entry),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        bail!("shader {label} ({entry}) does not compile: {e}");
+    }
+    Ok(())
 }
 
 /// A byte range of a buffer, as one binding sees it.
