@@ -1,0 +1,231 @@
+//! Adapter listing and choice, device creation, and error capture.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context as _};
+
+use super::kernels::Kernels;
+
+/// The environment variable that picks an adapter by (case-insensitive) name substring.
+pub const ADAPTER_ENV: &str = "LENET_ADAPTER";
+
+/// What `lenet devices` shows about one adapter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: wgpu::Backend,
+    pub device_type: wgpu::DeviceType,
+    pub driver: String,
+    pub driver_info: String,
+}
+
+impl AdapterSummary {
+    fn from_info(info: &wgpu::AdapterInfo) -> Self {
+        AdapterSummary {
+            name: info.name.clone(),
+            backend: info.backend,
+            device_type: info.device_type,
+            driver: info.driver.clone(),
+            driver_info: info.driver_info.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({:?}, {:?}", self.name, self.backend, self.device_type)?;
+        if !self.driver.is_empty() {
+            write!(f, ", {}", self.driver)?;
+        }
+        if !self.driver_info.is_empty() {
+            write!(f, " {}", self.driver_info)?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// Lower is better: DiscreteGpu > IntegratedGpu > VirtualGpu > Cpu > Other.
+pub fn device_type_rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+/// Among equal device types, prefer the native compute APIs over GL.
+fn backend_rank(b: wgpu::Backend) -> u32 {
+    match b {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        wgpu::Backend::Gl => 2,
+        _ => 1,
+    }
+}
+
+/// Picks an adapter: by case-insensitive name substring when `wanted` is given (the first match in
+/// rank order), else the best by device type. `None` when nothing fits.
+pub fn choose_adapter(adapters: &[AdapterSummary], wanted: Option<&str>) -> Option<usize> {
+    let mut order: Vec<usize> = (0..adapters.len()).collect();
+    order.sort_by_key(|&i| (device_type_rank(adapters[i].device_type), backend_rank(adapters[i].backend), i));
+    match wanted {
+        Some(w) => {
+            let w = w.to_lowercase();
+            order.into_iter().find(|&i| adapters[i].name.to_lowercase().contains(&w))
+        }
+        None => order.into_iter().next(),
+    }
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+fn enumerate() -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
+}
+
+/// Every adapter wgpu can see, in enumeration order.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    enumerate().iter().map(|a| AdapterSummary::from_info(&a.get_info())).collect()
+}
+
+/// The device, its queue, what it is, and the compiled kernels. Cheap to clone (handles).
+#[derive(Clone)]
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter_info: AdapterSummary,
+    pub limits: wgpu::Limits,
+    pub kernels: Arc<Kernels>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl GpuContext {
+    /// Opens the adapter named by `wanted` (substring, case-insensitive), else by the
+    /// `LENET_ADAPTER` environment variable, else the best one by device type.
+    pub fn new(wanted: Option<&str>) -> anyhow::Result<Self> {
+        let env = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.trim().is_empty());
+        let wanted = wanted.map(str::to_owned).or(env);
+        let adapters = enumerate();
+        if adapters.is_empty() {
+            bail!("no GPU adapter found (wgpu saw none; is a Vulkan/Metal/DX12 driver installed?)");
+        }
+        let summaries: Vec<AdapterSummary> =
+            adapters.iter().map(|a| AdapterSummary::from_info(&a.get_info())).collect();
+        let Some(i) = choose_adapter(&summaries, wanted.as_deref()) else {
+            let names: Vec<String> = summaries.iter().map(|s| s.to_string()).collect();
+            bail!("no GPU adapter matches {:?}; available: {}", wanted.unwrap_or_default(), names.join("; "));
+        };
+        Self::from_adapter(&adapters[i])
+    }
+
+    /// Creates the device on `adapter` and compiles every kernel.
+    pub fn from_adapter(adapter: &wgpu::Adapter) -> anyhow::Result<Self> {
+        let info = AdapterSummary::from_info(&adapter.get_info());
+        let have = adapter.limits();
+        // WebGPU's defaults, raised to what the adapter offers where a bigger batch, a bigger
+        // data set or a tighter packing of the parameter tensors needs it.
+        let limits = wgpu::Limits {
+            max_storage_buffer_binding_size: have.max_storage_buffer_binding_size,
+            max_buffer_size: have.max_buffer_size,
+            max_storage_buffers_per_shader_stage: have.max_storage_buffers_per_shader_stage,
+            max_compute_workgroups_per_dimension: have.max_compute_workgroups_per_dimension,
+            min_storage_buffer_offset_alignment: have.min_storage_buffer_offset_alignment,
+            min_uniform_buffer_offset_alignment: have.min_uniform_buffer_offset_alignment,
+            ..Default::default()
+        };
+        if limits.max_storage_buffers_per_shader_stage < 8 {
+            bail!(
+                "adapter {} allows only {} storage buffers per shader stage; 8 are needed",
+                info.name,
+                limits.max_storage_buffers_per_shader_stage
+            );
+        }
+        let optional = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        let features = adapter.features() & optional;
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("lenet"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .with_context(|| format!("could not create a device on adapter {}", info.name))?;
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        let kernels = Arc::new(Kernels::new(&device)?);
+        Ok(GpuContext { device, queue, adapter_info: info, limits, kernels, errors })
+    }
+
+    /// Fails with the first error wgpu reported outside an error scope since the last call.
+    pub fn check_errors(&self) -> anyhow::Result<()> {
+        let mut v = self.errors.lock().map_err(|_| anyhow!("GPU error log poisoned"))?;
+        if v.is_empty() {
+            return Ok(());
+        }
+        let all = std::mem::take(&mut *v);
+        Err(anyhow!("GPU error: {}", all.join("; ")))
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes: errors become `Err`.
+    pub fn scoped<T>(&self, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let r = f();
+        let v = pollster::block_on(validation.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = v.or(o) {
+            bail!("GPU error: {e}");
+        }
+        let r = r?;
+        self.check_errors()?;
+        Ok(r)
+    }
+
+    /// Bytes one storage binding may span.
+    pub fn max_binding(&self) -> u64 {
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(name: &str, backend: wgpu::Backend, device_type: wgpu::DeviceType) -> AdapterSummary {
+        AdapterSummary {
+            name: name.into(),
+            backend,
+            device_type,
+            driver: String::new(),
+            driver_info: String::new(),
+        }
+    }
+
+    #[test]
+    fn best_device_type_wins_then_native_backend_and_names_pick() {
+        use wgpu::{Backend::*, DeviceType::*};
+        let list = vec![
+            a("llvmpipe (LLVM 15.0.6, 256 bits)", Vulkan, Cpu),
+            a("NVIDIA H100 80GB HBM3/PCIe/SSE2", Gl, DiscreteGpu),
+            a("Intel(R) UHD Graphics", Vulkan, IntegratedGpu),
+            a("NVIDIA H100 80GB HBM3", Vulkan, DiscreteGpu),
+            a("virtio", Vulkan, VirtualGpu),
+        ];
+        assert_eq!(choose_adapter(&list, None), Some(3));
+        assert_eq!(choose_adapter(&list[..3], None), Some(1));
+        assert_eq!(choose_adapter(&[list[0].clone(), list[4].clone()], None), Some(1));
+        assert_eq!(choose_adapter(&list, Some("LLVMPIPE")), Some(0));
+        assert_eq!(choose_adapter(&list, Some("h100")), Some(3));
+        assert_eq!(choose_adapter(&list, Some("uhd")), Some(2));
+        assert_eq!(choose_adapter(&list, Some("radeon")), None);
+        assert_eq!(choose_adapter(&[], None), None);
+    }
+}

@@ -1,0 +1,80 @@
+//! Shared by the GPU test binaries: the adapter gate, seeded random inputs, and comparisons.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use lenet::gpu::GpuContext;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+
+/// One context per test binary; `None` (with a "skipped" line) when there is no adapter, unless
+/// LENET_REQUIRE_GPU=1, in which case the test fails.
+pub fn gpu() -> Option<GpuContext> {
+    static CTX: OnceLock<Result<GpuContext, String>> = OnceLock::new();
+    let r = CTX.get_or_init(|| GpuContext::new(None).map_err(|e| format!("{e:#}")));
+    match r {
+        Ok(c) => Some(c.clone()),
+        Err(e) => {
+            if std::env::var("LENET_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("LENET_REQUIRE_GPU=1 but no usable GPU adapter: {e}");
+            }
+            eprintln!("skipped: no GPU adapter ({e})");
+            None
+        }
+    }
+}
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Uniform in [lo, hi).
+pub fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| lo + (hi - lo) * ((rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32)).collect()
+}
+
+pub fn below(rng: &mut ChaCha8Rng, n: u32) -> u32 {
+    (rng.next_u64() % n as u64) as u32
+}
+
+pub fn bytes(rng: &mut ChaCha8Rng, n: usize) -> Vec<u8> {
+    (0..n).map(|_| rng.next_u32() as u8).collect()
+}
+
+pub fn nan(n: usize) -> Vec<f32> {
+    vec![f32::NAN; n]
+}
+
+/// Per-element fp32 tolerance against the CPU reference. The two sides run the same formula but
+/// may round differently (the GPU may contract a*b+c into an FMA, sums may be reassociated, and
+/// exp/log/sqrt/division are not correctly rounded on every GPU), so allow a few ULP-scale errors
+/// relative to the result plus a small absolute floor for results near zero.
+pub fn tol(cpu: f32) -> f32 {
+    1e-5 + 1e-4 * cpu.abs()
+}
+
+/// For a sum of `n` products (a long reduction, e.g. a weight gradient over the whole batch):
+/// the rounding error of a sum grows like unit-roundoff * sqrt(n * sum of squared terms) (the
+/// size of the partial sums), whatever the order; allow twice that on top of [`tol`].
+pub fn reduction_tol(cpu: f32, n: usize, sum_sq: f32) -> f32 {
+    tol(cpu) + 2.0 * f32::EPSILON / 2.0 * (n as f32 * sum_sq).sqrt()
+}
+
+/// Every GPU element written (no poison left) and within `tol_of(i)` of the CPU value.
+pub fn assert_close_with(what: &str, gpu: &[f32], cpu: &[f32], tol_of: impl Fn(usize) -> f32) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
+    let mut worst = (0usize, 0f32);
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        assert!(!g.is_nan() || c.is_nan(), "{what}: element {i} not written (NaN), cpu {c}");
+        let err = (g - c).abs();
+        let t = tol_of(i);
+        assert!(err <= t, "{what}: element {i}: gpu {g} cpu {c} |diff| {err} > tol {t}");
+        if err / t > worst.1 {
+            worst = (i, err / t);
+        }
+    }
+}
+
+pub fn assert_close(what: &str, gpu: &[f32], cpu: &[f32]) {
+    assert_close_with(what, gpu, cpu, |i| tol(cpu[i]));
+}
