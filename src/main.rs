@@ -300,10 +300,10 @@ fn open_backend(device: &DeviceArgs, train: Option<Arc<Dataset>>) -> Result<Box<
     match device.backend {
         BackendChoice::Cpu => Ok(Box::new(lenet::cpu::backend::CpuBackend::new(train))),
         BackendChoice::Gpu => {
-            let gpu = lenet::gpu::GpuBackend::open(adapter, train).context("--backend gpu")?;
+            let gpu = lenet::gpu::GpuBackend::open(adapter, &train).context("--backend gpu")?;
             Ok(Box::new(gpu))
         }
-        BackendChoice::Auto => match lenet::gpu::GpuBackend::open(adapter, train.clone()) {
+        BackendChoice::Auto => match lenet::gpu::GpuBackend::open(adapter, &train) {
             Ok(gpu) => {
                 eprintln!("backend: gpu ({})", gpu.adapter());
                 Ok(Box::new(gpu))

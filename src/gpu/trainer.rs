@@ -8,7 +8,7 @@ use super::context::GpuContext;
 use super::kernels::{pack_u8, pixel_lut, Builder, Dispatch, Stat, StepUniform, View, STEP_STRIDE};
 use crate::data::Dataset;
 use crate::model::*;
-use crate::train::{Backend, StepStats};
+use crate::train::{Backend, StepStats, SyncCounts};
 
 /// The largest batch the forward-only evaluation runs at once.
 const EVAL_BATCH: usize = 2048;
@@ -646,6 +646,10 @@ impl Backend for GpuBackend {
 
     fn adapter(&self) -> String {
         self.ctx.adapter_info.name.clone()
+    }
+
+    fn sync_counts(&self) -> SyncCounts {
+        SyncCounts { submits: self.submits, host_waits: self.host_waits }
     }
 
     fn load_state(&mut self, state: &TrainState) -> anyhow::Result<()> {
