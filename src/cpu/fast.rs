@@ -1,0 +1,562 @@
+//! Fast twins of the reference ops in [`super::ops`], with the same signatures and the same
+//! results up to f32 rounding (tests/cpu_ops.rs checks each against its twin).
+//!
+//! How: convolutions as im2col + GEMM per image (the `gemm` crate picks AVX-512/AVX2 kernels
+//! at run time), linear layers as GEMMs over row blocks, and rayon over the batch.
+//!
+//! Determinism: every output element is computed by one task with a reduction order that
+//! depends only on the shapes, never on the thread count or on scheduling. Work is split into
+//! fixed blocks (a function of the shape alone); GEMMs run single-threaded inside a block;
+//! weight gradients that sum over the batch are reduced per fixed block of images into partial
+//! buffers, which are then added in block order.
+//!
+//! Scratch space (im2col buffers, partial sums) lives in thread-local vectors that grow once, so
+//! a training step does not allocate.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+pub use super::ops::XentResult;
+use crate::model::{AdamConfig, AdamStep, ConvShape};
+
+thread_local! {
+    /// im2col / col2im buffer of the current thread.
+    static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-block partial weight gradients, used by the thread that calls a backward-weight op.
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// A strided view of a matrix inside a slice: element (r, c) is `data[r*rs + c*cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// dst[m x n] (row stride `dst_rs`, unit column stride) = (accumulate ? dst : 0) + lhs[m x k] *
+/// rhs[k x n], single-threaded. Bounds are checked here so that the unsafe call stays in range.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: View,
+    rhs: View,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, n, dst_rs, 1) < dst.len());
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..][..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(last(m, k, lhs.rs, lhs.cs) < lhs.data.len());
+    assert!(last(k, n, rhs.rs, rhs.cs) < rhs.data.len());
+    // SAFETY: every index the GEMM touches is inside the slices (checked above); dst does not
+    // alias lhs or rhs (it is a unique borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Number of images per block for batch reductions: at most 8 blocks, a function of the batch
+/// size only, so the reduction order never depends on the machine.
+fn reduction_block(batch: usize) -> usize {
+    batch.div_ceil(8).max(1)
+}
+
+/// col[(ci*K + ky)*K + kx, y*Wo + x] = inp[ci, y+ky-pad, x+kx-pad] (zero outside), for one image.
+fn im2col(col: &mut [f32], inp: &[f32], s: &ConvShape) {
+    let (ho, wo, k, p) = (s.out_height(), s.out_width(), s.kernel, s.padding);
+    let (h, w) = (s.height, s.width);
+    let hw = ho * wo;
+    for ci in 0..s.in_channels {
+        let plane = &inp[ci * h * w..][..h * w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &mut col[((ci * k + ky) * k + kx) * hw..][..hw];
+                // Output columns x with 0 <= x + kx - p < w.
+                let x0 = p.saturating_sub(kx).min(wo);
+                let x1 = (w + p).saturating_sub(kx).min(wo).max(x0);
+                for y in 0..ho {
+                    let dst = &mut row[y * wo..][..wo];
+                    let iy = y + ky;
+                    if iy < p || iy - p >= h {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[(iy - p) * w..][..w];
+                    dst[..x0].fill(0.0);
+                    dst[x0..x1].copy_from_slice(&src[x0 + kx - p..x1 + kx - p]);
+                    dst[x1..].fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: dinp = sum of col's entries onto the pixels they were read from,
+/// for one image. Overwrites dinp.
+fn col2im(dinp: &mut [f32], col: &[f32], s: &ConvShape) {
+    let (ho, wo, k, p) = (s.out_height(), s.out_width(), s.kernel, s.padding);
+    let (h, w) = (s.height, s.width);
+    let hw = ho * wo;
+    dinp.fill(0.0);
+    for ci in 0..s.in_channels {
+        let plane = &mut dinp[ci * h * w..][..h * w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &col[((ci * k + ky) * k + kx) * hw..][..hw];
+                let x0 = p.saturating_sub(kx).min(wo);
+                let x1 = (w + p).saturating_sub(kx).min(wo).max(x0);
+                for y in 0..ho {
+                    let iy = y + ky;
+                    if iy < p || iy - p >= h {
+                        continue;
+                    }
+                    let dst = &mut plane[(iy - p) * w..][..w][x0 + kx - p..x1 + kx - p];
+                    for (d, &c) in dst.iter_mut().zip(&row[y * wo..][x0..x1]) {
+                        *d += c;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// See [`super::ops::conv2d_forward`].
+pub fn conv2d_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
+    conv2d_forward_impl(out, inp, weight, bias, s, false)
+}
+
+/// [`conv2d_forward`] followed by ReLU, fused per image.
+pub fn conv2d_relu_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
+    conv2d_forward_impl(out, inp, weight, bias, s, true)
+}
+
+fn conv2d_forward_impl(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape, relu: bool) {
+    assert_eq!(inp.len(), s.input_len());
+    assert_eq!(weight.len(), s.weight_len());
+    assert_eq!(bias.len(), s.out_channels);
+    assert_eq!(out.len(), s.output_len());
+    let hw = s.out_height() * s.out_width();
+    let ckk = s.in_channels * s.kernel * s.kernel;
+    let in_len = s.in_channels * s.height * s.width;
+    if s.batch == 0 || hw == 0 {
+        return;
+    }
+    out.par_chunks_mut(s.out_channels * hw).zip(inp.par_chunks(in_len)).for_each(|(out, inp)| {
+        for (co, &b) in bias.iter().enumerate() {
+            out[co * hw..][..hw].fill(b);
+        }
+        with_buffer(&COL, ckk * hw, |col| {
+            im2col(col, inp, &s);
+            let w = View { data: weight, rs: ckk, cs: 1 };
+            let c = View { data: col, rs: hw, cs: 1 };
+            matmul(out, hw, true, w, c, s.out_channels, hw, ckk);
+        });
+        if relu {
+            relu_in_place(out);
+        }
+    });
+}
+
+/// See [`super::ops::conv2d_backward_input`].
+pub fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: ConvShape) {
+    assert_eq!(dinp.len(), s.input_len());
+    assert_eq!(dout.len(), s.output_len());
+    assert_eq!(weight.len(), s.weight_len());
+    let hw = s.out_height() * s.out_width();
+    let ckk = s.in_channels * s.kernel * s.kernel;
+    let in_len = s.in_channels * s.height * s.width;
+    if s.batch == 0 || in_len == 0 {
+        return;
+    }
+    if hw == 0 {
+        dinp.fill(0.0);
+        return;
+    }
+    dinp.par_chunks_mut(in_len).zip(dout.par_chunks(s.out_channels * hw)).for_each(|(dinp, dout)| {
+        with_buffer(&COL, ckk * hw, |dcol| {
+            // dcol[ckk, hw] = weightᵀ[ckk, cout] · dout[cout, hw]
+            let wt = View { data: weight, rs: 1, cs: ckk };
+            let d = View { data: dout, rs: hw, cs: 1 };
+            matmul(dcol, hw, false, wt, d, ckk, hw, s.out_channels);
+            col2im(dinp, dcol, &s);
+        });
+    });
+}
+
+/// See [`super::ops::conv2d_backward_weight`].
+pub fn conv2d_backward_weight(
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    s: ConvShape,
+) {
+    assert_eq!(dweight.len(), s.weight_len());
+    assert_eq!(dbias.len(), s.out_channels);
+    assert_eq!(dout.len(), s.output_len());
+    assert_eq!(inp.len(), s.input_len());
+    let hw = s.out_height() * s.out_width();
+    let ckk = s.in_channels * s.kernel * s.kernel;
+    let in_len = s.in_channels * s.height * s.width;
+    let out_len = s.out_channels * hw;
+    let (wlen, cout) = (dweight.len(), s.out_channels);
+    if s.batch == 0 || hw == 0 || in_len == 0 {
+        dweight.fill(0.0);
+        dbias.fill(0.0);
+        return;
+    }
+    let block = reduction_block(s.batch);
+    let blocks = s.batch.div_ceil(block);
+    with_buffer(&PARTIALS, blocks * (wlen + cout), |partials| {
+        partials
+            .par_chunks_mut(wlen + cout)
+            .zip(dout.par_chunks(block * out_len))
+            .zip(inp.par_chunks(block * in_len))
+            .for_each(|((part, dout), inp)| {
+                let (pw, pb) = part.split_at_mut(wlen);
+                pb.fill(0.0);
+                with_buffer(&COL, ckk * hw, |col| {
+                    for (i, (dout, inp)) in dout.chunks(out_len).zip(inp.chunks(in_len)).enumerate() {
+                        im2col(col, inp, &s);
+                        // dweight[cout, ckk] += dout[cout, hw] · colᵀ[hw, ckk]
+                        let d = View { data: dout, rs: hw, cs: 1 };
+                        let ct = View { data: col, rs: 1, cs: hw };
+                        matmul(pw, ckk, i > 0, d, ct, cout, ckk, hw);
+                        for (b, plane) in pb.iter_mut().zip(dout.chunks(hw)) {
+                            *b += plane.iter().sum::<f32>();
+                        }
+                    }
+                });
+            });
+        sum_partials(dweight, dbias, partials, wlen);
+    });
+}
+
+/// dweight = sum of the weight parts of `partials` in block order; dbias likewise.
+fn sum_partials(dweight: &mut [f32], dbias: &mut [f32], partials: &[f32], wlen: usize) {
+    let stride = wlen + dbias.len();
+    let mut parts = partials.chunks(stride);
+    let first = parts.next().expect("at least one block");
+    dweight.copy_from_slice(&first[..wlen]);
+    dbias.copy_from_slice(&first[wlen..]);
+    for part in parts {
+        for (d, &p) in dweight.iter_mut().zip(&part[..wlen]) {
+            *d += p;
+        }
+        for (d, &p) in dbias.iter_mut().zip(&part[wlen..]) {
+            *d += p;
+        }
+    }
+}
+
+/// See [`super::ops::maxpool2x2_forward`].
+pub fn maxpool2x2_forward(
+    out: &mut [f32],
+    argmax: &mut [u32],
+    inp: &[f32],
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+) {
+    assert!(height % 2 == 0 && width % 2 == 0, "max-pool input must have even sides");
+    let (ho, wo) = (height / 2, width / 2);
+    assert_eq!(inp.len(), batch * channels * height * width);
+    assert_eq!(out.len(), batch * channels * ho * wo);
+    assert_eq!(argmax.len(), out.len());
+    let (img_in, img_out) = (channels * height * width, channels * ho * wo);
+    if img_out == 0 {
+        return;
+    }
+    out.par_chunks_mut(img_out).zip(argmax.par_chunks_mut(img_out)).enumerate().for_each(
+        |(b, (out, argmax))| {
+            let inp = &inp[b * img_in..][..img_in];
+            for plane in 0..channels {
+                for y in 0..ho {
+                    for x in 0..wo {
+                        let first = (plane * height + 2 * y) * width + 2 * x;
+                        let mut best = first;
+                        for i in [first + 1, first + width, first + width + 1] {
+                            if inp[i] > inp[best] {
+                                best = i;
+                            }
+                        }
+                        let o = (plane * ho + y) * wo + x;
+                        out[o] = inp[best];
+                        argmax[o] = (b * img_in + best) as u32;
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// See [`super::ops::maxpool2x2_backward`]. Without the shape the work cannot be split by
+/// image, so this one is the reference; the network uses [`maxpool2x2_relu_backward`].
+pub fn maxpool2x2_backward(dinp: &mut [f32], dout: &[f32], argmax: &[u32]) {
+    super::ops::maxpool2x2_backward(dinp, dout, argmax)
+}
+
+/// [`maxpool2x2_backward`] then ReLU's backward through the pool's input, fused and split by
+/// image: `pooled` is the pool's output, and since the pool's input is a ReLU output, the
+/// window's maximum passes ReLU's mask exactly when `pooled > 0`.
+///
+/// dout, argmax, pooled: [B, C, H/2, W/2]; dinp: [B, C, H, W]
+#[allow(clippy::too_many_arguments)]
+pub fn maxpool2x2_relu_backward(
+    dinp: &mut [f32],
+    dout: &[f32],
+    argmax: &[u32],
+    pooled: &[f32],
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+) {
+    let img_in = channels * height * width;
+    let img_out = img_in / 4;
+    assert_eq!(dinp.len(), batch * img_in);
+    assert_eq!(dout.len(), batch * img_out);
+    assert_eq!(argmax.len(), dout.len());
+    assert_eq!(pooled.len(), dout.len());
+    if img_out == 0 {
+        dinp.fill(0.0);
+        return;
+    }
+    dinp.par_chunks_mut(img_in).enumerate().for_each(|(b, dinp)| {
+        dinp.fill(0.0);
+        let r = b * img_out..(b + 1) * img_out;
+        for ((&g, &i), &y) in dout[r.clone()].iter().zip(&argmax[r.clone()]).zip(&pooled[r]) {
+            let i = (i as usize).checked_sub(b * img_in).expect("argmax outside its image");
+            dinp[i] = if y > 0.0 { g } else { 0.0 };
+        }
+    });
+}
+
+/// Rows per block of the linear layers' batch-parallel GEMMs.
+const LINEAR_ROWS: usize = 32;
+
+/// See [`super::ops::linear_forward`].
+pub fn linear_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+) {
+    linear_forward_impl(out, inp, weight, bias, batch, in_features, out_features, false)
+}
+
+/// [`linear_forward`] followed by ReLU.
+pub fn linear_relu_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+) {
+    linear_forward_impl(out, inp, weight, bias, batch, in_features, out_features, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_forward_impl(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+    relu: bool,
+) {
+    assert_eq!(inp.len(), batch * in_features);
+    assert_eq!(weight.len(), out_features * in_features);
+    assert_eq!(bias.len(), out_features);
+    assert_eq!(out.len(), batch * out_features);
+    if out.is_empty() {
+        return;
+    }
+    let in_rows = LINEAR_ROWS * in_features.max(1);
+    out.par_chunks_mut(LINEAR_ROWS * out_features).enumerate().for_each(|(blk, out)| {
+        let rows = out.len() / out_features;
+        for row in out.chunks_mut(out_features) {
+            row.copy_from_slice(bias);
+        }
+        let x = View { data: &inp[(blk * in_rows).min(inp.len())..], rs: in_features, cs: 1 };
+        let wt = View { data: weight, rs: 1, cs: in_features };
+        matmul(out, out_features, true, x, wt, rows, out_features, in_features);
+        if relu {
+            relu_in_place(out);
+        }
+    });
+}
+
+/// See [`super::ops::linear_backward_input`].
+pub fn linear_backward_input(
+    dinp: &mut [f32],
+    dout: &[f32],
+    weight: &[f32],
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+) {
+    assert_eq!(dinp.len(), batch * in_features);
+    assert_eq!(dout.len(), batch * out_features);
+    assert_eq!(weight.len(), out_features * in_features);
+    if dinp.is_empty() {
+        return;
+    }
+    dinp.par_chunks_mut(LINEAR_ROWS * in_features).enumerate().for_each(|(blk, dinp)| {
+        let rows = dinp.len() / in_features;
+        let d = View { data: &dout[blk * LINEAR_ROWS * out_features..], rs: out_features, cs: 1 };
+        let w = View { data: weight, rs: in_features, cs: 1 };
+        matmul(dinp, in_features, false, d, w, rows, in_features, out_features);
+    });
+}
+
+/// See [`super::ops::linear_backward_weight`]. Splits the output features into fixed blocks;
+/// each weight gradient element is one GEMM reduction over the whole batch.
+pub fn linear_backward_weight(
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+) {
+    assert_eq!(dweight.len(), out_features * in_features);
+    assert_eq!(dbias.len(), out_features);
+    assert_eq!(dout.len(), batch * out_features);
+    assert_eq!(inp.len(), batch * in_features);
+    for (o, db) in dbias.iter_mut().enumerate() {
+        *db = (0..batch).map(|b| dout[b * out_features + o]).sum();
+    }
+    if batch == 0 {
+        dweight.fill(0.0);
+    }
+    if dweight.is_empty() || batch == 0 {
+        return;
+    }
+    const ROWS: usize = 16;
+    dweight.par_chunks_mut(ROWS * in_features).enumerate().for_each(|(blk, dw)| {
+        let rows = dw.len() / in_features;
+        // dweight[o, i] = doutᵀ[o, b] · inp[b, i]
+        let dt = View { data: &dout[blk * ROWS..], rs: 1, cs: out_features };
+        let x = View { data: inp, rs: in_features, cs: 1 };
+        matmul(dw, in_features, false, dt, x, rows, in_features, batch);
+    });
+}
+
+/// See [`super::ops::relu_forward`].
+pub fn relu_forward(out: &mut [f32], inp: &[f32]) {
+    super::ops::relu_forward(out, inp)
+}
+
+/// See [`super::ops::relu_backward`].
+pub fn relu_backward(dinp: &mut [f32], dout: &[f32], out: &[f32]) {
+    super::ops::relu_backward(dinp, dout, out)
+}
+
+/// x = max(x, 0) in place.
+pub fn relu_in_place(x: &mut [f32]) {
+    for v in x {
+        *v = v.max(0.0);
+    }
+}
+
+/// dx = 0 where y <= 0: ReLU's backward through its output `y`, in place.
+pub fn relu_backward_in_place(dx: &mut [f32], y: &[f32]) {
+    assert_eq!(dx.len(), y.len());
+    for (d, &y) in dx.iter_mut().zip(y) {
+        if y <= 0.0 {
+            *d = 0.0;
+        }
+    }
+}
+
+/// See [`super::ops::softmax_xent_forward_backward`]: 10 numbers per image, not worth
+/// parallelising; the reference is already a single pass.
+pub fn softmax_xent_forward_backward(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    labels: &[u32],
+    batch: usize,
+    classes: usize,
+) -> XentResult {
+    super::ops::softmax_xent_forward_backward(dlogits, logits, labels, batch, classes)
+}
+
+/// See [`super::ops::adam_update`]. Element-wise, so any split gives the same bits.
+pub fn adam_update(
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    config: &AdamConfig,
+    step: AdamStep,
+) {
+    assert_eq!(param.len(), grad.len());
+    assert_eq!(m.len(), grad.len());
+    assert_eq!(v.len(), grad.len());
+    const BLOCK: usize = 8192;
+    param
+        .par_chunks_mut(BLOCK)
+        .zip(grad.par_chunks(BLOCK))
+        .zip(m.par_chunks_mut(BLOCK))
+        .zip(v.par_chunks_mut(BLOCK))
+        .for_each(|(((p, g), m), v)| super::ops::adam_update(p, g, m, v, config, step));
+}
