@@ -23,6 +23,8 @@ use crate::model::{AdamConfig, AdamStep, ConvShape};
 thread_local! {
     /// im2col / col2im buffer of the current thread.
     static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A block of images' outputs or output gradients as one [C, images*HW] matrix.
+    static GATHER: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Per-block partial weight gradients, used by the thread that calls a backward-weight op.
     static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -110,8 +112,13 @@ fn reduction_block(batch: usize) -> usize {
     batch.div_ceil(8).max(1)
 }
 
-/// col[(ci*K + ky)*K + kx, y*Wo + x] = inp[ci, y+ky-pad, x+kx-pad] (zero outside), for one image.
-fn im2col(col: &mut [f32], inp: &[f32], s: &ConvShape) {
+/// Images per GEMM in the convolutions: the im2col matrix of a block of images is one wide
+/// matrix (~0.5 MB for LeNet's layers), so each GEMM has a long dimension to stream over.
+const CONV_BLOCK: usize = 8;
+
+/// col[(ci*K + ky)*K + kx, y*Wo + x] = inp[ci, y+ky-pad, x+kx-pad] (zero outside), for one
+/// image; row r of col starts at `r * ld`.
+fn im2col(col: &mut [f32], ld: usize, inp: &[f32], s: &ConvShape) {
     let (ho, wo, k, p) = (s.out_height(), s.out_width(), s.kernel, s.padding);
     let (h, w) = (s.height, s.width);
     let hw = ho * wo;
@@ -119,7 +126,7 @@ fn im2col(col: &mut [f32], inp: &[f32], s: &ConvShape) {
         let plane = &inp[ci * h * w..][..h * w];
         for ky in 0..k {
             for kx in 0..k {
-                let row = &mut col[((ci * k + ky) * k + kx) * hw..][..hw];
+                let row = &mut col[((ci * k + ky) * k + kx) * ld..][..hw];
                 // Output columns x with 0 <= x + kx - p < w.
                 let x0 = p.saturating_sub(kx).min(wo);
                 let x1 = (w + p).saturating_sub(kx).min(wo).max(x0);
@@ -142,7 +149,7 @@ fn im2col(col: &mut [f32], inp: &[f32], s: &ConvShape) {
 
 /// The adjoint of [`im2col`]: dinp = sum of col's entries onto the pixels they were read from,
 /// for one image. Overwrites dinp.
-fn col2im(dinp: &mut [f32], col: &[f32], s: &ConvShape) {
+fn col2im(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
     let (ho, wo, k, p) = (s.out_height(), s.out_width(), s.kernel, s.padding);
     let (h, w) = (s.height, s.width);
     let hw = ho * wo;
@@ -151,7 +158,7 @@ fn col2im(dinp: &mut [f32], col: &[f32], s: &ConvShape) {
         let plane = &mut dinp[ci * h * w..][..h * w];
         for ky in 0..k {
             for kx in 0..k {
-                let row = &col[((ci * k + ky) * k + kx) * hw..][..hw];
+                let row = &col[((ci * k + ky) * k + kx) * ld..][..hw];
                 let x0 = p.saturating_sub(kx).min(wo);
                 let x1 = (w + p).saturating_sub(kx).min(wo).max(x0);
                 for y in 0..ho {
@@ -169,12 +176,32 @@ fn col2im(dinp: &mut [f32], col: &[f32], s: &ConvShape) {
     }
 }
 
+/// Sizes of a convolution that the blocked kernels use.
+struct ConvDims {
+    /// Output pixels per channel.
+    hw: usize,
+    /// Rows of the im2col matrix: in_channels * K * K.
+    ckk: usize,
+    in_len: usize,
+    out_len: usize,
+}
+
+fn conv_dims(s: &ConvShape) -> ConvDims {
+    let hw = s.out_height() * s.out_width();
+    ConvDims {
+        hw,
+        ckk: s.in_channels * s.kernel * s.kernel,
+        in_len: s.in_channels * s.height * s.width,
+        out_len: s.out_channels * hw,
+    }
+}
+
 /// See [`super::ops::conv2d_forward`].
 pub fn conv2d_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
     conv2d_forward_impl(out, inp, weight, bias, s, false)
 }
 
-/// [`conv2d_forward`] followed by ReLU, fused per image.
+/// [`conv2d_forward`] followed by ReLU, fused.
 pub fn conv2d_relu_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
     conv2d_forward_impl(out, inp, weight, bias, s, true)
 }
@@ -184,26 +211,53 @@ fn conv2d_forward_impl(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32
     assert_eq!(weight.len(), s.weight_len());
     assert_eq!(bias.len(), s.out_channels);
     assert_eq!(out.len(), s.output_len());
-    let hw = s.out_height() * s.out_width();
-    let ckk = s.in_channels * s.kernel * s.kernel;
-    let in_len = s.in_channels * s.height * s.width;
+    let ConvDims { hw, ckk, in_len, out_len } = conv_dims(&s);
     if s.batch == 0 || hw == 0 {
         return;
     }
-    out.par_chunks_mut(s.out_channels * hw).zip(inp.par_chunks(in_len)).for_each(|(out, inp)| {
-        for (co, &b) in bias.iter().enumerate() {
-            out[co * hw..][..hw].fill(b);
+    let cout = s.out_channels;
+    out.par_chunks_mut(CONV_BLOCK * out_len).zip(inp.par_chunks(CONV_BLOCK * in_len.max(1))).for_each(
+        |(out, inp)| {
+            let nb = out.len() / out_len;
+            let ld = nb * hw;
+            with_buffer(&COL, ckk * ld, |col| {
+                for j in 0..nb {
+                    im2col(&mut col[j * hw..], ld, &inp[j * in_len..], &s);
+                }
+                with_buffer(&GATHER, cout * ld, |res| {
+                    // res[cout, nb*hw] = weight[cout, ckk] · col[ckk, nb*hw]
+                    let w = View { data: weight, rs: ckk, cs: 1 };
+                    let c = View { data: col, rs: ld, cs: 1 };
+                    matmul(res, ld, false, w, c, cout, ld, ckk);
+                    for (j, out) in out.chunks_mut(out_len).enumerate() {
+                        for (co, out) in out.chunks_mut(hw).enumerate() {
+                            let (b, src) = (bias[co], &res[co * ld + j * hw..][..hw]);
+                            if relu {
+                                for (o, &r) in out.iter_mut().zip(src) {
+                                    *o = (r + b).max(0.0);
+                                }
+                            } else {
+                                for (o, &r) in out.iter_mut().zip(src) {
+                                    *o = r + b;
+                                }
+                            }
+                        }
+                    }
+                });
+            });
+        },
+    );
+}
+
+/// dst[co, j*hw + i] = src[j][co, i] for the images j of a block: NCHW to [C, images*HW].
+fn gather_channels(dst: &mut [f32], src: &[f32], channels: usize, hw: usize) {
+    let nb = src.len() / (channels * hw);
+    let ld = nb * hw;
+    for (j, img) in src.chunks(channels * hw).enumerate() {
+        for (c, plane) in img.chunks(hw).enumerate() {
+            dst[c * ld + j * hw..][..hw].copy_from_slice(plane);
         }
-        with_buffer(&COL, ckk * hw, |col| {
-            im2col(col, inp, &s);
-            let w = View { data: weight, rs: ckk, cs: 1 };
-            let c = View { data: col, rs: hw, cs: 1 };
-            matmul(out, hw, true, w, c, s.out_channels, hw, ckk);
-        });
-        if relu {
-            relu_in_place(out);
-        }
-    });
+    }
 }
 
 /// See [`super::ops::conv2d_backward_input`].
@@ -211,25 +265,33 @@ pub fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: 
     assert_eq!(dinp.len(), s.input_len());
     assert_eq!(dout.len(), s.output_len());
     assert_eq!(weight.len(), s.weight_len());
-    let hw = s.out_height() * s.out_width();
-    let ckk = s.in_channels * s.kernel * s.kernel;
-    let in_len = s.in_channels * s.height * s.width;
+    let ConvDims { hw, ckk, in_len, out_len } = conv_dims(&s);
     if s.batch == 0 || in_len == 0 {
         return;
     }
-    if hw == 0 {
+    if hw == 0 || s.out_channels == 0 {
         dinp.fill(0.0);
         return;
     }
-    dinp.par_chunks_mut(in_len).zip(dout.par_chunks(s.out_channels * hw)).for_each(|(dinp, dout)| {
-        with_buffer(&COL, ckk * hw, |dcol| {
-            // dcol[ckk, hw] = weightᵀ[ckk, cout] · dout[cout, hw]
-            let wt = View { data: weight, rs: 1, cs: ckk };
-            let d = View { data: dout, rs: hw, cs: 1 };
-            matmul(dcol, hw, false, wt, d, ckk, hw, s.out_channels);
-            col2im(dinp, dcol, &s);
-        });
-    });
+    let cout = s.out_channels;
+    dinp.par_chunks_mut(CONV_BLOCK * in_len).zip(dout.par_chunks(CONV_BLOCK * out_len)).for_each(
+        |(dinp, dout)| {
+            let nb = dinp.len() / in_len;
+            let ld = nb * hw;
+            with_buffer(&GATHER, cout * ld, |d| {
+                gather_channels(d, dout, cout, hw);
+                with_buffer(&COL, ckk * ld, |dcol| {
+                    // dcol[ckk, nb*hw] = weightᵀ[ckk, cout] · dout[cout, nb*hw]
+                    let wt = View { data: weight, rs: 1, cs: ckk };
+                    let dv = View { data: d, rs: ld, cs: 1 };
+                    matmul(dcol, ld, false, wt, dv, ckk, ld, cout);
+                    for (j, dinp) in dinp.chunks_mut(in_len).enumerate() {
+                        col2im(dinp, &dcol[j * hw..], ld, &s);
+                    }
+                });
+            });
+        },
+    );
 }
 
 /// See [`super::ops::conv2d_backward_weight`].
@@ -244,12 +306,9 @@ pub fn conv2d_backward_weight(
     assert_eq!(dbias.len(), s.out_channels);
     assert_eq!(dout.len(), s.output_len());
     assert_eq!(inp.len(), s.input_len());
-    let hw = s.out_height() * s.out_width();
-    let ckk = s.in_channels * s.kernel * s.kernel;
-    let in_len = s.in_channels * s.height * s.width;
-    let out_len = s.out_channels * hw;
+    let ConvDims { hw, ckk, in_len, out_len } = conv_dims(&s);
     let (wlen, cout) = (dweight.len(), s.out_channels);
-    if s.batch == 0 || hw == 0 || in_len == 0 {
+    if s.batch == 0 || hw == 0 || in_len == 0 || cout == 0 {
         dweight.fill(0.0);
         dbias.fill(0.0);
         return;
@@ -264,18 +323,26 @@ pub fn conv2d_backward_weight(
             .for_each(|((part, dout), inp)| {
                 let (pw, pb) = part.split_at_mut(wlen);
                 pb.fill(0.0);
-                with_buffer(&COL, ckk * hw, |col| {
-                    for (i, (dout, inp)) in dout.chunks(out_len).zip(inp.chunks(in_len)).enumerate() {
-                        im2col(col, inp, &s);
-                        // dweight[cout, ckk] += dout[cout, hw] · colᵀ[hw, ckk]
-                        let d = View { data: dout, rs: hw, cs: 1 };
-                        let ct = View { data: col, rs: 1, cs: hw };
-                        matmul(pw, ckk, i > 0, d, ct, cout, ckk, hw);
-                        for (b, plane) in pb.iter_mut().zip(dout.chunks(hw)) {
-                            *b += plane.iter().sum::<f32>();
+                let sub = CONV_BLOCK.min(block);
+                for (i, (dout, inp)) in dout.chunks(sub * out_len).zip(inp.chunks(sub * in_len)).enumerate() {
+                    let nb = dout.len() / out_len;
+                    let ld = nb * hw;
+                    with_buffer(&GATHER, cout * ld, |d| {
+                        gather_channels(d, dout, cout, hw);
+                        with_buffer(&COL, ckk * ld, |col| {
+                            for j in 0..nb {
+                                im2col(&mut col[j * hw..], ld, &inp[j * in_len..], &s);
+                            }
+                            // dweight[cout, ckk] += dout[cout, nb*hw] · colᵀ[nb*hw, ckk]
+                            let dv = View { data: d, rs: ld, cs: 1 };
+                            let ct = View { data: col, rs: 1, cs: ld };
+                            matmul(pw, ckk, i > 0, dv, ct, cout, ckk, ld);
+                        });
+                        for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
+                            *b += row.iter().sum::<f32>();
                         }
-                    }
-                });
+                    });
+                }
             });
         sum_partials(dweight, dbias, partials, wlen);
     });
@@ -324,14 +391,21 @@ pub fn maxpool2x2_forward(
                 for y in 0..ho {
                     for x in 0..wo {
                         let first = (plane * height + 2 * y) * width + 2 * x;
-                        let mut best = first;
-                        for i in [first + 1, first + width, first + width + 1] {
-                            if inp[i] > inp[best] {
-                                best = i;
-                            }
-                        }
+                        let (top, bottom) = (&inp[first..first + 2], &inp[first + width..first + width + 2]);
+                        // The first maximum in row-major order, with selects instead of branches
+                        // (random data makes the branches unpredictable).
+                        let (mut m, mut best) = (top[0], first);
+                        let gt = top[1] > m;
+                        m = if gt { top[1] } else { m };
+                        best = if gt { first + 1 } else { best };
+                        let gt = bottom[0] > m;
+                        m = if gt { bottom[0] } else { m };
+                        best = if gt { first + width } else { best };
+                        let gt = bottom[1] > m;
+                        m = if gt { bottom[1] } else { m };
+                        best = if gt { first + width + 1 } else { best };
                         let o = (plane * ho + y) * wo + x;
-                        out[o] = inp[best];
+                        out[o] = m;
                         argmax[o] = (b * img_in + best) as u32;
                     }
                 }
