@@ -95,17 +95,17 @@ fn conv2d_backward_matches_finite_differences() {
         for i in 0..inp.len() {
             let (w2, b2) = (w.clone(), b.clone());
             let n = central_diff(&mut inp, i, 0.1, |x| loss(x, &w2, &b2));
-            check(&format!("pad {padding} dinp[{i}]"), dinp[i], n, 1e-4, 1e-3);
+            check(&format!("pad {padding} dinp[{i}]"), dinp[i], n, 2e-5, 2e-4);
         }
         for i in 0..w.len() {
             let (inp2, b2) = (inp.clone(), b.clone());
             let n = central_diff(&mut w, i, 0.1, |x| loss(&inp2, x, &b2));
-            check(&format!("pad {padding} dweight[{i}]"), dw[i], n, 1e-4, 1e-3);
+            check(&format!("pad {padding} dweight[{i}]"), dw[i], n, 2e-5, 2e-4);
         }
         for i in 0..b.len() {
             let (inp2, w2) = (inp.clone(), w.clone());
             let n = central_diff(&mut b, i, 0.1, |x| loss(&inp2, &w2, x));
-            check(&format!("pad {padding} dbias[{i}]"), db[i], n, 1e-4, 1e-3);
+            check(&format!("pad {padding} dbias[{i}]"), db[i], n, 2e-5, 2e-4);
         }
     }
 }
@@ -131,7 +131,7 @@ fn maxpool_backward_matches_finite_differences() {
             ops::maxpool2x2_forward(&mut out, &mut am, x, batch, channels, h, w);
             weighted_sum(&out, &r)
         });
-        check(&format!("maxpool dinp[{i}]"), dinp[i], num, 1e-4, 1e-3);
+        check(&format!("maxpool dinp[{i}]"), dinp[i], num, 2e-5, 2e-4);
     }
 }
 
@@ -155,17 +155,17 @@ fn linear_backward_matches_finite_differences() {
     for i in 0..x.len() {
         let (w2, b2) = (w.clone(), b.clone());
         let n = central_diff(&mut x, i, 0.1, |v| loss(v, &w2, &b2));
-        check(&format!("linear dinp[{i}]"), dx[i], n, 1e-4, 1e-3);
+        check(&format!("linear dinp[{i}]"), dx[i], n, 2e-5, 2e-4);
     }
     for i in 0..w.len() {
         let (x2, b2) = (x.clone(), b.clone());
         let n = central_diff(&mut w, i, 0.1, |v| loss(&x2, v, &b2));
-        check(&format!("linear dweight[{i}]"), dw[i], n, 1e-4, 1e-3);
+        check(&format!("linear dweight[{i}]"), dw[i], n, 2e-5, 2e-4);
     }
     for i in 0..b.len() {
         let (x2, w2) = (x.clone(), w.clone());
         let n = central_diff(&mut b, i, 0.1, |v| loss(&x2, &w2, v));
-        check(&format!("linear dbias[{i}]"), db[i], n, 1e-4, 1e-3);
+        check(&format!("linear dbias[{i}]"), db[i], n, 2e-5, 2e-4);
     }
 }
 
