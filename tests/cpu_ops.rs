@@ -249,3 +249,62 @@ fn fast_ops_are_deterministic() {
         assert!(pool.install(run) == first, "result depends on the thread count ({threads})");
     }
 }
+
+/// The CPU backend trains exactly as the network functions do when called by hand on the
+/// gathered batches, and its logits are those of a forward pass.
+#[test]
+fn cpu_backend_matches_the_network_functions() {
+    use lenet::cpu::backend::CpuBackend;
+    use lenet::cpu::network::{adam_step, backward, forward, Activations, Gradients};
+    use lenet::data::Dataset;
+    use lenet::model::{Params, TrainState, IMAGE_PIXELS};
+    use lenet::train::Backend;
+
+    let mut rng = ChaCha8Rng::seed_from_u64(16);
+    let n = 40;
+    let data = Dataset {
+        images: (0..n * IMAGE_PIXELS).map(|_| rng.next_u32() as u8).collect(),
+        labels: (0..n).map(|_| (rng.next_u32() % 10) as u8).collect(),
+        rows: 28,
+        cols: 28,
+    };
+    let (batch, steps) = (7, 3);
+    let indices: Vec<u32> = (0..batch * steps).map(|_| rng.next_u32() % n as u32).collect();
+    let config = AdamConfig::default();
+    let start = TrainState::new(Params::init(3), 3, batch, true);
+
+    let mut backend = CpuBackend::new(data.clone());
+    assert_eq!(backend.kind(), "cpu");
+    assert!(backend.adapter().starts_with("CPU"));
+    backend.load_state(&start).unwrap();
+    let stats = backend.train_steps(&indices, batch, 5, &config).unwrap();
+    assert_eq!(stats.len(), steps);
+    let mut got = start.clone();
+    backend.store_state(&mut got).unwrap();
+
+    let mut want = start.clone();
+    want.step = 4;
+    let (mut acts, mut grads) = (Activations::new(batch), Gradients::new(batch));
+    for (s, idx) in indices.chunks(batch).enumerate() {
+        let pixels: Vec<u8> = idx.iter().flat_map(|&i| data.image(i as usize).to_vec()).collect();
+        let labels: Vec<u32> = idx.iter().map(|&i| data.labels[i as usize] as u32).collect();
+        acts.set_input(&pixels);
+        forward(&want.params, &mut acts);
+        let r = backward(&want.params, &acts, &labels, &mut grads);
+        adam_step(&mut want, &grads.params, &config);
+        assert_eq!(stats[s].loss, r.loss);
+        assert_eq!(stats[s].correct, r.correct);
+    }
+    assert_eq!(want.step, 7);
+    assert!(got.params == want.params && got.adam_m == want.adam_m && got.adam_v == want.adam_v);
+    assert!(got.params != start.params);
+
+    let logits = backend.logits(&data).unwrap();
+    let mut acts = Activations::new(n);
+    acts.set_input(&data.images);
+    forward(&want.params, &mut acts);
+    assert_close("logits", &logits, &acts.logits);
+
+    assert!(backend.train_steps(&[n as u32], 1, 1, &config).is_err(), "index out of range");
+    assert!(backend.train_steps(&[0], 0, 1, &config).is_err(), "batch 0");
+}
