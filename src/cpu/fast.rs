@@ -23,6 +23,8 @@ use crate::model::{AdamConfig, AdamStep, ConvShape};
 thread_local! {
     /// im2col / col2im buffer of the current thread.
     static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A zero-bordered copy of one image, for im2col with padding.
+    static PAD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// A block of images' outputs or output gradients as one [C, images*HW] matrix.
     static GATHER: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Per-block partial weight gradients, used by the thread that calls a backward-weight op.
@@ -116,31 +118,115 @@ fn reduction_block(batch: usize) -> usize {
 /// matrix (~0.5 MB for LeNet's layers), so each GEMM has a long dimension to stream over.
 const CONV_BLOCK: usize = 8;
 
+/// dst = src for the short rows of im2col. `copy_from_slice` calls memmove, which costs more
+/// than the copy for rows of 5 to 28 floats; fixed-size chunks compile to plain vector moves.
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d, s) in (&mut d).zip(&mut s) {
+        let d: &mut [f32; 8] = d.try_into().unwrap();
+        *d = s.try_into().unwrap();
+    }
+    let (mut d, mut s) = (d.into_remainder(), s.remainder());
+    if d.len() >= 4 {
+        let (d4, dr) = d.split_at_mut(4);
+        let d4: &mut [f32; 4] = d4.try_into().unwrap();
+        *d4 = s[..4].try_into().unwrap();
+        (d, s) = (dr, &s[4..]);
+    }
+    for (d, &s) in d.iter_mut().zip(s) {
+        *d = s;
+    }
+}
+
+/// Sum with 16 independent accumulators, combined in a fixed order: vectorisable (a plain f32
+/// sum is a serial chain) and still the same bits on every run.
+fn sum_fixed(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let mut total = rest.iter().sum::<f32>();
+    for a in acc {
+        total += a;
+    }
+    total
+}
+
 /// col[(ci*K + ky)*K + kx, y*Wo + x] = inp[ci, y+ky-pad, x+kx-pad] (zero outside), for one
-/// image; row r of col starts at `r * ld`.
+/// image; row r of col starts at `r * ld`. With padding, the image is first copied into a
+/// zero-bordered plane so that every row of col is a run of full-width copies.
 fn im2col(col: &mut [f32], ld: usize, inp: &[f32], s: &ConvShape) {
-    let (ho, wo, k, p) = (s.out_height(), s.out_width(), s.kernel, s.padding);
+    let p = s.padding;
+    if p == 0 {
+        return im2col_unpadded(col, ld, inp, s.in_channels, s.height, s.width, s);
+    }
     let (h, w) = (s.height, s.width);
-    let hw = ho * wo;
-    for ci in 0..s.in_channels {
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    with_buffer(&PAD, s.in_channels * hp * wp, |padded| {
+        padded.fill(0.0);
+        for ci in 0..s.in_channels {
+            for y in 0..h {
+                let src = &inp[(ci * h + y) * w..][..w];
+                padded[(ci * hp + y + p) * wp + p..][..w].copy_from_slice(src);
+            }
+        }
+        im2col_unpadded(col, ld, padded, s.in_channels, hp, wp, s);
+    });
+}
+
+/// [`im2col`] of an input that already carries its padding: inp is [cin, h, w] and the output
+/// size comes from `s`.
+fn im2col_unpadded(col: &mut [f32], ld: usize, inp: &[f32], cin: usize, h: usize, w: usize, s: &ConvShape) {
+    let (ho, wo, k) = (s.out_height(), s.out_width(), s.kernel);
+    // Rows of LeNet's widths as fixed-size copies (plain vector moves); others generic.
+    match wo {
+        28 => im2col_rows::<28>(col, ld, inp, cin, h, w, k, ho),
+        10 => im2col_rows::<10>(col, ld, inp, cin, h, w, k, ho),
+        _ => {
+            let hw = ho * wo;
+            for ci in 0..cin {
+                let plane = &inp[ci * h * w..][..h * w];
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let row = &mut col[((ci * k + ky) * k + kx) * ld..][..hw];
+                        for y in 0..ho {
+                            copy_short(&mut row[y * wo..][..wo], &plane[(y + ky) * w + kx..][..wo]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn im2col_rows<const WO: usize>(
+    col: &mut [f32],
+    ld: usize,
+    inp: &[f32],
+    cin: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    ho: usize,
+) {
+    let hw = ho * WO;
+    for ci in 0..cin {
         let plane = &inp[ci * h * w..][..h * w];
         for ky in 0..k {
             for kx in 0..k {
                 let row = &mut col[((ci * k + ky) * k + kx) * ld..][..hw];
-                // Output columns x with 0 <= x + kx - p < w.
-                let x0 = p.saturating_sub(kx).min(wo);
-                let x1 = (w + p).saturating_sub(kx).min(wo).max(x0);
-                for y in 0..ho {
-                    let dst = &mut row[y * wo..][..wo];
-                    let iy = y + ky;
-                    if iy < p || iy - p >= h {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[(iy - p) * w..][..w];
-                    dst[..x0].fill(0.0);
-                    dst[x0..x1].copy_from_slice(&src[x0 + kx - p..x1 + kx - p]);
-                    dst[x1..].fill(0.0);
+                for (y, dst) in row.chunks_exact_mut(WO).enumerate() {
+                    let dst: &mut [f32; WO] = dst.try_into().unwrap();
+                    *dst = plane[(y + ky) * w + kx..][..WO].try_into().unwrap();
                 }
             }
         }
@@ -154,6 +240,9 @@ fn col2im(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
     let (h, w) = (s.height, s.width);
     let hw = ho * wo;
     dinp.fill(0.0);
+    if p == 0 && wo == 10 {
+        return col2im_rows::<10>(dinp, col, ld, s);
+    }
     for ci in 0..s.in_channels {
         let plane = &mut dinp[ci * h * w..][..h * w];
         for ky in 0..k {
@@ -169,6 +258,26 @@ fn col2im(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
                     let dst = &mut plane[(iy - p) * w..][..w][x0 + kx - p..x1 + kx - p];
                     for (d, &c) in dst.iter_mut().zip(&row[y * wo..][x0..x1]) {
                         *d += c;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`col2im`] without padding for rows of a fixed width: fixed-size adds vectorise.
+fn col2im_rows<const WO: usize>(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
+    let (ho, k, h, w) = (s.out_height(), s.kernel, s.height, s.width);
+    for ci in 0..s.in_channels {
+        let plane = &mut dinp[ci * h * w..][..h * w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &col[((ci * k + ky) * k + kx) * ld..][..ho * WO];
+                for (y, src) in row.chunks_exact(WO).enumerate() {
+                    let dst: &mut [f32; WO] = (&mut plane[(y + ky) * w + kx..][..WO]).try_into().unwrap();
+                    let src: &[f32; WO] = src.try_into().unwrap();
+                    for i in 0..WO {
+                        dst[i] += src[i];
                     }
                 }
             }
@@ -339,7 +448,7 @@ pub fn conv2d_backward_weight(
                             matmul(pw, ckk, i > 0, dv, ct, cout, ckk, ld);
                         });
                         for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
-                            *b += row.iter().sum::<f32>();
+                            *b += sum_fixed(row);
                         }
                     });
                 }
