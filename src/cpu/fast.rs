@@ -496,27 +496,30 @@ pub fn maxpool2x2_forward(
     out.par_chunks_mut(img_out).zip(argmax.par_chunks_mut(img_out)).enumerate().for_each(
         |(b, (out, argmax))| {
             let inp = &inp[b * img_in..][..img_in];
-            for plane in 0..channels {
-                for y in 0..ho {
-                    for x in 0..wo {
-                        let first = (plane * height + 2 * y) * width + 2 * x;
-                        let (top, bottom) = (&inp[first..first + 2], &inp[first + width..first + width + 2]);
-                        // The first maximum in row-major order, with selects instead of branches
-                        // (random data makes the branches unpredictable).
-                        let (mut m, mut best) = (top[0], first);
-                        let gt = top[1] > m;
-                        m = if gt { top[1] } else { m };
-                        best = if gt { first + 1 } else { best };
-                        let gt = bottom[0] > m;
-                        m = if gt { bottom[0] } else { m };
-                        best = if gt { first + width } else { best };
-                        let gt = bottom[1] > m;
-                        m = if gt { bottom[1] } else { m };
-                        best = if gt { first + width + 1 } else { best };
-                        let o = (plane * ho + y) * wo + x;
-                        out[o] = m;
-                        argmax[o] = (b * img_in + best) as u32;
+            let base = b * img_in;
+            for (row, (out, argmax)) in out.chunks_exact_mut(wo).zip(argmax.chunks_exact_mut(wo)).enumerate()
+            {
+                // Output row `row` of plane p = row / ho reads input rows 2*row and 2*row + 1 of
+                // the image seen as one tall plane (H is even, so planes do not mix).
+                let top_at = 2 * row * width;
+                let top = &inp[top_at..][..width];
+                let bottom = &inp[top_at + width..][..width];
+                let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+                for (x, ((t, u), (o, a))) in pairs.zip(out.iter_mut().zip(argmax.iter_mut())).enumerate() {
+                    // The first maximum in row-major order, with selects instead of branches
+                    // (random data makes the branches unpredictable).
+                    let (mut m, mut off) = (t[0], 0);
+                    if t[1] > m {
+                        (m, off) = (t[1], 1);
                     }
+                    if u[0] > m {
+                        (m, off) = (u[0], width);
+                    }
+                    if u[1] > m {
+                        (m, off) = (u[1], width + 1);
+                    }
+                    *o = m;
+                    *a = (base + top_at + 2 * x + off) as u32;
                 }
             }
         },
