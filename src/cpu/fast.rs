@@ -233,6 +233,68 @@ fn im2col_rows<const WO: usize>(
     }
 }
 
+/// The transpose of [`im2col`] for one image: colt[y*Wo + x, (ci*K + ky)*K + kx] (row stride
+/// ckk), written to the first Ho*Wo rows of `colt`. Each output pixel's patch is contiguous,
+/// which is the layout the weight-gradient GEMM reads best.
+fn im2col_t(colt: &mut [f32], inp: &[f32], s: &ConvShape) {
+    let p = s.padding;
+    if p == 0 {
+        return im2col_t_unpadded(colt, inp, s.height, s.width, s);
+    }
+    let (h, w) = (s.height, s.width);
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    with_buffer(&PAD, s.in_channels * hp * wp, |padded| {
+        padded.fill(0.0);
+        for ci in 0..s.in_channels {
+            for y in 0..h {
+                let src = &inp[(ci * h + y) * w..][..w];
+                padded[(ci * hp + y + p) * wp + p..][..w].copy_from_slice(src);
+            }
+        }
+        im2col_t_unpadded(colt, padded, hp, wp, s);
+    });
+}
+
+fn im2col_t_unpadded(colt: &mut [f32], inp: &[f32], h: usize, w: usize, s: &ConvShape) {
+    match s.kernel {
+        5 => im2col_t_k::<5>(colt, inp, h, w, s),
+        _ => im2col_t_k_generic(colt, inp, h, w, s),
+    }
+}
+
+#[inline(always)]
+fn im2col_t_k<const K: usize>(colt: &mut [f32], inp: &[f32], h: usize, w: usize, s: &ConvShape) {
+    let (ho, wo, cin) = (s.out_height(), s.out_width(), s.in_channels);
+    let ckk = cin * K * K;
+    for y in 0..ho {
+        for x in 0..wo {
+            let patch = &mut colt[(y * wo + x) * ckk..][..ckk];
+            for (ci, patch) in patch.chunks_exact_mut(K * K).enumerate() {
+                for (ky, dst) in patch.chunks_exact_mut(K).enumerate() {
+                    let dst: &mut [f32; K] = dst.try_into().unwrap();
+                    *dst = inp[(ci * h + y + ky) * w + x..][..K].try_into().unwrap();
+                }
+            }
+        }
+    }
+}
+
+fn im2col_t_k_generic(colt: &mut [f32], inp: &[f32], h: usize, w: usize, s: &ConvShape) {
+    let (ho, wo, cin, k) = (s.out_height(), s.out_width(), s.in_channels, s.kernel);
+    let ckk = cin * k * k;
+    for y in 0..ho {
+        for x in 0..wo {
+            let patch = &mut colt[(y * wo + x) * ckk..][..ckk];
+            for ci in 0..cin {
+                for ky in 0..k {
+                    let dst = &mut patch[(ci * k + ky) * k..][..k];
+                    copy_short(dst, &inp[(ci * h + y + ky) * w + x..][..k]);
+                }
+            }
+        }
+    }
+}
+
 /// The adjoint of [`im2col`]: dinp = sum of col's entries onto the pixels they were read from,
 /// for one image. Overwrites dinp.
 fn col2im(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
@@ -439,12 +501,22 @@ pub fn conv2d_backward_weight(
                     with_buffer(&GATHER, cout * ld, |d| {
                         gather_channels(d, dout, cout, hw);
                         with_buffer(&COL, ckk * ld, |col| {
-                            for j in 0..nb {
-                                im2col(&mut col[j * hw..], ld, &inp[j * in_len..], &s);
-                            }
-                            // dweight[cout, ckk] += dout[cout, nb*hw] · colᵀ[nb*hw, ckk]
+                            // dweight[cout, ckk] += dout[cout, nb*hw] · colᵀ[nb*hw, ckk]. The
+                            // GEMM reads colᵀ best with each patch contiguous, but for one input
+                            // channel the patches are so short (K floats) that building them costs
+                            // more than it saves: then build col as the forward pass does.
+                            let ct = if s.in_channels > 1 {
+                                for j in 0..nb {
+                                    im2col_t(&mut col[j * hw * ckk..], &inp[j * in_len..], &s);
+                                }
+                                View { data: col, rs: ckk, cs: 1 }
+                            } else {
+                                for j in 0..nb {
+                                    im2col(&mut col[j * hw..], ld, &inp[j * in_len..], &s);
+                                }
+                                View { data: col, rs: 1, cs: ld }
+                            };
                             let dv = View { data: d, rs: ld, cs: 1 };
-                            let ct = View { data: col, rs: 1, cs: ld };
                             matmul(pw, ckk, i > 0, dv, ct, cout, ckk, ld);
                         });
                         for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
