@@ -1,8 +1,11 @@
 //! Fast twins of the reference ops in [`super::ops`], with the same signatures and the same
 //! results up to f32 rounding (tests/cpu_ops.rs checks each against its twin).
 //!
-//! How: convolutions as im2col + GEMM per image (the `gemm` crate picks AVX-512/AVX2 kernels
-//! at run time), linear layers as GEMMs over row blocks, and rayon over the batch.
+//! How: convolutions as im2col + GEMM over blocks of [`CONV_BLOCK`] images (the `gemm` crate
+//! picks AVX-512/AVX2 kernels at run time); im2col rows copied as fixed-size arrays, with a
+//! patch-contiguous (transposed) im2col for the weight gradient when it pays; linear layers as
+//! GEMMs over row blocks; max-pool with selects instead of branches; ReLU fused into the layer
+//! before it (and into the pool's backward); rayon over the batch.
 //!
 //! Determinism: every output element is computed by one task with a reduction order that
 //! depends only on the shapes, never on the thread count or on scheduling. Work is split into
@@ -11,7 +14,8 @@
 //! buffers, which are then added in block order.
 //!
 //! Scratch space (im2col buffers, partial sums) lives in thread-local vectors that grow once, so
-//! a training step does not allocate.
+//! these ops do not allocate per step (the `gemm` crate keeps a small per-call bookkeeping
+//! vector of its own).
 
 use std::cell::RefCell;
 
