@@ -1,7 +1,7 @@
 //! Fast twins of the reference ops in [`super::ops`], with the same signatures and the same
 //! results up to f32 rounding (tests/cpu_ops.rs checks each against its twin).
 //!
-//! How: convolutions as im2col + GEMM over blocks of [`CONV_BLOCK`] images (the `gemm` crate
+//! How: convolutions as im2col + GEMM over blocks of 8 images (the `gemm` crate
 //! picks AVX-512/AVX2 kernels at run time); im2col rows copied as fixed-size arrays, with a
 //! patch-contiguous (transposed) im2col for the weight gradient when it pays; linear layers as
 //! GEMMs over row blocks; max-pool with selects instead of branches; ReLU fused into the layer
