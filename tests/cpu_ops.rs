@@ -66,6 +66,19 @@ fn conv2d_forward_matches_reference() {
         fast::conv2d_relu_forward(&mut fr, &inp, &w, &b, s);
         let relu: Vec<f32> = r.iter().map(|x| x.max(0.0)).collect();
         assert_close(&format!("conv2d_relu_forward {s:?}"), &fr, &relu);
+        let (ho, wo) = (s.out_height(), s.out_width());
+        if ho % 2 == 0 && wo % 2 == 0 {
+            // Fused conv + ReLU + pool: the conv output as above, and exactly the reference
+            // pool of that output (same values, same argmax).
+            let n = s.output_len();
+            let (mut fc, mut fp, mut fa) = (poison(n), poison(n / 4), vec![u32::MAX; n / 4]);
+            fast::conv2d_relu_maxpool_forward(&mut fc, &mut fp, &mut fa, &inp, &w, &b, s);
+            assert_eq!(fc, fr, "fused conv output {s:?}");
+            let (mut rp, mut ra) = (vec![0.0; n / 4], vec![0; n / 4]);
+            ops::maxpool2x2_forward(&mut rp, &mut ra, &fr, s.batch, s.out_channels, ho, wo);
+            assert_eq!(fp, rp, "fused pool {s:?}");
+            assert_eq!(fa, ra, "fused argmax {s:?}");
+        }
     }
 }
 

@@ -386,42 +386,87 @@ fn conv2d_forward_impl(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32
     assert_eq!(weight.len(), s.weight_len());
     assert_eq!(bias.len(), s.out_channels);
     assert_eq!(out.len(), s.output_len());
-    let ConvDims { hw, ckk, in_len, out_len } = conv_dims(&s);
+    let ConvDims { hw, in_len, out_len, .. } = conv_dims(&s);
     if s.batch == 0 || hw == 0 {
         return;
     }
+    out.par_chunks_mut(CONV_BLOCK * out_len)
+        .zip(inp.par_chunks(CONV_BLOCK * in_len.max(1)))
+        .for_each(|(out, inp)| conv_forward_block(out, inp, weight, bias, &s, relu));
+}
+
+/// [`conv2d_relu_forward`] followed by [`maxpool2x2_forward`], fused: each block of images is
+/// pooled while its convolution output is still in cache.
+///
+/// out: [B, Cout, Ho, Wo]; pooled and argmax: [B, Cout, Ho/2, Wo/2]
+pub fn conv2d_relu_maxpool_forward(
+    out: &mut [f32],
+    pooled: &mut [f32],
+    argmax: &mut [u32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    s: ConvShape,
+) {
+    assert_eq!(inp.len(), s.input_len());
+    assert_eq!(weight.len(), s.weight_len());
+    assert_eq!(bias.len(), s.out_channels);
+    assert_eq!(out.len(), s.output_len());
+    let (ho, wo) = (s.out_height(), s.out_width());
+    assert!(ho.is_multiple_of(2) && wo.is_multiple_of(2), "max-pool input must have even sides");
+    assert_eq!(pooled.len(), out.len() / 4);
+    assert_eq!(argmax.len(), pooled.len());
+    let ConvDims { hw, in_len, out_len, .. } = conv_dims(&s);
+    if s.batch == 0 || hw == 0 {
+        return;
+    }
+    out.par_chunks_mut(CONV_BLOCK * out_len)
+        .zip(inp.par_chunks(CONV_BLOCK * in_len.max(1)))
+        .zip(pooled.par_chunks_mut(CONV_BLOCK * out_len / 4))
+        .zip(argmax.par_chunks_mut(CONV_BLOCK * out_len / 4))
+        .enumerate()
+        .for_each(|(blk, (((out, inp), pooled), argmax))| {
+            conv_forward_block(out, inp, weight, bias, &s, true);
+            let images =
+                out.chunks(out_len).zip(pooled.chunks_mut(out_len / 4)).zip(argmax.chunks_mut(out_len / 4));
+            for (j, ((out, pooled), argmax)) in images.enumerate() {
+                let base = (blk * CONV_BLOCK + j) * out_len;
+                maxpool_image(pooled, argmax, out, base, wo);
+            }
+        });
+}
+
+/// The convolution of one block of images (whole images), optionally with ReLU.
+fn conv_forward_block(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape, relu: bool) {
+    let ConvDims { hw, ckk, in_len, out_len } = conv_dims(s);
     let cout = s.out_channels;
-    out.par_chunks_mut(CONV_BLOCK * out_len).zip(inp.par_chunks(CONV_BLOCK * in_len.max(1))).for_each(
-        |(out, inp)| {
-            let nb = out.len() / out_len;
-            let ld = nb * hw;
-            with_buffer(&COL, ckk * ld, |col| {
-                for j in 0..nb {
-                    im2col(&mut col[j * hw..], ld, &inp[j * in_len..], &s);
-                }
-                with_buffer(&GATHER, cout * ld, |res| {
-                    // res[cout, nb*hw] = weight[cout, ckk] · col[ckk, nb*hw]
-                    let w = View { data: weight, rs: ckk, cs: 1 };
-                    let c = View { data: col, rs: ld, cs: 1 };
-                    matmul(res, ld, false, w, c, cout, ld, ckk);
-                    for (j, out) in out.chunks_mut(out_len).enumerate() {
-                        for (co, out) in out.chunks_mut(hw).enumerate() {
-                            let (b, src) = (bias[co], &res[co * ld + j * hw..][..hw]);
-                            if relu {
-                                for (o, &r) in out.iter_mut().zip(src) {
-                                    *o = (r + b).max(0.0);
-                                }
-                            } else {
-                                for (o, &r) in out.iter_mut().zip(src) {
-                                    *o = r + b;
-                                }
-                            }
+    let nb = out.len() / out_len;
+    let ld = nb * hw;
+    with_buffer(&COL, ckk * ld, |col| {
+        for j in 0..nb {
+            im2col(&mut col[j * hw..], ld, &inp[j * in_len..], s);
+        }
+        with_buffer(&GATHER, cout * ld, |res| {
+            // res[cout, nb*hw] = weight[cout, ckk] · col[ckk, nb*hw]
+            let w = View { data: weight, rs: ckk, cs: 1 };
+            let c = View { data: col, rs: ld, cs: 1 };
+            matmul(res, ld, false, w, c, cout, ld, ckk);
+            for (j, out) in out.chunks_mut(out_len).enumerate() {
+                for (co, out) in out.chunks_mut(hw).enumerate() {
+                    let (b, src) = (bias[co], &res[co * ld + j * hw..][..hw]);
+                    if relu {
+                        for (o, &r) in out.iter_mut().zip(src) {
+                            *o = (r + b).max(0.0);
+                        }
+                    } else {
+                        for (o, &r) in out.iter_mut().zip(src) {
+                            *o = r + b;
                         }
                     }
-                });
-            });
-        },
-    );
+                }
+            }
+        });
+    });
 }
 
 /// dst[co, j*hw + i] = src[j][co, i] for the images j of a block: NCHW to [C, images*HW].
@@ -570,36 +615,38 @@ pub fn maxpool2x2_forward(
         return;
     }
     out.par_chunks_mut(img_out).zip(argmax.par_chunks_mut(img_out)).enumerate().for_each(
-        |(b, (out, argmax))| {
-            let inp = &inp[b * img_in..][..img_in];
-            let base = b * img_in;
-            for (row, (out, argmax)) in out.chunks_exact_mut(wo).zip(argmax.chunks_exact_mut(wo)).enumerate()
-            {
-                // Output row `row` of plane p = row / ho reads input rows 2*row and 2*row + 1 of
-                // the image seen as one tall plane (H is even, so planes do not mix).
-                let top_at = 2 * row * width;
-                let top = &inp[top_at..][..width];
-                let bottom = &inp[top_at + width..][..width];
-                let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
-                for (x, ((t, u), (o, a))) in pairs.zip(out.iter_mut().zip(argmax.iter_mut())).enumerate() {
-                    // The first maximum in row-major order, with selects instead of branches
-                    // (random data makes the branches unpredictable).
-                    let (mut m, mut off) = (t[0], 0);
-                    if t[1] > m {
-                        (m, off) = (t[1], 1);
-                    }
-                    if u[0] > m {
-                        (m, off) = (u[0], width);
-                    }
-                    if u[1] > m {
-                        (m, off) = (u[1], width + 1);
-                    }
-                    *o = m;
-                    *a = (base + top_at + 2 * x + off) as u32;
-                }
-            }
-        },
+        |(b, (out, argmax))| maxpool_image(out, argmax, &inp[b * img_in..][..img_in], b * img_in, width),
     );
+}
+
+/// Max-pools one image (all its channels) of width `width`; `base` is the image's offset in the
+/// batch, added to the argmax indices.
+fn maxpool_image(out: &mut [f32], argmax: &mut [u32], inp: &[f32], base: usize, width: usize) {
+    let wo = width / 2;
+    for (row, (out, argmax)) in out.chunks_exact_mut(wo).zip(argmax.chunks_exact_mut(wo)).enumerate() {
+        // Output row `row` of plane p = row / ho reads input rows 2*row and 2*row + 1 of
+        // the image seen as one tall plane (H is even, so planes do not mix).
+        let top_at = 2 * row * width;
+        let top = &inp[top_at..][..width];
+        let bottom = &inp[top_at + width..][..width];
+        let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+        for (x, ((t, u), (o, a))) in pairs.zip(out.iter_mut().zip(argmax.iter_mut())).enumerate() {
+            // The first maximum in row-major order, with selects instead of branches
+            // (random data makes the branches unpredictable).
+            let (mut m, mut off) = (t[0], 0);
+            if t[1] > m {
+                (m, off) = (t[1], 1);
+            }
+            if u[0] > m {
+                (m, off) = (u[0], width);
+            }
+            if u[1] > m {
+                (m, off) = (u[1], width + 1);
+            }
+            *o = m;
+            *a = (base + top_at + 2 * x + off) as u32;
+        }
+    }
 }
 
 /// See [`super::ops::maxpool2x2_backward`]. Without the shape the work cannot be split by

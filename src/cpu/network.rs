@@ -58,25 +58,23 @@ pub fn forward(params: &Params, acts: &mut Activations) {
     use ParamId::*;
     let b = acts.batch;
     let (c1, c2) = (conv1_shape(b), conv2_shape(b));
-    conv2d_relu_forward(&mut acts.conv1, &acts.input, params.get(Conv1Weight), params.get(Conv1Bias), c1);
-    maxpool2x2_forward(
+    conv2d_relu_maxpool_forward(
+        &mut acts.conv1,
         &mut acts.pool1,
         &mut acts.pool1_argmax,
-        &acts.conv1,
-        b,
-        CONV1_CHANNELS,
-        CONV1_SIDE,
-        CONV1_SIDE,
+        &acts.input,
+        params.get(Conv1Weight),
+        params.get(Conv1Bias),
+        c1,
     );
-    conv2d_relu_forward(&mut acts.conv2, &acts.pool1, params.get(Conv2Weight), params.get(Conv2Bias), c2);
-    maxpool2x2_forward(
+    conv2d_relu_maxpool_forward(
+        &mut acts.conv2,
         &mut acts.pool2,
         &mut acts.pool2_argmax,
-        &acts.conv2,
-        b,
-        CONV2_CHANNELS,
-        CONV2_SIDE,
-        CONV2_SIDE,
+        &acts.pool1,
+        params.get(Conv2Weight),
+        params.get(Conv2Bias),
+        c2,
     );
     linear_relu_forward(
         &mut acts.fc1,
