@@ -102,6 +102,29 @@ fn per_op(p: &Params, a: &Activations, scratch: &mut [f32]) {
     time("pool2 forward", || {
         fast::maxpool2x2_forward(&mut out[..n2 / 4], &mut am[..n2 / 4], &a.conv2, b, 16, 10, 10)
     });
+    let mut pooled = vec![0.0; n1 / 4];
+    time("conv1+relu+pool1 (fused)", || {
+        fast::conv2d_relu_maxpool_forward(
+            &mut out[..n1],
+            &mut pooled,
+            &mut am[..n1 / 4],
+            &a.input,
+            p.get(Conv1Weight),
+            p.get(Conv1Bias),
+            c1,
+        )
+    });
+    time("conv2+relu+pool2 (fused)", || {
+        fast::conv2d_relu_maxpool_forward(
+            &mut out[..n2],
+            &mut pooled[..n2 / 4],
+            &mut am[..n2 / 4],
+            &a.pool1,
+            p.get(Conv2Weight),
+            p.get(Conv2Bias),
+            c2,
+        )
+    });
     time("fc1 forward+relu", || {
         fast::linear_relu_forward(
             &mut out[..b * 120],
