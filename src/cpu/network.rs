@@ -1,6 +1,7 @@
-//! LeNet-5's forward and backward pass on the CPU, composed from the ops in [`super::ops`].
+//! LeNet-5's forward and backward pass on the CPU, composed from the fast ops in [`super::fast`]
+//! (the twins of the reference ops in [`super::ops`], with ReLU fused into the layer before it).
 
-use super::ops::*;
+use super::fast::*;
 use crate::model::*;
 
 /// Every activation of a forward pass over one batch, named for the layer that produced it.
@@ -57,29 +58,25 @@ pub fn forward(params: &Params, acts: &mut Activations) {
     use ParamId::*;
     let b = acts.batch;
     let (c1, c2) = (conv1_shape(b), conv2_shape(b));
-    conv2d_forward(&mut acts.conv1, &acts.input, params.get(Conv1Weight), params.get(Conv1Bias), c1);
-    relu_in_place(&mut acts.conv1);
-    maxpool2x2_forward(
+    conv2d_relu_maxpool_forward(
+        &mut acts.conv1,
         &mut acts.pool1,
         &mut acts.pool1_argmax,
-        &acts.conv1,
-        b,
-        CONV1_CHANNELS,
-        CONV1_SIDE,
-        CONV1_SIDE,
+        &acts.input,
+        params.get(Conv1Weight),
+        params.get(Conv1Bias),
+        c1,
     );
-    conv2d_forward(&mut acts.conv2, &acts.pool1, params.get(Conv2Weight), params.get(Conv2Bias), c2);
-    relu_in_place(&mut acts.conv2);
-    maxpool2x2_forward(
+    conv2d_relu_maxpool_forward(
+        &mut acts.conv2,
         &mut acts.pool2,
         &mut acts.pool2_argmax,
-        &acts.conv2,
-        b,
-        CONV2_CHANNELS,
-        CONV2_SIDE,
-        CONV2_SIDE,
+        &acts.pool1,
+        params.get(Conv2Weight),
+        params.get(Conv2Bias),
+        c2,
     );
-    linear_forward(
+    linear_relu_forward(
         &mut acts.fc1,
         &acts.pool2,
         params.get(Fc1Weight),
@@ -88,9 +85,15 @@ pub fn forward(params: &Params, acts: &mut Activations) {
         FC1_IN,
         FC1_OUT,
     );
-    relu_in_place(&mut acts.fc1);
-    linear_forward(&mut acts.fc2, &acts.fc1, params.get(Fc2Weight), params.get(Fc2Bias), b, FC1_OUT, FC2_OUT);
-    relu_in_place(&mut acts.fc2);
+    linear_relu_forward(
+        &mut acts.fc2,
+        &acts.fc1,
+        params.get(Fc2Weight),
+        params.get(Fc2Bias),
+        b,
+        FC1_OUT,
+        FC2_OUT,
+    );
     linear_forward(
         &mut acts.logits,
         &acts.fc2,
@@ -150,13 +153,29 @@ pub fn backward(params: &Params, acts: &Activations, labels: &[u32], grads: &mut
     linear_backward_weight(dfc1w, dfc1b, &g.dfc1, &acts.pool2, b, FC1_IN, FC1_OUT);
     linear_backward_input(&mut g.dpool2, &g.dfc1, params.get(Fc1Weight), b, FC1_IN, FC1_OUT);
 
-    maxpool2x2_backward(&mut g.dconv2, &g.dpool2, &acts.pool2_argmax);
-    relu_backward_in_place(&mut g.dconv2, &acts.conv2);
+    maxpool2x2_relu_backward(
+        &mut g.dconv2,
+        &g.dpool2,
+        &acts.pool2_argmax,
+        &acts.pool2,
+        b,
+        CONV2_CHANNELS,
+        CONV2_SIDE,
+        CONV2_SIDE,
+    );
     conv2d_backward_weight(dc2w, dc2b, &g.dconv2, &acts.pool1, c2);
     conv2d_backward_input(&mut g.dpool1, &g.dconv2, params.get(Conv2Weight), c2);
 
-    maxpool2x2_backward(&mut g.dconv1, &g.dpool1, &acts.pool1_argmax);
-    relu_backward_in_place(&mut g.dconv1, &acts.conv1);
+    maxpool2x2_relu_backward(
+        &mut g.dconv1,
+        &g.dpool1,
+        &acts.pool1_argmax,
+        &acts.pool1,
+        b,
+        CONV1_CHANNELS,
+        CONV1_SIDE,
+        CONV1_SIDE,
+    );
     // conv1's input is the image: no gradient to it is needed.
     conv2d_backward_weight(dc1w, dc1b, &g.dconv1, &acts.input, c1);
     result
@@ -175,20 +194,5 @@ pub fn adam_step(state: &mut TrainState, grads: &Params, config: &AdamConfig) {
             config,
             step,
         );
-    }
-}
-
-fn relu_in_place(x: &mut [f32]) {
-    for v in x {
-        *v = v.max(0.0);
-    }
-}
-
-/// dx *= (y > 0): ReLU's backward through its output `y`.
-fn relu_backward_in_place(dx: &mut [f32], y: &[f32]) {
-    for (d, &y) in dx.iter_mut().zip(y) {
-        if y <= 0.0 {
-            *d = 0.0;
-        }
     }
 }

@@ -146,7 +146,7 @@ pub fn maxpool2x2_forward(
     height: usize,
     width: usize,
 ) {
-    assert!(height % 2 == 0 && width % 2 == 0, "max-pool input must have even sides");
+    assert!(height.is_multiple_of(2) && width.is_multiple_of(2), "max-pool input must have even sides");
     let (ho, wo) = (height / 2, width / 2);
     assert_eq!(inp.len(), batch * channels * height * width);
     assert_eq!(out.len(), batch * channels * ho * wo);

@@ -1,0 +1,871 @@
+//! Fast twins of the reference ops in [`super::ops`], with the same signatures and the same
+//! results up to f32 rounding (tests/cpu_ops.rs checks each against its twin).
+//!
+//! How: convolutions as im2col + GEMM over blocks of 8 images (the `gemm` crate
+//! picks AVX-512/AVX2 kernels at run time); im2col rows copied as fixed-size arrays, with a
+//! patch-contiguous (transposed) im2col for the weight gradient when it pays; linear layers as
+//! GEMMs over row blocks; max-pool with selects instead of branches; ReLU fused into the layer
+//! before it (and into the pool's backward); rayon over the batch.
+//!
+//! Determinism: every output element is computed by one task with a reduction order that
+//! depends only on the shapes, never on the thread count or on scheduling. Work is split into
+//! fixed blocks (a function of the shape alone); GEMMs run single-threaded inside a block;
+//! weight gradients that sum over the batch are reduced per fixed block of images into partial
+//! buffers, which are then added in block order.
+//!
+//! Scratch space (im2col buffers, partial sums) lives in thread-local vectors that grow once, so
+//! these ops do not allocate per step (the `gemm` crate keeps a small per-call bookkeeping
+//! vector of its own).
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+pub use super::ops::XentResult;
+use crate::model::{AdamConfig, AdamStep, ConvShape};
+
+thread_local! {
+    /// im2col / col2im buffer of the current thread.
+    static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A zero-bordered copy of one image, for im2col with padding.
+    static PAD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A block of images' outputs or output gradients as one [C, images*HW] matrix.
+    static GATHER: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-block partial weight gradients, used by the thread that calls a backward-weight op.
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// A strided view of a matrix inside a slice: element (r, c) is `data[r*rs + c*cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// dst[m x n] (row stride `dst_rs`, unit column stride) = (accumulate ? dst : 0) + lhs[m x k] *
+/// rhs[k x n], single-threaded. Bounds are checked here so that the unsafe call stays in range.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: View,
+    rhs: View,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, n, dst_rs, 1) < dst.len());
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..][..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(last(m, k, lhs.rs, lhs.cs) < lhs.data.len());
+    assert!(last(k, n, rhs.rs, rhs.cs) < rhs.data.len());
+    // SAFETY: every index the GEMM touches is inside the slices (checked above); dst does not
+    // alias lhs or rhs (it is a unique borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Number of images per block for batch reductions: at most 8 blocks, a function of the batch
+/// size only, so the reduction order never depends on the machine.
+fn reduction_block(batch: usize) -> usize {
+    batch.div_ceil(8).max(1)
+}
+
+/// Images per GEMM in the convolutions: the im2col matrix of a block of images is one wide
+/// matrix (~0.5 MB for LeNet's layers), so each GEMM has a long dimension to stream over.
+const CONV_BLOCK: usize = 8;
+
+/// dst = src for the short rows of im2col. `copy_from_slice` calls memmove, which costs more
+/// than the copy for rows of 5 to 28 floats; fixed-size chunks compile to plain vector moves.
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d, s) in (&mut d).zip(&mut s) {
+        let d: &mut [f32; 8] = d.try_into().unwrap();
+        *d = s.try_into().unwrap();
+    }
+    let (mut d, mut s) = (d.into_remainder(), s.remainder());
+    if d.len() >= 4 {
+        let (d4, dr) = d.split_at_mut(4);
+        let d4: &mut [f32; 4] = d4.try_into().unwrap();
+        *d4 = s[..4].try_into().unwrap();
+        (d, s) = (dr, &s[4..]);
+    }
+    for (d, &s) in d.iter_mut().zip(s) {
+        *d = s;
+    }
+}
+
+/// Sum with 16 independent accumulators, combined in a fixed order: vectorisable (a plain f32
+/// sum is a serial chain) and still the same bits on every run.
+fn sum_fixed(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let mut total = rest.iter().sum::<f32>();
+    for a in acc {
+        total += a;
+    }
+    total
+}
+
+/// col[(ci*K + ky)*K + kx, y*Wo + x] = inp[ci, y+ky-pad, x+kx-pad] (zero outside), for one
+/// image; row r of col starts at `r * ld`. With padding, the image is first copied into a
+/// zero-bordered plane so that every row of col is a run of full-width copies.
+fn im2col(col: &mut [f32], ld: usize, inp: &[f32], s: &ConvShape) {
+    let p = s.padding;
+    if p == 0 {
+        return im2col_unpadded(col, ld, inp, s.in_channels, s.height, s.width, s);
+    }
+    let (h, w) = (s.height, s.width);
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    with_buffer(&PAD, s.in_channels * hp * wp, |padded| {
+        padded.fill(0.0);
+        for ci in 0..s.in_channels {
+            for y in 0..h {
+                let src = &inp[(ci * h + y) * w..][..w];
+                padded[(ci * hp + y + p) * wp + p..][..w].copy_from_slice(src);
+            }
+        }
+        im2col_unpadded(col, ld, padded, s.in_channels, hp, wp, s);
+    });
+}
+
+/// [`im2col`] of an input that already carries its padding: inp is [cin, h, w] and the output
+/// size comes from `s`.
+fn im2col_unpadded(col: &mut [f32], ld: usize, inp: &[f32], cin: usize, h: usize, w: usize, s: &ConvShape) {
+    let (ho, wo, k) = (s.out_height(), s.out_width(), s.kernel);
+    // Rows of LeNet's widths as fixed-size copies (plain vector moves); others generic.
+    match wo {
+        28 => im2col_rows::<28>(col, ld, inp, cin, h, w, k, ho),
+        10 => im2col_rows::<10>(col, ld, inp, cin, h, w, k, ho),
+        _ => {
+            let hw = ho * wo;
+            for ci in 0..cin {
+                let plane = &inp[ci * h * w..][..h * w];
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let row = &mut col[((ci * k + ky) * k + kx) * ld..][..hw];
+                        for y in 0..ho {
+                            copy_short(&mut row[y * wo..][..wo], &plane[(y + ky) * w + kx..][..wo]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn im2col_rows<const WO: usize>(
+    col: &mut [f32],
+    ld: usize,
+    inp: &[f32],
+    cin: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    ho: usize,
+) {
+    let hw = ho * WO;
+    for ci in 0..cin {
+        let plane = &inp[ci * h * w..][..h * w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &mut col[((ci * k + ky) * k + kx) * ld..][..hw];
+                for (y, dst) in row.chunks_exact_mut(WO).enumerate() {
+                    let dst: &mut [f32; WO] = dst.try_into().unwrap();
+                    *dst = plane[(y + ky) * w + kx..][..WO].try_into().unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// The transpose of [`im2col`] for one image: colt[y*Wo + x, (ci*K + ky)*K + kx] (row stride
+/// ckk), written to the first Ho*Wo rows of `colt`. Each output pixel's patch is contiguous,
+/// which is the layout the weight-gradient GEMM reads best.
+fn im2col_t(colt: &mut [f32], inp: &[f32], s: &ConvShape) {
+    let p = s.padding;
+    if p == 0 {
+        return im2col_t_unpadded(colt, inp, s.height, s.width, s);
+    }
+    let (h, w) = (s.height, s.width);
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    with_buffer(&PAD, s.in_channels * hp * wp, |padded| {
+        padded.fill(0.0);
+        for ci in 0..s.in_channels {
+            for y in 0..h {
+                let src = &inp[(ci * h + y) * w..][..w];
+                padded[(ci * hp + y + p) * wp + p..][..w].copy_from_slice(src);
+            }
+        }
+        im2col_t_unpadded(colt, padded, hp, wp, s);
+    });
+}
+
+fn im2col_t_unpadded(colt: &mut [f32], inp: &[f32], h: usize, w: usize, s: &ConvShape) {
+    match s.kernel {
+        5 => im2col_t_k::<5>(colt, inp, h, w, s),
+        _ => im2col_t_k_generic(colt, inp, h, w, s),
+    }
+}
+
+#[inline(always)]
+fn im2col_t_k<const K: usize>(colt: &mut [f32], inp: &[f32], h: usize, w: usize, s: &ConvShape) {
+    let (ho, wo, cin) = (s.out_height(), s.out_width(), s.in_channels);
+    let ckk = cin * K * K;
+    for y in 0..ho {
+        for x in 0..wo {
+            let patch = &mut colt[(y * wo + x) * ckk..][..ckk];
+            for (ci, patch) in patch.chunks_exact_mut(K * K).enumerate() {
+                for (ky, dst) in patch.chunks_exact_mut(K).enumerate() {
+                    let dst: &mut [f32; K] = dst.try_into().unwrap();
+                    *dst = inp[(ci * h + y + ky) * w + x..][..K].try_into().unwrap();
+                }
+            }
+        }
+    }
+}
+
+fn im2col_t_k_generic(colt: &mut [f32], inp: &[f32], h: usize, w: usize, s: &ConvShape) {
+    let (ho, wo, cin, k) = (s.out_height(), s.out_width(), s.in_channels, s.kernel);
+    let ckk = cin * k * k;
+    for y in 0..ho {
+        for x in 0..wo {
+            let patch = &mut colt[(y * wo + x) * ckk..][..ckk];
+            for ci in 0..cin {
+                for ky in 0..k {
+                    let dst = &mut patch[(ci * k + ky) * k..][..k];
+                    copy_short(dst, &inp[(ci * h + y + ky) * w + x..][..k]);
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: dinp = sum of col's entries onto the pixels they were read from,
+/// for one image. Overwrites dinp.
+fn col2im(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
+    let (ho, wo, k, p) = (s.out_height(), s.out_width(), s.kernel, s.padding);
+    let (h, w) = (s.height, s.width);
+    let hw = ho * wo;
+    dinp.fill(0.0);
+    if p == 0 && wo == 10 {
+        return col2im_rows::<10>(dinp, col, ld, s);
+    }
+    for ci in 0..s.in_channels {
+        let plane = &mut dinp[ci * h * w..][..h * w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &col[((ci * k + ky) * k + kx) * ld..][..hw];
+                let x0 = p.saturating_sub(kx).min(wo);
+                let x1 = (w + p).saturating_sub(kx).min(wo).max(x0);
+                for y in 0..ho {
+                    let iy = y + ky;
+                    if iy < p || iy - p >= h {
+                        continue;
+                    }
+                    let dst = &mut plane[(iy - p) * w..][..w][x0 + kx - p..x1 + kx - p];
+                    for (d, &c) in dst.iter_mut().zip(&row[y * wo..][x0..x1]) {
+                        *d += c;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`col2im`] without padding for rows of a fixed width: fixed-size adds vectorise.
+fn col2im_rows<const WO: usize>(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
+    let (ho, k, h, w) = (s.out_height(), s.kernel, s.height, s.width);
+    for ci in 0..s.in_channels {
+        let plane = &mut dinp[ci * h * w..][..h * w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &col[((ci * k + ky) * k + kx) * ld..][..ho * WO];
+                for (y, src) in row.chunks_exact(WO).enumerate() {
+                    let dst: &mut [f32; WO] = (&mut plane[(y + ky) * w + kx..][..WO]).try_into().unwrap();
+                    let src: &[f32; WO] = src.try_into().unwrap();
+                    for i in 0..WO {
+                        dst[i] += src[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sizes of a convolution that the blocked kernels use.
+struct ConvDims {
+    /// Output pixels per channel.
+    hw: usize,
+    /// Rows of the im2col matrix: in_channels * K * K.
+    ckk: usize,
+    in_len: usize,
+    out_len: usize,
+}
+
+fn conv_dims(s: &ConvShape) -> ConvDims {
+    let hw = s.out_height() * s.out_width();
+    ConvDims {
+        hw,
+        ckk: s.in_channels * s.kernel * s.kernel,
+        in_len: s.in_channels * s.height * s.width,
+        out_len: s.out_channels * hw,
+    }
+}
+
+/// See [`super::ops::conv2d_forward`].
+pub fn conv2d_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
+    conv2d_forward_impl(out, inp, weight, bias, s, false)
+}
+
+/// [`conv2d_forward`] followed by ReLU, fused.
+pub fn conv2d_relu_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
+    conv2d_forward_impl(out, inp, weight, bias, s, true)
+}
+
+fn conv2d_forward_impl(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape, relu: bool) {
+    assert_eq!(inp.len(), s.input_len());
+    assert_eq!(weight.len(), s.weight_len());
+    assert_eq!(bias.len(), s.out_channels);
+    assert_eq!(out.len(), s.output_len());
+    let ConvDims { hw, in_len, out_len, .. } = conv_dims(&s);
+    if s.batch == 0 || hw == 0 {
+        return;
+    }
+    out.par_chunks_mut(CONV_BLOCK * out_len)
+        .zip(inp.par_chunks(CONV_BLOCK * in_len.max(1)))
+        .for_each(|(out, inp)| conv_forward_block(out, inp, weight, bias, &s, relu));
+}
+
+/// [`conv2d_relu_forward`] followed by [`maxpool2x2_forward`], fused: each block of images is
+/// pooled while its convolution output is still in cache.
+///
+/// out: [B, Cout, Ho, Wo]; pooled and argmax: [B, Cout, Ho/2, Wo/2]
+pub fn conv2d_relu_maxpool_forward(
+    out: &mut [f32],
+    pooled: &mut [f32],
+    argmax: &mut [u32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    s: ConvShape,
+) {
+    assert_eq!(inp.len(), s.input_len());
+    assert_eq!(weight.len(), s.weight_len());
+    assert_eq!(bias.len(), s.out_channels);
+    assert_eq!(out.len(), s.output_len());
+    let (ho, wo) = (s.out_height(), s.out_width());
+    assert!(ho.is_multiple_of(2) && wo.is_multiple_of(2), "max-pool input must have even sides");
+    assert_eq!(pooled.len(), out.len() / 4);
+    assert_eq!(argmax.len(), pooled.len());
+    let ConvDims { hw, in_len, out_len, .. } = conv_dims(&s);
+    if s.batch == 0 || hw == 0 {
+        return;
+    }
+    out.par_chunks_mut(CONV_BLOCK * out_len)
+        .zip(inp.par_chunks(CONV_BLOCK * in_len.max(1)))
+        .zip(pooled.par_chunks_mut(CONV_BLOCK * out_len / 4))
+        .zip(argmax.par_chunks_mut(CONV_BLOCK * out_len / 4))
+        .enumerate()
+        .for_each(|(blk, (((out, inp), pooled), argmax))| {
+            conv_forward_block(out, inp, weight, bias, &s, true);
+            let images =
+                out.chunks(out_len).zip(pooled.chunks_mut(out_len / 4)).zip(argmax.chunks_mut(out_len / 4));
+            for (j, ((out, pooled), argmax)) in images.enumerate() {
+                let base = (blk * CONV_BLOCK + j) * out_len;
+                maxpool_image(pooled, argmax, out, base, wo);
+            }
+        });
+}
+
+/// The convolution of one block of images (whole images), optionally with ReLU.
+fn conv_forward_block(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape, relu: bool) {
+    let ConvDims { hw, ckk, in_len, out_len } = conv_dims(s);
+    let cout = s.out_channels;
+    let nb = out.len() / out_len;
+    let ld = nb * hw;
+    with_buffer(&COL, ckk * ld, |col| {
+        for j in 0..nb {
+            im2col(&mut col[j * hw..], ld, &inp[j * in_len..], s);
+        }
+        with_buffer(&GATHER, cout * ld, |res| {
+            // res[cout, nb*hw] = weight[cout, ckk] · col[ckk, nb*hw]
+            let w = View { data: weight, rs: ckk, cs: 1 };
+            let c = View { data: col, rs: ld, cs: 1 };
+            matmul(res, ld, false, w, c, cout, ld, ckk);
+            for (j, out) in out.chunks_mut(out_len).enumerate() {
+                for (co, out) in out.chunks_mut(hw).enumerate() {
+                    let (b, src) = (bias[co], &res[co * ld + j * hw..][..hw]);
+                    if relu {
+                        for (o, &r) in out.iter_mut().zip(src) {
+                            *o = (r + b).max(0.0);
+                        }
+                    } else {
+                        for (o, &r) in out.iter_mut().zip(src) {
+                            *o = r + b;
+                        }
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// dst[co, j*hw + i] = src[j][co, i] for the images j of a block: NCHW to [C, images*HW].
+fn gather_channels(dst: &mut [f32], src: &[f32], channels: usize, hw: usize) {
+    let nb = src.len() / (channels * hw);
+    let ld = nb * hw;
+    for (j, img) in src.chunks(channels * hw).enumerate() {
+        for (c, plane) in img.chunks(hw).enumerate() {
+            dst[c * ld + j * hw..][..hw].copy_from_slice(plane);
+        }
+    }
+}
+
+/// See [`super::ops::conv2d_backward_input`].
+pub fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: ConvShape) {
+    assert_eq!(dinp.len(), s.input_len());
+    assert_eq!(dout.len(), s.output_len());
+    assert_eq!(weight.len(), s.weight_len());
+    let ConvDims { hw, ckk, in_len, out_len } = conv_dims(&s);
+    if s.batch == 0 || in_len == 0 {
+        return;
+    }
+    if hw == 0 || s.out_channels == 0 {
+        dinp.fill(0.0);
+        return;
+    }
+    let cout = s.out_channels;
+    dinp.par_chunks_mut(CONV_BLOCK * in_len).zip(dout.par_chunks(CONV_BLOCK * out_len)).for_each(
+        |(dinp, dout)| {
+            let nb = dinp.len() / in_len;
+            let ld = nb * hw;
+            with_buffer(&GATHER, cout * ld, |d| {
+                gather_channels(d, dout, cout, hw);
+                with_buffer(&COL, ckk * ld, |dcol| {
+                    // dcol[ckk, nb*hw] = weightᵀ[ckk, cout] · dout[cout, nb*hw]
+                    let wt = View { data: weight, rs: 1, cs: ckk };
+                    let dv = View { data: d, rs: ld, cs: 1 };
+                    matmul(dcol, ld, false, wt, dv, ckk, ld, cout);
+                    for (j, dinp) in dinp.chunks_mut(in_len).enumerate() {
+                        col2im(dinp, &dcol[j * hw..], ld, &s);
+                    }
+                });
+            });
+        },
+    );
+}
+
+/// See [`super::ops::conv2d_backward_weight`].
+pub fn conv2d_backward_weight(
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    s: ConvShape,
+) {
+    assert_eq!(dweight.len(), s.weight_len());
+    assert_eq!(dbias.len(), s.out_channels);
+    assert_eq!(dout.len(), s.output_len());
+    assert_eq!(inp.len(), s.input_len());
+    let ConvDims { hw, ckk, in_len, out_len } = conv_dims(&s);
+    let (wlen, cout) = (dweight.len(), s.out_channels);
+    if s.batch == 0 || hw == 0 || in_len == 0 || cout == 0 {
+        dweight.fill(0.0);
+        dbias.fill(0.0);
+        return;
+    }
+    let block = reduction_block(s.batch);
+    let blocks = s.batch.div_ceil(block);
+    with_buffer(&PARTIALS, blocks * (wlen + cout), |partials| {
+        partials
+            .par_chunks_mut(wlen + cout)
+            .zip(dout.par_chunks(block * out_len))
+            .zip(inp.par_chunks(block * in_len))
+            .for_each(|((part, dout), inp)| {
+                let (pw, pb) = part.split_at_mut(wlen);
+                pb.fill(0.0);
+                let sub = CONV_BLOCK.min(block);
+                for (i, (dout, inp)) in dout.chunks(sub * out_len).zip(inp.chunks(sub * in_len)).enumerate() {
+                    let nb = dout.len() / out_len;
+                    let ld = nb * hw;
+                    with_buffer(&GATHER, cout * ld, |d| {
+                        gather_channels(d, dout, cout, hw);
+                        with_buffer(&COL, ckk * ld, |col| {
+                            // dweight[cout, ckk] += dout[cout, nb*hw] · colᵀ[nb*hw, ckk]. The
+                            // GEMM reads colᵀ best with each patch contiguous, but for one input
+                            // channel the patches are so short (K floats) that building them costs
+                            // more than it saves: then build col as the forward pass does.
+                            let ct = if s.in_channels > 1 {
+                                for j in 0..nb {
+                                    im2col_t(&mut col[j * hw * ckk..], &inp[j * in_len..], &s);
+                                }
+                                View { data: col, rs: ckk, cs: 1 }
+                            } else {
+                                for j in 0..nb {
+                                    im2col(&mut col[j * hw..], ld, &inp[j * in_len..], &s);
+                                }
+                                View { data: col, rs: 1, cs: ld }
+                            };
+                            let dv = View { data: d, rs: ld, cs: 1 };
+                            matmul(pw, ckk, i > 0, dv, ct, cout, ckk, ld);
+                        });
+                        for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
+                            *b += sum_fixed(row);
+                        }
+                    });
+                }
+            });
+        sum_partials(dweight, dbias, partials, wlen);
+    });
+}
+
+/// dweight = sum of the weight parts of `partials` in block order; dbias likewise.
+fn sum_partials(dweight: &mut [f32], dbias: &mut [f32], partials: &[f32], wlen: usize) {
+    let stride = wlen + dbias.len();
+    let mut parts = partials.chunks(stride);
+    let first = parts.next().expect("at least one block");
+    dweight.copy_from_slice(&first[..wlen]);
+    dbias.copy_from_slice(&first[wlen..]);
+    for part in parts {
+        for (d, &p) in dweight.iter_mut().zip(&part[..wlen]) {
+            *d += p;
+        }
+        for (d, &p) in dbias.iter_mut().zip(&part[wlen..]) {
+            *d += p;
+        }
+    }
+}
+
+/// See [`super::ops::maxpool2x2_forward`].
+pub fn maxpool2x2_forward(
+    out: &mut [f32],
+    argmax: &mut [u32],
+    inp: &[f32],
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+) {
+    assert!(height.is_multiple_of(2) && width.is_multiple_of(2), "max-pool input must have even sides");
+    let (ho, wo) = (height / 2, width / 2);
+    assert_eq!(inp.len(), batch * channels * height * width);
+    assert_eq!(out.len(), batch * channels * ho * wo);
+    assert_eq!(argmax.len(), out.len());
+    let (img_in, img_out) = (channels * height * width, channels * ho * wo);
+    if img_out == 0 {
+        return;
+    }
+    out.par_chunks_mut(img_out).zip(argmax.par_chunks_mut(img_out)).enumerate().for_each(
+        |(b, (out, argmax))| maxpool_image(out, argmax, &inp[b * img_in..][..img_in], b * img_in, width),
+    );
+}
+
+/// Max-pools one image (all its channels) of width `width`; `base` is the image's offset in the
+/// batch, added to the argmax indices.
+fn maxpool_image(out: &mut [f32], argmax: &mut [u32], inp: &[f32], base: usize, width: usize) {
+    let wo = width / 2;
+    for (row, (out, argmax)) in out.chunks_exact_mut(wo).zip(argmax.chunks_exact_mut(wo)).enumerate() {
+        // Output row `row` of plane p = row / ho reads input rows 2*row and 2*row + 1 of
+        // the image seen as one tall plane (H is even, so planes do not mix).
+        let top_at = 2 * row * width;
+        let top = &inp[top_at..][..width];
+        let bottom = &inp[top_at + width..][..width];
+        let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+        for (x, ((t, u), (o, a))) in pairs.zip(out.iter_mut().zip(argmax.iter_mut())).enumerate() {
+            // The first maximum in row-major order, with selects instead of branches
+            // (random data makes the branches unpredictable).
+            let (mut m, mut off) = (t[0], 0);
+            if t[1] > m {
+                (m, off) = (t[1], 1);
+            }
+            if u[0] > m {
+                (m, off) = (u[0], width);
+            }
+            if u[1] > m {
+                (m, off) = (u[1], width + 1);
+            }
+            *o = m;
+            *a = (base + top_at + 2 * x + off) as u32;
+        }
+    }
+}
+
+/// See [`super::ops::maxpool2x2_backward`]. Without the shape the work cannot be split by
+/// image, so this one is the reference; the network uses [`maxpool2x2_relu_backward`].
+pub fn maxpool2x2_backward(dinp: &mut [f32], dout: &[f32], argmax: &[u32]) {
+    super::ops::maxpool2x2_backward(dinp, dout, argmax)
+}
+
+/// [`maxpool2x2_backward`] then ReLU's backward through the pool's input, fused and split by
+/// image: `pooled` is the pool's output, and since the pool's input is a ReLU output, the
+/// window's maximum passes ReLU's mask exactly when `pooled > 0`.
+///
+/// dout, argmax, pooled: [B, C, H/2, W/2]; dinp: [B, C, H, W]
+#[allow(clippy::too_many_arguments)]
+pub fn maxpool2x2_relu_backward(
+    dinp: &mut [f32],
+    dout: &[f32],
+    argmax: &[u32],
+    pooled: &[f32],
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+) {
+    let img_in = channels * height * width;
+    let img_out = img_in / 4;
+    assert_eq!(dinp.len(), batch * img_in);
+    assert_eq!(dout.len(), batch * img_out);
+    assert_eq!(argmax.len(), dout.len());
+    assert_eq!(pooled.len(), dout.len());
+    if img_out == 0 {
+        dinp.fill(0.0);
+        return;
+    }
+    dinp.par_chunks_mut(img_in).enumerate().for_each(|(b, dinp)| {
+        dinp.fill(0.0);
+        let r = b * img_out..(b + 1) * img_out;
+        for ((&g, &i), &y) in dout[r.clone()].iter().zip(&argmax[r.clone()]).zip(&pooled[r]) {
+            let i = (i as usize).checked_sub(b * img_in).expect("argmax outside its image");
+            dinp[i] = if y > 0.0 { g } else { 0.0 };
+        }
+    });
+}
+
+/// Rows per block of the linear layers' batch-parallel GEMMs.
+const LINEAR_ROWS: usize = 32;
+
+/// See [`super::ops::linear_forward`].
+pub fn linear_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+) {
+    linear_forward_impl(out, inp, weight, bias, batch, in_features, out_features, false)
+}
+
+/// [`linear_forward`] followed by ReLU.
+pub fn linear_relu_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+) {
+    linear_forward_impl(out, inp, weight, bias, batch, in_features, out_features, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_forward_impl(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+    relu: bool,
+) {
+    assert_eq!(inp.len(), batch * in_features);
+    assert_eq!(weight.len(), out_features * in_features);
+    assert_eq!(bias.len(), out_features);
+    assert_eq!(out.len(), batch * out_features);
+    if out.is_empty() {
+        return;
+    }
+    let in_rows = LINEAR_ROWS * in_features.max(1);
+    out.par_chunks_mut(LINEAR_ROWS * out_features).enumerate().for_each(|(blk, out)| {
+        let rows = out.len() / out_features;
+        for row in out.chunks_mut(out_features) {
+            row.copy_from_slice(bias);
+        }
+        let x = View { data: &inp[(blk * in_rows).min(inp.len())..], rs: in_features, cs: 1 };
+        let wt = View { data: weight, rs: 1, cs: in_features };
+        matmul(out, out_features, true, x, wt, rows, out_features, in_features);
+        if relu {
+            relu_in_place(out);
+        }
+    });
+}
+
+/// See [`super::ops::linear_backward_input`].
+pub fn linear_backward_input(
+    dinp: &mut [f32],
+    dout: &[f32],
+    weight: &[f32],
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+) {
+    assert_eq!(dinp.len(), batch * in_features);
+    assert_eq!(dout.len(), batch * out_features);
+    assert_eq!(weight.len(), out_features * in_features);
+    if dinp.is_empty() {
+        return;
+    }
+    dinp.par_chunks_mut(LINEAR_ROWS * in_features).enumerate().for_each(|(blk, dinp)| {
+        let rows = dinp.len() / in_features;
+        let d = View { data: &dout[blk * LINEAR_ROWS * out_features..], rs: out_features, cs: 1 };
+        let w = View { data: weight, rs: in_features, cs: 1 };
+        matmul(dinp, in_features, false, d, w, rows, in_features, out_features);
+    });
+}
+
+/// See [`super::ops::linear_backward_weight`]. Splits the output features into fixed blocks;
+/// each weight gradient element is one GEMM reduction over the whole batch.
+pub fn linear_backward_weight(
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+) {
+    assert_eq!(dweight.len(), out_features * in_features);
+    assert_eq!(dbias.len(), out_features);
+    assert_eq!(dout.len(), batch * out_features);
+    assert_eq!(inp.len(), batch * in_features);
+    for (o, db) in dbias.iter_mut().enumerate() {
+        *db = (0..batch).map(|b| dout[b * out_features + o]).sum();
+    }
+    if batch == 0 {
+        dweight.fill(0.0);
+    }
+    if dweight.is_empty() || batch == 0 {
+        return;
+    }
+    const ROWS: usize = 16;
+    dweight.par_chunks_mut(ROWS * in_features).enumerate().for_each(|(blk, dw)| {
+        let rows = dw.len() / in_features;
+        // dweight[o, i] = doutᵀ[o, b] · inp[b, i]
+        let dt = View { data: &dout[blk * ROWS..], rs: 1, cs: out_features };
+        let x = View { data: inp, rs: in_features, cs: 1 };
+        matmul(dw, in_features, false, dt, x, rows, in_features, batch);
+    });
+}
+
+/// See [`super::ops::relu_forward`].
+pub fn relu_forward(out: &mut [f32], inp: &[f32]) {
+    super::ops::relu_forward(out, inp)
+}
+
+/// See [`super::ops::relu_backward`].
+pub fn relu_backward(dinp: &mut [f32], dout: &[f32], out: &[f32]) {
+    super::ops::relu_backward(dinp, dout, out)
+}
+
+/// x = max(x, 0) in place.
+pub fn relu_in_place(x: &mut [f32]) {
+    for v in x {
+        *v = v.max(0.0);
+    }
+}
+
+/// dx = 0 where y <= 0: ReLU's backward through its output `y`, in place.
+pub fn relu_backward_in_place(dx: &mut [f32], y: &[f32]) {
+    assert_eq!(dx.len(), y.len());
+    for (d, &y) in dx.iter_mut().zip(y) {
+        if y <= 0.0 {
+            *d = 0.0;
+        }
+    }
+}
+
+/// See [`super::ops::softmax_xent_forward_backward`]: 10 numbers per image, not worth
+/// parallelising; the reference is already a single pass.
+pub fn softmax_xent_forward_backward(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    labels: &[u32],
+    batch: usize,
+    classes: usize,
+) -> XentResult {
+    super::ops::softmax_xent_forward_backward(dlogits, logits, labels, batch, classes)
+}
+
+/// See [`super::ops::adam_update`]. Element-wise, so any split gives the same bits.
+pub fn adam_update(
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    config: &AdamConfig,
+    step: AdamStep,
+) {
+    assert_eq!(param.len(), grad.len());
+    assert_eq!(m.len(), grad.len());
+    assert_eq!(v.len(), grad.len());
+    const BLOCK: usize = 8192;
+    param
+        .par_chunks_mut(BLOCK)
+        .zip(grad.par_chunks(BLOCK))
+        .zip(m.par_chunks_mut(BLOCK))
+        .zip(v.par_chunks_mut(BLOCK))
+        .for_each(|(((p, g), m), v)| super::ops::adam_update(p, g, m, v, config, step));
+}

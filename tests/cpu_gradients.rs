@@ -1,0 +1,474 @@
+//! Finite-difference checks of every backward op of the CPU reference (src/cpu/ops.rs), of the
+//! whole network's gradient with respect to every parameter tensor (src/cpu/network.rs, which
+//! runs the fast ops), of Adam against the torch formula, and of the max-pool tie rule.
+//!
+//! Per-op checks are in f32. The objective is L = sum(out * R) for a fixed random R, accumulated
+//! in f64. Convolution, linear, max-pool and ReLU are linear (or piecewise linear) in the
+//! perturbed input, so a central difference has no truncation error; only the f32 rounding of
+//! the outputs remains, which a large step (0.1 for the linear ops) makes small next to the
+//! gradient. Piecewise-linear ops get inputs whose kinks (ReLU's zero, max-pool's ties) are
+//! further away than the step. The denominator is the difference actually represented in f32.
+//!
+//! The whole-network check is in f64: an independent f64 twin of the loss (written here from
+//! the layer definitions, not from the implementation) is differentiated numerically with a
+//! step of 1e-6 (truncation ~1e-12, rounding ~1e-10) and compared with the f32 analytic
+//! gradient, which differs from the exact one by f32 rounding (~1e-6 relative). Random inputs
+//! and parameters keep ReLU kinks and pool ties away from the evaluation point.
+
+// The checks perturb x[i] in place and compare with grad[i]: index loops are the clear form.
+#![allow(clippy::needless_range_loop)]
+
+use lenet::cpu::network::{adam_step, backward, forward, Activations, Gradients};
+use lenet::cpu::{fast, ops};
+use lenet::model::*;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+
+fn unit(rng: &mut ChaCha8Rng) -> f32 {
+    (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32
+}
+
+fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| lo + (hi - lo) * unit(rng)).collect()
+}
+
+fn weighted_sum(out: &[f32], r: &[f32]) -> f64 {
+    out.iter().zip(r).map(|(&o, &r)| o as f64 * r as f64).sum()
+}
+
+/// Central difference of `f` with respect to `x[i]`, with the step actually taken in f32.
+fn central_diff(x: &mut [f32], i: usize, h: f32, mut f: impl FnMut(&[f32]) -> f64) -> f64 {
+    let orig = x[i];
+    x[i] = orig + h;
+    let plus_x = x[i];
+    let plus = f(x);
+    x[i] = orig - h;
+    let minus_x = x[i];
+    let minus = f(x);
+    x[i] = orig;
+    (plus - minus) / (plus_x as f64 - minus_x as f64)
+}
+
+#[track_caller]
+fn check(what: &str, analytic: f32, numeric: f64, abs: f64, rel: f64) {
+    let err = (analytic as f64 - numeric).abs();
+    assert!(
+        err <= abs + rel * numeric.abs(),
+        "{what}: analytic {analytic} numeric {numeric} (error {err:e})"
+    );
+}
+
+/// Up to `count` distinct random indices below `n` (all of them if n <= count).
+fn sample(rng: &mut ChaCha8Rng, n: usize, count: usize) -> Vec<usize> {
+    if n <= count {
+        return (0..n).collect();
+    }
+    let mut v: Vec<usize> = Vec::new();
+    while v.len() < count {
+        let i = rng.next_u32() as usize % n;
+        if !v.contains(&i) {
+            v.push(i);
+        }
+    }
+    v
+}
+
+#[test]
+fn conv2d_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for padding in [0, 2] {
+        let s =
+            ConvShape { batch: 2, in_channels: 3, out_channels: 4, height: 8, width: 7, kernel: 5, padding };
+        let mut inp = uniform(&mut rng, s.input_len(), -1.0, 1.0);
+        let mut w = uniform(&mut rng, s.weight_len(), -0.5, 0.5);
+        let mut b = uniform(&mut rng, s.out_channels, -0.5, 0.5);
+        let r = uniform(&mut rng, s.output_len(), -1.0, 1.0);
+        let mut out = vec![0.0; s.output_len()];
+        let mut loss = |inp: &[f32], w: &[f32], b: &[f32]| {
+            ops::conv2d_forward(&mut out, inp, w, b, s);
+            weighted_sum(&out, &r)
+        };
+
+        let mut dinp = vec![0.0; s.input_len()];
+        ops::conv2d_backward_input(&mut dinp, &r, &w, s);
+        let (mut dw, mut db) = (vec![0.0; s.weight_len()], vec![0.0; s.out_channels]);
+        ops::conv2d_backward_weight(&mut dw, &mut db, &r, &inp, s);
+
+        // Every input element, corners and padded borders included.
+        for i in 0..inp.len() {
+            let (w2, b2) = (w.clone(), b.clone());
+            let n = central_diff(&mut inp, i, 0.1, |x| loss(x, &w2, &b2));
+            check(&format!("pad {padding} dinp[{i}]"), dinp[i], n, 2e-5, 2e-4);
+        }
+        for i in 0..w.len() {
+            let (inp2, b2) = (inp.clone(), b.clone());
+            let n = central_diff(&mut w, i, 0.1, |x| loss(&inp2, x, &b2));
+            check(&format!("pad {padding} dweight[{i}]"), dw[i], n, 2e-5, 2e-4);
+        }
+        for i in 0..b.len() {
+            let (inp2, w2) = (inp.clone(), w.clone());
+            let n = central_diff(&mut b, i, 0.1, |x| loss(&inp2, &w2, x));
+            check(&format!("pad {padding} dbias[{i}]"), db[i], n, 2e-5, 2e-4);
+        }
+    }
+}
+
+#[test]
+fn maxpool_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let (batch, channels, h, w) = (2, 3, 6, 4);
+    let n = batch * channels * h * w;
+    // Distinct values 0.01 apart in random order: no window has a near-tie within the step.
+    let mut inp: Vec<f32> = (0..n).map(|i| i as f32 * 0.01 - 0.5).collect();
+    for i in (1..n).rev() {
+        inp.swap(i, rng.next_u32() as usize % (i + 1));
+    }
+    let r = uniform(&mut rng, n / 4, -1.0, 1.0);
+    let (mut out, mut argmax) = (vec![0.0; n / 4], vec![0; n / 4]);
+    ops::maxpool2x2_forward(&mut out, &mut argmax, &inp, batch, channels, h, w);
+    let mut dinp = vec![0.0; n];
+    ops::maxpool2x2_backward(&mut dinp, &r, &argmax);
+    let mut am = argmax.clone();
+    for i in 0..n {
+        let num = central_diff(&mut inp, i, 1e-3, |x| {
+            ops::maxpool2x2_forward(&mut out, &mut am, x, batch, channels, h, w);
+            weighted_sum(&out, &r)
+        });
+        check(&format!("maxpool dinp[{i}]"), dinp[i], num, 2e-5, 2e-4);
+    }
+}
+
+#[test]
+fn linear_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (batch, fin, fout) = (3, 7, 5);
+    let mut x = uniform(&mut rng, batch * fin, -1.0, 1.0);
+    let mut w = uniform(&mut rng, fout * fin, -0.5, 0.5);
+    let mut b = uniform(&mut rng, fout, -0.5, 0.5);
+    let r = uniform(&mut rng, batch * fout, -1.0, 1.0);
+    let mut out = vec![0.0; batch * fout];
+    let mut loss = |x: &[f32], w: &[f32], b: &[f32]| {
+        ops::linear_forward(&mut out, x, w, b, batch, fin, fout);
+        weighted_sum(&out, &r)
+    };
+    let mut dx = vec![0.0; batch * fin];
+    ops::linear_backward_input(&mut dx, &r, &w, batch, fin, fout);
+    let (mut dw, mut db) = (vec![0.0; fout * fin], vec![0.0; fout]);
+    ops::linear_backward_weight(&mut dw, &mut db, &r, &x, batch, fin, fout);
+    for i in 0..x.len() {
+        let (w2, b2) = (w.clone(), b.clone());
+        let n = central_diff(&mut x, i, 0.1, |v| loss(v, &w2, &b2));
+        check(&format!("linear dinp[{i}]"), dx[i], n, 2e-5, 2e-4);
+    }
+    for i in 0..w.len() {
+        let (x2, b2) = (x.clone(), b.clone());
+        let n = central_diff(&mut w, i, 0.1, |v| loss(&x2, v, &b2));
+        check(&format!("linear dweight[{i}]"), dw[i], n, 2e-5, 2e-4);
+    }
+    for i in 0..b.len() {
+        let (x2, w2) = (x.clone(), w.clone());
+        let n = central_diff(&mut b, i, 0.1, |v| loss(&x2, &w2, v));
+        check(&format!("linear dbias[{i}]"), db[i], n, 2e-5, 2e-4);
+    }
+}
+
+#[test]
+fn relu_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let n = 200;
+    // |x| >= 0.05, so a step of 0.01 never crosses the kink; both signs present.
+    let mut x: Vec<f32> =
+        (0..n).map(|_| (0.05 + unit(&mut rng)) * if rng.next_u32() % 2 == 0 { 1.0 } else { -1.0 }).collect();
+    let r = uniform(&mut rng, n, -1.0, 1.0);
+    let mut out = vec![0.0; n];
+    ops::relu_forward(&mut out, &x);
+    assert!(out.contains(&0.0) && out.iter().any(|&y| y > 0.0));
+    let mut dx = vec![0.0; n];
+    ops::relu_backward(&mut dx, &r, &out);
+    let mut o = out.clone();
+    for i in 0..n {
+        let num = central_diff(&mut x, i, 0.01, |v| {
+            ops::relu_forward(&mut o, v);
+            weighted_sum(&o, &r)
+        });
+        check(&format!("relu dinp[{i}]"), dx[i], num, 1e-5, 1e-4);
+    }
+}
+
+#[test]
+fn softmax_xent_dlogits_match_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for batch in [1, 3] {
+        let classes = 10;
+        let mut logits = uniform(&mut rng, batch * classes, -3.0, 3.0);
+        let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % classes as u32).collect();
+        let mut dl = vec![0.0; batch * classes];
+        ops::softmax_xent_forward_backward(&mut dl, &logits, &labels, batch, classes);
+        let mut scratch = vec![0.0; batch * classes];
+        for i in 0..logits.len() {
+            // The loss is an f32 (~2.5e-7 rounding): a step of 1e-2 keeps rounding/step at
+            // ~2e-5 and the truncation error (h^2/6 * f''') at ~2e-5.
+            let num = central_diff(&mut logits, i, 1e-2, |z| {
+                ops::softmax_xent_forward_backward(&mut scratch, z, &labels, batch, classes).loss as f64
+            });
+            check(&format!("batch {batch} dlogits[{i}]"), dl[i], num, 2e-4, 1e-2);
+        }
+    }
+}
+
+// ---- The whole network, against an independent f64 twin of the loss. ----
+
+/// conv (stride 1, square kernel, zero padding) + bias + ReLU, one image at a time, in f64.
+#[allow(clippy::too_many_arguments)]
+fn conv_relu64(
+    x: &[f64],
+    cin: usize,
+    side: usize,
+    w: &[f64],
+    b: &[f64],
+    cout: usize,
+    k: usize,
+    pad: usize,
+) -> Vec<f64> {
+    let os = side + 2 * pad + 1 - k;
+    let mut out = vec![0.0; cout * os * os];
+    for co in 0..cout {
+        for oy in 0..os {
+            for ox in 0..os {
+                let mut acc = b[co];
+                for ci in 0..cin {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let (iy, ix) =
+                                ((oy + ky) as isize - pad as isize, (ox + kx) as isize - pad as isize);
+                            if (0..side as isize).contains(&iy) && (0..side as isize).contains(&ix) {
+                                acc += w[((co * cin + ci) * k + ky) * k + kx]
+                                    * x[(ci * side + iy as usize) * side + ix as usize];
+                            }
+                        }
+                    }
+                }
+                out[(co * os + oy) * os + ox] = acc.max(0.0);
+            }
+        }
+    }
+    out
+}
+
+fn pool64(x: &[f64], c: usize, side: usize) -> Vec<f64> {
+    let os = side / 2;
+    let mut out = vec![0.0; c * os * os];
+    for ch in 0..c {
+        for y in 0..os {
+            for xx in 0..os {
+                let at = |dy: usize, dx: usize| x[(ch * side + 2 * y + dy) * side + 2 * xx + dx];
+                out[(ch * os + y) * os + xx] = at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
+            }
+        }
+    }
+    out
+}
+
+fn dense64(x: &[f64], w: &[f64], b: &[f64], relu: bool) -> Vec<f64> {
+    b.iter()
+        .enumerate()
+        .map(|(o, &bo)| {
+            let z = bo + x.iter().zip(&w[o * x.len()..][..x.len()]).map(|(a, b)| a * b).sum::<f64>();
+            if relu {
+                z.max(0.0)
+            } else {
+                z
+            }
+        })
+        .collect()
+}
+
+/// Mean softmax cross-entropy of LeNet-5 over the batch, in f64.
+fn loss64(p: &[Vec<f64>], images: &[f64], labels: &[u32]) -> f64 {
+    let mut total = 0.0;
+    for (img, &label) in images.chunks(IMAGE_PIXELS).zip(labels) {
+        let a = conv_relu64(img, 1, 28, &p[0], &p[1], 6, 5, 2);
+        let a = pool64(&a, 6, 28);
+        let a = conv_relu64(&a, 6, 14, &p[2], &p[3], 16, 5, 0);
+        let a = pool64(&a, 16, 10);
+        let a = dense64(&a, &p[4], &p[5], true);
+        let a = dense64(&a, &p[6], &p[7], true);
+        let z = dense64(&a, &p[8], &p[9], false);
+        let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        total += lse - z[label as usize];
+    }
+    total / labels.len() as f64
+}
+
+#[test]
+fn network_gradient_matches_f64_finite_differences_for_every_parameter_tensor() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let batch = 3;
+    let pixels: Vec<u8> = (0..batch * IMAGE_PIXELS).map(|_| rng.next_u32() as u8).collect();
+    let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % 10).collect();
+    let params = Params::init(42);
+
+    let mut acts = Activations::new(batch);
+    acts.set_input(&pixels);
+    forward(&params, &mut acts);
+    let mut grads = Gradients::new(batch);
+    let result = backward(&params, &acts, &labels, &mut grads);
+
+    let images: Vec<f64> = acts.input.iter().map(|&x| x as f64).collect();
+    let mut p64: Vec<Vec<f64>> =
+        params.tensors.iter().map(|t| t.iter().map(|&x| x as f64).collect()).collect();
+    let l0 = loss64(&p64, &images, &labels);
+    assert!((result.loss as f64 - l0).abs() < 1e-5 * l0.abs(), "loss: f32 {} f64 {l0}", result.loss);
+
+    let h = 1e-6;
+    for (t, spec) in PARAM_SPECS.iter().enumerate() {
+        let g = &grads.params.tensors[t];
+        assert_eq!(g.len(), spec.len());
+        assert!(g.iter().all(|x| x.is_finite()));
+        // The tensor's gradient scale, for an absolute floor that suits its size.
+        let scale = g.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+        assert!(scale > 0.0, "{}: gradient is all zero", spec.name);
+        for i in sample(&mut rng, spec.len(), 8) {
+            let orig = p64[t][i];
+            p64[t][i] = orig + h;
+            let plus = loss64(&p64, &images, &labels);
+            p64[t][i] = orig - h;
+            let minus = loss64(&p64, &images, &labels);
+            p64[t][i] = orig;
+            let num = (plus - minus) / (2.0 * h);
+            check(&format!("{}[{i}]", spec.name), g[i], num, 1e-4 * scale + 1e-7, 2e-3);
+        }
+    }
+}
+
+// ---- Adam against the torch formula, computed by hand in f64. ----
+
+#[test]
+fn adam_matches_the_torch_formula() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let n = 50;
+    let config = AdamConfig { lr: 2e-3, beta1: 0.8, beta2: 0.99, eps: 1e-6 };
+    let p0 = uniform(&mut rng, n, -1.0, 1.0);
+    // Gradients of mixed sizes, including zeros and ones small enough for eps to matter.
+    let grads: Vec<Vec<f32>> = (0..4)
+        .map(|_| {
+            (0..n)
+                .map(|i| match i % 5 {
+                    0 => 0.0,
+                    1 => 1e-6 * (unit(&mut rng) - 0.5),
+                    _ => 2.0 * unit(&mut rng) - 1.0,
+                })
+                .collect()
+        })
+        .collect();
+
+    // torch.optim.Adam, written out: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+    // p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
+    let (b1, b2, lr, eps) = (config.beta1 as f64, config.beta2 as f64, config.lr as f64, config.eps as f64);
+    let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
+    let (mut m, mut v) = (vec![0.0f64; n], vec![0.0f64; n]);
+    let mut expected = Vec::new();
+    for (t, g) in grads.iter().enumerate() {
+        let t = t as i32 + 1;
+        for i in 0..n {
+            let g = g[i] as f64;
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            let mhat = m[i] / (1.0 - b1.powi(t));
+            let vhat = v[i] / (1.0 - b2.powi(t));
+            p[i] -= lr * mhat / (vhat.sqrt() + eps);
+        }
+        expected.push(p.clone());
+    }
+
+    type Update = fn(&mut [f32], &[f32], &mut [f32], &mut [f32], &AdamConfig, AdamStep);
+    for (name, update) in [("ops", ops::adam_update as Update), ("fast", fast::adam_update as Update)] {
+        let mut p = p0.clone();
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        for (t, g) in grads.iter().enumerate() {
+            update(&mut p, g, &mut m, &mut v, &config, config.step(t as u64 + 1));
+            for i in 0..n {
+                // Each step moves a parameter by up to ~lr; f32 keeps it to ~1e-7 absolute.
+                let want = expected[t][i];
+                assert!(
+                    (p[i] as f64 - want).abs() <= 1e-6,
+                    "{name} step {}: p[{i}] {} expected {want}",
+                    t + 1,
+                    p[i]
+                );
+            }
+        }
+        // The step actually moved the parameters that had a gradient.
+        assert!(p.iter().zip(&p0).enumerate().all(|(i, (a, b))| (i % 5 == 0) == (a == b)));
+    }
+
+    // The network's adam_step counts steps and applies the same update to every tensor.
+    let mut state = TrainState::new(Params::zeros(), 0, 1, false);
+    state.params.tensors[4][..n].copy_from_slice(&p0);
+    for g in &grads {
+        let mut gp = Params::zeros();
+        gp.tensors[4][..n].copy_from_slice(g);
+        adam_step(&mut state, &gp, &config);
+    }
+    assert_eq!(state.step, 4);
+    for i in 0..n {
+        assert!((state.params.tensors[4][i] as f64 - expected[3][i]).abs() <= 1e-6);
+    }
+}
+
+// ---- Max-pool ties: exactly one element per window, the first in row-major order. ----
+
+#[test]
+fn maxpool_ties_route_the_gradient_to_the_first_maximum() {
+    // One 2x4 plane holding two windows per row pair; batch 2 x 2 channels of 4x4, 16 windows.
+    // Window patterns (row-major a b / c d), each a different tie.
+    let patterns: [[f32; 4]; 8] = [
+        [1.0, 1.0, 1.0, 1.0],     // all tied: a
+        [0.0, 2.0, 0.0, 2.0],     // b and d: b
+        [0.0, 0.0, 3.0, 3.0],     // c and d: c
+        [5.0, 0.0, 0.0, 5.0],     // a and d: a
+        [-1.0, -1.0, -2.0, -1.0], // negative ties: a
+        [0.0, 0.0, 0.0, 0.0],     // zeros (ReLU outputs): a
+        [0.5, 0.7, 0.7, 0.1],     // b and c: b
+        [0.1, 0.2, 0.3, 0.4],     // no tie: d
+    ];
+    let first = [0usize, 1, 2, 0, 0, 0, 1, 3];
+    let (batch, channels, h, w) = (2, 2, 4, 4);
+    let n = batch * channels * h * w;
+    let mut inp = vec![0.0f32; n];
+    let mut expected_pos = vec![0usize; n / 4];
+    for win in 0..n / 4 {
+        let (plane, wy, wx) = (win / 4, (win % 4) / 2, win % 2);
+        let pat = win % patterns.len();
+        for (j, &val) in patterns[pat].iter().enumerate() {
+            inp[(plane * h + 2 * wy + j / 2) * w + 2 * wx + j % 2] = val;
+        }
+        let j = first[pat];
+        expected_pos[win] = (plane * h + 2 * wy + j / 2) * w + 2 * wx + j % 2;
+    }
+    let dout: Vec<f32> = (0..n / 4).map(|i| 1.0 + i as f32).collect();
+
+    type Forward = fn(&mut [f32], &mut [u32], &[f32], usize, usize, usize, usize);
+    for (name, fwd) in
+        [("ops", ops::maxpool2x2_forward as Forward), ("fast", fast::maxpool2x2_forward as Forward)]
+    {
+        let (mut out, mut argmax) = (vec![0.0; n / 4], vec![0u32; n / 4]);
+        fwd(&mut out, &mut argmax, &inp, batch, channels, h, w);
+        let am: Vec<usize> = argmax.iter().map(|&i| i as usize).collect();
+        assert_eq!(am, expected_pos, "{name} argmax");
+        let mut dinp = vec![f32::NAN; n];
+        ops::maxpool2x2_backward(&mut dinp, &dout, &argmax);
+        let mut dinp_fast = vec![f32::NAN; n];
+        fast::maxpool2x2_backward(&mut dinp_fast, &dout, &argmax);
+        assert_eq!(dinp, dinp_fast);
+        for (win, &pos) in expected_pos.iter().enumerate() {
+            let (plane, wy, wx) = (win / 4, (win % 4) / 2, win % 2);
+            let cells: Vec<usize> =
+                (0..4).map(|j| (plane * h + 2 * wy + j / 2) * w + 2 * wx + j % 2).collect();
+            let nonzero: Vec<usize> = cells.iter().copied().filter(|&c| dinp[c] != 0.0).collect();
+            assert_eq!(nonzero, vec![pos], "{name}: window {win} gradient goes to exactly one cell");
+            assert_eq!(dinp[pos], dout[win]);
+        }
+    }
+}
