@@ -349,9 +349,31 @@ fn write_tensors(
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| write_err(io::Error::other(e.to_string())))?;
-    let bytes =
+    let mut bytes =
         safetensors::serialize(views, Some(meta)).map_err(|e| write_err(io::Error::other(e.to_string())))?;
+    sort_metadata(&mut bytes).map_err(write_err)?;
     write_atomic(path, &bytes).map_err(write_err)
+}
+
+/// safetensors writes the metadata map in HashMap order, which changes from run to run. Rewrite
+/// the header with the metadata keys sorted (same length, so no offset moves) so that the same
+/// state always gives the same bytes.
+fn sort_metadata(bytes: &mut [u8]) -> io::Result<()> {
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header = &mut bytes[8..8 + header_len];
+    let mut json: serde_json::Value = serde_json::from_slice(header).map_err(io::Error::other)?;
+    if let Some(meta) = json.get_mut("__metadata__") {
+        let sorted: std::collections::BTreeMap<String, serde_json::Value> =
+            meta.as_object().cloned().unwrap_or_default().into_iter().collect();
+        *meta = serde_json::to_value(sorted).map_err(io::Error::other)?;
+    }
+    let mut text = serde_json::to_vec(&json).map_err(io::Error::other)?;
+    if text.len() > header_len {
+        return Err(io::Error::other("re-encoded safetensors header grew"));
+    }
+    text.resize(header_len, b' ');
+    header.copy_from_slice(&text);
+    Ok(())
 }
 
 /// Writes `bytes` to `path` through a temp file in the same directory, fsync and rename; on

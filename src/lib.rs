@@ -7,5 +7,5 @@ pub mod data;
 pub mod gpu;
 pub mod image_input;
 pub mod model;
-pub mod train;
 pub mod plot;
+pub mod train;

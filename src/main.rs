@@ -14,7 +14,11 @@ use lenet::model::{AdamConfig, Params, TrainState};
 use lenet::train::{evaluate_logits, Backend, TrainConfig};
 
 #[derive(Parser)]
-#[command(name = "lenet", version, about = "Train LeNet-5 on MNIST with WGSL compute shaders (wgpu) or on the CPU")]
+#[command(
+    name = "lenet",
+    version,
+    about = "Train LeNet-5 on MNIST with WGSL compute shaders (wgpu) or on the CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,7 +73,7 @@ struct TrainArgs {
     #[arg(long)]
     batch: Option<usize>,
     /// Adam's learning rate [default: 1e-3, or the resumed checkpoint's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f32>,
     /// Seed of the initialisation and of the shuffling [default: 0, or the resumed checkpoint's].
     #[arg(long)]
@@ -203,7 +207,10 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         Some(path) => {
             let Checkpoint { params, optimizer } = load_checkpoint(path)?;
             let Some(opt) = optimizer else {
-                bail!("{}: holds weights only, no optimiser state to resume; use --init to start from it", path.display());
+                bail!(
+                    "{}: holds weights only, no optimiser state to resume; use --init to start from it",
+                    path.display()
+                );
             };
             let conflicts = [
                 ("--seed", args.seed.is_some_and(|s| s != opt.seed)),
@@ -211,7 +218,10 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
                 ("--no-shuffle", args.no_shuffle && opt.shuffle),
             ];
             if let Some((flag, _)) = conflicts.iter().find(|(_, c)| *c) {
-                bail!("{flag} differs from the run saved in {}; a resumed run keeps its settings", path.display());
+                bail!(
+                    "{flag} differs from the run saved in {}; a resumed run keeps its settings",
+                    path.display()
+                );
             }
             adam = opt.adam;
             TrainState {
@@ -295,7 +305,8 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
 /// The backend the user asked for. `auto` takes the best GPU adapter and falls back to the
 /// CPU with a one-line notice when there is none or it fails to start.
 fn open_backend(device: &DeviceArgs, train: Option<Arc<Dataset>>) -> Result<Box<dyn Backend>> {
-    let train = train.unwrap_or_else(|| Arc::new(Dataset { images: vec![], labels: vec![], rows: 28, cols: 28 }));
+    let train =
+        train.unwrap_or_else(|| Arc::new(Dataset { images: vec![], labels: vec![], rows: 28, cols: 28 }));
     let adapter = device.adapter.as_deref();
     match device.backend {
         BackendChoice::Cpu => Ok(Box::new(lenet::cpu::backend::CpuBackend::new(train))),

@@ -230,7 +230,9 @@ pub fn train(
             epoch_images += indices.len();
             if let Some((i, bad)) = stats.iter().enumerate().find(|(_, s)| !s.loss.is_finite()) {
                 let kept = match (&cfg.save, last_saved) {
-                    (Some(p), Some(s)) => format!("the last good checkpoint ({}, step {s}) is kept", p.display()),
+                    (Some(p), Some(s)) => {
+                        format!("the last good checkpoint ({}, step {s}) is kept", p.display())
+                    }
                     (Some(p), None) => format!("nothing was saved and {} is untouched", p.display()),
                     (None, _) => "nothing was saved".to_string(),
                 };
@@ -279,11 +281,7 @@ pub fn train(
         let mut line = epoch_summary(state, steps_per_epoch, &recent, epoch_images, epoch_time);
         if due || last {
             let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
-            line.push_str(&format!(
-                "  test loss {:.4}  test acc {:.2}%",
-                eval.loss,
-                100.0 * eval.accuracy
-            ));
+            line.push_str(&format!("  test loss {:.4}  test acc {:.2}%", eval.loss, 100.0 * eval.accuracy));
             let row = MetricRow {
                 kind: "test",
                 step: state.step,
@@ -374,11 +372,9 @@ impl Progress {
         let bar = live.then(|| {
             let bar = ProgressBar::new(steps_per_epoch);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
-                )
-                .expect("progress template is valid")
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                    .expect("progress template is valid")
+                    .progress_chars("=> "),
             );
             bar
         });
@@ -429,7 +425,8 @@ impl MetricsWriter {
         let out = match path {
             None => None,
             Some(p) => {
-                let file = std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?;
+                let file =
+                    std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?;
                 let mut w = std::io::BufWriter::new(file);
                 writeln!(w, "kind,step,epoch,loss,accuracy")?;
                 Some((p.clone(), w))
