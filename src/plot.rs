@@ -38,9 +38,9 @@ fn draw(svg: &mut String, history: &[MetricRow]) -> Result<(), Box<dyn std::erro
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(550);
 
-    let panels: [(&DrawingArea<_, _>, &str, fn(&MetricRow) -> f64); 2] =
-        [(&left, "loss", |r| r.loss), (&right, "accuracy (%)", |r| 100.0 * r.accuracy)];
-    for (area, name, value) in panels {
+    type Value = fn(&MetricRow) -> f64;
+    let panels: [(&str, Value); 2] = [("loss", |r| r.loss), ("accuracy (%)", |r| 100.0 * r.accuracy)];
+    for (area, (name, value)) in [&left, &right].into_iter().zip(panels) {
         let train_curve = smoothed(&train, value);
         let test_points: Vec<(f64, f64)> = test.iter().map(|r| (r.step as f64, value(r))).collect();
         let ys = train_curve.iter().chain(&test_points).map(|p| p.1);

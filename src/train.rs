@@ -260,7 +260,7 @@ pub fn train(
             state.step_in_epoch += k;
             recent.extend_from_slice(&stats);
             progress.update(state.step_in_epoch, &recent, epoch_images as f64 / epoch_time.as_secs_f64());
-            if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 {
+            if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) {
                 if let Some(path) = &cfg.save {
                     backend.store_state(state)?;
                     save_checkpoint(path, state, &cfg.adam)?;
@@ -277,7 +277,7 @@ pub fn train(
             state.step_in_epoch = 0;
         }
         let last = state.step >= target_step;
-        let due = epoch_done && cfg.eval_every > 0 && state.epoch % cfg.eval_every == 0;
+        let due = epoch_done && cfg.eval_every > 0 && state.epoch.is_multiple_of(cfg.eval_every);
         let mut line = epoch_summary(state, steps_per_epoch, &recent, epoch_images, epoch_time);
         if due || last {
             let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);

@@ -20,7 +20,7 @@ fn dataset(n: usize, seed: u64) -> Dataset {
     let images = (0..n * IMAGE_PIXELS)
         .map(|_| {
             let x = r_u32(&mut r);
-            if x % 4 == 0 {
+            if x.is_multiple_of(4) {
                 (x >> 8) as u8
             } else {
                 0
