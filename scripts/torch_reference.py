@@ -9,6 +9,9 @@
     # evaluation of a lenet checkpoint in PyTorch
     python3 scripts/torch_reference.py eval --weights ours.safetensors
 
+    # the default recipe (shuffled, batch 256, Adam 1e-3): test accuracy after each epoch
+    python3 scripts/torch_reference.py recipe --epochs 1 --seed 0
+
     # PyTorch's CPU training speed at batch 256 (images/s)
     python3 scripts/torch_reference.py speed
 
@@ -96,6 +99,26 @@ def evaluate(args):
     print(f"accuracy {100 * accuracy:.2f}% ({int(round(accuracy * len(labels)))}/{len(labels)}), loss {loss:.4f}")
 
 
+def recipe(args):
+    torch.manual_seed(args.seed)
+    model = LeNet5()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, labels = mnist("train")
+    test_images, test_labels = mnist("test")
+    b = args.batch
+    for epoch in range(args.epochs):
+        perm = torch.randperm(len(labels))
+        for i in range(len(labels) // b):
+            idx = perm[i * b:(i + 1) * b]
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            accuracy = (model(test_images).argmax(1) == test_labels).float().mean().item()
+        print(f"epoch {epoch + 1}: test accuracy {100 * accuracy:.2f}%", flush=True)
+
+
 def compare(args):
     a, b = load_file(args.a), load_file(args.b)
     worst = 0.0
@@ -142,11 +165,15 @@ def main():
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
+    r = sub.add_parser("recipe", help="the default recipe with shuffling, test accuracy per epoch")
+    r.add_argument("--epochs", type=int, default=1)
+    r.add_argument("--batch", type=int, default=256)
+    r.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("speed")
     s.add_argument("--batch", type=int, default=256)
     s.add_argument("--steps", type=int, default=60)
     args = p.parse_args()
-    {"train": train, "eval": evaluate, "compare": compare, "speed": speed}[args.cmd](args)
+    {"train": train, "eval": evaluate, "compare": compare, "recipe": recipe, "speed": speed}[args.cmd](args)
 
 
 if __name__ == "__main__":
