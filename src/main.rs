@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use lenet::checkpoint::{load_checkpoint, Checkpoint};
+use lenet::checkpoint::load_checkpoint;
 use lenet::data::{default_data_dir, load_mnist, Dataset, Mnist};
 use lenet::gpu::context::{choose_adapter, ADAPTER_ENV};
 use lenet::model::{AdamConfig, Params, TrainState};
@@ -212,17 +212,16 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     let mut adam = AdamConfig::default();
     let mut state = match &args.resume {
         Some(path) => {
-            let Checkpoint { params, optimizer } = load_checkpoint(path)?;
-            let Some(opt) = optimizer else {
+            let Some((state, saved_adam)) = load_checkpoint(path)?.into_train_state() else {
                 bail!(
                     "{}: holds weights only, no optimiser state to resume; use --init to start from it",
                     path.display()
                 );
             };
             let conflicts = [
-                ("--seed", args.seed.is_some_and(|s| s != opt.seed)),
-                ("--batch", args.batch.is_some_and(|b| b != opt.batch)),
-                ("--no-shuffle", args.no_shuffle && opt.shuffle),
+                ("--seed", args.seed.is_some_and(|s| s != state.seed)),
+                ("--batch", args.batch.is_some_and(|b| b != state.batch)),
+                ("--no-shuffle", args.no_shuffle && state.shuffle),
             ];
             if let Some((flag, _)) = conflicts.iter().find(|(_, c)| *c) {
                 bail!(
@@ -230,18 +229,8 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
                     path.display()
                 );
             }
-            adam = opt.adam;
-            TrainState {
-                params,
-                adam_m: opt.adam_m,
-                adam_v: opt.adam_v,
-                step: opt.step,
-                epoch: opt.epoch,
-                step_in_epoch: opt.step_in_epoch,
-                seed: opt.seed,
-                batch: opt.batch,
-                shuffle: opt.shuffle,
-            }
+            adam = saved_adam;
+            state
         }
         None => {
             let seed = args.seed.unwrap_or(0);
