@@ -102,6 +102,6 @@ fn cli_bench_cpu_json_is_the_last_line() {
     assert!(v["adapter"].is_null());
     let rows = v["rows"].as_array().unwrap();
     assert!(rows.len() >= EXPECTED.len());
-    assert!(rows.iter().all(|r| r["validated"] != "FAILED"));
+    assert!(rows.iter().all(|r| !r["validated"].as_str().unwrap().starts_with("FAILED")));
     assert!(stdout.contains("conv2") && stdout.contains("GPU us"));
 }
