@@ -91,6 +91,8 @@ pub struct Report {
     pub timing: String,
     pub batch: usize,
     pub iters: usize,
+    /// Seconds of wall time after which a row stopped taking samples.
+    pub budget_s: f64,
     pub date: String,
     pub rows: Vec<Row>,
 }
@@ -106,8 +108,9 @@ impl Report {
             None => "no GPU (CPU only)".into(),
         };
         format!(
-            "lenet bench, {}, batch {}, up to {} samples per row (median per call), {}\n{gpu}\nCPU: {} (wall clock, one call per sample)",
-            self.date, self.batch, self.iters, "rates count 2 FLOPs per MAC or bytes read+written", self.cpu
+            "lenet bench, {}, batch {}, median per call of up to {} samples per row (a row stops after ~{} s), \
+             rates: 2 FLOPs per MAC or bytes read+written\n{gpu}\nCPU: {} (wall clock, one call per sample)",
+            self.date, self.batch, self.iters, self.budget_s, self.cpu
         )
     }
 
@@ -157,6 +160,13 @@ impl Report {
                 note,
             ]);
         }
+        // A CPU-only run shows CPU figures only.
+        let numeric: &[usize] = if self.adapter.is_some() { &[2, 3, 4, 5] } else { &[2, 3] };
+        if self.adapter.is_none() {
+            for l in &mut lines {
+                l.drain(2..4);
+            }
+        }
         let cols = lines[0].len();
         let width: Vec<usize> =
             (0..cols).map(|c| lines.iter().map(|l| l[c].chars().count()).max().unwrap_or(0)).collect();
@@ -167,7 +177,7 @@ impl Report {
             for c in 0..cols {
                 let w = width[c];
                 // Text left, numbers right.
-                if (2..6).contains(&c) {
+                if numeric.contains(&c) {
                     s.push_str(&format!("{:>w$}  ", l[c]));
                 } else if c + 1 == cols {
                     s.push_str(&l[c]);
@@ -1072,6 +1082,7 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> anyhow::Result<Report
         timing: timing.into(),
         batch: b,
         iters: cfg.iters,
+        budget_s: cfg.budget_s,
         date: today_utc(),
         rows,
     })

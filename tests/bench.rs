@@ -103,5 +103,5 @@ fn cli_bench_cpu_json_is_the_last_line() {
     let rows = v["rows"].as_array().unwrap();
     assert!(rows.len() >= EXPECTED.len());
     assert!(rows.iter().all(|r| !r["validated"].as_str().unwrap().starts_with("FAILED")));
-    assert!(stdout.contains("conv2") && stdout.contains("GPU us"));
+    assert!(stdout.contains("conv2") && stdout.contains("CPU us") && !stdout.contains("GPU us"));
 }
