@@ -134,7 +134,7 @@ impl Report {
             "CPU rate".into(),
             "unit".into(),
             "validated".into(),
-            "GPU kernel / note".into(),
+            "kernel / note".into(),
         ]];
         for r in &self.rows {
             let unit = match r.unit {
