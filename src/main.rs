@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use lenet::checkpoint::{load_checkpoint, Checkpoint};
 use lenet::data::{default_data_dir, load_mnist, Dataset, Mnist};
+use lenet::gpu::context::{choose_adapter, ADAPTER_ENV};
 use lenet::model::{AdamConfig, Params, TrainState};
 use lenet::train::{evaluate_logits, Backend, TrainConfig};
 
@@ -146,6 +147,12 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
+    // Mesa's Vulkan drivers load libwayland, which prints "error: XDG_RUNTIME_DIR is invalid or
+    // not set" on headless machines. Give it a directory so our stderr holds only our own lines.
+    // Set before any thread starts.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),
@@ -314,16 +321,37 @@ fn open_backend(device: &DeviceArgs, train: Option<Arc<Dataset>>) -> Result<Box<
             let gpu = lenet::gpu::GpuBackend::open(adapter, &train).context("--backend gpu")?;
             Ok(Box::new(gpu))
         }
-        BackendChoice::Auto => match lenet::gpu::GpuBackend::open(adapter, &train) {
-            Ok(gpu) => {
-                eprintln!("backend: gpu ({})", gpu.adapter());
-                Ok(Box::new(gpu))
+        BackendChoice::Auto => {
+            // A software adapter (lavapipe, SwiftShader, WARP) runs the shaders on the CPU far
+            // slower than the native CPU path, so `auto` only takes one when asked by name.
+            let adapters = lenet::gpu::list_adapters();
+            let wanted = adapter.map(str::to_string).or_else(|| std::env::var(ADAPTER_ENV).ok());
+            let chosen = choose_adapter(&adapters, wanted.as_deref()).map(|i| &adapters[i]);
+            let reason = match chosen {
+                None if adapters.is_empty() => Some("no GPU adapter".to_string()),
+                None => Some(format!("no adapter's name contains {:?}", wanted.unwrap_or_default())),
+                Some(a) if a.device_type == wgpu::DeviceType::Cpu && wanted.is_none() => Some(format!(
+                    "the only adapter, {}, is a software rasterizer, slower than the CPU path; \
+                     --backend gpu uses it anyway",
+                    a.name
+                )),
+                Some(_) => None,
+            };
+            if let Some(reason) = reason {
+                eprintln!("backend: cpu ({reason})");
+                return Ok(Box::new(lenet::cpu::backend::CpuBackend::new(train)));
             }
-            Err(e) => {
-                eprintln!("backend: cpu (no usable GPU: {e:#})");
-                Ok(Box::new(lenet::cpu::backend::CpuBackend::new(train)))
+            match lenet::gpu::GpuBackend::open(adapter, &train) {
+                Ok(gpu) => {
+                    eprintln!("backend: gpu ({})", gpu.adapter());
+                    Ok(Box::new(gpu))
+                }
+                Err(e) => {
+                    eprintln!("backend: cpu (the GPU failed to start: {e:#})");
+                    Ok(Box::new(lenet::cpu::backend::CpuBackend::new(train)))
+                }
             }
-        },
+        }
     }
 }
 
@@ -426,5 +454,36 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
 }
 
 fn devices() -> Result<ExitCode> {
-    bail!("devices: not built yet")
+    let adapters = lenet::gpu::list_adapters();
+    if adapters.is_empty() {
+        println!("no GPU adapter found: --backend auto uses the CPU path");
+        println!(
+            "(on Linux without a GPU, Mesa's lavapipe provides one: apt-get install mesa-vulkan-drivers)"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let wanted = std::env::var(ADAPTER_ENV).ok();
+    let chosen = choose_adapter(&adapters, wanted.as_deref());
+    for (i, a) in adapters.iter().enumerate() {
+        let mark = if Some(i) == chosen { "*" } else { " " };
+        println!("{mark} {i}: {a}");
+    }
+    match (chosen, &wanted) {
+        (Some(i), Some(w)) => {
+            println!("--backend auto uses {}: its name contains {ADAPTER_ENV}={w:?}", adapters[i].name)
+        }
+        (Some(i), None) if adapters[i].device_type == wgpu::DeviceType::Cpu => println!(
+            "--backend auto uses the CPU path: the best adapter, {}, is a software rasterizer, slower than the \
+             CPU path (--backend gpu or --adapter NAME uses it)",
+            adapters[i].name
+        ),
+        (Some(i), None) => println!(
+            "--backend auto uses {}: the best device type ({:?}; discrete > integrated > virtual > software), \
+             native API before GL",
+            adapters[i].name, adapters[i].device_type
+        ),
+        (None, Some(w)) => println!("no adapter's name contains {ADAPTER_ENV}={w:?}: --backend auto uses the CPU path"),
+        (None, None) => unreachable!("a non-empty list always has a best adapter"),
+    }
+    Ok(ExitCode::SUCCESS)
 }

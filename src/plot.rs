@@ -53,7 +53,12 @@ fn draw(svg: &mut String, history: &[MetricRow]) -> Result<(), Box<dyn std::erro
             .x_label_area_size(35)
             .y_label_area_size(55)
             .build_cartesian_2d(first..last, (lo - pad)..(hi + pad))?;
-        chart.configure_mesh().x_desc("step").y_desc(name).draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc(name)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()?;
         chart
             .draw_series(LineSeries::new(train_curve, BLUE.stroke_width(2)))?
             .label(format!("train (mean of {SMOOTHING} steps)"))

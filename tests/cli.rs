@@ -210,3 +210,211 @@ fn bad_options_and_files_give_one_line_and_a_nonzero_exit() {
     assert!(!out.status.success());
     assert!(!stderr(&out).contains("panicked"));
 }
+
+/// A small MNIST (the first `n_train` / `n_test` images of the real one) as raw IDX files, so
+/// that whole epochs run in seconds, even on lavapipe.
+fn small_mnist(dir: &Path, n_train: usize, n_test: usize) -> PathBuf {
+    let mnist = lenet::data::load_mnist(&lenet::data::default_data_dir()).expect("shipped MNIST loads");
+    let data = dir.join("mnist-small");
+    std::fs::create_dir_all(&data).unwrap();
+    for (prefix, set, n) in [("train", &mnist.train, n_train), ("t10k", &mnist.test, n_test)] {
+        let mut images = vec![0, 0, 8, 3];
+        for d in [n as u32, 28, 28] {
+            images.extend_from_slice(&d.to_be_bytes());
+        }
+        images.extend_from_slice(&set.images[..n * 784]);
+        let mut labels = vec![0, 0, 8, 1];
+        labels.extend_from_slice(&(n as u32).to_be_bytes());
+        labels.extend_from_slice(&set.labels[..n]);
+        std::fs::write(data.join(format!("{prefix}-images.idx3-ubyte")), images).unwrap();
+        std::fs::write(data.join(format!("{prefix}-labels.idx1-ubyte")), labels).unwrap();
+    }
+    data
+}
+
+/// Whether the GPU tests should run: an adapter exists, or LENET_REQUIRE_GPU=1 demands one.
+fn gpu_expected() -> bool {
+    let required = std::env::var("LENET_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    if required || !lenet::gpu::list_adapters().is_empty() {
+        return true;
+    }
+    eprintln!("skipped: no GPU adapter");
+    false
+}
+
+#[test]
+fn gpu_training_waits_on_the_host_a_handful_of_times_per_epoch() {
+    if !gpu_expected() {
+        return;
+    }
+    let dir = temp_dir("gpu");
+    let data = small_mnist(&dir, 640, 200);
+    let ckpt = dir.join("gpu.safetensors");
+    let out = lenet(&[
+        "train",
+        "--backend",
+        "gpu",
+        "--data",
+        p(&data),
+        "--epochs",
+        "2",
+        "--batch",
+        "16",
+        "--json",
+        "--save",
+        p(&ckpt),
+    ]);
+    let report = last_json(succeeded(&out));
+    assert_eq!(report["backend"], "gpu");
+    assert_eq!(report["steps"], 80);
+    // 40 steps an epoch go to the GPU in chunks of 4 (about ten per epoch), plus one test-set
+    // evaluation per epoch and one read of the final state: never one wait per step.
+    let waits = report["host_waits"].as_u64().unwrap();
+    let submits = report["submits"].as_u64().unwrap();
+    assert!(waits <= 2 * (10 + 1) + 1, "{waits} host waits for 2 epochs: {report}");
+    assert!(submits <= 2 * (10 + 1) + 1, "{submits} submits for 2 epochs: {report}");
+    assert!(waits > 0 && submits > 0, "the GPU backend must count its waits: {report}");
+    // The GPU's checkpoint resumes on the CPU path: the two backends share the format.
+    let out = lenet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--data",
+        p(&data),
+        "--resume",
+        p(&ckpt),
+        "--steps",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(last_json(succeeded(&out))["steps"], 3);
+}
+
+#[test]
+fn predict_and_plot_work_from_a_trained_checkpoint() {
+    let dir = temp_dir("predict");
+    let data = small_mnist(&dir, 2000, 100);
+    let (ckpt, svg) = (dir.join("w.safetensors"), dir.join("curves.svg"));
+    succeeded(&lenet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--data",
+        p(&data),
+        "--epochs",
+        "2",
+        "--batch",
+        "50",
+        "--save",
+        p(&ckpt),
+        "--plot",
+        p(&svg),
+    ]));
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("loss") && plot.contains("accuracy"), "not a plot");
+    assert!(plot.matches("<polyline").count() >= 2, "no curves drawn");
+
+    // A test digit as a PGM, 28x28 so that scaling is the identity: predict must agree with the
+    // network's own forward pass on the same pixels.
+    let mnist = lenet::data::load_mnist(&data).unwrap();
+    let params = lenet::checkpoint::load_checkpoint(&ckpt).unwrap().params;
+    let mut files = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..5 {
+        let pixels = mnist.test.image(i);
+        let path = dir.join(format!("digit{i}.pgm"));
+        let mut pgm = b"P5\n28 28\n255\n".to_vec();
+        pgm.extend_from_slice(pixels);
+        std::fs::write(&path, pgm).unwrap();
+        let mut acts = lenet::cpu::network::Activations::new(1);
+        acts.set_input(pixels);
+        lenet::cpu::network::forward(&params, &mut acts);
+        expected.push(lenet::train::argmax(&acts.logits));
+        files.push(path);
+    }
+    let mut args = vec!["predict", "--weights", p(&ckpt), "--json"];
+    args.extend(files.iter().map(|f| p(f)));
+    let out = lenet(&args);
+    let json = last_json(succeeded(&out));
+    let predicted: Vec<usize> =
+        json.as_array().unwrap().iter().map(|r| r["digit"].as_u64().unwrap() as usize).collect();
+    assert_eq!(predicted, expected);
+    for row in json.as_array().unwrap() {
+        let probs: Vec<f64> =
+            row["probabilities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4);
+    }
+    let out = lenet(&["predict", "--weights", p(&ckpt), p(&ckpt)]);
+    assert_clear_error(&out, "w.safetensors");
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig} failed");
+}
+
+/// Polls until `path` exists (the run has saved at least once).
+fn wait_for(path: &Path, child: &mut std::process::Child) {
+    let start = std::time::Instant::now();
+    while !path.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "training ended before saving");
+        assert!(start.elapsed().as_secs() < 120, "no checkpoint after 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn ctrl_c_saves_and_exits_cleanly_and_kill_keeps_the_last_checkpoint() {
+    let dir = temp_dir("signals");
+    let ckpt = dir.join("run.safetensors");
+    let long_run = ["train", "--backend", "cpu", "--batch", "32", "--epochs", "50", "--eval-every", "0"];
+
+    // Ctrl-C: the run stops between chunks, saves, and exits with 130.
+    let mut args = long_run.to_vec();
+    args.extend(["--save", p(&ckpt), "--checkpoint-every", "20"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&ckpt, &mut child);
+    signal(&child, "-INT");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "stderr:\n{}", stderr(&out));
+    let saved = lenet::checkpoint::load_checkpoint(&ckpt).expect("the interrupted run's checkpoint loads");
+    let step = saved.optimizer.expect("with optimiser state").step;
+    assert!(step >= 20, "saved at step {step}");
+    assert!(stdout(&out).contains("interrupted"), "{}", stdout(&out));
+
+    // SIGKILL at an arbitrary moment: whatever was saved last is intact and loads.
+    std::fs::remove_file(&ckpt).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&ckpt, &mut child);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    let saved = lenet::checkpoint::load_checkpoint(&ckpt).expect("the killed run's last checkpoint loads");
+    assert_eq!(saved.optimizer.unwrap().step % 20, 0);
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).collect();
+    assert!(leftovers.len() <= 2, "temporary files left behind: {leftovers:?}");
+}
+
+#[test]
+fn eval_prints_accuracy_and_the_confusion_matrix() {
+    let dir = temp_dir("eval");
+    let ckpt = dir.join("w.safetensors");
+    lenet::checkpoint::save_weights(&ckpt, &lenet::model::Params::init(1)).unwrap();
+    let out = lenet(&["eval", "--backend", "cpu", "--weights", p(&ckpt)]);
+    let text = stdout(succeeded(&out));
+    assert!(text.starts_with("accuracy "), "{text}");
+    assert!(text.contains("confusion"), "{text}");
+    let rows: Vec<&str> =
+        text.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).collect();
+    assert_eq!(rows.len(), 11, "header and ten rows:\n{text}"); // the column header starts with 0 too
+}

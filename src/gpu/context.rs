@@ -78,8 +78,12 @@ pub fn choose_adapter(adapters: &[AdapterSummary], wanted: Option<&str>) -> Opti
     }
 }
 
+/// Vulkan, Metal and DX12 only, unless WGPU_BACKEND says otherwise: wgpu's GL backend adds
+/// nothing for compute and, headless, fills stderr with EGL complaints.
 fn instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::PRIMARY;
+    wgpu::Instance::new(desc.with_env())
 }
 
 fn enumerate() -> Vec<wgpu::Adapter> {
