@@ -427,6 +427,8 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     let ctx = match args.device.backend {
         BackendChoice::Cpu => None,
         BackendChoice::Gpu => Some(lenet::gpu::GpuContext::new(adapter).context("--backend gpu")?),
+        // Unlike `train`, `auto` here takes a software adapter (lavapipe) too: a benchmark reports
+        // what the adapter does, and the CPU figures are always beside it.
         BackendChoice::Auto => match lenet::gpu::GpuContext::new(adapter) {
             Ok(c) => {
                 eprintln!("backend: gpu ({})", c.adapter_info);
