@@ -412,8 +412,36 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let _ = (&args.device.backend, &args.device.adapter, args.json);
-    bail!("bench: not built yet")
+    let adapter = args.device.adapter.as_deref();
+    let ctx = match args.device.backend {
+        BackendChoice::Cpu => None,
+        BackendChoice::Gpu => Some(lenet::gpu::GpuContext::new(adapter).context("--backend gpu")?),
+        // Unlike `train`, `auto` here takes a software adapter (lavapipe) too: a benchmark reports
+        // what the adapter does, and the CPU figures are always beside it.
+        BackendChoice::Auto => match lenet::gpu::GpuContext::new(adapter) {
+            Ok(c) => {
+                eprintln!("backend: gpu ({})", c.adapter_info);
+                Some(c)
+            }
+            Err(e) => {
+                eprintln!("backend: cpu (no usable GPU: {e:#})");
+                None
+            }
+        },
+    };
+    let mut cfg = lenet::bench::BenchConfig::new(args.batch, args.iters);
+    // A slow adapter (lavapipe) stops each row after this much wall time (at least 3 samples).
+    cfg.budget_s = 1.0;
+    let report = lenet::bench::run(&cfg, ctx.as_ref())?;
+    print!("{}", report.table());
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    if report.any_failed() {
+        eprintln!("bench: validation FAILED for some rows (see the table)");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn devices() -> Result<ExitCode> {

@@ -3,6 +3,7 @@
 pub mod context;
 pub mod kernels;
 pub mod ops;
+pub mod timing;
 pub mod trainer;
 
 pub use context::{list_adapters, AdapterSummary, GpuContext};

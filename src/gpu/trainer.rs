@@ -452,6 +452,12 @@ impl GpuBackend {
         self.host_waits
     }
 
+    /// The last training program's dispatches (in [`STEP_DISPATCHES`] order) and its step
+    /// uniforms' bind group: what `lenet bench` times.
+    pub(crate) fn step_dispatches(&self) -> Option<(&[Dispatch], &wgpu::BindGroup)> {
+        self.program.as_ref().map(|p| (p.dispatches.as_slice(), &p.steps.group))
+    }
+
     /// Times every kernel of a training step at `batch`: each dispatch is recorded `iters`
     /// times into one compute pass, submitted and waited for once; the wall time over `iters`.
     /// Buffers hold real data (one training step runs first). Changes the parameters: call
