@@ -418,3 +418,21 @@ fn eval_prints_accuracy_and_the_confusion_matrix() {
         text.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).collect();
     assert_eq!(rows.len(), 11, "header and ten rows:\n{text}"); // the column header starts with 0 too
 }
+
+#[test]
+fn two_epochs_in_one_go_equal_one_epoch_then_a_resumed_one() {
+    let dir = temp_dir("resume-epochs");
+    let data = small_mnist(&dir, 400, 100);
+    let (whole, first, resumed) = (dir.join("whole.st"), dir.join("first.st"), dir.join("resumed.st"));
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train", "--backend", "cpu", "--data", p(&data), "--batch", "32", "--seed", "9"];
+        args.extend_from_slice(extra);
+        succeeded(&lenet(&args)).status.success()
+    };
+    run(&["--epochs", "2", "--save", p(&whole)]);
+    run(&["--epochs", "1", "--save", p(&first)]);
+    run(&["--epochs", "1", "--resume", p(&first), "--save", p(&resumed)]);
+    assert_eq!(std::fs::read(&whole).unwrap(), std::fs::read(&resumed).unwrap());
+    let state = lenet::checkpoint::load_checkpoint(&resumed).unwrap().optimizer.unwrap();
+    assert_eq!((state.epoch, state.step_in_epoch, state.step), (2, 0, 24));
+}
