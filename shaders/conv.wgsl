@@ -211,6 +211,34 @@ var<workgroup> smem: array<f32, 4000>;
 // invocation per output element in strides of 256.
 // x0: input [B, Cin, H, W]; x1: weight; x2: bias [Cout]; y0: out [B, Cout, Ho, Wo]
 // smem: [Cin][H + 2p][W + 2p] input, then [tile][Cin][25] weights, then [tile] biases.
+const FWG: u32 = 64u;
+
+// A position (a, y, x) in an [A][h][w] walk by a fixed stride, advanced with carries instead of
+// a division and a modulo per step (vector integer division is costly, on CPUs above all).
+struct Cursor {
+    a: u32,
+    y: u32,
+    x: u32,
+}
+
+// The cursor at flat index j, and the stride decomposed the same way.
+fn cursor(j: u32, h: u32, w: u32) -> Cursor {
+    return Cursor(j / (h * w), (j / w) % h, j % w);
+}
+
+fn advance(c: Cursor, step: Cursor, h: u32, w: u32) -> Cursor {
+    var n = Cursor(c.a + step.a, c.y + step.y, c.x + step.x);
+    if n.x >= w {
+        n.x -= w;
+        n.y += 1u;
+    }
+    if n.y >= h {
+        n.y -= h;
+        n.a += 1u;
+    }
+    return n;
+}
+
 // Stages the zero-padded input planes of image b and the weights and biases of output channels
 // co0 .. co0 + nco into smem; returns (weights at, biases at).
 fn stage_forward(b: u32, co0: u32, nco: u32, lid: u32) -> vec2<u32> {
@@ -220,11 +248,13 @@ fn stage_forward(b: u32, co0: u32, nco: u32, lid: u32) -> vec2<u32> {
     let pw = dims.width + 2u * pad;
     let plane = ph * pw;
     let n_in = cin * plane;
-    for (var j = lid; j < n_in; j += 256u) {
-        let ci = j / plane;
-        let r = j % plane;
-        let iy = i32(r / pw) - i32(pad);
-        let ix = i32(r % pw) - i32(pad);
+    let step = cursor(FWG, ph, pw);
+    var at = cursor(lid, ph, pw);
+    for (var j = lid; j < n_in; j += FWG) {
+        let ci = at.a;
+        let iy = i32(at.y) - i32(pad);
+        let ix = i32(at.x) - i32(pad);
+        at = advance(at, step, ph, pw);
         var v = 0.0;
         if iy >= 0 && iy < i32(dims.height) && ix >= 0 && ix < i32(dims.width) {
             v = x0[((b * cin + ci) * dims.height + u32(iy)) * dims.width + u32(ix)];
@@ -233,12 +263,12 @@ fn stage_forward(b: u32, co0: u32, nco: u32, lid: u32) -> vec2<u32> {
     }
     let n_w = nco * cin * TAPS;
     let w_at = n_in;
-    for (var j = lid; j < n_w; j += 256u) {
+    for (var j = lid; j < n_w; j += FWG) {
         smem[w_at + j] = x1[co0 * cin * TAPS + j];
     }
     let b_at = w_at + n_w;
-    if lid < nco {
-        smem[b_at + lid] = x2[co0 + lid];
+    for (var j = lid; j < nco; j += FWG) {
+        smem[b_at + j] = x2[co0 + j];
     }
     workgroupBarrier();
     return vec2<u32>(w_at, b_at);
@@ -270,7 +300,7 @@ fn conv_at(c: u32, y: u32, x: u32, w_at: u32, b_at: u32) -> f32 {
     return acc;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let b = wid.x;
     let co0 = wid.y * dims.tile;
@@ -280,10 +310,12 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     let wo = out_w();
     let hw = ho * wo;
     let n_out = nco * hw;
-    for (var o = lid; o < n_out; o += 256u) {
-        let c = o / hw;
-        let r = o % hw;
-        y0[((b * dims.cout + co0 + c) * hw) + r] = conv_at(c, r / wo, r % wo, at.x, at.y);
+    let step = cursor(FWG, ho, wo);
+    var cur = cursor(lid, ho, wo);
+    for (var o = lid; o < n_out; o += FWG) {
+        let c = cur.a;
+        y0[((b * dims.cout + co0 + c) * ho + cur.y) * wo + cur.x] = conv_at(c, cur.y, cur.x, at.x, at.y);
+        cur = advance(cur, step, ho, wo);
     }
 }
 
@@ -291,7 +323,7 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
 // output computes its 2x2 window of conv outputs, writes them to y0 (the pool backward's ReLU
 // mask reads them) and the window's maximum to y1 with its argmax (flat index into y0, first
 // maximum in row-major order, as pool_forward) to yarg.
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn conv_forward_pool(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let b = wid.x;
     let co0 = wid.y * dims.tile;
@@ -304,11 +336,14 @@ fn conv_forward_pool(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let qw = wo / 2u;
     let qhw = qh * qw;
     let n_out = nco * qhw;
-    for (var o = lid; o < n_out; o += 256u) {
-        let c = o / qhw;
-        let r = o % qhw;
-        let y = 2u * (r / qw);
-        let x = 2u * (r % qw);
+    let step = cursor(FWG, qh, qw);
+    var cur = cursor(lid, qh, qw);
+    for (var o = lid; o < n_out; o += FWG) {
+        let c = cur.a;
+        let r = cur.y * qw + cur.x;
+        let y = 2u * cur.y;
+        let x = 2u * cur.x;
+        cur = advance(cur, step, qh, qw);
         let plane = (b * dims.cout + co0 + c) * hw;
         let first = plane + y * wo + x;
         let v0 = conv_at(c, y, x, at.x, at.y);
@@ -339,16 +374,15 @@ fn conv_forward_pool(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     }
 }
 
-// The conv-output gradient at flat index i = (b * Cout + co) * Ho * Wo + q: x0[i], or with
+// The conv-output gradient at flat index i = ((b * Cout + co) * Ho + y) * Wo + x: x0[i], or with
 // dims.pooled, pool_backward's gather with the ReLU mask: x0 is then the pooled gradient, xarg
 // its argmax and x2 the conv's forward output. Bit-identical to running pool_backward first.
-fn dout_at(plane: u32, q: u32, ho: u32, wo: u32) -> f32 {
-    let i = plane * ho * wo + q;
+fn dout_at(plane: u32, y: u32, x: u32, ho: u32, wo: u32) -> f32 {
+    let i = (plane * ho + y) * wo + x;
     if dims.pooled == 0u {
         return x0[i];
     }
-    let qw = wo / 2u;
-    let o = (plane * (ho / 2u) + (q / wo) / 2u) * qw + (q % wo) / 2u;
+    let o = (plane * (ho / 2u) + y / 2u) * (wo / 2u) + x / 2u;
     var g = 0.0;
     if xarg[o] == i && x2[i] > 0.0 {
         g = x0[o];
@@ -377,18 +411,25 @@ fn conv_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
     let live = lid < hw;
     let iy = lid / dims.width;
     let ix = lid % dims.width;
+    // Padded rows iy + r (columns ix + s) hold dout rows iy + r - p: inside for r in [r_lo, r_hi).
+    let r_lo = select(0u, p - iy, iy < p);
+    let r_hi = min(KS, p + ho - min(iy, p + ho));
+    let s_lo = select(0u, p - ix, ix < p);
+    let s_hi = min(KS, p + wo - min(ix, p + wo));
     var a = 0.0;
+    let step = cursor(256u, ph, pw);
     for (var co0 = 0u; co0 < dims.cout; co0 += tile) {
         let nco = min(tile, dims.cout - co0);
         let n_stage = nco * plane;
+        var at = cursor(lid, ph, pw);
         for (var j = lid; j < n_stage; j += 256u) {
-            let c = j / plane;
-            let r = j % plane;
-            let y = i32(r / pw) - i32(p);
-            let x = i32(r % pw) - i32(p);
+            let c = at.a;
+            let y = i32(at.y) - i32(p);
+            let x = i32(at.x) - i32(p);
+            at = advance(at, step, ph, pw);
             var v = 0.0;
             if y >= 0 && y < i32(ho) && x >= 0 && x < i32(wo) {
-                v = dout_at(b * dims.cout + co0 + c, u32(y) * wo + u32(x), ho, wo);
+                v = dout_at(b * dims.cout + co0 + c, u32(y), u32(x), ho, wo);
             }
             smem[j] = v;
         }
@@ -399,17 +440,13 @@ fn conv_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
         workgroupBarrier();
         if live {
             for (var c = 0u; c < nco; c++) {
-                var db = c * plane + iy * pw + ix;
-                // w[4 - r][4 - s]: walk the 5x5 weights backwards.
-                var wr = w_at + c * TAPS + TAPS - 1u;
-                for (var r = 0u; r < KS; r++) {
-                    a += smem[db] * smem[wr];
-                    a += smem[db + 1u] * smem[wr - 1u];
-                    a += smem[db + 2u] * smem[wr - 2u];
-                    a += smem[db + 3u] * smem[wr - 3u];
-                    a += smem[db + 4u] * smem[wr - 4u];
-                    db += pw;
-                    wr -= KS;
+                // w[4 - r][4 - s] over the taps that land inside dout (the rest read padding).
+                let db = c * plane + iy * pw + ix;
+                let wb = w_at + c * TAPS + TAPS - 1u;
+                for (var r = r_lo; r < r_hi; r++) {
+                    for (var t = s_lo; t < s_hi; t++) {
+                        a += smem[db + r * pw + t] * smem[wb - r * KS - t];
+                    }
                 }
             }
         }
@@ -457,11 +494,15 @@ fn conv_backward_weight(
         acc[t] = 0.0;
     }
     var bacc = 0.0;
+    let in_step = cursor(WGW, ph, pw);
+    let out_step = cursor(WGW, ho, wo);
     for (var b = b0; b < b1; b++) {
         let in_plane = (b * dims.cin + ci) * dims.height * dims.width;
+        var at = cursor(lid, ph, pw);
         for (var j = lid; j < plane; j += WGW) {
-            let iy = i32(j / pw) - i32(pad);
-            let ix = i32(j % pw) - i32(pad);
+            let iy = i32(at.y) - i32(pad);
+            let ix = i32(at.x) - i32(pad);
+            at = advance(at, in_step, ph, pw);
             var v = 0.0;
             if iy >= 0 && iy < i32(dims.height) && ix >= 0 && ix < i32(dims.width) {
                 v = x1[in_plane + u32(iy) * dims.width + u32(ix)];
@@ -469,10 +510,12 @@ fn conv_backward_weight(
             smem[j] = v;
         }
         workgroupBarrier();
+        var cur = cursor(lid, ho, wo);
         for (var q = lid; q < hw; q += WGW) {
-            let g = dout_at(b * dims.cout + co, q, ho, wo);
+            let g = dout_at(b * dims.cout + co, cur.y, cur.x, ho, wo);
             bacc += g;
-            var ib = (q / wo) * pw + q % wo;
+            var ib = cur.y * pw + cur.x;
+            cur = advance(cur, out_step, ho, wo);
             for (var ky = 0u; ky < KS; ky++) {
                 let t = ky * KS;
                 acc[t] += g * smem[ib];
