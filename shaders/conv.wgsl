@@ -390,70 +390,67 @@ fn dout_at(plane: u32, y: u32, x: u32, ho: u32, wo: u32) -> f32 {
     return g;
 }
 
-// Input gradient, one workgroup per (image, input channel), one invocation per input position
-// (H * W <= 256) with its sum in a register while the output channels stream through workgroup
-// memory dims.tile at a time: each channel's dout plane zero-padded by K - 1 - pad, and its 5x5
-// weights. dinp[iy, ix] = sum_{co, r, s} dpad[iy + r, ix + s] * w[co, ci, 4 - r, 4 - s].
-// x0: dout [B, Cout, Ho, Wo]; x1: weight; y0: dinp [B, Cin, H, W]
+// Input gradient, one workgroup per image: the image's whole dout (all Cout planes) and all
+// the weights staged in workgroup memory once, then one invocation per input element (ci, iy,
+// ix) in strides of 256, summing over co and the taps that land inside dout (no padding, no
+// bounds checks in the inner loop): dinp[iy, ix] = sum_{co, ky, kx} dout[iy + pad - ky,
+// ix + pad - kx] * w[co, ci, ky, kx], taken as r = 4 - ky, s = 4 - kx ascending.
+// x0: dout [B, Cout, Ho, Wo] (or the pooled gradient, see dout_at); x1: weight;
+// y0: dinp [B, Cin, H, W]
 @compute @workgroup_size(256)
 fn conv_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let ci = wid.x % dims.cin;
-    let b = wid.x / dims.cin;
+    let b = wid.x;
     let ho = out_h();
     let wo = out_w();
+    let hw_out = ho * wo;
+    let cout = dims.cout;
+    let cin = dims.cin;
     let p = KS - 1u - dims.pad;
-    let ph = ho + 2u * p;
-    let pw = wo + 2u * p;
-    let plane = ph * pw;
-    let hw = dims.height * dims.width;
-    let tile = dims.tile;
-    let w_at = tile * plane;
-    let live = lid < hw;
-    let iy = lid / dims.width;
-    let ix = lid % dims.width;
-    // Padded rows iy + r (columns ix + s) hold dout rows iy + r - p: inside for r in [r_lo, r_hi).
-    let r_lo = select(0u, p - iy, iy < p);
-    let r_hi = min(KS, p + ho - min(iy, p + ho));
-    let s_lo = select(0u, p - ix, ix < p);
-    let s_hi = min(KS, p + wo - min(ix, p + wo));
-    var a = 0.0;
-    let step = cursor(256u, ph, pw);
-    for (var co0 = 0u; co0 < dims.cout; co0 += tile) {
-        let nco = min(tile, dims.cout - co0);
-        let n_stage = nco * plane;
-        var at = cursor(lid, ph, pw);
-        for (var j = lid; j < n_stage; j += 256u) {
-            let c = at.a;
-            let y = i32(at.y) - i32(p);
-            let x = i32(at.x) - i32(p);
-            at = advance(at, step, ph, pw);
-            var v = 0.0;
-            if y >= 0 && y < i32(ho) && x >= 0 && x < i32(wo) {
-                v = dout_at(b * dims.cout + co0 + c, u32(y), u32(x), ho, wo);
-            }
-            smem[j] = v;
-        }
-        for (var j = lid; j < nco * TAPS; j += 256u) {
-            let c = j / TAPS;
-            smem[w_at + j] = x1[((co0 + c) * dims.cin + ci) * TAPS + j % TAPS];
-        }
-        workgroupBarrier();
-        if live {
-            for (var c = 0u; c < nco; c++) {
-                // w[4 - r][4 - s] over the taps that land inside dout (the rest read padding).
-                let db = c * plane + iy * pw + ix;
-                let wb = w_at + c * TAPS + TAPS - 1u;
-                for (var r = r_lo; r < r_hi; r++) {
-                    for (var t = s_lo; t < s_hi; t++) {
-                        a += smem[db + r * pw + t] * smem[wb - r * KS - t];
-                    }
-                }
-            }
-        }
-        workgroupBarrier();
+    let n_dout = cout * hw_out;
+    let ostep = cursor(256u, ho, wo);
+    var oc = cursor(lid, ho, wo);
+    for (var j = lid; j < n_dout; j += 256u) {
+        smem[j] = dout_at(b * cout + oc.a, oc.y, oc.x, ho, wo);
+        oc = advance(oc, ostep, ho, wo);
     }
-    if live {
-        y0[(b * dims.cin + ci) * hw + lid] = a;
+    let w_at = n_dout;
+    let n_w = cout * cin * TAPS;
+    for (var j = lid; j < n_w; j += 256u) {
+        smem[w_at + j] = x1[j];
+    }
+    workgroupBarrier();
+    let h = dims.height;
+    let w = dims.width;
+    let n_in = cin * h * w;
+    let istep = cursor(256u, h, w);
+    var ic = cursor(lid, h, w);
+    for (var i = lid; i < n_in; i += 256u) {
+        let ci = ic.a;
+        let iy = ic.y;
+        let ix = ic.x;
+        ic = advance(ic, istep, h, w);
+        // dout row iy + r - p for r in [r_lo, r_hi) (columns likewise) is inside [0, Ho).
+        let r_lo = select(0u, p - iy, iy < p);
+        let r_hi = min(KS, p + ho - iy);
+        let s_lo = select(0u, p - ix, ix < p);
+        let s_hi = min(KS, p + wo - ix);
+        // smem index of dout[co, iy + r - p, ix + s - p] is base + co * hw_out + r * wo + s.
+        let base = (iy + r_lo) * wo + ix + s_lo - p * (wo + 1u);
+        var a = 0.0;
+        for (var co = 0u; co < cout; co++) {
+            // w[co, ci, 4 - r, 4 - s]
+            let wb = w_at + (co * cin + ci) * TAPS + TAPS - 1u - r_lo * KS - s_lo;
+            var db = co * hw_out + base;
+            var wr = wb;
+            for (var r = r_lo; r < r_hi; r++) {
+                for (var t = 0u; t < s_hi - s_lo; t++) {
+                    a += smem[db + t] * smem[wr - t];
+                }
+                db += wo;
+                wr -= KS;
+            }
+        }
+        y0[((b * cin + ci) * h + iy) * w + ix] = a;
     }
 }
 

@@ -487,7 +487,7 @@ impl Builder<'_> {
             &[(0, dout), (1, weight), (2, mask), (3, dinp), (7, arg)],
             &dims,
             5,
-            ((s.batch * s.in_channels) as u32, 1, 1),
+            (s.batch as u32, 1, 1),
         )
     }
 
@@ -790,15 +790,11 @@ fn forward_tile(s: ConvShape) -> Option<u32> {
     fits(tile).then_some(tile as u32)
 }
 
-/// Output channels per staging round of the tiled backward-input kernel, or None.
+/// Whether the tiled backward-input kernel takes this shape (one image's dout and all weights
+/// in workgroup memory); Some(0) (the dims' unused tile) if so.
 fn backward_input_tile(s: ConvShape) -> Option<u32> {
-    if s.kernel != CONV_KS || s.padding > CONV_KS - 1 || s.height * s.width > WG as usize {
-        return None;
-    }
-    let p = CONV_KS - 1 - s.padding;
-    let plane = (s.out_height() + 2 * p) * (s.out_width() + 2 * p);
-    let tile = (CONV_SMEM / (plane + 25)).min(s.out_channels);
-    (tile >= 1).then_some(tile as u32)
+    let fits = s.out_channels * s.out_height() * s.out_width() + s.weight_len() <= CONV_SMEM;
+    (s.kernel == CONV_KS && s.padding < CONV_KS && fits).then_some(0)
 }
 
 /// Whether the tiled weight-gradient kernel takes this shape (its padded input plane must fit
