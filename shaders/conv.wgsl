@@ -553,6 +553,87 @@ fn conv_backward_weight(
     }
 }
 
+// Weight and bias gradient for many input channels (Cin * 25 < 256): one workgroup per output
+// channel and batch split, one invocation per weight (ci, ky, kx) and one for the bias, each
+// summing in a register over the split's images and every output position (row-major) with
+// the image's zero-padded input planes and the channel's dout plane staged in workgroup memory.
+// No cross-invocation reduction; fixed order. Outputs as conv_backward_weight.
+// x0: dout [B, Cout, Ho, Wo] (or the pooled gradient, see dout_at); x1: input [B, Cin, H, W]
+@compute @workgroup_size(256)
+fn conv_backward_weight_taps(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let co = wid.x;
+    let splits = nwg.y;
+    let per = (dims.batch + splits - 1u) / splits;
+    let b0 = wid.y * per;
+    let b1 = min(dims.batch, b0 + per);
+    let cin = dims.cin;
+    let pad = dims.pad;
+    let ph = dims.height + 2u * pad;
+    let pw = dims.width + 2u * pad;
+    let plane = ph * pw;
+    let ho = out_h();
+    let wo = out_w();
+    let hw = ho * wo;
+    let n_taps = cin * TAPS;
+    let n_in = cin * plane;
+    let ci = lid / TAPS;
+    let tap = lid % TAPS;
+    let first = ci * plane + (tap / KS) * pw + tap % KS;
+    let istep = cursor(256u, ph, pw);
+    let ostep = cursor(256u, ho, wo);
+    var acc = 0.0;
+    for (var b = b0; b < b1; b++) {
+        var ic = cursor(lid, ph, pw);
+        for (var j = lid; j < n_in; j += 256u) {
+            let iy = i32(ic.y) - i32(pad);
+            let ix = i32(ic.x) - i32(pad);
+            var v = 0.0;
+            if iy >= 0 && iy < i32(dims.height) && ix >= 0 && ix < i32(dims.width) {
+                v = x1[((b * cin + ic.a) * dims.height + u32(iy)) * dims.width + u32(ix)];
+            }
+            smem[j] = v;
+            ic = advance(ic, istep, ph, pw);
+        }
+        var oc = cursor(lid, ho, wo);
+        for (var j = lid; j < hw; j += 256u) {
+            smem[n_in + j] = dout_at(b * dims.cout + co, oc.y, oc.x, ho, wo);
+            oc = advance(oc, ostep, ho, wo);
+        }
+        workgroupBarrier();
+        if lid < n_taps {
+            var ib = first;
+            var ob = n_in;
+            for (var y = 0u; y < ho; y++) {
+                for (var x = 0u; x < wo; x++) {
+                    acc += smem[ob + x] * smem[ib + x];
+                }
+                ib += pw;
+                ob += wo;
+            }
+        } else if lid == n_taps {
+            for (var q = 0u; q < hw; q++) {
+                acc += smem[n_in + q];
+            }
+        }
+        workgroupBarrier();
+    }
+    let n_weights = dims.cout * n_taps;
+    let base = select(wid.y * (n_weights + dims.cout), 0u, splits == 1u);
+    if lid < n_taps {
+        y0[base + co * n_taps + lid] = acc;
+    } else if lid == n_taps {
+        if splits == 1u {
+            y1[co] = acc;
+        } else {
+            y0[base + n_weights + co] = acc;
+        }
+    }
+}
+
 // The second pass of a split weight gradient: sums the splits' partials in split order.
 // x0: partials [tile splits][n_weights + Cout]; y0: dweight; y1: dbias
 @compute @workgroup_size(256)
