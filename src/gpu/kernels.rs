@@ -69,7 +69,6 @@ pub struct Kernels {
     pub conv_backward_input: Kernel,
     pub conv_backward_weight: Kernel,
     pub conv_sum_splits: Kernel,
-    pub conv_backward_weight_taps: Kernel,
     pub conv_forward_pool: Kernel,
     pub conv_forward_naive: Kernel,
     pub conv_backward_input_naive: Kernel,
@@ -138,12 +137,6 @@ impl Kernels {
                 false,
             ),
             conv_forward_pool: k("conv_forward_pool", &conv_m, &[r0, r1, r2, w3, w4, u5, Write(6)], false),
-            conv_backward_weight_taps: k(
-                "conv_backward_weight_taps",
-                &conv_m,
-                &[r0, r1, r2, w3, w4, u5, Read(7)],
-                false,
-            ),
             conv_sum_splits: k("conv_sum_splits", &conv_m, &[r0, w3, w4, u5], false),
             conv_forward_naive: k("conv_forward_naive", &conv_m, &[r0, r1, r2, w3, u5], false),
             conv_backward_input_naive: k("conv_backward_input_naive", &conv_m, &[r0, r1, w3, u5], false),
@@ -555,23 +548,15 @@ impl Builder<'_> {
         let (arg, mask) = pool.map_or((dout, dout), |p| (p.argmax, p.conv_out));
         let mut dims = conv_dims(s, false, 1);
         dims[9] = pool.is_some() as u32;
-        let (kernel, name, x) = if weight_taps(s) {
-            (&self.kernels.conv_backward_weight_taps, "conv_backward_weight_taps", s.out_channels as u32)
-        } else {
-            (
-                &self.kernels.conv_backward_weight,
-                "conv_backward_weight",
-                (s.out_channels * s.in_channels) as u32,
-            )
-        };
+        let pairs = (s.out_channels * s.in_channels) as u32;
         if splits <= 1 {
             return vec![self.make(
-                kernel,
-                name,
+                &self.kernels.conv_backward_weight,
+                "conv_backward_weight",
                 &[(0, dout), (1, inp), (2, mask), (3, dweight), (4, dbias), (7, arg)],
                 &dims,
                 5,
-                (x, 1, 1),
+                (pairs, 1, 1),
             )];
         }
         let n = (s.weight_len() + s.out_channels) as u64;
@@ -584,12 +569,12 @@ impl Builder<'_> {
         let scratch = View::whole(&scratch);
         vec![
             self.make(
-                kernel,
-                name,
+                &self.kernels.conv_backward_weight,
+                "conv_backward_weight",
                 &[(0, dout), (1, inp), (2, mask), (3, &scratch), (4, dbias), (7, arg)],
                 &dims,
                 5,
-                (x, splits, 1),
+                (pairs, splits, 1),
             ),
             self.make(
                 &self.kernels.conv_sum_splits,
@@ -815,24 +800,7 @@ fn backward_input_tile(s: ConvShape) -> Option<u32> {
 /// Whether the tiled weight-gradient kernel takes this shape (its padded input plane must fit
 /// below `RED_AT` in conv.wgsl).
 fn weight_tiled(s: ConvShape) -> bool {
-    let plane = (s.height + 2 * s.padding) * (s.width + 2 * s.padding);
-    s.kernel == CONV_KS && (plane <= 1200 || weight_taps(s))
-}
-
-/// Whether the weight gradient runs one invocation per weight (conv_backward_weight_taps:
-/// several input channels, all staged at once) rather than per (co, ci) pair.
-fn weight_taps(s: ConvShape) -> bool {
-    let plane = (s.height + 2 * s.padding) * (s.width + 2 * s.padding);
-    let fits = s.in_channels * plane + s.out_height() * s.out_width() <= CONV_SMEM;
-    s.kernel == CONV_KS && s.in_channels >= 2 && s.in_channels * 25 < WG as usize && fits
-}
-
-/// Batch splits of a conv weight gradient: enough workgroups to fill a large GPU (~264, two
-/// per SM of an H100), at least 2 so every batch size records the same dispatches (an empty
-/// split adds zeros).
-pub fn weight_splits(s: ConvShape) -> u32 {
-    let groups = if weight_taps(s) { s.out_channels } else { s.out_channels * s.in_channels };
-    264usize.div_ceil(groups).min(s.batch / 2).max(2) as u32
+    s.kernel == CONV_KS && (s.height + 2 * s.padding) * (s.width + 2 * s.padding) <= 1200
 }
 
 fn conv_dims(s: ConvShape, relu: bool, tile: u32) -> [u32; 12] {

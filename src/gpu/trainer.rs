@@ -5,9 +5,7 @@ use anyhow::{bail, ensure, Context as _};
 use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
-use super::kernels::{
-    pack_u8, pixel_lut, weight_splits, Builder, Dispatch, PoolGrad, Stat, StepUniform, View, STEP_STRIDE,
-};
+use super::kernels::{pack_u8, pixel_lut, Builder, Dispatch, PoolGrad, Stat, StepUniform, View, STEP_STRIDE};
 use crate::data::Dataset;
 use crate::model::*;
 use crate::train::{Backend, StepStats};
@@ -370,6 +368,14 @@ fn backward_dispatches(
         adam,
     ));
     v
+}
+
+/// Batch splits of a conv weight gradient: enough workgroups (one per (co, ci) pair and split)
+/// to fill a large GPU (~264, two per SM of an H100), at least 2 so every batch size records
+/// the same dispatches (an empty split adds zeros).
+fn weight_splits(s: ConvShape) -> u32 {
+    let pairs = s.out_channels * s.in_channels;
+    264usize.div_ceil(pairs).min(s.batch / 2).max(2) as u32
 }
 
 /// What each dispatch of a training step computes, in recording order (forward, then backward
