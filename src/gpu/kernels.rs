@@ -68,6 +68,11 @@ pub struct Kernels {
     pub conv_forward: Kernel,
     pub conv_backward_input: Kernel,
     pub conv_backward_weight: Kernel,
+    pub conv_sum_splits: Kernel,
+    pub conv_forward_pool: Kernel,
+    pub conv_forward_naive: Kernel,
+    pub conv_backward_input_naive: Kernel,
+    pub conv_backward_weight_naive: Kernel,
     pub pool_forward: Kernel,
     pub pool_backward: Kernel,
     pub linear_forward: Kernel,
@@ -124,8 +129,23 @@ impl Kernels {
                 true,
             ),
             conv_forward: k("conv_forward", &conv_m, &[r0, r1, r2, w3, u5], false),
-            conv_backward_input: k("conv_backward_input", &conv_m, &[r0, r1, w3, u5], false),
-            conv_backward_weight: k("conv_backward_weight", &conv_m, &[r0, r1, w3, w4, u5], false),
+            conv_backward_input: k("conv_backward_input", &conv_m, &[r0, r1, r2, w3, u5, Read(7)], false),
+            conv_backward_weight: k(
+                "conv_backward_weight",
+                &conv_m,
+                &[r0, r1, r2, w3, w4, u5, Read(7)],
+                false,
+            ),
+            conv_forward_pool: k("conv_forward_pool", &conv_m, &[r0, r1, r2, w3, w4, u5, Write(6)], false),
+            conv_sum_splits: k("conv_sum_splits", &conv_m, &[r0, w3, w4, u5], false),
+            conv_forward_naive: k("conv_forward_naive", &conv_m, &[r0, r1, r2, w3, u5], false),
+            conv_backward_input_naive: k("conv_backward_input_naive", &conv_m, &[r0, r1, w3, u5], false),
+            conv_backward_weight_naive: k(
+                "conv_backward_weight_naive",
+                &conv_m,
+                &[r0, r1, w3, w4, u5],
+                false,
+            ),
             pool_forward: k("pool_forward", &pool_m, &[r0, w3, w4, u5], false),
             pool_backward: k("pool_backward", &pool_m, &[r0, r1, r2, w3, u5], false),
             linear_forward: k("linear_forward", &matmul_m, &[r0, r1, r2, w3, u5], false),
@@ -278,6 +298,14 @@ pub fn grid_1d(n: u64, per_group: u32, max_dim: u32) -> (u32, u32, u32) {
     }
 }
 
+/// The forward tensors of a ReLU'd conv followed by a 2x2 max-pool, for backward kernels that
+/// gather the conv-output gradient from the pooled one.
+#[derive(Clone, Copy)]
+pub struct PoolGrad<'a> {
+    pub argmax: &'a View,
+    pub conv_out: &'a View,
+}
+
 /// Builds the dispatches of every op for given buffers and shapes.
 pub struct Builder<'a> {
     pub device: &'a wgpu::Device,
@@ -351,7 +379,8 @@ impl Builder<'_> {
         )
     }
 
-    /// Convolution + bias (+ ReLU when `relu`).
+    /// Convolution + bias (+ ReLU when `relu`): the tiled kernel for 5x5 kernels whose operands
+    /// fit workgroup memory, else the one-invocation-per-output fallback.
     pub fn conv_forward(
         &self,
         out: &View,
@@ -361,27 +390,108 @@ impl Builder<'_> {
         s: ConvShape,
         relu: bool,
     ) -> Dispatch {
-        self.make(
-            &self.kernels.conv_forward,
-            "conv_forward",
-            &[(0, inp), (1, weight), (2, bias), (3, out)],
-            &conv_dims(s, relu),
+        let entries = [(0, inp), (1, weight), (2, bias), (3, out)];
+        match forward_tile(s) {
+            Some(tile) => self.make(
+                &self.kernels.conv_forward,
+                "conv_forward",
+                &entries,
+                &conv_dims(s, relu, tile),
+                5,
+                (s.batch as u32, (s.out_channels as u32).div_ceil(tile), 1),
+            ),
+            None => self.make(
+                &self.kernels.conv_forward_naive,
+                "conv_forward_naive",
+                &entries,
+                &conv_dims(s, relu, 0),
+                5,
+                self.grid(s.output_len() as u64, WG),
+            ),
+        }
+    }
+
+    /// Convolution + bias + ReLU fused with the 2x2 max-pool after it: writes the conv output
+    /// (the pool backward's mask), the pooled output and its argmax, as `conv_forward` then
+    /// `pool_forward` would. None when the shape has no tiled kernel or an odd output side.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_forward_pool(
+        &self,
+        out: &View,
+        pooled: &View,
+        argmax: &View,
+        inp: &View,
+        weight: &View,
+        bias: &View,
+        s: ConvShape,
+    ) -> Option<Dispatch> {
+        let tile = forward_tile(s)?;
+        if !s.out_height().is_multiple_of(2) || !s.out_width().is_multiple_of(2) {
+            return None;
+        }
+        Some(self.make(
+            &self.kernels.conv_forward_pool,
+            "conv_forward_pool",
+            &[(0, inp), (1, weight), (2, bias), (3, out), (4, pooled), (6, argmax)],
+            &conv_dims(s, true, tile),
             5,
-            self.grid(s.output_len() as u64, WG),
-        )
+            (s.batch as u32, (s.out_channels as u32).div_ceil(tile), 1),
+        ))
     }
 
     pub fn conv_backward_input(&self, dinp: &View, dout: &View, weight: &View, s: ConvShape) -> Dispatch {
+        match backward_input_tile(s) {
+            Some(tile) => self.backward_input_tiled(dinp, dout, weight, None, s, tile),
+            None => self.make(
+                &self.kernels.conv_backward_input_naive,
+                "conv_backward_input_naive",
+                &[(0, dout), (1, weight), (3, dinp)],
+                &conv_dims(s, false, 0),
+                5,
+                self.grid(s.input_len() as u64, WG),
+            ),
+        }
+    }
+
+    /// `conv_backward_input` fed by the gradient of the 2x2 max-pool after the conv: the
+    /// pool backward with ReLU mask (`pool_backward(.., Some(conv_out), ..)`) is gathered on
+    /// the fly instead of run as its own dispatch. None for shapes without the tiled kernel.
+    pub fn conv_backward_input_from_pool(
+        &self,
+        dinp: &View,
+        dpool: &View,
+        pool: PoolGrad,
+        weight: &View,
+        s: ConvShape,
+    ) -> Option<Dispatch> {
+        let tile = backward_input_tile(s)?;
+        Some(self.backward_input_tiled(dinp, dpool, weight, Some(pool), s, tile))
+    }
+
+    fn backward_input_tiled(
+        &self,
+        dinp: &View,
+        dout: &View,
+        weight: &View,
+        pool: Option<PoolGrad>,
+        s: ConvShape,
+        tile: u32,
+    ) -> Dispatch {
+        // Without a pool the shader never reads bindings 2 and 7; any read-only buffer fills them.
+        let (arg, mask) = pool.map_or((dout, dout), |p| (p.argmax, p.conv_out));
+        let mut dims = conv_dims(s, false, tile);
+        dims[9] = pool.is_some() as u32;
         self.make(
             &self.kernels.conv_backward_input,
             "conv_backward_input",
-            &[(0, dout), (1, weight), (3, dinp)],
-            &conv_dims(s, false),
+            &[(0, dout), (1, weight), (2, mask), (3, dinp), (7, arg)],
+            &dims,
             5,
-            self.grid(s.input_len() as u64, WG),
+            (s.batch as u32, 1, 1),
         )
     }
 
+    /// Weight and bias gradients in one dispatch (one split of the batch).
     pub fn conv_backward_weight(
         &self,
         dweight: &View,
@@ -390,15 +500,91 @@ impl Builder<'_> {
         inp: &View,
         s: ConvShape,
     ) -> Dispatch {
-        // One workgroup per weight element and per bias element.
-        self.make(
-            &self.kernels.conv_backward_weight,
-            "conv_backward_weight",
-            &[(0, dout), (1, inp), (3, dweight), (4, dbias)],
-            &conv_dims(s, false),
-            5,
-            self.grid((s.weight_len() + s.out_channels) as u64, 1),
-        )
+        if weight_tiled(s) {
+            self.weight_tiled(dweight, dbias, dout, None, inp, s, 1).remove(0)
+        } else {
+            // One workgroup per weight element and per bias element.
+            self.make(
+                &self.kernels.conv_backward_weight_naive,
+                "conv_backward_weight_naive",
+                &[(0, dout), (1, inp), (3, dweight), (4, dbias)],
+                &conv_dims(s, false, 0),
+                5,
+                self.grid((s.weight_len() + s.out_channels) as u64, 1),
+            )
+        }
+    }
+
+    /// Weight and bias gradients with the batch split `splits` ways for parallelism (pass 1
+    /// writes per-split partial sums to a scratch buffer, pass 2 adds them in split order; one
+    /// dispatch when `splits` is 1), fed by the gradient of the 2x2 max-pool after the conv
+    /// when `pool` is given (see [`Self::conv_backward_input_from_pool`]). None for shapes
+    /// without the tiled kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_backward_weight_split(
+        &self,
+        dweight: &View,
+        dbias: &View,
+        dout: &View,
+        pool: Option<PoolGrad>,
+        inp: &View,
+        s: ConvShape,
+        splits: u32,
+    ) -> Option<Vec<Dispatch>> {
+        weight_tiled(s).then(|| self.weight_tiled(dweight, dbias, dout, pool, inp, s, splits))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn weight_tiled(
+        &self,
+        dweight: &View,
+        dbias: &View,
+        dout: &View,
+        pool: Option<PoolGrad>,
+        inp: &View,
+        s: ConvShape,
+        splits: u32,
+    ) -> Vec<Dispatch> {
+        let (arg, mask) = pool.map_or((dout, dout), |p| (p.argmax, p.conv_out));
+        let mut dims = conv_dims(s, false, 1);
+        dims[9] = pool.is_some() as u32;
+        let pairs = (s.out_channels * s.in_channels) as u32;
+        if splits <= 1 {
+            return vec![self.make(
+                &self.kernels.conv_backward_weight,
+                "conv_backward_weight",
+                &[(0, dout), (1, inp), (2, mask), (3, dweight), (4, dbias), (7, arg)],
+                &dims,
+                5,
+                (pairs, 1, 1),
+            )];
+        }
+        let n = (s.weight_len() + s.out_channels) as u64;
+        let scratch = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("conv_weight_partials"),
+            size: n * splits as u64 * 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let scratch = View::whole(&scratch);
+        vec![
+            self.make(
+                &self.kernels.conv_backward_weight,
+                "conv_backward_weight",
+                &[(0, dout), (1, inp), (2, mask), (3, &scratch), (4, dbias), (7, arg)],
+                &dims,
+                5,
+                (pairs, splits, 1),
+            ),
+            self.make(
+                &self.kernels.conv_sum_splits,
+                "conv_sum_splits",
+                &[(0, &scratch), (3, dweight), (4, dbias)],
+                &conv_dims(s, false, splits),
+                5,
+                self.grid(n, WG),
+            ),
+        ]
     }
 
     /// 2x2 max-pool with argmax over `planes` = batch * channels planes of height x width.
@@ -583,7 +769,41 @@ impl Builder<'_> {
     }
 }
 
-fn conv_dims(s: ConvShape, relu: bool) -> [u32; 8] {
+/// Workgroup memory of the tiled conv kernels, in f32s (`smem` in conv.wgsl).
+const CONV_SMEM: usize = 4000;
+/// The tiled conv kernels' kernel side (`KS` in conv.wgsl).
+const CONV_KS: usize = 5;
+
+/// Output channels per workgroup of the tiled forward kernel (about 512 outputs each, within
+/// workgroup memory), or None for the fallback.
+fn forward_tile(s: ConvShape) -> Option<u32> {
+    if s.kernel != CONV_KS {
+        return None;
+    }
+    let plane = (s.height + 2 * s.padding) * (s.width + 2 * s.padding);
+    let hw = s.out_height() * s.out_width();
+    let mut tile = 512usize.div_ceil(hw).clamp(1, s.out_channels);
+    let fits = |t: usize| s.in_channels * plane + t * (s.in_channels * 25 + 1) <= CONV_SMEM;
+    while tile > 1 && !fits(tile) {
+        tile -= 1;
+    }
+    fits(tile).then_some(tile as u32)
+}
+
+/// Whether the tiled backward-input kernel takes this shape (one image's dout and all weights
+/// in workgroup memory); Some(0) (the dims' unused tile) if so.
+fn backward_input_tile(s: ConvShape) -> Option<u32> {
+    let fits = s.out_channels * s.out_height() * s.out_width() + s.weight_len() <= CONV_SMEM;
+    (s.kernel == CONV_KS && s.padding < CONV_KS && fits).then_some(0)
+}
+
+/// Whether the tiled weight-gradient kernel takes this shape (its padded input plane must fit
+/// below `RED_AT` in conv.wgsl).
+fn weight_tiled(s: ConvShape) -> bool {
+    s.kernel == CONV_KS && (s.height + 2 * s.padding) * (s.width + 2 * s.padding) <= 1200
+}
+
+fn conv_dims(s: ConvShape, relu: bool, tile: u32) -> [u32; 12] {
     [
         s.batch as u32,
         s.in_channels as u32,
@@ -593,6 +813,10 @@ fn conv_dims(s: ConvShape, relu: bool) -> [u32; 8] {
         s.kernel as u32,
         s.padding as u32,
         relu as u32,
+        tile,
+        0,
+        0,
+        0,
     ]
 }
 

@@ -5,7 +5,7 @@ use anyhow::{bail, ensure, Context as _};
 use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
-use super::kernels::{pack_u8, pixel_lut, Builder, Dispatch, Stat, StepUniform, View, STEP_STRIDE};
+use super::kernels::{pack_u8, pixel_lut, Builder, Dispatch, PoolGrad, Stat, StepUniform, View, STEP_STRIDE};
 use crate::data::Dataset;
 use crate::model::*;
 use crate::train::{Backend, StepStats, SyncCounts};
@@ -257,16 +257,28 @@ fn forward_dispatches(
     let (c1, c2) = (conv1_shape(batch), conv2_shape(batch));
     let images = View::whole(&data.images);
     let labels = View::whole(&data.labels);
-    vec![
-        b.gather(&images, &labels, indices, lut, &a.input, &a.labels, batch, IMAGE_PIXELS),
-        b.conv_forward(&a.conv1, &a.input, &p(Conv1Weight), &p(Conv1Bias), c1, true),
-        b.pool_forward(&a.pool1, &a.pool1_argmax, &a.conv1, batch * CONV1_CHANNELS, CONV1_SIDE, CONV1_SIDE),
-        b.conv_forward(&a.conv2, &a.pool1, &p(Conv2Weight), &p(Conv2Bias), c2, true),
-        b.pool_forward(&a.pool2, &a.pool2_argmax, &a.conv2, batch * CONV2_CHANNELS, CONV2_SIDE, CONV2_SIDE),
+    let mut v = vec![b.gather(&images, &labels, indices, lut, &a.input, &a.labels, batch, IMAGE_PIXELS)];
+    // conv + bias + ReLU + max-pool in one kernel where the shape allows, else two.
+    let pooled = [
+        (&a.conv1, &a.pool1, &a.pool1_argmax, &a.input, Conv1Weight, Conv1Bias, c1),
+        (&a.conv2, &a.pool2, &a.pool2_argmax, &a.pool1, Conv2Weight, Conv2Bias, c2),
+    ];
+    for (out, pool, arg, inp, w, bias, s) in pooled {
+        match b.conv_forward_pool(out, pool, arg, inp, &p(w), &p(bias), s) {
+            Some(d) => v.push(d),
+            None => {
+                v.push(b.conv_forward(out, inp, &p(w), &p(bias), s, true));
+                let side = s.out_height();
+                v.push(b.pool_forward(pool, arg, out, batch * s.out_channels, side, side));
+            }
+        }
+    }
+    v.extend([
         b.linear_forward(&a.fc1, &a.pool2, &p(Fc1Weight), &p(Fc1Bias), batch, FC1_IN, FC1_OUT, true),
         b.linear_forward(&a.fc2, &a.fc1, &p(Fc2Weight), &p(Fc2Bias), batch, FC1_OUT, FC2_OUT, true),
         b.linear_forward(&a.logits, &a.fc2, &p(Fc3Weight), &p(Fc3Bias), batch, FC2_OUT, FC3_OUT, false),
-    ]
+    ]);
+    v
 }
 
 /// Loss, the backward pass (ReLU backward fused into the linear backward-input and the
@@ -286,7 +298,7 @@ fn backward_dispatches(
     let p = |id| layout.view(&flat.params, id);
     let d = |id| layout.view(&flat.grads, id);
     let (c1, c2) = (conv1_shape(batch), conv2_shape(batch));
-    vec![
+    let mut v = vec![
         b.softmax_xent(&g.dlogits, stats, &a.logits, &a.labels, batch, CLASSES),
         b.linear_backward_weight(&d(Fc3Weight), &d(Fc3Bias), &g.dlogits, &a.fc2, batch, FC2_OUT, FC3_OUT),
         b.linear_backward_input(&g.dfc2, &g.dlogits, &p(Fc3Weight), Some(&a.fc2), batch, FC2_OUT, FC3_OUT),
@@ -294,47 +306,84 @@ fn backward_dispatches(
         b.linear_backward_input(&g.dfc1, &g.dfc2, &p(Fc2Weight), Some(&a.fc1), batch, FC1_OUT, FC2_OUT),
         b.linear_backward_weight(&d(Fc1Weight), &d(Fc1Bias), &g.dfc1, &a.pool2, batch, FC1_IN, FC1_OUT),
         b.linear_backward_input(&g.dpool2, &g.dfc1, &p(Fc1Weight), None, batch, FC1_IN, FC1_OUT),
-        b.pool_backward(
-            &g.dconv2,
+    ];
+    // The conv backward kernels gather their output gradient through the max-pool's argmax and
+    // ReLU mask (no pool backward dispatches); weight gradients split over the batch.
+    let pool2 = PoolGrad { argmax: &a.pool2_argmax, conv_out: &a.conv2 };
+    let pool1 = PoolGrad { argmax: &a.pool1_argmax, conv_out: &a.conv1 };
+    let fused = (|| {
+        let mut v = b.conv_backward_weight_split(
+            &d(Conv2Weight),
+            &d(Conv2Bias),
             &g.dpool2,
-            &a.pool2_argmax,
-            Some(&a.conv2),
-            batch * CONV2_CHANNELS,
-            CONV2_SIDE,
-            CONV2_SIDE,
-        ),
-        b.conv_backward_weight(&d(Conv2Weight), &d(Conv2Bias), &g.dconv2, &a.pool1, c2),
-        b.conv_backward_input(&g.dpool1, &g.dconv2, &p(Conv2Weight), c2),
-        b.pool_backward(
-            &g.dconv1,
-            &g.dpool1,
-            &a.pool1_argmax,
-            Some(&a.conv1),
-            batch * CONV1_CHANNELS,
-            CONV1_SIDE,
-            CONV1_SIDE,
-        ),
+            Some(pool2),
+            &a.pool1,
+            c2,
+            weight_splits(c2),
+        )?;
+        v.push(b.conv_backward_input_from_pool(&g.dpool1, &g.dpool2, pool2, &p(Conv2Weight), c2)?);
         // conv1's input is the image: no gradient to it is needed.
-        b.conv_backward_weight(&d(Conv1Weight), &d(Conv1Bias), &g.dconv1, &a.input, c1),
-        b.adam(
-            &View::whole(&flat.params),
-            &View::whole(&flat.grads),
-            &View::whole(&flat.adam_m),
-            &View::whole(&flat.adam_v),
-            layout.total,
-            adam,
-        ),
-    ]
+        v.extend(b.conv_backward_weight_split(
+            &d(Conv1Weight),
+            &d(Conv1Bias),
+            &g.dpool1,
+            Some(pool1),
+            &a.input,
+            c1,
+            weight_splits(c1),
+        )?);
+        Some(v)
+    })();
+    v.extend(fused.unwrap_or_else(|| {
+        vec![
+            b.pool_backward(
+                &g.dconv2,
+                &g.dpool2,
+                &a.pool2_argmax,
+                Some(&a.conv2),
+                batch * CONV2_CHANNELS,
+                CONV2_SIDE,
+                CONV2_SIDE,
+            ),
+            b.conv_backward_weight(&d(Conv2Weight), &d(Conv2Bias), &g.dconv2, &a.pool1, c2),
+            b.conv_backward_input(&g.dpool1, &g.dconv2, &p(Conv2Weight), c2),
+            b.pool_backward(
+                &g.dconv1,
+                &g.dpool1,
+                &a.pool1_argmax,
+                Some(&a.conv1),
+                batch * CONV1_CHANNELS,
+                CONV1_SIDE,
+                CONV1_SIDE,
+            ),
+            b.conv_backward_weight(&d(Conv1Weight), &d(Conv1Bias), &g.dconv1, &a.input, c1),
+        ]
+    }));
+    v.push(b.adam(
+        &View::whole(&flat.params),
+        &View::whole(&flat.grads),
+        &View::whole(&flat.adam_m),
+        &View::whole(&flat.adam_v),
+        layout.total,
+        adam,
+    ));
+    v
+}
+
+/// Batch splits of a conv weight gradient: enough workgroups (one per (co, ci) pair and split)
+/// to fill a large GPU (~264, two per SM of an H100), at least 2 so every batch size records
+/// the same dispatches (an empty split adds zeros).
+fn weight_splits(s: ConvShape) -> u32 {
+    let pairs = s.out_channels * s.in_channels;
+    264usize.div_ceil(pairs).min(s.batch / 2).max(2) as u32
 }
 
 /// What each dispatch of a training step computes, in recording order (forward, then backward
 /// and Adam): the names `lenet bench` reports.
-pub const STEP_DISPATCHES: [&str; 21] = [
+pub const STEP_DISPATCHES: [&str; 19] = [
     "gather",
-    "conv1_forward_bias_relu",
-    "pool1_forward",
-    "conv2_forward_bias_relu",
-    "pool2_forward",
+    "conv1_forward_bias_relu_pool1",
+    "conv2_forward_bias_relu_pool2",
     "fc1_forward_relu",
     "fc2_forward_relu",
     "fc3_forward",
@@ -345,11 +394,11 @@ pub const STEP_DISPATCHES: [&str; 21] = [
     "fc2_backward_input_relu",
     "fc1_backward_weight",
     "fc1_backward_input",
-    "pool2_backward_relu",
-    "conv2_backward_weight",
-    "conv2_backward_input",
-    "pool1_backward_relu",
-    "conv1_backward_weight",
+    "conv2_backward_weight_from_pool2",
+    "conv2_backward_weight_sum_splits",
+    "conv2_backward_input_from_pool2",
+    "conv1_backward_weight_from_pool1",
+    "conv1_backward_weight_sum_splits",
     "adam",
 ];
 
