@@ -24,7 +24,7 @@ fn synthetic(n: usize) -> Dataset {
             s ^= s << 13;
             s ^= s >> 17;
             s ^= s << 5;
-            if s % 4 == 0 {
+            if s.is_multiple_of(4) {
                 (s >> 8) as u8
             } else {
                 0
