@@ -455,8 +455,11 @@ fn devices() -> Result<ExitCode> {
     }
     let wanted = std::env::var(ADAPTER_ENV).ok();
     let chosen = choose_adapter(&adapters, wanted.as_deref());
+    // `*` marks the adapter `auto` trains on: none when it would take the CPU path instead.
+    let software_only =
+        chosen.is_some_and(|i| adapters[i].device_type == wgpu::DeviceType::Cpu) && wanted.is_none();
     for (i, a) in adapters.iter().enumerate() {
-        let mark = if Some(i) == chosen { "*" } else { " " };
+        let mark = if Some(i) == chosen && !software_only { "*" } else { " " };
         println!("{mark} {i}: {a}");
     }
     match (chosen, &wanted) {

@@ -436,3 +436,20 @@ fn two_epochs_in_one_go_equal_one_epoch_then_a_resumed_one() {
     let state = lenet::checkpoint::load_checkpoint(&resumed).unwrap().optimizer.unwrap();
     assert_eq!((state.epoch, state.step_in_epoch, state.step), (2, 0, 24));
 }
+
+#[test]
+fn devices_lists_adapters_and_says_what_auto_picks() {
+    let out = lenet(&["devices"]);
+    let text = stdout(succeeded(&out));
+    assert!(text.contains("--backend auto uses"), "{text}");
+    if gpu_expected() {
+        let adapters = lenet::gpu::list_adapters();
+        assert!(!adapters.is_empty(), "LENET_REQUIRE_GPU=1 but no adapter");
+        for a in &adapters {
+            assert!(text.contains(&a.name), "{} not listed:\n{text}", a.name);
+        }
+        let marked = text.lines().filter(|l| l.starts_with('*')).count();
+        let cpu_path = text.contains("--backend auto uses the CPU path");
+        assert_eq!(marked, if cpu_path { 0 } else { 1 }, "the adapter auto uses is marked:\n{text}");
+    }
+}
