@@ -17,6 +17,9 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt
 .gpu/lenet bench > "$OUT/bench.txt" 2>&1
 .gpu/lenet bench --json 2>/dev/null | tail -1 > "$OUT/bench.json"
 # Process start to printed accuracy, and the training figures.
-/usr/bin/time -v .gpu/lenet train --backend gpu --epochs 10 --json > "$OUT/train.txt" 2> "$OUT/train.err"
-tail -1 "$OUT/train.txt" > "$OUT/train.json"
+start=$(date +%s.%N)
+.gpu/lenet train --backend gpu --epochs 10 --json > "$OUT/train.txt" 2> "$OUT/train.err"
+end=$(date +%s.%N)
+echo "process wall seconds: $(echo "$end - $start" | bc)" >> "$OUT/train.txt"
+tail -2 "$OUT/train.txt" | head -1 > "$OUT/train.json"
 cat "$OUT/gpu.txt" "$OUT/devices.txt" "$OUT/bench.txt" "$OUT/train.txt"
