@@ -20,6 +20,6 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt
 start=$(date +%s.%N)
 .gpu/lenet train --backend gpu --epochs 10 --json > "$OUT/train.txt" 2> "$OUT/train.err"
 end=$(date +%s.%N)
-echo "process wall seconds: $(echo "$end - $start" | bc)" >> "$OUT/train.txt"
+echo "process wall seconds: $(awk "BEGIN { print $end - $start }")" >> "$OUT/train.txt"
 tail -2 "$OUT/train.txt" | head -1 > "$OUT/train.json"
 cat "$OUT/gpu.txt" "$OUT/devices.txt" "$OUT/bench.txt" "$OUT/train.txt"
