@@ -193,7 +193,8 @@ pub fn train(
         );
     }
     backend.load_state(state)?;
-    let mut metrics = MetricsWriter::create(cfg.metrics.as_ref())?;
+    // A resumed run continues the log it started, so the file covers the whole run.
+    let mut metrics = MetricsWriter::create(cfg.metrics.as_ref(), start_step > 0)?;
     let mut progress = Progress::new(cfg.plain_progress, steps_per_epoch, batch);
     let mut history = Vec::new();
     let mut train_time = Duration::ZERO;
@@ -368,7 +369,9 @@ struct Progress {
 
 impl Progress {
     fn new(plain: bool, steps_per_epoch: u64, batch: usize) -> Self {
-        let live = !plain && std::io::stderr().is_terminal();
+        // The bar only when a person watches both streams; with either redirected (CI, a pipe,
+        // a log file) one plain line per epoch.
+        let live = !plain && std::io::stderr().is_terminal() && std::io::stdout().is_terminal();
         let bar = live.then(|| {
             let bar = ProgressBar::new(steps_per_epoch);
             bar.set_style(
@@ -415,20 +418,28 @@ impl Progress {
 }
 
 /// `--metrics FILE`: CSV, one row per step and per evaluation, flushed every epoch so that a
-/// crash keeps what was logged.
+/// crash keeps what was logged. Appends when continuing a run into an existing file.
 struct MetricsWriter {
     out: Option<(PathBuf, std::io::BufWriter<std::fs::File>)>,
 }
 
 impl MetricsWriter {
-    fn create(path: Option<&PathBuf>) -> Result<Self> {
+    fn create(path: Option<&PathBuf>, append: bool) -> Result<Self> {
         let out = match path {
             None => None,
             Some(p) => {
-                let file =
-                    std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?;
+                let append = append && p.is_file();
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(append)
+                    .truncate(!append)
+                    .open(p)
+                    .with_context(|| format!("{}: cannot create", p.display()))?;
                 let mut w = std::io::BufWriter::new(file);
-                writeln!(w, "kind,step,epoch,loss,accuracy")?;
+                if !append {
+                    writeln!(w, "kind,step,epoch,loss,accuracy")?;
+                }
                 Some((p.clone(), w))
             }
         };

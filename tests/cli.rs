@@ -429,10 +429,13 @@ fn two_epochs_in_one_go_equal_one_epoch_then_a_resumed_one() {
         args.extend_from_slice(extra);
         succeeded(&lenet(&args)).status.success()
     };
-    run(&["--epochs", "2", "--save", p(&whole)]);
-    run(&["--epochs", "1", "--save", p(&first)]);
-    run(&["--epochs", "1", "--resume", p(&first), "--save", p(&resumed)]);
+    let (whole_csv, split_csv) = (dir.join("whole.csv"), dir.join("split.csv"));
+    run(&["--epochs", "2", "--save", p(&whole), "--metrics", p(&whole_csv)]);
+    run(&["--epochs", "1", "--save", p(&first), "--metrics", p(&split_csv)]);
+    run(&["--epochs", "1", "--resume", p(&first), "--save", p(&resumed), "--metrics", p(&split_csv)]);
     assert_eq!(std::fs::read(&whole).unwrap(), std::fs::read(&resumed).unwrap());
+    // The resumed run appends to its log: the two logs are the same, row for row.
+    assert_eq!(std::fs::read_to_string(&whole_csv).unwrap(), std::fs::read_to_string(&split_csv).unwrap());
     let state = lenet::checkpoint::load_checkpoint(&resumed).unwrap().optimizer.unwrap();
     assert_eq!((state.epoch, state.step_in_epoch, state.step), (2, 0, 24));
 }
