@@ -456,3 +456,34 @@ fn devices_lists_adapters_and_says_what_auto_picks() {
         assert_eq!(marked, if cpu_path { 0 } else { 1 }, "the adapter auto uses is marked:\n{text}");
     }
 }
+
+#[test]
+fn eval_on_the_gpu_agrees_with_the_cpu() {
+    if !gpu_expected() {
+        return;
+    }
+    let dir = temp_dir("gpu-eval");
+    let data = small_mnist(&dir, 64, 300);
+    let ckpt = dir.join("w.safetensors");
+    lenet::checkpoint::save_weights(&ckpt, &lenet::model::Params::init(4)).unwrap();
+    let run = |backend| {
+        let out = lenet(&["eval", "--backend", backend, "--data", p(&data), "--weights", p(&ckpt), "--json"]);
+        last_json(succeeded(&out))
+    };
+    let (cpu, gpu) = (run("cpu"), run("gpu"));
+    assert_eq!(cpu["confusion"], gpu["confusion"]);
+    let (lc, lg) = (cpu["loss"].as_f64().unwrap(), gpu["loss"].as_f64().unwrap());
+    assert!((lc - lg).abs() <= 1e-5 * lc.abs(), "loss cpu {lc} gpu {lg}");
+}
+
+#[test]
+fn an_error_line_does_not_repeat_its_cause() {
+    let dir = temp_dir("cause");
+    let ckpt = dir.join("w.safetensors");
+    lenet::checkpoint::save_weights(&ckpt, &lenet::model::Params::init(2)).unwrap();
+    let missing = dir.join("missing.png");
+    let out = lenet(&["predict", "--weights", p(&ckpt), p(&missing)]);
+    assert_clear_error(&out, "missing.png");
+    let err = stderr(&out);
+    assert_eq!(err.matches("os error 2").count(), 1, "the cause is repeated:\n{err}");
+}

@@ -77,11 +77,14 @@ fn upload_dataset(ctx: &GpuContext, data: &Dataset, what: &str) -> anyhow::Resul
         data.cols
     );
     ensure!(data.images.len() == data.len() * IMAGE_PIXELS, "{what} set: image bytes do not match the count");
-    ensure!(!data.is_empty(), "{what} set is empty");
     if let Some(l) = data.labels.iter().find(|&&l| l as usize >= CLASSES) {
         bail!("{what} set has label {l}, above 9");
     }
-    let packed = pack_u8(&data.images);
+    // An empty set (`lenet eval` trains nothing) still needs a bindable, non-empty buffer.
+    let mut packed = pack_u8(&data.images);
+    if packed.is_empty() {
+        packed.push(0);
+    }
     let bytes = (packed.len() * 4) as u64;
     if bytes > ctx.max_binding() {
         bail!(
@@ -92,7 +95,10 @@ fn upload_dataset(ctx: &GpuContext, data: &Dataset, what: &str) -> anyhow::Resul
             ctx.adapter_info.name
         );
     }
-    let labels: Vec<u32> = data.labels.iter().map(|&l| l as u32).collect();
+    let mut labels: Vec<u32> = data.labels.iter().map(|&l| l as u32).collect();
+    if labels.is_empty() {
+        labels.push(0);
+    }
     let images = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some(&format!("{what}_images")),
         contents: bytemuck::cast_slice(&packed),
