@@ -153,6 +153,13 @@ fn main() -> ExitCode {
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
+    // A bug is still reported as one line, not a backtrace (RUST_BACKTRACE=1 restores it).
+    if std::env::var_os("RUST_BACKTRACE").is_none() {
+        std::panic::set_hook(Box::new(|info| {
+            let msg = info.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("error: internal error, please report it: {msg}");
+        }));
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),
