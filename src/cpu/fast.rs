@@ -174,13 +174,7 @@ fn im2col(col: &mut [f32], ld: usize, inp: &[f32], s: &ConvShape) {
     let (h, w) = (s.height, s.width);
     let (hp, wp) = (h + 2 * p, w + 2 * p);
     with_buffer(&PAD, s.in_channels * hp * wp, |padded| {
-        padded.fill(0.0);
-        for ci in 0..s.in_channels {
-            for y in 0..h {
-                let src = &inp[(ci * h + y) * w..][..w];
-                padded[(ci * hp + y + p) * wp + p..][..w].copy_from_slice(src);
-            }
-        }
+        pad_planes(padded, inp, s.in_channels, h, w, p);
         im2col_unpadded(col, ld, padded, s.in_channels, hp, wp, s);
     });
 }
@@ -248,13 +242,7 @@ fn im2col_t(colt: &mut [f32], inp: &[f32], s: &ConvShape) {
     let (h, w) = (s.height, s.width);
     let (hp, wp) = (h + 2 * p, w + 2 * p);
     with_buffer(&PAD, s.in_channels * hp * wp, |padded| {
-        padded.fill(0.0);
-        for ci in 0..s.in_channels {
-            for y in 0..h {
-                let src = &inp[(ci * h + y) * w..][..w];
-                padded[(ci * hp + y + p) * wp + p..][..w].copy_from_slice(src);
-            }
-        }
+        pad_planes(padded, inp, s.in_channels, h, w, p);
         im2col_t_unpadded(colt, padded, hp, wp, s);
     });
 }
@@ -591,6 +579,19 @@ fn sum_partials(dweight: &mut [f32], dbias: &mut [f32], partials: &[f32], wlen: 
         }
         for (d, &p) in dbias.iter_mut().zip(&part[wlen..]) {
             *d += p;
+        }
+    }
+}
+
+/// Copies `channels` planes of h x w into `padded` (channels planes of (h+2p) x (w+2p)) with a
+/// zero border of width p.
+fn pad_planes(padded: &mut [f32], inp: &[f32], channels: usize, h: usize, w: usize, p: usize) {
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    padded.fill(0.0);
+    for ci in 0..channels {
+        for y in 0..h {
+            let src = &inp[(ci * h + y) * w..][..w];
+            padded[(ci * hp + y + p) * wp + p..][..w].copy_from_slice(src);
         }
     }
 }
