@@ -1,49 +1,53 @@
-// Gather a batch from the resident data set: u8 pixels packed 4 per u32 (little-endian byte
-// order, image i starting at byte i*pixels), chosen through an index buffer.
-// input[b, p] = lut[pixel] where lut[v] = v / 255 computed on the host (bit-exact with the CPU),
-// labels_out[b] = labels[indices[offset + b]].
+// The batch, gathered from the data set resident on the device: u8 pixels packed four to a u32
+// (little-endian; image i starts at byte i * pixels), picked through the step's index buffer and
+// translated by whole pixels (zero-filled): input[b][y][x] = lut[image[y - dy][x - dx]], where
+// lut[v] = v / 255 as the CPU computes it (bit-exact) and (dx, dy) = shifts[2b], shifts[2b + 1].
 
-struct Dims {
+struct Params {
     batch: u32,
-    pixels: u32,
-    _pad0: u32,
-    _pad1: u32,
-}
-
-struct Step {
-    index_offset: u32,
-    stats_slot: u32,
-    step_size: f32,
-    bias_correction2_sqrt: f32,
+    rows: u32,
+    cols: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<storage, read> images: array<u32>;
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
 @group(0) @binding(2) var<storage, read> indices: array<u32>;
-@group(0) @binding(3) var<storage, read> lut: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out_input: array<f32>;
-@group(0) @binding(5) var<storage, read_write> out_labels: array<u32>;
-@group(0) @binding(6) var<uniform> dims: Dims;
-@group(1) @binding(0) var<uniform> step: Step;
+@group(0) @binding(3) var<storage, read> shifts: array<i32>;
+@group(0) @binding(4) var<storage, read> lut: array<f32>;
+@group(0) @binding(5) var<storage, read_write> input: array<f32>;
+@group(0) @binding(6) var<storage, read_write> batch_labels: array<u32>;
+@group(0) @binding(7) var<uniform> params: Params;
 
+// The pixel (y, x) of batch image b after its shift, as pixels / 255.
+fn gathered_pixel(b: u32, y: u32, x: u32) -> f32 {
+    let img = indices[step.index_offset + b];
+    let sy = i32(y) - shifts[2u * (step.index_offset + b) + 1u];
+    let sx = i32(x) - shifts[2u * (step.index_offset + b)];
+    if sy < 0 || sy >= i32(params.rows) || sx < 0 || sx >= i32(params.cols) {
+        return 0.0;
+    }
+    let byte_index = img * params.rows * params.cols + u32(sy) * params.cols + u32(sx);
+    let word = images[byte_index / 4u];
+    return lut[(word >> ((byte_index % 4u) * 8u)) & 255u];
+}
+
+// One invocation per pixel of the batch.
 @compute @workgroup_size(256)
 fn gather(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
-    if i >= dims.batch * dims.pixels {
+    let i = flat_index(wid, nwg, lid, 256u);
+    let pixels = params.rows * params.cols;
+    if i >= params.batch * pixels {
         return;
     }
-    let b = i / dims.pixels;
-    let p = i % dims.pixels;
-    let img = indices[step.index_offset + b];
-    let byte_index = img * dims.pixels + p;
-    let word = images[byte_index / 4u];
-    let v = (word >> ((byte_index % 4u) * 8u)) & 255u;
-    out_input[i] = lut[v];
+    let b = i / pixels;
+    let p = i % pixels;
+    input[i] = gathered_pixel(b, p / params.cols, p % params.cols);
     if p == 0u {
-        out_labels[b] = labels[img];
+        batch_labels[b] = labels[indices[step.index_offset + b]];
     }
 }

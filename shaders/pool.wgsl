@@ -1,91 +1,76 @@
-// 2x2 max-pooling, stride 2, NCHW. The argmax is the flat index into the input tensor of the
-// first maximum of the window in row-major order (strict '>' keeps the first on ties).
+// 2x2 max-pooling, stride 2, NCHW, for the shapes the fused conv kernels do not take (the
+// fallback after conv_forward_naive, and before the naive backward kernels). The argmax is the
+// flat index into the conv output of the window's first maximum in row-major order (strict '>'
+// keeps the first on ties).
 
-struct Dims {
+struct Params {
     // batch * channels
     planes: u32,
     height: u32,
     width: u32,
-    // backward: 1 = also apply the ReLU mask (x2 > 0) of the pooled tensor's producer
-    relu_mask: u32,
+    _pad: u32,
 }
 
-@group(0) @binding(0) var<storage, read> x0: array<f32>;
-@group(0) @binding(1) var<storage, read> xarg: array<u32>;
-@group(0) @binding(2) var<storage, read> xmask: array<f32>;
-@group(0) @binding(3) var<storage, read_write> y0: array<f32>;
-@group(0) @binding(4) var<storage, read_write> yarg: array<u32>;
-@group(0) @binding(5) var<uniform> dims: Dims;
+@group(0) @binding(0) var<storage, read> conv: array<f32>;
+@group(0) @binding(1) var<storage, read_write> pooled: array<f32>;
+@group(0) @binding(2) var<storage, read_write> argmax: array<u32>;
+@group(0) @binding(3) var<storage, read> dpooled: array<f32>;
+@group(0) @binding(4) var<storage, read> saved_argmax: array<u32>;
+@group(0) @binding(5) var<storage, read_write> dconv: array<f32>;
+@group(0) @binding(6) var<uniform> params: Params;
 
-// x0: input [planes, H, W]; y0: out, yarg: argmax [planes, H/2, W/2]
+// One invocation per pooled output.
 @compute @workgroup_size(256)
 fn pool_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let o = (wid.x + wid.y * nwg.x) * 256u + lid;
-    let ho = dims.height / 2u;
-    let wo = dims.width / 2u;
-    if o >= dims.planes * ho * wo {
+    let o = flat_index(wid, nwg, lid, 256u);
+    let ho = params.height / 2u;
+    let wo = params.width / 2u;
+    if o >= params.planes * ho * wo {
         return;
     }
     let x = o % wo;
     let t = o / wo;
     let y = t % ho;
     let plane = t / ho;
-    let first = (plane * dims.height + 2u * y) * dims.width + 2u * x;
+    let first = (plane * params.height + 2u * y) * params.width + 2u * x;
     var best = first;
-    var best_v = x0[first];
-    let c1 = first + 1u;
-    let c2 = first + dims.width;
-    let c3 = first + dims.width + 1u;
-    let v1 = x0[c1];
-    if v1 > best_v {
-        best = c1;
-        best_v = v1;
+    var best_v = conv[first];
+    for (var k = 1u; k < 4u; k++) {
+        let i = first + (k / 2u) * params.width + k % 2u;
+        let v = conv[i];
+        if v > best_v {
+            best = i;
+            best_v = v;
+        }
     }
-    let v2 = x0[c2];
-    if v2 > best_v {
-        best = c2;
-        best_v = v2;
-    }
-    let v3 = x0[c3];
-    if v3 > best_v {
-        best = c3;
-        best_v = v3;
-    }
-    y0[o] = best_v;
-    yarg[o] = best;
+    pooled[o] = best_v;
+    argmax[o] = best;
 }
 
-// A gather per input element (no atomics, no scatter): dinp[i] = dout[o] if argmax[o] == i for
-// the window o containing i, else 0; with relu_mask, also 0 where xmask[i] <= 0.
-// x0: dout [planes, H/2, W/2]; xarg: argmax; xmask: forward output of the pooled tensor's
-// producer [planes, H, W]; y0: dinp [planes, H, W]
+// A gather per conv element (no scatter): dconv[i] = dpooled[o] if argmax[o] == i for the window
+// o containing i and conv[i] > 0 (the ReLU before the pool), else 0.
 @compute @workgroup_size(256)
 fn pool_backward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
-    if i >= dims.planes * dims.height * dims.width {
+    let i = flat_index(wid, nwg, lid, 256u);
+    if i >= params.planes * params.height * params.width {
         return;
     }
-    let ix = i % dims.width;
-    let t = i / dims.width;
-    let iy = t % dims.height;
-    let plane = t / dims.height;
-    let ho = dims.height / 2u;
-    let wo = dims.width / 2u;
-    let o = (plane * ho + iy / 2u) * wo + ix / 2u;
+    let ix = i % params.width;
+    let t = i / params.width;
+    let iy = t % params.height;
+    let plane = t / params.height;
+    let o = (plane * (params.height / 2u) + iy / 2u) * (params.width / 2u) + ix / 2u;
     var g = 0.0;
-    if xarg[o] == i {
-        g = x0[o];
+    if saved_argmax[o] == i && conv[i] > 0.0 {
+        g = dpooled[o];
     }
-    if dims.relu_mask != 0u && !(xmask[i] > 0.0) {
-        g = 0.0;
-    }
-    y0[i] = g;
+    dconv[i] = g;
 }

@@ -1,10 +1,12 @@
 //! safetensors checkpoints in PyTorch's `state_dict` layout.
 //!
 //! The ten model tensors are f32 little-endian under their `state_dict` names (`conv1.weight`,
-//! ...), so `model.load_state_dict(safetensors.torch.load_file(f))` reads them. Adam's moments,
-//! for `--resume`, live in the same file as `adam.m.<name>` and `adam.v.<name>`, and the step
-//! count, epoch position, seed, batch, shuffle flag and Adam's hyper-parameters in the file's
-//! string metadata. A file with only the ten model tensors is valid (no optimiser state).
+//! ...), so `model.load_state_dict(safetensors.torch.load_file(f))` reads them. The optimizer's
+//! state, for `--resume`, lives in the same file as `<state name>.<name>` (`adam.m.<name>` and
+//! `adam.v.<name>` for Adam, `sgd.momentum.<name>` for SGD), and the step count, epoch position,
+//! seed, batch, shuffle flag and the optimizer's settings in the file's string metadata (files
+//! written before SGD existed have no `optimizer` key: they are Adam). A file with only the ten
+//! model tensors is valid (no optimiser state).
 //!
 //! Writes are atomic: a temp file in the target's directory is written and fsynced, then renamed
 //! over the target, then the directory is fsynced. A failed save leaves an existing file as it was.
@@ -18,62 +20,40 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use crate::model::{AdamConfig, Params, TrainState, PARAM_SPECS};
+use crate::model::{param_specs, Params, TrainState};
+use crate::optim::{Optimizer, OptimizerKind, Sgd};
 
 /// The value of the `format` metadata key in files this crate writes.
 pub const FORMAT_TAG: &str = "lenet-wgpu-checkpoint-v1";
-/// Metadata keys of the optimiser state.
-pub const META_KEYS: [&str; 10] =
-    ["step", "epoch", "step_in_epoch", "seed", "batch", "shuffle", "lr", "beta1", "beta2", "eps"];
+/// Metadata keys of the run's position (the optimizer adds its own, see [`Optimizer::metadata`]).
+pub const META_KEYS: [&str; 6] = ["step", "epoch", "step_in_epoch", "seed", "batch", "shuffle"];
 /// A LeNet-5 checkpoint with its optimiser state is about 740 KB; anything far larger is not one,
 /// and is refused before it is read into memory.
 pub const MAX_CHECKPOINT_BYTES: u64 = 64 << 20;
 
 /// A tensor ready to serialise: name, shape, little-endian f32 bytes.
-type NamedTensor = (String, &'static [usize], Vec<u8>);
+type NamedTensor = (String, Vec<usize>, Vec<u8>);
 
-const ADAM_M_PREFIX: &str = "adam.m.";
-const ADAM_V_PREFIX: &str = "adam.v.";
-
-/// Adam's state and the run position, everything `--resume` needs beyond the weights.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OptimizerState {
-    pub adam_m: Params,
-    pub adam_v: Params,
-    pub step: u64,
-    pub epoch: u64,
-    pub step_in_epoch: u64,
-    pub seed: u64,
-    pub batch: usize,
-    pub shuffle: bool,
-    pub adam: AdamConfig,
+/// The state buffer names of every optimizer: a tensor `<one of these>.<parameter>` is optimizer
+/// state.
+fn state_prefixes() -> Vec<&'static str> {
+    let adam = Optimizer::default();
+    let sgd = Optimizer { kind: OptimizerKind::Sgd(Sgd::default()), lr: 0.1 };
+    adam.state_names().iter().chain(sgd.state_names()).copied().collect()
 }
 
-/// What a checkpoint file holds: the weights, and the optimiser state if it was saved.
+/// What a checkpoint file holds: the weights, and the whole training state if it was saved.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
     pub params: Params,
-    pub optimizer: Option<OptimizerState>,
+    /// The run to resume: parameters (the same as `params`), optimizer state and position.
+    pub state: Option<TrainState>,
 }
 
 impl Checkpoint {
-    /// The training state to resume from and its Adam configuration, if the file has them.
-    pub fn into_train_state(self) -> Option<(TrainState, AdamConfig)> {
-        let opt = self.optimizer?;
-        Some((
-            TrainState {
-                params: self.params,
-                adam_m: opt.adam_m,
-                adam_v: opt.adam_v,
-                step: opt.step,
-                epoch: opt.epoch,
-                step_in_epoch: opt.step_in_epoch,
-                seed: opt.seed,
-                batch: opt.batch,
-                shuffle: opt.shuffle,
-            },
-            opt.adam,
-        ))
+    /// The training state to resume from, if the file has one.
+    pub fn into_train_state(self) -> Option<TrainState> {
+        self.state
     }
 }
 
@@ -105,12 +85,13 @@ pub enum CheckpointError {
     BadMetadata { path: PathBuf, reason: String },
 }
 
-/// Saves the weights, Adam's moments and the run position, atomically.
-pub fn save_checkpoint(path: &Path, state: &TrainState, adam: &AdamConfig) -> Result<(), CheckpointError> {
+/// Saves the weights, the optimizer's state and the run's position, atomically.
+pub fn save_checkpoint(path: &Path, state: &TrainState) -> Result<(), CheckpointError> {
     let mut tensors = named_tensors(path, "", &state.params)?;
-    tensors.extend(named_tensors(path, ADAM_M_PREFIX, &state.adam_m)?);
-    tensors.extend(named_tensors(path, ADAM_V_PREFIX, &state.adam_v)?);
-    let meta: HashMap<String, String> = [
+    for (name, moment) in state.optimizer.state_names().iter().zip(&state.moments) {
+        tensors.extend(named_tensors(path, &format!("{name}."), moment)?);
+    }
+    let mut meta: HashMap<String, String> = [
         ("format", FORMAT_TAG.to_string()),
         ("step", state.step.to_string()),
         ("epoch", state.epoch.to_string()),
@@ -118,15 +99,11 @@ pub fn save_checkpoint(path: &Path, state: &TrainState, adam: &AdamConfig) -> Re
         ("seed", state.seed.to_string()),
         ("batch", state.batch.to_string()),
         ("shuffle", state.shuffle.to_string()),
-        // Rust prints the shortest decimal that parses back to the same f32: exact round trip.
-        ("lr", adam.lr.to_string()),
-        ("beta1", adam.beta1.to_string()),
-        ("beta2", adam.beta2.to_string()),
-        ("eps", adam.eps.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    meta.extend(state.optimizer.metadata().into_iter().map(|(k, v)| (k.to_string(), v)));
     write_tensors(path, tensors, meta)
 }
 
@@ -170,15 +147,17 @@ pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
 
     let mut names: Vec<&str> = st.names();
     names.sort_unstable();
-    let mut has_adam = false;
+    let prefixes = state_prefixes();
+    let mut has_state = false;
     for name in &names {
-        let base = name.strip_prefix(ADAM_M_PREFIX).or_else(|| name.strip_prefix(ADAM_V_PREFIX));
-        let known = match base {
-            Some(b) => {
-                has_adam = true;
-                PARAM_SPECS.iter().any(|s| s.name == b)
+        let is_param = |n: &str| param_specs().iter().any(|s| s.name == n);
+        let state_of = prefixes.iter().find_map(|p| name.strip_prefix(p).and_then(|r| r.strip_prefix('.')));
+        let known = match state_of {
+            Some(base) => {
+                has_state = true;
+                is_param(base)
             }
-            None => PARAM_SPECS.iter().any(|s| s.name == *name),
+            None => is_param(name),
         };
         if !known {
             return Err(CheckpointError::UnexpectedTensor { path: path.to_owned(), name: name.to_string() });
@@ -186,61 +165,52 @@ pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
     }
 
     let params = read_params(path, &st, "")?;
-    let optimizer = if has_adam {
-        let adam_m = read_params(path, &st, ADAM_M_PREFIX)?;
-        let adam_v = read_params(path, &st, ADAM_V_PREFIX)?;
-        let empty = HashMap::new();
-        let meta = header.metadata().as_ref().unwrap_or(&empty);
-        let bad = |reason: String| CheckpointError::BadMetadata { path: path.to_owned(), reason };
-        match meta.get("format") {
-            Some(f) if f == FORMAT_TAG => {}
-            Some(f) => return Err(bad(format!("format is {f:?}, expected {FORMAT_TAG:?}"))),
-            None => return Err(bad(format!("format tag missing (expected {FORMAT_TAG:?})"))),
-        }
-        let get = |key: &str| -> Result<&String, CheckpointError> {
-            meta.get(key).ok_or_else(|| bad(format!("Adam tensors are present but {key} is missing")))
-        };
-        let int = |key: &str| -> Result<u64, CheckpointError> {
-            let v = get(key)?;
-            v.parse::<u64>().map_err(|_| bad(format!("{key} = {v:?} is not a non-negative integer")))
-        };
-        let float = |key: &str| -> Result<f32, CheckpointError> {
-            let v = get(key)?;
-            match v.parse::<f32>() {
-                Ok(x) if x.is_finite() => Ok(x),
-                _ => Err(bad(format!("{key} = {v:?} is not a finite number"))),
-            }
-        };
-        let shuffle = match get("shuffle")?.as_str() {
-            "true" => true,
-            "false" => false,
-            v => return Err(bad(format!("shuffle = {v:?} is not true or false"))),
-        };
-        let batch = int("batch")?;
-        if batch == 0 {
-            return Err(bad("batch = \"0\" must be positive".into()));
-        }
-        let batch = usize::try_from(batch).map_err(|_| bad(format!("batch = {batch} is too large")))?;
-        Some(OptimizerState {
-            adam_m,
-            adam_v,
-            step: int("step")?,
-            epoch: int("epoch")?,
-            step_in_epoch: int("step_in_epoch")?,
-            seed: int("seed")?,
-            batch,
-            shuffle,
-            adam: AdamConfig {
-                lr: float("lr")?,
-                beta1: float("beta1")?,
-                beta2: float("beta2")?,
-                eps: float("eps")?,
-            },
-        })
-    } else {
-        None
+    if !has_state {
+        return Ok(Checkpoint { params, state: None });
+    }
+    let empty = HashMap::new();
+    let meta = header.metadata().as_ref().unwrap_or(&empty);
+    let bad = |reason: String| CheckpointError::BadMetadata { path: path.to_owned(), reason };
+    match meta.get("format") {
+        Some(f) if f == FORMAT_TAG => {}
+        Some(f) => return Err(bad(format!("format is {f:?}, expected {FORMAT_TAG:?}"))),
+        None => return Err(bad(format!("format tag missing (expected {FORMAT_TAG:?})"))),
+    }
+    let get = |key: &str| -> Result<&String, CheckpointError> {
+        meta.get(key).ok_or_else(|| bad(format!("optimizer state is present but {key} is missing")))
     };
-    Ok(Checkpoint { params, optimizer })
+    let int = |key: &str| -> Result<u64, CheckpointError> {
+        let v = get(key)?;
+        v.parse::<u64>().map_err(|_| bad(format!("{key} = {v:?} is not a non-negative integer")))
+    };
+    let shuffle = match get("shuffle")?.as_str() {
+        "true" => true,
+        "false" => false,
+        v => return Err(bad(format!("shuffle = {v:?} is not true or false"))),
+    };
+    let batch = int("batch")?;
+    if batch == 0 {
+        return Err(bad("batch = \"0\" must be positive".into()));
+    }
+    let batch = usize::try_from(batch).map_err(|_| bad(format!("batch = {batch} is too large")))?;
+    let optimizer = Optimizer::from_metadata(&|k| meta.get(k).cloned()).map_err(|e| bad(format!("{e:#}")))?;
+    let moments = optimizer
+        .state_names()
+        .iter()
+        .map(|name| read_params(path, &st, &format!("{name}.")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let state = TrainState {
+        params: params.clone(),
+        optimizer,
+        moments,
+        step: int("step")?,
+        epoch: int("epoch")?,
+        step_in_epoch: int("step_in_epoch")?,
+        seed: int("seed")?,
+        batch,
+        shuffle,
+    };
+    Ok(Checkpoint { params, state: Some(state) })
 }
 
 /// Checks that the header fits in the file and every tensor's data offsets lie inside it before
@@ -279,7 +249,7 @@ fn precheck_offsets(bytes: &[u8]) -> Result<(), String> {
 
 fn read_params(path: &Path, st: &SafeTensors<'_>, prefix: &str) -> Result<Params, CheckpointError> {
     let mut params = Params::zeros();
-    for (tensor, spec) in params.tensors.iter_mut().zip(&PARAM_SPECS) {
+    for (tensor, spec) in params.tensors.iter_mut().zip(param_specs()) {
         let name = format!("{prefix}{}", spec.name);
         let view = st
             .tensor(&name)
@@ -291,11 +261,11 @@ fn read_params(path: &Path, st: &SafeTensors<'_>, prefix: &str) -> Result<Params
                 found: format!("{:?}", view.dtype()),
             });
         }
-        if view.shape() != spec.shape {
+        if view.shape() != spec.shape.as_slice() {
             return Err(CheckpointError::WrongShape {
                 path: path.to_owned(),
                 name,
-                expected: spec.shape.to_vec(),
+                expected: spec.shape.clone(),
                 found: view.shape().to_vec(),
             });
         }
@@ -318,8 +288,8 @@ fn read_params(path: &Path, st: &SafeTensors<'_>, prefix: &str) -> Result<Params
 /// (name, shape, little-endian bytes) of each tensor of `params`; refuses non-finite values, so a
 /// diverged run never overwrites a good checkpoint.
 fn named_tensors(path: &Path, prefix: &str, params: &Params) -> Result<Vec<NamedTensor>, CheckpointError> {
-    let mut out = Vec::with_capacity(PARAM_SPECS.len());
-    for (tensor, spec) in params.tensors.iter().zip(&PARAM_SPECS) {
+    let mut out = Vec::with_capacity(param_specs().len());
+    for (tensor, spec) in params.tensors.iter().zip(param_specs()) {
         let name = format!("{prefix}{}", spec.name);
         assert_eq!(tensor.len(), spec.len(), "{name} has the wrong length");
         if let Some(index) = tensor.iter().position(|x| !x.is_finite()) {
@@ -331,7 +301,7 @@ fn named_tensors(path: &Path, prefix: &str, params: &Params) -> Result<Vec<Named
             });
         }
         let bytes = tensor.iter().flat_map(|x| x.to_le_bytes()).collect();
-        out.push((name, spec.shape, bytes));
+        out.push((name, spec.shape.clone(), bytes));
     }
     Ok(out)
 }
@@ -345,7 +315,7 @@ fn write_tensors(
     let views = tensors
         .iter()
         .map(|(name, shape, bytes)| {
-            TensorView::new(Dtype::F32, shape.to_vec(), bytes).map(|v| (name.as_str(), v))
+            TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (name.as_str(), v))
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| write_err(io::Error::other(e.to_string())))?;

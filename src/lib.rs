@@ -1,12 +1,20 @@
 //! LeNet-5 on MNIST, trained by WGSL compute shaders through wgpu, with a pure-Rust CPU path
 //! that computes the same functions (the reference for tests, and the fallback without a GPU).
+//!
+//! How the parts fit: docs/architecture.md.
 
+pub mod backend;
 pub mod bench;
+
 pub mod checkpoint;
 pub mod cpu;
 pub mod data;
 pub mod gpu;
 pub mod image_input;
 pub mod model;
+pub mod network;
+pub mod opcheck;
+pub mod ops;
+pub mod optim;
 pub mod plot;
 pub mod train;

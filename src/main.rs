@@ -8,11 +8,13 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use lenet::backend::{no_training_data, open_backend};
 use lenet::checkpoint::load_checkpoint;
-use lenet::data::{default_data_dir, load_mnist, Dataset, Mnist};
+use lenet::data::{default_data_dir, load_mnist, Mnist};
 use lenet::gpu::context::{choose_adapter, ADAPTER_ENV};
-use lenet::model::{AdamConfig, Params, TrainState};
-use lenet::train::{evaluate_logits, Backend, TrainConfig};
+use lenet::model::{Params, TrainState};
+use lenet::optim::Optimizer;
+use lenet::train::{evaluate_logits, TrainConfig};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +47,16 @@ enum BackendChoice {
     Auto,
     Gpu,
     Cpu,
+}
+
+impl From<BackendChoice> for lenet::backend::BackendChoice {
+    fn from(c: BackendChoice) -> Self {
+        match c {
+            BackendChoice::Auto => lenet::backend::BackendChoice::Auto,
+            BackendChoice::Gpu => lenet::backend::BackendChoice::Gpu,
+            BackendChoice::Cpu => lenet::backend::BackendChoice::Cpu,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -234,10 +246,9 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     }
     let mnist = load_data(args.data.as_deref())?;
 
-    let mut adam = AdamConfig::default();
     let mut state = match &args.resume {
         Some(path) => {
-            let Some((state, saved_adam)) = load_checkpoint(path)?.into_train_state() else {
+            let Some(state) = load_checkpoint(path)?.into_train_state() else {
                 bail!(
                     "{}: holds weights only, no optimiser state to resume; use --init to start from it",
                     path.display()
@@ -254,7 +265,6 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
                     path.display()
                 );
             }
-            adam = saved_adam;
             state
         }
         None => {
@@ -263,11 +273,11 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
                 Some(path) => load_checkpoint(path)?.params,
                 None => Params::init(seed),
             };
-            TrainState::new(params, seed, args.batch.unwrap_or(256), !args.no_shuffle)
+            TrainState::new(params, Optimizer::default(), seed, args.batch.unwrap_or(256), !args.no_shuffle)
         }
     };
     if let Some(lr) = args.lr {
-        adam.lr = lr;
+        state.optimizer.lr = lr as f64;
     }
     if state.batch == 0 {
         bail!("--batch must be at least 1");
@@ -276,8 +286,7 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         bail!("--batch {} is larger than the training set ({} images)", state.batch, mnist.train.len());
     }
 
-    let train_set = Arc::new(mnist.train.clone());
-    let mut backend = open_backend(&args.device, Some(train_set))?;
+    let mut backend = open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &mnist.train)?;
     let interrupt = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupt.clone();
@@ -292,7 +301,6 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     let cfg = TrainConfig {
         epochs: args.epochs,
         steps: args.steps,
-        adam,
         eval_every: args.eval_every,
         checkpoint_every: args.checkpoint_every,
         save: args.save.clone(),
@@ -323,60 +331,14 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     Ok(if report.stopped_early { ExitCode::from(130) } else { ExitCode::SUCCESS })
 }
 
-/// The backend the user asked for. `auto` takes the best GPU adapter and falls back to the
-/// CPU with a one-line notice when there is none or it fails to start.
-fn open_backend(device: &DeviceArgs, train: Option<Arc<Dataset>>) -> Result<Box<dyn Backend>> {
-    let train =
-        train.unwrap_or_else(|| Arc::new(Dataset { images: vec![], labels: vec![], rows: 28, cols: 28 }));
-    let adapter = device.adapter.as_deref();
-    match device.backend {
-        BackendChoice::Cpu => Ok(Box::new(lenet::cpu::backend::CpuBackend::new(train))),
-        BackendChoice::Gpu => {
-            let gpu = lenet::gpu::GpuBackend::open(adapter, &train).context("--backend gpu")?;
-            Ok(Box::new(gpu))
-        }
-        BackendChoice::Auto => {
-            // A software adapter (lavapipe, SwiftShader, WARP) runs the shaders on the CPU far
-            // slower than the native CPU path, so `auto` only takes one when asked by name.
-            let adapters = lenet::gpu::list_adapters();
-            let wanted = adapter.map(str::to_string).or_else(|| std::env::var(ADAPTER_ENV).ok());
-            let chosen = choose_adapter(&adapters, wanted.as_deref()).map(|i| &adapters[i]);
-            let reason = match chosen {
-                None if adapters.is_empty() => Some("no GPU adapter".to_string()),
-                None => Some(format!("no adapter's name contains {:?}", wanted.unwrap_or_default())),
-                Some(a) if a.device_type == wgpu::DeviceType::Cpu && wanted.is_none() => Some(format!(
-                    "the only adapter, {}, is a software rasterizer, slower than the CPU path; \
-                     --backend gpu uses it anyway",
-                    a.name
-                )),
-                Some(_) => None,
-            };
-            if let Some(reason) = reason {
-                eprintln!("backend: cpu ({reason})");
-                return Ok(Box::new(lenet::cpu::backend::CpuBackend::new(train)));
-            }
-            match lenet::gpu::GpuBackend::open(adapter, &train) {
-                Ok(gpu) => {
-                    eprintln!("backend: gpu ({})", gpu.adapter());
-                    Ok(Box::new(gpu))
-                }
-                Err(e) => {
-                    eprintln!("backend: cpu (the GPU failed to start: {e:#})");
-                    Ok(Box::new(lenet::cpu::backend::CpuBackend::new(train)))
-                }
-            }
-        }
-    }
-}
-
 fn eval(args: EvalArgs) -> Result<ExitCode> {
     let checkpoint = load_checkpoint(&args.weights)?;
     let mnist = load_data(args.data.as_deref())?;
-    let mut backend = open_backend(&args.device, None)?;
-    let mut state = TrainState::new(checkpoint.params, 0, 1, false);
+    let mut backend =
+        open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &no_training_data())?;
+    let state = TrainState::new(checkpoint.params, Optimizer::default(), 0, 1, false);
     backend.load_state(&state)?;
     let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
-    backend.store_state(&mut state)?;
     println!(
         "accuracy {:.2}% ({}/{}), loss {:.4} on {} ({})",
         100.0 * eval.accuracy,
@@ -402,7 +364,7 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
     let mut results = Vec::new();
     for path in &args.images {
         let pixels = lenet::image_input::load_image(path)?;
-        let probs = probabilities(&params, &pixels);
+        let probs = probabilities(&params, &pixels)?;
         let digit = lenet::train::argmax(&probs);
         println!("{}: {digit} ({:.1}%)", path.display(), 100.0 * probs[digit]);
         results.push(serde_json::json!({
@@ -419,15 +381,8 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
 }
 
 /// Softmax of the network's logits for one image (the CPU path: one image needs no GPU).
-fn probabilities(params: &Params, pixels: &[u8]) -> Vec<f32> {
-    use lenet::cpu::network::{forward, Activations};
-    let mut acts = Activations::new(1);
-    acts.set_input(pixels);
-    forward(params, &mut acts);
-    let max = acts.logits.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z));
-    let exps: Vec<f32> = acts.logits.iter().map(|&z| (z - max).exp()).collect();
-    let sum: f32 = exps.iter().sum();
-    exps.iter().map(|e| e / sum).collect()
+fn probabilities(params: &Params, pixels: &[u8]) -> Result<Vec<f32>> {
+    Ok(lenet::cpu::probabilities(params, &[pixels])?.remove(0))
 }
 
 fn bench(args: BenchArgs) -> Result<ExitCode> {

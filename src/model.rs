@@ -1,106 +1,127 @@
-//! LeNet-5's shapes, its parameters in PyTorch's `state_dict` names and layouts, and the seeded
-//! initialisation and batch order shared by both backends.
+//! LeNet-5 described once: the layer table, and everything derived from it (each layer's shapes
+//! at a batch size, the parameter tensors with PyTorch's `state_dict` names and layouts), the
+//! seeded initialisation, and the state a run carries from step to step.
+//!
+//! To change the network, change [`LENET5`]: the parameter list, the checkpoint's tensor names,
+//! the activation and gradient buffers of both paths ([`crate::network`]) and the bench rows
+//! follow from it.
+
+use std::sync::LazyLock;
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
-/// Pixels of one MNIST image.
+pub use crate::ops::{ConvShape, LinearShape};
+use crate::optim::Optimizer;
+
+/// Side of an MNIST image (one channel).
 pub const IMAGE_SIDE: usize = 28;
 pub const IMAGE_PIXELS: usize = IMAGE_SIDE * IMAGE_SIDE;
 pub const CLASSES: usize = 10;
 
-// Per-image activation sizes, in the order of the forward pass.
-pub const CONV1_CHANNELS: usize = 6;
-pub const CONV1_SIDE: usize = 28; // 5x5, padding 2
-pub const POOL1_SIDE: usize = 14;
-pub const CONV2_CHANNELS: usize = 16;
-pub const CONV2_SIDE: usize = 10; // 5x5, no padding
-pub const POOL2_SIDE: usize = 5;
-pub const KERNEL: usize = 5;
-pub const FC1_IN: usize = CONV2_CHANNELS * POOL2_SIDE * POOL2_SIDE; // 400
-pub const FC1_OUT: usize = 120;
-pub const FC2_OUT: usize = 84;
-pub const FC3_OUT: usize = CLASSES;
-
-/// The shape of a 2-D convolution over a batch, NCHW, square kernel, stride 1.
+/// What a layer computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvShape {
-    pub batch: usize,
-    pub in_channels: usize,
-    pub out_channels: usize,
-    /// Input height and width.
-    pub height: usize,
-    pub width: usize,
-    pub kernel: usize,
-    pub padding: usize,
+pub enum LayerKind {
+    /// Convolution (square kernel, stride 1, zero padding) + bias + ReLU, then 2x2 max-pooling
+    /// that remembers its argmax. Its input is the previous layer's pooled output (or the image).
+    ConvReluPool { in_channels: usize, out_channels: usize, kernel: usize, padding: usize },
+    /// Fully connected, + bias, then ReLU if `relu`. Its input is the previous layer's output,
+    /// flattened in PyTorch's order (c*H*W + h*W + w).
+    Linear { in_features: usize, out_features: usize, relu: bool },
 }
 
-impl ConvShape {
-    pub fn out_height(&self) -> usize {
-        self.height + 2 * self.padding + 1 - self.kernel
-    }
-    pub fn out_width(&self) -> usize {
-        self.width + 2 * self.padding + 1 - self.kernel
-    }
-    pub fn input_len(&self) -> usize {
-        self.batch * self.in_channels * self.height * self.width
-    }
+/// One layer: its `state_dict` prefix and what it computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layer {
+    pub name: &'static str,
+    pub kind: LayerKind,
+}
+
+/// LeNet-5 as the design fixes it (the last layer's outputs are the logits of the softmax
+/// cross-entropy loss).
+pub const LENET5: [Layer; 5] = [
+    Layer {
+        name: "conv1",
+        kind: LayerKind::ConvReluPool { in_channels: 1, out_channels: 6, kernel: 5, padding: 2 },
+    },
+    Layer {
+        name: "conv2",
+        kind: LayerKind::ConvReluPool { in_channels: 6, out_channels: 16, kernel: 5, padding: 0 },
+    },
+    Layer { name: "fc1", kind: LayerKind::Linear { in_features: 400, out_features: 120, relu: true } },
+    Layer { name: "fc2", kind: LayerKind::Linear { in_features: 120, out_features: 84, relu: true } },
+    Layer { name: "fc3", kind: LayerKind::Linear { in_features: 84, out_features: 10, relu: false } },
+];
+
+/// A layer's shape at one batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerShape {
+    Conv(ConvShape),
+    Linear(LinearShape),
+}
+
+impl LayerShape {
+    /// Elements of the layer's output (the pooled output for a conv layer) over the batch.
     pub fn output_len(&self) -> usize {
-        self.batch * self.out_channels * self.out_height() * self.out_width()
+        match self {
+            LayerShape::Conv(s) => s.pooled_len(),
+            LayerShape::Linear(s) => s.batch * s.out_features,
+        }
     }
-    pub fn weight_len(&self) -> usize {
-        self.out_channels * self.in_channels * self.kernel * self.kernel
-    }
+
     /// Multiply-accumulates of the forward pass.
     pub fn macs(&self) -> usize {
-        self.output_len() * self.in_channels * self.kernel * self.kernel
+        match self {
+            LayerShape::Conv(s) => s.macs(),
+            LayerShape::Linear(s) => s.macs(),
+        }
     }
 }
 
-pub fn conv1_shape(batch: usize) -> ConvShape {
-    ConvShape {
-        batch,
-        in_channels: 1,
-        out_channels: CONV1_CHANNELS,
-        height: IMAGE_SIDE,
-        width: IMAGE_SIDE,
-        kernel: KERNEL,
-        padding: 2,
+/// The shapes of every layer of [`LENET5`] at `batch`, checking that each layer's input is
+/// what the layer before it produces.
+pub fn layer_shapes(batch: usize) -> Vec<LayerShape> {
+    let (mut channels, mut side) = (1usize, IMAGE_SIDE);
+    let mut shapes = Vec::with_capacity(LENET5.len());
+    for layer in &LENET5 {
+        let shape = match layer.kind {
+            LayerKind::ConvReluPool { in_channels, out_channels, kernel, padding } => {
+                assert_eq!(in_channels, channels, "{}: input channels", layer.name);
+                let s = ConvShape {
+                    batch,
+                    in_channels,
+                    out_channels,
+                    height: side,
+                    width: side,
+                    kernel,
+                    padding,
+                };
+                assert!(s.out_height().is_multiple_of(2), "{}: pooled side must be even", layer.name);
+                (channels, side) = (out_channels, s.out_height() / 2);
+                LayerShape::Conv(s)
+            }
+            LayerKind::Linear { in_features, out_features, .. } => {
+                assert_eq!(in_features, channels * side * side, "{}: input features", layer.name);
+                (channels, side) = (out_features, 1);
+                LayerShape::Linear(LinearShape { batch, in_features, out_features })
+            }
+        };
+        shapes.push(shape);
     }
+    assert_eq!(channels * side * side, CLASSES, "the last layer must give one logit per class");
+    shapes
 }
 
-pub fn conv2_shape(batch: usize) -> ConvShape {
-    ConvShape {
-        batch,
-        in_channels: CONV1_CHANNELS,
-        out_channels: CONV2_CHANNELS,
-        height: POOL1_SIDE,
-        width: POOL1_SIDE,
-        kernel: KERNEL,
-        padding: 0,
-    }
-}
-
-/// Index of each parameter tensor; the order is the `state_dict` order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ParamId {
-    Conv1Weight,
-    Conv1Bias,
-    Conv2Weight,
-    Conv2Bias,
-    Fc1Weight,
-    Fc1Bias,
-    Fc2Weight,
-    Fc2Bias,
-    Fc3Weight,
-    Fc3Bias,
-}
-
+/// One parameter tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParamSpec {
-    pub name: &'static str,
-    pub shape: &'static [usize],
+    /// The `state_dict` name: `<layer>.weight` or `<layer>.bias`.
+    pub name: String,
+    pub shape: Vec<usize>,
     /// Inputs feeding one output unit: PyTorch's default init draws from U(±1/sqrt(fan_in)).
     pub fan_in: usize,
+    /// Which layer of [`LENET5`] it belongs to.
+    pub layer: usize,
 }
 
 impl ParamSpec {
@@ -113,42 +134,61 @@ impl ParamSpec {
     }
 }
 
-/// The ten tensors of LeNet-5, in `state_dict` order, with PyTorch's names and layouts.
-pub const PARAM_SPECS: [ParamSpec; 10] = [
-    ParamSpec { name: "conv1.weight", shape: &[6, 1, 5, 5], fan_in: 25 },
-    ParamSpec { name: "conv1.bias", shape: &[6], fan_in: 25 },
-    ParamSpec { name: "conv2.weight", shape: &[16, 6, 5, 5], fan_in: 150 },
-    ParamSpec { name: "conv2.bias", shape: &[16], fan_in: 150 },
-    ParamSpec { name: "fc1.weight", shape: &[120, 400], fan_in: 400 },
-    ParamSpec { name: "fc1.bias", shape: &[120], fan_in: 400 },
-    ParamSpec { name: "fc2.weight", shape: &[84, 120], fan_in: 120 },
-    ParamSpec { name: "fc2.bias", shape: &[84], fan_in: 120 },
-    ParamSpec { name: "fc3.weight", shape: &[10, 84], fan_in: 84 },
-    ParamSpec { name: "fc3.bias", shape: &[10], fan_in: 84 },
-];
+/// The parameter tensors of [`LENET5`] in `state_dict` order: each layer's weight, then its bias.
+pub fn param_specs() -> &'static [ParamSpec] {
+    static SPECS: LazyLock<Vec<ParamSpec>> = LazyLock::new(|| {
+        let mut specs = Vec::new();
+        for (i, layer) in LENET5.iter().enumerate() {
+            let (weight, out, fan_in) = match layer.kind {
+                LayerKind::ConvReluPool { in_channels, out_channels, kernel, .. } => (
+                    vec![out_channels, in_channels, kernel, kernel],
+                    out_channels,
+                    in_channels * kernel * kernel,
+                ),
+                LayerKind::Linear { in_features, out_features, .. } => {
+                    (vec![out_features, in_features], out_features, in_features)
+                }
+            };
+            specs.push(ParamSpec { name: format!("{}.weight", layer.name), shape: weight, fan_in, layer: i });
+            specs.push(ParamSpec {
+                name: format!("{}.bias", layer.name),
+                shape: vec![out],
+                fan_in,
+                layer: i,
+            });
+        }
+        specs
+    });
+    &SPECS
+}
+
+/// The weight's and the bias's indices in [`param_specs`] for layer `layer`.
+pub fn layer_params(layer: usize) -> (usize, usize) {
+    (2 * layer, 2 * layer + 1)
+}
 
 /// Total number of trainable scalars (61,706).
 pub fn param_count() -> usize {
-    PARAM_SPECS.iter().map(ParamSpec::len).sum()
+    param_specs().iter().map(ParamSpec::len).sum()
 }
 
-/// One value per parameter of the network: the weights themselves, their gradients, or an Adam
-/// moment. Tensors are indexed by [`ParamId`] and laid out as PyTorch lays them out.
+/// One value per parameter of the network: the weights themselves, their gradients, or an
+/// optimizer's moment. Tensors are in [`param_specs`] order, laid out as PyTorch lays them out.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Params {
-    pub tensors: [Vec<f32>; 10],
+    pub tensors: Vec<Vec<f32>>,
 }
 
 impl Params {
     pub fn zeros() -> Self {
-        Params { tensors: std::array::from_fn(|i| vec![0.0; PARAM_SPECS[i].len()]) }
+        Params { tensors: param_specs().iter().map(|s| vec![0.0; s.len()]).collect() }
     }
 
     /// PyTorch's default initialisation from a seeded ChaCha8 stream (stream 0 of `seed`).
     pub fn init(seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut params = Params::zeros();
-        for (tensor, spec) in params.tensors.iter_mut().zip(&PARAM_SPECS) {
+        for (tensor, spec) in params.tensors.iter_mut().zip(param_specs()) {
             let bound = 1.0 / (spec.fan_in as f32).sqrt();
             for x in tensor.iter_mut() {
                 *x = -bound + 2.0 * bound * unit_f32(&mut rng);
@@ -157,12 +197,9 @@ impl Params {
         params
     }
 
-    pub fn get(&self, id: ParamId) -> &[f32] {
-        &self.tensors[id as usize]
-    }
-
-    pub fn get_mut(&mut self, id: ParamId) -> &mut [f32] {
-        &mut self.tensors[id as usize]
+    /// The tensor named `name` (a `state_dict` name).
+    pub fn get(&self, name: &str) -> Option<&[f32]> {
+        param_specs().iter().position(|s| s.name == name).map(|i| self.tensors[i].as_slice())
     }
 
     /// The tensors concatenated in `state_dict` order.
@@ -185,6 +222,12 @@ impl Params {
 
     pub fn all_finite(&self) -> bool {
         self.tensors.iter().flatten().all(|x| x.is_finite())
+    }
+
+    /// Whether every tensor has its spec's size.
+    pub fn has_lenet_shapes(&self) -> bool {
+        self.tensors.len() == param_specs().len()
+            && self.tensors.iter().zip(param_specs()).all(|(t, s)| t.len() == s.len())
     }
 }
 
@@ -220,47 +263,14 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<u32> {
     order
 }
 
-/// Adam's hyper-parameters, as `torch.optim.Adam` names them.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamConfig {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-}
-
-impl Default for AdamConfig {
-    fn default() -> Self {
-        AdamConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
-    }
-}
-
-/// The per-step scalars of Adam's bias correction, computed in f64 like PyTorch's Python floats
-/// and rounded once to f32.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamStep {
-    /// lr / (1 - beta1^t)
-    pub step_size: f32,
-    /// sqrt(1 - beta2^t)
-    pub bias_correction2_sqrt: f32,
-}
-
-impl AdamConfig {
-    /// Scalars for step `t` (1-based, as torch counts).
-    pub fn step(&self, t: u64) -> AdamStep {
-        let t = t as i32;
-        let bc1 = 1.0 - (self.beta1 as f64).powi(t);
-        let bc2 = 1.0 - (self.beta2 as f64).powi(t);
-        AdamStep { step_size: (self.lr as f64 / bc1) as f32, bias_correction2_sqrt: bc2.sqrt() as f32 }
-    }
-}
-
 /// Everything a run needs to continue exactly where it stopped.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainState {
     pub params: Params,
-    pub adam_m: Params,
-    pub adam_v: Params,
+    /// The optimizer's settings.
+    pub optimizer: Optimizer,
+    /// The optimizer's state, one buffer per name of [`Optimizer::state_names`].
+    pub moments: Vec<Params>,
     /// Optimiser steps taken so far (Adam's t).
     pub step: u64,
     /// Epochs completed.
@@ -273,18 +283,10 @@ pub struct TrainState {
 }
 
 impl TrainState {
-    pub fn new(params: Params, seed: u64, batch: usize, shuffle: bool) -> Self {
-        TrainState {
-            params,
-            adam_m: Params::zeros(),
-            adam_v: Params::zeros(),
-            step: 0,
-            epoch: 0,
-            step_in_epoch: 0,
-            seed,
-            batch,
-            shuffle,
-        }
+    /// A fresh run from `params`: zero optimizer state, step 0.
+    pub fn new(params: Params, optimizer: Optimizer, seed: u64, batch: usize, shuffle: bool) -> Self {
+        let moments = optimizer.state_names().iter().map(|_| Params::zeros()).collect();
+        TrainState { params, optimizer, moments, step: 0, epoch: 0, step_in_epoch: 0, seed, batch, shuffle }
     }
 }
 
@@ -293,18 +295,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_table_gives_lenet5s_pytorch_parameters() {
+        let got: Vec<(&str, &[usize])> =
+            param_specs().iter().map(|s| (s.name.as_str(), s.shape.as_slice())).collect();
+        let want: [(&str, &[usize]); 10] = [
+            ("conv1.weight", &[6, 1, 5, 5]),
+            ("conv1.bias", &[6]),
+            ("conv2.weight", &[16, 6, 5, 5]),
+            ("conv2.bias", &[16]),
+            ("fc1.weight", &[120, 400]),
+            ("fc1.bias", &[120]),
+            ("fc2.weight", &[84, 120]),
+            ("fc2.bias", &[84]),
+            ("fc3.weight", &[10, 84]),
+            ("fc3.bias", &[10]),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(param_count(), 61_706);
+        let fan_ins: Vec<usize> = param_specs().iter().map(|s| s.fan_in).collect();
+        assert_eq!(fan_ins, [25, 25, 150, 150, 400, 400, 120, 120, 84, 84]);
+    }
+
+    #[test]
+    fn layer_shapes_chain() {
+        let s = layer_shapes(3);
+        let LayerShape::Conv(c1) = s[0] else { panic!() };
+        let LayerShape::Conv(c2) = s[1] else { panic!() };
+        assert_eq!((c1.out_height(), c1.pooled_len()), (28, 3 * 6 * 14 * 14));
+        assert_eq!((c2.height, c2.out_height(), c2.pooled_len()), (14, 10, 3 * 400));
+        assert_eq!(s[4], LayerShape::Linear(LinearShape { batch: 3, in_features: 84, out_features: 10 }));
+    }
+
+    #[test]
     fn init_is_reproducible_and_within_bounds() {
         let a = Params::init(7);
         assert_eq!(a, Params::init(7));
         assert_ne!(a, Params::init(8));
-        for (t, spec) in a.tensors.iter().zip(&PARAM_SPECS) {
+        for (t, spec) in a.tensors.iter().zip(param_specs()) {
             let bound = 1.0 / (spec.fan_in as f32).sqrt();
             assert!(t.iter().all(|x| x.abs() <= bound));
             // Not degenerate: values spread over most of the range.
             let max = t.iter().fold(0f32, |m, x| m.max(x.abs()));
             assert!(max > 0.5 * bound, "{}", spec.name);
         }
-        assert_eq!(param_count(), 61_706);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The training loop both backends share: batching, metrics, progress, checkpoints.
 
+use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,51 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::backend::{Backend, Chunk, StepStats};
 use crate::checkpoint::save_checkpoint;
-use crate::data::{Dataset, Mnist};
-use crate::model::{epoch_order, AdamConfig, TrainState, CLASSES};
-
-/// Loss and correct count of one optimiser step.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct StepStats {
-    pub loss: f32,
-    pub correct: u32,
-}
-
-/// Where the arithmetic runs. The training loop is written once against this.
-pub trait Backend {
-    /// "cpu" or "gpu".
-    fn kind(&self) -> &'static str;
-    /// The adapter's name (GPU) or a description of the processor (CPU).
-    fn adapter(&self) -> String;
-    /// Takes parameters and Adam moments from `state` (used at start and on resume).
-    fn load_state(&mut self, state: &TrainState) -> Result<()>;
-    /// Copies parameters and Adam moments back into `state` (for checkpoints and evaluation).
-    fn store_state(&mut self, state: &mut TrainState) -> Result<()>;
-    /// Takes `indices.len() / batch` optimiser steps; step i trains on the training samples
-    /// `indices[i*batch..(i+1)*batch]`. `first_step` is Adam's t of the first of them (1-based).
-    /// Returns each step's loss and correct count.
-    fn train_steps(
-        &mut self,
-        indices: &[u32],
-        batch: usize,
-        first_step: u64,
-        adam: &AdamConfig,
-    ) -> Result<Vec<StepStats>>;
-    /// Logits [N, 10] of the current parameters on every image of `data`.
-    fn logits(&mut self, data: &Dataset) -> Result<Vec<f32>>;
-    /// Command-buffer submissions and host waits so far (0 for the CPU).
-    fn sync_counts(&self) -> SyncCounts {
-        SyncCounts::default()
-    }
-}
-
-/// How often the host handed work to the device and waited for it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct SyncCounts {
-    pub submits: u64,
-    pub host_waits: u64,
-}
+use crate::data::Mnist;
+use crate::model::{epoch_order, TrainState, CLASSES};
 
 /// Accuracy, mean loss and confusion matrix of a set of logits against labels.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -89,15 +49,7 @@ pub fn evaluate_logits(logits: &[f32], labels: &[u8]) -> Evaluation {
 }
 
 /// Index of the first largest value.
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best
-}
+pub use crate::cpu::reference::first_argmax as argmax;
 
 /// What to train and where to write it.
 #[derive(Clone, Debug)]
@@ -106,7 +58,6 @@ pub struct TrainConfig {
     pub epochs: u64,
     /// Optimiser steps to take in this run; overrides `epochs`.
     pub steps: Option<u64>,
-    pub adam: AdamConfig,
     /// Evaluate on the test set after every this many epochs (0: only at the end).
     pub eval_every: u64,
     /// Save a checkpoint to `save` every this many steps (0: only at the end).
@@ -212,23 +163,39 @@ pub fn train(
         progress.start_epoch(state.epoch, state.step_in_epoch);
         let mut epoch_time = Duration::ZERO;
         let mut epoch_images = 0usize;
+        // Up to two chunks in flight: the backend runs one while the next is prepared. A chunk
+        // never crosses the end of the epoch, the run or a checkpoint.
+        let mut in_flight: VecDeque<u64> = VecDeque::new();
+        let mut submitted = state.step_in_epoch;
+        let mut t0 = Instant::now();
         while state.step_in_epoch < steps_per_epoch && state.step < target_step {
             if interrupt.load(Ordering::SeqCst) {
                 stopped_early = true;
-                break;
             }
-            let mut k = chunk.min(steps_per_epoch - state.step_in_epoch).min(target_step - state.step);
-            if cfg.checkpoint_every > 0 {
-                k = k.min(cfg.checkpoint_every - state.step % cfg.checkpoint_every);
+            while in_flight.len() < 2 && !stopped_early {
+                let at = state.step + in_flight.iter().sum::<u64>();
+                let mut k = chunk.min(steps_per_epoch - submitted).min(target_step - at);
+                if cfg.checkpoint_every > 0 {
+                    k = k.min(cfg.checkpoint_every - at % cfg.checkpoint_every);
+                }
+                if k == 0 {
+                    break;
+                }
+                let first = submitted as usize * batch;
+                let indices = order[first..first + k as usize * batch].to_vec();
+                let shifts = vec![0; 2 * indices.len()];
+                let steps =
+                    (at + 1..=at + k).map(|t| state.optimizer.step(t, state.optimizer.lr, None)).collect();
+                backend.submit(&Chunk { batch, indices, shifts, steps })?;
+                in_flight.push_back(k);
+                submitted += k;
+                if cfg.checkpoint_every > 0 && (at + k).is_multiple_of(cfg.checkpoint_every) {
+                    break;
+                }
             }
-            let first = (state.step_in_epoch as usize) * batch;
-            let indices = &order[first..first + k as usize * batch];
-            let t0 = Instant::now();
-            let stats = backend.train_steps(indices, batch, state.step + 1, &cfg.adam)?;
-            let dt = t0.elapsed();
-            train_time += dt;
-            epoch_time += dt;
-            epoch_images += indices.len();
+            let Some(k) = in_flight.pop_front() else { break };
+            let stats: Vec<StepStats> = backend.finish()?.expect("a chunk was submitted");
+            epoch_images += k as usize * batch;
             if let Some((i, bad)) = stats.iter().enumerate().find(|(_, s)| !s.loss.is_finite()) {
                 let kept = match (&cfg.save, last_saved) {
                     (Some(p), Some(s)) => {
@@ -260,15 +227,21 @@ pub fn train(
             }
             state.step_in_epoch += k;
             recent.extend_from_slice(&stats);
+            let now = Instant::now();
+            epoch_time += now - t0;
+            t0 = now;
             progress.update(state.step_in_epoch, &recent, epoch_images as f64 / epoch_time.as_secs_f64());
             if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) {
                 if let Some(path) = &cfg.save {
                     backend.store_state(state)?;
-                    save_checkpoint(path, state, &cfg.adam)?;
+                    save_checkpoint(path, state)?;
                     last_saved = Some(state.step);
                 }
+                // Saving is not training time.
+                t0 = Instant::now();
             }
         }
+        train_time += epoch_time;
         if stopped_early {
             break;
         }
@@ -304,7 +277,7 @@ pub fn train(
     }
     backend.store_state(state)?;
     if let Some(path) = &cfg.save {
-        save_checkpoint(path, state, &cfg.adam)?;
+        save_checkpoint(path, state)?;
     }
     let steps = state.step - start_step;
     // The loss of the last epoch, or of the last 50 steps when the run was shorter.

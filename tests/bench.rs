@@ -1,9 +1,17 @@
-//! The benchmark library at a tiny batch: every row present, validated, with positive finite
-//! times, on the CPU and (when there is an adapter) on the GPU; and `lenet bench --json`.
+//! The benchmark library at a tiny batch: a row for every op call of a training step (the
+//! network's own list), each validated and timed, on the CPU and (when there is an adapter) on
+//! the GPU; `lenet bench --json`; and the whole-step validation, which must catch a flipped,
+//! zeroed, halved or 1%-scaled gradient.
 
 mod common;
 
+use lenet::backend::{Backend, Chunk, OpsBackend};
+use lenet::bench::step::{check_step, StepResult};
 use lenet::bench::{run, BenchConfig, Report};
+use lenet::cpu::{Fast, Reference};
+use lenet::data::Dataset;
+use lenet::model::{Params, TrainState};
+use lenet::optim::{Adam, Optimizer};
 
 fn tiny() -> BenchConfig {
     let mut cfg = BenchConfig::new(4, 3);
@@ -12,32 +20,18 @@ fn tiny() -> BenchConfig {
     cfg
 }
 
-/// Layer and direction of every row a training step has, plus ReLU and the whole step.
-const EXPECTED: [(&str, &str); 25] = [
-    ("input", "gather"),
-    ("conv1", "forward"),
-    ("pool1", "forward"),
-    ("conv2", "forward"),
-    ("pool2", "forward"),
-    ("fc1", "forward"),
-    ("fc2", "forward"),
-    ("fc3", "forward"),
-    ("relu1", "forward"),
-    ("relu1", "backward"),
-    ("loss", "softmax_xent"),
-    ("fc3", "backward-weight"),
-    ("fc3", "backward-input"),
-    ("fc2", "backward-weight"),
-    ("fc2", "backward-input"),
-    ("fc1", "backward-weight"),
-    ("fc1", "backward-input"),
-    ("pool2", "backward"),
-    ("conv2", "backward-weight"),
-    ("conv2", "backward-input"),
-    ("pool1", "backward"),
-    ("conv1", "backward-weight"),
-    ("conv1", "backward-input"),
-    ("adam", "update"),
+/// Layer and direction of every op call of a training step, in order, then the whole step.
+const EXPECTED: [(&str, &str); 11] = [
+    ("conv1", "gather+fwd+relu+pool"),
+    ("conv2", "forward+relu+pool"),
+    ("fc1", "forward+relu"),
+    ("fc2", "forward+relu"),
+    ("fc3", "fwd+xent+bwd"),
+    ("fc2", "backward"),
+    ("fc1", "backward"),
+    ("conv2", "backward from pool"),
+    ("conv1", "backward from pool"),
+    ("all", "adam update"),
     ("step", "fwd+bwd+adam"),
 ];
 
@@ -47,26 +41,29 @@ fn positive(x: Option<f64>) -> bool {
 
 fn check_rows(r: &Report, gpu: bool) {
     let table = r.table();
-    for (layer, dir) in EXPECTED {
-        let row = r
-            .rows
-            .iter()
-            .find(|x| x.layer == layer && x.direction == dir)
-            .unwrap_or_else(|| panic!("row {layer} {dir} missing:\n{table}"));
-        assert!(!row.failed(), "{layer} {dir}: {}\n{table}", row.validated);
-        let conv1_input = layer == "conv1" && dir == "backward-input";
-        if conv1_input {
-            assert!(row.cpu_us.is_none() && row.gpu_us.is_none(), "conv1 backward-input is not run");
-            continue;
-        }
-        assert!(positive(row.cpu_us) && positive(row.cpu_rate), "{layer} {dir}: CPU time\n{table}");
+    let got: Vec<(&str, &str)> = r.rows.iter().map(|x| (x.layer.as_str(), x.direction.as_str())).collect();
+    assert_eq!(got, EXPECTED, "\n{table}");
+    for row in &r.rows {
+        assert_eq!(row.validated, "ok", "{} {}\n{table}", row.layer, row.direction);
+        assert!(
+            positive(row.cpu_us) && positive(row.cpu_rate),
+            "{} {}: CPU time\n{table}",
+            row.layer,
+            row.direction
+        );
         if gpu {
-            assert_eq!(row.validated, "ok", "{layer} {dir}\n{table}");
-            assert!(positive(row.gpu_us) && positive(row.gpu_rate), "{layer} {dir}: GPU time\n{table}");
+            assert!(
+                positive(row.gpu_us) && positive(row.gpu_rate),
+                "{} {}: GPU time\n{table}",
+                row.layer,
+                row.direction
+            );
+            assert!(!row.gpu_kernels.is_empty());
         } else {
             assert!(row.gpu_us.is_none());
         }
     }
+    assert!(table.lines().all(|l| l.chars().count() <= 100), "the table is wider than 100 columns:\n{table}");
 }
 
 #[test]
@@ -84,6 +81,11 @@ fn gpu_rows_all_present_validated_and_timed() {
     assert!(r.adapter.is_some());
     assert!(r.timing == "timestamps" || r.timing == "wall_clock", "{}", r.timing);
     check_rows(&r, true);
+    // The step row times the trainer's whole program: every dispatch the op rows time.
+    let step = r.rows.last().unwrap();
+    let ops: usize = r.rows[..r.rows.len() - 1].iter().map(|x| x.gpu_kernels.len()).sum();
+    assert_eq!(step.gpu_kernels.len(), ops);
+    assert_eq!(r.step_dispatches, Some(ops));
     assert!(r.table().contains(&ctx.adapter_info.name));
 }
 
@@ -101,7 +103,79 @@ fn cli_bench_cpu_json_is_the_last_line() {
     assert_eq!(v["timing"], "cpu_only");
     assert!(v["adapter"].is_null());
     let rows = v["rows"].as_array().unwrap();
-    assert!(rows.len() >= EXPECTED.len());
-    assert!(rows.iter().all(|r| !r["validated"].as_str().unwrap().starts_with("FAILED")));
+    assert_eq!(rows.len(), EXPECTED.len());
+    assert!(rows.iter().all(|r| r["validated"] == "ok"));
     assert!(stdout.contains("conv2") && stdout.contains("CPU us") && !stdout.contains("GPU us"));
+}
+
+/// One step from the same state on a random batch, on the fast path ("got") and the reference
+/// ("want").
+fn two_steps() -> (StepResult, StepResult, f64) {
+    let batch = 16;
+    let mut r = common::rng(3);
+    let data = Dataset {
+        images: common::bytes(&mut r, batch * 784),
+        labels: (0..batch).map(|_| common::below(&mut r, 10) as u8).collect(),
+        rows: 28,
+        cols: 28,
+    };
+    let opt = Optimizer::default();
+    let state = TrainState::new(Params::init(4), opt, 0, batch, false);
+    let chunk = Chunk {
+        batch,
+        indices: (0..batch as u32).collect(),
+        shifts: vec![0; 2 * batch],
+        steps: vec![opt.step(1, opt.lr, None)],
+    };
+    let mut fast = OpsBackend::with_ops(Fast::default(), "cpu", "fast".into(), &data).unwrap();
+    let mut reference = OpsBackend::with_ops(Reference, "cpu", "reference".into(), &data).unwrap();
+    let result = |b: &mut dyn Backend, grads: Params| {
+        let mut after = state.clone();
+        b.store_state(&mut after).unwrap();
+        (grads, after.params)
+    };
+    fast.load_state(&state).unwrap();
+    let fl = fast.train_steps(&chunk).unwrap()[0].loss;
+    let fg = fast.gradients().unwrap();
+    let (fg, fp) = result(&mut fast, fg);
+    reference.load_state(&state).unwrap();
+    let rl = reference.train_steps(&chunk).unwrap()[0].loss;
+    let rg = reference.gradients().unwrap();
+    let (rg, rp) = result(&mut reference, rg);
+    (StepResult { loss: fl, grads: fg, params: fp }, StepResult { loss: rl, grads: rg, params: rp }, opt.lr)
+}
+
+#[test]
+fn the_step_check_passes_rounding_and_catches_wrong_gradients() {
+    let (got, want, lr) = two_steps();
+    let eps = Adam::default().eps;
+    let ratio = check_step(&got, &want, lr, eps).unwrap();
+    assert!(ratio <= 1.0);
+    eprintln!("fast vs reference, one step: worst ratio {ratio:.3}");
+
+    // Faults planted in one tensor's gradient, and the parameters an update from it gives.
+    type Plant = fn(f32) -> f32;
+    let faults: [(&str, Plant); 4] =
+        [("flipped sign", |g| -g), ("zeroed", |_| 0.0), ("halved", |g| 0.5 * g), ("1% scale", |g| 1.01 * g)];
+    for tensor in [0, 2, 4, 9] {
+        for (name, f) in faults {
+            let mut bad = got.clone();
+            for (j, g) in bad.grads.tensors[tensor].iter_mut().enumerate() {
+                *g = f(*g);
+                // Adam's first step with this gradient.
+                let p0 = want.params.tensors[tensor][j]
+                    + (lr * want.grads.tensors[tensor][j] as f64
+                        / (want.grads.tensors[tensor][j].abs() as f64 + eps)) as f32;
+                bad.params.tensors[tensor][j] = p0 - (lr * *g as f64 / (g.abs() as f64 + eps)) as f32;
+            }
+            let r = check_step(&bad, &want, lr, eps);
+            assert!(r.is_err(), "tensor {tensor}: a {name} gradient passed ({r:?})");
+        }
+    }
+    // A wrong update with the right gradient (half the step) is caught by the parameters.
+    let mut bad = got.clone();
+    for (p, w) in bad.params.tensors[2].iter_mut().zip(&want.params.tensors[2]) {
+        *p = 0.5 * (*p + *w) + 0.25 * lr as f32;
+    }
+    assert!(check_step(&bad, &want, lr, eps).is_err());
 }

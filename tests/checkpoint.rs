@@ -7,26 +7,26 @@ use std::path::{Path, PathBuf};
 use lenet::checkpoint::{
     load_checkpoint, save_checkpoint, save_weights, CheckpointError, FORMAT_TAG, META_KEYS,
 };
-use lenet::model::{AdamConfig, Params, TrainState, PARAM_SPECS};
+use lenet::model::{param_specs, Params, TrainState};
+use lenet::optim::{Adam, Optimizer, OptimizerKind, Sgd};
 use safetensors::tensor::{Dtype, TensorView};
 
+fn adam() -> Optimizer {
+    Optimizer { kind: OptimizerKind::Adam(Adam { beta1: 0.85, beta2: 0.9995, eps: 1.1e-8 }), lr: 3.3e-4 }
+}
+
 fn state() -> TrainState {
-    let mut s = TrainState::new(Params::init(11), 0xdead_beef_1234_5678, 64, false);
-    s.adam_m = Params::init(12);
-    s.adam_v = Params::init(13);
+    let mut s = TrainState::new(Params::init(11), adam(), 0xdead_beef_1234_5678, 64, false);
+    s.moments = vec![Params::init(12), Params::init(13)];
     // Values whose bits a decimal round trip would lose if done carelessly.
     s.params.tensors[0][0] = f32::MIN_POSITIVE;
     s.params.tensors[0][1] = -0.0;
     s.params.tensors[9][9] = f32::MAX;
-    s.adam_v.tensors[4][3] = 1e-45; // subnormal
+    s.moments[1].tensors[4][3] = 1e-45; // subnormal
     s.step = 123_456_789_012;
     s.epoch = 7;
     s.step_in_epoch = 233;
     s
-}
-
-fn adam() -> AdamConfig {
-    AdamConfig { lr: 3.3e-4, beta1: 0.85, beta2: 0.9995, eps: 1.1e-8 }
 }
 
 fn bits(p: &Params) -> Vec<u32> {
@@ -47,19 +47,19 @@ fn raw_tensors(with_adam: bool) -> Raw {
     let s = state();
     let mut out = Vec::new();
     let mut add = |prefix: &str, p: &Params| {
-        for (t, spec) in p.tensors.iter().zip(&PARAM_SPECS) {
+        for (t, spec) in p.tensors.iter().zip(param_specs()) {
             out.push((
                 format!("{prefix}{}", spec.name),
                 Dtype::F32,
-                spec.shape.to_vec(),
+                spec.shape.clone(),
                 t.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ));
         }
     };
     add("", &s.params);
     if with_adam {
-        add("adam.m.", &s.adam_m);
-        add("adam.v.", &s.adam_v);
+        add("adam.m.", &s.moments[0]);
+        add("adam.v.", &s.moments[1]);
     }
     out
 }
@@ -67,6 +67,10 @@ fn raw_tensors(with_adam: bool) -> Raw {
 fn good_meta() -> HashMap<String, String> {
     let mut m: HashMap<String, String> = META_KEYS.iter().map(|k| (k.to_string(), "1".to_string())).collect();
     m.insert("shuffle".into(), "true".into());
+    // Adam's settings as a file from before SGD existed holds them (no "optimizer" key).
+    for (k, v) in [("lr", "0.001"), ("beta1", "0.9"), ("beta2", "0.999"), ("eps", "1e-8")] {
+        m.insert(k.into(), v.into());
+    }
     m.insert("format".into(), FORMAT_TAG.into());
     m
 }
@@ -88,48 +92,61 @@ fn round_trip_is_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ck.safetensors");
     let s = state();
-    save_checkpoint(&path, &s, &adam()).unwrap();
+    save_checkpoint(&path, &s).unwrap();
     let ck = load_checkpoint(&path).unwrap();
     assert_eq!(bits(&ck.params), bits(&s.params));
-    let opt = ck.optimizer.clone().expect("optimizer state");
-    assert_eq!(bits(&opt.adam_m), bits(&s.adam_m));
-    assert_eq!(bits(&opt.adam_v), bits(&s.adam_v));
+    let back = ck.into_train_state().expect("optimizer state");
+    assert_eq!(bits(&back.moments[0]), bits(&s.moments[0]));
+    assert_eq!(bits(&back.moments[1]), bits(&s.moments[1]));
     assert_eq!(
-        (opt.step, opt.epoch, opt.step_in_epoch, opt.seed, opt.batch, opt.shuffle),
+        (back.step, back.epoch, back.step_in_epoch, back.seed, back.batch, back.shuffle),
         (s.step, s.epoch, s.step_in_epoch, s.seed, s.batch, s.shuffle)
     );
-    let a = adam();
-    for (x, y) in
-        [(opt.adam.lr, a.lr), (opt.adam.beta1, a.beta1), (opt.adam.beta2, a.beta2), (opt.adam.eps, a.eps)]
-    {
-        assert_eq!(x.to_bits(), y.to_bits());
-    }
-    let (back, back_adam) = ck.into_train_state().unwrap();
+    assert_eq!(back.optimizer, adam());
     assert_eq!(back, s);
-    assert_eq!(back_adam, a);
     // Saving over an existing file replaces it, and leaves nothing else behind.
     let mut s2 = s.clone();
     s2.step += 1;
     s2.shuffle = true;
-    save_checkpoint(&path, &s2, &AdamConfig::default()).unwrap();
-    let (back, back_adam) = load_checkpoint(&path).unwrap().into_train_state().unwrap();
+    s2.optimizer = Optimizer::default();
+    save_checkpoint(&path, &s2).unwrap();
+    let back = load_checkpoint(&path).unwrap().into_train_state().unwrap();
     assert_eq!(back, s2);
-    assert_eq!(back_adam, AdamConfig::default());
     assert_eq!(dir_entries(dir.path()), vec![path]);
+}
+
+/// SGD's momentum buffers are stored as `sgd.momentum.<name>`, with its settings.
+#[test]
+fn sgd_state_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sgd.safetensors");
+    let opt = Optimizer {
+        kind: OptimizerKind::Sgd(Sgd { momentum: 0.9, nesterov: true, weight_decay: 5e-4 }),
+        lr: 0.05,
+    };
+    let mut s = TrainState::new(Params::init(3), opt, 1, 32, true);
+    s.moments = vec![Params::init(4)];
+    s.step = 99;
+    save_checkpoint(&path, &s).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.len(), 20);
+    assert!(st.tensor("sgd.momentum.fc1.weight").is_ok());
+    assert_eq!(load_checkpoint(&path).unwrap().into_train_state().unwrap(), s);
 }
 
 #[test]
 fn file_is_a_pytorch_state_dict() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.safetensors");
-    save_checkpoint(&path, &state(), &adam()).unwrap();
+    save_checkpoint(&path, &state()).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.len(), 30);
-    for spec in &PARAM_SPECS {
-        let t = st.tensor(spec.name).unwrap();
+    for spec in param_specs() {
+        let t = st.tensor(&spec.name).unwrap();
         assert_eq!(t.dtype(), Dtype::F32);
-        assert_eq!(t.shape(), spec.shape);
+        assert_eq!(t.shape(), spec.shape.as_slice());
     }
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = header.metadata().as_ref().unwrap();
@@ -146,11 +163,11 @@ fn weights_only_file_loads_without_optimizer() {
     save_weights(&path, &p).unwrap();
     let ck = load_checkpoint(&path).unwrap();
     assert_eq!(ck.params, p);
-    assert!(ck.optimizer.is_none());
+    assert!(ck.state.is_none());
     // As PyTorch writes it: metadata {"format": "pt"}, or none at all.
     let pt = dir.path().join("pt.safetensors");
     write_raw(&pt, &raw_tensors(false), Some(HashMap::from([("format".into(), "pt".into())])));
-    assert!(load_checkpoint(&pt).unwrap().optimizer.is_none());
+    assert!(load_checkpoint(&pt).unwrap().state.is_none());
     write_raw(&pt, &raw_tensors(false), None);
     let ck = load_checkpoint(&pt).unwrap();
     assert_eq!(ck.params, state().params);
@@ -261,7 +278,7 @@ fn bad_optimizer_metadata() {
     assert_error(&load_checkpoint(&path).unwrap_err(), &path, "shuffle");
     // And the good metadata loads.
     write_raw(&path, &raw, Some(good_meta()));
-    assert!(load_checkpoint(&path).unwrap().optimizer.is_some());
+    assert!(load_checkpoint(&path).unwrap().state.is_some());
 }
 
 #[test]
@@ -311,7 +328,7 @@ fn huge_data_offsets_are_an_error_not_an_overflow() {
 fn failed_save_leaves_previous_file_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ck.safetensors");
-    save_checkpoint(&path, &state(), &adam()).unwrap();
+    save_checkpoint(&path, &state()).unwrap();
     let before = std::fs::read(&path).unwrap();
 
     // Target directory missing.

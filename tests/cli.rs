@@ -326,10 +326,8 @@ fn predict_and_plot_work_from_a_trained_checkpoint() {
         let mut pgm = b"P5\n28 28\n255\n".to_vec();
         pgm.extend_from_slice(pixels);
         std::fs::write(&path, pgm).unwrap();
-        let mut acts = lenet::cpu::network::Activations::new(1);
-        acts.set_input(pixels);
-        lenet::cpu::network::forward(&params, &mut acts);
-        expected.push(lenet::train::argmax(&acts.logits));
+        let probs = lenet::cpu::probabilities(&params, &[pixels]).unwrap().remove(0);
+        expected.push(lenet::train::argmax(&probs));
         files.push(path);
     }
     let mut args = vec!["predict", "--weights", p(&ckpt), "--json"];
@@ -383,7 +381,7 @@ fn ctrl_c_saves_and_exits_cleanly_and_kill_keeps_the_last_checkpoint() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "stderr:\n{}", stderr(&out));
     let saved = lenet::checkpoint::load_checkpoint(&ckpt).expect("the interrupted run's checkpoint loads");
-    let step = saved.optimizer.expect("with optimiser state").step;
+    let step = saved.state.expect("with optimiser state").step;
     assert!(step >= 20, "saved at step {step}");
     assert!(stdout(&out).contains("interrupted"), "{}", stdout(&out));
 
@@ -400,7 +398,7 @@ fn ctrl_c_saves_and_exits_cleanly_and_kill_keeps_the_last_checkpoint() {
     signal(&child, "-KILL");
     child.wait().unwrap();
     let saved = lenet::checkpoint::load_checkpoint(&ckpt).expect("the killed run's last checkpoint loads");
-    assert_eq!(saved.optimizer.unwrap().step % 20, 0);
+    assert_eq!(saved.state.unwrap().step % 20, 0);
     let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).collect();
     assert!(leftovers.len() <= 2, "temporary files left behind: {leftovers:?}");
 }
@@ -436,7 +434,7 @@ fn two_epochs_in_one_go_equal_one_epoch_then_a_resumed_one() {
     assert_eq!(std::fs::read(&whole).unwrap(), std::fs::read(&resumed).unwrap());
     // The resumed run appends to its log: the two logs are the same, row for row.
     assert_eq!(std::fs::read_to_string(&whole_csv).unwrap(), std::fs::read_to_string(&split_csv).unwrap());
-    let state = lenet::checkpoint::load_checkpoint(&resumed).unwrap().optimizer.unwrap();
+    let state = lenet::checkpoint::load_checkpoint(&resumed).unwrap().state.unwrap();
     assert_eq!((state.epoch, state.step_in_epoch, state.step), (2, 0, 24));
 }
 

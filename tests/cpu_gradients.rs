@@ -1,6 +1,7 @@
-//! Finite-difference checks of every backward op of the CPU reference (src/cpu/ops.rs), of the
-//! whole network's gradient with respect to every parameter tensor (src/cpu/network.rs, which
-//! runs the fast ops), of Adam against the torch formula, and of the max-pool tie rule.
+//! Finite-difference checks of every backward op of the CPU reference (src/cpu/reference.rs),
+//! of the whole network's gradient with respect to every parameter tensor (src/network.rs, on
+//! the reference ops and on the fast ones), of Adam and SGD against the torch formulas, and of
+//! the max-pool tie rule.
 //!
 //! Per-op checks are in f32. The objective is L = sum(out * R) for a fixed random R, accumulated
 //! in f64. Convolution, linear, max-pool and ReLU are linear (or piecewise linear) in the
@@ -18,9 +19,11 @@
 // The checks perturb x[i] in place and compare with grad[i]: index loops are the clear form.
 #![allow(clippy::needless_range_loop)]
 
-use lenet::cpu::network::{adam_step, backward, forward, Activations, Gradients};
-use lenet::cpu::{fast, ops};
+use lenet::backend::{Backend, Chunk, OpsBackend};
+use lenet::cpu::{fast, reference as ops, Fast, Reference};
+use lenet::data::Dataset;
 use lenet::model::*;
+use lenet::optim::{Adam, OptStep, Optimizer, OptimizerKind, Sgd};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
@@ -203,13 +206,15 @@ fn softmax_xent_dlogits_match_finite_differences() {
         let mut logits = uniform(&mut rng, batch * classes, -3.0, 3.0);
         let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % classes as u32).collect();
         let mut dl = vec![0.0; batch * classes];
-        ops::softmax_xent_forward_backward(&mut dl, &logits, &labels, batch, classes);
+        let (mut losses, mut correct) = (vec![0.0; batch], vec![0; batch]);
+        ops::softmax_xent(&mut dl, &mut losses, &mut correct, &logits, &labels, batch, classes);
         let mut scratch = vec![0.0; batch * classes];
         for i in 0..logits.len() {
-            // The loss is an f32 (~2.5e-7 rounding): a step of 1e-2 keeps rounding/step at
-            // ~2e-5 and the truncation error (h^2/6 * f''') at ~2e-5.
+            // The loss is the batch mean of f32 losses (~2.5e-7 rounding): a step of 1e-2 keeps
+            // rounding/step at ~2e-5 and the truncation error (h^2/6 * f''') at ~2e-5.
             let num = central_diff(&mut logits, i, 1e-2, |z| {
-                ops::softmax_xent_forward_backward(&mut scratch, z, &labels, batch, classes).loss as f64
+                ops::softmax_xent(&mut scratch, &mut losses, &mut correct, z, &labels, batch, classes);
+                losses.iter().map(|&l| l as f64).sum::<f64>() / batch as f64
             });
             check(&format!("batch {batch} dlogits[{i}]"), dl[i], num, 2e-4, 1e-2);
         }
@@ -301,71 +306,98 @@ fn loss64(p: &[Vec<f64>], images: &[f64], labels: &[u32]) -> f64 {
     total / labels.len() as f64
 }
 
+/// The gradients of one step of `backend` on `pixels`/`labels` from `params`, and its loss.
+fn step_gradients<B: Backend + ?Sized>(
+    backend: &mut B,
+    grads: impl Fn(&mut B) -> Params,
+    params: &Params,
+    batch: usize,
+) -> (f32, Params) {
+    let state = TrainState::new(params.clone(), Optimizer::default(), 0, batch, false);
+    backend.load_state(&state).unwrap();
+    let opt = state.optimizer;
+    let chunk = Chunk {
+        batch,
+        indices: (0..batch as u32).collect(),
+        shifts: vec![0; 2 * batch],
+        steps: vec![opt.step(1, opt.lr, None)],
+    };
+    let loss = backend.train_steps(&chunk).unwrap()[0].loss;
+    (loss, grads(backend))
+}
+
 #[test]
 fn network_gradient_matches_f64_finite_differences_for_every_parameter_tensor() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let batch = 3;
     let pixels: Vec<u8> = (0..batch * IMAGE_PIXELS).map(|_| rng.next_u32() as u8).collect();
-    let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % 10).collect();
+    let labels: Vec<u8> = (0..batch).map(|_| (rng.next_u32() % 10) as u8).collect();
+    let data = Dataset { images: pixels.clone(), labels: labels.clone(), rows: 28, cols: 28 };
+    let labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
     let params = Params::init(42);
 
-    let mut acts = Activations::new(batch);
-    acts.set_input(&pixels);
-    forward(&params, &mut acts);
-    let mut grads = Gradients::new(batch);
-    let result = backward(&params, &acts, &labels, &mut grads);
-
-    let images: Vec<f64> = acts.input.iter().map(|&x| x as f64).collect();
+    let images: Vec<f64> = pixels.iter().map(|&x| (x as f32 / 255.0) as f64).collect();
     let mut p64: Vec<Vec<f64>> =
         params.tensors.iter().map(|t| t.iter().map(|&x| x as f64).collect()).collect();
     let l0 = loss64(&p64, &images, &labels);
-    assert!((result.loss as f64 - l0).abs() < 1e-5 * l0.abs(), "loss: f32 {} f64 {l0}", result.loss);
-
-    let h = 1e-6;
-    for (t, spec) in PARAM_SPECS.iter().enumerate() {
-        let g = &grads.params.tensors[t];
-        assert_eq!(g.len(), spec.len());
-        assert!(g.iter().all(|x| x.is_finite()));
-        // The tensor's gradient scale, for an absolute floor that suits its size.
-        let scale = g.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
-        assert!(scale > 0.0, "{}: gradient is all zero", spec.name);
-        for i in sample(&mut rng, spec.len(), 8) {
-            let orig = p64[t][i];
-            p64[t][i] = orig + h;
-            let plus = loss64(&p64, &images, &labels);
-            p64[t][i] = orig - h;
-            let minus = loss64(&p64, &images, &labels);
-            p64[t][i] = orig;
-            let num = (plus - minus) / (2.0 * h);
-            check(&format!("{}[{i}]", spec.name), g[i], num, 1e-4 * scale + 1e-7, 2e-3);
+    let mut reference = OpsBackend::with_ops(Reference, "cpu", "reference".into(), &data).unwrap();
+    let mut fast = OpsBackend::with_ops(Fast::default(), "cpu", "fast".into(), &data).unwrap();
+    let runs = [
+        ("reference", step_gradients(&mut reference, |b| b.gradients().unwrap(), &params, batch)),
+        ("fast", step_gradients(&mut fast, |b| b.gradients().unwrap(), &params, batch)),
+    ];
+    for (name, (loss, grads)) in &runs {
+        assert!((*loss as f64 - l0).abs() < 1e-5 * l0.abs(), "{name} loss: f32 {loss} f64 {l0}");
+        let h = 1e-6;
+        for (t, spec) in param_specs().iter().enumerate() {
+            let g = &grads.tensors[t];
+            assert_eq!(g.len(), spec.len());
+            assert!(g.iter().all(|x| x.is_finite()));
+            // The tensor's gradient scale, for an absolute floor that suits its size.
+            let scale = g.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            assert!(scale > 0.0, "{}: gradient is all zero", spec.name);
+            for i in sample(&mut rng, spec.len(), 8) {
+                let orig = p64[t][i];
+                p64[t][i] = orig + h;
+                let plus = loss64(&p64, &images, &labels);
+                p64[t][i] = orig - h;
+                let minus = loss64(&p64, &images, &labels);
+                p64[t][i] = orig;
+                let num = (plus - minus) / (2.0 * h);
+                check(&format!("{name} {}[{i}]", spec.name), g[i], num, 1e-4 * scale + 1e-7, 2e-3);
+            }
         }
     }
 }
 
-// ---- Adam against the torch formula, computed by hand in f64. ----
+// ---- The optimizers against the torch formulas, computed by hand in f64. ----
+
+/// Gradients of mixed sizes, including zeros and ones small enough for eps to matter.
+fn mixed_grads(rng: &mut ChaCha8Rng, n: usize, steps: usize) -> Vec<Vec<f32>> {
+    (0..steps)
+        .map(|_| {
+            (0..n)
+                .map(|i| match i % 5 {
+                    0 => 0.0,
+                    1 => 1e-6 * (unit(rng) - 0.5),
+                    _ => 2.0 * unit(rng) - 1.0,
+                })
+                .collect()
+        })
+        .collect()
+}
 
 #[test]
 fn adam_matches_the_torch_formula() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let n = 50;
-    let config = AdamConfig { lr: 2e-3, beta1: 0.8, beta2: 0.99, eps: 1e-6 };
+    let opt = Optimizer { kind: OptimizerKind::Adam(Adam { beta1: 0.8, beta2: 0.99, eps: 1e-6 }), lr: 2e-3 };
     let p0 = uniform(&mut rng, n, -1.0, 1.0);
-    // Gradients of mixed sizes, including zeros and ones small enough for eps to matter.
-    let grads: Vec<Vec<f32>> = (0..4)
-        .map(|_| {
-            (0..n)
-                .map(|i| match i % 5 {
-                    0 => 0.0,
-                    1 => 1e-6 * (unit(&mut rng) - 0.5),
-                    _ => 2.0 * unit(&mut rng) - 1.0,
-                })
-                .collect()
-        })
-        .collect();
+    let grads = mixed_grads(&mut rng, n, 4);
 
     // torch.optim.Adam, written out: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
     // p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
-    let (b1, b2, lr, eps) = (config.beta1 as f64, config.beta2 as f64, config.lr as f64, config.eps as f64);
+    let (b1, b2, lr, eps) = (0.8f64, 0.99f64, 2e-3f64, 1e-6f64);
     let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
     let (mut m, mut v) = (vec![0.0f64; n], vec![0.0f64; n]);
     let mut expected = Vec::new();
@@ -382,38 +414,62 @@ fn adam_matches_the_torch_formula() {
         expected.push(p.clone());
     }
 
-    type Update = fn(&mut [f32], &[f32], &mut [f32], &mut [f32], &AdamConfig, AdamStep);
-    for (name, update) in [("ops", ops::adam_update as Update), ("fast", fast::adam_update as Update)] {
-        let mut p = p0.clone();
-        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
-        for (t, g) in grads.iter().enumerate() {
-            update(&mut p, g, &mut m, &mut v, &config, config.step(t as u64 + 1));
+    let mut p = p0.clone();
+    let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+    for (t, g) in grads.iter().enumerate() {
+        let OptStep::Adam(s) = opt.step(t as u64 + 1, opt.lr, None) else { unreachable!() };
+        ops::adam_update(&mut p, g, &mut m, &mut v, &s);
+        for i in 0..n {
+            // Each step moves a parameter by up to ~lr; f32 keeps it to ~1e-7 absolute.
+            let want = expected[t][i];
+            assert!((p[i] as f64 - want).abs() <= 1e-6, "step {}: p[{i}] {} expected {want}", t + 1, p[i]);
+        }
+    }
+    // The step actually moved the parameters that had a gradient.
+    assert!(p.iter().zip(&p0).enumerate().all(|(i, (a, b))| (i % 5 == 0) == (a == b)));
+}
+
+#[test]
+fn sgd_matches_the_torch_formula() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let n = 50;
+    for (momentum, nesterov, wd) in [(0.9, false, 0.0), (0.9, true, 5e-4), (0.0, false, 1e-2)] {
+        let opt =
+            Optimizer { kind: OptimizerKind::Sgd(Sgd { momentum, nesterov, weight_decay: wd }), lr: 0.05 };
+        let p0 = uniform(&mut rng, n, -1.0, 1.0);
+        let grads = mixed_grads(&mut rng, n, 4);
+        // torch.optim.SGD, written out (dampening 0): g += wd p; buf = g on the first step,
+        // then momentum buf + g; g = nesterov ? g + momentum buf : buf; p -= lr g.
+        let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
+        let mut buf: Vec<Option<f64>> = vec![None; n];
+        let mut want = Vec::new();
+        for g in &grads {
             for i in 0..n {
-                // Each step moves a parameter by up to ~lr; f32 keeps it to ~1e-7 absolute.
-                let want = expected[t][i];
+                let mut g = g[i] as f64 + wd * p[i];
+                if momentum != 0.0 {
+                    let b = buf[i].map_or(g, |b| momentum * b + g);
+                    buf[i] = Some(b);
+                    g = if nesterov { g + momentum * b } else { b };
+                }
+                p[i] -= 0.05 * g;
+            }
+            want.push(p.clone());
+        }
+        let mut p = p0.clone();
+        let mut b = vec![0.0; n];
+        for (t, g) in grads.iter().enumerate() {
+            let OptStep::Sgd(s) = opt.step(t as u64 + 1, opt.lr, None) else { unreachable!() };
+            ops::sgd_update(&mut p, g, &mut b, &s);
+            for i in 0..n {
+                let w = want[t][i];
                 assert!(
-                    (p[i] as f64 - want).abs() <= 1e-6,
-                    "{name} step {}: p[{i}] {} expected {want}",
+                    (p[i] as f64 - w).abs() <= 1e-6,
+                    "({momentum}, {nesterov}, {wd}) step {}: p[{i}] {} expected {w}",
                     t + 1,
                     p[i]
                 );
             }
         }
-        // The step actually moved the parameters that had a gradient.
-        assert!(p.iter().zip(&p0).enumerate().all(|(i, (a, b))| (i % 5 == 0) == (a == b)));
-    }
-
-    // The network's adam_step counts steps and applies the same update to every tensor.
-    let mut state = TrainState::new(Params::zeros(), 0, 1, false);
-    state.params.tensors[4][..n].copy_from_slice(&p0);
-    for g in &grads {
-        let mut gp = Params::zeros();
-        gp.tensors[4][..n].copy_from_slice(g);
-        adam_step(&mut state, &gp, &config);
-    }
-    assert_eq!(state.step, 4);
-    for i in 0..n {
-        assert!((state.params.tensors[4][i] as f64 - expected[3][i]).abs() <= 1e-6);
     }
 }
 
@@ -459,8 +515,10 @@ fn maxpool_ties_route_the_gradient_to_the_first_maximum() {
         assert_eq!(am, expected_pos, "{name} argmax");
         let mut dinp = vec![f32::NAN; n];
         ops::maxpool2x2_backward(&mut dinp, &dout, &argmax);
+        // The fast path's pool backward (with the ReLU mask of a positive input: all pass).
         let mut dinp_fast = vec![f32::NAN; n];
-        fast::maxpool2x2_backward(&mut dinp_fast, &dout, &argmax);
+        let positive: Vec<f32> = inp.iter().map(|x| x.abs() + 1.0).collect();
+        fast::maxpool2x2_relu_backward(&mut dinp_fast, &dout, &argmax, &positive, batch, channels, h, w);
         assert_eq!(dinp, dinp_fast);
         for (win, &pos) in expected_pos.iter().enumerate() {
             let (plane, wy, wx) = (win / 4, (win % 4) / 2, win % 2);

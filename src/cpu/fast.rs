@@ -1,5 +1,6 @@
-//! Fast twins of the reference ops in [`super::ops`], with the same signatures and the same
-//! results up to f32 rounding (tests/cpu_ops.rs checks each against its twin).
+//! The fast CPU path: twins of the reference functions in [`super::reference`] with the same
+//! signatures and the same results up to f32 rounding, and [`Fast`], the [`Ops`]
+//! implementation the CPU backend trains with (tests/ops.rs checks it against the reference).
 //!
 //! How: convolutions as im2col + GEMM over blocks of 8 images (the `gemm` crate
 //! picks AVX-512/AVX2 kernels at run time); im2col rows copied as fixed-size arrays, with a
@@ -21,8 +22,12 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-pub use super::ops::XentResult;
-use crate::model::{AdamConfig, AdamStep, ConvShape};
+use anyhow::{ensure, Result};
+
+use super::reference::{self, adam_element, check_batch, partials, sgd_element, summed_grad};
+use crate::data::Dataset;
+use crate::ops::*;
+use crate::optim::{AdamStep, SgdStep};
 
 thread_local! {
     /// im2col / col2im buffer of the current thread.
@@ -359,7 +364,7 @@ fn conv_dims(s: &ConvShape) -> ConvDims {
     }
 }
 
-/// See [`super::ops::conv2d_forward`].
+/// See [`super::reference::conv2d_forward`].
 pub fn conv2d_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
     conv2d_forward_impl(out, inp, weight, bias, s, false)
 }
@@ -468,7 +473,7 @@ fn gather_channels(dst: &mut [f32], src: &[f32], channels: usize, hw: usize) {
     }
 }
 
-/// See [`super::ops::conv2d_backward_input`].
+/// See [`super::reference::conv2d_backward_input`].
 pub fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: ConvShape) {
     assert_eq!(dinp.len(), s.input_len());
     assert_eq!(dout.len(), s.output_len());
@@ -502,7 +507,7 @@ pub fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: 
     );
 }
 
-/// See [`super::ops::conv2d_backward_weight`].
+/// See [`super::reference::conv2d_backward_weight`].
 pub fn conv2d_backward_weight(
     dweight: &mut [f32],
     dbias: &mut [f32],
@@ -596,7 +601,7 @@ fn pad_planes(padded: &mut [f32], inp: &[f32], channels: usize, h: usize, w: usi
     }
 }
 
-/// See [`super::ops::maxpool2x2_forward`].
+/// See [`super::reference::maxpool2x2_forward`].
 pub fn maxpool2x2_forward(
     out: &mut [f32],
     argmax: &mut [u32],
@@ -650,23 +655,17 @@ fn maxpool_image(out: &mut [f32], argmax: &mut [u32], inp: &[f32], base: usize, 
     }
 }
 
-/// See [`super::ops::maxpool2x2_backward`]. Without the shape the work cannot be split by
-/// image, so this one is the reference; the network uses [`maxpool2x2_relu_backward`].
-pub fn maxpool2x2_backward(dinp: &mut [f32], dout: &[f32], argmax: &[u32]) {
-    super::ops::maxpool2x2_backward(dinp, dout, argmax)
-}
-
-/// [`maxpool2x2_backward`] then ReLU's backward through the pool's input, fused and split by
-/// image: `pooled` is the pool's output, and since the pool's input is a ReLU output, the
-/// window's maximum passes ReLU's mask exactly when `pooled > 0`.
+/// [`super::reference::maxpool2x2_backward`] then ReLU's backward through the pool's input
+/// `conv` (a ReLU output, positive exactly where ReLU let the gradient through), fused and split
+/// by image.
 ///
-/// dout, argmax, pooled: [B, C, H/2, W/2]; dinp: [B, C, H, W]
+/// dout, argmax: [B, C, H/2, W/2]; conv and dinp: [B, C, H, W]
 #[allow(clippy::too_many_arguments)]
 pub fn maxpool2x2_relu_backward(
     dinp: &mut [f32],
     dout: &[f32],
     argmax: &[u32],
-    pooled: &[f32],
+    conv: &[f32],
     batch: usize,
     channels: usize,
     height: usize,
@@ -675,19 +674,19 @@ pub fn maxpool2x2_relu_backward(
     let img_in = channels * height * width;
     let img_out = img_in / 4;
     assert_eq!(dinp.len(), batch * img_in);
+    assert_eq!(conv.len(), dinp.len());
     assert_eq!(dout.len(), batch * img_out);
     assert_eq!(argmax.len(), dout.len());
-    assert_eq!(pooled.len(), dout.len());
     if img_out == 0 {
         dinp.fill(0.0);
         return;
     }
-    dinp.par_chunks_mut(img_in).enumerate().for_each(|(b, dinp)| {
+    dinp.par_chunks_mut(img_in).zip(conv.par_chunks(img_in)).enumerate().for_each(|(b, (dinp, conv))| {
         dinp.fill(0.0);
         let r = b * img_out..(b + 1) * img_out;
-        for ((&g, &i), &y) in dout[r.clone()].iter().zip(&argmax[r.clone()]).zip(&pooled[r]) {
+        for (&g, &i) in dout[r.clone()].iter().zip(&argmax[r]) {
             let i = (i as usize).checked_sub(b * img_in).expect("argmax outside its image");
-            dinp[i] = if y > 0.0 { g } else { 0.0 };
+            dinp[i] = if conv[i] > 0.0 { g } else { 0.0 };
         }
     });
 }
@@ -695,7 +694,7 @@ pub fn maxpool2x2_relu_backward(
 /// Rows per block of the linear layers' batch-parallel GEMMs.
 const LINEAR_ROWS: usize = 32;
 
-/// See [`super::ops::linear_forward`].
+/// See [`super::reference::linear_forward`].
 pub fn linear_forward(
     out: &mut [f32],
     inp: &[f32],
@@ -754,7 +753,7 @@ fn linear_forward_impl(
     });
 }
 
-/// See [`super::ops::linear_backward_input`].
+/// See [`super::reference::linear_backward_input`].
 pub fn linear_backward_input(
     dinp: &mut [f32],
     dout: &[f32],
@@ -777,7 +776,7 @@ pub fn linear_backward_input(
     });
 }
 
-/// See [`super::ops::linear_backward_weight`]. Splits the output features into fixed blocks;
+/// See [`super::reference::linear_backward_weight`]. Splits the output features into fixed blocks;
 /// each weight gradient element is one GEMM reduction over the whole batch.
 pub fn linear_backward_weight(
     dweight: &mut [f32],
@@ -811,16 +810,6 @@ pub fn linear_backward_weight(
     });
 }
 
-/// See [`super::ops::relu_forward`].
-pub fn relu_forward(out: &mut [f32], inp: &[f32]) {
-    super::ops::relu_forward(out, inp)
-}
-
-/// See [`super::ops::relu_backward`].
-pub fn relu_backward(dinp: &mut [f32], dout: &[f32], out: &[f32]) {
-    super::ops::relu_backward(dinp, dout, out)
-}
-
 /// x = max(x, 0) in place.
 pub fn relu_in_place(x: &mut [f32]) {
     for v in x {
@@ -838,35 +827,197 @@ pub fn relu_backward_in_place(dx: &mut [f32], y: &[f32]) {
     }
 }
 
-/// See [`super::ops::softmax_xent_forward_backward`]: 10 numbers per image, not worth
-/// parallelising; the reference is already a single pass.
-pub fn softmax_xent_forward_backward(
-    dlogits: &mut [f32],
-    logits: &[f32],
-    labels: &[u32],
-    batch: usize,
-    classes: usize,
-) -> XentResult {
-    super::ops::softmax_xent_forward_backward(dlogits, logits, labels, batch, classes)
+/// One task of an optimizer update: a block of one tensor's elements and its gradient.
+struct UpdateBlock<'a> {
+    param: &'a mut [f32],
+    moments: [&'a mut [f32]; 2],
+    grad: &'a [f32],
+    /// The tensor's size and this block's first element in it.
+    n: usize,
+    first: usize,
 }
 
-/// See [`super::ops::adam_update`]. Element-wise, so any split gives the same bits.
-pub fn adam_update(
-    param: &mut [f32],
-    grad: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    config: &AdamConfig,
-    step: AdamStep,
-) {
-    assert_eq!(param.len(), grad.len());
-    assert_eq!(m.len(), grad.len());
-    assert_eq!(v.len(), grad.len());
-    const BLOCK: usize = 8192;
-    param
-        .par_chunks_mut(BLOCK)
-        .zip(grad.par_chunks(BLOCK))
-        .zip(m.par_chunks_mut(BLOCK))
-        .zip(v.par_chunks_mut(BLOCK))
-        .for_each(|(((p, g), m), v)| super::ops::adam_update(p, g, m, v, config, step));
+/// Every tensor split into fixed blocks of elements, as one list of tasks: one parallel pass
+/// over all of them (element-wise, so any split gives the reference's bits).
+fn update_blocks<'a>(
+    params: &'a mut [Vec<f32>],
+    grads: &'a [Vec<f32>],
+    m1: &'a mut [Vec<f32>],
+    m2: &'a mut [Vec<f32>],
+) -> Vec<UpdateBlock<'a>> {
+    let mut blocks = Vec::new();
+    let mut m2 = m2.iter_mut();
+    for ((p, g), a) in params.iter_mut().zip(grads).zip(m1.iter_mut()) {
+        let n = p.len();
+        if n == 0 {
+            continue;
+        }
+        partials(g, n);
+        let mut b = m2.next().map(|v| v.chunks_mut(UPDATE_BLOCK));
+        for (k, (p, a)) in p.chunks_mut(UPDATE_BLOCK).zip(a.chunks_mut(UPDATE_BLOCK)).enumerate() {
+            let second = b.as_mut().and_then(|it| it.next()).unwrap_or_default();
+            blocks.push(UpdateBlock { param: p, moments: [a, second], grad: g, n, first: k * UPDATE_BLOCK });
+        }
+    }
+    blocks
+}
+
+/// Elements per task of the optimizer updates.
+const UPDATE_BLOCK: usize = 8192;
+
+/// The fast CPU path as an [`Ops`] implementation: im2col + GEMM convolutions, the layers'
+/// ReLU and max-pool fused in, threads over the batch (see the module docs).
+#[derive(Debug, Default)]
+pub struct Fast {
+    /// The conv-output gradient between the pool's backward and the conv's.
+    dconv: Vec<f32>,
+}
+
+impl Ops for Fast {
+    super::host_buffers!();
+
+    fn name(&self) -> String {
+        "fast".into()
+    }
+
+    fn gather(&mut self, input: &mut Vec<f32>, labels: &mut Vec<u32>, batch: &BatchRef<Self>) -> Result<()> {
+        check_batch(batch.data, batch.indices, batch.shifts)?;
+        reference::gather_batch(input, labels, batch.data, batch.indices, batch.shifts);
+        Ok(())
+    }
+
+    fn conv_relu_pool_forward(
+        &mut self,
+        out: ConvPoolOut<Self>,
+        input: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        s: ConvShape,
+    ) -> Result<()> {
+        conv2d_relu_maxpool_forward(out.conv, out.pooled, out.argmax, input, weight, bias, s);
+        Ok(())
+    }
+
+    fn linear_forward(
+        &mut self,
+        out: &mut Vec<f32>,
+        input: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        s: LinearShape,
+        relu: bool,
+    ) -> Result<()> {
+        linear_forward_impl(out, input, weight, bias, s.batch, s.in_features, s.out_features, relu);
+        Ok(())
+    }
+
+    /// 10 numbers per image, not worth parallelising: the reference is already one pass.
+    fn softmax_xent(
+        &mut self,
+        out: XentOut<Self>,
+        logits: &Vec<f32>,
+        labels: &Vec<u32>,
+        batch: usize,
+        classes: usize,
+    ) -> Result<()> {
+        ensure!(labels.iter().all(|&l| (l as usize) < classes), "a label is not below {classes}");
+        reference::softmax_xent(out.dlogits, out.losses, out.correct, logits, labels, batch, classes);
+        Ok(())
+    }
+
+    fn linear_backward(
+        &mut self,
+        grads: ParamGrads<Self>,
+        dinput: Option<InputGrad<Self>>,
+        dout: &Vec<f32>,
+        input: &Vec<f32>,
+        weight: &Vec<f32>,
+        s: LinearShape,
+    ) -> Result<()> {
+        let LinearShape { batch, in_features, out_features } = s;
+        linear_backward_weight(grads.dweight, grads.dbias, dout, input, batch, in_features, out_features);
+        if let Some(InputGrad { dinput, relu_mask }) = dinput {
+            linear_backward_input(dinput, dout, weight, batch, in_features, out_features);
+            if let Some(mask) = relu_mask {
+                relu_backward_in_place(dinput, mask);
+            }
+        }
+        Ok(())
+    }
+
+    fn conv_backward_from_pool(
+        &mut self,
+        grads: ParamGrads<Self>,
+        dinput: Option<&mut Vec<f32>>,
+        dpooled: &Vec<f32>,
+        saved: ConvPoolSaved<Self>,
+        input: &Vec<f32>,
+        weight: &Vec<f32>,
+        s: ConvShape,
+    ) -> Result<()> {
+        self.dconv.resize(s.output_len(), 0.0);
+        let (ho, wo) = (s.out_height(), s.out_width());
+        maxpool2x2_relu_backward(
+            &mut self.dconv,
+            dpooled,
+            saved.argmax,
+            saved.conv,
+            s.batch,
+            s.out_channels,
+            ho,
+            wo,
+        );
+        conv2d_backward_weight(grads.dweight, grads.dbias, &self.dconv, input, s);
+        if let Some(dinput) = dinput {
+            conv2d_backward_input(dinput, &self.dconv, weight, s);
+        }
+        Ok(())
+    }
+
+    fn adam_update(
+        &mut self,
+        params: &mut [Vec<f32>],
+        grads: &[Vec<f32>],
+        m: &mut [Vec<f32>],
+        v: &mut [Vec<f32>],
+        step: &AdamStep,
+    ) -> Result<()> {
+        ensure!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
+        ensure!(
+            params
+                .iter()
+                .zip(m.iter())
+                .zip(v.iter())
+                .all(|((p, m), v)| m.len() == p.len() && v.len() == p.len()),
+            "optimizer state has the wrong size"
+        );
+        update_blocks(params, grads, m, v).into_par_iter().for_each(|b| {
+            let [m, v] = b.moments;
+            for (j, ((p, m), v)) in b.param.iter_mut().zip(m).zip(v).enumerate() {
+                adam_element(p, summed_grad(b.grad, b.n, b.first + j), m, v, step);
+            }
+        });
+        Ok(())
+    }
+
+    fn sgd_update(
+        &mut self,
+        params: &mut [Vec<f32>],
+        grads: &[Vec<f32>],
+        momentum: &mut [Vec<f32>],
+        step: &SgdStep,
+    ) -> Result<()> {
+        ensure!(grads.len() == params.len() && momentum.len() == params.len());
+        ensure!(
+            params.iter().zip(momentum.iter()).all(|(p, b)| b.len() == p.len()),
+            "optimizer state has the wrong size"
+        );
+        update_blocks(params, grads, momentum, &mut []).into_par_iter().for_each(|b| {
+            let [buf, _] = b.moments;
+            for (j, (p, buf)) in b.param.iter_mut().zip(buf).enumerate() {
+                sgd_element(p, summed_grad(b.grad, b.n, b.first + j), buf, step);
+            }
+        });
+        Ok(())
+    }
 }

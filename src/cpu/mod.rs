@@ -1,7 +1,77 @@
-//! The CPU path: the reference ops, their fast twins, the network built from them and the CPU
-//! backend.
+//! The CPU path: the reference ops (the specification), their fast twins, both as [`Ops`]
+//! implementations, and the CPU backend that trains with the fast ones.
+//!
+//! [`Ops`]: crate::ops::Ops
 
 pub mod backend;
 pub mod fast;
-pub mod network;
-pub mod ops;
+pub mod reference;
+
+pub use backend::CpuBackend;
+pub use fast::Fast;
+pub use reference::Reference;
+
+/// Softmax probabilities of the network with `params` for each 28x28 image (u8 pixels).
+pub fn probabilities(params: &crate::model::Params, images: &[&[u8]]) -> anyhow::Result<Vec<Vec<f32>>> {
+    use crate::backend::Backend;
+    let data = crate::data::Dataset {
+        images: images.concat(),
+        labels: vec![0; images.len()],
+        rows: crate::model::IMAGE_SIDE,
+        cols: crate::model::IMAGE_SIDE,
+    };
+    let mut backend = CpuBackend::new(&crate::backend::no_training_data())?;
+    let state =
+        crate::model::TrainState::new(params.clone(), crate::optim::Optimizer::default(), 0, 1, false);
+    backend.load_state(&state)?;
+    let logits = backend.logits(&data)?;
+    Ok(logits
+        .chunks(crate::model::CLASSES)
+        .map(|z| {
+            let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let e: Vec<f32> = z.iter().map(|&x| (x - max).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            e.iter().map(|x| x / sum).collect()
+        })
+        .collect())
+}
+
+/// The buffer half of [`crate::ops::Ops`] for implementations whose buffers are host `Vec`s.
+macro_rules! host_buffers {
+    () => {
+        type Buf<T: Elem> = Vec<T>;
+        type Data = std::sync::Arc<Dataset>;
+
+        fn alloc<T: Elem>(&mut self, _label: &str, len: usize) -> Result<Vec<T>> {
+            Ok(vec![T::default(); len])
+        }
+
+        fn upload<T: Elem>(&mut self, _label: &str, data: &[T]) -> Result<Vec<T>> {
+            Ok(data.to_vec())
+        }
+
+        fn write<T: Elem>(&mut self, buf: &mut Vec<T>, data: &[T]) -> Result<()> {
+            anyhow::ensure!(
+                buf.len() == data.len(),
+                "writing {} values into a buffer of {}",
+                data.len(),
+                buf.len()
+            );
+            buf.copy_from_slice(data);
+            Ok(())
+        }
+
+        fn read<T: Elem>(&mut self, buf: &Vec<T>) -> Result<Vec<T>> {
+            Ok(buf.clone())
+        }
+
+        fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
+            buf.len()
+        }
+
+        fn upload_data(&mut self, _label: &str, data: &Dataset) -> Result<Self::Data> {
+            Ok(std::sync::Arc::new(data.clone()))
+        }
+    };
+}
+pub(crate) use host_buffers;

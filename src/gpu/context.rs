@@ -197,6 +197,35 @@ impl GpuContext {
     pub fn max_binding(&self) -> u64 {
         self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
     }
+
+    /// Fails with one line when a storage buffer of `bytes` cannot be bound on this device.
+    pub fn check_binding(&self, label: &str, bytes: u64) -> anyhow::Result<()> {
+        if bytes > self.max_binding() {
+            bail!(
+                "buffer {label} needs {bytes} bytes, more than the device's largest storage binding ({} bytes) \
+                 on {}: use a smaller batch",
+                self.max_binding(),
+                self.adapter_info.name
+            );
+        }
+        Ok(())
+    }
+
+    /// A bind group of the step uniform layout over `buffer` (read at a dynamic offset).
+    pub fn step_group(&self, buffer: &wgpu::Buffer) -> wgpu::BindGroup {
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("step"),
+            layout: &self.kernels.step_layout,
+            entries: &[wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer,
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(std::mem::size_of::<super::kernels::StepUniform>() as u64),
+                }),
+            }],
+        })
+    }
 }
 
 #[cfg(test)]

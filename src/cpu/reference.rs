@@ -2,10 +2,15 @@
 //!
 //! Layouts are PyTorch's: activations NCHW (or [batch, features]), convolution weights
 //! [out_channels, in_channels, k, k], linear weights [out_features, in_features]. Each function
-//! overwrites its outputs completely. The GPU kernels in `shaders/` compute the same functions
-//! and are tested against these.
+//! overwrites its outputs completely. The fused ops of [`Ops`] are compositions of these
+//! ([`Reference`]), and the fast CPU path and the GPU kernels in `shaders/` are tested against
+//! them (tests/ops.rs).
 
-use crate::model::{AdamConfig, AdamStep, ConvShape};
+use anyhow::{ensure, Result};
+
+use crate::data::Dataset;
+use crate::ops::*;
+use crate::optim::{AdamStep, SgdStep};
 
 /// out[b,co,y,x] = bias[co] + sum_{ci,ky,kx} weight[co,ci,ky,kx] * inp[b,ci,y+ky-pad,x+kx-pad]
 /// (zero outside the input).
@@ -282,77 +287,303 @@ pub fn relu_backward(dinp: &mut [f32], dout: &[f32], out: &[f32]) {
     }
 }
 
-/// The result of [`softmax_xent_forward_backward`].
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct XentResult {
-    /// Mean over the batch of -log softmax(logits)[label].
-    pub loss: f32,
-    /// Samples whose largest logit (the first, on ties) is the label.
-    pub correct: u32,
-}
-
-/// Softmax cross-entropy averaged over the batch, and its gradient with respect to the logits:
-/// dlogits[b,c] = (softmax(logits[b])[c] - [c == label[b]]) / B.
+/// Softmax cross-entropy of each image and the gradient of the batch-mean loss with respect to
+/// the logits: losses[b] = -log softmax(logits[b])[label[b]], correct[b] = 1 when the first
+/// largest logit is the label, dlogits[b,c] = (softmax(logits[b])[c] - [c == label]) / B.
 ///
-/// logits and dlogits: [B, C], labels: [B] with values below C
-pub fn softmax_xent_forward_backward(
+/// logits and dlogits: [B, C], labels, losses and correct: [B], labels below C
+pub fn softmax_xent(
     dlogits: &mut [f32],
+    losses: &mut [f32],
+    correct: &mut [u32],
     logits: &[f32],
     labels: &[u32],
     batch: usize,
     classes: usize,
-) -> XentResult {
+) {
     assert_eq!(logits.len(), batch * classes);
     assert_eq!(dlogits.len(), batch * classes);
-    assert_eq!(labels.len(), batch);
-    let mut loss_sum = 0.0f64;
-    let mut correct = 0;
+    assert!(labels.len() == batch && losses.len() == batch && correct.len() == batch);
     let scale = 1.0 / batch as f32;
     for b in 0..batch {
         let row = &logits[b * classes..][..classes];
         let label = labels[b] as usize;
         assert!(label < classes, "label {label} out of range");
-        let (mut max, mut arg) = (row[0], 0);
-        for (c, &z) in row.iter().enumerate().skip(1) {
-            if z > max {
-                (max, arg) = (z, c);
-            }
-        }
-        correct += (arg == label) as u32;
+        let arg = first_argmax(row);
+        let max = row[arg];
+        correct[b] = (arg == label) as u32;
         let sum: f32 = row.iter().map(|&z| (z - max).exp()).sum();
-        loss_sum += (sum.ln() - (row[label] - max)) as f64;
+        losses[b] = sum.ln() - (row[label] - max);
         for c in 0..classes {
             let p = (row[c] - max).exp() / sum;
             let target = if c == label { 1.0 } else { 0.0 };
             dlogits[b * classes + c] = (p - target) * scale;
         }
     }
-    XentResult { loss: (loss_sum / batch as f64) as f32, correct }
-}
-
-/// One step of Adam as `torch.optim.Adam` takes it (no weight decay, no amsgrad):
-/// m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g; p -= step_size * m / (sqrt(v)/sqrt(bc2) + eps).
-pub fn adam_update(
-    param: &mut [f32],
-    grad: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    config: &AdamConfig,
-    step: AdamStep,
-) {
-    assert_eq!(param.len(), grad.len());
-    assert_eq!(m.len(), grad.len());
-    assert_eq!(v.len(), grad.len());
-    let (b1, b2) = (config.beta1, config.beta2);
-    for i in 0..param.len() {
-        let g = grad[i];
-        m[i] += (1.0 - b1) * (g - m[i]);
-        v[i] = v[i] * b2 + (1.0 - b2) * g * g;
-        let denom = v[i].sqrt() / step.bias_correction2_sqrt + config.eps;
-        param[i] -= step.step_size * (m[i] / denom);
-    }
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Index of the first largest value.
+pub fn first_argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The gradient of element `i`: the in-order sum of its partials (see [`crate::ops`]).
+#[inline]
+pub fn summed_grad(grad: &[f32], n: usize, i: usize) -> f32 {
+    let mut g = grad[i];
+    let mut at = i + n;
+    while at < grad.len() {
+        g += grad[at];
+        at += n;
+    }
+    g
+}
+
+/// The number of partials in a gradient buffer for a tensor of `n`.
+pub fn partials(grad: &[f32], n: usize) -> usize {
+    assert!(
+        n > 0 && grad.len().is_multiple_of(n) && !grad.is_empty(),
+        "gradient length {} for {n} values",
+        grad.len()
+    );
+    grad.len() / n
+}
+
+/// One step of Adam as `torch.optim.Adam` takes it (no weight decay, no amsgrad), on a tensor
+/// whose gradient comes as partials: m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
+/// p -= step_size * m / (sqrt(v)/sqrt(bc2) + eps).
+pub fn adam_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamStep) {
+    let n = param.len();
+    assert!(m.len() == n && v.len() == n);
+    if n == 0 {
+        return;
+    }
+    partials(grad, n);
+    for i in 0..n {
+        adam_element(&mut param[i], summed_grad(grad, n, i), &mut m[i], &mut v[i], s);
+    }
+}
+
+/// Adam's update of one element (shared with the fast path, so both round alike).
+#[inline]
+pub fn adam_element(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, s: &AdamStep) {
+    *m += s.one_minus_beta1 * (g - *m);
+    *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
+    let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
+    *p -= s.step_size * (*m / denom);
+}
+
+/// One step of SGD as `torch.optim.SGD` takes it (dampening 0), on a tensor whose gradient
+/// comes as partials: g += wd*p (if wd != 0); buf = momentum*buf + g; g = nesterov ?
+/// g + momentum*buf : buf; p -= lr*g.
+pub fn sgd_update(param: &mut [f32], grad: &[f32], momentum: &mut [f32], s: &SgdStep) {
+    let n = param.len();
+    assert_eq!(momentum.len(), n);
+    if n == 0 {
+        return;
+    }
+    partials(grad, n);
+    for i in 0..n {
+        sgd_element(&mut param[i], summed_grad(grad, n, i), &mut momentum[i], s);
+    }
+}
+
+/// SGD's update of one element (shared with the fast path).
+#[inline]
+pub fn sgd_element(p: &mut f32, mut g: f32, buf: &mut f32, s: &SgdStep) {
+    if s.weight_decay != 0.0 {
+        g += s.weight_decay * *p;
+    }
+    *buf = *buf * s.momentum + g;
+    let step = if s.nesterov != 0 { g + s.momentum * *buf } else { *buf };
+    *p -= s.lr * step;
+}
+
+/// The batch the indices pick from `data`: input[b] = image indices[b] as pixels / 255,
+/// translated by (dx, dy) = (shifts[2b], shifts[2b+1]) (input[y][x] = image[y - dy][x - dx],
+/// zero outside); labels[b] = its label.
+///
+/// input: [B, rows*cols], labels: [B], indices: [B], shifts: [2B]
+pub fn gather_batch(input: &mut [f32], labels: &mut [u32], data: &Dataset, indices: &[u32], shifts: &[i32]) {
+    let (rows, cols) = (data.rows as i64, data.cols as i64);
+    let pixels = data.rows * data.cols;
+    let batch = indices.len();
+    assert!(input.len() == batch * pixels && labels.len() == batch && shifts.len() == 2 * batch);
+    for (b, &i) in indices.iter().enumerate() {
+        let image = data.image(i as usize);
+        let (dx, dy) = (shifts[2 * b] as i64, shifts[2 * b + 1] as i64);
+        let out = &mut input[b * pixels..][..pixels];
+        for y in 0..rows {
+            for x in 0..cols {
+                let (sy, sx) = (y - dy, x - dx);
+                let inside = (0..rows).contains(&sy) && (0..cols).contains(&sx);
+                out[(y * cols + x) as usize] =
+                    if inside { image[(sy * cols + sx) as usize] as f32 / 255.0 } else { 0.0 };
+            }
+        }
+        labels[b] = data.labels[i as usize] as u32;
+    }
+}
+
+/// The gradient of a ReLU'd conv's output from the gradient of the 2x2 max-pool after it: each
+/// pooled gradient goes to its argmax where the conv output is positive.
+pub fn conv_grad_from_pool(dconv: &mut [f32], dpooled: &[f32], argmax: &[u32], conv: &[f32]) {
+    maxpool2x2_backward(dconv, dpooled, argmax);
+    let masked = dconv.to_vec();
+    relu_backward(dconv, &masked, conv);
+}
+
+/// The CPU reference as an [`Ops`] implementation: every op, fused ones included, as the plain
+/// functions above compute it. Slow and simple: the specification the others are tested
+/// against.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reference;
+
+/// Checks the batch's indices against the data set (a bad index is an error, not a panic).
+pub fn check_batch(data: &Dataset, indices: &[u32], shifts: &[i32]) -> Result<()> {
+    let n = data.len();
+    ensure!(shifts.len() == 2 * indices.len(), "{} shifts for {} images", shifts.len(), indices.len());
+    if let Some(&bad) = indices.iter().find(|&&i| i as usize >= n) {
+        anyhow::bail!("sample index {bad} is out of range: the data set has {n} images");
+    }
+    Ok(())
+}
+
+impl Ops for Reference {
+    super::host_buffers!();
+
+    fn name(&self) -> String {
+        "reference".into()
+    }
+
+    fn gather(&mut self, input: &mut Vec<f32>, labels: &mut Vec<u32>, batch: &BatchRef<Self>) -> Result<()> {
+        check_batch(batch.data, batch.indices, batch.shifts)?;
+        gather_batch(input, labels, batch.data, batch.indices, batch.shifts);
+        Ok(())
+    }
+
+    fn conv_relu_pool_forward(
+        &mut self,
+        out: ConvPoolOut<Self>,
+        input: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        s: ConvShape,
+    ) -> Result<()> {
+        let mut pre = vec![0.0; s.output_len()];
+        conv2d_forward(&mut pre, input, weight, bias, s);
+        relu_forward(out.conv, &pre);
+        let (ho, wo) = (s.out_height(), s.out_width());
+        maxpool2x2_forward(out.pooled, out.argmax, out.conv, s.batch, s.out_channels, ho, wo);
+        Ok(())
+    }
+
+    fn linear_forward(
+        &mut self,
+        out: &mut Vec<f32>,
+        input: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        s: LinearShape,
+        relu: bool,
+    ) -> Result<()> {
+        linear_forward(out, input, weight, bias, s.batch, s.in_features, s.out_features);
+        if relu {
+            let pre = out.clone();
+            relu_forward(out, &pre);
+        }
+        Ok(())
+    }
+
+    fn softmax_xent(
+        &mut self,
+        out: XentOut<Self>,
+        logits: &Vec<f32>,
+        labels: &Vec<u32>,
+        batch: usize,
+        classes: usize,
+    ) -> Result<()> {
+        ensure!(labels.iter().all(|&l| (l as usize) < classes), "a label is not below {classes}");
+        softmax_xent(out.dlogits, out.losses, out.correct, logits, labels, batch, classes);
+        Ok(())
+    }
+
+    fn linear_backward(
+        &mut self,
+        grads: ParamGrads<Self>,
+        dinput: Option<InputGrad<Self>>,
+        dout: &Vec<f32>,
+        input: &Vec<f32>,
+        weight: &Vec<f32>,
+        s: LinearShape,
+    ) -> Result<()> {
+        let LinearShape { batch, in_features, out_features } = s;
+        linear_backward_weight(grads.dweight, grads.dbias, dout, input, batch, in_features, out_features);
+        if let Some(InputGrad { dinput, relu_mask }) = dinput {
+            linear_backward_input(dinput, dout, weight, batch, in_features, out_features);
+            if let Some(mask) = relu_mask {
+                let unmasked = dinput.clone();
+                relu_backward(dinput, &unmasked, mask);
+            }
+        }
+        Ok(())
+    }
+
+    fn conv_backward_from_pool(
+        &mut self,
+        grads: ParamGrads<Self>,
+        dinput: Option<&mut Vec<f32>>,
+        dpooled: &Vec<f32>,
+        saved: ConvPoolSaved<Self>,
+        input: &Vec<f32>,
+        weight: &Vec<f32>,
+        s: ConvShape,
+    ) -> Result<()> {
+        let mut dconv = vec![0.0; s.output_len()];
+        conv_grad_from_pool(&mut dconv, dpooled, saved.argmax, saved.conv);
+        conv2d_backward_weight(grads.dweight, grads.dbias, &dconv, input, s);
+        if let Some(dinput) = dinput {
+            conv2d_backward_input(dinput, &dconv, weight, s);
+        }
+        Ok(())
+    }
+
+    fn adam_update(
+        &mut self,
+        params: &mut [Vec<f32>],
+        grads: &[Vec<f32>],
+        m: &mut [Vec<f32>],
+        v: &mut [Vec<f32>],
+        step: &AdamStep,
+    ) -> Result<()> {
+        ensure!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
+        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
+            adam_update(p, g, m, v, step);
+        }
+        Ok(())
+    }
+
+    fn sgd_update(
+        &mut self,
+        params: &mut [Vec<f32>],
+        grads: &[Vec<f32>],
+        momentum: &mut [Vec<f32>],
+        step: &SgdStep,
+    ) -> Result<()> {
+        ensure!(grads.len() == params.len() && momentum.len() == params.len());
+        for ((p, g), b) in params.iter_mut().zip(grads).zip(momentum.iter_mut()) {
+            sgd_update(p, g, b, step);
+        }
+        Ok(())
+    }
 }

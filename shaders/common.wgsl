@@ -1,0 +1,32 @@
+// Prepended to every shader file (src/gpu/kernels.rs): the per-step uniform. A training chunk
+// holds one slot per step, bound at a dynamic offset; the kernels that read `step` take their
+// batch, their statistics slot and the optimizer's scalars from it, so one recorded program
+// serves every step. `StepUniform` in src/gpu/kernels.rs mirrors this struct (checked by name
+// and offset when the kernels are built).
+
+struct Step {
+    // Where this step's sample indices start in the index buffer (its shifts: twice that).
+    index_offset: u32,
+    // Where this step's per-image losses and correct flags go.
+    stats_offset: u32,
+    // Adam (src/optim.rs AdamStep)
+    step_size: f32,
+    bias_correction2_sqrt: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    // SGD (src/optim.rs SgdStep)
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+    nesterov: u32,
+}
+
+@group(1) @binding(0) var<uniform> step: Step;
+
+// The flat index of this invocation over a grid that may spread over x and y (more workgroups
+// than one dimension allows): wid.x + wid.y * nwg.x workgroups of `size` invocations before it.
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, size: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * size + lid;
+}

@@ -1,0 +1,363 @@
+//! Per-op kernel benchmarks, shared by `lenet bench` and `cargo bench --bench layers`.
+//!
+//! The rows are the op calls of one training step at the benchmarked batch: on a GPU, the
+//! dispatches of the trainer's own recorded step, grouped by the op call that recorded them;
+//! without one, the calls [`crate::opcheck::step_cases`] sees the network make. Each row is
+//! first validated by [`crate::opcheck::check`] (the same op, same shape, against the CPU
+//! reference), then timed: the GPU row replays exactly the step's dispatches (N back-to-back in
+//! one compute pass, timestamp queries where offered), the CPU row runs the fast CPU op. The
+//! whole step closes the table, validated by its gradients ([`step::check_step`]).
+
+pub mod report;
+pub mod step;
+
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+
+pub use report::{today_utc, Report, Row, Unit};
+
+use crate::backend::{Backend, Chunk, OpsBackend};
+use crate::cpu::backend::cpu_description;
+use crate::cpu::{CpuBackend, Fast, Reference};
+use crate::data::Dataset;
+use crate::gpu::timing::{median, time_calls, PassTimer, TimingMethod};
+use crate::gpu::{GpuBackend, GpuContext, GpuOps};
+use crate::model::{layer_shapes, LayerShape, Params, TrainState, LENET5};
+use crate::opcheck::{self, OpCase, Staged};
+use crate::optim::{Adam, Optimizer, OptimizerKind};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub batch: usize,
+    /// Timed samples per row (after one warm-up call); fewer when `budget_s` runs out.
+    pub iters: usize,
+    /// Back-to-back GPU launches per timed pass (amortises the pass's own start and end).
+    pub calls_per_pass: usize,
+    /// Wall-clock seconds after which a row stops taking samples (it keeps at least 3).
+    pub budget_s: f64,
+    /// Time the CPU ops too.
+    pub cpu: bool,
+    pub seed: u64,
+}
+
+impl BenchConfig {
+    pub fn new(batch: usize, iters: usize) -> Self {
+        BenchConfig { batch, iters, calls_per_pass: 10, budget_s: 1.0, cpu: true, seed: 1 }
+    }
+}
+
+/// FLOPs of one training step (convolutions and linear layers; the rest is memory traffic):
+/// forward and weight gradient for every layer, input gradient for all but the first.
+pub fn step_flops(batch: usize) -> f64 {
+    let macs: usize = layer_shapes(batch).iter().map(LayerShape::macs).sum();
+    let first = layer_shapes(batch)[0].macs();
+    2.0 * (3 * macs - first) as f64
+}
+
+/// The layer an op call belongs to, from its shape.
+fn layer_of(case: &OpCase, batch: usize) -> String {
+    let shapes = layer_shapes(batch);
+    let find = |want: LayerShape| shapes.iter().position(|s| *s == want).map(|i| LENET5[i].name.to_string());
+    let name = match case {
+        OpCase::Gather { .. } => Some("input".to_string()),
+        OpCase::ConvReluPool(s)
+        | OpCase::GatherConvReluPool { s, .. }
+        | OpCase::ConvBackwardFromPool { s, .. } => find(LayerShape::Conv(*s)),
+        OpCase::Linear { s, .. } | OpCase::LinearXent { s, .. } | OpCase::LinearBackward { s, .. } => {
+            find(LayerShape::Linear(*s))
+        }
+        OpCase::SoftmaxXent { .. } => Some("loss".to_string()),
+        OpCase::Adam { .. } | OpCase::Sgd { .. } => Some("all".to_string()),
+    };
+    name.unwrap_or_else(|| "?".into())
+}
+
+/// What a row computes, in a few words.
+fn direction(case: &OpCase) -> &'static str {
+    match case {
+        OpCase::Gather { .. } => "gather",
+        OpCase::ConvReluPool(_) => "forward+relu+pool",
+        OpCase::GatherConvReluPool { .. } => "gather+fwd+relu+pool",
+        OpCase::Linear { relu: true, .. } => "forward+relu",
+        OpCase::Linear { relu: false, .. } => "forward",
+        OpCase::SoftmaxXent { .. } => "softmax xent",
+        OpCase::LinearXent { .. } => "fwd+xent+bwd",
+        OpCase::LinearBackward { .. } => "backward",
+        OpCase::ConvBackwardFromPool { .. } => "backward from pool",
+        OpCase::Adam { .. } => "adam update",
+        OpCase::Sgd { .. } => "sgd update",
+    }
+}
+
+fn rate(work: f64, seconds: f64) -> f64 {
+    work / seconds * 1e-9
+}
+
+fn new_row(case: &OpCase, batch: usize) -> Row {
+    let (unit, work) = match case.flops() {
+        Some(f) => (Unit::GflopPerS, f),
+        None => (Unit::GbPerS, case.bytes()),
+    };
+    Row {
+        layer: layer_of(case, batch),
+        direction: direction(case).into(),
+        op: case.op().into(),
+        gpu_kernels: Vec::new(),
+        unit,
+        work,
+        gpu_us: None,
+        gpu_rate: None,
+        gpu_calls: 0,
+        cpu_us: None,
+        cpu_rate: None,
+        cpu_calls: 0,
+        validated: "n/a".into(),
+        worst_ratio: None,
+    }
+}
+
+/// Median wall time of one call of `f`, after one warm-up call.
+fn time_cpu(cfg: &BenchConfig, f: &mut dyn FnMut() -> Result<()>) -> Result<(f64, usize)> {
+    f()?;
+    let mut s = Vec::new();
+    let start = Instant::now();
+    while s.len() < cfg.iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        s.push(t.elapsed().as_secs_f64());
+        if s.len() >= 3 && start.elapsed().as_secs_f64() > cfg.budget_s {
+            break;
+        }
+    }
+    let n = s.len();
+    Ok((median(&mut s), n))
+}
+
+fn random_dataset(n: usize, seed: u64) -> Dataset {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Dataset {
+        images: (0..n * 784).map(|_| rng.next_u32() as u8).collect(),
+        labels: (0..n).map(|_| (rng.next_u32() % 10) as u8).collect(),
+        rows: 28,
+        cols: 28,
+    }
+}
+
+/// One step on `backend` from `state` on the batch `0..batch`: loss, gradients, parameters.
+fn one_step(backend: &mut dyn Backend, state: &TrainState) -> Result<(f32, TrainState)> {
+    backend.load_state(state)?;
+    let b = state.batch;
+    let opt = state.optimizer;
+    let chunk = Chunk {
+        batch: b,
+        indices: (0..b as u32).collect(),
+        shifts: vec![0; 2 * b],
+        steps: vec![opt.step(1, opt.lr, None)],
+    };
+    let loss = backend.train_steps(&chunk)?[0].loss;
+    let mut after = state.clone();
+    backend.store_state(&mut after)?;
+    Ok((loss, after))
+}
+
+fn record_check(row: &mut Row, result: Result<opcheck::Outcome>) {
+    match result {
+        Ok(o) => {
+            row.validated = "ok".into();
+            row.worst_ratio = Some(o.worst_ratio);
+        }
+        Err(e) => row.validated = format!("FAILED: {e:#}"),
+    }
+}
+
+/// Runs every row: validation, GPU timing (if `gpu` is given), CPU timing, and the whole step.
+/// Errors only for set-up failures; a failed validation is in its row.
+pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
+    anyhow::ensure!(cfg.batch > 0 && cfg.iters > 0, "batch and iterations must be at least 1");
+    let b = cfg.batch;
+    let data = random_dataset(b, cfg.seed);
+    let optimizer = Optimizer { kind: OptimizerKind::Adam(Adam::default()), lr: 1e-3 };
+    let state = TrainState::new(Params::init(cfg.seed), optimizer, cfg.seed, b, false);
+
+    // The rows: the GPU trainer's recorded step (after one real step), or the CPU's op calls.
+    let mut gpu_backend = match gpu {
+        Some(ctx) => Some(GpuBackend::new(ctx.clone(), &data).context("the GPU trainer")?),
+        None => None,
+    };
+    // (loss, state after, gradients) of one step, before the rows' timing replays the step.
+    let gpu_step = match gpu_backend.as_mut() {
+        Some(be) => {
+            let (loss, after) = one_step(be, &state).context("a GPU training step")?;
+            Some((loss, after, be.gradients()?))
+        }
+        None => None,
+    };
+    let timer = gpu.map(|ctx| PassTimer::new(ctx, true));
+    let mut rows = Vec::new();
+    let mut step_dispatches = None;
+    // (case, dispatch range) per row.
+    let groups: Vec<(OpCase, std::ops::Range<usize>)> = match gpu_backend
+        .as_ref()
+        .and_then(|be| be.step_program())
+    {
+        Some((ds, _)) => {
+            step_dispatches = Some(ds.len());
+            let mut groups: Vec<(OpCase, std::ops::Range<usize>)> = Vec::new();
+            for (i, d) in ds.iter().enumerate() {
+                let case = d.case.clone().context("a dispatch without its op")?;
+                match groups.last_mut() {
+                    Some((c, r)) if *c == case && r.end == i => r.end = i + 1,
+                    _ => groups.push((case, i..i + 1)),
+                }
+            }
+            groups
+        }
+        None => opcheck::step_cases(Fast::default(), b, &optimizer)?.into_iter().map(|c| (c, 0..0)).collect(),
+    };
+
+    let mut gpu_ops = match gpu {
+        Some(ctx) => Some(GpuOps::new(ctx.clone())?),
+        None => None,
+    };
+    for (case, range) in &groups {
+        let mut row = new_row(case, b);
+        if let (Some(ops), Some(timer), Some(be)) = (gpu_ops.as_mut(), timer.as_ref(), gpu_backend.as_ref()) {
+            let (ds, _) = be.step_program().expect("the program the rows came from");
+            let ds = &ds[range.clone()];
+            row.gpu_kernels = ds.iter().map(|d| d.kernel.clone()).collect();
+            record_check(&mut row, opcheck::check(ops, case, cfg.seed));
+            // Time only what validated.
+            if !row.failed() {
+                let m = time_calls(
+                    timer,
+                    &|p| {
+                        for d in ds {
+                            d.record(p, 0);
+                        }
+                    },
+                    cfg.calls_per_pass,
+                    cfg.iters,
+                    cfg.budget_s,
+                )?;
+                row.gpu_us = Some(m.seconds * 1e6);
+                row.gpu_rate = Some(rate(row.work, m.seconds));
+                row.gpu_calls = m.calls;
+            }
+        } else {
+            // No GPU: the CPU op is the one validated.
+            record_check(&mut row, opcheck::check(&mut Fast::default(), case, cfg.seed));
+        }
+        if cfg.cpu {
+            let mut fast = Fast::default();
+            let mut staged = Staged::new(&mut fast, case, &opcheck::inputs(case, cfg.seed))?;
+            let (s, n) = time_cpu(cfg, &mut || staged.exec(&mut fast))?;
+            row.cpu_us = Some(s * 1e6);
+            row.cpu_rate = Some(rate(row.work, s));
+            row.cpu_calls = n;
+        }
+        rows.push(row);
+    }
+
+    // The whole training step: forward, backward and Adam.
+    let step_case = OpCase::SoftmaxXent { batch: b, classes: 10 };
+    let mut row = new_row(&step_case, b);
+    row.layer = "step".into();
+    row.direction = "fwd+bwd+adam".into();
+    row.op = "train_step".into();
+    row.unit = Unit::GflopPerS;
+    row.work = step_flops(b);
+    let mut cpu_be = CpuBackend::new(&data)?;
+    if let (Some(be), Some(timer), Some((gpu_loss, gpu_after, gpu_grads))) =
+        (gpu_backend.as_mut(), timer.as_ref(), gpu_step)
+    {
+        let mut reference = OpsBackend::with_ops(Reference, "cpu", "reference".into(), &data)?;
+        let (ref_loss, ref_after) = one_step(&mut reference, &state)?;
+        let got = step::StepResult { loss: gpu_loss, grads: gpu_grads, params: gpu_after.params };
+        let want =
+            step::StepResult { loss: ref_loss, grads: reference.gradients()?, params: ref_after.params };
+        let adam = Adam::default();
+        record_check_ratio(&mut row, step::check_step(&got, &want, optimizer.lr, adam.eps));
+        let (ds, _) = be.step_program().expect("one step ran");
+        row.gpu_kernels = ds.iter().map(|d| d.kernel.clone()).collect();
+        if !row.failed() {
+            let m = time_calls(
+                timer,
+                &|p| {
+                    for d in ds {
+                        d.record(p, 0);
+                    }
+                },
+                cfg.calls_per_pass.div_ceil(5),
+                cfg.iters,
+                cfg.budget_s * 2.0,
+            )?;
+            row.gpu_us = Some(m.seconds * 1e6);
+            row.gpu_rate = Some(rate(row.work, m.seconds));
+            row.gpu_calls = m.calls;
+        }
+    } else {
+        let mut reference = OpsBackend::with_ops(Reference, "cpu", "reference".into(), &data)?;
+        let (ref_loss, ref_after) = one_step(&mut reference, &state)?;
+        let (loss, after) = one_step(&mut cpu_be, &state)?;
+        let got = step::StepResult { loss, grads: cpu_be.gradients()?, params: after.params };
+        let want =
+            step::StepResult { loss: ref_loss, grads: reference.gradients()?, params: ref_after.params };
+        record_check_ratio(&mut row, step::check_step(&got, &want, optimizer.lr, Adam::default().eps));
+    }
+    if cfg.cpu {
+        cpu_be.load_state(&state)?;
+        let mut t = 0u64;
+        let (s, n) = time_cpu(cfg, &mut || {
+            t += 1;
+            let chunk = Chunk {
+                batch: b,
+                indices: (0..b as u32).collect(),
+                shifts: vec![0; 2 * b],
+                steps: vec![optimizer.step(t, optimizer.lr, None)],
+            };
+            cpu_be.train_steps(&chunk).map(|_| ())
+        })?;
+        row.cpu_us = Some(s * 1e6);
+        row.cpu_rate = Some(rate(row.work, s));
+        row.cpu_calls = n;
+    }
+    rows.push(row);
+
+    let timing = match &timer {
+        Some(t) => match t.method() {
+            TimingMethod::Timestamps => "timestamps",
+            TimingMethod::WallClock => "wall_clock",
+        },
+        None => "cpu_only",
+    };
+    Ok(Report {
+        adapter: gpu.map(|c| c.adapter_info.name.clone()),
+        adapter_details: gpu.map(|c| {
+            let a = &c.adapter_info;
+            format!("{:?}, {:?}, {} {}", a.backend, a.device_type, a.driver, a.driver_info)
+        }),
+        cpu: cpu_description(),
+        timing: timing.into(),
+        kernels: gpu.map(|_| "v1".to_string()),
+        batch: b,
+        iters: cfg.iters,
+        budget_s: cfg.budget_s,
+        date: today_utc(),
+        step_dispatches,
+        rows,
+    })
+}
+
+fn record_check_ratio(row: &mut Row, result: Result<f64>) {
+    match result {
+        Ok(r) => {
+            row.validated = "ok".into();
+            row.worst_ratio = Some(r);
+        }
+        Err(e) => row.validated = format!("FAILED: {e:#}"),
+    }
+}

@@ -1,0 +1,304 @@
+//! The network on any [`Ops`] implementation, written once: the buffers of one batch size
+//! (derived from the layer table [`LENET5`]), the forward pass, and the training step (forward,
+//! loss, backward in reverse, then the optimizer's update).
+//!
+//! On the CPU these functions compute as they run; on the GPU they record a program of
+//! dispatches once, which the GPU backend replays for every step (see [`crate::gpu::trainer`]).
+
+use anyhow::{bail, Result};
+
+use crate::model::{layer_params, layer_shapes, param_specs, LayerKind, LayerShape, Params, LENET5};
+use crate::ops::*;
+use crate::optim::OptStep;
+
+/// A layer's forward outputs.
+pub enum LayerActs<O: Ops> {
+    /// ReLU(conv + bias), its 2x2 max-pool, and the pool's argmax.
+    Conv { conv: O::Buf<f32>, pooled: O::Buf<f32>, argmax: O::Buf<u32> },
+    /// The layer's output (after its ReLU, if it has one).
+    Linear { out: O::Buf<f32> },
+}
+
+impl<O: Ops> LayerActs<O> {
+    /// What the next layer reads.
+    pub fn output(&self) -> &O::Buf<f32> {
+        match self {
+            LayerActs::Conv { pooled, .. } => pooled,
+            LayerActs::Linear { out } => out,
+        }
+    }
+}
+
+/// The activations and activation gradients of one batch size.
+pub struct Activations<O: Ops> {
+    pub batch: usize,
+    pub shapes: Vec<LayerShape>,
+    /// The gathered batch, pixels / 255: [B, 1, 28, 28].
+    pub input: O::Buf<f32>,
+    pub labels: O::Buf<u32>,
+    /// One per layer of [`LENET5`]; the last layer's output is the logits.
+    pub layers: Vec<LayerActs<O>>,
+    /// The gradient with respect to each layer's output (the last one: the logits').
+    pub grads: Vec<O::Buf<f32>>,
+}
+
+impl<O: Ops> Activations<O> {
+    /// Buffers for `batch` images, named `<layer>.<tensor>` (and `d<layer>.<tensor>`).
+    pub fn new(ops: &mut O, batch: usize) -> Result<Self> {
+        let shapes = layer_shapes(batch);
+        let pixels = crate::model::IMAGE_PIXELS;
+        let mut layers = Vec::new();
+        let mut grads = Vec::new();
+        for (layer, shape) in LENET5.iter().zip(&shapes) {
+            let name = layer.name;
+            layers.push(match shape {
+                LayerShape::Conv(s) => LayerActs::Conv {
+                    conv: ops.alloc(&format!("{name}.conv"), s.output_len())?,
+                    pooled: ops.alloc(&format!("{name}.pooled"), s.pooled_len())?,
+                    argmax: ops.alloc(&format!("{name}.argmax"), s.pooled_len())?,
+                },
+                LayerShape::Linear(s) => {
+                    LayerActs::Linear { out: ops.alloc(&format!("{name}.out"), s.batch * s.out_features)? }
+                }
+            });
+            grads.push(ops.alloc(&format!("d{name}.out"), shape.output_len())?);
+        }
+        Ok(Activations {
+            batch,
+            shapes,
+            input: ops.alloc("input", batch * pixels)?,
+            labels: ops.alloc("labels", batch)?,
+            layers,
+            grads,
+        })
+    }
+
+    /// The logits of the last forward pass: [B, 10].
+    pub fn logits(&self) -> &O::Buf<f32> {
+        self.layers.last().expect("a network has layers").output()
+    }
+}
+
+/// The parameters, their gradients and the optimizer's state, one buffer per tensor of
+/// [`param_specs`] each.
+pub struct Weights<O: Ops> {
+    pub params: Vec<O::Buf<f32>>,
+    /// Each `partials` x its tensor's size (see [`crate::ops`]).
+    pub grads: Vec<O::Buf<f32>>,
+    /// One list per name of the optimizer's [`crate::optim::Optimizer::state_names`].
+    pub moments: Vec<Vec<O::Buf<f32>>>,
+}
+
+impl<O: Ops> Weights<O> {
+    /// Uploads `params` and `moments`, with zeroed gradients of the partial counts `ops`
+    /// writes at `batch`.
+    pub fn upload(ops: &mut O, params: &Params, moments: &[Params], batch: usize) -> Result<Self> {
+        let specs = param_specs();
+        let mut w =
+            Weights { params: Vec::new(), grads: Self::alloc_grads(ops, batch)?, moments: Vec::new() };
+        for (spec, tensor) in specs.iter().zip(&params.tensors) {
+            w.params.push(ops.upload(&spec.name, tensor)?);
+        }
+        for (k, m) in moments.iter().enumerate() {
+            let tensors = specs
+                .iter()
+                .zip(&m.tensors)
+                .map(|(spec, t)| ops.upload(&format!("moment{k}.{}", spec.name), t))
+                .collect::<Result<Vec<_>>>()?;
+            w.moments.push(tensors);
+        }
+        Ok(w)
+    }
+}
+
+impl<O: Ops> Weights<O> {
+    /// Zeroed gradient buffers with the partial counts `ops` writes at `batch`.
+    pub fn alloc_grads(ops: &mut O, batch: usize) -> Result<Vec<O::Buf<f32>>> {
+        let partials = grad_partials(ops, batch);
+        param_specs()
+            .iter()
+            .zip(partials)
+            .map(|(spec, p)| ops.alloc(&format!("d{}", spec.name), p * spec.len()))
+            .collect()
+    }
+}
+
+/// How many partial sums `ops` writes for each parameter tensor's gradient at `batch`.
+pub fn grad_partials<O: Ops>(ops: &O, batch: usize) -> Vec<usize> {
+    let shapes = layer_shapes(batch);
+    let last = shapes.len() - 1;
+    let mut out = Vec::new();
+    for (i, shape) in shapes.iter().enumerate() {
+        let op = match *shape {
+            LayerShape::Conv(s) => GradOp::ConvFromPool(s),
+            LayerShape::Linear(s) if i == last => GradOp::LinearXent(s),
+            LayerShape::Linear(s) => GradOp::Linear(s),
+        };
+        let p = ops.grad_partials(op);
+        out.extend([p, p]);
+    }
+    out
+}
+
+/// Where a training step writes each image's loss and whether it was classified right.
+pub struct StepOut<'a, O: Ops> {
+    pub losses: &'a mut O::Buf<f32>,
+    pub correct: &'a mut O::Buf<u32>,
+}
+
+/// The forward pass over a gathered batch, up to the logits ([`Activations::logits`]).
+pub fn forward<O: Ops>(
+    ops: &mut O,
+    params: &[O::Buf<f32>],
+    acts: &mut Activations<O>,
+    batch: &BatchRef<O>,
+) -> Result<()> {
+    forward_layers(ops, params, acts, batch, LENET5.len())
+}
+
+/// One optimizer step on a batch: the forward pass, the loss, the backward pass and the update.
+pub fn train_step<O: Ops>(
+    ops: &mut O,
+    w: &mut Weights<O>,
+    acts: &mut Activations<O>,
+    batch: &BatchRef<O>,
+    out: StepOut<O>,
+    opt: &OptStep,
+) -> Result<()> {
+    let last = LENET5.len() - 1;
+    forward_layers(ops, &w.params, acts, batch, last)?;
+
+    // The output layer: logits, loss and its own backward pass in one op.
+    let LayerShape::Linear(s) = acts.shapes[last] else { bail!("the last layer must be fully connected") };
+    let (wi, bi) = layer_params(last);
+    let (before, rest) = acts.layers.split_at_mut(last);
+    let LayerActs::Linear { out: logits } = &mut rest[0] else { unreachable!("shapes match kinds") };
+    let (dbefore, dlast) = acts.grads.split_at_mut(last);
+    let (dweight, dbias) = pair_mut(&mut w.grads, wi);
+    ops.linear_xent_forward_backward(
+        logits,
+        XentOut { dlogits: &mut dlast[0], losses: out.losses, correct: out.correct },
+        ParamGrads { dweight, dbias },
+        input_grad(dbefore, before, last),
+        layer_input(&acts.input, before),
+        &acts.labels,
+        &w.params[wi],
+        &w.params[bi],
+        s,
+    )?;
+
+    // Every other layer, in reverse.
+    for i in (0..last).rev() {
+        let (wi, _) = layer_params(i);
+        let (dbefore, dthis) = acts.grads.split_at_mut(i);
+        let before = &acts.layers[..i];
+        let input = layer_input(&acts.input, before);
+        let (dweight, dbias) = pair_mut(&mut w.grads, wi);
+        let grads = ParamGrads { dweight, dbias };
+        match (&acts.layers[i], acts.shapes[i]) {
+            (LayerActs::Conv { conv, argmax, .. }, LayerShape::Conv(s)) => {
+                // A conv layer's input is the image or a pooled output: no ReLU mask to apply.
+                let dinput = dbefore.last_mut();
+                let saved = ConvPoolSaved { conv, argmax };
+                ops.conv_backward_from_pool(grads, dinput, &dthis[0], saved, input, &w.params[wi], s)?;
+            }
+            (LayerActs::Linear { .. }, LayerShape::Linear(s)) => {
+                let dinput = input_grad(dbefore, before, i);
+                ops.linear_backward(grads, dinput, &dthis[0], input, &w.params[wi], s)?;
+            }
+            _ => unreachable!("shapes match kinds"),
+        }
+    }
+
+    match (opt, w.moments.as_mut_slice()) {
+        (OptStep::Adam(step), [m, v]) => ops.adam_update(&mut w.params, &w.grads, m, v, step),
+        (OptStep::Sgd(step), [momentum]) => ops.sgd_update(&mut w.params, &w.grads, momentum, step),
+        _ => bail!("the optimizer state does not match the optimizer"),
+    }
+}
+
+/// Runs layers 0..n forward; the first gathers the batch into `acts.input` (fused with a
+/// first conv layer).
+fn forward_layers<O: Ops>(
+    ops: &mut O,
+    params: &[O::Buf<f32>],
+    acts: &mut Activations<O>,
+    batch: &BatchRef<O>,
+    n: usize,
+) -> Result<()> {
+    for (i, layer) in LENET5.iter().enumerate().take(n) {
+        let (wi, bi) = layer_params(i);
+        let (weight, bias) = (&params[wi], &params[bi]);
+        let (before, rest) = acts.layers.split_at_mut(i);
+        match (&mut rest[0], acts.shapes[i]) {
+            (LayerActs::Conv { conv, pooled, argmax }, LayerShape::Conv(s)) => {
+                let out = ConvPoolOut { conv, pooled, argmax };
+                if i == 0 {
+                    ops.gather_conv_relu_pool_forward(
+                        &mut acts.input,
+                        &mut acts.labels,
+                        batch,
+                        out,
+                        weight,
+                        bias,
+                        s,
+                    )?;
+                } else {
+                    ops.conv_relu_pool_forward(out, layer_input(&acts.input, before), weight, bias, s)?;
+                }
+            }
+            (LayerActs::Linear { out }, LayerShape::Linear(s)) => {
+                if i == 0 {
+                    ops.gather(&mut acts.input, &mut acts.labels, batch)?;
+                }
+                let relu = matches!(layer.kind, LayerKind::Linear { relu: true, .. });
+                ops.linear_forward(out, layer_input(&acts.input, before), weight, bias, s, relu)?;
+            }
+            _ => unreachable!("shapes match kinds"),
+        }
+    }
+    Ok(())
+}
+
+/// The input of the layer after `before`: the previous layer's output, or the batch.
+fn layer_input<'a, O: Ops>(input: &'a O::Buf<f32>, before: &'a [LayerActs<O>]) -> &'a O::Buf<f32> {
+    before.last().map_or(input, LayerActs::output)
+}
+
+/// The gradient layer `i`'s backward pass writes for its input (none for the first layer), with
+/// the ReLU mask of the layer that produced that input when it is a fully connected one (a conv
+/// layer applies its own mask in its backward pass).
+fn input_grad<'a, O: Ops>(
+    dbefore: &'a mut [O::Buf<f32>],
+    before: &'a [LayerActs<O>],
+    i: usize,
+) -> Option<InputGrad<'a, O>> {
+    let dinput = dbefore.last_mut()?;
+    let relu_mask = match (&LENET5[i - 1].kind, &before[i - 1]) {
+        (LayerKind::Linear { relu: true, .. }, acts) => Some(acts.output()),
+        _ => None,
+    };
+    Some(InputGrad { dinput, relu_mask })
+}
+
+/// Mutable references to `v[i]` and `v[i + 1]`.
+fn pair_mut<T>(v: &mut [T], i: usize) -> (&mut T, &mut T) {
+    let (a, b) = v[i..].split_at_mut(1);
+    (&mut a[0], &mut b[0])
+}
+
+/// Loss and correct count of one optimizer step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// Mean over the batch of the images' losses (summed in f64, in image order).
+    pub loss: f32,
+    pub correct: u32,
+}
+
+impl StepStats {
+    /// From each image's loss and correct flag.
+    pub fn from_images(losses: &[f32], correct: &[u32]) -> Self {
+        let sum: f64 = losses.iter().map(|&l| l as f64).sum();
+        StepStats { loss: (sum / losses.len().max(1) as f64) as f32, correct: correct.iter().sum() }
+    }
+}

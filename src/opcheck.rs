@@ -1,0 +1,1172 @@
+//! One check per op of [`Ops`]: seeded random inputs, the op run on an implementation and on the
+//! reference, every output compared element by element with a tolerance derived from f32
+//! rounding, and every output element checked as written (outputs start as NaN). The same
+//! check serves tests/ops.rs (every implementation, several shapes) and `lenet bench` (the
+//! kernels it is about to time, at the benchmarked batch). [`Trace`] lists the ops a piece of
+//! code calls, so the bench's rows are the network's own op calls.
+//!
+//! Tolerances. Let u = 2^-24 (f32's unit roundoff). Two implementations of a sum of n terms
+//! t_k that add in different orders differ by rounding only; summed in any order, the error of
+//! each is about u * sqrt(sum_k S_k^2) for the partial sums S_k, which
+//! [`reduction_bound`] bounds by u * sqrt(n * sum_k t_k^2) (the partial sums of terms of
+//! random signs grow like sqrt(k)), so each element may differ by
+//! `4 u sqrt(n sum t^2) + 8 u |x|` (both sides' errors, and the rounding of the result itself).
+//! sum t^2 is the op itself applied to the squared inputs (each term of a sum of products is a
+//! product). Ops with exp, log, sqrt or a division add those functions' accuracy on a GPU
+//! (WGSL allows exp 3 + 2|x| ULP, log 3 ULP near 1, sqrt and division 2.5 ULP), as stated where
+//! they are used. A planted 1% error is far outside every bound (tests/ops.rs shows it fails).
+
+use anyhow::{bail, ensure, Context as _, Result};
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+
+use crate::cpu::reference as r;
+use crate::cpu::Reference;
+use crate::data::Dataset;
+use crate::ops::*;
+use crate::optim::{AdamStep, OptStep, Optimizer, OptimizerKind, Sgd, SgdStep};
+
+/// f32's unit roundoff.
+pub const U: f64 = f32::EPSILON as f64 / 2.0;
+
+/// One call of an op with its shapes: what a test or the bench checks and times.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OpCase {
+    Gather {
+        batch: usize,
+        images: usize,
+        side: usize,
+        max_shift: i32,
+    },
+    ConvReluPool(ConvShape),
+    GatherConvReluPool {
+        s: ConvShape,
+        images: usize,
+        max_shift: i32,
+    },
+    Linear {
+        s: LinearShape,
+        relu: bool,
+    },
+    SoftmaxXent {
+        batch: usize,
+        classes: usize,
+    },
+    /// `mask`: None without an input gradient, else whether it is ReLU-masked.
+    LinearXent {
+        s: LinearShape,
+        mask: Option<bool>,
+    },
+    LinearBackward {
+        s: LinearShape,
+        mask: Option<bool>,
+    },
+    ConvBackwardFromPool {
+        s: ConvShape,
+        dinput: bool,
+    },
+    /// The tensors' sizes and their gradients' partial counts.
+    Adam {
+        lens: Vec<usize>,
+        partials: Vec<usize>,
+    },
+    Sgd {
+        lens: Vec<usize>,
+        partials: Vec<usize>,
+        momentum: f64,
+        nesterov: bool,
+        weight_decay: f64,
+    },
+}
+
+impl OpCase {
+    /// The op's name in [`Ops`].
+    pub fn op(&self) -> &'static str {
+        match self {
+            OpCase::Gather { .. } => "gather",
+            OpCase::ConvReluPool(_) => "conv_relu_pool_forward",
+            OpCase::GatherConvReluPool { .. } => "gather_conv_relu_pool_forward",
+            OpCase::Linear { .. } => "linear_forward",
+            OpCase::SoftmaxXent { .. } => "softmax_xent",
+            OpCase::LinearXent { .. } => "linear_xent_forward_backward",
+            OpCase::LinearBackward { .. } => "linear_backward",
+            OpCase::ConvBackwardFromPool { .. } => "conv_backward_from_pool",
+            OpCase::Adam { .. } => "adam_update",
+            OpCase::Sgd { .. } => "sgd_update",
+        }
+    }
+
+    /// Floating-point operations of one call (2 per multiply-accumulate), or None for the
+    /// memory-bound ops (rated by [`OpCase::bytes`]).
+    pub fn flops(&self) -> Option<f64> {
+        let conv_fwd = |s: &ConvShape| 2.0 * s.macs() as f64;
+        Some(match self {
+            OpCase::ConvReluPool(s) | OpCase::GatherConvReluPool { s, .. } => conv_fwd(s),
+            OpCase::Linear { s, .. } => 2.0 * s.macs() as f64,
+            OpCase::LinearXent { s, mask } => 2.0 * s.macs() as f64 * if mask.is_some() { 3.0 } else { 2.0 },
+            OpCase::LinearBackward { s, mask } => {
+                2.0 * s.macs() as f64 * if mask.is_some() { 2.0 } else { 1.0 }
+            }
+            OpCase::ConvBackwardFromPool { s, dinput } => conv_fwd(s) * if *dinput { 2.0 } else { 1.0 },
+            _ => return None,
+        })
+    }
+
+    /// Bytes read and written once by one call (for the memory-bound ops' GB/s).
+    pub fn bytes(&self) -> f64 {
+        4.0 * match self {
+            OpCase::Gather { batch, side, .. } => batch * side * side * 5 / 4 + 4 * batch,
+            OpCase::SoftmaxXent { batch, classes } => 2 * batch * classes + 3 * batch,
+            OpCase::Adam { lens, partials } => lens.iter().zip(partials).map(|(n, p)| n * (p + 6)).sum(),
+            OpCase::Sgd { lens, partials, .. } => lens.iter().zip(partials).map(|(n, p)| n * (p + 4)).sum(),
+            OpCase::ConvReluPool(s) | OpCase::GatherConvReluPool { s, .. } => {
+                s.input_len() + s.weight_len() + s.output_len() + 2 * s.pooled_len()
+            }
+            OpCase::Linear { s, .. } | OpCase::LinearXent { s, .. } | OpCase::LinearBackward { s, .. } => {
+                s.batch * (s.in_features + s.out_features) + s.weight_len()
+            }
+            OpCase::ConvBackwardFromPool { s, .. } => 2 * s.input_len() + s.output_len() + 2 * s.pooled_len(),
+        } as f64
+    }
+}
+
+/// How an output compared: the largest |diff| / tolerance over its elements (below 1 passes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub worst_ratio: f64,
+    /// The output and element of the worst ratio.
+    pub worst_at: String,
+}
+
+/// Host data of a case: named inputs, and after a run, named outputs.
+#[derive(Clone, Debug, Default)]
+pub struct Host {
+    pub f32s: Vec<(&'static str, Vec<f32>)>,
+    pub u32s: Vec<(&'static str, Vec<u32>)>,
+    pub i32s: Vec<(&'static str, Vec<i32>)>,
+    pub data: Option<Dataset>,
+}
+
+impl Host {
+    fn f(&self, name: &str) -> &[f32] {
+        &self.f32s.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no f32 {name}")).1
+    }
+    fn u(&self, name: &str) -> &[u32] {
+        &self.u32s.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no u32 {name}")).1
+    }
+}
+
+fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| lo + (hi - lo) * ((rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32)).collect()
+}
+
+fn below(rng: &mut ChaCha8Rng, n: u32) -> u32 {
+    (rng.next_u64() % n as u64) as u32
+}
+
+/// ReLU outputs: non-negative, about a third exactly zero (as a ReLU'd layer's are).
+fn relu_like(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    uniform(rng, n, -0.5, 1.0).into_iter().map(|x| x.max(0.0)).collect()
+}
+
+fn random_dataset(rng: &mut ChaCha8Rng, images: usize, side: usize) -> Dataset {
+    Dataset {
+        images: (0..images * side * side).map(|_| rng.next_u32() as u8).collect(),
+        labels: (0..images).map(|_| below(rng, 10) as u8).collect(),
+        rows: side,
+        cols: side,
+    }
+}
+
+fn batch_picks(rng: &mut ChaCha8Rng, batch: usize, images: usize, max_shift: i32) -> (Vec<u32>, Vec<i32>) {
+    let indices = (0..batch).map(|_| below(rng, images as u32)).collect();
+    let span = (2 * max_shift + 1) as u32;
+    let shifts = (0..2 * batch).map(|_| below(rng, span) as i32 - max_shift).collect();
+    (indices, shifts)
+}
+
+/// The optimizer scalars of a realistic mid-run step.
+fn adam_step() -> AdamStep {
+    match Optimizer::default().step(7, 1e-3, None) {
+        OptStep::Adam(s) => s,
+        OptStep::Sgd(_) => unreachable!(),
+    }
+}
+
+fn sgd_step(momentum: f64, nesterov: bool, weight_decay: f64) -> SgdStep {
+    let opt = Optimizer { kind: OptimizerKind::Sgd(Sgd { momentum, nesterov, weight_decay }), lr: 0.05 };
+    match opt.step(7, 0.05, None) {
+        OptStep::Sgd(s) => s,
+        OptStep::Adam(_) => unreachable!(),
+    }
+}
+
+/// Seeded random inputs for `case`, shaped as the network's (ReLU outputs where the op reads
+/// one, a valid forward pass's argmax where it reads one).
+pub fn inputs(case: &OpCase, seed: u64) -> Host {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let rng = &mut rng;
+    let mut h = Host::default();
+    let weights = |rng: &mut ChaCha8Rng, n: usize, fan_in: usize| {
+        let b = 1.0 / (fan_in as f32).sqrt();
+        uniform(rng, n, -b, b)
+    };
+    match case {
+        OpCase::Gather { batch, images, side, max_shift } => {
+            h.data = Some(random_dataset(rng, *images, *side));
+            let (i, s) = batch_picks(rng, *batch, *images, *max_shift);
+            h.u32s.push(("indices", i));
+            h.i32s.push(("shifts", s));
+        }
+        OpCase::ConvReluPool(s) => {
+            let fan = s.in_channels * s.kernel * s.kernel;
+            h.f32s.push(("input", relu_like(rng, s.input_len())));
+            h.f32s.push(("weight", weights(rng, s.weight_len(), fan)));
+            h.f32s.push(("bias", weights(rng, s.out_channels, fan)));
+        }
+        OpCase::GatherConvReluPool { s, images, max_shift } => {
+            h.data = Some(random_dataset(rng, *images, s.height));
+            let (i, sh) = batch_picks(rng, s.batch, *images, *max_shift);
+            h.u32s.push(("indices", i));
+            h.i32s.push(("shifts", sh));
+            let fan = s.in_channels * s.kernel * s.kernel;
+            h.f32s.push(("weight", weights(rng, s.weight_len(), fan)));
+            h.f32s.push(("bias", weights(rng, s.out_channels, fan)));
+        }
+        OpCase::Linear { s, .. } => {
+            h.f32s.push(("input", relu_like(rng, s.batch * s.in_features)));
+            h.f32s.push(("weight", weights(rng, s.weight_len(), s.in_features)));
+            h.f32s.push(("bias", weights(rng, s.out_features, s.in_features)));
+        }
+        OpCase::SoftmaxXent { batch, classes } => {
+            h.f32s.push(("logits", uniform(rng, batch * classes, -6.0, 6.0)));
+            h.u32s.push(("labels", (0..*batch).map(|_| below(rng, *classes as u32)).collect()));
+        }
+        OpCase::LinearXent { s, .. } => {
+            h.f32s.push(("input", relu_like(rng, s.batch * s.in_features)));
+            h.f32s.push(("weight", weights(rng, s.weight_len(), s.in_features)));
+            h.f32s.push(("bias", weights(rng, s.out_features, s.in_features)));
+            h.u32s.push(("labels", (0..s.batch).map(|_| below(rng, s.out_features as u32)).collect()));
+        }
+        OpCase::LinearBackward { s, .. } => {
+            let scale = 1.0 / s.batch as f32;
+            h.f32s.push(("dout", uniform(rng, s.batch * s.out_features, -scale, scale)));
+            h.f32s.push(("input", relu_like(rng, s.batch * s.in_features)));
+            h.f32s.push(("weight", weights(rng, s.weight_len(), s.in_features)));
+        }
+        OpCase::ConvBackwardFromPool { s, .. } => {
+            let fan = s.in_channels * s.kernel * s.kernel;
+            let input = relu_like(rng, s.input_len());
+            let weight = weights(rng, s.weight_len(), fan);
+            let bias = weights(rng, s.out_channels, fan);
+            let (mut conv, mut pooled, mut argmax) =
+                (vec![0.0; s.output_len()], vec![0.0; s.pooled_len()], vec![0; s.pooled_len()]);
+            let mut pre = vec![0.0; s.output_len()];
+            r::conv2d_forward(&mut pre, &input, &weight, &bias, *s);
+            r::relu_forward(&mut conv, &pre);
+            r::maxpool2x2_forward(
+                &mut pooled,
+                &mut argmax,
+                &conv,
+                s.batch,
+                s.out_channels,
+                s.out_height(),
+                s.out_width(),
+            );
+            let scale = 1.0 / s.batch as f32;
+            h.f32s.push(("dpooled", uniform(rng, s.pooled_len(), -scale, scale)));
+            h.f32s.push(("conv", conv));
+            h.u32s.push(("argmax", argmax));
+            h.f32s.push(("input", input));
+            h.f32s.push(("weight", weight));
+        }
+        OpCase::Adam { lens, partials } | OpCase::Sgd { lens, partials, .. } => {
+            let total: usize = lens.iter().sum();
+            let grads: usize = lens.iter().zip(partials).map(|(n, p)| n * p).sum();
+            h.f32s.push(("param", uniform(rng, total, -0.3, 0.3)));
+            h.f32s.push(("grad", uniform(rng, grads, -0.02, 0.02)));
+            h.f32s.push(("moment1", uniform(rng, total, -0.01, 0.01)));
+            // v is a mean of squared gradients: positive, on the gradients' squared scale.
+            h.f32s.push(("moment2", uniform(rng, total, 0.0, 4e-4)));
+        }
+    }
+    h
+}
+
+/// Splits a flat host vector into the tensors of `lens` (each `parts` times as long).
+fn split<'a>(flat: &'a [f32], lens: &[usize], parts: &[usize]) -> Vec<&'a [f32]> {
+    let mut at = 0;
+    lens.iter()
+        .zip(parts)
+        .map(|(n, p)| {
+            let s = &flat[at..at + n * p];
+            at += n * p;
+            s
+        })
+        .collect()
+}
+
+/// Runs `case` on `ops` from `host`'s inputs; returns the outputs, gradients' partials summed.
+pub fn run<O: Ops>(ops: &mut O, case: &OpCase, host: &Host) -> Result<Host> {
+    let mut staged = Staged::new(ops, case, host)?;
+    staged.exec(ops)?;
+    staged.outputs(ops)
+}
+
+/// A case's buffers on one implementation, for running it (again and again, for timing).
+pub struct Staged<O: Ops> {
+    case: OpCase,
+    ins: Vec<(&'static str, O::Buf<f32>)>,
+    ins_u32: Vec<(&'static str, O::Buf<u32>)>,
+    ins_i32: Vec<(&'static str, O::Buf<i32>)>,
+    outs: Vec<(&'static str, O::Buf<f32>)>,
+    outs_u32: Vec<(&'static str, O::Buf<u32>)>,
+    data: Option<O::Data>,
+    /// Partial counts of the gradient outputs (dweight, dbias).
+    partials: usize,
+    /// The optimizer cases' tensors, one buffer per tensor: param, grad, moment1, moment2.
+    tensors: Vec<Vec<O::Buf<f32>>>,
+}
+
+fn take<'a, B>(list: &'a [(&'static str, B)], name: &str) -> &'a B {
+    &list.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no buffer {name}")).1
+}
+
+impl<O: Ops> Staged<O> {
+    /// Uploads the inputs and makes NaN-filled (or u32::MAX-filled) outputs.
+    pub fn new(ops: &mut O, case: &OpCase, host: &Host) -> Result<Self> {
+        let mut s = Staged {
+            case: case.clone(),
+            ins: Vec::new(),
+            ins_u32: Vec::new(),
+            ins_i32: Vec::new(),
+            outs: Vec::new(),
+            outs_u32: Vec::new(),
+            data: None,
+            partials: 1,
+            tensors: Vec::new(),
+        };
+        for (n, v) in &host.f32s {
+            s.ins.push((n, ops.upload(n, v)?));
+        }
+        for (n, v) in &host.u32s {
+            s.ins_u32.push((n, ops.upload(n, v)?));
+        }
+        for (n, v) in &host.i32s {
+            s.ins_i32.push((n, ops.upload(n, v)?));
+        }
+        if let Some(d) = &host.data {
+            s.data = Some(ops.upload_data("data", d)?);
+        }
+        let mut out = |name: &'static str, len: usize, ops: &mut O| -> Result<()> {
+            s.outs.push((name, ops.upload(name, &vec![f32::NAN; len])?));
+            Ok(())
+        };
+        let grads = |s: &mut Self, ops: &mut O, op: GradOp, w: usize, b: usize| -> Result<()> {
+            s.partials = ops.grad_partials(op);
+            s.outs.push(("dweight", ops.upload("dweight", &vec![f32::NAN; w * s.partials])?));
+            s.outs.push(("dbias", ops.upload("dbias", &vec![f32::NAN; b * s.partials])?));
+            Ok(())
+        };
+        let mut outs_u32 = Vec::new();
+        match case {
+            OpCase::Gather { batch, side, .. } => {
+                out("input", batch * side * side, ops)?;
+                outs_u32.push(("labels", *batch));
+            }
+            OpCase::ConvReluPool(c) => {
+                out("conv", c.output_len(), ops)?;
+                out("pooled", c.pooled_len(), ops)?;
+                outs_u32.push(("argmax", c.pooled_len()));
+            }
+            OpCase::GatherConvReluPool { s: c, .. } => {
+                out("input", c.input_len(), ops)?;
+                out("conv", c.output_len(), ops)?;
+                out("pooled", c.pooled_len(), ops)?;
+                outs_u32.push(("labels", c.batch));
+                outs_u32.push(("argmax", c.pooled_len()));
+            }
+            OpCase::Linear { s: l, .. } => out("out", l.batch * l.out_features, ops)?,
+            OpCase::SoftmaxXent { batch, classes } => {
+                out("dlogits", batch * classes, ops)?;
+                out("losses", *batch, ops)?;
+                outs_u32.push(("correct", *batch));
+            }
+            OpCase::LinearXent { s: l, mask } => {
+                out("logits", l.batch * l.out_features, ops)?;
+                out("dlogits", l.batch * l.out_features, ops)?;
+                out("losses", l.batch, ops)?;
+                outs_u32.push(("correct", l.batch));
+                if mask.is_some() {
+                    out("dinput", l.batch * l.in_features, ops)?;
+                }
+                grads(&mut s, ops, GradOp::LinearXent(*l), l.weight_len(), l.out_features)?;
+            }
+            OpCase::LinearBackward { s: l, mask } => {
+                if mask.is_some() {
+                    out("dinput", l.batch * l.in_features, ops)?;
+                }
+                grads(&mut s, ops, GradOp::Linear(*l), l.weight_len(), l.out_features)?;
+            }
+            OpCase::ConvBackwardFromPool { s: c, dinput } => {
+                if *dinput {
+                    out("dinput", c.input_len(), ops)?;
+                }
+                grads(&mut s, ops, GradOp::ConvFromPool(*c), c.weight_len(), c.out_channels)?;
+            }
+            OpCase::Adam { lens, partials } | OpCase::Sgd { lens, partials, .. } => {
+                let ones = vec![1; lens.len()];
+                for (name, parts) in
+                    [("param", &ones), ("grad", partials), ("moment1", &ones), ("moment2", &ones)]
+                {
+                    let list = split(host.f(name), lens, parts)
+                        .into_iter()
+                        .map(|t| ops.upload(name, t))
+                        .collect::<Result<_>>()?;
+                    s.tensors.push(list);
+                }
+            }
+        }
+        for (name, len) in outs_u32 {
+            s.outs_u32.push((name, ops.upload(name, &vec![u32::MAX; len])?));
+        }
+        Ok(s)
+    }
+
+    /// Runs the op once.
+    pub fn exec(&mut self, ops: &mut O) -> Result<()> {
+        let Staged { case, ins, ins_u32, ins_i32, outs, outs_u32, data, tensors, .. } = self;
+        let batch_ref = |batch: usize| BatchRef {
+            data: data.as_ref().expect("a data set"),
+            indices: take(ins_u32, "indices"),
+            shifts: take(ins_i32, "shifts"),
+            batch,
+        };
+        let f = |name: &str| take(ins, name);
+        match case {
+            OpCase::Gather { batch, .. } => {
+                let [input] = outs_mut(outs, ["input"]);
+                let [labels] = outs_mut(outs_u32, ["labels"]);
+                ops.gather(input, labels, &batch_ref(*batch))
+            }
+            OpCase::ConvReluPool(s) => {
+                let [conv, pooled] = outs_mut(outs, ["conv", "pooled"]);
+                let [argmax] = outs_mut(outs_u32, ["argmax"]);
+                ops.conv_relu_pool_forward(
+                    ConvPoolOut { conv, pooled, argmax },
+                    f("input"),
+                    f("weight"),
+                    f("bias"),
+                    *s,
+                )
+            }
+            OpCase::GatherConvReluPool { s, .. } => {
+                let [input, conv, pooled] = outs_mut(outs, ["input", "conv", "pooled"]);
+                let [labels, argmax] = outs_mut(outs_u32, ["labels", "argmax"]);
+                let out = ConvPoolOut { conv, pooled, argmax };
+                ops.gather_conv_relu_pool_forward(
+                    input,
+                    labels,
+                    &batch_ref(s.batch),
+                    out,
+                    f("weight"),
+                    f("bias"),
+                    *s,
+                )
+            }
+            OpCase::Linear { s, relu } => {
+                let [out] = outs_mut(outs, ["out"]);
+                ops.linear_forward(out, f("input"), f("weight"), f("bias"), *s, *relu)
+            }
+            OpCase::SoftmaxXent { batch, classes } => {
+                let [dlogits, losses] = outs_mut(outs, ["dlogits", "losses"]);
+                let [correct] = outs_mut(outs_u32, ["correct"]);
+                ops.softmax_xent(
+                    XentOut { dlogits, losses, correct },
+                    f("logits"),
+                    take(ins_u32, "labels"),
+                    *batch,
+                    *classes,
+                )
+            }
+            OpCase::LinearXent { s, mask } => {
+                let [correct] = outs_mut(outs_u32, ["correct"]);
+                let input = take(ins, "input");
+                if mask.is_some() {
+                    let [logits, dlogits, losses, dinput, dweight, dbias] =
+                        outs_mut(outs, ["logits", "dlogits", "losses", "dinput", "dweight", "dbias"]);
+                    let dinput = Some(InputGrad { dinput, relu_mask: mask.unwrap().then_some(input) });
+                    let xent = XentOut { dlogits, losses, correct };
+                    let grads = ParamGrads { dweight, dbias };
+                    ops.linear_xent_forward_backward(
+                        logits,
+                        xent,
+                        grads,
+                        dinput,
+                        input,
+                        take(ins_u32, "labels"),
+                        f("weight"),
+                        f("bias"),
+                        *s,
+                    )
+                } else {
+                    let [logits, dlogits, losses, dweight, dbias] =
+                        outs_mut(outs, ["logits", "dlogits", "losses", "dweight", "dbias"]);
+                    let xent = XentOut { dlogits, losses, correct };
+                    let grads = ParamGrads { dweight, dbias };
+                    ops.linear_xent_forward_backward(
+                        logits,
+                        xent,
+                        grads,
+                        None,
+                        input,
+                        take(ins_u32, "labels"),
+                        f("weight"),
+                        f("bias"),
+                        *s,
+                    )
+                }
+            }
+            OpCase::LinearBackward { s, mask } => {
+                let input = take(ins, "input");
+                if mask.is_some() {
+                    let [dinput, dweight, dbias] = outs_mut(outs, ["dinput", "dweight", "dbias"]);
+                    let dinput = Some(InputGrad { dinput, relu_mask: mask.unwrap().then_some(input) });
+                    ops.linear_backward(
+                        ParamGrads { dweight, dbias },
+                        dinput,
+                        f("dout"),
+                        input,
+                        f("weight"),
+                        *s,
+                    )
+                } else {
+                    let [dweight, dbias] = outs_mut(outs, ["dweight", "dbias"]);
+                    ops.linear_backward(
+                        ParamGrads { dweight, dbias },
+                        None,
+                        f("dout"),
+                        input,
+                        f("weight"),
+                        *s,
+                    )
+                }
+            }
+            OpCase::ConvBackwardFromPool { s, dinput } => {
+                let saved = ConvPoolSaved { conv: f("conv"), argmax: take(ins_u32, "argmax") };
+                if *dinput {
+                    let [dinput, dweight, dbias] = outs_mut(outs, ["dinput", "dweight", "dbias"]);
+                    ops.conv_backward_from_pool(
+                        ParamGrads { dweight, dbias },
+                        Some(dinput),
+                        f("dpooled"),
+                        saved,
+                        f("input"),
+                        f("weight"),
+                        *s,
+                    )
+                } else {
+                    let [dweight, dbias] = outs_mut(outs, ["dweight", "dbias"]);
+                    ops.conv_backward_from_pool(
+                        ParamGrads { dweight, dbias },
+                        None,
+                        f("dpooled"),
+                        saved,
+                        f("input"),
+                        f("weight"),
+                        *s,
+                    )
+                }
+            }
+            OpCase::Adam { .. } => {
+                let [p, g, m, v] = tensors.as_mut_slice() else { unreachable!("staged") };
+                ops.adam_update(p, g, m, v, &adam_step())
+            }
+            OpCase::Sgd { momentum, nesterov, weight_decay, .. } => {
+                let [p, g, m, _] = tensors.as_mut_slice() else { unreachable!("staged") };
+                ops.sgd_update(p, g, m, &sgd_step(*momentum, *nesterov, *weight_decay))
+            }
+        }
+    }
+
+    /// The outputs, read back, with gradient partials summed in order.
+    pub fn outputs(&mut self, ops: &mut O) -> Result<Host> {
+        let mut h = Host::default();
+        for (n, b) in &self.outs {
+            let mut v = ops.read(b)?;
+            if (*n == "dweight" || *n == "dbias") && self.partials > 1 {
+                v = sum_partials(&v, self.partials);
+            }
+            h.f32s.push((n, v));
+        }
+        for (n, b) in &self.outs_u32 {
+            h.u32s.push((n, ops.read(b)?));
+        }
+        let names = match self.case {
+            OpCase::Adam { .. } => &["param", "moment1", "moment2"][..],
+            OpCase::Sgd { .. } => &["param", "moment1"][..],
+            _ => &[][..],
+        };
+        for (k, name) in [0, 2, 3].into_iter().zip(names) {
+            let mut flat = Vec::new();
+            for t in &self.tensors[k] {
+                flat.extend(ops.read(t)?);
+            }
+            h.f32s.push((name, flat));
+        }
+        Ok(h)
+    }
+}
+
+/// The in-order sum of `parts` equal parts of `v` (as the optimizer adds partials).
+pub fn sum_partials(v: &[f32], parts: usize) -> Vec<f32> {
+    let n = v.len() / parts;
+    let mut out = v[..n].to_vec();
+    for k in 1..parts {
+        for (o, x) in out.iter_mut().zip(&v[k * n..(k + 1) * n]) {
+            *o += x;
+        }
+    }
+    out
+}
+
+/// Mutable references to several distinct outputs by name.
+fn outs_mut<'a, B, const N: usize>(list: &'a mut [(&'static str, B)], names: [&str; N]) -> [&'a mut B; N] {
+    let mut found: [Option<&'a mut B>; N] = std::array::from_fn(|_| None);
+    for (n, b) in list.iter_mut() {
+        if let Some(i) = names.iter().position(|x| x == n) {
+            found[i] = Some(b);
+        }
+    }
+    found.map(|b| b.expect("output staged"))
+}
+
+/// Runs `case` on `ops` and on the reference from the same seeded inputs and compares every
+/// output. Err when an element is unwritten or outside its tolerance, naming it.
+pub fn check<O: Ops>(ops: &mut O, case: &OpCase, seed: u64) -> Result<Outcome> {
+    let host = inputs(case, seed);
+    let got = run(ops, case, &host).with_context(|| format!("running {} on {}", case.op(), ops.name()))?;
+    let want = run(&mut Reference, case, &host).context("running the reference")?;
+    compare(case, &host, &got, &want)
+}
+
+/// Compares `got` with the reference's `want` for `case`'s inputs `host`.
+pub fn compare(case: &OpCase, host: &Host, got: &Host, want: &Host) -> Result<Outcome> {
+    let mut worst = Outcome { worst_ratio: 0.0, worst_at: String::new() };
+    let bounds = bounds(case, host, want);
+    for (name, w) in &want.f32s {
+        let g = got.f32s.iter().find(|(n, _)| n == name).map(|(_, v)| v).context("output missing")?;
+        ensure!(g.len() == w.len(), "{name}: {} values, expected {}", g.len(), w.len());
+        let tol = bounds.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        for (i, (&a, &b)) in g.iter().zip(w).enumerate() {
+            ensure!(
+                !a.is_nan() || b.is_nan(),
+                "{name}[{i}] was not written (still NaN; the reference gives {b})"
+            );
+            let t = tol.map_or(0.0, |t| t[i]);
+            let err = (a as f64 - b as f64).abs();
+            ensure!(
+                err <= t,
+                "{name}[{i}] = {a}, the reference gives {b}: |diff| {err:.3e} > tolerance {t:.3e}"
+            );
+            let ratio = if t > 0.0 { err / t } else { 0.0 };
+            if ratio > worst.worst_ratio || worst.worst_at.is_empty() {
+                worst = Outcome { worst_ratio: ratio, worst_at: format!("{name}[{i}]") };
+            }
+        }
+    }
+    for (name, w) in &want.u32s {
+        let g = got.u32s.iter().find(|(n, _)| n == name).map(|(_, v)| v).context("output missing")?;
+        ensure!(g.len() == w.len(), "{name}: {} values, expected {}", g.len(), w.len());
+        for (i, (&a, &b)) in g.iter().zip(w).enumerate() {
+            ensure!(a != u32::MAX || b == u32::MAX, "{name}[{i}] was not written");
+            if a != b && !near_tie(case, name, i, a, b, host, want, &bounds) {
+                bail!("{name}[{i}] = {a}, the reference gives {b}");
+            }
+        }
+    }
+    Ok(worst)
+}
+
+/// Whether a differing argmax or correct flag is a tie within rounding: the two candidates'
+/// values differ by less than their tolerances.
+#[allow(clippy::too_many_arguments)]
+fn near_tie(
+    case: &OpCase,
+    name: &str,
+    i: usize,
+    a: u32,
+    b: u32,
+    host: &Host,
+    want: &Host,
+    bounds: &[(&str, Vec<f64>)],
+) -> bool {
+    let tol = |out: &str| bounds.iter().find(|(n, _)| *n == out).map(|(_, t)| t);
+    match name {
+        "argmax" => {
+            // Two conv outputs of one window within rounding of each other.
+            let (Some(conv), Some(t)) = (want.f32s.iter().find(|(n, _)| *n == "conv"), tol("conv")) else {
+                return false;
+            };
+            let (Some(&x), Some(&y)) = (conv.1.get(a as usize), conv.1.get(b as usize)) else { return false };
+            ((x - y).abs() as f64) <= t[a as usize] + t[b as usize]
+        }
+        "correct" => {
+            // The first largest logit may differ when the top two are within rounding.
+            let (logits, classes, t) = match case {
+                OpCase::SoftmaxXent { classes, .. } => (host.f("logits"), *classes, None),
+                OpCase::LinearXent { s, .. } => (want.f("logits"), s.out_features, tol("logits")),
+                _ => return false,
+            };
+            let row = &logits[i * classes..][..classes];
+            let mut sorted: Vec<f32> = row.to_vec();
+            sorted.sort_by(|x, y| y.total_cmp(x));
+            let slack =
+                t.map_or(0.0, |t| 2.0 * t[i * classes..][..classes].iter().cloned().fold(0.0, f64::max));
+            ((sorted[0] - sorted[1]).abs() as f64) <= slack
+        }
+        _ => false,
+    }
+}
+
+/// Squares element-wise (for the sum of squared terms of a bilinear op).
+fn sq(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|v| v * v).collect()
+}
+
+/// The tolerance of a reduction of `n` terms whose squares sum to `sum_sq`, around a result `x`
+/// (see the module docs): 4 u sqrt(n sum t^2) + 8 u |x| + a floor of 2^-100 for exact zeros.
+pub fn reduction_bound(x: f32, n: usize, sum_sq: f32) -> f64 {
+    4.0 * U * (n as f64 * sum_sq.max(0.0) as f64).sqrt() + 8.0 * U * (x as f64).abs() + 1e-30
+}
+
+/// Per output, the per-element tolerance.
+fn bounds(case: &OpCase, host: &Host, want: &Host) -> Vec<(&'static str, Vec<f64>)> {
+    let mut out = Vec::new();
+    let reduce = |vals: &[f32], sums: &[f32], n: usize| -> Vec<f64> {
+        vals.iter().zip(sums).map(|(&x, &s)| reduction_bound(x, n, s)).collect()
+    };
+    let linear_fwd = |s: &LinearShape, input: &[f32], weight: &[f32], out: &[f32]| {
+        let mut sums = vec![0.0; s.batch * s.out_features];
+        let zero = vec![0.0; s.out_features];
+        r::linear_forward(&mut sums, &sq(input), &sq(weight), &zero, s.batch, s.in_features, s.out_features);
+        reduce(out, &sums, s.in_features + 1)
+    };
+    let linear_bwd = |s: &LinearShape,
+                      dout: &[f32],
+                      input: &[f32],
+                      weight: &[f32],
+                      dw: &[f32],
+                      db: &[f32],
+                      dinput: Option<&[f32]>| {
+        let mut v = Vec::new();
+        let (mut sw, mut sb) = (vec![0.0; s.weight_len()], vec![0.0; s.out_features]);
+        r::linear_backward_weight(
+            &mut sw,
+            &mut sb,
+            &sq(dout),
+            &sq(input),
+            s.batch,
+            s.in_features,
+            s.out_features,
+        );
+        v.push(("dweight", reduce(dw, &sw, s.batch)));
+        v.push(("dbias", reduce(db, &sb, s.batch)));
+        if let Some(di) = dinput {
+            let mut si = vec![0.0; s.batch * s.in_features];
+            r::linear_backward_input(&mut si, &sq(dout), &sq(weight), s.batch, s.in_features, s.out_features);
+            v.push(("dinput", reduce(di, &si, s.out_features)));
+        }
+        v
+    };
+    // exp, log and the division of softmax on a GPU (WGSL: exp 3 + 2|x| ULP with |x| <= 12
+    // here, log 3 ULP, division 2.5 ULP) and the sum of C exponentials: a relative error of
+    // (3 + 24 + 2.5 + C) ULP on each probability; 2 ULP = 4 u each, doubled for both sides.
+    let softmax = |logits: &[f32], classes: usize, batch: usize, dlogits: &[f32], losses: &[f32]| {
+        let rel = 8.0 * U * (30.0 + classes as f64);
+        let scale = 1.0 / batch as f64;
+        let probs: Vec<f64> = logits
+            .chunks(classes)
+            .flat_map(|row| {
+                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let e: Vec<f64> = row.iter().map(|&z| (z as f64 - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                e.into_iter().map(move |x| x / sum)
+            })
+            .collect();
+        let d: Vec<f64> =
+            dlogits.iter().zip(&probs).map(|(&g, &p)| rel * p * scale + 8.0 * U * g.abs() as f64).collect();
+        // loss = log(sum) - (z_label - max): log's error (3 ULP, absolute 2^-21 away from 1),
+        // the sum's, and the subtraction's rounding.
+        let l: Vec<f64> = losses.iter().map(|&x| 8.0 * U * x.abs() as f64 + rel + 2f64.powi(-20)).collect();
+        vec![("dlogits", d), ("losses", l)]
+    };
+    match case {
+        OpCase::Gather { .. } => {}
+        OpCase::ConvReluPool(s) | OpCase::GatherConvReluPool { s, .. } => {
+            let input = match case {
+                OpCase::ConvReluPool(_) => host.f("input").to_vec(),
+                _ => want.f("input").to_vec(),
+            };
+            let mut sums = vec![0.0; s.output_len()];
+            let zero = vec![0.0; s.out_channels];
+            r::conv2d_forward(&mut sums, &sq(&input), &sq(host.f("weight")), &zero, *s);
+            let conv = reduce(want.f("conv"), &sums, s.in_channels * s.kernel * s.kernel + 1);
+            let pooled = want.u("argmax").iter().map(|&i| conv[i as usize]).collect();
+            out.push(("conv", conv));
+            out.push(("pooled", pooled));
+        }
+        OpCase::Linear { s, .. } => {
+            out.push(("out", linear_fwd(s, host.f("input"), host.f("weight"), want.f("out"))))
+        }
+        OpCase::SoftmaxXent { batch, classes } => {
+            out.extend(softmax(host.f("logits"), *classes, *batch, want.f("dlogits"), want.f("losses")));
+        }
+        OpCase::LinearXent { s, mask } => {
+            let logits_tol = linear_fwd(s, host.f("input"), host.f("weight"), want.f("logits"));
+            // The logits' own error moves the softmax: d/dz of (p - y)/B is at most 1/B per unit.
+            let max_logit_err = logits_tol.iter().cloned().fold(0.0, f64::max);
+            let mut sm =
+                softmax(want.f("logits"), s.out_features, s.batch, want.f("dlogits"), want.f("losses"));
+            for (name, t) in sm.iter_mut() {
+                let extra = if *name == "dlogits" {
+                    2.0 * max_logit_err / s.batch as f64
+                } else {
+                    2.0 * max_logit_err
+                };
+                t.iter_mut().for_each(|x| *x += extra);
+            }
+            out.push(("logits", logits_tol));
+            out.extend(sm);
+            // The backward pass reads dlogits, which may differ by their tolerance: add the
+            // propagated difference (|dW| <= sum_b |d dlogits| |x|, likewise for dinput).
+            let dl_err = out.iter().find(|(n, _)| *n == "dlogits").map(|(_, t)| t.clone()).unwrap();
+            let mut prop_w = vec![0.0f32; s.weight_len()];
+            let mut prop_b = vec![0.0f32; s.out_features];
+            let dl_err32: Vec<f32> = dl_err.iter().map(|&x| x as f32).collect();
+            let abs_in: Vec<f32> = host.f("input").iter().map(|x| x.abs()).collect();
+            r::linear_backward_weight(
+                &mut prop_w,
+                &mut prop_b,
+                &dl_err32,
+                &abs_in,
+                s.batch,
+                s.in_features,
+                s.out_features,
+            );
+            let dinput = mask.map(|_| want.f("dinput"));
+            let mut grads = linear_bwd(
+                s,
+                want.f("dlogits"),
+                host.f("input"),
+                host.f("weight"),
+                want.f("dweight"),
+                want.f("dbias"),
+                dinput,
+            );
+            for (name, t) in grads.iter_mut() {
+                let prop: Vec<f32> = match *name {
+                    "dweight" => prop_w.clone(),
+                    "dbias" => prop_b.clone(),
+                    _ => {
+                        let mut p = vec![0.0; s.batch * s.in_features];
+                        let abs_w: Vec<f32> = host.f("weight").iter().map(|x| x.abs()).collect();
+                        r::linear_backward_input(
+                            &mut p,
+                            &dl_err32,
+                            &abs_w,
+                            s.batch,
+                            s.in_features,
+                            s.out_features,
+                        );
+                        p
+                    }
+                };
+                t.iter_mut().zip(prop).for_each(|(x, p)| *x += 1.01 * p as f64);
+            }
+            out.extend(grads);
+        }
+        OpCase::LinearBackward { s, mask } => {
+            let dinput = mask.map(|_| want.f("dinput"));
+            out.extend(linear_bwd(
+                s,
+                host.f("dout"),
+                host.f("input"),
+                host.f("weight"),
+                want.f("dweight"),
+                want.f("dbias"),
+                dinput,
+            ));
+        }
+        OpCase::ConvBackwardFromPool { s, dinput } => {
+            let mut dconv = vec![0.0; s.output_len()];
+            r::conv_grad_from_pool(&mut dconv, host.f("dpooled"), host.u("argmax"), host.f("conv"));
+            let (mut sw, mut sb) = (vec![0.0; s.weight_len()], vec![0.0; s.out_channels]);
+            r::conv2d_backward_weight(&mut sw, &mut sb, &sq(&dconv), &sq(host.f("input")), *s);
+            let n = s.batch * s.out_height() * s.out_width();
+            out.push(("dweight", reduce(want.f("dweight"), &sw, n)));
+            out.push(("dbias", reduce(want.f("dbias"), &sb, n)));
+            if *dinput {
+                let mut si = vec![0.0; s.input_len()];
+                r::conv2d_backward_input(&mut si, &sq(&dconv), &sq(host.f("weight")), *s);
+                out.push(("dinput", reduce(want.f("dinput"), &si, s.out_channels * s.kernel * s.kernel)));
+            }
+        }
+        OpCase::Adam { lens, partials } | OpCase::Sgd { lens, partials, .. } => {
+            // Each element's new state is a few roundings of its inputs: m and v take 3 each,
+            // relative to the sizes of the terms. The parameter moves by d = p_old - p_new: its
+            // error is a few roundings of d (sqrt and division may be 2.5 ULP on a GPU), plus
+            // the rounding of p itself. The summed partials add one rounding per partial.
+            let grads = split(host.f("grad"), lens, partials);
+            let g: Vec<f64> = grads
+                .iter()
+                .zip(lens)
+                .flat_map(|(t, &n)| (0..n).map(move |i| t.chunks(n).map(|c| c[i].abs() as f64).sum::<f64>()))
+                .collect();
+            let parts: Vec<f64> =
+                lens.iter().zip(partials).flat_map(|(&n, &p)| std::iter::repeat_n(p as f64, n)).collect();
+            let old = |name| host.f(name).iter().map(|&x| x.abs() as f64);
+            let m1: Vec<f64> =
+                old("moment1").zip(&g).zip(&parts).map(|((m, g), p)| 8.0 * U * (m + g * p)).collect();
+            let m2: Vec<f64> = old("moment2")
+                .zip(&g)
+                .zip(&parts)
+                .map(|((v, g), p)| 8.0 * U * (v + g * g * (1.0 + 2.0 * p * U)))
+                .collect();
+            let d: Vec<f64> = host
+                .f("param")
+                .iter()
+                .zip(want.f("param"))
+                .map(|(&a, &b)| 4.0 * U * b.abs() as f64 + 64.0 * U * (a as f64 - b as f64).abs())
+                .collect();
+            out.push(("param", d));
+            out.push(("moment1", m1));
+            if matches!(case, OpCase::Adam { .. }) {
+                out.push(("moment2", m2));
+            }
+        }
+    }
+    out
+}
+
+/// An [`Ops`] that records the [`OpCase`] of every op called through it, then calls `O`'s.
+pub struct Trace<O: Ops> {
+    pub inner: O,
+    pub calls: Vec<OpCase>,
+}
+
+impl<O: Ops> Trace<O> {
+    pub fn new(inner: O) -> Self {
+        Trace { inner, calls: Vec::new() }
+    }
+}
+
+fn lens_of<O: Ops>(ops: &O, params: &[O::Buf<f32>], grads: &[O::Buf<f32>]) -> (Vec<usize>, Vec<usize>) {
+    let lens: Vec<usize> = params.iter().map(|p| ops.len(p)).collect();
+    let partials = grads.iter().zip(&lens).map(|(g, &n)| ops.len(g) / n.max(1)).collect();
+    (lens, partials)
+}
+
+impl<O: Ops> Ops for Trace<O> {
+    type Buf<T: Elem> = O::Buf<T>;
+    type Data = O::Data;
+
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn alloc<T: Elem>(&mut self, label: &str, len: usize) -> Result<O::Buf<T>> {
+        self.inner.alloc(label, len)
+    }
+    fn upload<T: Elem>(&mut self, label: &str, data: &[T]) -> Result<O::Buf<T>> {
+        self.inner.upload(label, data)
+    }
+    fn write<T: Elem>(&mut self, buf: &mut O::Buf<T>, data: &[T]) -> Result<()> {
+        self.inner.write(buf, data)
+    }
+    fn read<T: Elem>(&mut self, buf: &O::Buf<T>) -> Result<Vec<T>> {
+        self.inner.read(buf)
+    }
+    fn len<T: Elem>(&self, buf: &O::Buf<T>) -> usize {
+        self.inner.len(buf)
+    }
+    fn upload_data(&mut self, label: &str, data: &Dataset) -> Result<O::Data> {
+        self.inner.upload_data(label, data)
+    }
+    fn grad_partials(&self, op: GradOp) -> usize {
+        self.inner.grad_partials(op)
+    }
+
+    fn gather(
+        &mut self,
+        input: &mut O::Buf<f32>,
+        labels: &mut O::Buf<u32>,
+        batch: &BatchRef<Self>,
+    ) -> Result<()> {
+        // The data set behind `batch` is opaque here: a case of as many random images as the
+        // batch, shifted by up to 2 pixels, exercises the same kernel.
+        let side = crate::model::IMAGE_SIDE;
+        self.calls.push(OpCase::Gather { batch: batch.batch, images: batch.batch, side, max_shift: 2 });
+        let b =
+            BatchRef { data: batch.data, indices: batch.indices, shifts: batch.shifts, batch: batch.batch };
+        self.inner.gather(input, labels, &b)
+    }
+
+    fn conv_relu_pool_forward(
+        &mut self,
+        out: ConvPoolOut<Self>,
+        input: &O::Buf<f32>,
+        weight: &O::Buf<f32>,
+        bias: &O::Buf<f32>,
+        s: ConvShape,
+    ) -> Result<()> {
+        self.calls.push(OpCase::ConvReluPool(s));
+        let out = ConvPoolOut { conv: out.conv, pooled: out.pooled, argmax: out.argmax };
+        self.inner.conv_relu_pool_forward(out, input, weight, bias, s)
+    }
+
+    fn gather_conv_relu_pool_forward(
+        &mut self,
+        input: &mut O::Buf<f32>,
+        labels: &mut O::Buf<u32>,
+        batch: &BatchRef<Self>,
+        out: ConvPoolOut<Self>,
+        weight: &O::Buf<f32>,
+        bias: &O::Buf<f32>,
+        s: ConvShape,
+    ) -> Result<()> {
+        self.calls.push(OpCase::GatherConvReluPool { s, images: s.batch, max_shift: 2 });
+        let b =
+            BatchRef { data: batch.data, indices: batch.indices, shifts: batch.shifts, batch: batch.batch };
+        let out = ConvPoolOut { conv: out.conv, pooled: out.pooled, argmax: out.argmax };
+        self.inner.gather_conv_relu_pool_forward(input, labels, &b, out, weight, bias, s)
+    }
+
+    fn linear_forward(
+        &mut self,
+        out: &mut O::Buf<f32>,
+        input: &O::Buf<f32>,
+        weight: &O::Buf<f32>,
+        bias: &O::Buf<f32>,
+        s: LinearShape,
+        relu: bool,
+    ) -> Result<()> {
+        self.calls.push(OpCase::Linear { s, relu });
+        self.inner.linear_forward(out, input, weight, bias, s, relu)
+    }
+
+    fn softmax_xent(
+        &mut self,
+        out: XentOut<Self>,
+        logits: &O::Buf<f32>,
+        labels: &O::Buf<u32>,
+        batch: usize,
+        classes: usize,
+    ) -> Result<()> {
+        self.calls.push(OpCase::SoftmaxXent { batch, classes });
+        let out = XentOut { dlogits: out.dlogits, losses: out.losses, correct: out.correct };
+        self.inner.softmax_xent(out, logits, labels, batch, classes)
+    }
+
+    fn linear_xent_forward_backward(
+        &mut self,
+        logits: &mut O::Buf<f32>,
+        xent: XentOut<Self>,
+        grads: ParamGrads<Self>,
+        dinput: Option<InputGrad<Self>>,
+        input: &O::Buf<f32>,
+        labels: &O::Buf<u32>,
+        weight: &O::Buf<f32>,
+        bias: &O::Buf<f32>,
+        s: LinearShape,
+    ) -> Result<()> {
+        self.calls.push(OpCase::LinearXent { s, mask: dinput.as_ref().map(|d| d.relu_mask.is_some()) });
+        let xent = XentOut { dlogits: xent.dlogits, losses: xent.losses, correct: xent.correct };
+        let grads = ParamGrads { dweight: grads.dweight, dbias: grads.dbias };
+        let dinput = dinput.map(|d| InputGrad { dinput: d.dinput, relu_mask: d.relu_mask });
+        self.inner.linear_xent_forward_backward(logits, xent, grads, dinput, input, labels, weight, bias, s)
+    }
+
+    fn linear_backward(
+        &mut self,
+        grads: ParamGrads<Self>,
+        dinput: Option<InputGrad<Self>>,
+        dout: &O::Buf<f32>,
+        input: &O::Buf<f32>,
+        weight: &O::Buf<f32>,
+        s: LinearShape,
+    ) -> Result<()> {
+        self.calls.push(OpCase::LinearBackward { s, mask: dinput.as_ref().map(|d| d.relu_mask.is_some()) });
+        let grads = ParamGrads { dweight: grads.dweight, dbias: grads.dbias };
+        let dinput = dinput.map(|d| InputGrad { dinput: d.dinput, relu_mask: d.relu_mask });
+        self.inner.linear_backward(grads, dinput, dout, input, weight, s)
+    }
+
+    fn conv_backward_from_pool(
+        &mut self,
+        grads: ParamGrads<Self>,
+        dinput: Option<&mut O::Buf<f32>>,
+        dpooled: &O::Buf<f32>,
+        saved: ConvPoolSaved<Self>,
+        input: &O::Buf<f32>,
+        weight: &O::Buf<f32>,
+        s: ConvShape,
+    ) -> Result<()> {
+        self.calls.push(OpCase::ConvBackwardFromPool { s, dinput: dinput.is_some() });
+        let grads = ParamGrads { dweight: grads.dweight, dbias: grads.dbias };
+        let saved = ConvPoolSaved { conv: saved.conv, argmax: saved.argmax };
+        self.inner.conv_backward_from_pool(grads, dinput, dpooled, saved, input, weight, s)
+    }
+
+    fn adam_update(
+        &mut self,
+        params: &mut [O::Buf<f32>],
+        grads: &[O::Buf<f32>],
+        m: &mut [O::Buf<f32>],
+        v: &mut [O::Buf<f32>],
+        step: &AdamStep,
+    ) -> Result<()> {
+        let (lens, partials) = lens_of(&self.inner, params, grads);
+        self.calls.push(OpCase::Adam { lens, partials });
+        self.inner.adam_update(params, grads, m, v, step)
+    }
+
+    fn sgd_update(
+        &mut self,
+        params: &mut [O::Buf<f32>],
+        grads: &[O::Buf<f32>],
+        momentum: &mut [O::Buf<f32>],
+        step: &SgdStep,
+    ) -> Result<()> {
+        let (lens, partials) = lens_of(&self.inner, params, grads);
+        let (m, w) = (step.momentum as f64, step.weight_decay as f64);
+        self.calls.push(OpCase::Sgd {
+            lens,
+            partials,
+            momentum: m,
+            nesterov: step.nesterov != 0,
+            weight_decay: w,
+        });
+        self.inner.sgd_update(params, grads, momentum, step)
+    }
+}
+
+/// The ops one training step of LeNet-5 calls at `batch` on `O`, in order (for the bench's rows
+/// on the CPU; on the GPU the recorded program carries them).
+pub fn step_cases<O: Ops>(ops: O, batch: usize, optimizer: &Optimizer) -> Result<Vec<OpCase>> {
+    use crate::model::{Params, TrainState};
+    use crate::network::{train_step, Activations, StepOut, Weights};
+    let mut t = Trace::new(ops);
+    let state = TrainState::new(Params::init(0), *optimizer, 0, batch, false);
+    let data = Dataset { images: vec![0; batch * 784], labels: vec![0; batch], rows: 28, cols: 28 };
+    let dev = t.upload_data("train", &data)?;
+    let mut w = Weights::upload(&mut t, &state.params, &state.moments, batch)?;
+    let mut acts = Activations::new(&mut t, batch)?;
+    let indices: Vec<u32> = (0..batch as u32).collect();
+    let indices = t.upload("indices", &indices)?;
+    let shifts = t.alloc("shifts", 2 * batch)?;
+    let (mut losses, mut correct) = (t.alloc("losses", batch)?, t.alloc("correct", batch)?);
+    let b = BatchRef { data: &dev, indices: &indices, shifts: &shifts, batch };
+    let step = optimizer.step(1, optimizer.lr, None);
+    train_step(&mut t, &mut w, &mut acts, &b, StepOut { losses: &mut losses, correct: &mut correct }, &step)?;
+    Ok(t.calls)
+}
