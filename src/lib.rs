@@ -9,4 +9,5 @@ pub mod gpu;
 pub mod image_input;
 pub mod model;
 pub mod plot;
+pub mod schedule;
 pub mod train;
