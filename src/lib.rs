@@ -1,6 +1,7 @@
 //! LeNet-5 on MNIST, trained by WGSL compute shaders through wgpu, with a pure-Rust CPU path
 //! that computes the same functions (the reference for tests, and the fallback without a GPU).
 
+pub mod augment;
 pub mod bench;
 pub mod checkpoint;
 pub mod cpu;
