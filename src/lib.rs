@@ -3,9 +3,9 @@
 //!
 //! How the parts fit: docs/architecture.md.
 
+pub mod augment;
 pub mod backend;
 pub mod bench;
-
 pub mod checkpoint;
 pub mod cpu;
 pub mod data;
@@ -17,4 +17,5 @@ pub mod opcheck;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod schedule;
 pub mod train;
