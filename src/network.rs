@@ -130,7 +130,8 @@ pub fn grad_partials<O: Ops>(ops: &O, batch: usize) -> Vec<usize> {
     let mut out = Vec::new();
     for (i, shape) in shapes.iter().enumerate() {
         let op = match *shape {
-            LayerShape::Conv(s) => GradOp::ConvFromPool(s),
+            // The first layer's input is the image: no gradient for it.
+            LayerShape::Conv(s) => GradOp::ConvFromPool(s, i > 0),
             LayerShape::Linear(s) if i == last => GradOp::LinearXent(s),
             LayerShape::Linear(s) => GradOp::Linear(s),
         };

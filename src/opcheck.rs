@@ -412,7 +412,7 @@ impl<O: Ops> Staged<O> {
                 if *dinput {
                     out("dinput", c.input_len(), ops)?;
                 }
-                grads(&mut s, ops, GradOp::ConvFromPool(*c), c.weight_len(), c.out_channels)?;
+                grads(&mut s, ops, GradOp::ConvFromPool(*c, *dinput), c.weight_len(), c.out_channels)?;
             }
             OpCase::Adam { lens, partials } | OpCase::Sgd { lens, partials, .. } => {
                 let ones = vec![1; lens.len()];

@@ -92,7 +92,8 @@ impl LinearShape {
 /// Which op writes a weight gradient, for [`Ops::grad_partials`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GradOp {
-    ConvFromPool(ConvShape),
+    /// A conv layer's backward pass, and whether it computes the input gradient too.
+    ConvFromPool(ConvShape, bool),
     Linear(LinearShape),
     LinearXent(LinearShape),
 }

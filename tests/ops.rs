@@ -1,7 +1,7 @@
 //! Every op of the seam (`lenet::ops::Ops`), fused ones included, checked against the CPU
 //! reference on random inputs of several shapes, on every implementation: one test body per op
-//! (`lenet::opcheck::check`), instantiated for the fast CPU path and for the GPU (the reference
-//! is what they are compared with). The GPU instances fail when LENET_REQUIRE_GPU=1 and there
+//! (`lenet::opcheck::check`), instantiated for the fast CPU path and for both generations of GPU
+//! kernels (the reference is what they are compared with). The GPU instances fail when LENET_REQUIRE_GPU=1 and there
 //! is no adapter, and say "skipped" otherwise.
 //!
 //! Then the checks themselves are checked: faults planted in an implementation's outputs (a 1%
@@ -10,7 +10,7 @@
 mod common;
 
 use lenet::cpu::{Fast, Reference};
-use lenet::gpu::GpuOps;
+use lenet::gpu::{GpuOps, Variant};
 use lenet::opcheck::{self, Host, OpCase};
 use lenet::ops::{ConvShape, LinearShape, Ops};
 
@@ -123,10 +123,18 @@ macro_rules! op_tests {
         mod fast {
             $(#[test] fn $name() { super::check_all(&mut super::Fast::default(), $op); })*
         }
-        mod gpu {
+        /// The first kernels (`LENET_KERNELS=v1`).
+        mod gpu_v1 {
             $(#[test] fn $name() {
                 let Some(ctx) = super::common::gpu() else { return };
-                super::check_all(&mut super::GpuOps::new(ctx).unwrap(), $op);
+                super::check_all(&mut super::GpuOps::with_variant(ctx, super::Variant::V1).unwrap(), $op);
+            })*
+        }
+        /// The second kernels (the default).
+        mod gpu_v2 {
+            $(#[test] fn $name() {
+                let Some(ctx) = super::common::gpu() else { return };
+                super::check_all(&mut super::GpuOps::with_variant(ctx, super::Variant::V2).unwrap(), $op);
             })*
         }
     };

@@ -24,6 +24,8 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("linear.wgsl", include_str!("../../shaders/linear.wgsl")),
     ("softmax_xent.wgsl", include_str!("../../shaders/softmax_xent.wgsl")),
     ("optim.wgsl", include_str!("../../shaders/optim.wgsl")),
+    ("conv_v2.wgsl", include_str!("../../shaders/conv_v2.wgsl")),
+    ("linear_v2.wgsl", include_str!("../../shaders/linear_v2.wgsl")),
 ];
 
 /// A shader file as it is compiled: the prelude, then the file.

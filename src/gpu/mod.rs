@@ -7,7 +7,9 @@ pub mod ops;
 pub mod shader;
 pub mod timing;
 pub mod trainer;
+pub mod v2;
 
 pub use context::{list_adapters, AdapterSummary, GpuContext};
 pub use ops::GpuOps;
 pub use trainer::GpuBackend;
+pub use v2::Variant;

@@ -14,6 +14,7 @@ use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
 use super::kernels::{grid_1d, pack_u8, pixel_lut, Dispatch, StepUniform, View};
+use super::v2::{self, Variant};
 use crate::data::Dataset;
 use crate::opcheck::OpCase;
 use crate::ops::*;
@@ -74,7 +75,9 @@ const STORAGE: wgpu::BufferUsages =
 /// The GPU's ops on one device.
 pub struct GpuOps {
     pub ctx: GpuContext,
-    lut: GpuBuf<f32>,
+    pub(super) lut: GpuBuf<f32>,
+    /// Which kernels run.
+    pub variant: Variant,
     /// Recorded and not yet run (one at a time), or the program being recorded.
     recorded: Vec<Dispatch>,
     /// While a program is recorded: the step uniforms its dispatches read.
@@ -87,11 +90,17 @@ pub struct GpuOps {
 }
 
 impl GpuOps {
+    /// The ops with the kernels `LENET_KERNELS` names (the second ones by default).
     pub fn new(ctx: GpuContext) -> Result<Self> {
+        Self::with_variant(ctx, Variant::from_env()?)
+    }
+
+    pub fn with_variant(ctx: GpuContext, variant: Variant) -> Result<Self> {
         let lut = storage_init(&ctx, "pixel_lut", &pixel_lut())?;
         Ok(GpuOps {
             ctx,
             lut,
+            variant,
             recorded: Vec::new(),
             program_step: None,
             current: None,
@@ -137,7 +146,7 @@ impl GpuOps {
 
     /// The step uniform's bind group for a kernel that reads it: the program's, or (one op at a
     /// time) a uniform holding `values`.
-    fn step(&self, values: StepUniform) -> Option<wgpu::BindGroup> {
+    pub(super) fn step(&self, values: StepUniform) -> Option<wgpu::BindGroup> {
         if let Some(g) = &self.program_step {
             return Some(g.clone());
         }
@@ -149,9 +158,14 @@ impl GpuOps {
         Some(self.ctx.step_group(&buffer))
     }
 
-    fn push(&mut self, mut d: Dispatch) {
+    pub(super) fn push(&mut self, mut d: Dispatch) {
         d.case = self.current.clone();
         self.recorded.push(d);
+    }
+
+    /// The v2 conv backward takes this shape (its gradients come as partials).
+    fn conv_backward_v2(&self, s: &ConvShape, dinput: bool) -> bool {
+        self.variant == Variant::V2 && v2::backward_fits(s, dinput)
     }
 
     /// Runs `f` with its dispatches tagged as the op call `case` (unless an outer call tags).
@@ -167,16 +181,16 @@ impl GpuOps {
         r
     }
 
-    fn max_dim(&self) -> u32 {
+    pub(super) fn max_dim(&self) -> u32 {
         self.ctx.limits.max_compute_workgroups_per_dimension
     }
 
-    fn kernel(&self, name: &str) -> Result<&super::kernels::Kernel> {
+    pub(super) fn kernel(&self, name: &str) -> Result<&super::kernels::Kernel> {
         self.ctx.kernels.get(name)
     }
 
     /// A scratch buffer owned by the dispatches that bind it.
-    fn scratch(&self, label: &str, len: usize) -> Result<GpuBuf<f32>> {
+    pub(super) fn scratch(&self, label: &str, len: usize) -> Result<GpuBuf<f32>> {
         storage(&self.ctx, label, len)
     }
 }
@@ -439,6 +453,18 @@ impl Ops for GpuOps {
         buf.len
     }
 
+    fn grad_partials(&self, op: GradOp) -> usize {
+        match op {
+            GradOp::ConvFromPool(s, dinput) if self.conv_backward_v2(&s, dinput) => {
+                v2::conv_partials(s.batch)
+            }
+            GradOp::LinearXent(s) if self.variant == Variant::V2 && v2::xent_fits(&s) => {
+                v2::xent_partials(s.batch)
+            }
+            _ => 1,
+        }
+    }
+
     fn upload_data(&mut self, label: &str, data: &Dataset) -> Result<DeviceData> {
         let max = self.ctx.max_binding();
         let packed_bytes = data.images.len().div_ceil(4) as u64 * 4;
@@ -514,6 +540,9 @@ impl Ops for GpuOps {
     ) -> Result<()> {
         let case = OpCase::GatherConvReluPool { s, images: batch.data.len, max_shift: 2 };
         self.tagged(case, |me| {
+            if me.variant == Variant::V2 && v2::forward_fits(&s, true) {
+                return me.conv_pool_forward_v2(Some((input, labels, batch)), out, None, weight, bias, s);
+            }
             me.gather(input, labels, batch)?;
             me.conv_relu_pool_forward(out, input, weight, bias, s)
         })
@@ -533,6 +562,9 @@ impl Ops for GpuOps {
     ) -> Result<()> {
         let case = OpCase::LinearXent { s, mask: dinput.as_ref().map(|d| d.relu_mask.is_some()) };
         self.tagged(case, |me| {
+            if me.variant == Variant::V2 && v2::xent_fits(&s) {
+                return me.linear_xent_v2(logits, xent, grads, dinput, input, labels, weight, bias, s);
+            }
             me.linear_forward(logits, input, weight, bias, s, false)?;
             let XentOut { dlogits, losses, correct } = xent;
             me.softmax_xent(
@@ -556,6 +588,9 @@ impl Ops for GpuOps {
     ) -> Result<()> {
         let case = OpCase::ConvReluPool(s);
         self.tagged(case, |me| {
+            if me.variant == Variant::V2 && v2::forward_fits(&s, false) {
+                return me.conv_pool_forward_v2(None, out, Some(input), weight, bias, s);
+            }
             check_len("input", input, s.input_len())?;
             check_len("weight", weight, s.weight_len())?;
             check_len("bias", bias, s.out_channels)?;
@@ -609,6 +644,9 @@ impl Ops for GpuOps {
     ) -> Result<()> {
         let case = OpCase::Linear { s, relu };
         self.tagged(case, |me| {
+            if me.variant == Variant::V2 {
+                return me.linear_forward_v2(out, input, weight, bias, s, relu);
+            }
             check_len("input", input, s.batch * s.in_features)?;
             check_len("weight", weight, s.weight_len())?;
             check_len("bias", bias, s.out_features)?;
@@ -675,6 +713,9 @@ impl Ops for GpuOps {
     ) -> Result<()> {
         let case = OpCase::LinearBackward { s, mask: dinput.as_ref().map(|d| d.relu_mask.is_some()) };
         self.tagged(case, |me| {
+            if me.variant == Variant::V2 {
+                return me.linear_backward_v2(grads, dinput, dout, input, weight, s);
+            }
             let LinearShape { batch, in_features, out_features } = s;
             check_len("dout", dout, batch * out_features)?;
             check_len("input", input, batch * in_features)?;
@@ -731,6 +772,9 @@ impl Ops for GpuOps {
     ) -> Result<()> {
         let case = OpCase::ConvBackwardFromPool { s, dinput: dinput.is_some() };
         self.tagged(case, |me| {
+            if me.conv_backward_v2(&s, dinput.is_some()) {
+                return me.conv_pool_backward_v2(grads, dinput, dpooled, saved, input, weight, s);
+            }
             check_len("dpooled", dpooled, s.pooled_len())?;
             check_len("conv", saved.conv, s.output_len())?;
             check_len("argmax", saved.argmax, s.pooled_len())?;

@@ -1,0 +1,421 @@
+//! The second kernels (`LENET_KERNELS=v2`, the default; shaders/conv_v2.wgsl and
+//! shaders/linear_v2.wgsl): one dispatch per layer and direction, register-blocked, the batch
+//! gather folded into the first convolution, each layer's weight and input gradients in one
+//! dispatch, the output layer's forward, loss and backward in one, and the batch sums of the
+//! weight gradients left as partials for the optimizer to add. A training step of LeNet-5 is 10
+//! dispatches (the first kernels, `v1`, take 19). Shapes these kernels do not take fall back to
+//! the first ones (see [`GpuOps`]'s `Ops` methods).
+
+use anyhow::{ensure, Result};
+
+use super::kernels::{grid_1d, Binder, StepUniform};
+use super::ops::{GpuBuf, GpuOps};
+use crate::ops::*;
+
+/// Which kernels the GPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// The first kernels: 19 dispatches a step.
+    V1,
+    /// The second: 10 dispatches a step.
+    V2,
+}
+
+/// The environment variable that picks the kernels: `v1` or `v2`.
+pub const KERNELS_ENV: &str = "LENET_KERNELS";
+
+impl Variant {
+    /// From `LENET_KERNELS` (default v2).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(KERNELS_ENV) {
+            Err(_) => Ok(Variant::V2),
+            Ok(v) => v.parse(),
+        }
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "v1" => Ok(Variant::V1),
+            "v2" | "" => Ok(Variant::V2),
+            other => anyhow::bail!("{KERNELS_ENV}={other:?}: the kernels are v1 or v2"),
+        }
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Variant::V1 => "v1",
+            Variant::V2 => "v2",
+        })
+    }
+}
+
+/// Workgroup memory of the v2 conv kernels, in f32s (`SMEM` in conv_v2.wgsl).
+const SMEM: usize = 4000;
+/// Output channels per invocation of the v2 conv forward (`CO`).
+const CO: usize = 8;
+/// Invocations of the v2 conv backward (`BWD`), and its accumulators' limits.
+const BWD: usize = 256;
+const MAX_CIN: usize = 8;
+/// Output channels per round of the input gradient (`CG`).
+const CG: usize = 4;
+/// Images per output-layer workgroup (`XT` in linear_v2.wgsl) and its most classes (`CMAX`).
+const XT: usize = 32;
+const CMAX: usize = 16;
+/// How many weight-gradient partials the conv backward aims for: enough workgroups to fill a
+/// large GPU (an H100 has 132 SMs), few enough that the optimizer's sum stays short.
+const CONV_GROUPS: usize = 128;
+
+fn padded_plane(s: &ConvShape) -> usize {
+    (s.height + 2 * s.padding) * (s.width + 2 * s.padding)
+}
+
+fn co_groups(s: &ConvShape) -> usize {
+    s.out_channels.div_ceil(CO)
+}
+
+/// Whether the v2 forward takes this shape (input planes and weights in workgroup memory).
+pub fn forward_fits(s: &ConvShape, gather: bool) -> bool {
+    let g = co_groups(s) * CO;
+    s.kernel <= 5
+        && s.kernel > 0
+        && s.out_height().is_multiple_of(2)
+        && s.out_width().is_multiple_of(2)
+        && (!gather || s.in_channels == 1)
+        && s.in_channels * padded_plane(s) + g * s.in_channels * s.kernel * s.kernel + g <= SMEM
+}
+
+/// Whether the v2 backward takes this shape: the image's dconv and the weights in workgroup
+/// memory and at most 8 input channels (input gradient); the input planes and 8 channels'
+/// pooled gradients in workgroup memory, a task per tap (weight gradient).
+pub fn backward_fits(s: &ConvShape, dinput: bool) -> bool {
+    let taps = s.in_channels * s.kernel * s.kernel;
+    let q = s.pooled_len() / s.batch.max(1) / s.out_channels.max(1);
+    // Input gradient: 4 channels' padded dconv planes and their weights (inputs padded to 8),
+    // and at most 2 input positions per invocation.
+    let pd = s.kernel - 1 - s.padding.min(s.kernel - 1);
+    let dplane = (s.out_height() + 2 * pd) * (s.out_width() + 2 * pd);
+    let input_role = s.in_channels <= MAX_CIN
+        && s.padding < s.kernel
+        && s.height * s.width <= 2 * BWD
+        && CG * dplane + CG * s.kernel * s.kernel * 8 <= SMEM;
+    s.kernel <= 5
+        && s.kernel > 0
+        && s.out_channels > 0
+        && s.out_height().is_multiple_of(2)
+        && s.out_width().is_multiple_of(2)
+        && taps + CO <= BWD
+        && s.in_channels * padded_plane(s) + CO * q <= SMEM
+        && (!dinput || input_role)
+}
+
+/// Images per weight-gradient workgroup of the conv backward at this batch.
+pub fn images_per_group(batch: usize) -> usize {
+    batch.div_ceil(CONV_GROUPS).max(1)
+}
+
+/// Partial sums the v2 conv backward writes.
+pub fn conv_partials(batch: usize) -> usize {
+    batch.div_ceil(images_per_group(batch)).max(1)
+}
+
+/// Whether the v2 output-layer kernel takes this shape.
+pub fn xent_fits(s: &LinearShape) -> bool {
+    s.out_features <= CMAX && s.out_features > 0
+}
+
+/// Partial sums the v2 output layer writes.
+pub fn xent_partials(batch: usize) -> usize {
+    batch.div_ceil(XT).max(1)
+}
+
+fn conv_params(
+    b: Binder<'_>,
+    s: ConvShape,
+    co_groups: usize,
+    images_per_group: usize,
+    data: (usize, usize),
+) -> Binder<'_> {
+    b.param("batch", s.batch)
+        .param("cin", s.in_channels)
+        .param("cout", s.out_channels)
+        .param("height", s.height)
+        .param("width", s.width)
+        .param("k", s.kernel)
+        .param("pad", s.padding)
+        .param("co_groups", co_groups)
+        .param("images_per_group", images_per_group)
+        .param("data_rows", data.0)
+        .param("data_cols", data.1)
+}
+
+fn check_len<T>(what: &str, buf: &GpuBuf<T>, len: usize) -> Result<()> {
+    ensure!(buf.len == len, "{what} ({}) holds {} values, the shape needs {len}", buf.view.label, buf.len);
+    Ok(())
+}
+
+impl GpuOps {
+    /// conv + bias + ReLU + max-pool, gathering the input from the data set when `gather` is
+    /// given (the gathered batch and its labels are written there).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv_pool_forward_v2(
+        &mut self,
+        gather: Option<(&mut GpuBuf<f32>, &mut GpuBuf<u32>, &BatchRef<Self>)>,
+        out: ConvPoolOut<Self>,
+        input: Option<&GpuBuf<f32>>,
+        weight: &GpuBuf<f32>,
+        bias: &GpuBuf<f32>,
+        s: ConvShape,
+    ) -> Result<()> {
+        check_len("weight", weight, s.weight_len())?;
+        check_len("bias", bias, s.out_channels)?;
+        check_len("conv", out.conv, s.output_len())?;
+        check_len("pooled", out.pooled, s.pooled_len())?;
+        check_len("argmax", out.argmax, s.pooled_len())?;
+        let dev = self.ctx.device.clone();
+        let (kernel, mut b, data) = match gather {
+            Some((gathered, labels, batch)) => {
+                check_len("input", gathered, s.input_len())?;
+                check_len("labels", labels, s.batch)?;
+                ensure!(
+                    batch.batch == s.batch,
+                    "the batch holds {} images, the shape {}",
+                    batch.batch,
+                    s.batch
+                );
+                let d = batch.data;
+                let b = self
+                    .kernel("gather_conv_pool_forward")?
+                    .bind(&dev)
+                    .buf("images", &d.images.view)
+                    .buf("labels", &d.labels.view)
+                    .buf("indices", &batch.indices.view)
+                    .buf("shifts", &batch.shifts.view)
+                    .buf("lut", &self.lut.view)
+                    .buf("gathered", &gathered.view)
+                    .buf("batch_labels", &labels.view)
+                    .step(self.step(StepUniform::default()));
+                ("gather_conv_pool_forward", b, (d.rows, d.cols))
+            }
+            None => {
+                let input = input.expect("an input when not gathering");
+                check_len("input", input, s.input_len())?;
+                let b = self.kernel("conv_pool_forward")?.bind(&dev).buf("input", &input.view);
+                ("conv_pool_forward", b, (0, 0))
+            }
+        };
+        b = b
+            .buf("weight", &weight.view)
+            .buf("bias", &bias.view)
+            .buf("conv", &out.conv.view)
+            .buf("pooled", &out.pooled.view)
+            .buf("argmax", &out.argmax.view);
+        let d = conv_params(b, s, co_groups(&s), 1, data)
+            .grid(grid_1d(s.batch as u64, 1, self.max_dim()))
+            .build(kernel)?;
+        self.push(d);
+        Ok(())
+    }
+
+    /// The conv layer's backward pass in one dispatch (input gradients and weight partials).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv_pool_backward_v2(
+        &mut self,
+        grads: ParamGrads<Self>,
+        dinput: Option<&mut GpuBuf<f32>>,
+        dpooled: &GpuBuf<f32>,
+        saved: ConvPoolSaved<Self>,
+        input: &GpuBuf<f32>,
+        weight: &GpuBuf<f32>,
+        s: ConvShape,
+    ) -> Result<()> {
+        let parts = conv_partials(s.batch);
+        check_len("dpooled", dpooled, s.pooled_len())?;
+        check_len("conv", saved.conv, s.output_len())?;
+        check_len("argmax", saved.argmax, s.pooled_len())?;
+        check_len("input", input, s.input_len())?;
+        check_len("weight", weight, s.weight_len())?;
+        check_len("dweight", grads.dweight, parts * s.weight_len())?;
+        check_len("dbias", grads.dbias, parts * s.out_channels)?;
+        // Without an input gradient no workgroup writes one; a scratch buffer fills the binding.
+        let scratch;
+        let (dinput, tiles) = match dinput {
+            Some(d) => {
+                check_len("dinput", d, s.input_len())?;
+                (&*d, s.batch)
+            }
+            None => {
+                scratch = self.scratch("no_dinput", 1)?;
+                (&scratch, 0)
+            }
+        };
+        let dev = self.ctx.device.clone();
+        let b = self
+            .kernel("conv_pool_backward")?
+            .bind(&dev)
+            .buf("dpooled", &dpooled.view)
+            .buf("saved_argmax", &saved.argmax.view)
+            .buf("saved_conv", &saved.conv.view)
+            .buf("input", &input.view)
+            .buf("weight", &weight.view)
+            .buf("dinput", &dinput.view)
+            .buf("dweight", &grads.dweight.view)
+            .buf("dbias", &grads.dbias.view);
+        let workgroups = (tiles + parts) as u64;
+        let d = conv_params(b, s, tiles, images_per_group(s.batch), (0, 0))
+            .grid(grid_1d(workgroups, 1, self.max_dim()))
+            .build("conv_backward_from_pool")?;
+        self.push(d);
+        Ok(())
+    }
+
+    pub(super) fn linear_forward_v2(
+        &mut self,
+        out: &mut GpuBuf<f32>,
+        input: &GpuBuf<f32>,
+        weight: &GpuBuf<f32>,
+        bias: &GpuBuf<f32>,
+        s: LinearShape,
+        relu: bool,
+    ) -> Result<()> {
+        check_len("input", input, s.batch * s.in_features)?;
+        check_len("weight", weight, s.weight_len())?;
+        check_len("bias", bias, s.out_features)?;
+        check_len("out", out, s.batch * s.out_features)?;
+        let d = self
+            .kernel("linear_forward_v2")?
+            .bind(&self.ctx.device)
+            .buf("input", &input.view)
+            .buf("weight", &weight.view)
+            .buf("bias", &bias.view)
+            .buf("out", &out.view)
+            .param("batch", s.batch)
+            .param("in_features", s.in_features)
+            .param("out_features", s.out_features)
+            .param("relu", relu)
+            .param("dinput_tiles", 0u32)
+            .param("scale", 0.0f32)
+            .grid((s.out_features.div_ceil(8) as u32, s.batch.div_ceil(64) as u32, 1))
+            .build("linear_forward")?;
+        self.push(d);
+        Ok(())
+    }
+
+    pub(super) fn linear_backward_v2(
+        &mut self,
+        grads: ParamGrads<Self>,
+        dinput: Option<InputGrad<Self>>,
+        dout: &GpuBuf<f32>,
+        input: &GpuBuf<f32>,
+        weight: &GpuBuf<f32>,
+        s: LinearShape,
+    ) -> Result<()> {
+        let LinearShape { batch, in_features, out_features } = s;
+        check_len("dout", dout, batch * out_features)?;
+        check_len("input", input, batch * in_features)?;
+        check_len("weight", weight, s.weight_len())?;
+        check_len("dweight", grads.dweight, s.weight_len())?;
+        check_len("dbias", grads.dbias, out_features)?;
+        let scratch;
+        let (dinput, mask, tiles) = match dinput {
+            Some(InputGrad { dinput, relu_mask }) => {
+                check_len("dinput", dinput, batch * in_features)?;
+                (&*dinput, relu_mask, in_features.div_ceil(8) * batch.div_ceil(64))
+            }
+            None => {
+                scratch = self.scratch("no_dinput", 1)?;
+                (&scratch, None, 0)
+            }
+        };
+        let w_tiles = (in_features + 1).div_ceil(64) * out_features.div_ceil(8);
+        let d = self
+            .kernel("linear_backward_v2")?
+            .bind(&self.ctx.device)
+            .buf("dout", &dout.view)
+            .buf("input", &input.view)
+            .buf("weight", &weight.view)
+            // Without a mask the kernel never reads relu_mask; any read-only buffer fills it.
+            .buf("relu_mask", &mask.unwrap_or(dout).view)
+            .buf("dinput", &dinput.view)
+            .buf("dweight", &grads.dweight.view)
+            .buf("dbias", &grads.dbias.view)
+            .param("batch", batch)
+            .param("in_features", in_features)
+            .param("out_features", out_features)
+            .param("relu", mask.is_some())
+            .param("dinput_tiles", tiles)
+            .param("scale", 0.0f32)
+            .grid(grid_1d((tiles + w_tiles) as u64, 1, self.max_dim()))
+            .build("linear_backward")?;
+        self.push(d);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn linear_xent_v2(
+        &mut self,
+        logits: &mut GpuBuf<f32>,
+        xent: XentOut<Self>,
+        grads: ParamGrads<Self>,
+        dinput: Option<InputGrad<Self>>,
+        input: &GpuBuf<f32>,
+        labels: &GpuBuf<u32>,
+        weight: &GpuBuf<f32>,
+        bias: &GpuBuf<f32>,
+        s: LinearShape,
+    ) -> Result<()> {
+        let LinearShape { batch, in_features, out_features } = s;
+        let parts = xent_partials(batch);
+        check_len("input", input, batch * in_features)?;
+        check_len("weight", weight, s.weight_len())?;
+        check_len("bias", bias, out_features)?;
+        check_len("labels", labels, batch)?;
+        check_len("logits", logits, batch * out_features)?;
+        check_len("dlogits", xent.dlogits, batch * out_features)?;
+        check_len("dweight", grads.dweight, parts * s.weight_len())?;
+        check_len("dbias", grads.dbias, parts * out_features)?;
+        ensure!(xent.losses.len >= batch && xent.correct.len >= batch, "the loss buffers are too short");
+        let scratch;
+        let (dinput, mask) = match dinput {
+            Some(InputGrad { dinput, relu_mask }) => {
+                check_len("dinput", dinput, batch * in_features)?;
+                (&*dinput, relu_mask)
+            }
+            None => {
+                scratch = self.scratch("no_dinput", batch * in_features)?;
+                (&scratch, None)
+            }
+        };
+        let d = self
+            .kernel("linear_xent_v2")?
+            .bind(&self.ctx.device)
+            .buf("input", &input.view)
+            .buf("weight", &weight.view)
+            .buf("bias", &bias.view)
+            .buf("labels", &labels.view)
+            .buf("out", &logits.view)
+            .buf("dlogits", &xent.dlogits.view)
+            .buf("losses", &xent.losses.view)
+            .buf("correct", &xent.correct.view)
+            .buf("relu_mask", &mask.unwrap_or(input).view)
+            .buf("dinput", &dinput.view)
+            .buf("dweight", &grads.dweight.view)
+            .buf("dbias", &grads.dbias.view)
+            .param("batch", batch)
+            .param("in_features", in_features)
+            .param("out_features", out_features)
+            .param("relu", mask.is_some())
+            .param("dinput_tiles", 0u32)
+            .param("scale", 1.0f32 / batch as f32)
+            .step(self.step(StepUniform::default()))
+            .grid((parts as u32, 1, 1))
+            .build("linear_xent_forward_backward")?;
+        self.push(d);
+        Ok(())
+    }
+}
