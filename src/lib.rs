@@ -8,5 +8,7 @@ pub mod data;
 pub mod gpu;
 pub mod image_input;
 pub mod model;
+pub mod paths;
 pub mod plot;
+pub mod signals;
 pub mod train;
