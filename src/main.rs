@@ -316,10 +316,12 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }
-    Ok(match (report.stopped_early, stop.exit_code()) {
-        (true, Some(code)) => ExitCode::from(code),
-        (true, None) => ExitCode::from(130),
-        (false, _) => ExitCode::SUCCESS,
+    // A stop signal gives its code even when it came too late to cut the run short: the process
+    // was asked to end, and whatever sent it looks for that code.
+    Ok(match (stop.exit_code(), report.stopped_early) {
+        (Some(code), _) => ExitCode::from(code),
+        (None, true) => ExitCode::from(130),
+        (None, false) => ExitCode::SUCCESS,
     })
 }
 

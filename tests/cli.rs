@@ -90,6 +90,16 @@ fn short_cpu_run_reduces_the_loss_and_reports_json() {
     }
     assert_eq!(report["backend"], "cpu");
     assert_eq!(report["steps"], 30);
+    // The README lists exactly the fields there are.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let listed =
+        readme.split("ends stdout with one JSON object:").nth(1).expect("README lists the --json fields");
+    let listed = listed.split("\n- **").next().unwrap();
+    let mut readme_keys: Vec<&str> = listed.split('`').skip(1).step_by(2).filter(|k| *k != "null").collect();
+    readme_keys.sort_unstable();
+    let mut json_keys: Vec<&str> = report.as_object().unwrap().keys().map(String::as_str).collect();
+    json_keys.sort_unstable();
+    assert_eq!(readme_keys, json_keys, "README's --json field list");
     let csv = std::fs::read_to_string(&metrics).unwrap();
     let losses: Vec<f64> = csv
         .lines()
@@ -211,6 +221,10 @@ fn bad_options_and_files_give_one_line_and_a_nonzero_exit() {
         (vec!["train", "--backend", "cpu", "--plot", "/nonexistent-dir/p.svg"], "/nonexistent-dir"),
         // epochs x steps per epoch does not fit in the step counter: an error, not a short run.
         (vec!["train", "--backend", "cpu", "--epochs", "922337203685477581"], "overflows"),
+        (
+            vec!["train", "--backend", "gpu", "--adapter", "no-such-adapter-xyz", "--steps", "1"],
+            "--backend gpu",
+        ),
         (
             vec!["eval", "--backend", "cpu", "--weights", "/nonexistent.safetensors"],
             "/nonexistent.safetensors",
@@ -941,4 +955,21 @@ fn eval_needs_only_the_test_files() {
     // Training still needs them, and says which is missing.
     let out = lenet(&["train", "--backend", "cpu", "--data", p(&data), "--steps", "1"]);
     assert_clear_error(&out, "train-images");
+}
+
+#[test]
+fn auto_takes_the_cpu_path_over_a_software_adapter_and_says_why() {
+    let adapters = lenet::gpu::list_adapters();
+    let software_only =
+        !adapters.is_empty() && adapters.iter().all(|a| a.device_type == wgpu::DeviceType::Cpu);
+    if !software_only || std::env::var_os("LENET_ADAPTER").is_some() {
+        eprintln!("skipped: needs a machine whose only adapters are software ones (lavapipe, as in CI)");
+        return;
+    }
+    let dir = temp_dir("auto-software");
+    let data = small_mnist(&dir, 64, 20);
+    let out = lenet(&["train", "--data", p(&data), "--steps", "1", "--batch", "8", "--json"]);
+    let report = last_json(succeeded(&out));
+    assert_eq!(report["backend"], "cpu");
+    assert!(stderr(&out).contains("is a software rasterizer"), "{}", stderr(&out));
 }
