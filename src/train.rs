@@ -155,7 +155,7 @@ pub struct TrainReport {
 pub enum TrainError {
     #[error("the loss became {value} at step {step} (epoch {epoch}); training stopped, {kept}")]
     Diverged { step: u64, epoch: u64, value: f32, kept: String },
-    #[error("{step} steps in all overflows the step counter (at step {start}, {more})")]
+    #[error("{more}, from step {start}, is {step} steps in all: the step counter overflows")]
     Overflow { step: u128, start: u64, more: String },
     #[error("{cause}; the trained state (step {step}) was saved to {}", path.display())]
     SavedBeforeError { cause: String, step: u64, path: PathBuf },
@@ -233,7 +233,7 @@ fn target_step(state: &TrainState, cfg: &TrainConfig, steps_per_epoch: u64) -> R
             let all = cfg.epochs as u128 * steps_per_epoch as u128;
             (
                 Some(all.saturating_sub(state.step_in_epoch as u128)),
-                format!("--epochs {} of {steps_per_epoch} steps", cfg.epochs),
+                format!("--epochs {} of {steps_per_epoch} steps each", cfg.epochs),
             )
         }
     };
