@@ -92,7 +92,8 @@ struct TrainArgs {
     /// Continue the run saved in this checkpoint exactly (weights, Adam state, position).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Write the final checkpoint here (atomically; also on Ctrl-C and with --checkpoint-every).
+    /// Write the final checkpoint here (atomically; also on Ctrl-C, SIGTERM, SIGHUP, an error
+    /// after the first step, and with --checkpoint-every). Only a LeNet-5 checkpoint is replaced.
     #[arg(long)]
     save: Option<PathBuf>,
     /// Also save to --save every N steps.
@@ -101,7 +102,8 @@ struct TrainArgs {
     /// Evaluate on the test set every N epochs (0: only at the end).
     #[arg(long, default_value_t = 1)]
     eval_every: u64,
-    /// Write one CSV row per step and per evaluation here.
+    /// Write one CSV row per step and per evaluation here (a resumed run continues it from the
+    /// checkpoint's step).
     #[arg(long)]
     metrics: Option<PathBuf>,
     /// Draw the training curves into this SVG file.
