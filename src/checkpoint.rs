@@ -16,12 +16,14 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
 use crate::model::{param_specs, Params, TrainState};
 use crate::optim::{Optimizer, OptimizerKind, Sgd};
+use crate::paths::{open_input, parent_dir};
 
 /// The value of the `format` metadata key in files this crate writes.
 pub const FORMAT_TAG: &str = "lenet-wgpu-checkpoint-v1";
@@ -116,18 +118,28 @@ pub fn save_weights(path: &Path, params: &Params) -> Result<(), CheckpointError>
 
 /// Loads a checkpoint: the ten model tensors, and the optimiser state if the file has any
 /// `adam.*` tensor (then all twenty moments and the metadata must be there and valid).
+///
+/// A FIFO, a pipe (`--weights <(...)`) or a device is read as a stream with the same size bound;
+/// opening never blocks, so a FIFO nobody writes to reads as empty instead of hanging.
 pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, CheckpointError> {
     let read_err = |source| CheckpointError::Read { path: path.to_owned(), source };
-    let file = File::open(path).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
-    if size == 0 {
-        return Err(CheckpointError::Empty { path: path.to_owned() });
+    let input = open_input(path).map_err(read_err)?;
+    if let Some(size) = input.len {
+        if size == 0 {
+            return Err(CheckpointError::Empty { path: path.to_owned() });
+        }
+        if size > MAX_CHECKPOINT_BYTES {
+            return Err(CheckpointError::TooLarge { path: path.to_owned(), size });
+        }
     }
-    if size > MAX_CHECKPOINT_BYTES {
-        return Err(CheckpointError::TooLarge { path: path.to_owned(), size });
+    // A stream's length is known only once it is read: reserve a checkpoint's worth, and read one
+    // byte past the bound to tell "at the bound" from "over it".
+    let reserve = input.len.unwrap_or(1 << 20).min(MAX_CHECKPOINT_BYTES);
+    let mut bytes = Vec::with_capacity(reserve as usize);
+    input.file.take(MAX_CHECKPOINT_BYTES + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    if bytes.len() as u64 > MAX_CHECKPOINT_BYTES {
+        return Err(CheckpointError::TooLarge { path: path.to_owned(), size: bytes.len() as u64 });
     }
-    let mut bytes = Vec::with_capacity(size as usize);
-    file.take(MAX_CHECKPOINT_BYTES + 1).read_to_end(&mut bytes).map_err(read_err)?;
     parse_checkpoint(path, &bytes)
 }
 
@@ -193,6 +205,14 @@ pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
         return Err(bad("batch = \"0\" must be positive".into()));
     }
     let batch = usize::try_from(batch).map_err(|_| bad(format!("batch = {batch} is too large")))?;
+    let (step, epoch, step_in_epoch) = (int("step")?, int("epoch")?, int("step_in_epoch")?);
+    // Every epoch takes at least one step, and the steps inside one are steps too.
+    if epoch as u128 + step_in_epoch as u128 > step as u128 {
+        return Err(bad(format!(
+            "epoch {epoch} and step_in_epoch {step_in_epoch} cannot both be reached in {step} steps"
+        )));
+    }
+    // The same bounds the command line puts on these settings.
     let optimizer = Optimizer::from_metadata(&|k| meta.get(k).cloned()).map_err(|e| bad(format!("{e:#}")))?;
     let moments = optimizer
         .state_names()
@@ -203,9 +223,9 @@ pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
         params: params.clone(),
         optimizer,
         moments,
-        step: int("step")?,
-        epoch: int("epoch")?,
-        step_in_epoch: int("step_in_epoch")?,
+        step,
+        epoch,
+        step_in_epoch,
         seed: int("seed")?,
         batch,
         shuffle,
@@ -348,21 +368,18 @@ fn sort_metadata(bytes: &mut [u8]) -> io::Result<()> {
 
 /// Writes `bytes` to `path` through a temp file in the same directory, fsync and rename; on
 /// failure the temp file is removed and an existing `path` is untouched.
+///
+/// The temp file is `.NAME.tmp-PID-N`. Ones a killed save of the same target left behind (their
+/// writer process is gone) are removed first; other files are never touched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let file_name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        file_name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let dir = parent_dir(path);
+    let prefix = format!(".{}.tmp-", file_name.to_string_lossy());
+    remove_stale_temp_files(&dir, &prefix);
+    let tmp = dir.join(format!("{prefix}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         file.write_all(bytes)?;
@@ -378,4 +395,43 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     #[cfg(unix)]
     File::open(&dir)?.sync_all()?;
     Ok(())
+}
+
+/// Removes `dir/{prefix}PID-N` files whose writer is gone: a process that no longer exists, or
+/// this process (whose saves run one at a time, so any such file is a leftover of a failed one).
+/// A file whose writer may still be saving is kept. Errors are ignored: cleaning up is a courtesy
+/// and must never fail a save.
+fn remove_stale_temp_files(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let started = SystemTime::now();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else { continue };
+        let Some((pid, counter)) = rest.split_once('-') else { continue };
+        let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), counter.parse::<u64>()) else { continue };
+        // Only regular files older than this save: never a directory, never one created since.
+        let Ok(meta) = entry.metadata() else { continue };
+        let older = meta.modified().is_ok_and(|m| m <= started);
+        if meta.is_file() && older && (pid == std::process::id() || !process_exists(pid)) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether a process with this id exists (unix: `kill(pid, 0)`; EPERM means it exists but is not
+/// ours). Where that cannot be asked, every writer is assumed alive.
+#[cfg(unix)]
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(not(unix))]
+fn process_exists(_pid: u32) -> bool {
+    true
 }

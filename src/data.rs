@@ -5,14 +5,14 @@
 //! before anything is allocated, and a gzip stream is read through `take` so a header that claims
 //! gigabytes costs only what the stream really holds.
 
-use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use byteorder::{BigEndian, ByteOrder};
 use flate2::read::MultiGzDecoder;
 
 use crate::model::IMAGE_SIDE;
+use crate::paths::open_input;
 
 /// IDX magic of an unsigned-byte, 3-dimensional array (images).
 pub const IMAGES_MAGIC: u32 = 0x0000_0803;
@@ -147,27 +147,64 @@ pub fn load_dataset(images_path: &Path, labels_path: &Path) -> Result<Dataset, D
     Ok(Dataset { images: images.pixels, labels, rows: images.rows, cols: images.cols })
 }
 
-/// The four MNIST files in `dir`, each raw or `.gz`, under the usual names
+/// The paths of one split's two IDX files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitFiles {
+    pub images: PathBuf,
+    pub labels: PathBuf,
+}
+
+/// Which split of MNIST: `train-*` or `t10k-*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+/// The two files of one split in `dir`, each raw or `.gz`, under the usual names
 /// (`train-images.idx3-ubyte`) or the hyphenated ones (`train-images-idx3-ubyte`).
-pub fn load_mnist(dir: &Path) -> Result<Mnist, DataError> {
+pub fn find_split(dir: &Path, split: Split) -> Result<SplitFiles, DataError> {
     if !dir.is_dir() {
         return Err(DataError::DirNotFound { dir: dir.to_owned() });
     }
-    let train_images = find_file(dir, "train-images.idx3-ubyte", "train-images-idx3-ubyte")?;
-    let train_labels = find_file(dir, "train-labels.idx1-ubyte", "train-labels-idx1-ubyte")?;
-    let test_images = find_file(dir, "t10k-images.idx3-ubyte", "t10k-images-idx3-ubyte")?;
-    let test_labels = find_file(dir, "t10k-labels.idx1-ubyte", "t10k-labels-idx1-ubyte")?;
-    Ok(Mnist {
-        train: load_dataset(&train_images, &train_labels)?,
-        test: load_dataset(&test_images, &test_labels)?,
-    })
+    let (images, labels) = match split {
+        Split::Train => (
+            find_file(dir, "train-images.idx3-ubyte", "train-images-idx3-ubyte")?,
+            find_file(dir, "train-labels.idx1-ubyte", "train-labels-idx1-ubyte")?,
+        ),
+        Split::Test => (
+            find_file(dir, "t10k-images.idx3-ubyte", "t10k-images-idx3-ubyte")?,
+            find_file(dir, "t10k-labels.idx1-ubyte", "t10k-labels-idx1-ubyte")?,
+        ),
+    };
+    Ok(SplitFiles { images, labels })
 }
 
+/// The four MNIST files in `dir` (see [`find_split`]).
+pub fn load_mnist(dir: &Path) -> Result<Mnist, DataError> {
+    let train = find_split(dir, Split::Train)?;
+    let test = find_split(dir, Split::Test)?;
+    Ok(Mnist { train: load_split(&train)?, test: load_split(&test)? })
+}
+
+/// One split's images and labels, from the files [`find_split`] found.
+pub fn load_split(files: &SplitFiles) -> Result<Dataset, DataError> {
+    load_dataset(&files.images, &files.labels)
+}
+
+/// The test split alone (`t10k-*`): all that `lenet eval` needs.
+pub fn load_mnist_test(dir: &Path) -> Result<Dataset, DataError> {
+    load_split(&find_split(dir, Split::Test)?)
+}
+
+/// The first of the candidate names that exists. Anything but a directory counts (a FIFO or a
+/// link to `/dev/stdin` is read as a stream), so that a file that is there is never reported
+/// missing.
 fn find_file(dir: &Path, name: &'static str, alt: &'static str) -> Result<PathBuf, DataError> {
     for base in [name, alt] {
         for suffix in ["", ".gz"] {
             let path = dir.join(format!("{base}{suffix}"));
-            if path.is_file() {
+            if path.exists() && !path.is_dir() {
                 return Ok(path);
             }
         }
@@ -197,32 +234,39 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 /// Reads and checks one IDX file: (count, rows, cols, payload). Labels have rows = cols = 1.
+///
+/// A FIFO or pipe is read as a stream (opening never blocks); its payload is then bounded like a
+/// gzip stream's, by the bytes that really arrive.
 fn read_idx(path: &Path, kind: Kind) -> Result<(usize, usize, usize, Vec<u8>), DataError> {
     let io_err = |source| DataError::Io { path: path.to_owned(), source };
-    let mut file = File::open(path).map_err(io_err)?;
-    let file_len = file.metadata().map_err(io_err)?.len();
-    if file_len == 0 {
+    let input = open_input(path).map_err(io_err)?;
+    let mut file = input.file;
+    if input.len == Some(0) {
         return Err(DataError::Empty { path: path.to_owned() });
     }
-    // Gzip is recognised by its magic bytes, not by the file's name.
+    // Gzip is recognised by its magic bytes, not by the file's name. They are put back in front
+    // of the rest rather than seeking, which a stream cannot.
     let mut magic = [0u8; 2];
     let sniffed = read_full(&mut file, &mut magic).map_err(io_err)?;
-    file.seek(SeekFrom::Start(0)).map_err(io_err)?;
+    if sniffed == 0 {
+        return Err(DataError::Empty { path: path.to_owned() });
+    }
+    let stream = io::Cursor::new(magic[..sniffed].to_vec()).chain(file);
     if sniffed == 2 && magic == [0x1f, 0x8b] {
-        let mut decoder = MultiGzDecoder::new(BufReader::new(file));
-        parse_idx(path, kind, &mut decoder, file_len, true)
+        let mut decoder = MultiGzDecoder::new(BufReader::new(stream));
+        parse_idx(path, kind, &mut decoder, input.len, true)
     } else {
-        parse_idx(path, kind, &mut BufReader::new(file), file_len, false)
+        parse_idx(path, kind, &mut BufReader::new(stream), input.len, false)
     }
 }
 
-/// Parses an IDX stream. `file_len` is the length of the file on disk; for a gzip stream
-/// (`gzip`), read errors are reported as corrupt gzip data.
+/// Parses an IDX stream. `file_len` is the length of the file on disk (`None`: a stream of
+/// unknown length); for a gzip stream (`gzip`), read errors are reported as corrupt gzip data.
 fn parse_idx(
     path: &Path,
     kind: Kind,
     reader: &mut impl Read,
-    file_len: u64,
+    file_len: Option<u64>,
     gzip: bool,
 ) -> Result<(usize, usize, usize, Vec<u8>), DataError> {
     let read_err = |source: io::Error| {
@@ -273,7 +317,7 @@ fn parse_idx(
     // u128: count * rows * cols of a hostile header cannot overflow it.
     let expected = count as u128 * rows as u128 * cols as u128;
 
-    let data = if !gzip {
+    let data = if let (false, Some(file_len)) = (gzip, file_len) {
         let found = file_len.saturating_sub(header_len as u64);
         if (found as u128) < expected {
             return Err(DataError::Truncated { path: path.to_owned(), count, expected, found });
@@ -287,10 +331,13 @@ fn parse_idx(
         reader.read_exact(&mut data).map_err(read_err)?;
         data
     } else {
+        // A gzip stream, or a raw stream of unknown length.
         let limit = u64::try_from(expected).unwrap_or(u64::MAX);
         // Reserve no more than the header claims, than deflate's ~1032:1 ratio lets this file
-        // hold, or than a fixed cap; past that the vector grows only with real data.
-        let plausible = file_len.saturating_mul(1032).saturating_add(1 << 16);
+        // hold (a stream: nothing is known), or than a fixed cap; past that the vector grows only
+        // with real data.
+        let ratio = if gzip { 1032 } else { 1 };
+        let plausible = file_len.unwrap_or(0).saturating_mul(ratio).saturating_add(1 << 16);
         let mut data = Vec::with_capacity(limit.min(plausible).min(GZIP_RESERVE_LIMIT) as usize);
         Read::take(&mut *reader, limit).read_to_end(&mut data).map_err(read_err)?;
         if (data.len() as u128) < expected {

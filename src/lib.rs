@@ -16,6 +16,8 @@ pub mod network;
 pub mod opcheck;
 pub mod ops;
 pub mod optim;
+pub mod paths;
 pub mod plot;
 pub mod schedule;
+pub mod signals;
 pub mod train;

@@ -1,20 +1,21 @@
 //! `lenet`: the command line. Parsing and printing only; the work is in the library.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use lenet::backend::{no_training_data, open_backend};
 use lenet::checkpoint::load_checkpoint;
-use lenet::data::{default_data_dir, load_mnist, Mnist};
+use lenet::data::{default_data_dir, find_split, load_mnist_test, load_split, Mnist, Split, SplitFiles};
 use lenet::gpu::context::{choose_adapter, ADAPTER_ENV};
 use lenet::model::{Params, TrainState};
 use lenet::optim::Optimizer;
-use lenet::train::{evaluate_logits, TrainConfig};
+use lenet::paths::{check_run_paths, InputPath, OutputKind, OutputPath};
+use lenet::signals::install_stop_handlers;
+use lenet::train::{error_line, evaluate_logits, TrainConfig};
 
 #[derive(Parser)]
 #[command(
@@ -100,7 +101,8 @@ struct TrainArgs {
     /// Continue the run saved in this checkpoint exactly (weights, Adam state, position).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Write the final checkpoint here (atomically; also on Ctrl-C and with --checkpoint-every).
+    /// Write the final checkpoint here (atomically; also on Ctrl-C, SIGTERM, SIGHUP, an error
+    /// after the first step, and with --checkpoint-every). Only a LeNet-5 checkpoint is replaced.
     #[arg(long)]
     save: Option<PathBuf>,
     /// Also save to --save every N steps.
@@ -109,7 +111,8 @@ struct TrainArgs {
     /// Evaluate on the test set every N epochs (0: only at the end).
     #[arg(long, default_value_t = 1)]
     eval_every: u64,
-    /// Write one CSV row per step and per evaluation here.
+    /// Write one CSV row per step and per evaluation here (a resumed run continues it from the
+    /// checkpoint's step).
     #[arg(long)]
     metrics: Option<PathBuf>,
     /// Draw the training curves into this SVG file.
@@ -169,7 +172,8 @@ fn main() -> ExitCode {
     if std::env::var_os("RUST_BACKTRACE").is_none() {
         std::panic::set_hook(Box::new(|info| {
             let msg = info.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
-            eprintln!("error: internal error, please report it: {msg}");
+            // Not eprintln!: failing to print (a closed terminal) must not become a second panic.
+            let _ = writeln!(std::io::stderr(), "error: internal error, please report it: {msg}");
         }));
     }
     let cli = Cli::parse();
@@ -183,47 +187,46 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            let _ = writeln!(std::io::stderr(), "error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-/// The error and its causes on one line. Our typed errors already end with their source's
-/// message, so a cause that the line already ends with is not repeated; wgpu's multi-line
-/// reports are folded.
-fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let msg = cause.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
-        if msg.is_empty() || line.ends_with(&msg) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&msg);
-    }
-    line
+fn data_dir(dir: Option<&Path>) -> PathBuf {
+    dir.map(Path::to_path_buf).unwrap_or_else(default_data_dir)
 }
 
-fn load_data(dir: Option<&Path>) -> Result<Mnist> {
-    let dir = dir.map(Path::to_path_buf).unwrap_or_else(default_data_dir);
-    Ok(load_mnist(&dir)?)
-}
-
-/// Fails now, not after hours of training, if `path` cannot be written later.
-fn check_writable(path: &Path, what: &str) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+/// Every file the run reads and writes, checked before any work (see `lenet::paths`).
+fn check_train_paths(args: &TrainArgs, train_files: &SplitFiles, test_files: &SplitFiles) -> Result<()> {
+    let input = |what: &str, path: &Path| InputPath {
+        what: what.to_string(),
+        path: path.to_path_buf(),
+        resumed_checkpoint: false,
     };
-    if !dir.is_dir() {
-        bail!("{what} {}: directory {} does not exist", path.display(), dir.display());
+    let mut inputs = vec![
+        input("--data's training images", &train_files.images),
+        input("--data's training labels", &train_files.labels),
+        input("--data's test images", &test_files.images),
+        input("--data's test labels", &test_files.labels),
+    ];
+    if let Some(p) = &args.init {
+        inputs.push(input("--init", p));
     }
-    if path.is_dir() {
-        bail!("{what} {}: is a directory", path.display());
+    if let Some(p) = &args.resume {
+        inputs.push(InputPath { resumed_checkpoint: true, ..input("--resume", p) });
     }
+    let outputs: Vec<OutputPath> = [
+        ("--save", &args.save, OutputKind::Checkpoint),
+        ("--metrics", &args.metrics, OutputKind::Metrics),
+        ("--plot", &args.plot, OutputKind::Plot),
+    ]
+    .into_iter()
+    .filter_map(|(option, path, kind)| {
+        path.as_ref().map(|p| OutputPath { option: option.to_string(), path: p.clone(), kind })
+    })
+    .collect();
+    check_run_paths(&inputs, &outputs)?;
     Ok(())
 }
 
@@ -234,17 +237,16 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     if args.steps == Some(0) {
         bail!("--steps 0 trains nothing; give at least 1");
     }
+    if args.batch == Some(0) {
+        bail!("--batch must be at least 1");
+    }
     if let Some(lr) = args.lr {
-        if !(lr.is_finite() && lr > 0.0) {
-            bail!("--lr must be a positive number, got {lr}");
-        }
+        Optimizer { lr: lr as f64, ..Optimizer::default() }.validate().map_err(|e| anyhow!("--lr: {e}"))?;
     }
-    for (path, what) in [(&args.save, "--save"), (&args.metrics, "--metrics"), (&args.plot, "--plot")] {
-        if let Some(p) = path {
-            check_writable(p, what)?;
-        }
-    }
-    let mnist = load_data(args.data.as_deref())?;
+    let dir = data_dir(args.data.as_deref());
+    let (train_files, test_files) = (find_split(&dir, Split::Train)?, find_split(&dir, Split::Test)?);
+    check_train_paths(&args, &train_files, &test_files)?;
+    let mnist = Mnist { train: load_split(&train_files)?, test: load_split(&test_files)? };
 
     let mut state = match &args.resume {
         Some(path) => {
@@ -287,17 +289,8 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     }
 
     let mut backend = open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &mnist.train)?;
-    let interrupt = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupt.clone();
-        // A second Ctrl-C leaves at once.
-        let _ = ctrlc::set_handler(move || {
-            if flag.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupted: finishing the current steps, then saving (Ctrl-C again to quit now)");
-        });
-    }
+    // Ctrl-C, SIGTERM and SIGHUP: finish the steps in flight, save, exit 128+signo.
+    let stop = install_stop_handlers().context("cannot install the signal handlers")?;
     let cfg = TrainConfig {
         epochs: args.epochs,
         steps: args.steps,
@@ -307,13 +300,17 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         metrics: args.metrics.clone(),
         plain_progress: false,
     };
-    let report = lenet::train::train(backend.as_mut(), &mut state, &mnist, &cfg, &interrupt)?;
+    let report = lenet::train::train(backend.as_mut(), &mut state, &mnist, &cfg, &stop.flag)?;
     if let Some(path) = &args.plot {
         lenet::plot::write_training_svg(path, &report.history)?;
     }
     let saved = args.save.as_ref().map(|p| format!("; saved {}", p.display())).unwrap_or_default();
+    let test = match (report.test_accuracy, report.test_loss) {
+        (Some(acc), Some(loss)) => format!("test accuracy {:.2}% (loss {loss:.4})", 100.0 * acc),
+        _ => "no evaluation (the test set is empty)".to_string(),
+    };
     println!(
-        "{} {} steps ({:.2} epochs) in {:.2} s, {:.0} images/s on {} ({}); train loss {:.4}, test accuracy {:.2}% (loss {:.4}){saved}",
+        "{} {} steps ({:.2} epochs) in {:.2} s, {:.0} images/s on {} ({}); train loss {:.4}, {test}{saved}",
         if report.stopped_early { "interrupted after" } else { "trained" },
         report.steps,
         report.epochs,
@@ -322,23 +319,31 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         report.backend,
         report.adapter,
         report.train_loss,
-        100.0 * report.test_accuracy,
-        report.test_loss,
     );
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }
-    Ok(if report.stopped_early { ExitCode::from(130) } else { ExitCode::SUCCESS })
+    // A stop signal gives its code even when it came too late to cut the run short: the process
+    // was asked to end, and whatever sent it looks for that code.
+    Ok(match (stop.exit_code(), report.stopped_early) {
+        (Some(code), _) => ExitCode::from(code),
+        (None, true) => ExitCode::from(130),
+        (None, false) => ExitCode::SUCCESS,
+    })
 }
 
 fn eval(args: EvalArgs) -> Result<ExitCode> {
     let checkpoint = load_checkpoint(&args.weights)?;
-    let mnist = load_data(args.data.as_deref())?;
+    // Only the test files: evaluating needs no training set.
+    let test = load_mnist_test(&data_dir(args.data.as_deref()))?;
+    if test.is_empty() {
+        bail!("{}: the test set is empty; nothing to evaluate", data_dir(args.data.as_deref()).display());
+    }
     let mut backend =
         open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &no_training_data())?;
     let state = TrainState::new(checkpoint.params, Optimizer::default(), 0, 1, false);
     backend.load_state(&state)?;
-    let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
+    let eval = evaluate_logits(&backend.logits(&test)?, &test.labels);
     println!(
         "accuracy {:.2}% ({}/{}), loss {:.4} on {} ({})",
         100.0 * eval.accuracy,

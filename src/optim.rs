@@ -120,24 +120,27 @@ impl Optimizer {
     /// Refuses settings PyTorch refuses (or that would climb the loss).
     pub fn validate(&self) -> Result<()> {
         let unit = |x: f64| (0.0..1.0).contains(&x);
+        // The messages name the settings as the checkpoint's metadata does.
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("the learning rate must be a positive number, got {}", self.lr);
+            bail!("lr = {} must be a finite number > 0", self.lr);
         }
         match self.kind {
             OptimizerKind::Adam(a) => {
-                if !unit(a.beta1) || !unit(a.beta2) {
-                    bail!("Adam's betas must be in [0, 1), got {} and {}", a.beta1, a.beta2);
+                for (name, beta) in [("beta1", a.beta1), ("beta2", a.beta2)] {
+                    if !unit(beta) {
+                        bail!("{name} = {beta} must be in [0, 1)");
+                    }
                 }
                 if !(a.eps.is_finite() && a.eps > 0.0) {
-                    bail!("Adam's eps must be a positive number, got {}", a.eps);
+                    bail!("eps = {} must be a finite number > 0", a.eps);
                 }
             }
             OptimizerKind::Sgd(s) => {
                 if !(s.momentum.is_finite() && s.momentum >= 0.0) {
-                    bail!("the momentum must be a number >= 0, got {}", s.momentum);
+                    bail!("momentum = {} must be a finite number >= 0", s.momentum);
                 }
                 if !(s.weight_decay.is_finite() && s.weight_decay >= 0.0) {
-                    bail!("the weight decay must be a number >= 0, got {}", s.weight_decay);
+                    bail!("weight_decay = {} must be a finite number >= 0", s.weight_decay);
                 }
                 if s.nesterov && s.momentum <= 0.0 {
                     bail!("Nesterov momentum needs a momentum above 0");
@@ -265,9 +268,9 @@ mod tests {
             _ => None,
         };
         let err = Optimizer::from_metadata(&bad).unwrap_err().to_string();
-        assert!(err.contains("learning rate"), "{err}");
+        assert!(err.contains("lr = -0.001 must be"), "{err}");
         let beta = |k: &str| if k == "beta1" { Some("1".to_string()) } else { bad(k).map(|_| "0.5".into()) };
         let err = Optimizer::from_metadata(&beta).unwrap_err().to_string();
-        assert!(err.contains("betas"), "{err}");
+        assert!(err.contains("beta1 = 1 must be in [0, 1)"), "{err}");
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use crate::backend::{Backend, Chunk, StepStats};
 use crate::checkpoint::save_checkpoint;
 use crate::data::Mnist;
 use crate::model::{epoch_order, TrainState, CLASSES};
+use crate::paths::METRICS_HEADER;
 
 /// Accuracy, mean loss and confusion matrix of a set of logits against labels.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -88,8 +89,9 @@ pub struct TrainReport {
     pub epochs: f64,
     pub batch: usize,
     pub train_loss: f64,
-    pub test_accuracy: f64,
-    pub test_loss: f64,
+    /// `None` (JSON null) when no evaluation ran: the test set is empty.
+    pub test_accuracy: Option<f64>,
+    pub test_loss: Option<f64>,
     pub images_per_s: f64,
     pub train_seconds: f64,
     pub submits: u64,
@@ -104,6 +106,30 @@ pub struct TrainReport {
 pub enum TrainError {
     #[error("the loss became {value} at step {step} (epoch {epoch}); training stopped, {kept}")]
     Diverged { step: u64, epoch: u64, value: f32, kept: String },
+    #[error("{more}, from step {start}, is {step} steps in all: the step counter overflows")]
+    Overflow { step: u128, start: u64, more: String },
+    #[error("{cause}; the trained state (step {step}) was saved to {}", path.display())]
+    SavedBeforeError { cause: String, step: u64, path: PathBuf },
+    #[error("{cause}; saving the trained state (step {step}) failed too: {save_error}")]
+    SaveAlsoFailed { cause: String, step: u64, save_error: String },
+}
+
+/// An error and its causes on one line, each cause once: typed errors already end with their
+/// source's message, so a cause the line already ends with is not repeated, and multi-line
+/// reports (wgpu's) are folded.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        if msg.is_empty() || line.ends_with(&msg) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&msg);
+    }
+    line
 }
 
 /// Steps per backend call: enough for a live progress bar (about ten updates an epoch),
@@ -112,8 +138,47 @@ fn chunk_steps(steps_per_epoch: u64) -> u64 {
     (steps_per_epoch / 10).clamp(1, 64)
 }
 
+/// How a run's loop failed, and whether the backend's state may still be saved.
+enum Failure {
+    /// The state is consistent with the step counters (an evaluation, the metrics file, a
+    /// checkpoint write failed): save it before reporting.
+    Saveable(anyhow::Error),
+    /// The state must not be saved: it diverged, or the backend failed in the middle of steps
+    /// and what it holds is unknown. The checkpoint on disk is kept as it is.
+    Untrusted(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Saveable(e.into())
+    }
+}
+
+/// The target step of this run: checked, so that `--epochs` or `--steps` too large to count is
+/// an error instead of wrapping into a short run.
+fn target_step(state: &TrainState, cfg: &TrainConfig, steps_per_epoch: u64) -> Result<u64, TrainError> {
+    let start = state.step;
+    let (more, what) = match cfg.steps {
+        Some(s) => (Some(s as u128), format!("--steps {s}")),
+        None => {
+            // A resumed run's unfinished epoch counts as the first of its `epochs`.
+            let all = cfg.epochs as u128 * steps_per_epoch as u128;
+            (
+                Some(all.saturating_sub(state.step_in_epoch as u128)),
+                format!("--epochs {} of {steps_per_epoch} steps each", cfg.epochs),
+            )
+        }
+    };
+    let total = start as u128 + more.unwrap_or(0);
+    u64::try_from(total).map_err(|_| TrainError::Overflow { step: total, start, more: what })
+}
+
 /// Trains `state` on `mnist.train` with `backend`, evaluating on `mnist.test`. Stops at the
 /// end of the configured epochs/steps or, between chunks, when `interrupt` is set.
+///
+/// Nothing trained is lost: an error after the first step (an evaluation, the metrics file, a
+/// periodic checkpoint) first saves the trained state to `cfg.save`, then is returned. Only a
+/// diverged state, or one the backend failed in the middle of computing, is never saved.
 pub fn train(
     backend: &mut dyn Backend,
     state: &mut TrainState,
@@ -129,14 +194,15 @@ pub fn train(
     if batch > n {
         bail!("--batch {batch} is larger than the training set ({n} images)");
     }
+    state.optimizer.validate()?;
     let steps_per_epoch = (n / batch) as u64;
     let start_step = state.step;
-    // A resumed run's unfinished epoch counts as the first of its `epochs`.
-    let target_step = start_step
-        + match cfg.steps {
-            Some(s) => s,
-            None => (cfg.epochs * steps_per_epoch).saturating_sub(state.step_in_epoch),
-        };
+    // Checkpoints written at an epoch's last step by earlier versions count it as unfinished.
+    if state.step_in_epoch == steps_per_epoch {
+        state.epoch += 1;
+        state.step_in_epoch = 0;
+    }
+    let target_step = target_step(state, cfg, steps_per_epoch)?;
     if state.step_in_epoch >= steps_per_epoch {
         bail!(
             "the checkpoint is at step {} of an epoch, but --batch {batch} gives {steps_per_epoch} steps an epoch",
@@ -144,150 +210,58 @@ pub fn train(
         );
     }
     backend.load_state(state)?;
-    // A resumed run continues the log it started, so the file covers the whole run.
-    let mut metrics = MetricsWriter::create(cfg.metrics.as_ref(), start_step > 0)?;
-    let mut progress = Progress::new(cfg.plain_progress, steps_per_epoch, batch);
-    let mut history = Vec::new();
-    let mut train_time = Duration::ZERO;
-    let mut recent: Vec<StepStats> = Vec::new();
-    let mut last_eval: Option<Evaluation> = None;
-    let mut last_saved: Option<u64> = None;
-    let mut stopped_early = false;
-    let chunk = chunk_steps(steps_per_epoch);
+    // A resumed run continues the log it started, from the checkpoint's step, so the file covers
+    // the whole run as if it had never stopped.
+    let resume_at = (start_step > 0).then_some(start_step);
+    let mut metrics = MetricsWriter::open(cfg.metrics.as_ref(), resume_at)?;
+    let mut run = Run {
+        progress: Progress::new(cfg.plain_progress, steps_per_epoch, batch),
+        history: Vec::new(),
+        train_time: Duration::ZERO,
+        recent: Vec::new(),
+        last_eval: None,
+        last_saved: None,
+        stopped_early: false,
+    };
 
-    while state.step < target_step {
-        if state.step_in_epoch == 0 {
-            recent.clear();
-        }
-        let order = epoch_order(n, state.seed, state.epoch, state.shuffle);
-        progress.start_epoch(state.epoch, state.step_in_epoch);
-        let mut epoch_time = Duration::ZERO;
-        let mut epoch_images = 0usize;
-        // Up to two chunks in flight: the backend runs one while the next is prepared. A chunk
-        // never crosses the end of the epoch, the run or a checkpoint.
-        let mut in_flight: VecDeque<u64> = VecDeque::new();
-        let mut submitted = state.step_in_epoch;
-        let mut t0 = Instant::now();
-        while state.step_in_epoch < steps_per_epoch && state.step < target_step {
-            if interrupt.load(Ordering::SeqCst) {
-                stopped_early = true;
+    let outcome = run_steps(backend, state, mnist, cfg, interrupt, &mut run, &mut metrics, target_step)
+        .and_then(|()| {
+            // The log reaches the final step on disk before the checkpoint that says the run got
+            // there (a crash in between leaves rows past the checkpoint, which a resume drops).
+            metrics.sync()?;
+            Ok(())
+        });
+    run.progress.finish();
+    match outcome {
+        Err(Failure::Untrusted(e)) => return Err(e),
+        Err(Failure::Saveable(e)) => {
+            let (Some(path), true) = (&cfg.save, state.step > start_step) else { return Err(e) };
+            let cause = error_line(&e);
+            let step = state.step;
+            return Err(match save_trained(backend, state, path) {
+                Ok(()) => TrainError::SavedBeforeError { cause, step, path: path.clone() },
+                Err(save) => TrainError::SaveAlsoFailed { cause, step, save_error: error_line(&save) },
             }
-            while in_flight.len() < 2 && !stopped_early {
-                let at = state.step + in_flight.iter().sum::<u64>();
-                let mut k = chunk.min(steps_per_epoch - submitted).min(target_step - at);
-                if cfg.checkpoint_every > 0 {
-                    k = k.min(cfg.checkpoint_every - at % cfg.checkpoint_every);
-                }
-                if k == 0 {
-                    break;
-                }
-                let first = submitted as usize * batch;
-                let indices = order[first..first + k as usize * batch].to_vec();
-                let shifts = vec![0; 2 * indices.len()];
-                let steps =
-                    (at + 1..=at + k).map(|t| state.optimizer.step(t, state.optimizer.lr, None)).collect();
-                backend.submit(&Chunk { batch, indices, shifts, steps })?;
-                in_flight.push_back(k);
-                submitted += k;
-                if cfg.checkpoint_every > 0 && (at + k).is_multiple_of(cfg.checkpoint_every) {
-                    break;
-                }
-            }
-            let Some(k) = in_flight.pop_front() else { break };
-            let stats: Vec<StepStats> = backend.finish()?.expect("a chunk was submitted");
-            epoch_images += k as usize * batch;
-            if let Some((i, bad)) = stats.iter().enumerate().find(|(_, s)| !s.loss.is_finite()) {
-                let kept = match (&cfg.save, last_saved) {
-                    (Some(p), Some(s)) => {
-                        format!("the last good checkpoint ({}, step {s}) is kept", p.display())
-                    }
-                    (Some(p), None) => format!("nothing was saved and {} is untouched", p.display()),
-                    (None, _) => "nothing was saved".to_string(),
-                };
-                progress.finish();
-                return Err(TrainError::Diverged {
-                    step: state.step + 1 + i as u64,
-                    epoch: state.epoch + 1,
-                    value: bad.loss,
-                    kept,
-                }
-                .into());
-            }
-            for s in &stats {
-                state.step += 1;
-                let row = MetricRow {
-                    kind: "train",
-                    step: state.step,
-                    epoch: state.epoch,
-                    loss: s.loss as f64,
-                    accuracy: s.correct as f64 / batch as f64,
-                };
-                metrics.write(&row)?;
-                history.push(row);
-            }
-            state.step_in_epoch += k;
-            recent.extend_from_slice(&stats);
-            let now = Instant::now();
-            epoch_time += now - t0;
-            t0 = now;
-            progress.update(state.step_in_epoch, &recent, epoch_images as f64 / epoch_time.as_secs_f64());
-            if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) {
-                if let Some(path) = &cfg.save {
-                    backend.store_state(state)?;
-                    save_checkpoint(path, state)?;
-                    last_saved = Some(state.step);
-                }
-                // Saving is not training time.
-                t0 = Instant::now();
-            }
+            .into());
         }
-        train_time += epoch_time;
-        if stopped_early {
-            break;
-        }
-        let epoch_done = state.step_in_epoch == steps_per_epoch;
-        if epoch_done {
-            state.epoch += 1;
-            state.step_in_epoch = 0;
-        }
-        let last = state.step >= target_step;
-        let due = epoch_done && cfg.eval_every > 0 && state.epoch.is_multiple_of(cfg.eval_every);
-        let mut line = epoch_summary(state, steps_per_epoch, &recent, epoch_images, epoch_time);
-        if due || last {
-            let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
-            line.push_str(&format!("  test loss {:.4}  test acc {:.2}%", eval.loss, 100.0 * eval.accuracy));
-            let row = MetricRow {
-                kind: "test",
-                step: state.step,
-                epoch: state.epoch,
-                loss: eval.loss,
-                accuracy: eval.accuracy,
-            };
-            metrics.write(&row)?;
-            history.push(row);
-            last_eval = Some(eval);
-        }
-        progress.end_epoch(&line);
-        metrics.flush()?;
+        Ok(()) => {}
     }
-    progress.finish();
-
-    if stopped_early && last_eval.is_none() {
-        last_eval = Some(evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels));
+    // Saved before the interrupted run's evaluation: a second signal during it loses nothing.
+    match &cfg.save {
+        Some(path) => save_trained(backend, state, path)?,
+        None => backend.store_state(state)?,
     }
-    backend.store_state(state)?;
-    if let Some(path) = &cfg.save {
-        save_checkpoint(path, state)?;
+    if run.stopped_early && run.last_eval.is_none() && !mnist.test.is_empty() {
+        run.last_eval = Some(evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels));
     }
     let steps = state.step - start_step;
     // The loss of the last epoch, or of the last 50 steps when the run was shorter.
-    let window: Vec<f32> = if recent.len() >= 50 {
-        recent.iter().map(|s| s.loss).collect()
+    let window: Vec<f32> = if run.recent.len() >= 50 {
+        run.recent.iter().map(|s| s.loss).collect()
     } else {
-        history.iter().filter(|r| r.kind == "train").rev().take(50).map(|r| r.loss as f32).collect()
+        run.history.iter().filter(|r| r.kind == "train").rev().take(50).map(|r| r.loss as f32).collect()
     };
-    let eval = last_eval.unwrap_or_else(|| evaluate_logits(&[], &[]));
-    let seconds = train_time.as_secs_f64();
+    let seconds = run.train_time.as_secs_f64();
     let sync = backend.sync_counts();
     Ok(TrainReport {
         backend: backend.kind().to_string(),
@@ -296,15 +270,210 @@ pub fn train(
         epochs: steps as f64 / steps_per_epoch as f64,
         batch,
         train_loss: mean(&window),
-        test_accuracy: eval.accuracy,
-        test_loss: eval.loss,
-        images_per_s: if seconds > 0.0 { (steps as usize * batch) as f64 / seconds } else { 0.0 },
+        test_accuracy: run.last_eval.as_ref().map(|e| e.accuracy),
+        test_loss: run.last_eval.as_ref().map(|e| e.loss),
+        images_per_s: if seconds > 0.0 { steps as f64 * batch as f64 / seconds } else { 0.0 },
         train_seconds: seconds,
         submits: sync.submits,
         host_waits: sync.host_waits,
-        stopped_early,
-        history,
+        stopped_early: run.stopped_early,
+        history: run.history,
     })
+}
+
+/// Copies the backend's state into `state` and saves it.
+fn save_trained(backend: &mut dyn Backend, state: &mut TrainState, path: &Path) -> Result<()> {
+    backend.store_state(state)?;
+    save_checkpoint(path, state)?;
+    Ok(())
+}
+
+/// What the loop accumulates for the report.
+struct Run {
+    progress: Progress,
+    history: Vec<MetricRow>,
+    train_time: Duration,
+    /// The current epoch's steps.
+    recent: Vec<StepStats>,
+    last_eval: Option<Evaluation>,
+    last_saved: Option<u64>,
+    stopped_early: bool,
+}
+
+/// The steps of a run, chunk by chunk, with up to two chunks in flight: the backend runs one
+/// while the next is prepared and submitted (a GPU is never left waiting for the host). A chunk
+/// never crosses the end of an epoch, of the run or a checkpoint, so nothing is in flight when
+/// an evaluation or a save reads the state. After each chunk the step counters are updated at
+/// once, so the backend's state and `state`'s counters agree whenever anything else can fail.
+#[allow(clippy::too_many_arguments)]
+fn run_steps(
+    backend: &mut dyn Backend,
+    state: &mut TrainState,
+    mnist: &Mnist,
+    cfg: &TrainConfig,
+    interrupt: &AtomicBool,
+    run: &mut Run,
+    metrics: &mut MetricsWriter,
+    target_step: u64,
+) -> Result<(), Failure> {
+    let n = mnist.train.len();
+    let batch = state.batch;
+    let steps_per_epoch = (n / batch) as u64;
+    let chunk = chunk_steps(steps_per_epoch);
+    // The current epoch's order, and its images and time so far (for the epoch's line).
+    let mut epoch: Option<(Vec<u32>, usize, Duration)> = None;
+    // The step counts of the chunks submitted and not yet finished, and the steps submitted.
+    let mut in_flight: VecDeque<u64> = VecDeque::new();
+    let mut submitted = state.step;
+    let mut clock = Instant::now();
+    loop {
+        while in_flight.len() < 2 && !run.stopped_early {
+            if interrupt.load(Ordering::SeqCst) {
+                run.stopped_early = true;
+                break;
+            }
+            let pos = state.step_in_epoch + (submitted - state.step);
+            // Not past the epoch's end or the run's, nor past a checkpoint not yet written.
+            let checkpoint_pending = cfg.checkpoint_every > 0
+                && submitted > state.step
+                && submitted.is_multiple_of(cfg.checkpoint_every);
+            if pos >= steps_per_epoch || submitted >= target_step || checkpoint_pending {
+                break;
+            }
+            let mut k = chunk.min(steps_per_epoch - pos).min(target_step - submitted);
+            if cfg.checkpoint_every > 0 {
+                k = k.min(cfg.checkpoint_every - submitted % cfg.checkpoint_every);
+            }
+            let (order, _, _) = epoch.get_or_insert_with(|| {
+                if state.step_in_epoch == 0 {
+                    run.recent.clear();
+                }
+                run.progress.start_epoch(state.epoch, state.step_in_epoch);
+                (epoch_order(n, state.seed, state.epoch, state.shuffle), 0, Duration::ZERO)
+            });
+            let first = pos as usize * batch;
+            let indices = order[first..first + k as usize * batch].to_vec();
+            let opt = state.optimizer;
+            let chunk_of = Chunk {
+                batch,
+                shifts: vec![0; 2 * indices.len()],
+                indices,
+                steps: (submitted + 1..=submitted + k).map(|t| opt.step(t, opt.lr, None)).collect(),
+            };
+            backend.submit(&chunk_of).map_err(|e| {
+                Failure::Untrusted(e.context(format!(
+                    "training steps {}..{} failed; {}",
+                    submitted + 1,
+                    submitted + k,
+                    kept_checkpoint(cfg, run.last_saved)
+                )))
+            })?;
+            in_flight.push_back(k);
+            submitted += k;
+        }
+        let Some(k) = in_flight.pop_front() else { break };
+        let stats = backend
+            .finish()
+            .and_then(|s| s.ok_or_else(|| anyhow::anyhow!("a chunk went missing")))
+            .map_err(|e| {
+            Failure::Untrusted(e.context(format!(
+                "training steps {}..{} failed; {}",
+                state.step + 1,
+                state.step + k,
+                kept_checkpoint(cfg, run.last_saved)
+            )))
+        })?;
+        let now = Instant::now();
+        let dt = now - clock;
+        clock = now;
+        run.train_time += dt;
+        let (_, epoch_images, epoch_time) = epoch.as_mut().expect("a chunk of this epoch was submitted");
+        *epoch_time += dt;
+        *epoch_images += k as usize * batch;
+        if let Some((i, bad)) = stats.iter().enumerate().find(|(_, s)| !s.loss.is_finite()) {
+            return Err(Failure::Untrusted(
+                TrainError::Diverged {
+                    step: state.step + 1 + i as u64,
+                    epoch: state.epoch + 1,
+                    value: bad.loss,
+                    kept: kept_checkpoint(cfg, run.last_saved),
+                }
+                .into(),
+            ));
+        }
+        // The backend now holds the state after these k steps: count them before anything else.
+        let rows_epoch = state.epoch;
+        let first_row_step = state.step + 1;
+        state.step += k;
+        state.step_in_epoch += k;
+        let epoch_done = state.step_in_epoch == steps_per_epoch;
+        if epoch_done {
+            state.epoch += 1;
+            state.step_in_epoch = 0;
+        }
+        for (i, s) in stats.iter().enumerate() {
+            let row = MetricRow {
+                kind: "train",
+                step: first_row_step + i as u64,
+                epoch: rows_epoch,
+                loss: s.loss as f64,
+                accuracy: s.correct as f64 / batch as f64,
+            };
+            metrics.write(&row)?;
+            run.history.push(row);
+        }
+        run.recent.extend_from_slice(&stats);
+        let done = if epoch_done { steps_per_epoch } else { state.step_in_epoch };
+        run.progress.update(done, &run.recent, *epoch_images as f64 / epoch_time.as_secs_f64());
+        let last = state.step >= target_step;
+        if epoch_done || (last && in_flight.is_empty()) {
+            let (_, images, time) = epoch.take().expect("the epoch was started above");
+            let due = epoch_done && cfg.eval_every > 0 && state.epoch.is_multiple_of(cfg.eval_every);
+            let mut line = epoch_summary(state, steps_per_epoch, &run.recent, images, time);
+            // An empty test set is no evaluation at all (not an accuracy of 0).
+            if (due || last) && !mnist.test.is_empty() {
+                let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
+                line.push_str(&format!(
+                    "  test loss {:.4}  test acc {:.2}%",
+                    eval.loss,
+                    100.0 * eval.accuracy
+                ));
+                let row = MetricRow {
+                    kind: "test",
+                    step: state.step,
+                    epoch: state.epoch,
+                    loss: eval.loss,
+                    accuracy: eval.accuracy,
+                };
+                metrics.write(&row)?;
+                run.history.push(row);
+                run.last_eval = Some(eval);
+            }
+            run.progress.end_epoch(&line);
+            metrics.flush()?;
+            // Evaluating is not training time.
+            clock = Instant::now();
+        }
+        // Every row up to this step is logged (evaluation included) before the checkpoint that
+        // says the run got here; the final step's checkpoint is the end-of-run save.
+        let checkpoint_due = cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every);
+        if let (true, false, Some(path)) = (checkpoint_due, last, &cfg.save) {
+            metrics.sync()?;
+            save_trained(backend, state, path)?;
+            run.last_saved = Some(state.step);
+            clock = Instant::now();
+        }
+    }
+    Ok(())
+}
+
+/// What the checkpoint on disk holds after a run stopped without saving.
+fn kept_checkpoint(cfg: &TrainConfig, last_saved: Option<u64>) -> String {
+    match (&cfg.save, last_saved) {
+        (Some(p), Some(s)) => format!("the last good checkpoint ({}, step {s}) is kept", p.display()),
+        (Some(p), None) => format!("nothing was saved and {} is untouched", p.display()),
+        (None, _) => "nothing was saved".to_string(),
+    }
 }
 
 fn mean(xs: &[f32]) -> f64 {
@@ -379,7 +548,10 @@ impl Progress {
     fn end_epoch(&mut self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            // A terminal that is gone (SIGHUP) must not end the run before it saves.
+            None => {
+                let _ = writeln!(std::io::stderr(), "{line}");
+            }
         }
     }
 
@@ -390,33 +562,43 @@ impl Progress {
     }
 }
 
-/// `--metrics FILE`: CSV, one row per step and per evaluation, flushed every epoch so that a
-/// crash keeps what was logged. Appends when continuing a run into an existing file.
+/// `--metrics FILE`: CSV, one row per step and per evaluation. Flushed every epoch, and flushed
+/// and synced before every checkpoint, so the file on disk always reaches the checkpoint's step.
+/// A resumed run first cuts the file back to the checkpoint's step (rows a killed run logged
+/// after its last checkpoint, and a torn last row), then appends: the file reads as if the run
+/// had never stopped.
 struct MetricsWriter {
     out: Option<(PathBuf, std::io::BufWriter<std::fs::File>)>,
 }
 
 impl MetricsWriter {
-    fn create(path: Option<&PathBuf>, append: bool) -> Result<Self> {
-        let out = match path {
-            None => None,
-            Some(p) => {
-                let append = append && p.is_file();
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .append(append)
-                    .truncate(!append)
-                    .open(p)
-                    .with_context(|| format!("{}: cannot create", p.display()))?;
-                let mut w = std::io::BufWriter::new(file);
-                if !append {
-                    writeln!(w, "kind,step,epoch,loss,accuracy")?;
-                }
-                Some((p.clone(), w))
-            }
+    fn open(path: Option<&PathBuf>, resume_at: Option<u64>) -> Result<Self> {
+        let Some(p) = path else { return Ok(MetricsWriter { out: None }) };
+        let cannot = |what: &str| format!("{}: cannot {what}", p.display());
+        let keep = match resume_at {
+            Some(step) if p.is_file() => Some(metrics_rows_through(p, step)?),
+            _ => None,
         };
-        Ok(MetricsWriter { out })
+        let file = match keep {
+            Some(len) => {
+                let file = std::fs::OpenOptions::new().write(true).open(p).with_context(|| cannot("open"))?;
+                file.set_len(len).with_context(|| cannot("cut back to the checkpoint's step"))?;
+                let mut file = file;
+                std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).with_context(|| cannot("write"))?;
+                file
+            }
+            None => std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(p)
+                .with_context(|| cannot("create"))?,
+        };
+        let mut w = std::io::BufWriter::new(file);
+        if keep.is_none_or(|len| len == 0) {
+            writeln!(w, "{METRICS_HEADER}").with_context(|| cannot("write"))?;
+        }
+        Ok(MetricsWriter { out: Some((p.clone(), w)) })
     }
 
     fn write(&mut self, r: &MetricRow) -> Result<()> {
@@ -433,4 +615,37 @@ impl MetricsWriter {
         }
         Ok(())
     }
+
+    /// Flushes and waits for the disk, before a checkpoint claims the rows are there.
+    fn sync(&mut self) -> Result<()> {
+        self.flush()?;
+        if let Some((p, w)) = &mut self.out {
+            w.get_ref().sync_data().with_context(|| format!("{}: cannot write", p.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The length of the leading part of a metrics file that a run resumed at `step` keeps: the
+/// header and the complete rows up to that step. Reading stops at the first row past it, torn
+/// (no newline) or unreadable: rows are written in step order.
+fn metrics_rows_through(path: &Path, step: u64) -> Result<u64> {
+    let text = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if text.is_empty() {
+        return Ok(0);
+    }
+    let header = format!("{METRICS_HEADER}\n");
+    if !text.starts_with(header.as_bytes()) {
+        bail!("{}: not a lenet metrics file (it does not start with {METRICS_HEADER:?})", path.display());
+    }
+    let mut keep = header.len();
+    for line in text[header.len()..].split_inclusive(|&b| b == b'\n') {
+        let Some(row) = line.strip_suffix(b"\n") else { break };
+        let row_step = std::str::from_utf8(row).ok().and_then(|r| r.split(',').nth(1)?.parse::<u64>().ok());
+        match row_step {
+            Some(s) if s <= step => keep += line.len(),
+            _ => break,
+        }
+    }
+    Ok(keep as u64)
 }

@@ -66,11 +66,12 @@ fn raw_tensors(with_adam: bool) -> Raw {
 
 fn good_meta() -> HashMap<String, String> {
     let mut m: HashMap<String, String> = META_KEYS.iter().map(|k| (k.to_string(), "1".to_string())).collect();
+    m.insert("step".into(), "30".into());
+    m.insert("lr".into(), "0.001".into());
+    m.insert("beta1".into(), "0.9".into());
+    m.insert("beta2".into(), "0.999".into());
+    m.insert("eps".into(), "1e-8".into());
     m.insert("shuffle".into(), "true".into());
-    // Adam's settings as a file from before SGD existed holds them (no "optimizer" key).
-    for (k, v) in [("lr", "0.001"), ("beta1", "0.9"), ("beta2", "0.999"), ("eps", "1e-8")] {
-        m.insert(k.into(), v.into());
-    }
     m.insert("format".into(), FORMAT_TAG.into());
     m
 }
@@ -276,9 +277,38 @@ fn bad_optimizer_metadata() {
     m.insert("shuffle".into(), "yes".into());
     write_raw(&path, &raw, Some(m));
     assert_error(&load_checkpoint(&path).unwrap_err(), &path, "shuffle");
-    // And the good metadata loads.
+    // Settings the command line refuses are refused here too: a resumed run would train with
+    // them (lr <= 0 climbs the loss; beta = 1 never updates the moments and divides by zero).
+    for (key, value) in [
+        ("lr", "0"),
+        ("lr", "-0.001"),
+        ("beta1", "1"),
+        ("beta1", "-0.1"),
+        ("beta2", "1.5"),
+        ("eps", "0"),
+        ("eps", "-1e-8"),
+    ] {
+        let mut m = good_meta();
+        m.insert(key.into(), value.into());
+        write_raw(&path, &raw, Some(m));
+        let err = load_checkpoint(&path).unwrap_err();
+        assert_error(&err, &path, &format!("{key} = "));
+        assert_error(&err, &path, "must be");
+    }
+    // A position no run can reach: more epochs or steps into an epoch than steps in all.
+    for (key, value) in [("epoch", "31"), ("step_in_epoch", "31")] {
+        let mut m = good_meta();
+        m.insert(key.into(), value.into());
+        write_raw(&path, &raw, Some(m));
+        assert_error(&load_checkpoint(&path).unwrap_err(), &path, "cannot both be reached");
+    }
+    // And the good metadata loads, with the edges of the ranges.
     write_raw(&path, &raw, Some(good_meta()));
     assert!(load_checkpoint(&path).unwrap().state.is_some());
+    let mut m = good_meta();
+    m.insert("beta1".into(), "0".into());
+    write_raw(&path, &raw, Some(m));
+    assert!(load_checkpoint(&path).is_ok());
 }
 
 #[test]
@@ -341,26 +371,12 @@ fn failed_save_leaves_previous_file_untouched() {
     std::fs::write(occupied.join("keep"), b"x").unwrap();
     assert_error(&save_weights(&occupied, &Params::init(1)).unwrap_err(), &occupied, "cannot write");
 
-    // A read-only directory (only meaningful when not running as root, who may write anyway).
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let ro = dir.path().join("ro");
-        std::fs::create_dir(&ro).unwrap();
-        let target = ro.join("ck.safetensors");
-        save_weights(&target, &Params::init(2)).unwrap();
-        let ro_before = std::fs::read(&target).unwrap();
-        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
-        let result = save_weights(&target, &Params::init(3));
-        let writable_anyway = std::fs::File::create(ro.join("probe")).is_ok();
-        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
-        if !writable_anyway {
-            assert!(result.is_err());
-            assert_eq!(std::fs::read(&target).unwrap(), ro_before);
-        }
-        let _ = std::fs::remove_file(ro.join("probe"));
-        assert_eq!(dir_entries(&ro).len(), 1, "{:?}", dir_entries(&ro));
-    }
+    // A target whose parent is a regular file: no temp file can be created (as root too).
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let under_file = file.join("ck.safetensors");
+    assert_error(&save_weights(&under_file, &Params::init(2)).unwrap_err(), &under_file, "cannot write");
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
 
     assert_eq!(std::fs::read(&path).unwrap(), before);
     let mut names: Vec<_> = dir_entries(dir.path())
@@ -368,6 +384,34 @@ fn failed_save_leaves_previous_file_untouched() {
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, vec!["ck.safetensors", "occupied", "ro"]);
+    assert_eq!(names, vec!["ck.safetensors", "occupied", "plain-file"]);
     assert_eq!(dir_entries(&occupied), vec![occupied.join("keep")]);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_save_removes_temp_files_that_killed_saves_of_the_same_target_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ck.safetensors");
+    // A process that has exited: its temp files are leftovers.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    let dead = child.id();
+    let stale = [format!(".ck.safetensors.tmp-{dead}-0"), format!(".ck.safetensors.tmp-{dead}-17")];
+    // Kept: a writer that is alive (pid 1 always is), another target's temp file, and files that
+    // merely look alike.
+    let kept = [
+        ".ck.safetensors.tmp-1-0".to_string(),
+        format!(".other.safetensors.tmp-{dead}-0"),
+        format!(".ck.safetensors.tmp-{dead}-x"),
+        "ck.safetensors.tmp".to_string(),
+        format!("ck.safetensors.tmp-{dead}-0"),
+    ];
+    for name in stale.iter().chain(&kept) {
+        std::fs::write(dir.path().join(name), b"partial").unwrap();
+    }
+    save_checkpoint(&path, &state()).unwrap();
+    let mut expected: Vec<PathBuf> = kept.iter().map(|n| dir.path().join(n)).chain([path.clone()]).collect();
+    expected.sort();
+    assert_eq!(dir_entries(dir.path()), expected);
 }

@@ -90,6 +90,16 @@ fn short_cpu_run_reduces_the_loss_and_reports_json() {
     }
     assert_eq!(report["backend"], "cpu");
     assert_eq!(report["steps"], 30);
+    // The README lists exactly the fields there are.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let listed =
+        readme.split("ends stdout with one JSON object:").nth(1).expect("README lists the --json fields");
+    let listed = listed.split("\n- **").next().unwrap();
+    let mut readme_keys: Vec<&str> = listed.split('`').skip(1).step_by(2).filter(|k| *k != "null").collect();
+    readme_keys.sort_unstable();
+    let mut json_keys: Vec<&str> = report.as_object().unwrap().keys().map(String::as_str).collect();
+    json_keys.sort_unstable();
+    assert_eq!(readme_keys, json_keys, "README's --json field list");
     let csv = std::fs::read_to_string(&metrics).unwrap();
     let losses: Vec<f64> = csv
         .lines()
@@ -188,14 +198,33 @@ fn bad_options_and_files_give_one_line_and_a_nonzero_exit() {
     std::fs::write(&not_ckpt, b"this is not a checkpoint").unwrap();
     let empty_data = dir.join("empty");
     std::fs::create_dir_all(&empty_data).unwrap();
+    // Options that are wrong in themselves are refused before any data is read: with a data
+    // directory that does not exist, the error still names the option.
+    let no_data = ["train", "--backend", "cpu", "--data", "/nonexistent-data-dir"];
+    for (extra, needle) in [
+        (vec!["--batch", "0"], "--batch"),
+        (vec!["--lr", "-1"], "--lr"),
+        (vec!["--lr", "NaN"], "--lr"),
+        (vec!["--lr", "0"], "--lr"),
+        (vec!["--epochs", "0"], "--epochs"),
+        (vec!["--steps", "0"], "--steps"),
+    ] {
+        let args: Vec<&str> = no_data.iter().copied().chain(extra).collect();
+        assert_clear_error(&lenet(&args), needle);
+    }
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["train", "--backend", "cpu", "--batch", "0"], "--batch"),
         (vec!["train", "--backend", "cpu", "--batch", "70000"], "--batch"),
-        (vec!["train", "--backend", "cpu", "--lr", "-1"], "--lr"),
-        (vec!["train", "--backend", "cpu", "--epochs", "0"], "--epochs"),
         (vec!["train", "--backend", "cpu", "--data", p(&empty_data)], p(&empty_data)),
         (vec!["train", "--backend", "cpu", "--init", p(&not_ckpt)], p(&not_ckpt)),
         (vec!["train", "--backend", "cpu", "--save", "/nonexistent-dir/x.safetensors"], "/nonexistent-dir"),
+        (vec!["train", "--backend", "cpu", "--metrics", "/nonexistent-dir/m.csv"], "/nonexistent-dir"),
+        (vec!["train", "--backend", "cpu", "--plot", "/nonexistent-dir/p.svg"], "/nonexistent-dir"),
+        // epochs x steps per epoch does not fit in the step counter: an error, not a short run.
+        (vec!["train", "--backend", "cpu", "--epochs", "922337203685477581"], "overflows"),
+        (
+            vec!["train", "--backend", "gpu", "--adapter", "no-such-adapter-xyz", "--steps", "1"],
+            "--backend gpu",
+        ),
         (
             vec!["eval", "--backend", "cpu", "--weights", "/nonexistent.safetensors"],
             "/nonexistent.safetensors",
@@ -205,10 +234,186 @@ fn bad_options_and_files_give_one_line_and_a_nonzero_exit() {
         let out = lenet(&args);
         assert_clear_error(&out, needle);
     }
-    // clap's own usage errors: non-zero, no panic.
-    let out = lenet(&["train", "--backend", "tpu"]);
-    assert!(!out.status.success());
-    assert!(!stderr(&out).contains("panicked"));
+    // clap's own usage errors: exit 2 with its message pointing at --help, no panic.
+    for args in [vec!["train", "--backend", "tpu"], vec!["train", "--no-such-option"]] {
+        let out = lenet(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("--help"), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"));
+    }
+}
+
+#[test]
+fn a_resumed_run_keeps_its_settings_and_needs_optimizer_state() {
+    let dir = temp_dir("resume-settings");
+    let data = small_mnist(&dir, 256, 50);
+    let ckpt = dir.join("run.safetensors");
+    let base = ["train", "--backend", "cpu", "--data", p(&data), "--seed", "4", "--batch", "32"];
+    let run = |extra: &[&str]| lenet(&base.iter().chain(extra).copied().collect::<Vec<_>>());
+    succeeded(&run(&["--steps", "3", "--save", p(&ckpt)]));
+    for (flag, value) in [("--seed", "5"), ("--batch", "16")] {
+        let out =
+            lenet(&["train", "--backend", "cpu", "--data", p(&data), "--resume", p(&ckpt), flag, value]);
+        assert_clear_error(&out, flag);
+    }
+    let out = lenet(&["train", "--backend", "cpu", "--data", p(&data), "--resume", p(&ckpt), "--no-shuffle"]);
+    assert_clear_error(&out, "--no-shuffle");
+    // Resuming a step count that no longer fits the counter is an error, not 0 steps.
+    let out = lenet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--data",
+        p(&data),
+        "--resume",
+        p(&ckpt),
+        "--steps",
+        "18446744073709551615",
+    ]);
+    assert_clear_error(&out, "overflows");
+    let weights = dir.join("weights.safetensors");
+    lenet::checkpoint::save_weights(&weights, &lenet::model::Params::init(1)).unwrap();
+    let out = lenet(&["train", "--backend", "cpu", "--data", p(&data), "--resume", p(&weights)]);
+    assert_clear_error(&out, "--init");
+}
+
+/// Every file in `dir` (recursively) with its bytes, to show that a refused run changed nothing.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                out.push((path, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn an_output_never_replaces_an_input_or_another_output() {
+    let dir = temp_dir("clobber");
+    let data = small_mnist(&dir, 256, 50);
+    let ckpt = dir.join("run.safetensors");
+    let weights = dir.join("weights.safetensors");
+    let notes = dir.join("notes.txt");
+    let metrics = dir.join("m.csv");
+    let base = ["train", "--backend", "cpu", "--data", p(&data), "--batch", "32"];
+    let run = |extra: &[&str]| lenet(&base.iter().chain(extra).copied().collect::<Vec<_>>());
+    succeeded(&run(&["--steps", "2", "--save", p(&ckpt), "--metrics", p(&metrics)]));
+    lenet::checkpoint::save_weights(&weights, &lenet::model::Params::init(1)).unwrap();
+    std::fs::write(&notes, "my notes, not a checkpoint\n").unwrap();
+    let labels = data.join("train-labels.idx1-ubyte");
+    let test_images = data.join("t10k-images.idx3-ubyte");
+    let new = dir.join("new.out");
+    // The same file under other names: another spelling, a symbolic link, a hard link.
+    let respelled = dir.join("mnist-small").join("..").join("run.safetensors");
+    let link = dir.join("link-to-labels");
+    let hard = dir.join("hard-link-to-run");
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&labels, &link).unwrap();
+        std::fs::hard_link(&ckpt, &hard).unwrap();
+    }
+    let mut cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--save", p(&labels)], "--data's training labels"),
+        (vec!["--plot", p(&test_images)], "--data's test images"),
+        (vec!["--save", p(&new), "--plot", p(&new)], "same file as --save"),
+        (vec!["--save", p(&new), "--metrics", p(&new)], "same file as --save"),
+        (vec!["--metrics", p(&new), "--plot", p(&new)], "same file as --metrics"),
+        (vec!["--resume", p(&ckpt), "--metrics", p(&respelled)], "same file as --resume"),
+        (vec!["--resume", p(&ckpt), "--plot", p(&ckpt)], "same file as --resume"),
+        (vec!["--init", p(&weights), "--metrics", p(&weights)], "same file as --init"),
+        (vec!["--init", p(&weights), "--save", p(&weights)], "same file as --init"),
+        // An existing file that is not what the output writes is never replaced.
+        (vec!["--save", p(&notes)], "not a LeNet-5 checkpoint"),
+        (vec!["--save", p(&metrics)], "not a LeNet-5 checkpoint"),
+        (vec!["--metrics", p(&notes)], "not a lenet metrics file"),
+        (vec!["--metrics", p(&ckpt)], "not a lenet metrics file"),
+        (vec!["--plot", p(&notes)], "not an SVG"),
+        (vec!["--save", p(&data)], "is a directory"),
+    ];
+    #[cfg(unix)]
+    cases.extend([
+        (vec!["--save", p(&link)], "--data's training labels"),
+        (vec!["--resume", p(&ckpt), "--metrics", p(&hard)], "same file as --resume"),
+    ]);
+    let before = snapshot(&dir);
+    for (extra, needle) in &cases {
+        let mut args = extra.clone();
+        args.extend(["--steps", "2"]);
+        let out = run(&args);
+        assert_clear_error(&out, needle);
+        assert!(!stderr(&out).contains("epoch 1"), "{args:?} trained before refusing:\n{}", stderr(&out));
+        assert_eq!(snapshot(&dir), before, "{args:?} changed a file");
+    }
+    // Resuming into the checkpoint it came from is the normal way to continue a run.
+    succeeded(&run(&["--resume", p(&ckpt), "--save", p(&ckpt), "--steps", "2", "--metrics", p(&metrics)]));
+    let state = lenet::checkpoint::load_checkpoint(&ckpt).unwrap().state.unwrap();
+    assert_eq!(state.step, 4);
+}
+
+#[test]
+fn an_unwritable_output_fails_before_training() {
+    let dir = temp_dir("unwritable");
+    let data = small_mnist(&dir, 256, 50);
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let under_file = file.join("m.csv");
+    let mut cases = vec![
+        ("--metrics", p(&under_file).to_string()),
+        ("--save", p(&under_file).to_string()),
+        ("--plot", p(&dir.join("missing").join("p.svg")).to_string()),
+    ];
+    // A directory that exists but where nothing can be created, even by root: only creating a
+    // file there shows it (the old check, "the directory exists", passed and the run trained).
+    if Path::new("/proc/self").is_dir() {
+        cases.push(("--save", "/proc/lenet-run.safetensors".to_string()));
+        cases.push(("--plot", "/proc/lenet-curves.svg".to_string()));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let ro = dir.join("read-only");
+        std::fs::create_dir(&ro).unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        // Root writes into a read-only directory anyway; the case only means something for others.
+        if std::fs::File::create(ro.join("probe")).is_err() {
+            cases.push(("--save", p(&ro.join("ck.safetensors")).to_string()));
+        }
+        let _ = std::fs::remove_file(ro.join("probe"));
+    }
+    for (option, path) in &cases {
+        let out = lenet(&[
+            "train",
+            "--backend",
+            "cpu",
+            "--data",
+            p(&data),
+            "--steps",
+            "40",
+            "--batch",
+            "32",
+            option,
+            path,
+        ]);
+        assert_clear_error(&out, option);
+        assert!(stderr(&out).contains(path.as_str()), "{}", stderr(&out));
+        assert!(
+            !stderr(&out).contains("epoch 1"),
+            "{option} {path}: trained before failing:\n{}",
+            stderr(&out)
+        );
+    }
+    // The probe leaves nothing behind.
+    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(names.iter().all(|n| !n.to_string_lossy().contains("probe")), "{names:?}");
 }
 
 /// A small MNIST (the first `n_train` / `n_test` images of the real one) as raw IDX files, so
@@ -361,46 +566,190 @@ fn wait_for(path: &Path, child: &mut std::process::Child) {
     }
 }
 
-#[test]
-fn ctrl_c_saves_and_exits_cleanly_and_kill_keeps_the_last_checkpoint() {
-    let dir = temp_dir("signals");
-    let ckpt = dir.join("run.safetensors");
-    let long_run = ["train", "--backend", "cpu", "--batch", "32", "--epochs", "50", "--eval-every", "0"];
-
-    // Ctrl-C: the run stops between chunks, saves, and exits with 130.
-    let mut args = long_run.to_vec();
-    args.extend(["--save", p(&ckpt), "--checkpoint-every", "20"]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lenet"))
-        .args(&args)
+fn spawn_lenet(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_lenet"))
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
-    wait_for(&ckpt, &mut child);
-    signal(&child, "-INT");
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "stderr:\n{}", stderr(&out));
-    let saved = lenet::checkpoint::load_checkpoint(&ckpt).expect("the interrupted run's checkpoint loads");
-    let step = saved.state.expect("with optimiser state").step;
-    assert!(step >= 20, "saved at step {step}");
-    assert!(stdout(&out).contains("interrupted"), "{}", stdout(&out));
+        .unwrap()
+}
 
+#[test]
+fn ctrl_c_sigterm_and_sighup_save_and_exit_with_their_codes() {
+    let dir = temp_dir("signals");
+    let ckpt = dir.join("run.safetensors");
+    let long_run = ["train", "--backend", "cpu", "--batch", "32", "--epochs", "50", "--eval-every", "0"];
+    let mut args = long_run.to_vec();
+    args.extend(["--save", p(&ckpt), "--checkpoint-every", "20"]);
+
+    // Each stops the run between chunks; it saves and exits with 128 + the signal's number.
+    for (sig, code) in [("-INT", 130), ("-TERM", 143), ("-HUP", 129)] {
+        let _ = std::fs::remove_file(&ckpt);
+        let mut child = spawn_lenet(&args);
+        wait_for(&ckpt, &mut child);
+        signal(&child, sig);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{sig}: stderr:\n{}", stderr(&out));
+        let saved =
+            lenet::checkpoint::load_checkpoint(&ckpt).expect("the interrupted run's checkpoint loads");
+        let step = saved.state.expect("with optimiser state").step;
+        assert!(step >= 20, "{sig}: saved at step {step}");
+        let text = stdout(&out);
+        assert!(text.contains(&format!("interrupted after {step} steps")), "{sig}: {text}");
+    }
+
+    // A second signal quits at once: no save, no evaluation, no summary line (the graceful path
+    // would have printed one).
+    for (first, second, code) in [("-INT", "-INT", 130), ("-TERM", "-HUP", 129)] {
+        let _ = std::fs::remove_file(&ckpt);
+        let mut child = spawn_lenet(&args);
+        wait_for(&ckpt, &mut child);
+        signal(&child, first);
+        signal(&child, second);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{first} {second}: stderr:\n{}", stderr(&out));
+        assert!(
+            !stdout(&out).contains("interrupted after"),
+            "{first} {second} did not quit at once: {}",
+            stdout(&out)
+        );
+    }
+}
+
+#[test]
+fn kill_keeps_the_last_checkpoint() {
+    let dir = temp_dir("kill");
+    let ckpt = dir.join("run.safetensors");
+    let args = [
+        "train",
+        "--backend",
+        "cpu",
+        "--batch",
+        "32",
+        "--epochs",
+        "50",
+        "--eval-every",
+        "0",
+        "--save",
+        p(&ckpt),
+        "--checkpoint-every",
+        "20",
+    ];
     // SIGKILL at an arbitrary moment: whatever was saved last is intact and loads.
-    std::fs::remove_file(&ckpt).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lenet"))
-        .args(&args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_lenet(&args);
     wait_for(&ckpt, &mut child);
     std::thread::sleep(std::time::Duration::from_millis(300));
     signal(&child, "-KILL");
     child.wait().unwrap();
     let saved = lenet::checkpoint::load_checkpoint(&ckpt).expect("the killed run's last checkpoint loads");
     assert_eq!(saved.state.unwrap().step % 20, 0);
-    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).collect();
-    assert!(leftovers.len() <= 2, "temporary files left behind: {leftovers:?}");
+}
+
+/// The rows of a metrics file and the bytes of a checkpoint, to compare two runs.
+fn run_files(csv: &Path, ckpt: &Path) -> (String, Vec<u8>) {
+    (std::fs::read_to_string(csv).unwrap(), std::fs::read(ckpt).unwrap())
+}
+
+/// The step of the last complete row of a metrics file being written (0: none yet).
+fn last_logged_step(csv: &Path) -> u64 {
+    let text = std::fs::read_to_string(csv).unwrap_or_default();
+    let complete = text.rsplit_once('\n').map_or("", |(done, _)| done);
+    complete.lines().filter_map(|l| l.split(',').nth(1)?.parse().ok()).max().unwrap_or(0)
+}
+
+#[test]
+fn a_killed_run_resumed_reads_as_if_it_had_never_stopped() {
+    let dir = temp_dir("kill-resume");
+    let data = small_mnist(&dir, 2000, 100);
+    // 125 steps an epoch, a checkpoint every 100: after each epoch's end the log on disk runs
+    // past the last checkpoint until the next one.
+    let common = [
+        "train",
+        "--backend",
+        "cpu",
+        "--data",
+        p(&data),
+        "--batch",
+        "16",
+        "--seed",
+        "8",
+        "--checkpoint-every",
+        "100",
+    ];
+    let epochs = 8u64;
+    let (whole_ckpt, whole_csv) = (dir.join("whole.st"), dir.join("whole.csv"));
+    let (ckpt, csv) = (dir.join("run.st"), dir.join("run.csv"));
+    let mut args = common.to_vec();
+    let epochs_arg = epochs.to_string();
+    args.extend(["--epochs", &epochs_arg, "--save", p(&whole_ckpt), "--metrics", p(&whole_csv)]);
+    succeeded(&lenet(&args));
+
+    // Killed right after its first checkpoint (the rows up to it must be on disk already), and
+    // while the log on disk is ahead of the checkpoint (the resume must cut it back).
+    for log_ahead in [false, true] {
+        let _ = std::fs::remove_file(&ckpt);
+        let _ = std::fs::remove_file(&csv);
+        let mut args = common.to_vec();
+        args.extend(["--epochs", &epochs_arg, "--save", p(&ckpt), "--metrics", p(&csv)]);
+        let mut child = spawn_lenet(&args);
+        let start = std::time::Instant::now();
+        loop {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+            assert!(start.elapsed().as_secs() < 120, "the moment to kill never came");
+            let saved = lenet::checkpoint::load_checkpoint(&ckpt).ok().and_then(|c| c.state).map(|o| o.step);
+            if saved.is_some_and(|s| !log_ahead || last_logged_step(&csv) > s) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        signal(&child, "-KILL");
+        child.wait().unwrap();
+
+        let state = lenet::checkpoint::load_checkpoint(&ckpt).unwrap().state.unwrap();
+        assert!(state.step < epochs * 125, "killed at the end");
+        // --epochs counts the unfinished epoch as one.
+        let rest = (epochs - state.epoch).to_string();
+        let mut args = common.to_vec();
+        args.extend(["--epochs", &rest, "--resume", p(&ckpt), "--save", p(&ckpt), "--metrics", p(&csv)]);
+        succeeded(&lenet(&args));
+        let (whole, resumed) = (run_files(&whole_csv, &whole_ckpt), run_files(&csv, &ckpt));
+        assert_eq!(
+            whole.0, resumed.0,
+            "metrics differ (killed at step {}, log ahead: {log_ahead})",
+            state.step
+        );
+        assert!(whole.1 == resumed.1, "checkpoints differ (killed at step {})", state.step);
+        // A save the kill interrupted leaves a temporary file; the resumed run's saves remove it.
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+    }
+}
+
+#[test]
+fn a_resume_drops_logged_rows_past_the_checkpoint_and_a_torn_row() {
+    let dir = temp_dir("torn");
+    let data = small_mnist(&dir, 400, 100);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train", "--backend", "cpu", "--data", p(&data), "--batch", "32", "--seed", "2"];
+        args.extend_from_slice(extra);
+        succeeded(&lenet(&args));
+    };
+    let (whole_ckpt, whole_csv, ckpt, csv) =
+        (dir.join("whole.st"), dir.join("whole.csv"), dir.join("run.st"), dir.join("run.csv"));
+    run(&["--epochs", "2", "--save", p(&whole_ckpt), "--metrics", p(&whole_csv)]);
+    run(&["--epochs", "1", "--save", p(&ckpt), "--metrics", p(&csv)]);
+    // What a run killed after its checkpoint at step 12 leaves: rows it logged past the
+    // checkpoint, and a row cut off by the kill.
+    let mut log = std::fs::read_to_string(&csv).unwrap();
+    log.push_str("train,13,1,0.500000,0.800000\ntrain,14,1,0.400000,0.9000");
+    std::fs::write(&csv, log).unwrap();
+    run(&["--epochs", "1", "--resume", p(&ckpt), "--save", p(&ckpt), "--metrics", p(&csv)]);
+    assert_eq!(run_files(&whole_csv, &whole_ckpt), run_files(&csv, &ckpt));
 }
 
 #[test]
@@ -484,4 +833,140 @@ fn an_error_line_does_not_repeat_its_cause() {
     assert_clear_error(&out, "missing.png");
     let err = stderr(&out);
     assert_eq!(err.matches("os error 2").count(), 1, "the cause is repeated:\n{err}");
+}
+
+/// Waits for a child at most `secs` seconds; kills it and fails if it is still running (hung).
+fn wait_with_timeout(mut child: std::process::Child, secs: u64, what: &str) -> Output {
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() >= secs {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still running after {secs} s: it hangs");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[cfg(unix)]
+#[test]
+fn weights_from_a_fifo_or_a_pipe_never_hang_and_are_read_as_streams() {
+    use std::io::Write;
+    let dir = temp_dir("fifo");
+    let data = small_mnist(&dir, 64, 100);
+    let fifo = dir.join("weights.fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    // Nobody writes to the FIFO: opening it must not block, and it reads as empty.
+    for args in [
+        vec!["eval", "--backend", "cpu", "--data", p(&data), "--weights", p(&fifo)],
+        vec![
+            "train",
+            "--backend",
+            "cpu",
+            "--data",
+            p(&data),
+            "--steps",
+            "1",
+            "--batch",
+            "8",
+            "--init",
+            p(&fifo),
+        ],
+        vec!["train", "--backend", "cpu", "--data", p(&data), "--steps", "1", "--resume", p(&fifo)],
+    ] {
+        let child = spawn_lenet(&args);
+        let out = wait_with_timeout(child, 60, &format!("{args:?}"));
+        assert_clear_error(&out, "empty");
+    }
+    // A pipe (what `--weights <(cat w.safetensors)` gives) is read as a stream, not as "empty".
+    let ckpt = dir.join("w.safetensors");
+    lenet::checkpoint::save_weights(&ckpt, &lenet::model::Params::init(6)).unwrap();
+    let expected = last_json(succeeded(&lenet(&[
+        "eval",
+        "--backend",
+        "cpu",
+        "--data",
+        p(&data),
+        "--weights",
+        p(&ckpt),
+        "--json",
+    ])));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+        .args(["eval", "--backend", "cpu", "--data", p(&data), "--weights", "/dev/stdin", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let bytes = std::fs::read(&ckpt).unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        // In pieces, so the reader sees a stream that arrives over time.
+        for piece in bytes.chunks(100_000) {
+            stdin.write_all(piece).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let out = wait_with_timeout(child, 60, "eval --weights /dev/stdin");
+    assert_eq!(last_json(succeeded(&out)), expected);
+    // A stream longer than any checkpoint is refused at the bound, not read to its end.
+    let out = wait_with_timeout(
+        spawn_lenet(&["eval", "--backend", "cpu", "--data", p(&data), "--weights", "/dev/zero"]),
+        60,
+        "eval --weights /dev/zero",
+    );
+    assert_clear_error(&out, "too large");
+}
+
+#[test]
+fn a_run_without_an_evaluation_says_so() {
+    // A test set of zero images: training works, and no accuracy is made up.
+    let dir = temp_dir("no-eval");
+    let data = small_mnist(&dir, 128, 0);
+    let out =
+        lenet(&["train", "--backend", "cpu", "--data", p(&data), "--steps", "4", "--batch", "32", "--json"]);
+    let report = last_json(succeeded(&out));
+    assert!(report["test_accuracy"].is_null() && report["test_loss"].is_null(), "{report}");
+    let text = stdout(&out);
+    assert!(text.contains("no evaluation") && !text.contains("test accuracy"), "{text}");
+    let ckpt = dir.join("w.safetensors");
+    lenet::checkpoint::save_weights(&ckpt, &lenet::model::Params::init(1)).unwrap();
+    let out = lenet(&["eval", "--backend", "cpu", "--data", p(&data), "--weights", p(&ckpt)]);
+    assert_clear_error(&out, "test set is empty");
+}
+
+#[test]
+fn eval_needs_only_the_test_files() {
+    let dir = temp_dir("eval-test-only");
+    let data = small_mnist(&dir, 64, 100);
+    for name in ["train-images.idx3-ubyte", "train-labels.idx1-ubyte"] {
+        std::fs::remove_file(data.join(name)).unwrap();
+    }
+    let ckpt = dir.join("w.safetensors");
+    lenet::checkpoint::save_weights(&ckpt, &lenet::model::Params::init(1)).unwrap();
+    let out = lenet(&["eval", "--backend", "cpu", "--data", p(&data), "--weights", p(&ckpt), "--json"]);
+    let eval = last_json(succeeded(&out));
+    assert_eq!(eval["count"], 100);
+    // Training still needs them, and says which is missing.
+    let out = lenet(&["train", "--backend", "cpu", "--data", p(&data), "--steps", "1"]);
+    assert_clear_error(&out, "train-images");
+}
+
+#[test]
+fn auto_takes_the_cpu_path_over_a_software_adapter_and_says_why() {
+    let adapters = lenet::gpu::list_adapters();
+    let software_only =
+        !adapters.is_empty() && adapters.iter().all(|a| a.device_type == wgpu::DeviceType::Cpu);
+    if !software_only || std::env::var_os("LENET_ADAPTER").is_some() {
+        eprintln!("skipped: needs a machine whose only adapters are software ones (lavapipe, as in CI)");
+        return;
+    }
+    let dir = temp_dir("auto-software");
+    let data = small_mnist(&dir, 64, 20);
+    let out = lenet(&["train", "--data", p(&data), "--steps", "1", "--batch", "8", "--json"]);
+    let report = last_json(succeeded(&out));
+    assert_eq!(report["backend"], "cpu");
+    assert!(stderr(&out).contains("is a software rasterizer"), "{}", stderr(&out));
 }

@@ -260,3 +260,76 @@ fn huge_header_claims_allocate_nothing() {
         assert_names_file(&load_idx_labels(&p).unwrap_err(), &p, "truncated");
     }
 }
+
+/// Runs `f` on another thread and fails if it has not returned within `secs` seconds (a hang).
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs)).unwrap_or_else(|_| panic!("{what} hangs"))
+}
+
+#[cfg(unix)]
+#[test]
+fn a_fifo_without_a_writer_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("train-images.idx3-ubyte");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let path = fifo.clone();
+    let err = within(30, "opening a FIFO", move || load_idx_images(&path)).unwrap_err();
+    assert_names_file(&err, &fifo, "empty");
+    // In a data directory it is found (not reported missing) and refused the same way.
+    write(dir.path(), "train-labels.idx1-ubyte", &labels_idx(&[1]));
+    write(dir.path(), "t10k-images.idx3-ubyte", &images_idx(1, 28, 28, |i| i as u8));
+    write(dir.path(), "t10k-labels.idx1-ubyte", &labels_idx(&[2]));
+    let dir_path = dir.path().to_path_buf();
+    let err = within(30, "load_mnist with a FIFO", move || load_mnist(&dir_path)).unwrap_err();
+    assert_names_file(&err, &fifo, "empty");
+}
+
+/// A pipe that is written while it is read (a process substitution, `--data` files from a
+/// decompressor): read as a stream, raw or gzip, with the same checks as a file.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_pipe_is_read_as_a_stream() {
+    let images = images_idx(3, 28, 28, |i| (i % 251) as u8);
+    let mut truncated = images.clone();
+    truncated.truncate(images.len() - 1);
+    let mut trailing = images.clone();
+    trailing.push(0);
+    for (bytes, expect) in [
+        (images.clone(), Ok(())),
+        (gzip(&images), Ok(())),
+        (truncated, Err("truncated")),
+        (trailing, Err("trailing")),
+        (Vec::new(), Err("empty")),
+    ] {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        use std::os::fd::AsRawFd;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", reader.as_raw_fd()));
+        let feeder = std::thread::spawn(move || {
+            for piece in bytes.chunks(1000) {
+                writer.write_all(piece).unwrap();
+            }
+        });
+        let result = load_idx_images(&path);
+        feeder.join().unwrap();
+        drop(reader);
+        match (result, expect) {
+            (Ok(img), Ok(())) => assert_eq!(img.pixels, images[16..]),
+            (Err(e), Err(needle)) => assert_names_file(&e, &path, needle),
+            (r, e) => panic!("{r:?}, expected {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_test_split_loads_without_the_training_files() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "t10k-images.idx3-ubyte", &images_idx(2, 28, 28, |i| i as u8));
+    write(dir.path(), "t10k-labels.idx1-ubyte", &labels_idx(&[3, 4]));
+    let test = lenet::data::load_mnist_test(dir.path()).unwrap();
+    assert_eq!(test.labels, vec![3, 4]);
+    assert_names_file(&load_mnist(dir.path()).unwrap_err(), dir.path(), "train-images");
+}

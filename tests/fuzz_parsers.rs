@@ -1,7 +1,8 @@
 //! Property tests: the IDX parser (raw and gzip), the checkpoint loader and the image decoders
-//! never panic on random bytes or on mutations of valid files, and never allocate absurdly (a
-//! header's claims are bounded by the data really present, which the "huge claim" cases check by
-//! finishing at all: a 3 TB allocation would abort the test process).
+//! never panic on random bytes or on mutations of valid files, and never make a single
+//! allocation over [`MAX_ALLOCATION`] (a header's claims are bounded by the data really present).
+//! Every parser and conversion call below runs inside [`bounded`], which checks that: the inputs
+//! are built outside it, and nothing the tests claim is bounded runs outside it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -176,7 +177,7 @@ fn check_checkpoint(bytes: &[u8]) {
 fn check_image(bytes: &[u8]) {
     if let Ok(img) = bounded("decode_gray", || decode_gray(Path::new("fuzz.img"), bytes)) {
         assert_eq!(img.pixels.len(), img.width * img.height);
-        let _ = lenet::image_input::to_mnist(&img);
+        let _ = bounded("to_mnist", || lenet::image_input::to_mnist(&img));
     }
 }
 
@@ -281,14 +282,14 @@ fn edge_checkpoint_offsets_near_usize_max() {
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend(header.as_bytes());
     check_checkpoint(&bytes);
-    assert!(parse_checkpoint(Path::new("r"), &bytes).is_err());
+    assert!(bounded("parse_checkpoint", || parse_checkpoint(Path::new("r"), &bytes)).is_err());
 }
 
 #[test]
 fn edge_checkpoint_header_length_huge() {
     let mut bytes = u64::MAX.to_le_bytes().to_vec();
     bytes.extend(b"{}");
-    assert!(parse_checkpoint(Path::new("r"), &bytes).is_err());
+    assert!(bounded("parse_checkpoint", || parse_checkpoint(Path::new("r"), &bytes)).is_err());
 }
 
 /// Regression: a tiny gzip file claiming u32::MAX images once got a 64 MiB buffer reserved up front
@@ -301,14 +302,33 @@ fn regression_idx_huge_count_gzip() {
     check_idx(dir.path(), &gzip(&bytes));
     let p = dir.path().join("g");
     std::fs::write(&p, gzip(&bytes)).unwrap();
-    assert!(load_idx_images(&p).is_err());
+    assert!(bounded("load_idx_images", || load_idx_images(&p)).is_err());
+}
+
+/// The same claim arriving through a pipe (a stream of unknown length), raw and gzip: the
+/// payload grows only with the bytes that really arrive.
+#[cfg(target_os = "linux")]
+#[test]
+fn regression_idx_huge_count_stream() {
+    use std::os::fd::AsRawFd;
+    let mut bytes = images_idx(1);
+    bytes[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+    for input in [bytes.clone(), gzip(&bytes)] {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", reader.as_raw_fd()));
+        let feeder = std::thread::spawn(move || writer.write_all(&input).unwrap());
+        let result = bounded("load_idx_images (pipe)", || load_idx_images(&path));
+        feeder.join().unwrap();
+        assert!(result.is_err());
+    }
 }
 
 #[test]
 fn edge_pgm_huge_dimensions() {
-    assert!(decode_gray(Path::new("r"), b"P5 4294967295 4294967295 255\n\0").is_err());
-    assert!(decode_gray(Path::new("r"), b"P2 99999999999999999999999 1 255\n").is_err());
-    assert!(decode_gray(Path::new("r"), b"P5 2 2 65535\n\0\0\0").is_err());
+    let decode = |bytes: &[u8]| bounded("decode_gray", || decode_gray(Path::new("r"), bytes));
+    assert!(decode(b"P5 4294967295 4294967295 255\n\0").is_err());
+    assert!(decode(b"P2 99999999999999999999999 1 255\n").is_err());
+    assert!(decode(b"P5 2 2 65535\n\0\0\0").is_err());
 }
 
 #[test]
@@ -316,5 +336,5 @@ fn checkpoint_file_loader_agrees_with_parser() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c");
     std::fs::write(&p, checkpoint_bytes()).unwrap();
-    assert!(load_checkpoint(&p).unwrap().state.is_some());
+    assert!(bounded("load_checkpoint", || load_checkpoint(&p)).unwrap().state.is_some());
 }

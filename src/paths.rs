@@ -1,0 +1,371 @@
+//! The files a run reads and writes, checked before any work: no output may replace an input or
+//! another output, `--save` only ever replaces a LeNet-5 checkpoint, and every output's directory
+//! is shown writable by creating and removing a file there (not discovered after hours).
+//!
+//! Also [`open_input`]: opening an input never hangs (a FIFO without a writer) and a pipe is read
+//! as a stream instead of looking empty.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+/// The kinds of file a run writes; each is checked for what an existing file there must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputKind {
+    /// `--save`: replaced atomically; only a LeNet-5 checkpoint may be replaced.
+    Checkpoint,
+    /// `--metrics`: a CSV that a fresh run truncates and a resumed run appends to.
+    Metrics,
+    /// `--plot`: an SVG, replaced atomically.
+    Plot,
+}
+
+/// A file a run writes, named by its option.
+#[derive(Clone, Debug)]
+pub struct OutputPath {
+    pub option: String,
+    pub path: PathBuf,
+    pub kind: OutputKind,
+}
+
+/// A file a run reads, named by what it is (`--init`, `--data's training images`).
+#[derive(Clone, Debug)]
+pub struct InputPath {
+    pub what: String,
+    pub path: PathBuf,
+    /// The `--resume` checkpoint, which `--save` may name too: continuing a run into the same
+    /// file is the normal way to resume.
+    pub resumed_checkpoint: bool,
+}
+
+/// One line naming the option, the path and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{option} {}: {problem}", path.display())]
+pub struct PathError {
+    pub option: String,
+    pub path: PathBuf,
+    pub problem: String,
+}
+
+/// The first line of a `--metrics` file (what an existing file must start with to be replaced).
+pub const METRICS_HEADER: &str = "kind,step,epoch,loss,accuracy";
+
+/// Checks every output before a run starts: each can be written, an existing file there is of the
+/// kind it would replace, and no two outputs, and no output and input, are the same file (except
+/// `--save` naming the `--resume` checkpoint).
+pub fn check_run_paths(inputs: &[InputPath], outputs: &[OutputPath]) -> Result<(), PathError> {
+    // Which file each output names; one that cannot be resolved (its directory is missing) gets
+    // the per-output check's clearer message.
+    let mut out_ids = Vec::with_capacity(outputs.len());
+    for o in outputs {
+        match file_id(&o.path) {
+            Ok(id) => out_ids.push(id),
+            Err(e) => {
+                check_output(o)?;
+                return Err(PathError {
+                    option: o.option.clone(),
+                    path: o.path.clone(),
+                    problem: format!("cannot resolve the path: {e}"),
+                });
+            }
+        }
+    }
+    for (i, a) in outputs.iter().enumerate() {
+        for (j, b) in outputs.iter().enumerate().take(i) {
+            if out_ids[i].same_file(&out_ids[j]) {
+                return Err(PathError {
+                    option: a.option.clone(),
+                    path: a.path.clone(),
+                    problem: format!(
+                        "is the same file as {} {}; each output needs its own file",
+                        b.option,
+                        b.path.display()
+                    ),
+                });
+            }
+        }
+    }
+    for input in inputs {
+        // An input that cannot be resolved does not exist: its loader reports that.
+        let Ok(input_id) = file_id(&input.path) else { continue };
+        for (out, out_id) in outputs.iter().zip(&out_ids) {
+            if !out_id.same_file(&input_id) {
+                continue;
+            }
+            if input.resumed_checkpoint && out.kind == OutputKind::Checkpoint {
+                continue;
+            }
+            return Err(PathError {
+                option: out.option.clone(),
+                path: out.path.clone(),
+                problem: format!(
+                    "is the same file as {} ({}); an output must not replace an input",
+                    input.what,
+                    input.path.display()
+                ),
+            });
+        }
+    }
+    for out in outputs {
+        check_output(out)?;
+    }
+    Ok(())
+}
+
+/// One output: not a directory or special file, an existing file of the kind it would replace,
+/// and a directory in which a file can be created.
+fn check_output(out: &OutputPath) -> Result<(), PathError> {
+    let fail = |problem: String| PathError { option: out.option.clone(), path: out.path.clone(), problem };
+    if out.path.file_name().is_none() {
+        return Err(fail("is a directory, not a file".into()));
+    }
+    match fs::metadata(&out.path) {
+        Ok(meta) if meta.is_dir() => return Err(fail("is a directory, not a file".into())),
+        Ok(meta) if !meta.is_file() => {
+            return Err(fail(format!(
+                "is not a regular file ({}); give a file to write",
+                file_type_name(&meta)
+            )))
+        }
+        Ok(_) => check_existing_output(out).map_err(fail)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(format!("cannot inspect: {e}"))),
+    }
+    let dir = parent_dir(&out.path);
+    match fs::metadata(&dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(fail(format!("{} is not a directory", dir.display()))),
+        Err(_) => return Err(fail(format!("directory {} does not exist", dir.display()))),
+    }
+    probe_directory(&dir, &out.path)
+        .map_err(|e| fail(format!("cannot create a file in {}: {e}", dir.display())))
+}
+
+/// An existing output file must be what the run would replace, and writable when it is appended
+/// to in place.
+fn check_existing_output(out: &OutputPath) -> Result<(), String> {
+    match out.kind {
+        OutputKind::Checkpoint => {
+            if let Err(e) = crate::checkpoint::load_checkpoint(&out.path) {
+                return Err(format!(
+                    "exists and is not a LeNet-5 checkpoint, so --save will not replace it ({}); \
+                     remove it or save elsewhere",
+                    strip_path(&e.to_string(), &out.path)
+                ));
+            }
+        }
+        OutputKind::Metrics => {
+            let first =
+                first_bytes(&out.path, METRICS_HEADER.len() + 1).map_err(|e| format!("cannot read: {e}"))?;
+            let is_metrics = first.is_empty()
+                || first
+                    .strip_prefix(METRICS_HEADER.as_bytes())
+                    .is_some_and(|rest| rest.is_empty() || rest == b"\n");
+            if !is_metrics {
+                return Err(format!(
+                    "exists and is not a lenet metrics file (it does not start with {METRICS_HEADER:?}); \
+                     remove it or write the metrics elsewhere"
+                ));
+            }
+            // A resumed run appends in place: the file itself must be writable.
+            OpenOptions::new().append(true).open(&out.path).map_err(|e| format!("cannot write: {e}"))?;
+        }
+        OutputKind::Plot => {
+            let first = first_bytes(&out.path, 5).map_err(|e| format!("cannot read: {e}"))?;
+            if !(first.is_empty() || first.starts_with(b"<svg") || first.starts_with(b"<?xml")) {
+                return Err("exists and is not an SVG file; remove it or draw the plot elsewhere".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A load error's message without its leading "path: ", which the caller's line already has.
+fn strip_path(msg: &str, path: &Path) -> String {
+    msg.strip_prefix(&format!("{}: ", path.display())).unwrap_or(msg).to_string()
+}
+
+fn first_bytes(path: &Path, n: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(n);
+    File::open(path)?.take(n as u64).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Creates and removes a file beside `path`: the only sure way to know a file can be created
+/// there (permissions, read-only mounts, /proc, quotas on inodes).
+fn probe_directory(dir: &Path, path: &Path) -> io::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let probe = dir.join(format!(".{name}.probe-{}", std::process::id()));
+    OpenOptions::new().write(true).create_new(true).open(&probe)?;
+    fs::remove_file(&probe)
+}
+
+/// The directory a path's file lives in ("." for a bare file name).
+pub fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// What makes two paths the same file: the canonical path (a file that does not exist yet: its
+/// directory's canonical path and its name) and, for an existing file, its device and inode,
+/// which also catch hard links.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileId {
+    canonical: PathBuf,
+    inode: Option<(u64, u64)>,
+}
+
+impl FileId {
+    fn same_file(&self, other: &FileId) -> bool {
+        self.canonical == other.canonical || (self.inode.is_some() && self.inode == other.inode)
+    }
+}
+
+fn file_id(path: &Path) -> io::Result<FileId> {
+    Ok(FileId { canonical: canonical_target(path)?, inode: inode(path) })
+}
+
+/// The canonical path `path` names, existing or not: a dangling symbolic link is followed to the
+/// file it would create.
+pub fn canonical_target(path: &Path) -> io::Result<PathBuf> {
+    let mut path = path.to_path_buf();
+    // Links to links: as many as the kernel follows (Linux's MAXSYMLINKS is 40).
+    for _ in 0..40 {
+        if let Ok(c) = fs::canonicalize(&path) {
+            return Ok(c);
+        }
+        match fs::read_link(&path) {
+            Ok(target) => path = parent_dir(&path).join(target),
+            Err(_) => {
+                let name = path
+                    .file_name()
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?
+                    .to_owned();
+                return Ok(fs::canonicalize(parent_dir(&path))?.join(name));
+            }
+        }
+    }
+    Err(io::Error::other("too many levels of symbolic links"))
+}
+
+#[cfg(unix)]
+fn inode(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn inode(_path: &Path) -> Option<(u64, u64)> {
+    None
+}
+
+fn file_type_name(meta: &fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    let _ = meta;
+    "a special file"
+}
+
+/// An opened input and, for a regular file, its length. Anything else (a FIFO, a pipe such as a
+/// shell's process substitution, a character device) has no length and is read as a stream.
+pub struct InputFile {
+    pub file: File,
+    pub len: Option<u64>,
+}
+
+/// Opens an input without ever blocking in `open` (a FIFO that nobody writes to opens at once and
+/// then reads as empty). A directory is an error.
+pub fn open_input(path: &Path) -> io::Result<InputFile> {
+    let file = open_nonblocking(path)?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(io::Error::other("is a directory"));
+    }
+    if meta.is_file() {
+        return Ok(InputFile { file, len: Some(meta.len()) });
+    }
+    set_blocking(&file)?;
+    Ok(InputFile { file, len: None })
+}
+
+#[cfg(unix)]
+fn open_nonblocking(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)
+}
+
+#[cfg(not(unix))]
+fn open_nonblocking(path: &Path) -> io::Result<File> {
+    File::open(path)
+}
+
+/// Back to blocking reads, so a stream's reader waits for its writer's data.
+#[cfg(unix)]
+fn set_blocking(file: &File) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function's caller owns, with integer arguments only.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn set_blocking(_file: &File) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_file_is_named_by_its_directory_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        let a = file_id(&sub.join("x")).unwrap();
+        let b = file_id(&sub.join("..").join("sub").join("x")).unwrap();
+        assert!(a.same_file(&b), "{a:?} vs {b:?}");
+        assert!(!a.same_file(&file_id(&sub.join("y")).unwrap()));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn links_name_the_file_they_point_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"x").unwrap();
+        let hard = dir.path().join("hard");
+        fs::hard_link(&file, &hard).unwrap();
+        assert!(file_id(&file).unwrap().same_file(&file_id(&hard).unwrap()));
+        // A dangling link names the file writing through it would create.
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink("new-file", &dangling).unwrap();
+        assert_eq!(
+            canonical_target(&dangling).unwrap(),
+            fs::canonicalize(dir.path()).unwrap().join("new-file")
+        );
+    }
+}
