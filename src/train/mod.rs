@@ -1,56 +1,27 @@
-//! The training loop both backends share: batching, metrics, progress, checkpoints.
+//! The training loop both backends share: batching, checkpoints, and the errors of a run.
+//! Progress (the live bar or one line an epoch) is in [`progress`], the `--metrics` log in
+//! [`metrics`], scoring logits in [`eval`].
+
+pub mod eval;
+pub mod metrics;
+pub mod progress;
+
+pub use eval::{argmax, evaluate_logits, Evaluation};
+pub use metrics::MetricRow;
+use metrics::MetricsWriter;
+use progress::Progress;
 
 use std::collections::VecDeque;
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::{bail, Result};
 
 use crate::backend::{Backend, Chunk, StepStats};
 use crate::checkpoint::save_checkpoint;
 use crate::data::Mnist;
-use crate::model::{epoch_order, TrainState, CLASSES};
-use crate::paths::METRICS_HEADER;
-
-/// Accuracy, mean loss and confusion matrix of a set of logits against labels.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Evaluation {
-    pub accuracy: f64,
-    pub loss: f64,
-    pub correct: usize,
-    pub count: usize,
-    /// confusion[label][predicted]
-    pub confusion: Vec<Vec<u32>>,
-}
-
-/// Scores logits [N, 10] against labels: prediction is the first largest logit.
-pub fn evaluate_logits(logits: &[f32], labels: &[u8]) -> Evaluation {
-    assert_eq!(logits.len(), labels.len() * CLASSES);
-    let mut confusion = vec![vec![0u32; CLASSES]; CLASSES];
-    let mut loss = 0.0f64;
-    for (row, &label) in logits.chunks_exact(CLASSES).zip(labels) {
-        let predicted = argmax(row);
-        confusion[label as usize][predicted] += 1;
-        let max = row[predicted] as f64;
-        let sum: f64 = row.iter().map(|&z| (z as f64 - max).exp()).sum();
-        loss += sum.ln() - (row[label as usize] as f64 - max);
-    }
-    let correct = (0..CLASSES).map(|c| confusion[c][c] as usize).sum();
-    let count = labels.len().max(1);
-    Evaluation {
-        accuracy: correct as f64 / count as f64,
-        loss: loss / count as f64,
-        correct,
-        count: labels.len(),
-        confusion,
-    }
-}
-
-/// Index of the first largest value.
-pub use crate::cpu::reference::first_argmax as argmax;
+use crate::model::{epoch_order, TrainState};
 
 /// What to train and where to write it.
 #[derive(Clone, Debug)]
@@ -67,17 +38,6 @@ pub struct TrainConfig {
     pub metrics: Option<PathBuf>,
     /// Force the plain, line-per-epoch progress even on a terminal.
     pub plain_progress: bool,
-}
-
-/// One logged point of a run, for `--metrics` and `--plot`.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct MetricRow {
-    /// "train" (one optimiser step) or "test" (an evaluation).
-    pub kind: &'static str,
-    pub step: u64,
-    pub epoch: u64,
-    pub loss: f64,
-    pub accuracy: f64,
 }
 
 /// What a finished run reports (the `--json` line).
@@ -476,7 +436,7 @@ fn kept_checkpoint(cfg: &TrainConfig, last_saved: Option<u64>) -> String {
     }
 }
 
-fn mean(xs: &[f32]) -> f64 {
+pub(crate) fn mean(xs: &[f32]) -> f64 {
     if xs.is_empty() {
         return f64::NAN;
     }
@@ -500,152 +460,4 @@ fn epoch_summary(
         100.0 * correct as f64 / seen as f64,
         images as f64 / time.as_secs_f64().max(1e-9),
     )
-}
-
-/// A live bar on a terminal; plain lines, one per epoch, anywhere else.
-struct Progress {
-    bar: Option<ProgressBar>,
-    steps_per_epoch: u64,
-    batch: usize,
-}
-
-impl Progress {
-    fn new(plain: bool, steps_per_epoch: u64, batch: usize) -> Self {
-        // The bar only when a person watches both streams; with either redirected (CI, a pipe,
-        // a log file) one plain line per epoch.
-        let live = !plain && std::io::stderr().is_terminal() && std::io::stdout().is_terminal();
-        let bar = live.then(|| {
-            let bar = ProgressBar::new(steps_per_epoch);
-            bar.set_style(
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-                    .expect("progress template is valid")
-                    .progress_chars("=> "),
-            );
-            bar
-        });
-        Progress { bar, steps_per_epoch, batch }
-    }
-
-    fn start_epoch(&mut self, epoch: u64, done: u64) {
-        if let Some(bar) = &self.bar {
-            bar.reset();
-            bar.set_length(self.steps_per_epoch);
-            bar.set_position(done);
-            bar.set_prefix(format!("epoch {}", epoch + 1));
-        }
-    }
-
-    fn update(&mut self, done: u64, recent: &[StepStats], images_per_s: f64) {
-        if let Some(bar) = &self.bar {
-            let tail = &recent[recent.len().saturating_sub(20)..];
-            let loss = mean(&tail.iter().map(|s| s.loss).collect::<Vec<_>>());
-            let acc = tail.iter().map(|s| s.correct as f64).sum::<f64>() / (tail.len() * self.batch) as f64;
-            bar.set_position(done);
-            bar.set_message(format!("loss {loss:.4} acc {:.1}% {images_per_s:.0} img/s", 100.0 * acc));
-        }
-    }
-
-    fn end_epoch(&mut self, line: &str) {
-        match &self.bar {
-            Some(bar) => bar.println(line),
-            // A terminal that is gone (SIGHUP) must not end the run before it saves.
-            None => {
-                let _ = writeln!(std::io::stderr(), "{line}");
-            }
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
-    }
-}
-
-/// `--metrics FILE`: CSV, one row per step and per evaluation. Flushed every epoch, and flushed
-/// and synced before every checkpoint, so the file on disk always reaches the checkpoint's step.
-/// A resumed run first cuts the file back to the checkpoint's step (rows a killed run logged
-/// after its last checkpoint, and a torn last row), then appends: the file reads as if the run
-/// had never stopped.
-struct MetricsWriter {
-    out: Option<(PathBuf, std::io::BufWriter<std::fs::File>)>,
-}
-
-impl MetricsWriter {
-    fn open(path: Option<&PathBuf>, resume_at: Option<u64>) -> Result<Self> {
-        let Some(p) = path else { return Ok(MetricsWriter { out: None }) };
-        let cannot = |what: &str| format!("{}: cannot {what}", p.display());
-        let keep = match resume_at {
-            Some(step) if p.is_file() => Some(metrics_rows_through(p, step)?),
-            _ => None,
-        };
-        let file = match keep {
-            Some(len) => {
-                let file = std::fs::OpenOptions::new().write(true).open(p).with_context(|| cannot("open"))?;
-                file.set_len(len).with_context(|| cannot("cut back to the checkpoint's step"))?;
-                let mut file = file;
-                std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).with_context(|| cannot("write"))?;
-                file
-            }
-            None => std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .open(p)
-                .with_context(|| cannot("create"))?,
-        };
-        let mut w = std::io::BufWriter::new(file);
-        if keep.is_none_or(|len| len == 0) {
-            writeln!(w, "{METRICS_HEADER}").with_context(|| cannot("write"))?;
-        }
-        Ok(MetricsWriter { out: Some((p.clone(), w)) })
-    }
-
-    fn write(&mut self, r: &MetricRow) -> Result<()> {
-        if let Some((p, w)) = &mut self.out {
-            writeln!(w, "{},{},{},{:.6},{:.6}", r.kind, r.step, r.epoch, r.loss, r.accuracy)
-                .with_context(|| format!("{}: cannot write", p.display()))?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if let Some((p, w)) = &mut self.out {
-            w.flush().with_context(|| format!("{}: cannot write", p.display()))?;
-        }
-        Ok(())
-    }
-
-    /// Flushes and waits for the disk, before a checkpoint claims the rows are there.
-    fn sync(&mut self) -> Result<()> {
-        self.flush()?;
-        if let Some((p, w)) = &mut self.out {
-            w.get_ref().sync_data().with_context(|| format!("{}: cannot write", p.display()))?;
-        }
-        Ok(())
-    }
-}
-
-/// The length of the leading part of a metrics file that a run resumed at `step` keeps: the
-/// header and the complete rows up to that step. Reading stops at the first row past it, torn
-/// (no newline) or unreadable: rows are written in step order.
-fn metrics_rows_through(path: &Path, step: u64) -> Result<u64> {
-    let text = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    if text.is_empty() {
-        return Ok(0);
-    }
-    let header = format!("{METRICS_HEADER}\n");
-    if !text.starts_with(header.as_bytes()) {
-        bail!("{}: not a lenet metrics file (it does not start with {METRICS_HEADER:?})", path.display());
-    }
-    let mut keep = header.len();
-    for line in text[header.len()..].split_inclusive(|&b| b == b'\n') {
-        let Some(row) = line.strip_suffix(b"\n") else { break };
-        let row_step = std::str::from_utf8(row).ok().and_then(|r| r.split(',').nth(1)?.parse::<u64>().ok());
-        match row_step {
-            Some(s) if s <= step => keep += line.len(),
-            _ => break,
-        }
-    }
-    Ok(keep as u64)
 }
