@@ -1,21 +1,22 @@
 // Convolution layers, the second kernels of lenet (`LENET_KERNELS=v2`, the default): one
-// dispatch per layer and direction, register-blocked so that each value read from workgroup
-// memory feeds several multiply-adds, and every sum in a fixed order (the same bits on every
-// run). NCHW, square kernels of side K <= 5, stride 1, zero padding; each conv is followed by
-// ReLU and a 2x2 max-pool (even Ho and Wo). Shapes these do not take use conv.wgsl's kernels.
+// dispatch per layer and direction, register-blocked so that each read of workgroup memory
+// feeds several multiply-adds (weights and output gradients are read four channels at a time as
+// vec4), no integer division in an inner loop, and every sum in a fixed order (the same bits
+// on every run). NCHW, square kernels of side K <= 5, stride 1, zero padding; each conv is
+// followed by ReLU and a 2x2 max-pool (even Ho and Wo). They use up to 32 KiB of workgroup
+// memory; shapes (or adapters) they do not fit use conv.wgsl's kernels.
 //
 // Forward: one workgroup per image. The image's zero-padded input planes and the weights are
-// staged once; each invocation computes one pooled position for CO output channels at once
-// (its 2x2 window: 4 x CO accumulators), sliding along the kernel row so that a row of K taps
-// costs K + 1 input reads for 4 x CO x K multiply-adds. The first layer gathers its input
-// from the resident data set on the way in (no pass of its own) and writes it out for the
-// backward pass.
+// staged once; each invocation computes one pooled position for 8 output channels (the 2x2
+// window: 8 vec4 accumulators), sliding along the kernel row so that K taps cost K + 1 pairs of
+// input reads. The first layer gathers its input from the resident data set on the way in (no
+// pass of its own) and writes it out for the backward pass.
 //
-// Backward: one dispatch, two kinds of workgroup. The first B (when the input gradient is
-// wanted) compute one image's input gradient each; the rest compute the weight and bias
-// gradients of a group of images each, written as one partial sum per group for the optimizer
-// to add (no pass of their own). Both read the conv-output gradient straight from the pooled
-// one: only each window's argmax, where ReLU let it through, is non-zero.
+// Backward: one dispatch, two kinds of workgroup. The first `dinput_images` compute one image's
+// input gradient each; the rest compute the weight and bias gradients of a group of images each,
+// written as one partial sum per group for the optimizer to add (no pass of their own). Both
+// expand the conv-output gradient from the pooled one on the way into workgroup memory: the
+// window's gradient at its argmax where ReLU let it through, zero elsewhere.
 
 struct Params {
     batch: u32,
@@ -25,26 +26,19 @@ struct Params {
     width: u32,
     k: u32,
     pad: u32,
-    // forward: output channels per invocation group (CO), rounded up; backward: the number of
-    // workgroups computing input gradients (0 or batch)
-    co_groups: u32,
+    // forward: groups of 8 output channels; backward: the workgroups computing input gradients
+    groups: u32,
     // backward: images per weight-gradient workgroup
     images_per_group: u32,
-    // gather: the data set's image side and whether to read from it
+    // gather: the data set's image side
     data_rows: u32,
     data_cols: u32,
     _pad: u32,
 }
 
-// Output channels per invocation in the forward pass.
-const CO: u32 = 8u;
 // Invocations per workgroup: forward, backward.
 const FWD: u32 = 64u;
 const BWD: u32 = 256u;
-// Output channels per round of the input gradient.
-const CG: u32 = 4u;
-// 16 KiB of workgroup memory: WebGPU's default limit.
-const SMEM: u32 = 4000u;
 
 @group(0) @binding(0) var<storage, read> input: array<f32>;
 @group(0) @binding(1) var<storage, read> weight: array<f32>;
@@ -69,7 +63,12 @@ const SMEM: u32 = 4000u;
 @group(0) @binding(18) var<storage, read_write> dbias: array<f32>;
 @group(0) @binding(19) var<uniform> params: Params;
 
-var<workgroup> smem: array<f32, 4000>;
+// 32 KiB in all: per-invocation values (inputs, gradients) in `sm`, values every invocation reads
+// four channels at a time in `sm4`.
+const SM: u32 = 1650u;
+const SM4: u32 = 1587u;
+var<workgroup> sm: array<f32, 1650>;
+var<workgroup> sm4: array<vec4<f32>, 1587>;
 
 fn out_h() -> u32 {
     return params.height + 2u * params.pad + 1u - params.k;
@@ -81,17 +80,27 @@ fn out_w() -> u32 {
 
 // ---- Forward ----
 
-// Stages the weights and biases, each output channel padded to a multiple of CO with zeros,
-// after `at` floats of smem: [co_groups * CO][Cin][K][K] weights, then the biases.
-fn stage_weights(at: u32, lid: u32, lanes: u32) {
-    let taps = params.cin * params.k * params.k;
-    let n_w = params.co_groups * CO * taps;
-    let n_real = params.cout * taps;
-    for (var j = lid; j < n_w; j += lanes) {
-        smem[at + j] = select(0.0, weight[min(j, n_real - 1u)], j < n_real);
-    }
-    for (var j = lid; j < params.co_groups * CO; j += lanes) {
-        smem[at + n_w + j] = select(0.0, bias[min(j, params.cout - 1u)], j < params.cout);
+// Stages the weights as sm4[tap * 2G + 2g + h] = weight[8g + 4h .. 8g + 4h + 4, tap] (tap =
+// (ci, ky, kx); channels past Cout zero), then the biases at sm4[taps * 2G ..].
+fn stage_weights(lid: u32) {
+    let kk = params.k * params.k;
+    let taps = params.cin * kk;
+    let g2 = 2u * params.groups;
+    for (var j = lid; j < (taps + 1u) * g2; j += FWD) {
+        let tap = j / g2;
+        let c0 = 4u * (j % g2);
+        var v = vec4<f32>(0.0);
+        for (var c = 0u; c < 4u; c++) {
+            let co = c0 + c;
+            if co < params.cout {
+                if tap < taps {
+                    v[c] = weight[co * taps + tap];
+                } else {
+                    v[c] = bias[co];
+                }
+            }
+        }
+        sm4[j] = v;
     }
 }
 
@@ -99,8 +108,7 @@ fn stage_weights(at: u32, lid: u32, lanes: u32) {
 fn stage_input(b: u32, lid: u32, lanes: u32) {
     let ph = params.height + 2u * params.pad;
     let pw = params.width + 2u * params.pad;
-    let n = params.cin * ph * pw;
-    for (var j = lid; j < n; j += lanes) {
+    for (var j = lid; j < params.cin * ph * pw; j += lanes) {
         let c = j / (ph * pw);
         let iy = i32((j / pw) % ph) - i32(params.pad);
         let ix = i32(j % pw) - i32(params.pad);
@@ -108,7 +116,7 @@ fn stage_input(b: u32, lid: u32, lanes: u32) {
         if iy >= 0 && iy < i32(params.height) && ix >= 0 && ix < i32(params.width) {
             v = input[((b * params.cin + c) * params.height + u32(iy)) * params.width + u32(ix)];
         }
-        smem[j] = v;
+        sm[j] = v;
     }
 }
 
@@ -134,96 +142,107 @@ fn stage_gathered(b: u32, lid: u32) {
             }
             gathered[(b * params.height + u32(y)) * params.width + u32(x)] = v;
         }
-        smem[j] = v;
+        sm[j] = v;
     }
     if lid == 0u {
         batch_labels[b] = labels[img];
     }
 }
 
-// The pooled outputs of image b, once its input and the weights are staged: invocation task t
-// is pooled position t % (Qh * Qw) of output channels CO * (t / (Qh * Qw)) onwards.
+// Writes the 2x2 window at (y, x) of channel co: ReLU of each of v, the pooled maximum and its
+// argmax (flat index into conv of the first maximum in row-major order).
+fn write_window(b: u32, co: u32, y: u32, x: u32, v: vec4<f32>) {
+    let ho = out_h();
+    let wo = out_w();
+    let r = max(v, vec4<f32>(0.0));
+    let first = ((b * params.cout + co) * ho + y) * wo + x;
+    conv[first] = r.x;
+    conv[first + 1u] = r.y;
+    conv[first + wo] = r.z;
+    conv[first + wo + 1u] = r.w;
+    var best = first;
+    var best_v = r.x;
+    if r.y > best_v {
+        best = first + 1u;
+        best_v = r.y;
+    }
+    if r.z > best_v {
+        best = first + wo;
+        best_v = r.z;
+    }
+    if r.w > best_v {
+        best = first + wo + 1u;
+        best_v = r.w;
+    }
+    let o = ((b * params.cout + co) * (ho / 2u) + y / 2u) * (wo / 2u) + x / 2u;
+    pooled[o] = best_v;
+    argmax[o] = best;
+}
+
+// The pooled outputs of image b, once its input and the weights are staged: task t is pooled
+// position t % Q of output channels 8 (t / Q) .. 8 (t / Q) + 8. Each sum is the bias, then
+// sum_{ci, ky, kx} weight * input in that order (the CPU reference's).
 fn conv_pool_image(b: u32, lid: u32) {
     let k = params.k;
-    let ph = params.height + 2u * params.pad;
     let pw = params.width + 2u * params.pad;
-    let plane = ph * pw;
-    let w_at = params.cin * plane;
+    let plane = (params.height + 2u * params.pad) * pw;
     let taps = params.cin * k * k;
-    let b_at = w_at + params.co_groups * CO * taps;
+    let g2 = 2u * params.groups;
     let ho = out_h();
     let wo = out_w();
     let qw = wo / 2u;
     let qn = (ho / 2u) * qw;
-    for (var t = lid; t < qn * params.co_groups; t += FWD) {
+    for (var t = lid; t < qn * params.groups; t += FWD) {
         let q = t % qn;
         let g = t / qn;
         let y = 2u * (q / qw);
         let x = 2u * (q % qw);
-        // acc[4 * c + w]: channel c of the group, window position w (row-major).
-        var acc: array<f32, 32>;
-        for (var c = 0u; c < CO; c++) {
-            let bv = smem[b_at + g * CO + c];
-            acc[4u * c] = bv;
-            acc[4u * c + 1u] = bv;
-            acc[4u * c + 2u] = bv;
-            acc[4u * c + 3u] = bv;
-        }
+        // Window position w (row-major) of channels 8g..8g+4 in a<w>0, 8g+4..8g+8 in a<w>1.
+        let b0 = sm4[taps * g2 + 2u * g];
+        let b1 = sm4[taps * g2 + 2u * g + 1u];
+        var a00 = b0;
+        var a01 = b1;
+        var a10 = b0;
+        var a11 = b1;
+        var a20 = b0;
+        var a21 = b1;
+        var a30 = b0;
+        var a31 = b1;
         for (var ci = 0u; ci < params.cin; ci++) {
             for (var ky = 0u; ky < k; ky++) {
                 let r0 = ci * plane + (y + ky) * pw + x;
                 let r1 = r0 + pw;
                 // The window's two rows, sliding: columns kx and kx + 1.
-                var a0 = smem[r0];
-                var a1 = smem[r1];
-                let wrow = w_at + ((g * CO) * params.cin + ci) * k * k + ky * k;
+                var top = sm[r0];
+                var bot = sm[r1];
+                var wt = ((ci * k + ky) * k) * g2 + 2u * g;
                 for (var kx = 0u; kx < k; kx++) {
-                    let b0 = smem[r0 + kx + 1u];
-                    let b1 = smem[r1 + kx + 1u];
-                    for (var c = 0u; c < CO; c++) {
-                        let wv = smem[wrow + c * taps + kx];
-                        acc[4u * c] += wv * a0;
-                        acc[4u * c + 1u] += wv * b0;
-                        acc[4u * c + 2u] += wv * a1;
-                        acc[4u * c + 3u] += wv * b1;
-                    }
-                    a0 = b0;
-                    a1 = b1;
+                    let top1 = sm[r0 + kx + 1u];
+                    let bot1 = sm[r1 + kx + 1u];
+                    let w0 = sm4[wt];
+                    let w1 = sm4[wt + 1u];
+                    a00 += top * w0;
+                    a01 += top * w1;
+                    a10 += top1 * w0;
+                    a11 += top1 * w1;
+                    a20 += bot * w0;
+                    a21 += bot * w1;
+                    a30 += bot1 * w0;
+                    a31 += bot1 * w1;
+                    top = top1;
+                    bot = bot1;
+                    wt += g2;
                 }
             }
         }
-        for (var c = 0u; c < CO; c++) {
-            let co = g * CO + c;
-            if co >= params.cout {
-                break;
+        for (var c = 0u; c < 4u; c++) {
+            let co = 8u * g + c;
+            if co < params.cout {
+                write_window(b, co, y, x, vec4<f32>(a00[c], a10[c], a20[c], a30[c]));
             }
-            let first = ((b * params.cout + co) * ho + y) * wo + x;
-            let v0 = max(acc[4u * c], 0.0);
-            let v1 = max(acc[4u * c + 1u], 0.0);
-            let v2 = max(acc[4u * c + 2u], 0.0);
-            let v3 = max(acc[4u * c + 3u], 0.0);
-            conv[first] = v0;
-            conv[first + 1u] = v1;
-            conv[first + wo] = v2;
-            conv[first + wo + 1u] = v3;
-            // The first maximum in row-major order.
-            var best = first;
-            var best_v = v0;
-            if v1 > best_v {
-                best = first + 1u;
-                best_v = v1;
+            if co + 4u < params.cout {
+                write_window(b, co + 4u, y, x, vec4<f32>(a01[c], a11[c], a21[c], a31[c]));
             }
-            if v2 > best_v {
-                best = first + wo;
-                best_v = v2;
-            }
-            if v3 > best_v {
-                best = first + wo + 1u;
-                best_v = v3;
-            }
-            let o = (b * params.cout + co) * qn + q;
-            pooled[o] = best_v;
-            argmax[o] = best;
         }
     }
 }
@@ -240,7 +259,7 @@ fn conv_pool_forward(
         return;
     }
     stage_input(b, lid, FWD);
-    stage_weights(params.cin * (params.height + 2u * params.pad) * (params.width + 2u * params.pad), lid, FWD);
+    stage_weights(lid);
     workgroupBarrier();
     conv_pool_image(b, lid);
 }
@@ -257,15 +276,16 @@ fn gather_conv_pool_forward(
         return;
     }
     stage_gathered(b, lid);
-    stage_weights((params.height + 2u * params.pad) * (params.width + 2u * params.pad), lid, FWD);
+    stage_weights(lid);
     workgroupBarrier();
     conv_pool_image(b, lid);
 }
 
 // ---- Backward ----
 
-// The conv-output gradient at flat index i of image plane `plane` (b * Cout + co): the pooled
-// gradient of its window when the window's argmax is i and the conv output there is positive.
+// The conv-output gradient at (y, x) of image plane `plane` (b * Cout + co): the pooled
+// gradient of its window when the window's argmax is this element and the conv output there is
+// positive (ReLU), else zero.
 fn dconv_at(plane: u32, y: u32, x: u32, ho: u32, wo: u32) -> f32 {
     let i = (plane * ho + y) * wo + x;
     let o = (plane * (ho / 2u) + y / 2u) * (wo / 2u) + x / 2u;
@@ -276,202 +296,169 @@ fn dconv_at(plane: u32, y: u32, x: u32, ho: u32, wo: u32) -> f32 {
     return g;
 }
 
-// Image b's input gradient, 4 output channels at a time: their dconv planes, zero-padded by
-// K - 1 - p so that every tap of every input position lands inside, and their weights as
-// [4][K][K][8] (input channels padded to 8 with zeros) are staged; then one invocation per
-// input position adds, for all 8 input channels at once, dconv[co, iy + p - ky, ix + p - kx] *
-// w[co, ci, ky, kx] over co, ky, kx (the CPU reference's order, the padding adding zeros).
-// Every loop bound is the same for all invocations and the channel loop's is a constant:
-// compilers unroll it, the accumulators stay in registers and no load is predicated.
+// Image b's input gradient. Staged: dconv [Cout][Ho][Wo] in sm with one zero after it (where
+// taps that land outside dconv read), and the weights as sm4[((co * K + ky) * K + kx) * 2 + h] =
+// weight[co, 4h .. 4h + 4, ky, kx] (input channels padded to 8 with zeros). Then one invocation
+// per input position sums, for all its input channels at once, dconv[co, iy + p - ky, ix + p -
+// kx] * weight[co, ci, ky, kx] over co, ky, kx (the CPU reference's order; outside taps add 0).
+// (Measured on lavapipe: one staging round with a select per tap beats rounds of zero-padded
+// planes, whose extra barriers cost more than the selects.)
 fn input_gradient(b: u32, lid: u32) {
     let ho = out_h();
     let wo = out_w();
+    let hw = ho * wo;
     let cout = params.cout;
     let cin = params.cin;
     let k = params.k;
-    let pd = k - 1u - params.pad;
-    let dh = ho + 2u * pd;
-    let dw = wo + 2u * pd;
-    let dplane = dh * dw;
-    let w_at = CG * dplane;
+    let kk = k * k;
+    for (var j = lid; j <= cout * hw; j += BWD) {
+        var g = 0.0;
+        if j < cout * hw {
+            g = dconv_at(b * cout + j / hw, (j / wo) % ho, j % wo, ho, wo);
+        }
+        sm[j] = g;
+    }
+    for (var j = lid; j < cout * kk * 2u; j += BWD) {
+        let co = j / (kk * 2u);
+        let tap = (j / 2u) % kk;
+        let c0 = 4u * (j % 2u);
+        var v = vec4<f32>(0.0);
+        for (var c = 0u; c < 4u; c++) {
+            if c0 + c < cin {
+                v[c] = weight[(co * cin + c0 + c) * kk + tap];
+            }
+        }
+        sm4[j] = v;
+    }
+    workgroupBarrier();
     let h = params.height;
     let w = params.width;
-    // This invocation's input positions: lid, lid + BWD, ... (at most 2 per invocation).
-    var acc: array<f32, 16>;
-    for (var j = 0u; j < 16u; j++) {
-        acc[j] = 0.0;
-    }
-    for (var co0 = 0u; co0 < cout; co0 += CG) {
-        for (var j = lid; j < CG * dplane; j += BWD) {
-            let c = co0 + j / dplane;
-            let y = i32((j / dw) % dh) - i32(pd);
-            let x = i32(j % dw) - i32(pd);
-            var g = 0.0;
-            if c < cout && y >= 0 && y < i32(ho) && x >= 0 && x < i32(wo) {
-                g = dconv_at(b * cout + c, u32(y), u32(x), ho, wo);
-            }
-            smem[j] = g;
-        }
-        for (var j = lid; j < CG * k * k * 8u; j += BWD) {
-            let c = co0 + j / (k * k * 8u);
-            let tap = (j / 8u) % (k * k);
-            let ci = j % 8u;
-            var v = 0.0;
-            if c < cout && ci < cin {
-                v = weight[(c * cin + ci) * k * k + tap];
-            }
-            smem[w_at + j] = v;
-        }
-        workgroupBarrier();
-        for (var r = 0u; r < 2u; r++) {
-            let pos = lid + r * BWD;
-            let iy = min(pos / w, h - 1u);
-            let ix = pos % w;
-            for (var c = 0u; c < CG; c++) {
-                for (var ky = 0u; ky < k; ky++) {
-                    // dconv row iy + p - ky of the padded plane: iy + pd + p - ky + ... = iy + k - 1 - ky.
-                    let row = c * dplane + (iy + k - 1u - ky) * dw + ix + k - 1u;
-                    let wrow = w_at + ((c * k + ky) * k) * 8u;
-                    for (var kx = 0u; kx < k; kx++) {
-                        let g = smem[row - kx];
-                        let wb = wrow + kx * 8u;
-                        for (var ci = 0u; ci < 8u; ci++) {
-                            acc[r * 8u + ci] += g * smem[wb + ci];
-                        }
-                    }
+    let p = i32(params.pad);
+    let zero = cout * hw;
+    for (var pos = lid; pos < h * w; pos += BWD) {
+        let iy = i32(pos / w);
+        let ix = i32(pos % w);
+        var acc0 = vec4<f32>(0.0);
+        var acc1 = vec4<f32>(0.0);
+        for (var co = 0u; co < cout; co++) {
+            for (var ky = 0u; ky < k; ky++) {
+                let r = iy + p - i32(ky);
+                let row_in = r >= 0 && r < i32(ho);
+                let row = co * hw + u32(max(r, 0)) * wo;
+                var wt = ((co * k + ky) * k) * 2u;
+                for (var kx = 0u; kx < k; kx++) {
+                    let c = ix + p - i32(kx);
+                    let at = select(zero, row + u32(max(c, 0)), row_in && c >= 0 && c < i32(wo));
+                    let g = sm[at];
+                    acc0 += g * sm4[wt];
+                    acc1 += g * sm4[wt + 1u];
+                    wt += 2u;
                 }
             }
         }
-        workgroupBarrier();
-    }
-    for (var r = 0u; r < 2u; r++) {
-        let pos = lid + r * BWD;
-        if pos < h * w {
-            for (var ci = 0u; ci < 8u; ci++) {
-                if ci < cin {
-                    dinput[((b * cin + ci) * h + pos / w) * w + pos % w] = acc[r * 8u + ci];
-                }
-            }
+        for (var ci = 0u; ci < cin; ci++) {
+            let v = select(acc1[ci % 4u], acc0[ci % 4u], ci < 4u);
+            dinput[((b * cin + ci) * h + u32(iy)) * w + u32(ix)] = v;
         }
     }
 }
 
-// The weight and bias gradients of a group of images (one partial sum each), 8 output channels
-// at a time. Per image: its zero-padded input planes and the 8 channels' pooled gradients where
-// ReLU let them through (the only non-zero conv-output gradients: one per window, at the
-// window's argmax) are staged; then invocation `tap` (ci, ky, kx) sums, for each channel,
-// gradient * input over the image's windows: dweight[co, ci, ky, kx] += dconv[co, y, x] *
-// input[ci, y + ky - p, x + kx - p] at each window's argmax (y, x). The biases' sums go to the
-// invocations after the taps. When there are few taps (the first layer) the windows are split
-// in `parts` over more invocations, whose sums are added in part order.
+// The weight and bias gradients of a group of images (one partial sum per group), 8 output
+// channels at a time. Per image: its zero-padded input planes (sm) and the 8 channels' dconv as
+// sm4[(y * Wo + x) * 2 + h] (channels 4h .. 4h + 4) are staged; then invocation `task` (a tap
+// (ci, ky, kx), or the bias after the taps) sums dconv[co, y, x] * input[ci, y + ky - p, x + kx -
+// p] (or dconv alone) over (y, x) row by row: one input read and two vec4 reads per eight
+// multiply-adds. When there are few taps (the first layer) the rows are split in `parts` over
+// more invocations, whose sums are added in part order at the end.
 fn weight_gradient(group: u32, lid: u32) {
     let ho = out_h();
     let wo = out_w();
-    let qw = wo / 2u;
-    let qn = (ho / 2u) * qw;
+    let hw = ho * wo;
     let cout = params.cout;
     let k = params.k;
     let taps = params.cin * k * k;
-    let ph = params.height + 2u * params.pad;
     let pw = params.width + 2u * params.pad;
-    let g_at = params.cin * ph * pw;
-    // Tasks: taps, then one per channel of the group for its bias, `parts` times over.
-    let tasks = taps + CO;
+    let plane = (params.height + 2u * params.pad) * pw;
+    let tasks = taps + 1u;
     let parts = max(1u, BWD / tasks);
     let task = lid % tasks;
     let part = lid / tasks;
     let busy = part < parts;
-    let q0 = part * qn / parts;
-    let q1 = (part + 1u) * qn / parts;
+    let y0 = part * ho / parts;
+    let y1 = (part + 1u) * ho / parts;
+    let is_bias = task == taps;
     let ci = task / (k * k);
     let ky = (task / k) % k;
     let kx = task % k;
+    // The input index of output (0, 0) for this tap (the bias task reads 1 instead).
+    let base = select(ci * plane + ky * pw + kx, 0u, is_bias);
     let b0 = group * params.images_per_group;
     let b1 = min(params.batch, b0 + params.images_per_group);
     let n_w = cout * taps;
-    for (var co0 = 0u; co0 < cout; co0 += CO) {
-        var acc: array<f32, 8>;
-        for (var c = 0u; c < CO; c++) {
-            acc[c] = 0.0;
-        }
+    for (var co0 = 0u; co0 < cout; co0 += 8u) {
+        var acc0 = vec4<f32>(0.0);
+        var acc1 = vec4<f32>(0.0);
         for (var b = b0; b < b1; b++) {
             stage_input(b, lid, BWD);
-            for (var j = lid; j < CO * qn; j += BWD) {
-                let co = co0 + j / qn;
-                var g = 0.0;
-                if co < cout {
-                    let o = (b * cout + co) * qn + j % qn;
-                    if saved_conv[saved_argmax[o]] > 0.0 {
-                        g = dpooled[o];
+            for (var j = lid; j < 2u * hw; j += BWD) {
+                let y = (j / 2u) / wo;
+                let x = (j / 2u) % wo;
+                let c0 = co0 + 4u * (j % 2u);
+                var g = vec4<f32>(0.0);
+                for (var c = 0u; c < 4u; c++) {
+                    if c0 + c < cout {
+                        g[c] = dconv_at(b * cout + c0 + c, y, x, ho, wo);
                     }
                 }
-                smem[g_at + j] = g;
+                sm4[j] = g;
             }
             workgroupBarrier();
             if busy {
-                if task < taps {
-                    // Window q's top-left conv output, walked without divisions: (qy, qx).
-                    var qy = q0 / qw;
-                    var qx = q0 % qw;
-                    for (var q = q0; q < q1; q++) {
-                        let first = 2u * qy * wo + 2u * qx;
-                        for (var c = 0u; c < CO; c++) {
-                            let co = min(co0 + c, cout - 1u);
-                            let plane = (b * cout + co) * ho * wo;
-                            // The argmax's offset in the window: 0, 1, wo or wo + 1.
-                            let off = saved_argmax[(b * cout + co) * qn + q] - plane - first;
-                            let dy = select(0u, 1u, off >= wo);
-                            let dx = off - dy * wo;
-                            let at = (ci * ph + 2u * qy + dy + ky) * pw + 2u * qx + dx + kx;
-                            acc[c] += smem[g_at + c * qn + q] * smem[at];
-                        }
-                        qx += 1u;
-                        if qx == qw {
-                            qx = 0u;
-                            qy += 1u;
-                        }
+                for (var y = y0; y < y1; y++) {
+                    let in_row = base + y * pw;
+                    var g_at = 2u * y * wo;
+                    for (var x = 0u; x < wo; x++) {
+                        let v = select(sm[in_row + x], 1.0, is_bias);
+                        acc0 += v * sm4[g_at];
+                        acc1 += v * sm4[g_at + 1u];
+                        g_at += 2u;
                     }
-                } else if task - taps < CO {
-                    let c = task - taps;
-                    var s = 0.0;
-                    for (var q = q0; q < q1; q++) {
-                        s += smem[g_at + c * qn + q];
-                    }
-                    acc[0] += s;
                 }
             }
             workgroupBarrier();
         }
         // Parts added in order through workgroup memory, then the group's partial written.
-        for (var pt = 1u; pt < parts; pt++) {
-            if busy && part == pt {
-                for (var c = 0u; c < CO; c++) {
-                    smem[c * tasks + task] = acc[c];
-                }
+        if parts > 1u {
+            if busy && part > 0u {
+                sm4[2u * lid] = acc0;
+                sm4[2u * lid + 1u] = acc1;
             }
             workgroupBarrier();
             if part == 0u {
-                for (var c = 0u; c < CO; c++) {
-                    acc[c] += smem[c * tasks + task];
+                for (var pt = 1u; pt < parts; pt++) {
+                    acc0 += sm4[2u * (pt * tasks + task)];
+                    acc1 += sm4[2u * (pt * tasks + task) + 1u];
                 }
             }
             workgroupBarrier();
         }
         if part == 0u {
-            if task < taps {
-                for (var c = 0u; c < CO; c++) {
-                    if co0 + c < cout {
-                        dweight[group * n_w + (co0 + c) * taps + task] = acc[c];
+            for (var c = 0u; c < 8u; c++) {
+                let co = co0 + c;
+                if co < cout {
+                    let v = select(acc1[c % 4u], acc0[c % 4u], c < 4u);
+                    if is_bias {
+                        dbias[group * cout + co] = v;
+                    } else {
+                        dweight[group * n_w + co * taps + task] = v;
                     }
                 }
-            } else if co0 + task - taps < cout {
-                dbias[group * cout + co0 + task - taps] = acc[0];
             }
         }
     }
 }
 
-// The backward pass of conv + bias + ReLU + max-pool: workgroups 0..co_groups compute images'
+// The backward pass of conv + bias + ReLU + max-pool: workgroups 0..groups compute images'
 // input gradients, the rest groups' weight and bias partials.
 @compute @workgroup_size(256)
 fn conv_pool_backward(
@@ -480,10 +467,10 @@ fn conv_pool_backward(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let id = wid.x + wid.y * nwg.x;
-    if id < params.co_groups {
+    if id < params.groups {
         input_gradient(id, lid);
     } else {
-        let group = id - params.co_groups;
+        let group = id - params.groups;
         if group * params.images_per_group < params.batch {
             weight_gradient(group, lid);
         }

@@ -51,10 +51,37 @@ const CMAX: u32 = 16u;
 @group(0) @binding(11) var<storage, read_write> losses: array<f32>;
 @group(0) @binding(12) var<storage, read_write> correct: array<u32>;
 @group(0) @binding(13) var<uniform> params: Params;
+// The rows a register-blocked product stages: the input (forward) or dout (backward dX).
+@group(0) @binding(14) var<storage, read> rows: array<f32>;
 
-// [ROWS][KS] rows of the left operand, then [KT][OB] (or [KT][ROWS]) of the right one.
+// The left operand's slice, [ROWS][KT] as [ROWS][KV] vec4s (KV = KT / 4 + 1: the extra vec4 keeps
+// invocations reading their own rows off each other's banks), or [KT][ROWS] scalars; the right
+// operand's slice as [KT][2] vec4s (8 outputs).
+const KV: u32 = 5u;
+var<workgroup> lhs4: array<vec4<f32>, 320>;
 var<workgroup> lhs: array<f32, 1088>;
+var<workgroup> rhs4: array<vec4<f32>, 32>;
 var<workgroup> rhs: array<f32, 1024>;
+
+// Stages rows b0.. of `rows` [batch][cols] (zero outside) as lhs4's [ROWS][KV] vec4s for columns
+// k0 .. k0 + KT.
+fn stage_rows(b0: u32, k0: u32, cols: u32, lid: u32) {
+    for (var j = lid; j < ROWS * (KT / 4u); j += ROWS) {
+        let r = j / (KT / 4u);
+        let q = j % (KT / 4u);
+        let b = b0 + r;
+        var v = vec4<f32>(0.0);
+        if b < params.batch {
+            for (var c = 0u; c < 4u; c++) {
+                let k = k0 + 4u * q + c;
+                if k < cols {
+                    v[c] = rows[b * cols + k];
+                }
+            }
+        }
+        lhs4[r * KV + q] = v;
+    }
+}
 
 // out[b, o] = bias[o] + sum_i input[b, i] * weight[o, i], then ReLU if asked.
 @compute @workgroup_size(64)
@@ -63,29 +90,28 @@ fn linear_forward_v2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let n_out = params.out_features;
     let o0 = wid.x * OB;
     let b0 = wid.y * ROWS;
-    var acc: array<f32, 8>;
-    for (var o = 0u; o < OB; o++) {
-        acc[o] = 0.0;
-    }
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < n_in; k0 += KT) {
-        for (var j = lid; j < ROWS * KT; j += ROWS) {
-            let r = j / KT;
-            let c = j % KT;
-            let b = b0 + r;
-            let k = k0 + c;
-            lhs[r * KS + c] = select(0.0, input[min(b * n_in + k, params.batch * n_in - 1u)], b < params.batch && k < n_in);
-        }
-        for (var j = lid; j < OB * KT; j += ROWS) {
-            let o = o0 + j / KT;
-            let k = k0 + j % KT;
-            rhs[j] = select(0.0, weight[min(o * n_in + k, n_out * n_in - 1u)], o < n_out && k < n_in);
+        stage_rows(b0, k0, n_in, lid);
+        // rhs4[kk * 2 + h] = weight[o0 + 4h .. o0 + 4h + 4, k0 + kk]
+        for (var j = lid; j < KT * 2u; j += ROWS) {
+            let k = k0 + j / 2u;
+            let oc = o0 + 4u * (j % 2u);
+            var v = vec4<f32>(0.0);
+            for (var c = 0u; c < 4u; c++) {
+                if oc + c < n_out && k < n_in {
+                    v[c] = weight[(oc + c) * n_in + k];
+                }
+            }
+            rhs4[j] = v;
         }
         workgroupBarrier();
-        let kn = min(KT, n_in - k0);
-        for (var kk = 0u; kk < kn; kk++) {
-            let x = lhs[lid * KS + kk];
-            for (var o = 0u; o < OB; o++) {
-                acc[o] += x * rhs[o * KT + kk];
+        for (var q = 0u; q < KT / 4u; q++) {
+            let x = lhs4[lid * KV + q];
+            for (var c = 0u; c < 4u; c++) {
+                acc0 += x[c] * rhs4[(4u * q + c) * 2u];
+                acc1 += x[c] * rhs4[(4u * q + c) * 2u + 1u];
             }
         }
         workgroupBarrier();
@@ -94,7 +120,7 @@ fn linear_forward_v2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     if b < params.batch {
         for (var o = 0u; o < OB; o++) {
             if o0 + o < n_out {
-                var v = bias[o0 + o] + acc[o];
+                var v = bias[o0 + o] + select(acc1[o % 4u], acc0[o % 4u], o < 4u);
                 if params.relu != 0u {
                     v = max(v, 0.0);
                 }
@@ -112,29 +138,28 @@ fn dinput_tile(tile: u32, lid: u32) {
     let groups = (n_in + OB - 1u) / OB;
     let i0 = (tile % groups) * OB;
     let b0 = (tile / groups) * ROWS;
-    var acc: array<f32, 8>;
-    for (var i = 0u; i < OB; i++) {
-        acc[i] = 0.0;
-    }
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < n_out; k0 += KT) {
-        for (var j = lid; j < ROWS * KT; j += ROWS) {
-            let r = j / KT;
-            let c = j % KT;
-            let b = b0 + r;
-            let o = k0 + c;
-            lhs[r * KS + c] = select(0.0, dout[min(b * n_out + o, params.batch * n_out - 1u)], b < params.batch && o < n_out);
-        }
-        for (var j = lid; j < KT * OB; j += ROWS) {
-            let o = k0 + j / OB;
-            let i = i0 + j % OB;
-            rhs[j] = select(0.0, weight[min(o * n_in + i, n_out * n_in - 1u)], o < n_out && i < n_in);
+        stage_rows(b0, k0, n_out, lid);
+        // rhs4[oo * 2 + h] = weight[k0 + oo, i0 + 4h .. i0 + 4h + 4]
+        for (var j = lid; j < KT * 2u; j += ROWS) {
+            let o = k0 + j / 2u;
+            let ic = i0 + 4u * (j % 2u);
+            var v = vec4<f32>(0.0);
+            for (var c = 0u; c < 4u; c++) {
+                if o < n_out && ic + c < n_in {
+                    v[c] = weight[o * n_in + ic + c];
+                }
+            }
+            rhs4[j] = v;
         }
         workgroupBarrier();
-        let kn = min(KT, n_out - k0);
-        for (var kk = 0u; kk < kn; kk++) {
-            let d = lhs[lid * KS + kk];
-            for (var i = 0u; i < OB; i++) {
-                acc[i] += d * rhs[kk * OB + i];
+        for (var q = 0u; q < KT / 4u; q++) {
+            let d = lhs4[lid * KV + q];
+            for (var c = 0u; c < 4u; c++) {
+                acc0 += d[c] * rhs4[(4u * q + c) * 2u];
+                acc1 += d[c] * rhs4[(4u * q + c) * 2u + 1u];
             }
         }
         workgroupBarrier();
@@ -144,7 +169,7 @@ fn dinput_tile(tile: u32, lid: u32) {
         for (var i = 0u; i < OB; i++) {
             let at = b * n_in + i0 + i;
             if i0 + i < n_in {
-                var v = acc[i];
+                var v = select(acc1[i % 4u], acc0[i % 4u], i < 4u);
                 if params.relu != 0u && !(relu_mask[at] > 0.0) {
                     v = 0.0;
                 }
@@ -163,12 +188,10 @@ fn dweight_tile(tile: u32, lid: u32) {
     let cols = (n_in + 1u + ROWS - 1u) / ROWS;
     let i = (tile % cols) * ROWS + lid;
     let o0 = (tile / cols) * OB;
-    var acc: array<f32, 8>;
-    for (var o = 0u; o < OB; o++) {
-        acc[o] = 0.0;
-    }
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < params.batch; k0 += KT) {
-        // lhs: [KT][ROWS] inputs (column i of row k0 + kk); rhs: [KT][OB] output gradients.
+        // lhs: [KT][ROWS] inputs (column i of row k0 + kk, 1 in the bias column)
         for (var kk = 0u; kk < KT; kk++) {
             let b = k0 + kk;
             var v = 0.0;
@@ -181,27 +204,34 @@ fn dweight_tile(tile: u32, lid: u32) {
             }
             lhs[kk * ROWS + lid] = v;
         }
-        for (var j = lid; j < KT * OB; j += ROWS) {
-            let b = k0 + j / OB;
-            let o = o0 + j % OB;
-            rhs[j] = select(0.0, dout[min(b * n_out + o, params.batch * n_out - 1u)], b < params.batch && o < n_out);
+        // rhs4[kk * 2 + h] = dout[k0 + kk, o0 + 4h .. o0 + 4h + 4]
+        for (var j = lid; j < KT * 2u; j += ROWS) {
+            let b = k0 + j / 2u;
+            let oc = o0 + 4u * (j % 2u);
+            var v = vec4<f32>(0.0);
+            for (var c = 0u; c < 4u; c++) {
+                if b < params.batch && oc + c < n_out {
+                    v[c] = dout[b * n_out + oc + c];
+                }
+            }
+            rhs4[j] = v;
         }
         workgroupBarrier();
         let kn = min(KT, params.batch - k0);
         for (var kk = 0u; kk < kn; kk++) {
             let x = lhs[kk * ROWS + lid];
-            for (var o = 0u; o < OB; o++) {
-                acc[o] += rhs[kk * OB + o] * x;
-            }
+            acc0 += rhs4[kk * 2u] * x;
+            acc1 += rhs4[kk * 2u + 1u] * x;
         }
         workgroupBarrier();
     }
     for (var o = 0u; o < OB; o++) {
         if o0 + o < n_out {
+            let v = select(acc1[o % 4u], acc0[o % 4u], o < 4u);
             if i < n_in {
-                dweight[(o0 + o) * n_in + i] = acc[o];
+                dweight[(o0 + o) * n_in + i] = v;
             } else if i == n_in {
-                dbias[o0 + o] = acc[o];
+                dbias[o0 + o] = v;
             }
         }
     }

@@ -274,3 +274,36 @@ fn bad_inputs_are_errors_not_panics() {
     let err = g.train_steps(&big).unwrap_err();
     assert!(format!("{err:#}").contains("batch"), "{err:#}");
 }
+
+/// On an adapter that grants only WebGPU's default 16 KiB of workgroup memory, the second
+/// kernels (which need 32 KiB) are not built, the ops run the first ones, and a step still
+/// matches the CPU.
+#[test]
+fn with_webgpu_default_limits_the_first_kernels_run() {
+    if gpu().is_none() {
+        return;
+    }
+    let adapter = lenet::gpu::context::find_adapter(None).unwrap();
+    let limits = wgpu::Limits {
+        max_storage_buffer_binding_size: adapter.limits().max_storage_buffer_binding_size,
+        max_buffer_size: adapter.limits().max_buffer_size,
+        max_storage_buffers_per_shader_stage: 8,
+        ..wgpu::Limits::default()
+    };
+    assert_eq!(limits.max_compute_workgroup_storage_size, 16384);
+    let ctx = lenet::gpu::GpuContext::with_limits(&adapter, limits).unwrap();
+    assert!(!ctx.kernels.has("conv_pool_backward") && ctx.kernels.has("conv_backward_weight"));
+    let ops = GpuOps::with_variant(ctx.clone(), lenet::gpu::Variant::V2).unwrap();
+    assert_eq!(ops.variant, lenet::gpu::Variant::V1);
+
+    let data = dataset(40, 16);
+    let opt = Optimizer::default();
+    let start = TrainState::new(Params::init(SEED), opt, SEED, BATCH, false);
+    let mut g = GpuBackend::new(ctx, &data).unwrap();
+    assert_eq!(g.variant(), lenet::gpu::Variant::V1);
+    g.load_state(&start).unwrap();
+    let mut c = cpu_backend(&data, &start);
+    let ch = chunk(&opt, data.len(), BATCH, 1, 1, 17);
+    assert_stats_close(&g.train_steps(&ch).unwrap(), &c.train_steps(&ch).unwrap(), tol);
+    assert_grads_close(&g.gradients().unwrap(), &c.gradients().unwrap());
+}

@@ -219,9 +219,10 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
         None => opcheck::step_cases(Fast::default(), b, &optimizer)?.into_iter().map(|c| (c, 0..0)).collect(),
     };
 
-    let mut gpu_ops = match gpu {
-        Some(ctx) => Some(GpuOps::new(ctx.clone())?),
-        None => None,
+    // The ops that validate each row run the kernels the trainer records.
+    let mut gpu_ops = match (gpu, gpu_backend.as_ref()) {
+        (Some(ctx), Some(be)) => Some(GpuOps::with_variant(ctx.clone(), be.variant())?),
+        _ => None,
     };
     for (case, range) in &groups {
         let mut row = new_row(case, b);
@@ -342,7 +343,7 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
         }),
         cpu: cpu_description(),
         timing: timing.into(),
-        kernels: gpu.map(|_| "v1".to_string()),
+        kernels: gpu_backend.as_ref().map(|be| be.variant().to_string()),
         batch: b,
         iters: cfg.iters,
         budget_s: cfg.budget_s,

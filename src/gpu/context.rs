@@ -95,6 +95,24 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
     enumerate().iter().map(|a| AdapterSummary::from_info(&a.get_info())).collect()
 }
 
+/// The adapter `wanted` names (a case-insensitive part of its name), else the one
+/// `LENET_ADAPTER` names, else the best by device type.
+pub fn find_adapter(wanted: Option<&str>) -> anyhow::Result<wgpu::Adapter> {
+    let env = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.trim().is_empty());
+    let wanted = wanted.map(str::to_owned).or(env);
+    let mut adapters = enumerate();
+    if adapters.is_empty() {
+        bail!("no GPU adapter found (wgpu saw none; is a Vulkan/Metal/DX12 driver installed?)");
+    }
+    let summaries: Vec<AdapterSummary> =
+        adapters.iter().map(|a| AdapterSummary::from_info(&a.get_info())).collect();
+    let Some(i) = choose_adapter(&summaries, wanted.as_deref()) else {
+        let names: Vec<String> = summaries.iter().map(|s| s.to_string()).collect();
+        bail!("no GPU adapter matches {:?}; available: {}", wanted.unwrap_or_default(), names.join("; "));
+    };
+    Ok(adapters.swap_remove(i))
+}
+
 /// The device, its queue, what it is, and the compiled kernels. Cheap to clone (handles).
 #[derive(Clone)]
 pub struct GpuContext {
@@ -110,27 +128,18 @@ impl GpuContext {
     /// Opens the adapter named by `wanted` (substring, case-insensitive), else by the
     /// `LENET_ADAPTER` environment variable, else the best one by device type.
     pub fn new(wanted: Option<&str>) -> anyhow::Result<Self> {
-        let env = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.trim().is_empty());
-        let wanted = wanted.map(str::to_owned).or(env);
-        let adapters = enumerate();
-        if adapters.is_empty() {
-            bail!("no GPU adapter found (wgpu saw none; is a Vulkan/Metal/DX12 driver installed?)");
-        }
-        let summaries: Vec<AdapterSummary> =
-            adapters.iter().map(|a| AdapterSummary::from_info(&a.get_info())).collect();
-        let Some(i) = choose_adapter(&summaries, wanted.as_deref()) else {
-            let names: Vec<String> = summaries.iter().map(|s| s.to_string()).collect();
-            bail!("no GPU adapter matches {:?}; available: {}", wanted.unwrap_or_default(), names.join("; "));
-        };
-        Self::from_adapter(&adapters[i])
+        Self::from_adapter(&find_adapter(wanted)?)
     }
 
-    /// Creates the device on `adapter` and compiles every kernel.
+    /// Creates the device on `adapter` and compiles every kernel it can run.
     pub fn from_adapter(adapter: &wgpu::Adapter) -> anyhow::Result<Self> {
-        let info = AdapterSummary::from_info(&adapter.get_info());
         let have = adapter.limits();
         // WebGPU's defaults, raised to what the adapter offers where a bigger batch, a bigger
-        // data set or a tighter packing of the parameter tensors needs it.
+        // data set or a tighter packing of the parameter tensors needs it, and the workgroup
+        // memory and size the kernels declare, as far as the adapter has them (kernels that need
+        // more are left out, and their ops run the first kernels: see Kernels::new).
+        let need = Kernels::needs()?;
+        let defaults = wgpu::Limits::default();
         let limits = wgpu::Limits {
             max_storage_buffer_binding_size: have.max_storage_buffer_binding_size,
             max_buffer_size: have.max_buffer_size,
@@ -138,8 +147,23 @@ impl GpuContext {
             max_compute_workgroups_per_dimension: have.max_compute_workgroups_per_dimension,
             min_storage_buffer_offset_alignment: have.min_storage_buffer_offset_alignment,
             min_uniform_buffer_offset_alignment: have.min_uniform_buffer_offset_alignment,
-            ..Default::default()
+            max_compute_workgroup_storage_size: need
+                .workgroup_bytes
+                .min(have.max_compute_workgroup_storage_size)
+                .max(defaults.max_compute_workgroup_storage_size),
+            max_compute_invocations_per_workgroup: need
+                .invocations
+                .min(have.max_compute_invocations_per_workgroup)
+                .max(defaults.max_compute_invocations_per_workgroup),
+            ..defaults
         };
+        Self::with_limits(adapter, limits)
+    }
+
+    /// Creates the device on `adapter` with exactly `limits` (which it must offer) and compiles
+    /// every kernel those limits allow.
+    pub fn with_limits(adapter: &wgpu::Adapter, limits: wgpu::Limits) -> anyhow::Result<Self> {
+        let info = AdapterSummary::from_info(&adapter.get_info());
         if limits.max_storage_buffers_per_shader_stage < 8 {
             bail!(
                 "adapter {} allows only {} storage buffers per shader stage; 8 are needed",
@@ -164,7 +188,7 @@ impl GpuContext {
                 v.push(e.to_string());
             }
         }));
-        let kernels = Arc::new(Kernels::new(&device)?);
+        let kernels = Arc::new(Kernels::new(&device, &limits)?);
         Ok(GpuContext { device, queue, adapter_info: info, limits, kernels, errors })
     }
 

@@ -89,8 +89,22 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// Compiles every shader; a compile or validation failure is an `Err`, not a panic.
-    pub fn new(device: &wgpu::Device) -> Result<Self> {
+    /// The most workgroup memory and invocations any kernel declares.
+    pub fn needs() -> Result<Needs> {
+        let mut n = Needs { workgroup_bytes: 0, invocations: 0 };
+        for &(file, text) in SHADERS {
+            for e in shader::reflect(file, &shader_source(text))? {
+                n.workgroup_bytes = n.workgroup_bytes.max(e.workgroup_bytes);
+                n.invocations = n.invocations.max(e.workgroup_size.iter().product());
+            }
+        }
+        Ok(n)
+    }
+
+    /// Compiles every shader whose kernels fit `limits` (kernels that need more workgroup memory,
+    /// invocations or storage buffers are left out: [`Kernels::has`] says which); a compile or
+    /// validation failure is an `Err`, not a panic.
+    pub fn new(device: &wgpu::Device, limits: &wgpu::Limits) -> Result<Self> {
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let step_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some("step"),
@@ -114,6 +128,13 @@ impl Kernels {
                 source: wgpu::ShaderSource::Wgsl(source.into()),
             });
             for info in entries {
+                let invocations: u32 = info.workgroup_size.iter().product();
+                if info.workgroup_bytes > limits.max_compute_workgroup_storage_size
+                    || invocations > limits.max_compute_invocations_per_workgroup
+                    || info.buffers.len() as u32 > limits.max_storage_buffers_per_shader_stage
+                {
+                    continue;
+                }
                 if let Some(step) = &info.step {
                     step.check_mirror(
                         "the step uniform",
@@ -133,7 +154,12 @@ impl Kernels {
 
     /// The kernel of entry point `name`.
     pub fn get(&self, name: &str) -> Result<&Kernel> {
-        self.kernels.get(name).ok_or_else(|| anyhow!("no kernel named {name:?} in shaders/"))
+        self.kernels.get(name).ok_or_else(|| anyhow!("no kernel named {name:?} on this device"))
+    }
+
+    /// Whether the kernel of entry point `name` was built (it fits the device's limits).
+    pub fn has(&self, name: &str) -> bool {
+        self.kernels.contains_key(name)
     }
 }
 
@@ -181,6 +207,13 @@ fn build_kernel(
         cache: None,
     });
     Kernel { file, info, pipeline, group0 }
+}
+
+/// What the kernels need of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Needs {
+    pub workgroup_bytes: u32,
+    pub invocations: u32,
 }
 
 /// A byte range of a buffer, as one binding sees it, with the buffer's name.

@@ -95,8 +95,15 @@ impl GpuOps {
         Self::with_variant(ctx, Variant::from_env()?)
     }
 
+    /// The ops with the given kernels; the second ones need more workgroup memory than WebGPU's
+    /// default limits: on a device without it, the first ones run.
     pub fn with_variant(ctx: GpuContext, variant: Variant) -> Result<Self> {
         let lut = storage_init(&ctx, "pixel_lut", &pixel_lut())?;
+        let variant = if variant == Variant::V2 && !v2::KERNELS.iter().all(|k| ctx.kernels.has(k)) {
+            Variant::V1
+        } else {
+            variant
+        };
         Ok(GpuOps {
             ctx,
             lut,

@@ -57,6 +57,8 @@ pub struct EntryPoint {
     pub params: Option<UniformLayout>,
     /// Group 1's `step` uniform (bound with a dynamic offset), if it reads it.
     pub step: Option<UniformLayout>,
+    /// Bytes of workgroup memory its workgroup variables take.
+    pub workgroup_bytes: u32,
 }
 
 /// The group of the per-step uniform.
@@ -82,9 +84,14 @@ pub fn reflect(file: &str, source: &str) -> Result<Vec<EntryPoint>> {
             buffers: Vec::new(),
             params: None,
             step: None,
+            workgroup_bytes: 0,
         };
         for (handle, var) in module.global_variables.iter() {
             if uses[handle].is_empty() {
+                continue;
+            }
+            if var.space == AddressSpace::WorkGroup {
+                e.workgroup_bytes += module.types[var.ty].inner.size(module.to_ctx());
                 continue;
             }
             let Some(rb) = &var.binding else { continue };

@@ -192,6 +192,11 @@ impl GpuBackend {
         &self.ops.ctx
     }
 
+    /// The kernels it runs.
+    pub fn variant(&self) -> super::Variant {
+        self.ops.variant
+    }
+
     /// The recorded training step's dispatches and the step uniforms' bind group (slot 0 holds
     /// the last chunk's first step): what `lenet bench` times.
     pub fn step_program(&self) -> Option<(&[Dispatch], &wgpu::BindGroup)> {

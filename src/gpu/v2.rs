@@ -22,6 +22,16 @@ pub enum Variant {
     V2,
 }
 
+/// The entry points of the second kernels.
+pub const KERNELS: [&str; 6] = [
+    "conv_pool_forward",
+    "gather_conv_pool_forward",
+    "conv_pool_backward",
+    "linear_forward_v2",
+    "linear_backward_v2",
+    "linear_xent_v2",
+];
+
 /// The environment variable that picks the kernels: `v1` or `v2`.
 pub const KERNELS_ENV: &str = "LENET_KERNELS";
 
@@ -55,15 +65,15 @@ impl std::fmt::Display for Variant {
     }
 }
 
-/// Workgroup memory of the v2 conv kernels, in f32s (`SMEM` in conv_v2.wgsl).
-const SMEM: usize = 4000;
-/// Output channels per invocation of the v2 conv forward (`CO`).
-const CO: usize = 8;
-/// Invocations of the v2 conv backward (`BWD`), and its accumulators' limits.
+/// The v2 conv kernels' workgroup arrays (`SM` f32s and `SM4` vec4s in conv_v2.wgsl): 32 KiB,
+/// which the device must grant (WebGPU's default is 16 KiB; lavapipe offers 32, an H100 48).
+const SM: usize = 1650;
+const SM4: usize = 1587;
+/// The workgroup storage the v2 kernels need, in bytes.
+pub const WORKGROUP_BYTES: u32 = (SM * 4 + SM4 * 16) as u32;
+/// Invocations of the v2 conv backward (`BWD`), and the input gradient's most input channels.
 const BWD: usize = 256;
 const MAX_CIN: usize = 8;
-/// Output channels per round of the input gradient (`CG`).
-const CG: usize = 4;
 /// Images per output-layer workgroup (`XT` in linear_v2.wgsl) and its most classes (`CMAX`).
 const XT: usize = 32;
 const CMAX: usize = 16;
@@ -75,42 +85,41 @@ fn padded_plane(s: &ConvShape) -> usize {
     (s.height + 2 * s.padding) * (s.width + 2 * s.padding)
 }
 
-fn co_groups(s: &ConvShape) -> usize {
-    s.out_channels.div_ceil(CO)
+fn groups_of_8(s: &ConvShape) -> usize {
+    s.out_channels.div_ceil(8)
 }
 
-/// Whether the v2 forward takes this shape (input planes and weights in workgroup memory).
-pub fn forward_fits(s: &ConvShape, gather: bool) -> bool {
-    let g = co_groups(s) * CO;
-    s.kernel <= 5
-        && s.kernel > 0
-        && s.out_height().is_multiple_of(2)
-        && s.out_width().is_multiple_of(2)
-        && (!gather || s.in_channels == 1)
-        && s.in_channels * padded_plane(s) + g * s.in_channels * s.kernel * s.kernel + g <= SMEM
-}
-
-/// Whether the v2 backward takes this shape: the image's dconv and the weights in workgroup
-/// memory and at most 8 input channels (input gradient); the input planes and 8 channels'
-/// pooled gradients in workgroup memory, a task per tap (weight gradient).
-pub fn backward_fits(s: &ConvShape, dinput: bool) -> bool {
-    let taps = s.in_channels * s.kernel * s.kernel;
-    let q = s.pooled_len() / s.batch.max(1) / s.out_channels.max(1);
-    // Input gradient: 4 channels' padded dconv planes and their weights (inputs padded to 8),
-    // and at most 2 input positions per invocation.
-    let pd = s.kernel - 1 - s.padding.min(s.kernel - 1);
-    let dplane = (s.out_height() + 2 * pd) * (s.out_width() + 2 * pd);
-    let input_role = s.in_channels <= MAX_CIN
-        && s.padding < s.kernel
-        && s.height * s.width <= 2 * BWD
-        && CG * dplane + CG * s.kernel * s.kernel * 8 <= SMEM;
-    s.kernel <= 5
-        && s.kernel > 0
+fn pools(s: &ConvShape) -> bool {
+    s.kernel > 0
+        && s.kernel <= 5
         && s.out_channels > 0
         && s.out_height().is_multiple_of(2)
         && s.out_width().is_multiple_of(2)
-        && taps + CO <= BWD
-        && s.in_channels * padded_plane(s) + CO * q <= SMEM
+}
+
+/// Whether the v2 forward takes this shape: the input planes in `sm`, the weights and biases in
+/// `sm4` (8 channels per 2 vec4s).
+pub fn forward_fits(s: &ConvShape, gather: bool) -> bool {
+    let taps = s.in_channels * s.kernel * s.kernel;
+    pools(s)
+        && (!gather || s.in_channels == 1)
+        && s.in_channels * padded_plane(s) <= SM
+        && (taps + 1) * 2 * groups_of_8(s) <= SM4
+}
+
+/// Whether the v2 backward takes this shape: for the input gradient, at most 8 input channels,
+/// the image's dconv (and a zero) in `sm` and the weights in `sm4`; for
+/// the weight gradient, the input planes in `sm`, 8 dconv planes in `sm4`, and an invocation per
+/// tap.
+pub fn backward_fits(s: &ConvShape, dinput: bool) -> bool {
+    let kk = s.kernel * s.kernel;
+    let hw = s.out_height() * s.out_width();
+    let input_role = s.in_channels <= MAX_CIN && s.out_channels * hw < SM && s.out_channels * kk * 2 <= SM4;
+    pools(s)
+        && s.in_channels * kk < BWD
+        && s.in_channels * padded_plane(s) <= SM
+        && 2 * hw <= SM4
+        && 2 * BWD <= SM4
         && (!dinput || input_role)
 }
 
@@ -137,7 +146,7 @@ pub fn xent_partials(batch: usize) -> usize {
 fn conv_params(
     b: Binder<'_>,
     s: ConvShape,
-    co_groups: usize,
+    groups: usize,
     images_per_group: usize,
     data: (usize, usize),
 ) -> Binder<'_> {
@@ -148,7 +157,7 @@ fn conv_params(
         .param("width", s.width)
         .param("k", s.kernel)
         .param("pad", s.padding)
-        .param("co_groups", co_groups)
+        .param("groups", groups)
         .param("images_per_group", images_per_group)
         .param("data_rows", data.0)
         .param("data_cols", data.1)
@@ -215,7 +224,7 @@ impl GpuOps {
             .buf("conv", &out.conv.view)
             .buf("pooled", &out.pooled.view)
             .buf("argmax", &out.argmax.view);
-        let d = conv_params(b, s, co_groups(&s), 1, data)
+        let d = conv_params(b, s, groups_of_8(&s), 1, data)
             .grid(grid_1d(s.batch as u64, 1, self.max_dim()))
             .build(kernel)?;
         self.push(d);
@@ -290,7 +299,7 @@ impl GpuOps {
         let d = self
             .kernel("linear_forward_v2")?
             .bind(&self.ctx.device)
-            .buf("input", &input.view)
+            .buf("rows", &input.view)
             .buf("weight", &weight.view)
             .buf("bias", &bias.view)
             .buf("out", &out.view)
@@ -336,6 +345,7 @@ impl GpuOps {
         let d = self
             .kernel("linear_backward_v2")?
             .bind(&self.ctx.device)
+            .buf("rows", &dout.view)
             .buf("dout", &dout.view)
             .buf("input", &input.view)
             .buf("weight", &weight.view)
