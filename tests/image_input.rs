@@ -983,3 +983,44 @@ fn predict_says_no_digit_for_a_blank_image_and_flags_low_confidence() {
     assert!(json[0]["warning"].as_str().unwrap().starts_with("low confidence"));
     assert!(json[0]["digit"].is_u64());
 }
+
+mod arbitrary_images {
+    use super::*;
+    use digit_renders::Rng;
+    use proptest::prelude::*;
+
+    /// An image of any small size: noise, a few rectangles of ink, or both.
+    fn image() -> impl Strategy<Value = GrayImage> {
+        (1usize..90, 1usize..90, any::<u64>(), 0u8..3).prop_map(|(w, h, seed, kind)| {
+            let mut rng = Rng::new(seed);
+            let paper = rng.range(0.0, 255.0);
+            let mut c = Canvas::new(w, h, [paper; 3]);
+            if kind != 1 {
+                for _ in 0..(rng.next_u64() % 4) {
+                    let (rw, rh) = (1 + rng.next_u64() as usize % w, 1 + rng.next_u64() as usize % h);
+                    let shape = Shape { width: rw, height: rh, ink: vec![1.0; rw * rh] };
+                    let (x, y) = (rng.next_u64() as usize % w, rng.next_u64() as usize % h);
+                    c.draw(&shape, x, y, [rng.range(0.0, 255.0); 3]);
+                }
+            }
+            if kind != 0 {
+                let sigma = rng.range(0.0, 60.0);
+                c.noise(&mut rng, sigma);
+            }
+            GrayImage { width: w, height: h, pixels: c.gray8() }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Never a panic; a digit found is a 28x28 image with some ink in it.
+        #[test]
+        fn prepare_handles_any_image(img in image()) {
+            if let Prepared::Digit { pixels, report } = prepare(&img) {
+                prop_assert!(pixels.iter().any(|&v| v > 0));
+                prop_assert!(report.contrast >= lenet::image_input::prepare::MIN_CONTRAST);
+            }
+        }
+    }
+}
