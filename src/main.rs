@@ -141,9 +141,11 @@ struct PredictArgs {
     /// The checkpoint to classify with.
     #[arg(long)]
     weights: PathBuf,
-    /// PNG or PGM images of single digits.
+    /// Images of single digits: PNG, PGM, PPM or PBM, any size, either polarity (a FIFO or
+    /// `<(command)` is read as a stream).
     #[arg(required = true)]
     images: Vec<PathBuf>,
+    /// Print one JSON array on stdout, an object per image; the human lines go to stderr.
     #[arg(long)]
     json: bool,
 }
@@ -364,25 +366,60 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Below this top probability a prediction is flagged as low confidence.
+const LOW_CONFIDENCE: f32 = 0.6;
+
+/// Classifies every image, whatever happens to the others: an unreadable one gets an error line
+/// (and an `error` field) and makes the exit status non-zero at the end; a blank one is "no digit"
+/// with a warning, never a guess.
 fn predict(args: PredictArgs) -> Result<ExitCode> {
+    use lenet::image_input::{load_image, Prepared};
+    use serde_json::{json, Value};
     let params = load_checkpoint(&args.weights)?.params;
-    let mut results = Vec::new();
+    // With --json, stdout holds only the JSON document.
+    let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
+    let mut records = Vec::with_capacity(args.images.len());
+    let mut failed = 0usize;
     for path in &args.images {
-        let pixels = lenet::image_input::load_image(path)?;
-        let probs = probabilities(&params, &pixels)?;
-        let digit = lenet::train::argmax(&probs);
-        println!("{}: {digit} ({:.1}%)", path.display(), 100.0 * probs[digit]);
-        results.push(serde_json::json!({
-            "file": path.display().to_string(),
-            "digit": digit,
-            "probability": probs[digit],
-            "probabilities": probs,
-        }));
+        let file = path.display().to_string();
+        let record = match load_image(path) {
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+                json!({ "file": file, "digit": Value::Null, "probability": Value::Null,
+                        "probabilities": Value::Null, "error": e.to_string() })
+            }
+            Ok(Prepared::NoInk) => {
+                let warning = "no ink found: the image is blank or its marks are too faint";
+                eprintln!("warning: {file}: {warning}");
+                say(format!("{file}: no digit"));
+                json!({ "file": file, "digit": Value::Null, "probability": Value::Null,
+                        "probabilities": Value::Null, "warning": warning })
+            }
+            Ok(Prepared::Digit { pixels, .. }) => {
+                let probs = probabilities(&params, &pixels[..])?;
+                let digit = lenet::train::argmax(&probs);
+                let p = probs[digit];
+                let mut record =
+                    json!({ "file": file, "digit": digit, "probability": p, "probabilities": probs });
+                if p < LOW_CONFIDENCE {
+                    say(format!("{file}: {digit} ({:.1}%, low confidence)", 100.0 * p));
+                    record["warning"] = json!(format!(
+                        "low confidence: the top probability is below {:.0}%",
+                        100.0 * LOW_CONFIDENCE
+                    ));
+                } else {
+                    say(format!("{file}: {digit} ({:.1}%)", 100.0 * p));
+                }
+                record
+            }
+        };
+        records.push(record);
     }
     if args.json {
-        println!("{}", serde_json::Value::Array(results));
+        println!("{}", Value::Array(records));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// Softmax of the network's logits for one image (the CPU path: one image needs no GPU).

@@ -177,7 +177,7 @@ fn check_checkpoint(bytes: &[u8]) {
 fn check_image(bytes: &[u8]) {
     if let Ok(img) = bounded("decode_gray", || decode_gray(Path::new("fuzz.img"), bytes)) {
         assert_eq!(img.pixels.len(), img.width * img.height);
-        let _ = bounded("to_mnist", || lenet::image_input::to_mnist(&img));
+        bounded("prepare", || lenet::image_input::prepare(&img));
     }
 }
 
@@ -329,6 +329,69 @@ fn edge_pgm_huge_dimensions() {
     assert!(decode(b"P5 4294967295 4294967295 255\n\0").is_err());
     assert!(decode(b"P2 99999999999999999999999 1 255\n").is_err());
     assert!(decode(b"P5 2 2 65535\n\0\0\0").is_err());
+    // Regression: 2^32 x 2^32 wrapped width * height to 0 and panicked.
+    for header in [&b"P5 4294967296 4294967296 255\n\0"[..], b"P6 4294967296 4294967296 255\n\0"] {
+        let err = bounded("decode_gray", || decode_gray(Path::new("r"), header)).unwrap_err().to_string();
+        assert!(err.starts_with("r: image too large") && !err.contains('\n'), "{err}");
+    }
+}
+
+/// An 8-bit gray PNG of `width` x `height` whose pixel (x, y) is `value(x, y)`, written row by row
+/// (filter byte 0) into one zlib stream: quick to make even for 60,000,000 rows.
+fn gray_png(width: u32, height: u32, value: impl Fn(u32, u32) -> u8) -> Vec<u8> {
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), Compression::fast());
+    // Rows gathered into about a megabyte before each write: 60,000,000 two-byte writes are slow.
+    let mut rows = Vec::with_capacity((1 << 20) + width as usize + 1);
+    for y in 0..height {
+        rows.push(0);
+        rows.extend((0..width).map(|x| value(x, y)));
+        if rows.len() >= 1 << 20 {
+            z.write_all(&rows).unwrap();
+            rows.clear();
+        }
+    }
+    z.write_all(&rows).unwrap();
+    let idat = z.finish().unwrap();
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]);
+    let mut out = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    for (kind, body) in [(&b"IHDR"[..], &ihdr[..]), (b"IDAT", &idat), (b"IEND", &[])] {
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(body);
+        out.extend((body.len() as u32).to_be_bytes());
+        out.extend(kind);
+        out.extend(body);
+        out.extend(crc.sum().to_be_bytes());
+    }
+    out
+}
+
+/// Regression: a 1 x 60,000,000 PNG (a few hundred KB) made `predict` ask for 6.7 GB, its resize
+/// allocating in proportion to the input's side. Decoding may hold the image (one byte a pixel,
+/// bounded by MAX_IMAGE_PIXELS) and a fixed budget; the preparation only a fixed budget, whatever
+/// the input's size or shape.
+#[test]
+fn image_memory_is_bounded_by_the_image_and_a_fixed_budget() {
+    let tall = gray_png(1, 60_000_000, |_, y| if (20_000_000..40_000_000).contains(&y) { 0 } else { 255 });
+    assert!(tall.len() < 1 << 20, "the test file is small: {} bytes", tall.len());
+    LARGEST.with(|m| m.set(0));
+    let img = decode_gray(Path::new("tall.png"), &tall).unwrap();
+    let largest = LARGEST.with(|m| m.get());
+    assert_eq!((img.width, img.height), (1, 60_000_000));
+    assert!(largest <= 60_000_000 + (1 << 20), "decoding allocated {largest} bytes at once");
+    bounded("prepare 1 x 60,000,000", || lenet::image_input::prepare(&img));
+    drop(img);
+    // As wide as a row may be, and the most pixels an image may have.
+    for (w, h) in [(1 << 20, 40), (8192, 8192)] {
+        let img = lenet::image_input::GrayImage {
+            width: w,
+            height: h,
+            pixels: (0..w * h).map(|i| if (i % w) * 3 / w == 1 { 30 } else { 220 }).collect(),
+        };
+        bounded(&format!("prepare {w} x {h}"), || lenet::image_input::prepare(&img));
+    }
 }
 
 #[test]
