@@ -1,15 +1,179 @@
-//! The network on any [`Ops`] implementation, written once: the buffers of one batch size
-//! (derived from the layer table [`LENET5`]), the forward pass, and the training step (forward,
-//! loss, backward in reverse, then the optimizer's update).
+//! LeNet-5 described once, on any [`Ops`] implementation: the layer table [`LENET5`] and what
+//! derives from it (each layer's shapes at a batch size, the parameter tensors with PyTorch's
+//! `state_dict` names and layouts, the activation and gradient buffers), the forward pass, and
+//! the training step (forward, loss, backward in reverse, then the optimizer's update).
+//!
+//! To change the network, change this file: the checkpoint's tensors, both paths' buffers, the
+//! dispatch list the GPU records and the bench rows follow from it (docs/architecture.md).
 //!
 //! On the CPU these functions compute as they run; on the GPU they record a program of
 //! dispatches once, which the GPU backend replays for every step (see [`crate::gpu::trainer`]).
 
+use std::sync::LazyLock;
+
 use anyhow::{bail, Result};
 
-use crate::model::{layer_params, layer_shapes, param_specs, LayerKind, LayerShape, Params, LENET5};
+use crate::model::Params;
 use crate::ops::*;
 use crate::optim::OptStep;
+
+/// Side of an MNIST image (one channel).
+pub const IMAGE_SIDE: usize = 28;
+pub const IMAGE_PIXELS: usize = IMAGE_SIDE * IMAGE_SIDE;
+pub const CLASSES: usize = 10;
+
+/// What a layer computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// Convolution (square kernel, stride 1, zero padding) + bias + ReLU, then 2x2 max-pooling
+    /// that remembers its argmax. Its input is the previous layer's pooled output (or the image).
+    ConvReluPool { in_channels: usize, out_channels: usize, kernel: usize, padding: usize },
+    /// Fully connected, + bias, then ReLU if `relu`. Its input is the previous layer's output,
+    /// flattened in PyTorch's order (c*H*W + h*W + w).
+    Linear { in_features: usize, out_features: usize, relu: bool },
+}
+
+/// One layer: its `state_dict` prefix and what it computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layer {
+    pub name: &'static str,
+    pub kind: LayerKind,
+}
+
+/// LeNet-5 as the design fixes it (the last layer's outputs are the logits of the softmax
+/// cross-entropy loss).
+pub const LENET5: [Layer; 5] = [
+    Layer {
+        name: "conv1",
+        kind: LayerKind::ConvReluPool { in_channels: 1, out_channels: 6, kernel: 5, padding: 2 },
+    },
+    Layer {
+        name: "conv2",
+        kind: LayerKind::ConvReluPool { in_channels: 6, out_channels: 16, kernel: 5, padding: 0 },
+    },
+    Layer { name: "fc1", kind: LayerKind::Linear { in_features: 400, out_features: 120, relu: true } },
+    Layer { name: "fc2", kind: LayerKind::Linear { in_features: 120, out_features: 84, relu: true } },
+    Layer { name: "fc3", kind: LayerKind::Linear { in_features: 84, out_features: 10, relu: false } },
+];
+
+/// A layer's shape at one batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerShape {
+    Conv(ConvShape),
+    Linear(LinearShape),
+}
+
+impl LayerShape {
+    /// Elements of the layer's output (the pooled output for a conv layer) over the batch.
+    pub fn output_len(&self) -> usize {
+        match self {
+            LayerShape::Conv(s) => s.pooled_len(),
+            LayerShape::Linear(s) => s.batch * s.out_features,
+        }
+    }
+
+    /// Multiply-accumulates of the forward pass.
+    pub fn macs(&self) -> usize {
+        match self {
+            LayerShape::Conv(s) => s.macs(),
+            LayerShape::Linear(s) => s.macs(),
+        }
+    }
+}
+
+/// The shapes of every layer of [`LENET5`] at `batch`, checking that each layer's input is
+/// what the layer before it produces.
+pub fn layer_shapes(batch: usize) -> Vec<LayerShape> {
+    let (mut channels, mut side) = (1usize, IMAGE_SIDE);
+    let mut shapes = Vec::with_capacity(LENET5.len());
+    for layer in &LENET5 {
+        let shape = match layer.kind {
+            LayerKind::ConvReluPool { in_channels, out_channels, kernel, padding } => {
+                assert_eq!(in_channels, channels, "{}: input channels", layer.name);
+                let s = ConvShape {
+                    batch,
+                    in_channels,
+                    out_channels,
+                    height: side,
+                    width: side,
+                    kernel,
+                    padding,
+                };
+                assert!(s.out_height().is_multiple_of(2), "{}: pooled side must be even", layer.name);
+                (channels, side) = (out_channels, s.out_height() / 2);
+                LayerShape::Conv(s)
+            }
+            LayerKind::Linear { in_features, out_features, .. } => {
+                assert_eq!(in_features, channels * side * side, "{}: input features", layer.name);
+                (channels, side) = (out_features, 1);
+                LayerShape::Linear(LinearShape { batch, in_features, out_features })
+            }
+        };
+        shapes.push(shape);
+    }
+    assert_eq!(channels * side * side, CLASSES, "the last layer must give one logit per class");
+    shapes
+}
+
+/// One parameter tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    /// The `state_dict` name: `<layer>.weight` or `<layer>.bias`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Inputs feeding one output unit: PyTorch's default init draws from U(±1/sqrt(fan_in)).
+    pub fan_in: usize,
+    /// Which layer of [`LENET5`] it belongs to.
+    pub layer: usize,
+}
+
+impl ParamSpec {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The parameter tensors of [`LENET5`] in `state_dict` order: each layer's weight, then its bias.
+pub fn param_specs() -> &'static [ParamSpec] {
+    static SPECS: LazyLock<Vec<ParamSpec>> = LazyLock::new(|| {
+        let mut specs = Vec::new();
+        for (i, layer) in LENET5.iter().enumerate() {
+            let (weight, out, fan_in) = match layer.kind {
+                LayerKind::ConvReluPool { in_channels, out_channels, kernel, .. } => (
+                    vec![out_channels, in_channels, kernel, kernel],
+                    out_channels,
+                    in_channels * kernel * kernel,
+                ),
+                LayerKind::Linear { in_features, out_features, .. } => {
+                    (vec![out_features, in_features], out_features, in_features)
+                }
+            };
+            specs.push(ParamSpec { name: format!("{}.weight", layer.name), shape: weight, fan_in, layer: i });
+            specs.push(ParamSpec {
+                name: format!("{}.bias", layer.name),
+                shape: vec![out],
+                fan_in,
+                layer: i,
+            });
+        }
+        specs
+    });
+    &SPECS
+}
+
+/// The weight's and the bias's indices in [`param_specs`] for layer `layer`.
+pub fn layer_params(layer: usize) -> (usize, usize) {
+    (2 * layer, 2 * layer + 1)
+}
+
+/// Total number of trainable scalars (61,706).
+pub fn param_count() -> usize {
+    param_specs().iter().map(ParamSpec::len).sum()
+}
 
 /// A layer's forward outputs.
 pub enum LayerActs<O: Ops> {
@@ -46,7 +210,7 @@ impl<O: Ops> Activations<O> {
     /// Buffers for `batch` images, named `<layer>.<tensor>` (and `d<layer>.<tensor>`).
     pub fn new(ops: &mut O, batch: usize) -> Result<Self> {
         let shapes = layer_shapes(batch);
-        let pixels = crate::model::IMAGE_PIXELS;
+        let pixels = IMAGE_PIXELS;
         let mut layers = Vec::new();
         let mut grads = Vec::new();
         for (layer, shape) in LENET5.iter().zip(&shapes) {
@@ -301,5 +465,42 @@ impl StepStats {
     pub fn from_images(losses: &[f32], correct: &[u32]) -> Self {
         let sum: f64 = losses.iter().map(|&l| l as f64).sum();
         StepStats { loss: (sum / losses.len().max(1) as f64) as f32, correct: correct.iter().sum() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_gives_lenet5s_pytorch_parameters() {
+        let got: Vec<(&str, &[usize])> =
+            param_specs().iter().map(|s| (s.name.as_str(), s.shape.as_slice())).collect();
+        let want: [(&str, &[usize]); 10] = [
+            ("conv1.weight", &[6, 1, 5, 5]),
+            ("conv1.bias", &[6]),
+            ("conv2.weight", &[16, 6, 5, 5]),
+            ("conv2.bias", &[16]),
+            ("fc1.weight", &[120, 400]),
+            ("fc1.bias", &[120]),
+            ("fc2.weight", &[84, 120]),
+            ("fc2.bias", &[84]),
+            ("fc3.weight", &[10, 84]),
+            ("fc3.bias", &[10]),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(param_count(), 61_706);
+        let fan_ins: Vec<usize> = param_specs().iter().map(|s| s.fan_in).collect();
+        assert_eq!(fan_ins, [25, 25, 150, 150, 400, 400, 120, 120, 84, 84]);
+    }
+
+    #[test]
+    fn layer_shapes_chain() {
+        let s = layer_shapes(3);
+        let LayerShape::Conv(c1) = s[0] else { panic!() };
+        let LayerShape::Conv(c2) = s[1] else { panic!() };
+        assert_eq!((c1.out_height(), c1.pooled_len()), (28, 3 * 6 * 14 * 14));
+        assert_eq!((c2.height, c2.out_height(), c2.pooled_len()), (14, 10, 3 * 400));
+        assert_eq!(s[4], LayerShape::Linear(LinearShape { batch: 3, in_features: 84, out_features: 10 }));
     }
 }

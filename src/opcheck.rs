@@ -130,6 +130,77 @@ impl OpCase {
     }
 }
 
+/// The cases tests/ops.rs checks every implementation on, grouped by op: LeNet-5's shapes and
+/// others (a single image, odd batches and channel counts, 3x3 kernels that the GPU's general
+/// kernels take, sides no workgroup size divides, several partial counts). A new op adds its
+/// cases here.
+pub fn test_cases() -> Vec<OpCase> {
+    let conv = |batch, cin, cout, side, kernel, padding| ConvShape {
+        batch,
+        in_channels: cin,
+        out_channels: cout,
+        height: side,
+        width: side,
+        kernel,
+        padding,
+    };
+    let lin = |batch, in_features, out_features| LinearShape { batch, in_features, out_features };
+    let convs = [
+        conv(1, 1, 6, 28, 5, 2),
+        conv(13, 1, 6, 28, 5, 2),
+        conv(3, 6, 16, 14, 5, 0),
+        conv(37, 6, 16, 14, 5, 0),
+        conv(2, 3, 5, 10, 3, 1),
+        conv(5, 2, 7, 12, 5, 0),
+    ];
+    let linears = [lin(1, 400, 120), lin(37, 400, 120), lin(13, 120, 84), lin(5, 84, 10), lin(17, 33, 19)];
+    let sgd = |lens: &[usize], partials: &[usize], momentum, nesterov, weight_decay| OpCase::Sgd {
+        lens: lens.to_vec(),
+        partials: partials.to_vec(),
+        momentum,
+        nesterov,
+        weight_decay,
+    };
+    let mut cases = vec![
+        OpCase::Gather { batch: 1, images: 3, side: 28, max_shift: 0 },
+        OpCase::Gather { batch: 37, images: 50, side: 28, max_shift: 3 },
+    ];
+    cases.extend(convs.map(OpCase::ConvReluPool));
+    cases.extend([1, 13, 40].map(|b| OpCase::GatherConvReluPool {
+        s: conv(b, 1, 6, 28, 5, 2),
+        images: 64,
+        max_shift: 2,
+    }));
+    cases.extend(
+        linears.iter().flat_map(|&s| [OpCase::Linear { s, relu: true }, OpCase::Linear { s, relu: false }]),
+    );
+    cases.extend([
+        OpCase::SoftmaxXent { batch: 1, classes: 10 },
+        OpCase::SoftmaxXent { batch: 300, classes: 10 },
+        OpCase::SoftmaxXent { batch: 7, classes: 3 },
+        OpCase::LinearXent { s: lin(1, 84, 10), mask: Some(true) },
+        OpCase::LinearXent { s: lin(67, 84, 10), mask: Some(true) },
+        OpCase::LinearXent { s: lin(9, 20, 10), mask: Some(false) },
+        OpCase::LinearXent { s: lin(5, 84, 10), mask: None },
+    ]);
+    cases.extend(
+        linears
+            .iter()
+            .flat_map(|&s| [Some(true), Some(false), None].map(|mask| OpCase::LinearBackward { s, mask })),
+    );
+    cases.extend(
+        convs.iter().flat_map(|&s| [true, false].map(|dinput| OpCase::ConvBackwardFromPool { s, dinput })),
+    );
+    cases.extend([
+        OpCase::Adam { lens: vec![150, 6, 2400, 16], partials: vec![1, 1, 1, 1] },
+        OpCase::Adam { lens: vec![150, 6, 1000], partials: vec![3, 3, 1] },
+        sgd(&[150, 6, 2400], &[1, 1, 1], 0.9, false, 0.0),
+        sgd(&[150, 6], &[4, 1], 0.9, true, 5e-4),
+        sgd(&[77], &[1], 0.0, false, 1e-2),
+    ]);
+    cases
+}
+
 /// How an output compared: the largest |diff| / tolerance over its elements (below 1 passes).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {

@@ -20,6 +20,7 @@
 
 use anyhow::Result;
 
+use crate::cpu::reference;
 use crate::data::Dataset;
 use crate::optim::{AdamStep, SgdStep};
 
@@ -151,6 +152,12 @@ pub struct ParamGrads<'a, O: Ops + ?Sized> {
 
 /// The ops. Each overwrites its outputs completely. The CPU ones compute at once; the GPU
 /// records, and runs what it recorded when a buffer is read.
+///
+/// The default methods are the ops' definitions: the CPU reference ([`crate::cpu::reference`])
+/// run on host copies of the buffers. [`crate::cpu::Reference`] uses them as they are; the fast
+/// CPU path and the GPU override them to compute in place (the GPU must override every op it
+/// records, as it cannot read a buffer in the middle of a program). So a new op works on every
+/// implementation as soon as it is declared here, and is made fast where it is overridden.
 pub trait Ops {
     /// A buffer of `T`s: `Vec<T>` on the CPU, a device buffer (or a range of one) on the GPU.
     type Buf<T: Elem>;
@@ -199,7 +206,15 @@ pub trait Ops {
         weight: &Self::Buf<f32>,
         bias: &Self::Buf<f32>,
         s: ConvShape,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let [input, weight, bias] = host(self, [input, weight, bias])?;
+        let mut conv = vec![0.0; s.output_len()];
+        let (mut pooled, mut argmax) = (vec![0.0; s.pooled_len()], vec![0; s.pooled_len()]);
+        reference::conv_relu_pool_forward(&mut conv, &mut pooled, &mut argmax, &input, &weight, &bias, s);
+        self.write(out.conv, &conv)?;
+        self.write(out.pooled, &pooled)?;
+        self.write(out.argmax, &argmax)
+    }
 
     /// [`Ops::gather`] then [`Ops::conv_relu_pool_forward`] on the gathered batch (which
     /// `input` keeps for the backward pass).
@@ -214,8 +229,7 @@ pub trait Ops {
         bias: &Self::Buf<f32>,
         s: ConvShape,
     ) -> Result<()> {
-        self.gather(input, labels, batch)?;
-        self.conv_relu_pool_forward(out, input, weight, bias, s)
+        gather_then_conv_relu_pool(self, input, labels, batch, out, weight, bias, s)
     }
 
     /// out[b,o] = bias[o] + sum_i input[b,i] * weight[o,i], then ReLU if `relu`.
@@ -229,7 +243,12 @@ pub trait Ops {
         bias: &Self::Buf<f32>,
         s: LinearShape,
         relu: bool,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let [input, weight, bias] = host(self, [input, weight, bias])?;
+        let mut y = vec![0.0; s.batch * s.out_features];
+        reference::linear_layer_forward(&mut y, &input, &weight, &bias, s, relu);
+        self.write(out, &y)
+    }
 
     /// Softmax cross-entropy of each image and its gradient with respect to the logits, for a
     /// loss that is the mean over the batch: dlogits[b,c] = (softmax(logits[b])[c] - [c == label]) / B.
@@ -242,7 +261,16 @@ pub trait Ops {
         labels: &Self::Buf<u32>,
         batch: usize,
         classes: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let ([logits], [labels]) = (host(self, [logits])?, host(self, [labels])?);
+        anyhow::ensure!(labels.iter().all(|&l| (l as usize) < classes), "a label is not below {classes}");
+        let (mut dlogits, mut losses, mut correct) =
+            (vec![0.0; logits.len()], vec![0.0; batch], vec![0; batch]);
+        reference::softmax_xent(&mut dlogits, &mut losses, &mut correct, &logits, &labels, batch, classes);
+        self.write(out.dlogits, &dlogits)?;
+        self.write(out.losses, &losses)?;
+        self.write(out.correct, &correct)
+    }
 
     /// The output layer's whole step: the logits ([`Ops::linear_forward`], no ReLU), the loss
     /// and its gradient ([`Ops::softmax_xent`]), and the layer's backward pass
@@ -260,16 +288,7 @@ pub trait Ops {
         bias: &Self::Buf<f32>,
         s: LinearShape,
     ) -> Result<()> {
-        self.linear_forward(logits, input, weight, bias, s, false)?;
-        let XentOut { dlogits, losses, correct } = xent;
-        self.softmax_xent(
-            XentOut { dlogits: &mut *dlogits, losses, correct },
-            logits,
-            labels,
-            s.batch,
-            s.out_features,
-        )?;
-        self.linear_backward(grads, dinput, dlogits, input, weight, s)
+        linear_then_xent(self, logits, xent, grads, dinput, input, labels, weight, bias, s)
     }
 
     /// A fully connected layer's backward pass: dweight[o,i] = sum_b dout[b,o] * input[b,i],
@@ -285,7 +304,24 @@ pub trait Ops {
         input: &Self::Buf<f32>,
         weight: &Self::Buf<f32>,
         s: LinearShape,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let [dout, input, weight] = host(self, [dout, input, weight])?;
+        let (mut dweight, mut dbias) = (vec![0.0; s.weight_len()], vec![0.0; s.out_features]);
+        let mut dx = vec![0.0; s.batch * s.in_features];
+        let (dinput, mask) = match dinput {
+            Some(InputGrad { dinput, relu_mask }) => {
+                (Some(dinput), relu_mask.map(|m| self.read(m)).transpose()?)
+            }
+            None => (None, None),
+        };
+        let dx_mask = dinput.is_some().then_some((dx.as_mut_slice(), mask.as_deref()));
+        reference::linear_layer_backward(&mut dweight, &mut dbias, dx_mask, &dout, &input, &weight, s);
+        if let Some(dinput) = dinput {
+            self.write(dinput, &dx)?;
+        }
+        self.write(grads.dweight, &dweight)?;
+        self.write(grads.dbias, &dbias)
+    }
 
     /// The backward pass of conv + bias + ReLU + 2x2 max-pool, fed by the pooled gradient:
     /// each pooled gradient goes to its window's argmax where the conv output there is
@@ -304,7 +340,29 @@ pub trait Ops {
         input: &Self::Buf<f32>,
         weight: &Self::Buf<f32>,
         s: ConvShape,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let [dpooled, conv, input, weight] = host(self, [dpooled, saved.conv, input, weight])?;
+        let [argmax] = host(self, [saved.argmax])?;
+        let (mut dweight, mut dbias) = (vec![0.0; s.weight_len()], vec![0.0; s.out_channels]);
+        let mut dx = vec![0.0; s.input_len()];
+        let dx_ref = dinput.is_some().then_some(dx.as_mut_slice());
+        reference::conv_relu_pool_backward(
+            &mut dweight,
+            &mut dbias,
+            dx_ref,
+            &dpooled,
+            &conv,
+            &argmax,
+            &input,
+            &weight,
+            s,
+        );
+        if let Some(dinput) = dinput {
+            self.write(dinput, &dx)?;
+        }
+        self.write(grads.dweight, &dweight)?;
+        self.write(grads.dbias, &dbias)
+    }
 
     /// One step of Adam over every tensor, exactly `torch.optim.Adam`'s (see
     /// [`crate::optim`]); each gradient is the in-order sum of its partials.
@@ -315,7 +373,25 @@ pub trait Ops {
         m: &mut [Self::Buf<f32>],
         v: &mut [Self::Buf<f32>],
         step: &AdamStep,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let n = params.len();
+        anyhow::ensure!(
+            grads.len() == n && m.len() == n && v.len() == n,
+            "one gradient and moment per tensor"
+        );
+        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let [mut hp, hg, mut hm, mut hv] = host(self, [&*p, g, &*m, &*v])?;
+            anyhow::ensure!(
+                hm.len() == hp.len() && hv.len() == hp.len(),
+                "optimizer state has the wrong size"
+            );
+            reference::adam_update(&mut hp, &hg, &mut hm, &mut hv, step);
+            self.write(p, &hp)?;
+            self.write(m, &hm)?;
+            self.write(v, &hv)?;
+        }
+        Ok(())
+    }
 
     /// One step of SGD over every tensor, exactly `torch.optim.SGD`'s (see [`crate::optim`]).
     fn sgd_update(
@@ -324,5 +400,64 @@ pub trait Ops {
         grads: &[Self::Buf<f32>],
         momentum: &mut [Self::Buf<f32>],
         step: &SgdStep,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let n = params.len();
+        anyhow::ensure!(grads.len() == n && momentum.len() == n, "one gradient and momentum per tensor");
+        for ((p, g), b) in params.iter_mut().zip(grads).zip(momentum.iter_mut()) {
+            let [mut hp, hg, mut hb] = host(self, [&*p, g, &*b])?;
+            anyhow::ensure!(hb.len() == hp.len(), "optimizer state has the wrong size");
+            reference::sgd_update(&mut hp, &hg, &mut hb, step);
+            self.write(p, &hp)?;
+            self.write(b, &hb)?;
+        }
+        Ok(())
+    }
+}
+
+/// [`Ops::gather_conv_relu_pool_forward`] as its two parts, for implementations without a fused
+/// kernel for a shape.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_then_conv_relu_pool<O: Ops + ?Sized>(
+    ops: &mut O,
+    input: &mut O::Buf<f32>,
+    labels: &mut O::Buf<u32>,
+    batch: &BatchRef<O>,
+    out: ConvPoolOut<O>,
+    weight: &O::Buf<f32>,
+    bias: &O::Buf<f32>,
+    s: ConvShape,
+) -> Result<()> {
+    ops.gather(input, labels, batch)?;
+    ops.conv_relu_pool_forward(out, input, weight, bias, s)
+}
+
+/// [`Ops::linear_xent_forward_backward`] as its three parts, for implementations without a
+/// fused kernel for a shape.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_then_xent<O: Ops + ?Sized>(
+    ops: &mut O,
+    logits: &mut O::Buf<f32>,
+    xent: XentOut<O>,
+    grads: ParamGrads<O>,
+    dinput: Option<InputGrad<O>>,
+    input: &O::Buf<f32>,
+    labels: &O::Buf<u32>,
+    weight: &O::Buf<f32>,
+    bias: &O::Buf<f32>,
+    s: LinearShape,
+) -> Result<()> {
+    ops.linear_forward(logits, input, weight, bias, s, false)?;
+    let XentOut { dlogits, losses, correct } = xent;
+    let xent = XentOut { dlogits: &mut *dlogits, losses, correct };
+    ops.softmax_xent(xent, logits, labels, s.batch, s.out_features)?;
+    ops.linear_backward(grads, dinput, dlogits, input, weight, s)
+}
+
+/// Host copies of `bufs` (the default methods' inputs).
+fn host<O: Ops + ?Sized, T: Elem, const N: usize>(ops: &mut O, bufs: [&O::Buf<T>; N]) -> Result<[Vec<T>; N]> {
+    let mut out = Vec::with_capacity(N);
+    for buf in bufs {
+        out.push(ops.read(buf)?);
+    }
+    Ok(out.try_into().unwrap_or_else(|_| unreachable!("N buffers read")))
 }

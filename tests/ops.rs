@@ -1,8 +1,9 @@
 //! Every op of the seam (`lenet::ops::Ops`), fused ones included, checked against the CPU
-//! reference on random inputs of several shapes, on every implementation: one test body per op
-//! (`lenet::opcheck::check`), instantiated for the fast CPU path and for both generations of GPU
-//! kernels (the reference is what they are compared with). The GPU instances fail when LENET_REQUIRE_GPU=1 and there
-//! is no adapter, and say "skipped" otherwise.
+//! reference on random inputs of several shapes, on every implementation: one test body
+//! (`lenet::opcheck::check`) over every case of `lenet::opcheck::test_cases`, run on the fast CPU
+//! path and on both generations of GPU kernels (the reference is what they are compared with).
+//! A new op's cases go in that list and are checked here on every path. The GPU tests fail when
+//! LENET_REQUIRE_GPU=1 and there is no adapter, and say "skipped" otherwise.
 //!
 //! Then the checks themselves are checked: faults planted in an implementation's outputs (a 1%
 //! scale error, a flipped sign, an off-by-one, an unwritten element) must be caught.
@@ -12,145 +13,75 @@ mod common;
 use lenet::cpu::{Fast, Reference};
 use lenet::gpu::{GpuOps, Variant};
 use lenet::opcheck::{self, Host, OpCase};
-use lenet::ops::{ConvShape, LinearShape, Ops};
+use lenet::ops::Ops;
 
-fn conv(batch: usize, cin: usize, cout: usize, side: usize, kernel: usize, padding: usize) -> ConvShape {
-    ConvShape { batch, in_channels: cin, out_channels: cout, height: side, width: side, kernel, padding }
-}
-
-fn lin(batch: usize, i: usize, o: usize) -> LinearShape {
-    LinearShape { batch, in_features: i, out_features: o }
-}
-
-/// LeNet-5's shapes and others: a single image, odd batches and channel counts, 3x3 kernels
-/// (the GPU's general kernels), and sides no workgroup size divides.
-fn conv_shapes() -> Vec<ConvShape> {
-    vec![
-        conv(1, 1, 6, 28, 5, 2),
-        conv(13, 1, 6, 28, 5, 2),
-        conv(3, 6, 16, 14, 5, 0),
-        conv(37, 6, 16, 14, 5, 0),
-        conv(2, 3, 5, 10, 3, 1),
-        conv(5, 2, 7, 12, 5, 0),
-    ]
-}
-
-fn linear_shapes() -> Vec<LinearShape> {
-    vec![lin(1, 400, 120), lin(37, 400, 120), lin(13, 120, 84), lin(5, 84, 10), lin(17, 33, 19)]
-}
-
-/// The cases of one op kind.
-fn cases(op: &str) -> Vec<OpCase> {
-    match op {
-        "gather" => vec![
-            OpCase::Gather { batch: 1, images: 3, side: 28, max_shift: 0 },
-            OpCase::Gather { batch: 37, images: 50, side: 28, max_shift: 3 },
-        ],
-        "conv_relu_pool" => conv_shapes().into_iter().map(OpCase::ConvReluPool).collect(),
-        "gather_conv_relu_pool" => [1, 13, 40]
-            .into_iter()
-            .map(|b| OpCase::GatherConvReluPool { s: conv(b, 1, 6, 28, 5, 2), images: 64, max_shift: 2 })
-            .collect(),
-        "linear" => linear_shapes()
-            .into_iter()
-            .flat_map(|s| [OpCase::Linear { s, relu: true }, OpCase::Linear { s, relu: false }])
-            .collect(),
-        "softmax_xent" => vec![
-            OpCase::SoftmaxXent { batch: 1, classes: 10 },
-            OpCase::SoftmaxXent { batch: 300, classes: 10 },
-            OpCase::SoftmaxXent { batch: 7, classes: 3 },
-        ],
-        "linear_xent" => vec![
-            OpCase::LinearXent { s: lin(1, 84, 10), mask: Some(true) },
-            OpCase::LinearXent { s: lin(67, 84, 10), mask: Some(true) },
-            OpCase::LinearXent { s: lin(9, 20, 10), mask: Some(false) },
-            OpCase::LinearXent { s: lin(5, 84, 10), mask: None },
-        ],
-        "linear_backward" => linear_shapes()
-            .into_iter()
-            .flat_map(|s| [Some(true), Some(false), None].map(|mask| OpCase::LinearBackward { s, mask }))
-            .collect(),
-        "conv_backward" => conv_shapes()
-            .into_iter()
-            .flat_map(|s| [true, false].map(|dinput| OpCase::ConvBackwardFromPool { s, dinput }))
-            .collect(),
-        "adam" => vec![
-            OpCase::Adam { lens: vec![150, 6, 2400, 16], partials: vec![1, 1, 1, 1] },
-            OpCase::Adam { lens: vec![150, 6, 1000], partials: vec![3, 3, 1] },
-        ],
-        "sgd" => vec![
-            OpCase::Sgd {
-                lens: vec![150, 6, 2400],
-                partials: vec![1, 1, 1],
-                momentum: 0.9,
-                nesterov: false,
-                weight_decay: 0.0,
-            },
-            OpCase::Sgd {
-                lens: vec![150, 6],
-                partials: vec![4, 1],
-                momentum: 0.9,
-                nesterov: true,
-                weight_decay: 5e-4,
-            },
-            OpCase::Sgd {
-                lens: vec![77],
-                partials: vec![1],
-                momentum: 0.0,
-                nesterov: false,
-                weight_decay: 1e-2,
-            },
-        ],
-        other => panic!("no cases for {other}"),
-    }
-}
-
-/// The one test body of op kind `op` on an implementation: every case, three seeds each.
-fn check_all<O: Ops>(ops: &mut O, op: &str) {
-    for case in cases(op) {
+/// Every case of every op on an implementation, three seeds each; the failures of all ops are
+/// reported together, each with its op, case and seed.
+fn check_all<O: Ops>(ops: &mut O) {
+    let mut failures = Vec::new();
+    for case in opcheck::test_cases() {
         for seed in 1..=3 {
             match opcheck::check(ops, &case, seed) {
-                Ok(o) => assert!(o.worst_ratio <= 1.0, "{case:?}: {o:?}"),
-                Err(e) => panic!("{} on {}, {case:?}, seed {seed}: {e:#}", case.op(), ops.name()),
+                Ok(o) if o.worst_ratio <= 1.0 => {}
+                Ok(o) => failures.push(format!("{}: {case:?}, seed {seed}: {o:?}", case.op())),
+                Err(e) => failures.push(format!("{}: {case:?}, seed {seed}: {e:#}", case.op())),
             }
         }
     }
+    assert!(failures.is_empty(), "on {}:\n{}", ops.name(), failures.join("\n"));
 }
 
-/// One test per (op kind, implementation): `op_tests!(name => "op kind", ...)`.
-macro_rules! op_tests {
-    ($($name:ident => $op:literal),* $(,)?) => {
-        mod fast {
-            $(#[test] fn $name() { super::check_all(&mut super::Fast::default(), $op); })*
-        }
-        /// The first kernels (`LENET_KERNELS=v1`).
-        mod gpu_v1 {
-            $(#[test] fn $name() {
-                let Some(ctx) = super::common::gpu() else { return };
-                super::check_all(&mut super::GpuOps::with_variant(ctx, super::Variant::V1).unwrap(), $op);
-            })*
-        }
-        /// The second kernels (the default).
-        mod gpu_v2 {
-            $(#[test] fn $name() {
-                let Some(ctx) = super::common::gpu() else { return };
-                super::check_all(&mut super::GpuOps::with_variant(ctx, super::Variant::V2).unwrap(), $op);
-            })*
-        }
-    };
+/// The cases of one op, for the fault-planting tests below.
+fn cases(op: &str) -> Vec<OpCase> {
+    let cases: Vec<OpCase> = opcheck::test_cases().into_iter().filter(|c| c.op() == op).collect();
+    assert!(!cases.is_empty(), "no cases for {op}");
+    cases
 }
 
-op_tests! {
-    gather => "gather",
-    conv_relu_pool_forward => "conv_relu_pool",
-    gather_conv_relu_pool_forward => "gather_conv_relu_pool",
-    linear_forward => "linear",
-    softmax_xent => "softmax_xent",
-    linear_xent_forward_backward => "linear_xent",
-    linear_backward => "linear_backward",
-    conv_backward_from_pool => "conv_backward",
-    adam_update => "adam",
-    sgd_update => "sgd",
+/// The ops with test cases, in order.
+fn ops_with_cases() -> Vec<&'static str> {
+    let mut ops: Vec<&str> = opcheck::test_cases().iter().map(OpCase::op).collect();
+    ops.dedup();
+    ops
+}
+
+#[test]
+fn every_op_has_cases() {
+    let ops = ops_with_cases();
+    for op in [
+        "gather",
+        "conv_relu_pool_forward",
+        "gather_conv_relu_pool_forward",
+        "linear_forward",
+        "softmax_xent",
+        "linear_xent_forward_backward",
+        "linear_backward",
+        "conv_backward_from_pool",
+        "adam_update",
+        "sgd_update",
+    ] {
+        assert!(ops.contains(&op), "{op} has no test case");
+    }
+}
+
+/// The one test body, on each implementation.
+#[test]
+fn fast() {
+    check_all(&mut Fast::default());
+}
+
+/// The first kernels (`LENET_KERNELS=v1`).
+#[test]
+fn gpu_v1() {
+    let Some(ctx) = common::gpu() else { return };
+    check_all(&mut GpuOps::with_variant(ctx, Variant::V1).unwrap());
+}
+
+/// The second kernels (the default).
+#[test]
+fn gpu_v2() {
+    let Some(ctx) = common::gpu() else { return };
+    check_all(&mut GpuOps::with_variant(ctx, Variant::V2).unwrap());
 }
 
 // ---- The checks catch what they guard against. ----
@@ -175,19 +106,7 @@ type Plant = Box<dyn Fn(&mut Vec<f32>)>;
 /// values shifted by one element, or one element left unwritten fails.
 #[test]
 fn planted_faults_are_caught_in_every_output() {
-    let kinds = [
-        "gather",
-        "conv_relu_pool",
-        "gather_conv_relu_pool",
-        "linear",
-        "softmax_xent",
-        "linear_xent",
-        "linear_backward",
-        "conv_backward",
-        "adam",
-        "sgd",
-    ];
-    for kind in kinds {
+    for kind in ops_with_cases() {
         let case = cases(kind).into_iter().nth(1).unwrap_or_else(|| cases(kind).remove(0));
         planted(&case, |_| {}).unwrap_or_else(|e| panic!("{kind}: the reference against itself: {e}"));
         let host = opcheck::inputs(&case, 1);
@@ -230,7 +149,7 @@ fn planted_faults_are_caught_in_every_output() {
 /// rounding, which random inputs do not produce).
 #[test]
 fn planted_index_faults_are_caught() {
-    for kind in ["gather", "conv_relu_pool", "softmax_xent", "linear_xent"] {
+    for kind in ["gather", "conv_relu_pool_forward", "softmax_xent", "linear_xent_forward_backward"] {
         let case = cases(kind).remove(1.min(cases(kind).len() - 1));
         let r = planted(&case, |h| {
             let (_, v) = h.u32s.first_mut().unwrap();
@@ -243,11 +162,9 @@ fn planted_index_faults_are_caught() {
 /// The reference runs every case too (its outputs fully written, its own comparison exact).
 #[test]
 fn the_reference_passes_its_own_checks() {
-    for kind in ["gather", "conv_relu_pool", "linear_xent", "conv_backward", "adam", "sgd"] {
-        for case in cases(kind) {
-            let o = opcheck::check(&mut Reference, &case, 1).unwrap();
-            assert_eq!(o.worst_ratio, 0.0, "{case:?}");
-        }
+    for case in opcheck::test_cases() {
+        let o = opcheck::check(&mut Reference, &case, 1).unwrap();
+        assert_eq!(o.worst_ratio, 0.0, "{case:?}");
     }
 }
 

@@ -219,7 +219,7 @@ fn every_shader_translates_for_every_backend() {
         // Compiled as the kernels are: after the prelude. And every file is one they compile.
         assert!(
             lenet::gpu::kernels::SHADERS.iter().any(|(n, t)| *n == name && *t == text),
-            "{name} is not in src/gpu/kernels.rs's SHADERS"
+            "{name} is not in src/gpu/kernels.rs's SHADERS (listed by build.rs)"
         );
         all.extend(problems(&name, &lenet::gpu::kernels::shader_source(&text)));
     }

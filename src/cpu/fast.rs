@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use anyhow::{ensure, Result};
 
-use super::reference::{self, adam_element, check_batch, partials, sgd_element, summed_grad};
+use super::reference::{adam_element, partials, sgd_element, summed_grad};
 use crate::data::Dataset;
 use crate::ops::*;
 use crate::optim::{AdamStep, SgdStep};
@@ -880,12 +880,6 @@ impl Ops for Fast {
         "fast".into()
     }
 
-    fn gather(&mut self, input: &mut Vec<f32>, labels: &mut Vec<u32>, batch: &BatchRef<Self>) -> Result<()> {
-        check_batch(batch.data, batch.indices, batch.shifts)?;
-        reference::gather_batch(input, labels, batch.data, batch.indices, batch.shifts);
-        Ok(())
-    }
-
     fn conv_relu_pool_forward(
         &mut self,
         out: ConvPoolOut<Self>,
@@ -908,20 +902,6 @@ impl Ops for Fast {
         relu: bool,
     ) -> Result<()> {
         linear_forward_impl(out, input, weight, bias, s.batch, s.in_features, s.out_features, relu);
-        Ok(())
-    }
-
-    /// 10 numbers per image, not worth parallelising: the reference is already one pass.
-    fn softmax_xent(
-        &mut self,
-        out: XentOut<Self>,
-        logits: &Vec<f32>,
-        labels: &Vec<u32>,
-        batch: usize,
-        classes: usize,
-    ) -> Result<()> {
-        ensure!(labels.iter().all(|&l| (l as usize) < classes), "a label is not below {classes}");
-        reference::softmax_xent(out.dlogits, out.losses, out.correct, logits, labels, batch, classes);
         Ok(())
     }
 

@@ -36,7 +36,8 @@ pub fn probabilities(params: &crate::model::Params, images: &[&[u8]]) -> anyhow:
         .collect())
 }
 
-/// The buffer half of [`crate::ops::Ops`] for implementations whose buffers are host `Vec`s.
+/// The buffer half of [`crate::ops::Ops`] for implementations whose buffers are host `Vec`s,
+/// and the batch gather (the data set is on the host too).
 macro_rules! host_buffers {
     () => {
         type Buf<T: Elem> = Vec<T>;
@@ -71,6 +72,17 @@ macro_rules! host_buffers {
 
         fn upload_data(&mut self, _label: &str, data: &Dataset) -> Result<Self::Data> {
             Ok(std::sync::Arc::new(data.clone()))
+        }
+
+        fn gather(
+            &mut self,
+            input: &mut Vec<f32>,
+            labels: &mut Vec<u32>,
+            batch: &BatchRef<Self>,
+        ) -> Result<()> {
+            $crate::cpu::reference::check_batch(batch.data, batch.indices, batch.shifts)?;
+            $crate::cpu::reference::gather_batch(input, labels, batch.data, batch.indices, batch.shifts);
+            Ok(())
         }
     };
 }

@@ -2,9 +2,9 @@
 //!
 //! Layouts are PyTorch's: activations NCHW (or [batch, features]), convolution weights
 //! [out_channels, in_channels, k, k], linear weights [out_features, in_features]. Each function
-//! overwrites its outputs completely. The fused ops of [`Ops`] are compositions of these
-//! ([`Reference`]), and the fast CPU path and the GPU kernels in `shaders/` are tested against
-//! them (tests/ops.rs).
+//! overwrites its outputs completely. The ops of [`Ops`], fused ones included, are compositions
+//! of these (the trait's default methods call the ones at the end of this file), and the fast
+//! CPU path and the GPU kernels in `shaders/` are tested against them (tests/ops.rs).
 
 use anyhow::{ensure, Result};
 
@@ -443,11 +443,83 @@ pub fn conv_grad_from_pool(dconv: &mut [f32], dpooled: &[f32], argmax: &[u32], c
     relu_backward(dconv, &masked, conv);
 }
 
-/// The CPU reference as an [`Ops`] implementation: every op, fused ones included, as the plain
-/// functions above compute it. Slow and simple: the specification the others are tested
-/// against.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Reference;
+/// [`Ops::conv_relu_pool_forward`]: conv + bias, ReLU, 2x2 max-pool with its argmax.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_relu_pool_forward(
+    conv: &mut [f32],
+    pooled: &mut [f32],
+    argmax: &mut [u32],
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    s: ConvShape,
+) {
+    let mut pre = vec![0.0; s.output_len()];
+    conv2d_forward(&mut pre, input, weight, bias, s);
+    relu_forward(conv, &pre);
+    maxpool2x2_forward(pooled, argmax, conv, s.batch, s.out_channels, s.out_height(), s.out_width());
+}
+
+/// [`Ops::linear_forward`]: a fully connected layer, then ReLU if `relu`.
+pub fn linear_layer_forward(
+    out: &mut [f32],
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    s: LinearShape,
+    relu: bool,
+) {
+    linear_forward(out, input, weight, bias, s.batch, s.in_features, s.out_features);
+    if relu {
+        let pre = out.to_vec();
+        relu_forward(out, &pre);
+    }
+}
+
+/// [`Ops::linear_backward`]: the weight and bias gradients and, when `dinput` is given, the
+/// input gradient with the ReLU mask (the forward output that fed this layer) applied.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_layer_backward(
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dinput: Option<(&mut [f32], Option<&[f32]>)>,
+    dout: &[f32],
+    input: &[f32],
+    weight: &[f32],
+    s: LinearShape,
+) {
+    let LinearShape { batch, in_features, out_features } = s;
+    linear_backward_weight(dweight, dbias, dout, input, batch, in_features, out_features);
+    if let Some((dinput, relu_mask)) = dinput {
+        linear_backward_input(dinput, dout, weight, batch, in_features, out_features);
+        if let Some(mask) = relu_mask {
+            let unmasked = dinput.to_vec();
+            relu_backward(dinput, &unmasked, mask);
+        }
+    }
+}
+
+/// [`Ops::conv_backward_from_pool`]: the pooled gradient through the pool and the ReLU, then
+/// the convolution's weight, bias and (when asked) input gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_relu_pool_backward(
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dinput: Option<&mut [f32]>,
+    dpooled: &[f32],
+    conv: &[f32],
+    argmax: &[u32],
+    input: &[f32],
+    weight: &[f32],
+    s: ConvShape,
+) {
+    let mut dconv = vec![0.0; s.output_len()];
+    conv_grad_from_pool(&mut dconv, dpooled, argmax, conv);
+    conv2d_backward_weight(dweight, dbias, &dconv, input, s);
+    if let Some(dinput) = dinput {
+        conv2d_backward_input(dinput, &dconv, weight, s);
+    }
+}
 
 /// Checks the batch's indices against the data set (a bad index is an error, not a panic).
 pub fn check_batch(data: &Dataset, indices: &[u32], shifts: &[i32]) -> Result<()> {
@@ -459,131 +531,16 @@ pub fn check_batch(data: &Dataset, indices: &[u32], shifts: &[i32]) -> Result<()
     Ok(())
 }
 
+/// The CPU reference as an [`Ops`] implementation: the trait's own definitions of the ops (its
+/// default methods, which call the functions above) on host buffers. Slow and simple: the
+/// specification the others are tested against.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reference;
+
 impl Ops for Reference {
     super::host_buffers!();
 
     fn name(&self) -> String {
         "reference".into()
-    }
-
-    fn gather(&mut self, input: &mut Vec<f32>, labels: &mut Vec<u32>, batch: &BatchRef<Self>) -> Result<()> {
-        check_batch(batch.data, batch.indices, batch.shifts)?;
-        gather_batch(input, labels, batch.data, batch.indices, batch.shifts);
-        Ok(())
-    }
-
-    fn conv_relu_pool_forward(
-        &mut self,
-        out: ConvPoolOut<Self>,
-        input: &Vec<f32>,
-        weight: &Vec<f32>,
-        bias: &Vec<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        let mut pre = vec![0.0; s.output_len()];
-        conv2d_forward(&mut pre, input, weight, bias, s);
-        relu_forward(out.conv, &pre);
-        let (ho, wo) = (s.out_height(), s.out_width());
-        maxpool2x2_forward(out.pooled, out.argmax, out.conv, s.batch, s.out_channels, ho, wo);
-        Ok(())
-    }
-
-    fn linear_forward(
-        &mut self,
-        out: &mut Vec<f32>,
-        input: &Vec<f32>,
-        weight: &Vec<f32>,
-        bias: &Vec<f32>,
-        s: LinearShape,
-        relu: bool,
-    ) -> Result<()> {
-        linear_forward(out, input, weight, bias, s.batch, s.in_features, s.out_features);
-        if relu {
-            let pre = out.clone();
-            relu_forward(out, &pre);
-        }
-        Ok(())
-    }
-
-    fn softmax_xent(
-        &mut self,
-        out: XentOut<Self>,
-        logits: &Vec<f32>,
-        labels: &Vec<u32>,
-        batch: usize,
-        classes: usize,
-    ) -> Result<()> {
-        ensure!(labels.iter().all(|&l| (l as usize) < classes), "a label is not below {classes}");
-        softmax_xent(out.dlogits, out.losses, out.correct, logits, labels, batch, classes);
-        Ok(())
-    }
-
-    fn linear_backward(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<InputGrad<Self>>,
-        dout: &Vec<f32>,
-        input: &Vec<f32>,
-        weight: &Vec<f32>,
-        s: LinearShape,
-    ) -> Result<()> {
-        let LinearShape { batch, in_features, out_features } = s;
-        linear_backward_weight(grads.dweight, grads.dbias, dout, input, batch, in_features, out_features);
-        if let Some(InputGrad { dinput, relu_mask }) = dinput {
-            linear_backward_input(dinput, dout, weight, batch, in_features, out_features);
-            if let Some(mask) = relu_mask {
-                let unmasked = dinput.clone();
-                relu_backward(dinput, &unmasked, mask);
-            }
-        }
-        Ok(())
-    }
-
-    fn conv_backward_from_pool(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<&mut Vec<f32>>,
-        dpooled: &Vec<f32>,
-        saved: ConvPoolSaved<Self>,
-        input: &Vec<f32>,
-        weight: &Vec<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        let mut dconv = vec![0.0; s.output_len()];
-        conv_grad_from_pool(&mut dconv, dpooled, saved.argmax, saved.conv);
-        conv2d_backward_weight(grads.dweight, grads.dbias, &dconv, input, s);
-        if let Some(dinput) = dinput {
-            conv2d_backward_input(dinput, &dconv, weight, s);
-        }
-        Ok(())
-    }
-
-    fn adam_update(
-        &mut self,
-        params: &mut [Vec<f32>],
-        grads: &[Vec<f32>],
-        m: &mut [Vec<f32>],
-        v: &mut [Vec<f32>],
-        step: &AdamStep,
-    ) -> Result<()> {
-        ensure!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
-        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
-            adam_update(p, g, m, v, step);
-        }
-        Ok(())
-    }
-
-    fn sgd_update(
-        &mut self,
-        params: &mut [Vec<f32>],
-        grads: &[Vec<f32>],
-        momentum: &mut [Vec<f32>],
-        step: &SgdStep,
-    ) -> Result<()> {
-        ensure!(grads.len() == params.len() && momentum.len() == params.len());
-        for ((p, g), b) in params.iter_mut().zip(grads).zip(momentum.iter_mut()) {
-            sgd_update(p, g, b, step);
-        }
-        Ok(())
     }
 }

@@ -16,17 +16,8 @@ use crate::optim::{AdamStep, SgdStep};
 /// Prepended to every shader file: the step uniform and small helpers.
 const PRELUDE: &str = include_str!("../../shaders/common.wgsl");
 
-/// Every shader file, by name.
-pub const SHADERS: &[(&str, &str)] = &[
-    ("gather.wgsl", include_str!("../../shaders/gather.wgsl")),
-    ("conv.wgsl", include_str!("../../shaders/conv.wgsl")),
-    ("pool.wgsl", include_str!("../../shaders/pool.wgsl")),
-    ("linear.wgsl", include_str!("../../shaders/linear.wgsl")),
-    ("softmax_xent.wgsl", include_str!("../../shaders/softmax_xent.wgsl")),
-    ("optim.wgsl", include_str!("../../shaders/optim.wgsl")),
-    ("conv_v2.wgsl", include_str!("../../shaders/conv_v2.wgsl")),
-    ("linear_v2.wgsl", include_str!("../../shaders/linear_v2.wgsl")),
-];
+/// Every shader file but the prelude, by name, in name order (listed by build.rs).
+pub const SHADERS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/shaders.rs"));
 
 /// A shader file as it is compiled: the prelude, then the file.
 pub fn shader_source(file_text: &str) -> String {
@@ -297,6 +288,26 @@ impl Binder<'_> {
     pub fn param(mut self, name: &'static str, value: impl Into<Value>) -> Self {
         self.params.push((name, value.into()));
         self
+    }
+
+    /// A convolution's shape, as every conv kernel's `Params` names it.
+    pub fn conv_shape(self, s: crate::ops::ConvShape) -> Self {
+        self.param("batch", s.batch)
+            .param("cin", s.in_channels)
+            .param("cout", s.out_channels)
+            .param("height", s.height)
+            .param("width", s.width)
+            .param("k", s.kernel)
+            .param("pad", s.padding)
+    }
+
+    /// A fully connected layer's shape and whether a ReLU (or its mask) applies, as every linear
+    /// kernel's `Params` names them.
+    pub fn linear_shape(self, s: crate::ops::LinearShape, relu: bool) -> Self {
+        self.param("batch", s.batch)
+            .param("in_features", s.in_features)
+            .param("out_features", s.out_features)
+            .param("relu", relu)
     }
 
     /// The step uniform's bind group (required by kernels that read `step`).

@@ -7,6 +7,7 @@ pub mod ops;
 pub mod shader;
 pub mod timing;
 pub mod trainer;
+pub mod v1;
 pub mod v2;
 
 pub use context::{list_adapters, AdapterSummary, GpuContext};

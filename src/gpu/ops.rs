@@ -13,7 +13,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
-use super::kernels::{grid_1d, pack_u8, pixel_lut, Dispatch, StepUniform, View};
+use super::kernels::{pack_u8, pixel_lut, Binder, Dispatch, StepUniform, View};
 use super::v2::{self, Variant};
 use crate::data::Dataset;
 use crate::opcheck::OpCase;
@@ -50,12 +50,12 @@ impl<T> GpuBuf<T> {
     }
 
     /// The whole buffer this one is a range of.
-    fn whole(&self) -> View {
+    pub(super) fn whole(&self) -> View {
         View::whole(&self.view.buffer, &self.view.label)
     }
 
     /// The range's first element in the whole buffer.
-    fn first(&self) -> usize {
+    pub(super) fn first(&self) -> usize {
         (self.view.offset / 4) as usize
     }
 }
@@ -192,8 +192,9 @@ impl GpuOps {
         self.ctx.limits.max_compute_workgroups_per_dimension
     }
 
-    pub(super) fn kernel(&self, name: &str) -> Result<&super::kernels::Kernel> {
-        self.ctx.kernels.get(name)
+    /// The kernel `name`, to bind.
+    pub(super) fn kernel(&self, name: &str) -> Result<Binder<'_>> {
+        Ok(self.ctx.kernels.get(name)?.bind(&self.ctx.device))
     }
 
     /// A scratch buffer owned by the dispatches that bind it.
@@ -214,6 +215,14 @@ fn check_len<T>(what: &str, buf: &GpuBuf<T>, len: usize) -> Result<()> {
     Ok(())
 }
 
+/// `check_lens!(buf => len, ...)`: each buffer holds exactly `len` values (one line naming it
+/// otherwise).
+macro_rules! check_lens {
+    ($($buf:expr => $len:expr),+ $(,)?) => {
+        $(check_len(stringify!($buf), $buf, $len)?;)+
+    };
+}
+
 fn storage<T>(ctx: &GpuContext, label: &str, len: usize) -> Result<GpuBuf<T>> {
     let bytes = (len.max(1) * 4) as u64;
     ctx.check_binding(label, bytes)?;
@@ -226,7 +235,7 @@ fn storage<T>(ctx: &GpuContext, label: &str, len: usize) -> Result<GpuBuf<T>> {
     Ok(GpuBuf::range(&buffer, 0, len, label))
 }
 
-fn storage_init<T: Elem>(ctx: &GpuContext, label: &str, data: &[T]) -> Result<GpuBuf<T>> {
+pub(super) fn storage_init<T: Elem>(ctx: &GpuContext, label: &str, data: &[T]) -> Result<GpuBuf<T>> {
     let mut bytes: Vec<u8> = bytemuck::cast_slice(data).to_vec();
     bytes.resize(bytes.len().max(4), 0);
     ctx.check_binding(label, bytes.len() as u64)?;
@@ -250,158 +259,6 @@ pub(crate) fn read_mapped(ctx: &GpuContext, staging: &wgpu::Buffer, len: u64) ->
     let bytes = slice.get_mapped_range()?[..len as usize].to_vec();
     staging.unmap();
     Ok(bytes)
-}
-
-/// Workgroup memory of the tiled conv kernels, in f32s (`smem` in conv.wgsl).
-const CONV_SMEM: usize = 4000;
-/// The tiled conv kernels' kernel side (`KS` in conv.wgsl).
-const CONV_KS: usize = 5;
-
-/// Output channels per workgroup of the tiled forward kernel (about 512 outputs each, within
-/// workgroup memory), or None for the fallback.
-fn forward_tile(s: ConvShape) -> Option<u32> {
-    if s.kernel != CONV_KS || !s.out_height().is_multiple_of(2) || !s.out_width().is_multiple_of(2) {
-        return None;
-    }
-    let plane = (s.height + 2 * s.padding) * (s.width + 2 * s.padding);
-    let hw = s.out_height() * s.out_width();
-    let mut tile = 512usize.div_ceil(hw).clamp(1, s.out_channels.max(1));
-    let fits = |t: usize| s.in_channels * plane + t * (s.in_channels * 25 + 1) <= CONV_SMEM;
-    while tile > 1 && !fits(tile) {
-        tile -= 1;
-    }
-    fits(tile).then_some(tile as u32)
-}
-
-/// Whether the tiled backward kernels take this shape: one image's dconv and all weights in
-/// workgroup memory (input gradient), the padded input plane below `RED_AT` (weight gradient).
-fn backward_tiled(s: ConvShape, need_input: bool) -> bool {
-    let input_fits = s.out_channels * s.out_height() * s.out_width() + s.weight_len() <= CONV_SMEM;
-    let plane_fits = (s.height + 2 * s.padding) * (s.width + 2 * s.padding) <= 1200;
-    s.kernel == CONV_KS && s.padding < CONV_KS && plane_fits && (input_fits || !need_input)
-}
-
-/// Batch splits of the tiled weight gradient: enough workgroups (one per (co, ci) pair and
-/// split) to fill a large GPU (~264, two per SM of an H100), at least 2.
-fn weight_splits(s: ConvShape) -> u32 {
-    let pairs = s.out_channels * s.in_channels;
-    264usize.div_ceil(pairs.max(1)).min(s.batch / 2).max(2) as u32
-}
-
-impl GpuOps {
-    fn conv_params<'a>(
-        &self,
-        b: super::kernels::Binder<'a>,
-        s: ConvShape,
-        tile: u32,
-    ) -> super::kernels::Binder<'a> {
-        b.param("batch", s.batch)
-            .param("cin", s.in_channels)
-            .param("cout", s.out_channels)
-            .param("height", s.height)
-            .param("width", s.width)
-            .param("k", s.kernel)
-            .param("pad", s.padding)
-            .param("tile", tile)
-    }
-
-    fn pool_forward(
-        &mut self,
-        pooled: &GpuBuf<f32>,
-        argmax: &GpuBuf<u32>,
-        conv: &GpuBuf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        let planes = s.batch * s.out_channels;
-        let d = self
-            .kernel("pool_forward")?
-            .bind(&self.ctx.device)
-            .buf("conv", &conv.view)
-            .buf("pooled", &pooled.view)
-            .buf("argmax", &argmax.view)
-            .param("planes", planes)
-            .param("height", s.out_height())
-            .param("width", s.out_width())
-            .grid(grid_1d(s.pooled_len() as u64, 256, self.max_dim()))
-            .build("conv_relu_pool_forward")?;
-        self.push(d);
-        Ok(())
-    }
-
-    /// One optimizer kernel over every tensor: one dispatch when the parameters, gradients and
-    /// moments each lie in one buffer with the moments laid out as the parameters (the GPU
-    /// backend's flat buffers), else one per tensor.
-    fn optimizer(
-        &mut self,
-        kernel: &'static str,
-        op: &'static str,
-        params: &[GpuBuf<f32>],
-        grads: &[GpuBuf<f32>],
-        moments: &[&[GpuBuf<f32>]],
-        values: StepUniform,
-    ) -> Result<()> {
-        ensure!(grads.len() == params.len() && moments.iter().all(|m| m.len() == params.len()));
-        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            ensure!(
-                p.len > 0 && g.len % p.len == 0 && g.len > 0 && moments.iter().all(|m| m[i].len == p.len),
-                "optimizer: {} has {} values, its gradient {} and its state {:?}",
-                p.view.label,
-                p.len,
-                g.len,
-                moments.iter().map(|m| m[i].len).collect::<Vec<_>>()
-            );
-        }
-        let shared = |list: &[GpuBuf<f32>]| list.windows(2).all(|w| w[0].view.buffer == w[1].view.buffer);
-        let flat = !params.is_empty()
-            && shared(params)
-            && shared(grads)
-            && moments.iter().all(|m| shared(m) && m.iter().zip(params).all(|(a, p)| a.first() == p.first()));
-        let groups: Vec<Vec<usize>> = if flat {
-            vec![(0..params.len()).collect()]
-        } else {
-            (0..params.len()).map(|i| vec![i]).collect()
-        };
-        for tensors in groups {
-            let mut table = Vec::new();
-            let mut start = 0u32;
-            for &i in &tensors {
-                let (p, g) = (&params[i], &grads[i]);
-                let (param_offset, grad_offset) = if flat { (p.first(), g.first()) } else { (0, 0) };
-                table.extend([
-                    start,
-                    p.len as u32,
-                    param_offset as u32,
-                    grad_offset as u32,
-                    (g.len / p.len) as u32,
-                    0,
-                    0,
-                    0,
-                ]);
-                start += p.len as u32;
-            }
-            let table = storage_init(&self.ctx, "optimizer_tensors", &table)?;
-            let view = |b: &GpuBuf<f32>| if flat { b.whole() } else { b.view.clone() };
-            let first = tensors[0];
-            let mut bind = self
-                .kernel(kernel)?
-                .bind(&self.ctx.device)
-                .buf("tensors", &table.view)
-                .buf("grad", &view(&grads[first]))
-                .buf("param", &view(&params[first]))
-                .buf("moment1", &view(&moments[0][first]));
-            if moments.len() > 1 {
-                bind = bind.buf("moment2", &view(&moments[1][first]));
-            }
-            let d = bind
-                .param("elements", start)
-                .param("tensors", tensors.len())
-                .step(self.step(values))
-                .grid(grid_1d(start as u64, 256, self.max_dim()))
-                .build(op)?;
-            self.push(d);
-        }
-        Ok(())
-    }
 }
 
 impl Ops for GpuOps {
@@ -431,7 +288,7 @@ impl Ops for GpuOps {
     }
 
     fn read<T: Elem>(&mut self, buf: &GpuBuf<T>) -> Result<Vec<T>> {
-        ensure!(self.program_step.is_none(), "cannot read a buffer while recording a program");
+        ensure!(self.program_step.is_none(), "cannot read a buffer while recording a program (an op the GPU does not override reads its inputs on the host: give it a kernel in gpu/ops.rs)");
         let ctx = self.ctx.clone();
         ctx.scoped(|| {
             let bytes = (buf.len * 4) as u64;
@@ -499,39 +356,12 @@ impl Ops for GpuOps {
         labels: &mut GpuBuf<u32>,
         batch: &BatchRef<Self>,
     ) -> Result<()> {
-        let case = OpCase::Gather {
-            batch: batch.batch,
-            images: batch.data.len,
-            side: batch.data.rows,
-            max_shift: 2,
-        };
+        let data = batch.data;
+        let case = OpCase::Gather { batch: batch.batch, images: data.len, side: data.rows, max_shift: 2 };
         self.tagged(case, |me| {
-            let data = batch.data;
-            let b = batch.batch;
-            check_len("input", input, b * data.rows * data.cols)?;
-            check_len("labels", labels, b)?;
-            ensure!(
-                batch.indices.len >= b && batch.shifts.len >= 2 * b,
-                "the batch's indices or shifts are too short"
-            );
-            let d = me
-                .kernel("gather")?
-                .bind(&me.ctx.device)
-                .buf("images", &data.images.view)
-                .buf("labels", &data.labels.view)
-                .buf("indices", &batch.indices.view)
-                .buf("shifts", &batch.shifts.view)
-                .buf("lut", &me.lut.view)
-                .buf("input", &input.view)
-                .buf("batch_labels", &labels.view)
-                .param("batch", b)
-                .param("rows", data.rows)
-                .param("cols", data.cols)
-                .step(me.step(StepUniform::default()))
-                .grid(grid_1d((b * data.rows * data.cols) as u64, 256, me.max_dim()))
-                .build("gather")?;
-            me.push(d);
-            Ok(())
+            check_lens!(input => batch.batch * data.rows * data.cols, labels => batch.batch);
+            check_batch(batch)?;
+            me.gather_v1(input, labels, batch)
         })
     }
 
@@ -548,10 +378,71 @@ impl Ops for GpuOps {
         let case = OpCase::GatherConvReluPool { s, images: batch.data.len, max_shift: 2 };
         self.tagged(case, |me| {
             if me.variant == Variant::V2 && v2::forward_fits(&s, true) {
-                return me.conv_pool_forward_v2(Some((input, labels, batch)), out, None, weight, bias, s);
+                check_conv_forward(&out, input, weight, bias, s)?;
+                check_lens!(labels => s.batch);
+                ensure!(
+                    batch.batch == s.batch,
+                    "the batch holds {} images, the shape {}",
+                    batch.batch,
+                    s.batch
+                );
+                check_batch(batch)?;
+                let input = v2::ConvInput::Gather { gathered: input, labels, batch };
+                return me.conv_pool_forward_v2(input, out, weight, bias, s);
             }
-            me.gather(input, labels, batch)?;
-            me.conv_relu_pool_forward(out, input, weight, bias, s)
+            gather_then_conv_relu_pool(me, input, labels, batch, out, weight, bias, s)
+        })
+    }
+
+    fn conv_relu_pool_forward(
+        &mut self,
+        out: ConvPoolOut<Self>,
+        input: &GpuBuf<f32>,
+        weight: &GpuBuf<f32>,
+        bias: &GpuBuf<f32>,
+        s: ConvShape,
+    ) -> Result<()> {
+        self.tagged(OpCase::ConvReluPool(s), |me| {
+            check_conv_forward(&out, input, weight, bias, s)?;
+            if me.variant == Variant::V2 && v2::forward_fits(&s, false) {
+                me.conv_pool_forward_v2(v2::ConvInput::Input(input), out, weight, bias, s)
+            } else {
+                me.conv_pool_forward_v1(out, input, weight, bias, s)
+            }
+        })
+    }
+
+    fn linear_forward(
+        &mut self,
+        out: &mut GpuBuf<f32>,
+        input: &GpuBuf<f32>,
+        weight: &GpuBuf<f32>,
+        bias: &GpuBuf<f32>,
+        s: LinearShape,
+        relu: bool,
+    ) -> Result<()> {
+        self.tagged(OpCase::Linear { s, relu }, |me| {
+            check_lens!(input => s.batch * s.in_features, weight => s.weight_len(), bias => s.out_features);
+            check_lens!(out => s.batch * s.out_features);
+            match me.variant {
+                Variant::V1 => me.linear_forward_v1(out, input, weight, bias, s, relu),
+                Variant::V2 => me.linear_forward_v2(out, input, weight, bias, s, relu),
+            }
+        })
+    }
+
+    fn softmax_xent(
+        &mut self,
+        out: XentOut<Self>,
+        logits: &GpuBuf<f32>,
+        labels: &GpuBuf<u32>,
+        batch: usize,
+        classes: usize,
+    ) -> Result<()> {
+        self.tagged(OpCase::SoftmaxXent { batch, classes }, |me| {
+            check_lens!(logits => batch * classes, out.dlogits => batch * classes, labels => batch);
+            ensure!(out.losses.len >= batch && out.correct.len >= batch, "the loss buffers are too short");
+            me.softmax_xent_v1(out, logits, labels, batch, classes)
         })
     }
 
@@ -569,143 +460,15 @@ impl Ops for GpuOps {
     ) -> Result<()> {
         let case = OpCase::LinearXent { s, mask: dinput.as_ref().map(|d| d.relu_mask.is_some()) };
         self.tagged(case, |me| {
-            if me.variant == Variant::V2 && v2::xent_fits(&s) {
-                return me.linear_xent_v2(logits, xent, grads, dinput, input, labels, weight, bias, s);
+            if !(me.variant == Variant::V2 && v2::xent_fits(&s)) {
+                return linear_then_xent(me, logits, xent, grads, dinput, input, labels, weight, bias, s);
             }
-            me.linear_forward(logits, input, weight, bias, s, false)?;
-            let XentOut { dlogits, losses, correct } = xent;
-            me.softmax_xent(
-                XentOut { dlogits: &mut *dlogits, losses, correct },
-                logits,
-                labels,
-                s.batch,
-                s.out_features,
-            )?;
-            me.linear_backward(grads, dinput, dlogits, input, weight, s)
-        })
-    }
-
-    fn conv_relu_pool_forward(
-        &mut self,
-        out: ConvPoolOut<Self>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        bias: &GpuBuf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        let case = OpCase::ConvReluPool(s);
-        self.tagged(case, |me| {
-            if me.variant == Variant::V2 && v2::forward_fits(&s, false) {
-                return me.conv_pool_forward_v2(None, out, Some(input), weight, bias, s);
-            }
-            check_len("input", input, s.input_len())?;
-            check_len("weight", weight, s.weight_len())?;
-            check_len("bias", bias, s.out_channels)?;
-            check_len("conv", out.conv, s.output_len())?;
-            check_len("pooled", out.pooled, s.pooled_len())?;
-            check_len("argmax", out.argmax, s.pooled_len())?;
-            ensure!(
-                s.out_height().is_multiple_of(2) && s.out_width().is_multiple_of(2),
-                "max-pool input must have even sides"
-            );
-            let op = "conv_relu_pool_forward";
-            if let Some(tile) = forward_tile(s) {
-                let b = me
-                    .kernel("conv_forward_pool")?
-                    .bind(&me.ctx.device)
-                    .buf("input", &input.view)
-                    .buf("weight", &weight.view)
-                    .buf("bias", &bias.view)
-                    .buf("conv", &out.conv.view)
-                    .buf("pooled", &out.pooled.view)
-                    .buf("argmax", &out.argmax.view);
-                let d = me
-                    .conv_params(b, s, tile)
-                    .grid((s.batch as u32, (s.out_channels as u32).div_ceil(tile), 1))
-                    .build(op)?;
-                me.push(d);
-                return Ok(());
-            }
-            let b = me
-                .kernel("conv_forward_naive")?
-                .bind(&me.ctx.device)
-                .buf("input", &input.view)
-                .buf("weight", &weight.view)
-                .buf("bias", &bias.view)
-                .buf("conv", &out.conv.view);
-            let d =
-                me.conv_params(b, s, 0).grid(grid_1d(s.output_len() as u64, 256, me.max_dim())).build(op)?;
-            me.push(d);
-            me.pool_forward(out.pooled, out.argmax, out.conv, s)
-        })
-    }
-
-    fn linear_forward(
-        &mut self,
-        out: &mut GpuBuf<f32>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        bias: &GpuBuf<f32>,
-        s: LinearShape,
-        relu: bool,
-    ) -> Result<()> {
-        let case = OpCase::Linear { s, relu };
-        self.tagged(case, |me| {
-            if me.variant == Variant::V2 {
-                return me.linear_forward_v2(out, input, weight, bias, s, relu);
-            }
-            check_len("input", input, s.batch * s.in_features)?;
-            check_len("weight", weight, s.weight_len())?;
-            check_len("bias", bias, s.out_features)?;
-            check_len("out", out, s.batch * s.out_features)?;
-            let d = me
-                .kernel("linear_forward")?
-                .bind(&me.ctx.device)
-                .buf("input", &input.view)
-                .buf("weight", &weight.view)
-                .buf("bias", &bias.view)
-                .buf("out", &out.view)
-                .param("batch", s.batch)
-                .param("in_features", s.in_features)
-                .param("out_features", s.out_features)
-                .param("relu", relu)
-                .grid(((s.out_features as u32).div_ceil(16), (s.batch as u32).div_ceil(16), 1))
-                .build("linear_forward")?;
-            me.push(d);
-            Ok(())
-        })
-    }
-
-    fn softmax_xent(
-        &mut self,
-        out: XentOut<Self>,
-        logits: &GpuBuf<f32>,
-        labels: &GpuBuf<u32>,
-        batch: usize,
-        classes: usize,
-    ) -> Result<()> {
-        let case = OpCase::SoftmaxXent { batch, classes };
-        self.tagged(case, |me| {
-            check_len("logits", logits, batch * classes)?;
-            check_len("dlogits", out.dlogits, batch * classes)?;
-            check_len("labels", labels, batch)?;
-            ensure!(out.losses.len >= batch && out.correct.len >= batch, "the loss buffers are too short");
-            let d = me
-                .kernel("softmax_xent")?
-                .bind(&me.ctx.device)
-                .buf("logits", &logits.view)
-                .buf("labels", &labels.view)
-                .buf("dlogits", &out.dlogits.view)
-                .buf("losses", &out.losses.view)
-                .buf("correct", &out.correct.view)
-                .param("batch", batch)
-                .param("classes", classes)
-                .param("scale", 1.0f32 / batch as f32)
-                .step(me.step(StepUniform::default()))
-                .grid(grid_1d(batch as u64, 64, me.max_dim()))
-                .build("softmax_xent")?;
-            me.push(d);
-            Ok(())
+            let parts = me.grad_partials(GradOp::LinearXent(s));
+            check_linear_backward(&grads, dinput.as_ref(), input, weight, s, parts)?;
+            let logits_len = s.batch * s.out_features;
+            check_lens!(bias => s.out_features, labels => s.batch, logits => logits_len, xent.dlogits => logits_len);
+            ensure!(xent.losses.len >= s.batch && xent.correct.len >= s.batch, "the loss buffers are too short");
+            me.linear_xent_v2(logits, xent, grads, dinput, input, labels, weight, bias, s)
         })
     }
 
@@ -720,50 +483,13 @@ impl Ops for GpuOps {
     ) -> Result<()> {
         let case = OpCase::LinearBackward { s, mask: dinput.as_ref().map(|d| d.relu_mask.is_some()) };
         self.tagged(case, |me| {
-            if me.variant == Variant::V2 {
-                return me.linear_backward_v2(grads, dinput, dout, input, weight, s);
+            let parts = me.grad_partials(GradOp::Linear(s));
+            check_linear_backward(&grads, dinput.as_ref(), input, weight, s, parts)?;
+            check_lens!(dout => s.batch * s.out_features);
+            match me.variant {
+                Variant::V1 => me.linear_backward_v1(grads, dinput, dout, input, weight, s),
+                Variant::V2 => me.linear_backward_v2(grads, dinput, dout, input, weight, s),
             }
-            let LinearShape { batch, in_features, out_features } = s;
-            check_len("dout", dout, batch * out_features)?;
-            check_len("input", input, batch * in_features)?;
-            check_len("weight", weight, s.weight_len())?;
-            check_len("dweight", grads.dweight, s.weight_len())?;
-            check_len("dbias", grads.dbias, out_features)?;
-            let op = "linear_backward";
-            let d = me
-                .kernel("linear_backward_weight")?
-                .bind(&me.ctx.device)
-                .buf("dout", &dout.view)
-                .buf("input", &input.view)
-                .buf("dweight", &grads.dweight.view)
-                .buf("dbias", &grads.dbias.view)
-                .param("batch", batch)
-                .param("in_features", in_features)
-                .param("out_features", out_features)
-                .param("relu", false)
-                .grid(((in_features as u32 + 1).div_ceil(16), (out_features as u32).div_ceil(16), 1))
-                .build(op)?;
-            me.push(d);
-            if let Some(InputGrad { dinput, relu_mask }) = dinput {
-                check_len("dinput", dinput, batch * in_features)?;
-                // Without a mask the kernel never reads relu_mask; any read-only buffer fills it.
-                let mask = relu_mask.unwrap_or(dout);
-                let d = me
-                    .kernel("linear_backward_input")?
-                    .bind(&me.ctx.device)
-                    .buf("dout", &dout.view)
-                    .buf("weight", &weight.view)
-                    .buf("relu_mask", &mask.view)
-                    .buf("dinput", &dinput.view)
-                    .param("batch", batch)
-                    .param("in_features", in_features)
-                    .param("out_features", out_features)
-                    .param("relu", relu_mask.is_some())
-                    .grid(((in_features as u32).div_ceil(16), (batch as u32).div_ceil(16), 1))
-                    .build(op)?;
-                me.push(d);
-            }
-            Ok(())
         })
     }
 
@@ -779,102 +505,18 @@ impl Ops for GpuOps {
     ) -> Result<()> {
         let case = OpCase::ConvBackwardFromPool { s, dinput: dinput.is_some() };
         self.tagged(case, |me| {
+            let parts = me.grad_partials(GradOp::ConvFromPool(s, dinput.is_some()));
+            check_lens!(dpooled => s.pooled_len(), saved.conv => s.output_len(), saved.argmax => s.pooled_len());
+            check_lens!(input => s.input_len(), weight => s.weight_len());
+            check_lens!(grads.dweight => parts * s.weight_len(), grads.dbias => parts * s.out_channels);
+            if let Some(dinput) = &dinput {
+                check_lens!(dinput => s.input_len());
+            }
             if me.conv_backward_v2(&s, dinput.is_some()) {
-                return me.conv_pool_backward_v2(grads, dinput, dpooled, saved, input, weight, s);
+                me.conv_pool_backward_v2(grads, dinput, dpooled, saved, input, weight, s)
+            } else {
+                me.conv_pool_backward_v1(grads, dinput, dpooled, saved, input, weight, s)
             }
-            check_len("dpooled", dpooled, s.pooled_len())?;
-            check_len("conv", saved.conv, s.output_len())?;
-            check_len("argmax", saved.argmax, s.pooled_len())?;
-            check_len("input", input, s.input_len())?;
-            check_len("weight", weight, s.weight_len())?;
-            check_len("dweight", grads.dweight, s.weight_len())?;
-            check_len("dbias", grads.dbias, s.out_channels)?;
-            if let Some(d) = &dinput {
-                check_len("dinput", d, s.input_len())?;
-            }
-            let op = "conv_backward_from_pool";
-            let dev = &me.ctx.device.clone();
-            if backward_tiled(s, dinput.is_some()) {
-                let splits = weight_splits(s);
-                let partials =
-                    me.scratch("conv_weight_partials", splits as usize * (s.weight_len() + s.out_channels))?;
-                let b = me
-                    .kernel("conv_backward_weight")?
-                    .bind(dev)
-                    .buf("dpooled", &dpooled.view)
-                    .buf("saved_argmax", &saved.argmax.view)
-                    .buf("saved_conv", &saved.conv.view)
-                    .buf("input", &input.view)
-                    .buf("partials", &partials.view);
-                let d = me
-                    .conv_params(b, s, 0)
-                    .grid(((s.out_channels * s.in_channels) as u32, splits, 1))
-                    .build(op)?;
-                me.push(d);
-                let b = me
-                    .kernel("conv_sum_splits")?
-                    .bind(dev)
-                    .buf("partials_in", &partials.view)
-                    .buf("dweight", &grads.dweight.view)
-                    .buf("dbias", &grads.dbias.view);
-                let n = (s.weight_len() + s.out_channels) as u64;
-                let d = me.conv_params(b, s, splits).grid(grid_1d(n, 256, me.max_dim())).build(op)?;
-                me.push(d);
-                if let Some(dinput) = dinput {
-                    let b = me
-                        .kernel("conv_backward_input")?
-                        .bind(dev)
-                        .buf("dpooled", &dpooled.view)
-                        .buf("saved_argmax", &saved.argmax.view)
-                        .buf("saved_conv", &saved.conv.view)
-                        .buf("weight", &weight.view)
-                        .buf("dinput", &dinput.view);
-                    let d = me.conv_params(b, s, 0).grid((s.batch as u32, 1, 1)).build(op)?;
-                    me.push(d);
-                }
-                return Ok(());
-            }
-            // The fallback: the conv-output gradient first, then one invocation per element.
-            let dconv = me.scratch("dconv", s.output_len())?;
-            let d = me
-                .kernel("pool_backward")?
-                .bind(dev)
-                .buf("conv", &saved.conv.view)
-                .buf("dpooled", &dpooled.view)
-                .buf("saved_argmax", &saved.argmax.view)
-                .buf("dconv", &dconv.view)
-                .param("planes", s.batch * s.out_channels)
-                .param("height", s.out_height())
-                .param("width", s.out_width())
-                .grid(grid_1d(s.output_len() as u64, 256, me.max_dim()))
-                .build(op)?;
-            me.push(d);
-            let b = me
-                .kernel("conv_backward_weight_naive")?
-                .bind(dev)
-                .buf("dconv", &dconv.view)
-                .buf("input", &input.view)
-                .buf("dweight", &grads.dweight.view)
-                .buf("dbias", &grads.dbias.view);
-            let d = me
-                .conv_params(b, s, 0)
-                .grid(grid_1d((s.weight_len() + s.out_channels) as u64, 1, me.max_dim()))
-                .build(op)?;
-            me.push(d);
-            if let Some(dinput) = dinput {
-                let b = me
-                    .kernel("conv_backward_input_naive")?
-                    .bind(dev)
-                    .buf("dconv", &dconv.view)
-                    .buf("weight", &weight.view)
-                    .buf("dinput", &dinput.view);
-                let d = me
-                    .conv_params(b, s, 0)
-                    .grid(grid_1d(s.input_len() as u64, 256, me.max_dim()))
-                    .build(op)?;
-                me.push(d);
-            }
-            Ok(())
         })
     }
 
@@ -911,4 +553,49 @@ impl Ops for GpuOps {
         };
         self.tagged(case, |me| me.optimizer("sgd", "sgd_update", params, grads, &[momentum], values))
     }
+}
+
+/// The indices and shifts cover the batch.
+fn check_batch(batch: &BatchRef<GpuOps>) -> Result<()> {
+    ensure!(
+        batch.indices.len >= batch.batch && batch.shifts.len >= 2 * batch.batch,
+        "the batch's indices or shifts are too short"
+    );
+    Ok(())
+}
+
+fn check_conv_forward(
+    out: &ConvPoolOut<GpuOps>,
+    input: &GpuBuf<f32>,
+    weight: &GpuBuf<f32>,
+    bias: &GpuBuf<f32>,
+    s: ConvShape,
+) -> Result<()> {
+    check_lens!(input => s.input_len(), weight => s.weight_len(), bias => s.out_channels);
+    check_lens!(out.conv => s.output_len(), out.pooled => s.pooled_len(), out.argmax => s.pooled_len());
+    ensure!(
+        s.out_height().is_multiple_of(2) && s.out_width().is_multiple_of(2),
+        "max-pool input must have even sides"
+    );
+    Ok(())
+}
+
+/// A linear layer's backward buffers, with `parts` partial sums per weight gradient.
+fn check_linear_backward(
+    grads: &ParamGrads<GpuOps>,
+    dinput: Option<&InputGrad<GpuOps>>,
+    input: &GpuBuf<f32>,
+    weight: &GpuBuf<f32>,
+    s: LinearShape,
+    parts: usize,
+) -> Result<()> {
+    check_lens!(input => s.batch * s.in_features, weight => s.weight_len());
+    check_lens!(grads.dweight => parts * s.weight_len(), grads.dbias => parts * s.out_features);
+    if let Some(InputGrad { dinput, relu_mask }) = dinput {
+        check_lens!(dinput => s.batch * s.in_features);
+        if let Some(mask) = relu_mask {
+            check_lens!(mask => s.batch * s.in_features);
+        }
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@
 //! dispatches (the first kernels, `v1`, take 19). Shapes these kernels do not take fall back to
 //! the first ones (see [`GpuOps`]'s `Ops` methods).
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 
 use super::kernels::{grid_1d, Binder, StepUniform};
 use super::ops::{GpuBuf, GpuOps};
@@ -143,6 +143,8 @@ pub fn xent_partials(batch: usize) -> usize {
     batch.div_ceil(XT).max(1)
 }
 
+/// The convolution's shape, the workgroups that compute input gradients (or forward images),
+/// the images per weight-gradient workgroup, and the data set's image sides when gathering.
 fn conv_params(
     b: Binder<'_>,
     s: ConvShape,
@@ -150,57 +152,38 @@ fn conv_params(
     images_per_group: usize,
     data: (usize, usize),
 ) -> Binder<'_> {
-    b.param("batch", s.batch)
-        .param("cin", s.in_channels)
-        .param("cout", s.out_channels)
-        .param("height", s.height)
-        .param("width", s.width)
-        .param("k", s.kernel)
-        .param("pad", s.padding)
+    b.conv_shape(s)
         .param("groups", groups)
         .param("images_per_group", images_per_group)
         .param("data_rows", data.0)
         .param("data_cols", data.1)
 }
 
-fn check_len<T>(what: &str, buf: &GpuBuf<T>, len: usize) -> Result<()> {
-    ensure!(buf.len == len, "{what} ({}) holds {} values, the shape needs {len}", buf.view.label, buf.len);
-    Ok(())
+/// Where the first conv layer's input comes from.
+pub(super) enum ConvInput<'a> {
+    /// A batch in a buffer.
+    Input(&'a GpuBuf<f32>),
+    /// Gathered from the data set, into `gathered` (kept for the backward pass) and `labels`.
+    Gather { gathered: &'a GpuBuf<f32>, labels: &'a GpuBuf<u32>, batch: &'a BatchRef<'a, GpuOps> },
 }
 
+/// These functions only bind and record: [`GpuOps`]'s `Ops` methods have checked the buffers
+/// against the shapes and chosen the kernels.
 impl GpuOps {
-    /// conv + bias + ReLU + max-pool, gathering the input from the data set when `gather` is
-    /// given (the gathered batch and its labels are written there).
-    #[allow(clippy::too_many_arguments)]
+    /// conv + bias + ReLU + max-pool of a batch, one workgroup per image.
     pub(super) fn conv_pool_forward_v2(
         &mut self,
-        gather: Option<(&mut GpuBuf<f32>, &mut GpuBuf<u32>, &BatchRef<Self>)>,
+        input: ConvInput,
         out: ConvPoolOut<Self>,
-        input: Option<&GpuBuf<f32>>,
         weight: &GpuBuf<f32>,
         bias: &GpuBuf<f32>,
         s: ConvShape,
     ) -> Result<()> {
-        check_len("weight", weight, s.weight_len())?;
-        check_len("bias", bias, s.out_channels)?;
-        check_len("conv", out.conv, s.output_len())?;
-        check_len("pooled", out.pooled, s.pooled_len())?;
-        check_len("argmax", out.argmax, s.pooled_len())?;
-        let dev = self.ctx.device.clone();
-        let (kernel, mut b, data) = match gather {
-            Some((gathered, labels, batch)) => {
-                check_len("input", gathered, s.input_len())?;
-                check_len("labels", labels, s.batch)?;
-                ensure!(
-                    batch.batch == s.batch,
-                    "the batch holds {} images, the shape {}",
-                    batch.batch,
-                    s.batch
-                );
+        let (kernel, b, data) = match input {
+            ConvInput::Gather { gathered, labels, batch } => {
                 let d = batch.data;
                 let b = self
                     .kernel("gather_conv_pool_forward")?
-                    .bind(&dev)
                     .buf("images", &d.images.view)
                     .buf("labels", &d.labels.view)
                     .buf("indices", &batch.indices.view)
@@ -211,14 +194,11 @@ impl GpuOps {
                     .step(self.step(StepUniform::default()));
                 ("gather_conv_pool_forward", b, (d.rows, d.cols))
             }
-            None => {
-                let input = input.expect("an input when not gathering");
-                check_len("input", input, s.input_len())?;
-                let b = self.kernel("conv_pool_forward")?.bind(&dev).buf("input", &input.view);
-                ("conv_pool_forward", b, (0, 0))
+            ConvInput::Input(input) => {
+                ("conv_pool_forward", self.kernel("conv_pool_forward")?.buf("input", &input.view), (0, 0))
             }
         };
-        b = b
+        let b = b
             .buf("weight", &weight.view)
             .buf("bias", &bias.view)
             .buf("conv", &out.conv.view)
@@ -243,30 +223,17 @@ impl GpuOps {
         weight: &GpuBuf<f32>,
         s: ConvShape,
     ) -> Result<()> {
-        let parts = conv_partials(s.batch);
-        check_len("dpooled", dpooled, s.pooled_len())?;
-        check_len("conv", saved.conv, s.output_len())?;
-        check_len("argmax", saved.argmax, s.pooled_len())?;
-        check_len("input", input, s.input_len())?;
-        check_len("weight", weight, s.weight_len())?;
-        check_len("dweight", grads.dweight, parts * s.weight_len())?;
-        check_len("dbias", grads.dbias, parts * s.out_channels)?;
         // Without an input gradient no workgroup writes one; a scratch buffer fills the binding.
         let scratch;
         let (dinput, tiles) = match dinput {
-            Some(d) => {
-                check_len("dinput", d, s.input_len())?;
-                (&*d, s.batch)
-            }
+            Some(d) => (&*d, s.batch),
             None => {
                 scratch = self.scratch("no_dinput", 1)?;
                 (&scratch, 0)
             }
         };
-        let dev = self.ctx.device.clone();
         let b = self
             .kernel("conv_pool_backward")?
-            .bind(&dev)
             .buf("dpooled", &dpooled.view)
             .buf("saved_argmax", &saved.argmax.view)
             .buf("saved_conv", &saved.conv.view)
@@ -275,7 +242,7 @@ impl GpuOps {
             .buf("dinput", &dinput.view)
             .buf("dweight", &grads.dweight.view)
             .buf("dbias", &grads.dbias.view);
-        let workgroups = (tiles + parts) as u64;
+        let workgroups = (tiles + conv_partials(s.batch)) as u64;
         let d = conv_params(b, s, tiles, images_per_group(s.batch), (0, 0))
             .grid(grid_1d(workgroups, 1, self.max_dim()))
             .build("conv_backward_from_pool")?;
@@ -285,28 +252,20 @@ impl GpuOps {
 
     pub(super) fn linear_forward_v2(
         &mut self,
-        out: &mut GpuBuf<f32>,
+        out: &GpuBuf<f32>,
         input: &GpuBuf<f32>,
         weight: &GpuBuf<f32>,
         bias: &GpuBuf<f32>,
         s: LinearShape,
         relu: bool,
     ) -> Result<()> {
-        check_len("input", input, s.batch * s.in_features)?;
-        check_len("weight", weight, s.weight_len())?;
-        check_len("bias", bias, s.out_features)?;
-        check_len("out", out, s.batch * s.out_features)?;
         let d = self
             .kernel("linear_forward_v2")?
-            .bind(&self.ctx.device)
             .buf("rows", &input.view)
             .buf("weight", &weight.view)
             .buf("bias", &bias.view)
             .buf("out", &out.view)
-            .param("batch", s.batch)
-            .param("in_features", s.in_features)
-            .param("out_features", s.out_features)
-            .param("relu", relu)
+            .linear_shape(s, relu)
             .param("dinput_tiles", 0u32)
             .param("scale", 0.0f32)
             .grid((s.out_features.div_ceil(8) as u32, s.batch.div_ceil(64) as u32, 1))
@@ -325,15 +284,9 @@ impl GpuOps {
         s: LinearShape,
     ) -> Result<()> {
         let LinearShape { batch, in_features, out_features } = s;
-        check_len("dout", dout, batch * out_features)?;
-        check_len("input", input, batch * in_features)?;
-        check_len("weight", weight, s.weight_len())?;
-        check_len("dweight", grads.dweight, s.weight_len())?;
-        check_len("dbias", grads.dbias, out_features)?;
         let scratch;
         let (dinput, mask, tiles) = match dinput {
             Some(InputGrad { dinput, relu_mask }) => {
-                check_len("dinput", dinput, batch * in_features)?;
                 (&*dinput, relu_mask, in_features.div_ceil(8) * batch.div_ceil(64))
             }
             None => {
@@ -344,7 +297,6 @@ impl GpuOps {
         let w_tiles = (in_features + 1).div_ceil(64) * out_features.div_ceil(8);
         let d = self
             .kernel("linear_backward_v2")?
-            .bind(&self.ctx.device)
             .buf("rows", &dout.view)
             .buf("dout", &dout.view)
             .buf("input", &input.view)
@@ -354,10 +306,7 @@ impl GpuOps {
             .buf("dinput", &dinput.view)
             .buf("dweight", &grads.dweight.view)
             .buf("dbias", &grads.dbias.view)
-            .param("batch", batch)
-            .param("in_features", in_features)
-            .param("out_features", out_features)
-            .param("relu", mask.is_some())
+            .linear_shape(s, mask.is_some())
             .param("dinput_tiles", tiles)
             .param("scale", 0.0f32)
             .grid(grid_1d((tiles + w_tiles) as u64, 1, self.max_dim()))
@@ -366,10 +315,11 @@ impl GpuOps {
         Ok(())
     }
 
+    /// The output layer's forward pass, loss and backward pass, one workgroup per `XT` images.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn linear_xent_v2(
         &mut self,
-        logits: &mut GpuBuf<f32>,
+        logits: &GpuBuf<f32>,
         xent: XentOut<Self>,
         grads: ParamGrads<Self>,
         dinput: Option<InputGrad<Self>>,
@@ -379,31 +329,16 @@ impl GpuOps {
         bias: &GpuBuf<f32>,
         s: LinearShape,
     ) -> Result<()> {
-        let LinearShape { batch, in_features, out_features } = s;
-        let parts = xent_partials(batch);
-        check_len("input", input, batch * in_features)?;
-        check_len("weight", weight, s.weight_len())?;
-        check_len("bias", bias, out_features)?;
-        check_len("labels", labels, batch)?;
-        check_len("logits", logits, batch * out_features)?;
-        check_len("dlogits", xent.dlogits, batch * out_features)?;
-        check_len("dweight", grads.dweight, parts * s.weight_len())?;
-        check_len("dbias", grads.dbias, parts * out_features)?;
-        ensure!(xent.losses.len >= batch && xent.correct.len >= batch, "the loss buffers are too short");
         let scratch;
         let (dinput, mask) = match dinput {
-            Some(InputGrad { dinput, relu_mask }) => {
-                check_len("dinput", dinput, batch * in_features)?;
-                (&*dinput, relu_mask)
-            }
+            Some(InputGrad { dinput, relu_mask }) => (&*dinput, relu_mask),
             None => {
-                scratch = self.scratch("no_dinput", batch * in_features)?;
+                scratch = self.scratch("no_dinput", s.batch * s.in_features)?;
                 (&scratch, None)
             }
         };
         let d = self
             .kernel("linear_xent_v2")?
-            .bind(&self.ctx.device)
             .buf("input", &input.view)
             .buf("weight", &weight.view)
             .buf("bias", &bias.view)
@@ -416,14 +351,11 @@ impl GpuOps {
             .buf("dinput", &dinput.view)
             .buf("dweight", &grads.dweight.view)
             .buf("dbias", &grads.dbias.view)
-            .param("batch", batch)
-            .param("in_features", in_features)
-            .param("out_features", out_features)
-            .param("relu", mask.is_some())
+            .linear_shape(s, mask.is_some())
             .param("dinput_tiles", 0u32)
-            .param("scale", 1.0f32 / batch as f32)
+            .param("scale", 1.0f32 / s.batch as f32)
             .step(self.step(StepUniform::default()))
-            .grid((parts as u32, 1, 1))
+            .grid((xent_partials(s.batch) as u32, 1, 1))
             .build("linear_xent_forward_backward")?;
         self.push(d);
         Ok(())
