@@ -1,7 +1,8 @@
 // 2-D convolution, NCHW, square kernel, stride 1, zero padding; weights [Cout, Cin, K, K]. The
 // first kernels of lenet (`LENET_KERNELS=v1`): one-invocation-per-element fallbacks for any
-// shape, and tiled 5x5 kernels with the conv's 2x2 max-pool fused in (forward) or gathered
-// through (backward). Every sum in a fixed order (no atomics): the same bits on every run.
+// shape (with the 2x2 max-pool and its backward as kernels of their own, at the end), and tiled
+// 5x5 kernels with the pool fused in (forward) or gathered through (backward). Every sum in a
+// fixed order (no atomics): the same bits on every run.
 
 struct Params {
     batch: u32,
@@ -26,8 +27,8 @@ struct Params {
 @group(0) @binding(6) var<storage, read> dpooled: array<f32>;
 @group(0) @binding(7) var<storage, read> saved_argmax: array<u32>;
 @group(0) @binding(8) var<storage, read> saved_conv: array<f32>;
-// The conv-output gradient, for the fallbacks (pool_backward in pool.wgsl writes it).
-@group(0) @binding(9) var<storage, read> dconv: array<f32>;
+// The conv-output gradient, for the fallbacks (pool_backward writes it).
+@group(0) @binding(9) var<storage, read_write> dconv: array<f32>;
 @group(0) @binding(10) var<storage, read_write> dinput: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dweight: array<f32>;
 @group(0) @binding(12) var<storage, read_write> dbias: array<f32>;
@@ -514,4 +515,68 @@ fn conv_sum_splits(
     } else {
         dbias[i - n_weights] = s;
     }
+}
+
+// 2x2 max-pooling, stride 2, of the conv output, for the shapes the tiled forward does not take
+// (after conv_forward_naive): one invocation per pooled output. The argmax is the flat index into
+// the conv output of the window's first maximum in row-major order (strict '>' keeps the first
+// on ties).
+@compute @workgroup_size(256)
+fn pool_forward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let o = flat_index(wid, nwg, lid, 256u);
+    let h = out_h();
+    let w = out_w();
+    let ho = h / 2u;
+    let wo = w / 2u;
+    if o >= params.batch * params.cout * ho * wo {
+        return;
+    }
+    let x = o % wo;
+    let t = o / wo;
+    let y = t % ho;
+    let plane = t / ho;
+    let first = (plane * h + 2u * y) * w + 2u * x;
+    var best = first;
+    var best_v = conv[first];
+    for (var k = 1u; k < 4u; k++) {
+        let i = first + (k / 2u) * w + k % 2u;
+        let v = conv[i];
+        if v > best_v {
+            best = i;
+            best_v = v;
+        }
+    }
+    pooled[o] = best_v;
+    argmax[o] = best;
+}
+
+// The pool's and the ReLU's backward, for the naive backward kernels: a gather per conv element
+// (no scatter), dconv[i] = dpooled[o] if saved_argmax[o] == i for the window o containing i and
+// saved_conv[i] > 0 (the ReLU before the pool), else 0.
+@compute @workgroup_size(256)
+fn pool_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = flat_index(wid, nwg, lid, 256u);
+    let h = out_h();
+    let w = out_w();
+    if i >= params.batch * params.cout * h * w {
+        return;
+    }
+    let ix = i % w;
+    let t = i / w;
+    let iy = t % h;
+    let plane = t / h;
+    let o = (plane * (h / 2u) + iy / 2u) * (w / 2u) + ix / 2u;
+    var g = 0.0;
+    if saved_argmax[o] == i && saved_conv[i] > 0.0 {
+        g = dpooled[o];
+    }
+    dconv[i] = g;
 }

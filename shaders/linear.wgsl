@@ -1,7 +1,8 @@
 // Fully connected layers, the first kernels of lenet (`LENET_KERNELS=v1`): X [B, In],
 // W [Out, In] (PyTorch's layout), bias [Out], Y [B, Out]. 16x16 output tiles per workgroup,
 // operands staged through workgroup memory in 16-wide slices of the reduction axis. Each output
-// is summed in a fixed order: deterministic, no atomics.
+// is summed in a fixed order: deterministic, no atomics. Then the output layer's softmax
+// cross-entropy, at the end.
 
 struct Params {
     batch: u32,
@@ -9,6 +10,8 @@ struct Params {
     out_features: u32,
     // forward: ReLU on the output; backward input: zero where relu_mask <= 0
     relu: u32,
+    // softmax_xent: the loss gradient's factor, 1/B from the host
+    scale: f32,
 }
 
 const T: u32 = 16u;
@@ -23,7 +26,13 @@ const T: u32 = 16u;
 @group(0) @binding(6) var<storage, read_write> dinput: array<f32>;
 @group(0) @binding(7) var<storage, read_write> dweight: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dbias: array<f32>;
-@group(0) @binding(9) var<uniform> params: Params;
+// The output layer's softmax cross-entropy (out_features is the number of classes).
+@group(0) @binding(9) var<storage, read> logits: array<f32>;
+@group(0) @binding(10) var<storage, read> labels: array<u32>;
+@group(0) @binding(11) var<storage, read_write> dlogits: array<f32>;
+@group(0) @binding(12) var<storage, read_write> losses: array<f32>;
+@group(0) @binding(13) var<storage, read_write> correct: array<u32>;
+@group(0) @binding(14) var<uniform> params: Params;
 
 var<workgroup> ta: array<array<f32, 16>, 16>;
 var<workgroup> tb: array<array<f32, 16>, 16>;
@@ -129,5 +138,42 @@ fn linear_backward_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
         } else if i == n_in {
             dbias[o] = acc;
         }
+    }
+}
+
+// Softmax cross-entropy, one invocation per image: the image's loss and whether its first
+// largest logit is the label (written at the step's statistics slot; the host adds them up in a
+// fixed order), and the gradient of the batch-mean loss: dlogits = (softmax - onehot) * scale.
+@compute @workgroup_size(64)
+fn softmax_xent(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let b = flat_index(wid, nwg, lid, 64u);
+    if b >= params.batch {
+        return;
+    }
+    let classes = params.out_features;
+    let row = b * classes;
+    let label = labels[b];
+    var mx = logits[row];
+    var arg = 0u;
+    for (var c = 1u; c < classes; c++) {
+        let z = logits[row + c];
+        if z > mx {
+            mx = z;
+            arg = c;
+        }
+    }
+    var sum = 0.0;
+    for (var c = 0u; c < classes; c++) {
+        sum += exp(logits[row + c] - mx);
+    }
+    losses[step.stats_offset + b] = log(sum) - (logits[row + label] - mx);
+    correct[step.stats_offset + b] = select(0u, 1u, arg == label);
+    for (var c = 0u; c < classes; c++) {
+        let p = exp(logits[row + c] - mx) / sum;
+        dlogits[row + c] = (p - select(0.0, 1.0, c == label)) * params.scale;
     }
 }

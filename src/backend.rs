@@ -13,7 +13,7 @@ use crate::gpu::context::{choose_adapter, ADAPTER_ENV};
 use crate::model::{Params, TrainState, CLASSES, IMAGE_PIXELS};
 pub use crate::network::StepStats;
 use crate::network::{forward, train_step, Activations, StepOut, Weights};
-use crate::ops::{BatchRef, Ops};
+use crate::ops::{Batch, Ops};
 use crate::optim::OptStep;
 
 /// A chunk of optimizer steps for [`Backend::submit`].
@@ -244,7 +244,7 @@ impl<O: Ops> Backend for OpsBackend<O> {
         for (s, opt) in chunk.steps.iter().enumerate() {
             self.ops.write(&mut sb.indices, &chunk.indices[s * b..][..b])?;
             self.ops.write(&mut sb.shifts, &chunk.shifts[2 * s * b..][..2 * b])?;
-            let batch = BatchRef { data: &self.train, indices: &sb.indices, shifts: &sb.shifts, batch: b };
+            let batch = Batch { data: &self.train, indices: &sb.indices, shifts: &sb.shifts, batch: b };
             let out = StepOut { losses: &mut sb.losses, correct: &mut sb.correct };
             train_step(&mut self.ops, w, &mut sb.acts, &batch, out, opt)?;
             let (losses, correct) = (self.ops.read(&sb.losses)?, self.ops.read(&sb.correct)?);
@@ -272,7 +272,7 @@ impl<O: Ops> Backend for OpsBackend<O> {
             let sb = bufs.as_mut().expect("made above");
             let indices: Vec<u32> = (start as u32..(start + b) as u32).collect();
             self.ops.write(&mut sb.indices, &indices)?;
-            let batch = BatchRef { data: &eval, indices: &sb.indices, shifts: &sb.shifts, batch: b };
+            let batch = Batch { data: &eval, indices: &sb.indices, shifts: &sb.shifts, batch: b };
             forward(&mut self.ops, &w.params, &mut sb.acts, &batch)?;
             logits.extend(self.ops.read(sb.acts.logits())?);
         }

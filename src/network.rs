@@ -340,17 +340,20 @@ pub fn train_step<O: Ops>(
     let LayerActs::Linear { out: logits } = &mut rest[0] else { unreachable!("shapes match kinds") };
     let (dbefore, dlast) = acts.grads.split_at_mut(last);
     let (dweight, dbias) = pair_mut(&mut w.grads, wi);
-    ops.linear_xent_forward_backward(
+    ops.linear_xent_forward_backward(LinearXentArgs {
+        input: layer_input(&acts.input, before),
+        weight: &w.params[wi],
+        bias: &w.params[bi],
+        labels: &acts.labels,
         logits,
-        XentOut { dlogits: &mut dlast[0], losses: out.losses, correct: out.correct },
-        ParamGrads { dweight, dbias },
-        input_grad(dbefore, before, last),
-        layer_input(&acts.input, before),
-        &acts.labels,
-        &w.params[wi],
-        &w.params[bi],
+        dlogits: &mut dlast[0],
+        losses: out.losses,
+        correct: out.correct,
+        dweight,
+        dbias,
+        dinput: input_grad(dbefore, before, last),
         s,
-    )?;
+    })?;
 
     // Every other layer, in reverse.
     for i in (0..last).rev() {
@@ -359,26 +362,36 @@ pub fn train_step<O: Ops>(
         let before = &acts.layers[..i];
         let input = layer_input(&acts.input, before);
         let (dweight, dbias) = pair_mut(&mut w.grads, wi);
-        let grads = ParamGrads { dweight, dbias };
+        let (dout, weight) = (&dthis[0], &w.params[wi]);
         match (&acts.layers[i], acts.shapes[i]) {
             (LayerActs::Conv { conv, argmax, .. }, LayerShape::Conv(s)) => {
                 // A conv layer's input is the image or a pooled output: no ReLU mask to apply.
                 let dinput = dbefore.last_mut();
-                let saved = ConvPoolSaved { conv, argmax };
-                ops.conv_backward_from_pool(grads, dinput, &dthis[0], saved, input, &w.params[wi], s)?;
+                let a = ConvBackwardArgs {
+                    dpooled: dout,
+                    conv,
+                    argmax,
+                    input,
+                    weight,
+                    dweight,
+                    dbias,
+                    dinput,
+                    s,
+                };
+                ops.conv_backward_from_pool(a)?;
             }
             (LayerActs::Linear { .. }, LayerShape::Linear(s)) => {
                 let dinput = input_grad(dbefore, before, i);
-                ops.linear_backward(grads, dinput, &dthis[0], input, &w.params[wi], s)?;
+                ops.linear_backward(LinearBackwardArgs { dout, input, weight, dweight, dbias, dinput, s })?;
             }
             _ => unreachable!("shapes match kinds"),
         }
     }
 
-    match (opt, w.moments.as_mut_slice()) {
-        (OptStep::Adam(step), [m, v]) => ops.adam_update(&mut w.params, &w.grads, m, v, step),
-        (OptStep::Sgd(step), [momentum]) => ops.sgd_update(&mut w.params, &w.grads, momentum, step),
-        _ => bail!("the optimizer state does not match the optimizer"),
+    let (params, grads, moments) = (&mut w.params[..], &w.grads[..], &mut w.moments[..]);
+    match opt {
+        OptStep::Adam(step) => ops.adam_update(UpdateArgs { params, grads, moments, step }),
+        OptStep::Sgd(step) => ops.sgd_update(UpdateArgs { params, grads, moments, step }),
     }
 }
 
@@ -397,19 +410,11 @@ fn forward_layers<O: Ops>(
         let (before, rest) = acts.layers.split_at_mut(i);
         match (&mut rest[0], acts.shapes[i]) {
             (LayerActs::Conv { conv, pooled, argmax }, LayerShape::Conv(s)) => {
-                let out = ConvPoolOut { conv, pooled, argmax };
+                let l = ConvLayerArgs { weight, bias, conv, pooled, argmax, s };
                 if i == 0 {
-                    ops.gather_conv_relu_pool_forward(
-                        &mut acts.input,
-                        &mut acts.labels,
-                        batch,
-                        out,
-                        weight,
-                        bias,
-                        s,
-                    )?;
+                    ops.gather_conv_relu_pool_forward(&mut acts.input, &mut acts.labels, batch, l)?;
                 } else {
-                    ops.conv_relu_pool_forward(out, layer_input(&acts.input, before), weight, bias, s)?;
+                    ops.conv_relu_pool_forward(layer_input(&acts.input, before), l)?;
                 }
             }
             (LayerActs::Linear { out }, LayerShape::Linear(s)) => {
@@ -417,7 +422,8 @@ fn forward_layers<O: Ops>(
                     ops.gather(&mut acts.input, &mut acts.labels, batch)?;
                 }
                 let relu = matches!(layer.kind, LayerKind::Linear { relu: true, .. });
-                ops.linear_forward(out, layer_input(&acts.input, before), weight, bias, s, relu)?;
+                let input = layer_input(&acts.input, before);
+                ops.linear_forward(LinearForwardArgs { input, weight, bias, out, s, relu })?;
             }
             _ => unreachable!("shapes match kinds"),
         }
@@ -443,7 +449,7 @@ fn input_grad<'a, O: Ops>(
         (LayerKind::Linear { relu: true, .. }, acts) => Some(acts.output()),
         _ => None,
     };
-    Some(InputGrad { dinput, relu_mask })
+    Some(InputGradArgs { dinput, relu_mask })
 }
 
 /// Mutable references to `v[i]` and `v[i + 1]`.

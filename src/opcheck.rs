@@ -395,8 +395,11 @@ pub struct Staged<O: Ops> {
     data: Option<O::Data>,
     /// Partial counts of the gradient outputs (dweight, dbias).
     partials: usize,
-    /// The optimizer cases' tensors, one buffer per tensor: param, grad, moment1, moment2.
-    tensors: Vec<Vec<O::Buf<f32>>>,
+    /// The optimizer cases' tensors, one buffer per tensor: the parameters, their gradients,
+    /// and the optimizer's state (moment1, and moment2 for Adam).
+    params: Vec<O::Buf<f32>>,
+    grads: Vec<O::Buf<f32>>,
+    moments: Vec<Vec<O::Buf<f32>>>,
 }
 
 fn take<'a, B>(list: &'a [(&'static str, B)], name: &str) -> &'a B {
@@ -415,7 +418,9 @@ impl<O: Ops> Staged<O> {
             outs_u32: Vec::new(),
             data: None,
             partials: 1,
-            tensors: Vec::new(),
+            params: Vec::new(),
+            grads: Vec::new(),
+            moments: Vec::new(),
         };
         for (n, v) in &host.f32s {
             s.ins.push((n, ops.upload(n, v)?));
@@ -487,14 +492,13 @@ impl<O: Ops> Staged<O> {
             }
             OpCase::Adam { lens, partials } | OpCase::Sgd { lens, partials, .. } => {
                 let ones = vec![1; lens.len()];
-                for (name, parts) in
-                    [("param", &ones), ("grad", partials), ("moment1", &ones), ("moment2", &ones)]
-                {
-                    let list = split(host.f(name), lens, parts)
-                        .into_iter()
-                        .map(|t| ops.upload(name, t))
-                        .collect::<Result<_>>()?;
-                    s.tensors.push(list);
+                let mut upload = |name: &'static str, parts: &[usize]| -> Result<Vec<O::Buf<f32>>> {
+                    split(host.f(name), lens, parts).into_iter().map(|t| ops.upload(name, t)).collect()
+                };
+                s.params = upload("param", &ones)?;
+                s.grads = upload("grad", partials)?;
+                for name in moment_names(case) {
+                    s.moments.push(upload(name, &ones)?);
                 }
             }
         }
@@ -506,14 +510,14 @@ impl<O: Ops> Staged<O> {
 
     /// Runs the op once.
     pub fn exec(&mut self, ops: &mut O) -> Result<()> {
-        let Staged { case, ins, ins_u32, ins_i32, outs, outs_u32, data, tensors, .. } = self;
-        let batch_ref = |batch: usize| BatchRef {
+        let Staged { case, ins, ins_u32, ins_i32, outs, outs_u32, data, .. } = self;
+        let batch_ref = |batch: usize| Batch {
             data: data.as_ref().expect("a data set"),
             indices: take(ins_u32, "indices"),
             shifts: take(ins_i32, "shifts"),
             batch,
         };
-        let f = |name: &str| take(ins, name);
+        let (f, u) = (|name: &str| take(ins, name), |name: &str| take(ins_u32, name));
         match case {
             OpCase::Gather { batch, .. } => {
                 let [input] = outs_mut(outs, ["input"]);
@@ -523,139 +527,79 @@ impl<O: Ops> Staged<O> {
             OpCase::ConvReluPool(s) => {
                 let [conv, pooled] = outs_mut(outs, ["conv", "pooled"]);
                 let [argmax] = outs_mut(outs_u32, ["argmax"]);
-                ops.conv_relu_pool_forward(
-                    ConvPoolOut { conv, pooled, argmax },
-                    f("input"),
-                    f("weight"),
-                    f("bias"),
-                    *s,
-                )
+                let l = ConvLayerArgs { weight: f("weight"), bias: f("bias"), conv, pooled, argmax, s: *s };
+                ops.conv_relu_pool_forward(f("input"), l)
             }
             OpCase::GatherConvReluPool { s, .. } => {
                 let [input, conv, pooled] = outs_mut(outs, ["input", "conv", "pooled"]);
                 let [labels, argmax] = outs_mut(outs_u32, ["labels", "argmax"]);
-                let out = ConvPoolOut { conv, pooled, argmax };
-                ops.gather_conv_relu_pool_forward(
-                    input,
-                    labels,
-                    &batch_ref(s.batch),
-                    out,
-                    f("weight"),
-                    f("bias"),
-                    *s,
-                )
+                let l = ConvLayerArgs { weight: f("weight"), bias: f("bias"), conv, pooled, argmax, s: *s };
+                ops.gather_conv_relu_pool_forward(input, labels, &batch_ref(s.batch), l)
             }
             OpCase::Linear { s, relu } => {
                 let [out] = outs_mut(outs, ["out"]);
-                ops.linear_forward(out, f("input"), f("weight"), f("bias"), *s, *relu)
+                let (input, weight, bias) = (f("input"), f("weight"), f("bias"));
+                ops.linear_forward(LinearForwardArgs { input, weight, bias, out, s: *s, relu: *relu })
             }
             OpCase::SoftmaxXent { batch, classes } => {
                 let [dlogits, losses] = outs_mut(outs, ["dlogits", "losses"]);
                 let [correct] = outs_mut(outs_u32, ["correct"]);
-                ops.softmax_xent(
-                    XentOut { dlogits, losses, correct },
-                    f("logits"),
-                    take(ins_u32, "labels"),
-                    *batch,
-                    *classes,
-                )
+                let (logits, labels, batch, classes) = (f("logits"), u("labels"), *batch, *classes);
+                ops.softmax_xent(SoftmaxXentArgs { logits, labels, dlogits, losses, correct, batch, classes })
             }
             OpCase::LinearXent { s, mask } => {
                 let [correct] = outs_mut(outs_u32, ["correct"]);
-                let input = take(ins, "input");
-                if mask.is_some() {
-                    let [logits, dlogits, losses, dinput, dweight, dbias] =
-                        outs_mut(outs, ["logits", "dlogits", "losses", "dinput", "dweight", "dbias"]);
-                    let dinput = Some(InputGrad { dinput, relu_mask: mask.unwrap().then_some(input) });
-                    let xent = XentOut { dlogits, losses, correct };
-                    let grads = ParamGrads { dweight, dbias };
-                    ops.linear_xent_forward_backward(
-                        logits,
-                        xent,
-                        grads,
-                        dinput,
-                        input,
-                        take(ins_u32, "labels"),
-                        f("weight"),
-                        f("bias"),
-                        *s,
-                    )
-                } else {
-                    let [logits, dlogits, losses, dweight, dbias] =
-                        outs_mut(outs, ["logits", "dlogits", "losses", "dweight", "dbias"]);
-                    let xent = XentOut { dlogits, losses, correct };
-                    let grads = ParamGrads { dweight, dbias };
-                    ops.linear_xent_forward_backward(
-                        logits,
-                        xent,
-                        grads,
-                        None,
-                        input,
-                        take(ins_u32, "labels"),
-                        f("weight"),
-                        f("bias"),
-                        *s,
-                    )
-                }
+                let names = ["logits", "dlogits", "losses", "dweight", "dbias", "dinput"];
+                let [logits, dlogits, losses, dweight, dbias, dinput] = outs_opt(outs, names);
+                ops.linear_xent_forward_backward(LinearXentArgs {
+                    input: f("input"),
+                    weight: f("weight"),
+                    bias: f("bias"),
+                    labels: u("labels"),
+                    logits: logits.expect("staged"),
+                    dlogits: dlogits.expect("staged"),
+                    losses: losses.expect("staged"),
+                    correct,
+                    dweight: dweight.expect("staged"),
+                    dbias: dbias.expect("staged"),
+                    dinput: input_grad(dinput, *mask, f("input")),
+                    s: *s,
+                })
             }
             OpCase::LinearBackward { s, mask } => {
-                let input = take(ins, "input");
-                if mask.is_some() {
-                    let [dinput, dweight, dbias] = outs_mut(outs, ["dinput", "dweight", "dbias"]);
-                    let dinput = Some(InputGrad { dinput, relu_mask: mask.unwrap().then_some(input) });
-                    ops.linear_backward(
-                        ParamGrads { dweight, dbias },
-                        dinput,
-                        f("dout"),
-                        input,
-                        f("weight"),
-                        *s,
-                    )
-                } else {
-                    let [dweight, dbias] = outs_mut(outs, ["dweight", "dbias"]);
-                    ops.linear_backward(
-                        ParamGrads { dweight, dbias },
-                        None,
-                        f("dout"),
-                        input,
-                        f("weight"),
-                        *s,
-                    )
-                }
+                let [dweight, dbias, dinput] = outs_opt(outs, ["dweight", "dbias", "dinput"]);
+                ops.linear_backward(LinearBackwardArgs {
+                    dout: f("dout"),
+                    input: f("input"),
+                    weight: f("weight"),
+                    dweight: dweight.expect("staged"),
+                    dbias: dbias.expect("staged"),
+                    dinput: input_grad(dinput, *mask, f("input")),
+                    s: *s,
+                })
             }
-            OpCase::ConvBackwardFromPool { s, dinput } => {
-                let saved = ConvPoolSaved { conv: f("conv"), argmax: take(ins_u32, "argmax") };
-                if *dinput {
-                    let [dinput, dweight, dbias] = outs_mut(outs, ["dinput", "dweight", "dbias"]);
-                    ops.conv_backward_from_pool(
-                        ParamGrads { dweight, dbias },
-                        Some(dinput),
-                        f("dpooled"),
-                        saved,
-                        f("input"),
-                        f("weight"),
-                        *s,
-                    )
-                } else {
-                    let [dweight, dbias] = outs_mut(outs, ["dweight", "dbias"]);
-                    ops.conv_backward_from_pool(
-                        ParamGrads { dweight, dbias },
-                        None,
-                        f("dpooled"),
-                        saved,
-                        f("input"),
-                        f("weight"),
-                        *s,
-                    )
-                }
+            OpCase::ConvBackwardFromPool { s, .. } => {
+                let [dweight, dbias, dinput] = outs_opt(outs, ["dweight", "dbias", "dinput"]);
+                ops.conv_backward_from_pool(ConvBackwardArgs {
+                    dpooled: f("dpooled"),
+                    conv: f("conv"),
+                    argmax: u("argmax"),
+                    input: f("input"),
+                    weight: f("weight"),
+                    dweight: dweight.expect("staged"),
+                    dbias: dbias.expect("staged"),
+                    dinput,
+                    s: *s,
+                })
             }
             OpCase::Adam { .. } => {
-                let [p, g, m, v] = tensors.as_mut_slice() else { unreachable!("staged") };
-                ops.adam_update(p, g, m, v, &adam_step())
+                let (params, grads, moments) = (&mut self.params[..], &self.grads[..], &mut self.moments[..]);
+                ops.adam_update(UpdateArgs { params, grads, moments, step: &adam_step() })
             }
             OpCase::Sgd { momentum, nesterov, weight_decay, .. } => {
-                let [p, g, m, _] = tensors.as_mut_slice() else { unreachable!("staged") };
-                ops.sgd_update(p, g, m, &sgd_step(*momentum, *nesterov, *weight_decay))
+                let (params, grads, moments) = (&mut self.params[..], &self.grads[..], &mut self.moments[..]);
+                let step = sgd_step(*momentum, *nesterov, *weight_decay);
+                ops.sgd_update(UpdateArgs { params, grads, moments, step: &step })
             }
         }
     }
@@ -673,17 +617,15 @@ impl<O: Ops> Staged<O> {
         for (n, b) in &self.outs_u32 {
             h.u32s.push((n, ops.read(b)?));
         }
-        let names = match self.case {
-            OpCase::Adam { .. } => &["param", "moment1", "moment2"][..],
-            OpCase::Sgd { .. } => &["param", "moment1"][..],
-            _ => &[][..],
-        };
-        for (k, name) in [0, 2, 3].into_iter().zip(names) {
-            let mut flat = Vec::new();
-            for t in &self.tensors[k] {
-                flat.extend(ops.read(t)?);
+        if !self.params.is_empty() {
+            let names = std::iter::once("param").chain(moment_names(&self.case).iter().copied());
+            for (name, tensors) in names.zip(std::iter::once(&self.params).chain(&self.moments)) {
+                let mut flat = Vec::new();
+                for t in tensors {
+                    flat.extend(ops.read(t)?);
+                }
+                h.f32s.push((name, flat));
             }
-            h.f32s.push((name, flat));
         }
         Ok(h)
     }
@@ -703,13 +645,39 @@ pub fn sum_partials(v: &[f32], parts: usize) -> Vec<f32> {
 
 /// Mutable references to several distinct outputs by name.
 fn outs_mut<'a, B, const N: usize>(list: &'a mut [(&'static str, B)], names: [&str; N]) -> [&'a mut B; N] {
+    outs_opt(list, names).map(|b| b.expect("output staged"))
+}
+
+/// The outputs named, where the case has them.
+fn outs_opt<'a, B, const N: usize>(
+    list: &'a mut [(&'static str, B)],
+    names: [&str; N],
+) -> [Option<&'a mut B>; N] {
     let mut found: [Option<&'a mut B>; N] = std::array::from_fn(|_| None);
     for (n, b) in list.iter_mut() {
         if let Some(i) = names.iter().position(|x| x == n) {
             found[i] = Some(b);
         }
     }
-    found.map(|b| b.expect("output staged"))
+    found
+}
+
+/// The input gradient of a case with `mask` (see [`OpCase`]), whose mask is the layer's input
+/// (random, about half positive).
+fn input_grad<'a, B>(
+    dinput: Option<&'a mut B>,
+    mask: Option<bool>,
+    input: &'a B,
+) -> Option<InputGradArgs<'a, B>> {
+    dinput.map(|dinput| InputGradArgs { dinput, relu_mask: (mask == Some(true)).then_some(input) })
+}
+
+/// The optimizer's state tensors of an optimizer case, in [`UpdateArgs::moments`] order.
+fn moment_names(case: &OpCase) -> &'static [&'static str] {
+    match case {
+        OpCase::Adam { .. } => &["moment1", "moment2"],
+        _ => &["moment1"],
+    }
 }
 
 /// Runs `case` on `ops` and on the reference from the same seeded inputs and compares every
@@ -1032,12 +1000,6 @@ impl<O: Ops> Trace<O> {
     }
 }
 
-fn lens_of<O: Ops>(ops: &O, params: &[O::Buf<f32>], grads: &[O::Buf<f32>]) -> (Vec<usize>, Vec<usize>) {
-    let lens: Vec<usize> = params.iter().map(|p| ops.len(p)).collect();
-    let partials = grads.iter().zip(&lens).map(|(g, &n)| ops.len(g) / n.max(1)).collect();
-    (lens, partials)
-}
-
 impl<O: Ops> Ops for Trace<O> {
     type Buf<T: Elem> = O::Buf<T>;
     type Data = O::Data;
@@ -1067,157 +1029,91 @@ impl<O: Ops> Ops for Trace<O> {
         self.inner.grad_partials(op)
     }
 
-    fn gather(
-        &mut self,
-        input: &mut O::Buf<f32>,
-        labels: &mut O::Buf<u32>,
-        batch: &BatchRef<Self>,
-    ) -> Result<()> {
+    fn gather(&mut self, input: &mut F32<O>, labels: &mut U32<O>, batch: &BatchRef<Self>) -> Result<()> {
         // The data set behind `batch` is opaque here: a case of as many random images as the
         // batch, shifted by up to 2 pixels, exercises the same kernel.
         let side = crate::model::IMAGE_SIDE;
         self.calls.push(OpCase::Gather { batch: batch.batch, images: batch.batch, side, max_shift: 2 });
-        let b =
-            BatchRef { data: batch.data, indices: batch.indices, shifts: batch.shifts, batch: batch.batch };
-        self.inner.gather(input, labels, &b)
+        self.inner.gather(input, labels, batch)
     }
 
-    fn conv_relu_pool_forward(
-        &mut self,
-        out: ConvPoolOut<Self>,
-        input: &O::Buf<f32>,
-        weight: &O::Buf<f32>,
-        bias: &O::Buf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        self.calls.push(OpCase::ConvReluPool(s));
-        let out = ConvPoolOut { conv: out.conv, pooled: out.pooled, argmax: out.argmax };
-        self.inner.conv_relu_pool_forward(out, input, weight, bias, s)
+    fn conv_relu_pool_forward(&mut self, input: &F32<O>, l: ConvLayer<Self>) -> Result<()> {
+        self.calls.push(OpCase::ConvReluPool(l.s));
+        self.inner.conv_relu_pool_forward(input, l)
     }
 
     fn gather_conv_relu_pool_forward(
         &mut self,
-        input: &mut O::Buf<f32>,
-        labels: &mut O::Buf<u32>,
+        input: &mut F32<O>,
+        labels: &mut U32<O>,
         batch: &BatchRef<Self>,
-        out: ConvPoolOut<Self>,
-        weight: &O::Buf<f32>,
-        bias: &O::Buf<f32>,
-        s: ConvShape,
+        l: ConvLayer<Self>,
     ) -> Result<()> {
-        self.calls.push(OpCase::GatherConvReluPool { s, images: s.batch, max_shift: 2 });
-        let b =
-            BatchRef { data: batch.data, indices: batch.indices, shifts: batch.shifts, batch: batch.batch };
-        let out = ConvPoolOut { conv: out.conv, pooled: out.pooled, argmax: out.argmax };
-        self.inner.gather_conv_relu_pool_forward(input, labels, &b, out, weight, bias, s)
+        self.calls.push(OpCase::GatherConvReluPool { s: l.s, images: l.s.batch, max_shift: 2 });
+        self.inner.gather_conv_relu_pool_forward(input, labels, batch, l)
     }
 
-    fn linear_forward(
-        &mut self,
-        out: &mut O::Buf<f32>,
-        input: &O::Buf<f32>,
-        weight: &O::Buf<f32>,
-        bias: &O::Buf<f32>,
-        s: LinearShape,
-        relu: bool,
-    ) -> Result<()> {
-        self.calls.push(OpCase::Linear { s, relu });
-        self.inner.linear_forward(out, input, weight, bias, s, relu)
+    fn linear_forward(&mut self, a: LinearForward<Self>) -> Result<()> {
+        self.calls.push(OpCase::Linear { s: a.s, relu: a.relu });
+        self.inner.linear_forward(a)
     }
 
-    fn softmax_xent(
-        &mut self,
-        out: XentOut<Self>,
-        logits: &O::Buf<f32>,
-        labels: &O::Buf<u32>,
-        batch: usize,
-        classes: usize,
-    ) -> Result<()> {
-        self.calls.push(OpCase::SoftmaxXent { batch, classes });
-        let out = XentOut { dlogits: out.dlogits, losses: out.losses, correct: out.correct };
-        self.inner.softmax_xent(out, logits, labels, batch, classes)
+    fn softmax_xent(&mut self, a: SoftmaxXent<Self>) -> Result<()> {
+        self.calls.push(OpCase::SoftmaxXent { batch: a.batch, classes: a.classes });
+        self.inner.softmax_xent(a)
     }
 
-    fn linear_xent_forward_backward(
-        &mut self,
-        logits: &mut O::Buf<f32>,
-        xent: XentOut<Self>,
-        grads: ParamGrads<Self>,
-        dinput: Option<InputGrad<Self>>,
-        input: &O::Buf<f32>,
-        labels: &O::Buf<u32>,
-        weight: &O::Buf<f32>,
-        bias: &O::Buf<f32>,
-        s: LinearShape,
-    ) -> Result<()> {
-        self.calls.push(OpCase::LinearXent { s, mask: dinput.as_ref().map(|d| d.relu_mask.is_some()) });
-        let xent = XentOut { dlogits: xent.dlogits, losses: xent.losses, correct: xent.correct };
-        let grads = ParamGrads { dweight: grads.dweight, dbias: grads.dbias };
-        let dinput = dinput.map(|d| InputGrad { dinput: d.dinput, relu_mask: d.relu_mask });
-        self.inner.linear_xent_forward_backward(logits, xent, grads, dinput, input, labels, weight, bias, s)
+    fn linear_xent_forward_backward(&mut self, a: LinearXent<Self>) -> Result<()> {
+        self.calls.push(OpCase::LinearXent { s: a.s, mask: relu_mask_of(&a.dinput) });
+        self.inner.linear_xent_forward_backward(a)
     }
 
-    fn linear_backward(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<InputGrad<Self>>,
-        dout: &O::Buf<f32>,
-        input: &O::Buf<f32>,
-        weight: &O::Buf<f32>,
-        s: LinearShape,
-    ) -> Result<()> {
-        self.calls.push(OpCase::LinearBackward { s, mask: dinput.as_ref().map(|d| d.relu_mask.is_some()) });
-        let grads = ParamGrads { dweight: grads.dweight, dbias: grads.dbias };
-        let dinput = dinput.map(|d| InputGrad { dinput: d.dinput, relu_mask: d.relu_mask });
-        self.inner.linear_backward(grads, dinput, dout, input, weight, s)
+    fn linear_backward(&mut self, a: LinearBackward<Self>) -> Result<()> {
+        self.calls.push(OpCase::LinearBackward { s: a.s, mask: relu_mask_of(&a.dinput) });
+        self.inner.linear_backward(a)
     }
 
-    fn conv_backward_from_pool(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<&mut O::Buf<f32>>,
-        dpooled: &O::Buf<f32>,
-        saved: ConvPoolSaved<Self>,
-        input: &O::Buf<f32>,
-        weight: &O::Buf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        self.calls.push(OpCase::ConvBackwardFromPool { s, dinput: dinput.is_some() });
-        let grads = ParamGrads { dweight: grads.dweight, dbias: grads.dbias };
-        let saved = ConvPoolSaved { conv: saved.conv, argmax: saved.argmax };
-        self.inner.conv_backward_from_pool(grads, dinput, dpooled, saved, input, weight, s)
+    fn conv_backward_from_pool(&mut self, a: ConvBackward<Self>) -> Result<()> {
+        self.calls.push(OpCase::ConvBackwardFromPool { s: a.s, dinput: a.dinput.is_some() });
+        self.inner.conv_backward_from_pool(a)
     }
 
-    fn adam_update(
-        &mut self,
-        params: &mut [O::Buf<f32>],
-        grads: &[O::Buf<f32>],
-        m: &mut [O::Buf<f32>],
-        v: &mut [O::Buf<f32>],
-        step: &AdamStep,
-    ) -> Result<()> {
-        let (lens, partials) = lens_of(&self.inner, params, grads);
+    fn adam_update(&mut self, a: AdamUpdate<Self>) -> Result<()> {
+        let (lens, partials) = update_shapes(a.params, a.grads, |b| self.inner.len(b));
         self.calls.push(OpCase::Adam { lens, partials });
-        self.inner.adam_update(params, grads, m, v, step)
+        self.inner.adam_update(a)
     }
 
-    fn sgd_update(
-        &mut self,
-        params: &mut [O::Buf<f32>],
-        grads: &[O::Buf<f32>],
-        momentum: &mut [O::Buf<f32>],
-        step: &SgdStep,
-    ) -> Result<()> {
-        let (lens, partials) = lens_of(&self.inner, params, grads);
-        let (m, w) = (step.momentum as f64, step.weight_decay as f64);
-        self.calls.push(OpCase::Sgd {
+    fn sgd_update(&mut self, a: SgdUpdate<Self>) -> Result<()> {
+        let (lens, partials) = update_shapes(a.params, a.grads, |b| self.inner.len(b));
+        self.calls.push(OpCase::sgd(lens, partials, a.step));
+        self.inner.sgd_update(a)
+    }
+}
+
+/// Whether an input gradient is asked for (Some) and masked by a ReLU (true): [`OpCase`]'s
+/// `mask`.
+pub fn relu_mask_of<F>(dinput: &Option<InputGradArgs<F>>) -> Option<bool> {
+    dinput.as_ref().map(|d| d.relu_mask.is_some())
+}
+
+/// An optimizer call's tensor sizes and gradient partial counts, from `len` of each buffer.
+pub fn update_shapes<F>(params: &[F], grads: &[F], len: impl Fn(&F) -> usize) -> (Vec<usize>, Vec<usize>) {
+    let lens: Vec<usize> = params.iter().map(&len).collect();
+    let partials = grads.iter().zip(&lens).map(|(g, &n)| len(g) / n.max(1)).collect();
+    (lens, partials)
+}
+
+impl OpCase {
+    /// The case of an SGD step with these settings.
+    pub fn sgd(lens: Vec<usize>, partials: Vec<usize>, step: &SgdStep) -> Self {
+        OpCase::Sgd {
             lens,
             partials,
-            momentum: m,
+            momentum: step.momentum as f64,
             nesterov: step.nesterov != 0,
-            weight_decay: w,
-        });
-        self.inner.sgd_update(params, grads, momentum, step)
+            weight_decay: step.weight_decay as f64,
+        }
     }
 }
 
@@ -1236,7 +1132,7 @@ pub fn step_cases<O: Ops>(ops: O, batch: usize, optimizer: &Optimizer) -> Result
     let indices = t.upload("indices", &indices)?;
     let shifts = t.alloc("shifts", 2 * batch)?;
     let (mut losses, mut correct) = (t.alloc("losses", batch)?, t.alloc("correct", batch)?);
-    let b = BatchRef { data: &dev, indices: &indices, shifts: &shifts, batch };
+    let b = Batch { data: &dev, indices: &indices, shifts: &shifts, batch };
     let step = optimizer.step(1, optimizer.lr, None);
     train_step(&mut t, &mut w, &mut acts, &b, StepOut { losses: &mut losses, correct: &mut correct }, &step)?;
     Ok(t.calls)

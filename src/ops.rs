@@ -99,56 +99,148 @@ pub enum GradOp {
     LinearXent(LinearShape),
 }
 
+/// The buffers of an [`Ops`] implementation, by element type.
+pub type F32<O> = <O as Ops>::Buf<f32>;
+pub type U32<O> = <O as Ops>::Buf<u32>;
+pub type I32<O> = <O as Ops>::Buf<i32>;
+
+// Each op takes its tensors as one struct of named fields. The structs are generic over the buffer
+// types (`F` holds f32s, `U` u32s) rather than over the implementation, so that one whose buffers
+// are another's (a wrapper such as `opcheck::Trace`) passes a call on as it is; the aliases
+// (`ConvForward<O>`, ...) name them for an implementation `O`.
+
 /// The batch a training step reads: which samples, and how each image is shifted.
-pub struct BatchRef<'a, O: Ops + ?Sized> {
-    pub data: &'a O::Data,
+pub struct Batch<'a, D, U, I> {
+    pub data: &'a D,
     /// Sample indices into `data` [B].
-    pub indices: &'a O::Buf<u32>,
+    pub indices: &'a U,
     /// Per image (dx, dy) [2B]: the image is translated by whole pixels, zero-filled
     /// (`input[y][x] = image[y - dy][x - dx]`).
-    pub shifts: &'a O::Buf<i32>,
+    pub shifts: &'a I,
     pub batch: usize,
 }
+pub type BatchRef<'a, O> = Batch<'a, <O as Ops>::Data, U32<O>, I32<O>>;
 
-/// The outputs of a conv + bias + ReLU + 2x2 max-pool layer.
-pub struct ConvPoolOut<'a, O: Ops + ?Sized> {
+/// A conv + bias + ReLU + 2x2 max-pool layer's parameters, outputs and shape.
+pub struct ConvLayerArgs<'a, F, U> {
+    /// [Cout, Cin, K, K]
+    pub weight: &'a F,
+    /// [Cout]
+    pub bias: &'a F,
     /// ReLU(conv + bias) [B, Cout, Ho, Wo]: the backward pass's ReLU mask.
-    pub conv: &'a mut O::Buf<f32>,
+    pub conv: &'a mut F,
     /// [B, Cout, Ho/2, Wo/2]
-    pub pooled: &'a mut O::Buf<f32>,
+    pub pooled: &'a mut F,
     /// For each pooled element, the flat index into `conv` of its window's first maximum in
     /// row-major order (the element the gradient goes to).
-    pub argmax: &'a mut O::Buf<u32>,
+    pub argmax: &'a mut U,
+    pub s: ConvShape,
 }
+pub type ConvLayer<'a, O> = ConvLayerArgs<'a, F32<O>, U32<O>>;
 
-/// The forward tensors of a conv + ReLU + max-pool layer that its backward pass reads.
-pub struct ConvPoolSaved<'a, O: Ops + ?Sized> {
-    pub conv: &'a O::Buf<f32>,
-    pub argmax: &'a O::Buf<u32>,
-}
-
-/// Per-image results of softmax cross-entropy.
-pub struct XentOut<'a, O: Ops + ?Sized> {
+/// [`Ops::softmax_xent`]'s tensors.
+pub struct SoftmaxXentArgs<'a, F, U> {
+    /// [B, C]
+    pub logits: &'a F,
+    /// [B], each below C
+    pub labels: &'a U,
     /// (softmax - onehot) / B [B, C]
-    pub dlogits: &'a mut O::Buf<f32>,
+    pub dlogits: &'a mut F,
     /// -log softmax(logits)[label] [B]
-    pub losses: &'a mut O::Buf<f32>,
+    pub losses: &'a mut F,
     /// 1 where the first largest logit is the label [B]
-    pub correct: &'a mut O::Buf<u32>,
+    pub correct: &'a mut U,
+    pub batch: usize,
+    pub classes: usize,
 }
+pub type SoftmaxXent<'a, O> = SoftmaxXentArgs<'a, F32<O>, U32<O>>;
 
 /// A gradient with respect to a layer's input, and the ReLU mask to apply to it: the forward
 /// output of the layer that produced that input, when that layer ends in a ReLU.
-pub struct InputGrad<'a, O: Ops + ?Sized> {
-    pub dinput: &'a mut O::Buf<f32>,
-    pub relu_mask: Option<&'a O::Buf<f32>>,
+pub struct InputGradArgs<'a, F> {
+    pub dinput: &'a mut F,
+    pub relu_mask: Option<&'a F>,
 }
+pub type InputGrad<'a, O> = InputGradArgs<'a, F32<O>>;
 
-/// A parameter tensor's weight and bias gradients (each `partials` x the tensor's size).
-pub struct ParamGrads<'a, O: Ops + ?Sized> {
-    pub dweight: &'a mut O::Buf<f32>,
-    pub dbias: &'a mut O::Buf<f32>,
+/// [`Ops::linear_forward`]'s tensors: input [B, In], weight [Out, In], bias [Out], out [B, Out].
+pub struct LinearForwardArgs<'a, F> {
+    pub input: &'a F,
+    pub weight: &'a F,
+    pub bias: &'a F,
+    pub out: &'a mut F,
+    pub s: LinearShape,
+    /// ReLU after the layer.
+    pub relu: bool,
 }
+pub type LinearForward<'a, O> = LinearForwardArgs<'a, F32<O>>;
+
+/// [`Ops::linear_backward`]'s tensors: the weight gradients (each `partials` x its tensor's
+/// size) and, when asked, the input gradient.
+pub struct LinearBackwardArgs<'a, F> {
+    /// [B, Out]
+    pub dout: &'a F,
+    /// [B, In]
+    pub input: &'a F,
+    /// [Out, In]
+    pub weight: &'a F,
+    pub dweight: &'a mut F,
+    pub dbias: &'a mut F,
+    pub dinput: Option<InputGradArgs<'a, F>>,
+    pub s: LinearShape,
+}
+pub type LinearBackward<'a, O> = LinearBackwardArgs<'a, F32<O>>;
+
+/// [`Ops::linear_xent_forward_backward`]'s tensors: the output layer's forward pass (with
+/// `linear.out` the logits), the loss, and the layer's backward pass (`grads.dout` unused: the
+/// loss's gradient goes to `xent.dlogits`).
+pub struct LinearXentArgs<'a, F, U> {
+    pub input: &'a F,
+    pub weight: &'a F,
+    pub bias: &'a F,
+    pub labels: &'a U,
+    pub logits: &'a mut F,
+    pub dlogits: &'a mut F,
+    pub losses: &'a mut F,
+    pub correct: &'a mut U,
+    pub dweight: &'a mut F,
+    pub dbias: &'a mut F,
+    pub dinput: Option<InputGradArgs<'a, F>>,
+    pub s: LinearShape,
+}
+pub type LinearXent<'a, O> = LinearXentArgs<'a, F32<O>, U32<O>>;
+
+/// [`Ops::conv_backward_from_pool`]'s tensors: the pooled gradient, the forward tensors that
+/// route it, and the gradients (the weight's `partials` x its size; the input's when asked).
+pub struct ConvBackwardArgs<'a, F, U> {
+    /// [B, Cout, Ho/2, Wo/2]
+    pub dpooled: &'a F,
+    /// The forward pass's `conv` and `argmax`.
+    pub conv: &'a F,
+    pub argmax: &'a U,
+    /// [B, Cin, H, W]
+    pub input: &'a F,
+    pub weight: &'a F,
+    pub dweight: &'a mut F,
+    pub dbias: &'a mut F,
+    /// [B, Cin, H, W]
+    pub dinput: Option<&'a mut F>,
+    pub s: ConvShape,
+}
+pub type ConvBackward<'a, O> = ConvBackwardArgs<'a, F32<O>, U32<O>>;
+
+/// An optimizer step's tensors, one buffer per parameter tensor each.
+pub struct UpdateArgs<'a, F, S> {
+    pub params: &'a mut [F],
+    /// Each `partials` x its tensor's size.
+    pub grads: &'a [F],
+    /// The optimizer's state, one list per name of
+    /// [`crate::optim::Optimizer::state_names`] (Adam: m, v; SGD: the momentum buffer).
+    pub moments: &'a mut [Vec<F>],
+    pub step: &'a S,
+}
+pub type AdamUpdate<'a, O> = UpdateArgs<'a, F32<O>, AdamStep>;
+pub type SgdUpdate<'a, O> = UpdateArgs<'a, F32<O>, SgdStep>;
 
 /// The ops. Each overwrites its outputs completely. The CPU ones compute at once; the GPU
 /// records, and runs what it recorded when a buffer is read.
@@ -188,128 +280,77 @@ pub trait Ops {
     /// `shifts[b]` (zero where it reads outside the image); labels[b] = its label.
     ///
     /// input: [B, rows * cols], labels: [B]
-    fn gather(
-        &mut self,
-        input: &mut Self::Buf<f32>,
-        labels: &mut Self::Buf<u32>,
-        batch: &BatchRef<Self>,
-    ) -> Result<()>;
+    fn gather(&mut self, input: &mut F32<Self>, labels: &mut U32<Self>, batch: &BatchRef<Self>)
+        -> Result<()>;
 
     /// conv (stride 1, zero padding) + bias, ReLU, then 2x2 max-pool with its argmax:
     /// conv[b,co,y,x] = max(0, bias[co] + sum_{ci,ky,kx} weight[co,ci,ky,kx] * input[b,ci,y+ky-p,x+kx-p]).
     ///
-    /// input: [B, Cin, H, W], weight: [Cout, Cin, K, K], bias: [Cout]; Ho and Wo even
-    fn conv_relu_pool_forward(
-        &mut self,
-        out: ConvPoolOut<Self>,
-        input: &Self::Buf<f32>,
-        weight: &Self::Buf<f32>,
-        bias: &Self::Buf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        let [input, weight, bias] = host(self, [input, weight, bias])?;
+    /// input: [B, Cin, H, W]; Ho and Wo even
+    fn conv_relu_pool_forward(&mut self, input: &F32<Self>, l: ConvLayer<Self>) -> Result<()> {
+        let s = l.s;
+        let [input, weight, bias] = host(self, [input, l.weight, l.bias])?;
         let mut conv = vec![0.0; s.output_len()];
         let (mut pooled, mut argmax) = (vec![0.0; s.pooled_len()], vec![0; s.pooled_len()]);
         reference::conv_relu_pool_forward(&mut conv, &mut pooled, &mut argmax, &input, &weight, &bias, s);
-        self.write(out.conv, &conv)?;
-        self.write(out.pooled, &pooled)?;
-        self.write(out.argmax, &argmax)
+        self.write(l.conv, &conv)?;
+        self.write(l.pooled, &pooled)?;
+        self.write(l.argmax, &argmax)
     }
 
     /// [`Ops::gather`] then [`Ops::conv_relu_pool_forward`] on the gathered batch (which
     /// `input` keeps for the backward pass).
-    #[allow(clippy::too_many_arguments)]
     fn gather_conv_relu_pool_forward(
         &mut self,
-        input: &mut Self::Buf<f32>,
-        labels: &mut Self::Buf<u32>,
+        input: &mut F32<Self>,
+        labels: &mut U32<Self>,
         batch: &BatchRef<Self>,
-        out: ConvPoolOut<Self>,
-        weight: &Self::Buf<f32>,
-        bias: &Self::Buf<f32>,
-        s: ConvShape,
+        l: ConvLayer<Self>,
     ) -> Result<()> {
-        gather_then_conv_relu_pool(self, input, labels, batch, out, weight, bias, s)
+        self.gather(input, labels, batch)?;
+        self.conv_relu_pool_forward(input, l)
     }
 
     /// out[b,o] = bias[o] + sum_i input[b,i] * weight[o,i], then ReLU if `relu`.
-    ///
-    /// input: [B, In], weight: [Out, In], bias: [Out], out: [B, Out]
-    fn linear_forward(
-        &mut self,
-        out: &mut Self::Buf<f32>,
-        input: &Self::Buf<f32>,
-        weight: &Self::Buf<f32>,
-        bias: &Self::Buf<f32>,
-        s: LinearShape,
-        relu: bool,
-    ) -> Result<()> {
-        let [input, weight, bias] = host(self, [input, weight, bias])?;
+    fn linear_forward(&mut self, a: LinearForward<Self>) -> Result<()> {
+        let s = a.s;
+        let [input, weight, bias] = host(self, [a.input, a.weight, a.bias])?;
         let mut y = vec![0.0; s.batch * s.out_features];
-        reference::linear_layer_forward(&mut y, &input, &weight, &bias, s, relu);
-        self.write(out, &y)
+        reference::linear_layer_forward(&mut y, &input, &weight, &bias, s, a.relu);
+        self.write(a.out, &y)
     }
 
     /// Softmax cross-entropy of each image and its gradient with respect to the logits, for a
     /// loss that is the mean over the batch: dlogits[b,c] = (softmax(logits[b])[c] - [c == label]) / B.
-    ///
-    /// logits: [B, C], labels: [B] (each below C)
-    fn softmax_xent(
-        &mut self,
-        out: XentOut<Self>,
-        logits: &Self::Buf<f32>,
-        labels: &Self::Buf<u32>,
-        batch: usize,
-        classes: usize,
-    ) -> Result<()> {
-        let ([logits], [labels]) = (host(self, [logits])?, host(self, [labels])?);
+    fn softmax_xent(&mut self, a: SoftmaxXent<Self>) -> Result<()> {
+        let ([logits], [labels]) = (host(self, [a.logits])?, host(self, [a.labels])?);
+        let (batch, classes) = (a.batch, a.classes);
         anyhow::ensure!(labels.iter().all(|&l| (l as usize) < classes), "a label is not below {classes}");
         let (mut dlogits, mut losses, mut correct) =
             (vec![0.0; logits.len()], vec![0.0; batch], vec![0; batch]);
         reference::softmax_xent(&mut dlogits, &mut losses, &mut correct, &logits, &labels, batch, classes);
-        self.write(out.dlogits, &dlogits)?;
-        self.write(out.losses, &losses)?;
-        self.write(out.correct, &correct)
+        self.write(a.dlogits, &dlogits)?;
+        self.write(a.losses, &losses)?;
+        self.write(a.correct, &correct)
     }
 
     /// The output layer's whole step: the logits ([`Ops::linear_forward`], no ReLU), the loss
     /// and its gradient ([`Ops::softmax_xent`]), and the layer's backward pass
     /// ([`Ops::linear_backward`]).
-    #[allow(clippy::too_many_arguments)]
-    fn linear_xent_forward_backward(
-        &mut self,
-        logits: &mut Self::Buf<f32>,
-        xent: XentOut<Self>,
-        grads: ParamGrads<Self>,
-        dinput: Option<InputGrad<Self>>,
-        input: &Self::Buf<f32>,
-        labels: &Self::Buf<u32>,
-        weight: &Self::Buf<f32>,
-        bias: &Self::Buf<f32>,
-        s: LinearShape,
-    ) -> Result<()> {
-        linear_then_xent(self, logits, xent, grads, dinput, input, labels, weight, bias, s)
+    fn linear_xent_forward_backward(&mut self, a: LinearXent<Self>) -> Result<()> {
+        linear_then_xent(self, a)
     }
 
     /// A fully connected layer's backward pass: dweight[o,i] = sum_b dout[b,o] * input[b,i],
     /// dbias[o] = sum_b dout[b,o], and, when asked, dinput = dout · weight (zero where the
     /// ReLU mask is not positive).
-    ///
-    /// dout: [B, Out], input: [B, In], weight: [Out, In]; dinput: [B, In]
-    fn linear_backward(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<InputGrad<Self>>,
-        dout: &Self::Buf<f32>,
-        input: &Self::Buf<f32>,
-        weight: &Self::Buf<f32>,
-        s: LinearShape,
-    ) -> Result<()> {
-        let [dout, input, weight] = host(self, [dout, input, weight])?;
+    fn linear_backward(&mut self, a: LinearBackward<Self>) -> Result<()> {
+        let s = a.s;
+        let [dout, input, weight] = host(self, [a.dout, a.input, a.weight])?;
         let (mut dweight, mut dbias) = (vec![0.0; s.weight_len()], vec![0.0; s.out_features]);
         let mut dx = vec![0.0; s.batch * s.in_features];
-        let (dinput, mask) = match dinput {
-            Some(InputGrad { dinput, relu_mask }) => {
+        let (dinput, mask) = match a.dinput {
+            Some(InputGradArgs { dinput, relu_mask }) => {
                 (Some(dinput), relu_mask.map(|m| self.read(m)).transpose()?)
             }
             None => (None, None),
@@ -319,8 +360,8 @@ pub trait Ops {
         if let Some(dinput) = dinput {
             self.write(dinput, &dx)?;
         }
-        self.write(grads.dweight, &dweight)?;
-        self.write(grads.dbias, &dbias)
+        self.write(a.dweight, &dweight)?;
+        self.write(a.dbias, &dbias)
     }
 
     /// The backward pass of conv + bias + ReLU + 2x2 max-pool, fed by the pooled gradient:
@@ -328,24 +369,13 @@ pub trait Ops {
     /// positive (ReLU), giving dconv; then dweight[co,ci,ky,kx] = sum_{b,y,x} dconv[b,co,y,x] *
     /// input[b,ci,y+ky-p,x+kx-p], dbias[co] = sum dconv[b,co,..], and, when asked,
     /// dinput[b,ci,iy,ix] = sum over the outputs reading input[b,ci,iy,ix] of dconv * weight.
-    ///
-    /// dpooled: [B, Cout, Ho/2, Wo/2], input: [B, Cin, H, W]; dinput: [B, Cin, H, W]
-    #[allow(clippy::too_many_arguments)]
-    fn conv_backward_from_pool(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<&mut Self::Buf<f32>>,
-        dpooled: &Self::Buf<f32>,
-        saved: ConvPoolSaved<Self>,
-        input: &Self::Buf<f32>,
-        weight: &Self::Buf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        let [dpooled, conv, input, weight] = host(self, [dpooled, saved.conv, input, weight])?;
-        let [argmax] = host(self, [saved.argmax])?;
+    fn conv_backward_from_pool(&mut self, a: ConvBackward<Self>) -> Result<()> {
+        let s = a.s;
+        let [dpooled, conv, input, weight] = host(self, [a.dpooled, a.conv, a.input, a.weight])?;
+        let [argmax] = host(self, [a.argmax])?;
         let (mut dweight, mut dbias) = (vec![0.0; s.weight_len()], vec![0.0; s.out_channels]);
         let mut dx = vec![0.0; s.input_len()];
-        let dx_ref = dinput.is_some().then_some(dx.as_mut_slice());
+        let dx_ref = a.dinput.is_some().then_some(dx.as_mut_slice());
         reference::conv_relu_pool_backward(
             &mut dweight,
             &mut dbias,
@@ -357,100 +387,86 @@ pub trait Ops {
             &weight,
             s,
         );
-        if let Some(dinput) = dinput {
+        if let Some(dinput) = a.dinput {
             self.write(dinput, &dx)?;
         }
-        self.write(grads.dweight, &dweight)?;
-        self.write(grads.dbias, &dbias)
+        self.write(a.dweight, &dweight)?;
+        self.write(a.dbias, &dbias)
     }
 
     /// One step of Adam over every tensor, exactly `torch.optim.Adam`'s (see
     /// [`crate::optim`]); each gradient is the in-order sum of its partials.
-    fn adam_update(
-        &mut self,
-        params: &mut [Self::Buf<f32>],
-        grads: &[Self::Buf<f32>],
-        m: &mut [Self::Buf<f32>],
-        v: &mut [Self::Buf<f32>],
-        step: &AdamStep,
-    ) -> Result<()> {
-        let n = params.len();
-        anyhow::ensure!(
-            grads.len() == n && m.len() == n && v.len() == n,
-            "one gradient and moment per tensor"
-        );
-        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let [mut hp, hg, mut hm, mut hv] = host(self, [&*p, g, &*m, &*v])?;
-            anyhow::ensure!(
-                hm.len() == hp.len() && hv.len() == hp.len(),
-                "optimizer state has the wrong size"
-            );
-            reference::adam_update(&mut hp, &hg, &mut hm, &mut hv, step);
-            self.write(p, &hp)?;
-            self.write(m, &hm)?;
-            self.write(v, &hv)?;
-        }
-        Ok(())
+    fn adam_update(&mut self, a: AdamUpdate<Self>) -> Result<()> {
+        host_update(self, a.params, a.grads, a.moments, 2, |p, g, m| {
+            let [m, v] = m else { unreachable!("two moments") };
+            reference::adam_update(p, g, m, v, a.step)
+        })
     }
 
     /// One step of SGD over every tensor, exactly `torch.optim.SGD`'s (see [`crate::optim`]).
-    fn sgd_update(
-        &mut self,
-        params: &mut [Self::Buf<f32>],
-        grads: &[Self::Buf<f32>],
-        momentum: &mut [Self::Buf<f32>],
-        step: &SgdStep,
-    ) -> Result<()> {
-        let n = params.len();
-        anyhow::ensure!(grads.len() == n && momentum.len() == n, "one gradient and momentum per tensor");
-        for ((p, g), b) in params.iter_mut().zip(grads).zip(momentum.iter_mut()) {
-            let [mut hp, hg, mut hb] = host(self, [&*p, g, &*b])?;
-            anyhow::ensure!(hb.len() == hp.len(), "optimizer state has the wrong size");
-            reference::sgd_update(&mut hp, &hg, &mut hb, step);
-            self.write(p, &hp)?;
-            self.write(b, &hb)?;
-        }
-        Ok(())
+    fn sgd_update(&mut self, a: SgdUpdate<Self>) -> Result<()> {
+        host_update(self, a.params, a.grads, a.moments, 1, |p, g, m| {
+            let [b] = m else { unreachable!("one moment") };
+            reference::sgd_update(p, g, b, a.step)
+        })
     }
-}
-
-/// [`Ops::gather_conv_relu_pool_forward`] as its two parts, for implementations without a fused
-/// kernel for a shape.
-#[allow(clippy::too_many_arguments)]
-pub fn gather_then_conv_relu_pool<O: Ops + ?Sized>(
-    ops: &mut O,
-    input: &mut O::Buf<f32>,
-    labels: &mut O::Buf<u32>,
-    batch: &BatchRef<O>,
-    out: ConvPoolOut<O>,
-    weight: &O::Buf<f32>,
-    bias: &O::Buf<f32>,
-    s: ConvShape,
-) -> Result<()> {
-    ops.gather(input, labels, batch)?;
-    ops.conv_relu_pool_forward(out, input, weight, bias, s)
 }
 
 /// [`Ops::linear_xent_forward_backward`] as its three parts, for implementations without a
 /// fused kernel for a shape.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_then_xent<O: Ops + ?Sized>(
+pub fn linear_then_xent<O: Ops + ?Sized>(ops: &mut O, a: LinearXent<O>) -> Result<()> {
+    let (s, input, weight) = (a.s, a.input, a.weight);
+    ops.linear_forward(LinearForwardArgs {
+        input,
+        weight,
+        bias: a.bias,
+        out: &mut *a.logits,
+        s,
+        relu: false,
+    })?;
+    let (logits, dlogits) = (&*a.logits, &mut *a.dlogits);
+    let xent = SoftmaxXentArgs {
+        logits,
+        labels: a.labels,
+        dlogits: &mut *dlogits,
+        losses: a.losses,
+        correct: a.correct,
+        batch: s.batch,
+        classes: s.out_features,
+    };
+    ops.softmax_xent(xent)?;
+    let (dweight, dbias, dinput) = (a.dweight, a.dbias, a.dinput);
+    ops.linear_backward(LinearBackwardArgs { dout: dlogits, input, weight, dweight, dbias, dinput, s })
+}
+
+/// An optimizer step on host copies: `update(param, summed-gradient partials, moments)` per
+/// tensor, with `moments` of the tensor's size each.
+fn host_update<O: Ops + ?Sized>(
     ops: &mut O,
-    logits: &mut O::Buf<f32>,
-    xent: XentOut<O>,
-    grads: ParamGrads<O>,
-    dinput: Option<InputGrad<O>>,
-    input: &O::Buf<f32>,
-    labels: &O::Buf<u32>,
-    weight: &O::Buf<f32>,
-    bias: &O::Buf<f32>,
-    s: LinearShape,
+    params: &mut [F32<O>],
+    grads: &[F32<O>],
+    moments: &mut [Vec<F32<O>>],
+    n_moments: usize,
+    update: impl Fn(&mut [f32], &[f32], &mut [&mut [f32]]),
 ) -> Result<()> {
-    ops.linear_forward(logits, input, weight, bias, s, false)?;
-    let XentOut { dlogits, losses, correct } = xent;
-    let xent = XentOut { dlogits: &mut *dlogits, losses, correct };
-    ops.softmax_xent(xent, logits, labels, s.batch, s.out_features)?;
-    ops.linear_backward(grads, dinput, dlogits, input, weight, s)
+    let n = params.len();
+    anyhow::ensure!(grads.len() == n, "one gradient per tensor");
+    anyhow::ensure!(
+        moments.len() == n_moments && moments.iter().all(|m| m.len() == n),
+        "the optimizer's state does not match its tensors"
+    );
+    for i in 0..n {
+        let [mut p, g] = host(ops, [&params[i], &grads[i]])?;
+        let mut m: Vec<Vec<f32>> = moments.iter().map(|m| ops.read(&m[i])).collect::<Result<_>>()?;
+        anyhow::ensure!(m.iter().all(|m| m.len() == p.len()), "optimizer state has the wrong size");
+        let mut views: Vec<&mut [f32]> = m.iter_mut().map(|m| m.as_mut_slice()).collect();
+        update(&mut p, &g, &mut views);
+        ops.write(&mut params[i], &p)?;
+        for (list, values) in moments.iter_mut().zip(&m) {
+            ops.write(&mut list[i], values)?;
+        }
+    }
+    Ok(())
 }
 
 /// Host copies of `bufs` (the default methods' inputs).

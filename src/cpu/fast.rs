@@ -27,7 +27,6 @@ use anyhow::{ensure, Result};
 use super::reference::{adam_element, partials, sgd_element, summed_grad};
 use crate::data::Dataset;
 use crate::ops::*;
-use crate::optim::{AdamStep, SgdStep};
 
 thread_local! {
     /// im2col / col2im buffer of the current thread.
@@ -830,7 +829,8 @@ pub fn relu_backward_in_place(dx: &mut [f32], y: &[f32]) {
 /// One task of an optimizer update: a block of one tensor's elements and its gradient.
 struct UpdateBlock<'a> {
     param: &'a mut [f32],
-    moments: [&'a mut [f32]; 2],
+    /// The same block of each of the optimizer's state tensors.
+    moments: Vec<&'a mut [f32]>,
     grad: &'a [f32],
     /// The tensor's size and this block's first element in it.
     n: usize,
@@ -842,24 +842,28 @@ struct UpdateBlock<'a> {
 fn update_blocks<'a>(
     params: &'a mut [Vec<f32>],
     grads: &'a [Vec<f32>],
-    m1: &'a mut [Vec<f32>],
-    m2: &'a mut [Vec<f32>],
-) -> Vec<UpdateBlock<'a>> {
+    moments: &'a mut [Vec<Vec<f32>>],
+) -> Result<Vec<UpdateBlock<'a>>> {
+    let n = params.len();
+    ensure!(grads.len() == n && moments.iter().all(|m| m.len() == n), "one gradient and state per tensor");
+    let mut states: Vec<_> = moments.iter_mut().map(|m| m.iter_mut()).collect();
     let mut blocks = Vec::new();
-    let mut m2 = m2.iter_mut();
-    for ((p, g), a) in params.iter_mut().zip(grads).zip(m1.iter_mut()) {
+    for (p, g) in params.iter_mut().zip(grads) {
         let n = p.len();
+        let state: Vec<&mut Vec<f32>> =
+            states.iter_mut().map(|m| m.next().expect("one per tensor")).collect();
+        ensure!(state.iter().all(|m| m.len() == n), "optimizer state has the wrong size");
         if n == 0 {
             continue;
         }
         partials(g, n);
-        let mut b = m2.next().map(|v| v.chunks_mut(UPDATE_BLOCK));
-        for (k, (p, a)) in p.chunks_mut(UPDATE_BLOCK).zip(a.chunks_mut(UPDATE_BLOCK)).enumerate() {
-            let second = b.as_mut().and_then(|it| it.next()).unwrap_or_default();
-            blocks.push(UpdateBlock { param: p, moments: [a, second], grad: g, n, first: k * UPDATE_BLOCK });
+        let mut chunks: Vec<_> = state.into_iter().map(|m| m.chunks_mut(UPDATE_BLOCK)).collect();
+        for (k, p) in p.chunks_mut(UPDATE_BLOCK).enumerate() {
+            let moments = chunks.iter_mut().map(|c| c.next().expect("as long as the tensor")).collect();
+            blocks.push(UpdateBlock { param: p, moments, grad: g, n, first: k * UPDATE_BLOCK });
         }
     }
-    blocks
+    Ok(blocks)
 }
 
 /// Elements per task of the optimizer updates.
@@ -880,44 +884,22 @@ impl Ops for Fast {
         "fast".into()
     }
 
-    fn conv_relu_pool_forward(
-        &mut self,
-        out: ConvPoolOut<Self>,
-        input: &Vec<f32>,
-        weight: &Vec<f32>,
-        bias: &Vec<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        conv2d_relu_maxpool_forward(out.conv, out.pooled, out.argmax, input, weight, bias, s);
+    fn conv_relu_pool_forward(&mut self, input: &Vec<f32>, l: ConvLayer<Self>) -> Result<()> {
+        conv2d_relu_maxpool_forward(l.conv, l.pooled, l.argmax, input, l.weight, l.bias, l.s);
         Ok(())
     }
 
-    fn linear_forward(
-        &mut self,
-        out: &mut Vec<f32>,
-        input: &Vec<f32>,
-        weight: &Vec<f32>,
-        bias: &Vec<f32>,
-        s: LinearShape,
-        relu: bool,
-    ) -> Result<()> {
-        linear_forward_impl(out, input, weight, bias, s.batch, s.in_features, s.out_features, relu);
+    fn linear_forward(&mut self, a: LinearForward<Self>) -> Result<()> {
+        let s = a.s;
+        linear_forward_impl(a.out, a.input, a.weight, a.bias, s.batch, s.in_features, s.out_features, a.relu);
         Ok(())
     }
 
-    fn linear_backward(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<InputGrad<Self>>,
-        dout: &Vec<f32>,
-        input: &Vec<f32>,
-        weight: &Vec<f32>,
-        s: LinearShape,
-    ) -> Result<()> {
-        let LinearShape { batch, in_features, out_features } = s;
-        linear_backward_weight(grads.dweight, grads.dbias, dout, input, batch, in_features, out_features);
-        if let Some(InputGrad { dinput, relu_mask }) = dinput {
-            linear_backward_input(dinput, dout, weight, batch, in_features, out_features);
+    fn linear_backward(&mut self, a: LinearBackward<Self>) -> Result<()> {
+        let LinearShape { batch, in_features, out_features } = a.s;
+        linear_backward_weight(a.dweight, a.dbias, a.dout, a.input, batch, in_features, out_features);
+        if let Some(InputGradArgs { dinput, relu_mask }) = a.dinput {
+            linear_backward_input(dinput, a.dout, a.weight, batch, in_features, out_features);
             if let Some(mask) = relu_mask {
                 relu_backward_in_place(dinput, mask);
             }
@@ -925,76 +907,43 @@ impl Ops for Fast {
         Ok(())
     }
 
-    fn conv_backward_from_pool(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<&mut Vec<f32>>,
-        dpooled: &Vec<f32>,
-        saved: ConvPoolSaved<Self>,
-        input: &Vec<f32>,
-        weight: &Vec<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
+    fn conv_backward_from_pool(&mut self, a: ConvBackward<Self>) -> Result<()> {
+        let s = a.s;
         self.dconv.resize(s.output_len(), 0.0);
         let (ho, wo) = (s.out_height(), s.out_width());
         maxpool2x2_relu_backward(
             &mut self.dconv,
-            dpooled,
-            saved.argmax,
-            saved.conv,
+            a.dpooled,
+            a.argmax,
+            a.conv,
             s.batch,
             s.out_channels,
             ho,
             wo,
         );
-        conv2d_backward_weight(grads.dweight, grads.dbias, &self.dconv, input, s);
-        if let Some(dinput) = dinput {
-            conv2d_backward_input(dinput, &self.dconv, weight, s);
+        conv2d_backward_weight(a.dweight, a.dbias, &self.dconv, a.input, s);
+        if let Some(dinput) = a.dinput {
+            conv2d_backward_input(dinput, &self.dconv, a.weight, s);
         }
         Ok(())
     }
 
-    fn adam_update(
-        &mut self,
-        params: &mut [Vec<f32>],
-        grads: &[Vec<f32>],
-        m: &mut [Vec<f32>],
-        v: &mut [Vec<f32>],
-        step: &AdamStep,
-    ) -> Result<()> {
-        ensure!(grads.len() == params.len() && m.len() == params.len() && v.len() == params.len());
-        ensure!(
-            params
-                .iter()
-                .zip(m.iter())
-                .zip(v.iter())
-                .all(|((p, m), v)| m.len() == p.len() && v.len() == p.len()),
-            "optimizer state has the wrong size"
-        );
-        update_blocks(params, grads, m, v).into_par_iter().for_each(|b| {
-            let [m, v] = b.moments;
-            for (j, ((p, m), v)) in b.param.iter_mut().zip(m).zip(v).enumerate() {
+    fn adam_update(&mut self, a: AdamUpdate<Self>) -> Result<()> {
+        let step = a.step;
+        update_blocks(a.params, a.grads, a.moments)?.into_par_iter().for_each(|mut b| {
+            let [m, v] = &mut b.moments[..] else { unreachable!("Adam has two moments") };
+            for (j, ((p, m), v)) in b.param.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).enumerate() {
                 adam_element(p, summed_grad(b.grad, b.n, b.first + j), m, v, step);
             }
         });
         Ok(())
     }
 
-    fn sgd_update(
-        &mut self,
-        params: &mut [Vec<f32>],
-        grads: &[Vec<f32>],
-        momentum: &mut [Vec<f32>],
-        step: &SgdStep,
-    ) -> Result<()> {
-        ensure!(grads.len() == params.len() && momentum.len() == params.len());
-        ensure!(
-            params.iter().zip(momentum.iter()).all(|(p, b)| b.len() == p.len()),
-            "optimizer state has the wrong size"
-        );
-        update_blocks(params, grads, momentum, &mut []).into_par_iter().for_each(|b| {
-            let [buf, _] = b.moments;
-            for (j, (p, buf)) in b.param.iter_mut().zip(buf).enumerate() {
+    fn sgd_update(&mut self, a: SgdUpdate<Self>) -> Result<()> {
+        let step = a.step;
+        update_blocks(a.params, a.grads, a.moments)?.into_par_iter().for_each(|mut b| {
+            let [buf] = &mut b.moments[..] else { unreachable!("SGD has one moment") };
+            for (j, (p, buf)) in b.param.iter_mut().zip(buf.iter_mut()).enumerate() {
                 sgd_element(p, summed_grad(b.grad, b.n, b.first + j), buf, step);
             }
         });

@@ -16,9 +16,8 @@ use super::context::GpuContext;
 use super::kernels::{pack_u8, pixel_lut, Binder, Dispatch, StepUniform, View};
 use super::v2::{self, Variant};
 use crate::data::Dataset;
-use crate::opcheck::OpCase;
+use crate::opcheck::{relu_mask_of, update_shapes, OpCase};
 use crate::ops::*;
-use crate::optim::{AdamStep, SgdStep};
 
 /// A device buffer (or a range of one) of `len` values of `T`.
 pub struct GpuBuf<T> {
@@ -203,13 +202,6 @@ impl GpuOps {
     }
 }
 
-/// The optimizer case of a tensor list: sizes and gradient partial counts.
-fn optimizer_shapes(params: &[GpuBuf<f32>], grads: &[GpuBuf<f32>]) -> (Vec<usize>, Vec<usize>) {
-    let lens: Vec<usize> = params.iter().map(|p| p.len).collect();
-    let partials = grads.iter().zip(&lens).map(|(g, &n)| g.len / n.max(1)).collect();
-    (lens, partials)
-}
-
 fn check_len<T>(what: &str, buf: &GpuBuf<T>, len: usize) -> Result<()> {
     ensure!(buf.len == len, "{what} ({}) holds {} values, the shape needs {len}", buf.view.label, buf.len);
     Ok(())
@@ -370,188 +362,113 @@ impl Ops for GpuOps {
         input: &mut GpuBuf<f32>,
         labels: &mut GpuBuf<u32>,
         batch: &BatchRef<Self>,
-        out: ConvPoolOut<Self>,
-        weight: &GpuBuf<f32>,
-        bias: &GpuBuf<f32>,
-        s: ConvShape,
+        l: ConvLayer<Self>,
     ) -> Result<()> {
+        let s = l.s;
         let case = OpCase::GatherConvReluPool { s, images: batch.data.len, max_shift: 2 };
         self.tagged(case, |me| {
-            if me.variant == Variant::V2 && v2::forward_fits(&s, true) {
-                check_conv_forward(&out, input, weight, bias, s)?;
-                check_lens!(labels => s.batch);
-                ensure!(
-                    batch.batch == s.batch,
-                    "the batch holds {} images, the shape {}",
-                    batch.batch,
-                    s.batch
-                );
-                check_batch(batch)?;
-                let input = v2::ConvInput::Gather { gathered: input, labels, batch };
-                return me.conv_pool_forward_v2(input, out, weight, bias, s);
+            if !(me.variant == Variant::V2 && v2::forward_fits(&s, true)) {
+                me.gather(input, labels, batch)?;
+                return me.conv_relu_pool_forward(input, l);
             }
-            gather_then_conv_relu_pool(me, input, labels, batch, out, weight, bias, s)
+            check_conv_forward(input, &l)?;
+            check_lens!(labels => s.batch);
+            ensure!(batch.batch == s.batch, "the batch holds {} images, the shape {}", batch.batch, s.batch);
+            check_batch(batch)?;
+            me.conv_pool_forward_v2(v2::ConvInput::Gather { gathered: input, labels, batch }, l)
         })
     }
 
-    fn conv_relu_pool_forward(
-        &mut self,
-        out: ConvPoolOut<Self>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        bias: &GpuBuf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        self.tagged(OpCase::ConvReluPool(s), |me| {
-            check_conv_forward(&out, input, weight, bias, s)?;
-            if me.variant == Variant::V2 && v2::forward_fits(&s, false) {
-                me.conv_pool_forward_v2(v2::ConvInput::Input(input), out, weight, bias, s)
+    fn conv_relu_pool_forward(&mut self, input: &GpuBuf<f32>, l: ConvLayer<Self>) -> Result<()> {
+        self.tagged(OpCase::ConvReluPool(l.s), |me| {
+            check_conv_forward(input, &l)?;
+            if me.variant == Variant::V2 && v2::forward_fits(&l.s, false) {
+                me.conv_pool_forward_v2(v2::ConvInput::Input(input), l)
             } else {
-                me.conv_pool_forward_v1(out, input, weight, bias, s)
+                me.conv_pool_forward_v1(input, l)
             }
         })
     }
 
-    fn linear_forward(
-        &mut self,
-        out: &mut GpuBuf<f32>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        bias: &GpuBuf<f32>,
-        s: LinearShape,
-        relu: bool,
-    ) -> Result<()> {
-        self.tagged(OpCase::Linear { s, relu }, |me| {
-            check_lens!(input => s.batch * s.in_features, weight => s.weight_len(), bias => s.out_features);
-            check_lens!(out => s.batch * s.out_features);
+    fn linear_forward(&mut self, a: LinearForward<Self>) -> Result<()> {
+        let s = a.s;
+        self.tagged(OpCase::Linear { s, relu: a.relu }, |me| {
+            check_lens!(a.input => s.batch * s.in_features, a.weight => s.weight_len(), a.bias => s.out_features);
+            check_lens!(a.out => s.batch * s.out_features);
             match me.variant {
-                Variant::V1 => me.linear_forward_v1(out, input, weight, bias, s, relu),
-                Variant::V2 => me.linear_forward_v2(out, input, weight, bias, s, relu),
+                Variant::V1 => me.linear_forward_v1(a),
+                Variant::V2 => me.linear_forward_v2(a),
             }
         })
     }
 
-    fn softmax_xent(
-        &mut self,
-        out: XentOut<Self>,
-        logits: &GpuBuf<f32>,
-        labels: &GpuBuf<u32>,
-        batch: usize,
-        classes: usize,
-    ) -> Result<()> {
+    fn softmax_xent(&mut self, a: SoftmaxXent<Self>) -> Result<()> {
+        let (batch, classes) = (a.batch, a.classes);
         self.tagged(OpCase::SoftmaxXent { batch, classes }, |me| {
-            check_lens!(logits => batch * classes, out.dlogits => batch * classes, labels => batch);
-            ensure!(out.losses.len >= batch && out.correct.len >= batch, "the loss buffers are too short");
-            me.softmax_xent_v1(out, logits, labels, batch, classes)
+            check_lens!(a.logits => batch * classes, a.dlogits => batch * classes, a.labels => batch);
+            ensure!(a.losses.len >= batch && a.correct.len >= batch, "the loss buffers are too short");
+            me.softmax_xent_v1(a)
         })
     }
 
-    fn linear_xent_forward_backward(
-        &mut self,
-        logits: &mut GpuBuf<f32>,
-        xent: XentOut<Self>,
-        grads: ParamGrads<Self>,
-        dinput: Option<InputGrad<Self>>,
-        input: &GpuBuf<f32>,
-        labels: &GpuBuf<u32>,
-        weight: &GpuBuf<f32>,
-        bias: &GpuBuf<f32>,
-        s: LinearShape,
-    ) -> Result<()> {
-        let case = OpCase::LinearXent { s, mask: dinput.as_ref().map(|d| d.relu_mask.is_some()) };
+    fn linear_xent_forward_backward(&mut self, a: LinearXent<Self>) -> Result<()> {
+        let s = a.s;
+        let case = OpCase::LinearXent { s, mask: relu_mask_of(&a.dinput) };
         self.tagged(case, |me| {
             if !(me.variant == Variant::V2 && v2::xent_fits(&s)) {
-                return linear_then_xent(me, logits, xent, grads, dinput, input, labels, weight, bias, s);
+                return linear_then_xent(me, a);
             }
             let parts = me.grad_partials(GradOp::LinearXent(s));
-            check_linear_backward(&grads, dinput.as_ref(), input, weight, s, parts)?;
-            let logits_len = s.batch * s.out_features;
-            check_lens!(bias => s.out_features, labels => s.batch, logits => logits_len, xent.dlogits => logits_len);
-            ensure!(xent.losses.len >= s.batch && xent.correct.len >= s.batch, "the loss buffers are too short");
-            me.linear_xent_v2(logits, xent, grads, dinput, input, labels, weight, bias, s)
+            check_linear_backward(a.input, a.weight, a.dweight, a.dbias, a.dinput.as_ref(), s, parts)?;
+            let logits = s.batch * s.out_features;
+            check_lens!(a.bias => s.out_features, a.labels => s.batch, a.logits => logits, a.dlogits => logits);
+            ensure!(a.losses.len >= s.batch && a.correct.len >= s.batch, "the loss buffers are too short");
+            me.linear_xent_v2(a)
         })
     }
 
-    fn linear_backward(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<InputGrad<Self>>,
-        dout: &GpuBuf<f32>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        s: LinearShape,
-    ) -> Result<()> {
-        let case = OpCase::LinearBackward { s, mask: dinput.as_ref().map(|d| d.relu_mask.is_some()) };
+    fn linear_backward(&mut self, a: LinearBackward<Self>) -> Result<()> {
+        let s = a.s;
+        let case = OpCase::LinearBackward { s, mask: relu_mask_of(&a.dinput) };
         self.tagged(case, |me| {
             let parts = me.grad_partials(GradOp::Linear(s));
-            check_linear_backward(&grads, dinput.as_ref(), input, weight, s, parts)?;
-            check_lens!(dout => s.batch * s.out_features);
+            check_linear_backward(a.input, a.weight, a.dweight, a.dbias, a.dinput.as_ref(), s, parts)?;
+            check_lens!(a.dout => s.batch * s.out_features);
             match me.variant {
-                Variant::V1 => me.linear_backward_v1(grads, dinput, dout, input, weight, s),
-                Variant::V2 => me.linear_backward_v2(grads, dinput, dout, input, weight, s),
+                Variant::V1 => me.linear_backward_v1(a),
+                Variant::V2 => me.linear_backward_v2(a),
             }
         })
     }
 
-    fn conv_backward_from_pool(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<&mut GpuBuf<f32>>,
-        dpooled: &GpuBuf<f32>,
-        saved: ConvPoolSaved<Self>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        let case = OpCase::ConvBackwardFromPool { s, dinput: dinput.is_some() };
-        self.tagged(case, |me| {
-            let parts = me.grad_partials(GradOp::ConvFromPool(s, dinput.is_some()));
-            check_lens!(dpooled => s.pooled_len(), saved.conv => s.output_len(), saved.argmax => s.pooled_len());
-            check_lens!(input => s.input_len(), weight => s.weight_len());
-            check_lens!(grads.dweight => parts * s.weight_len(), grads.dbias => parts * s.out_channels);
-            if let Some(dinput) = &dinput {
+    fn conv_backward_from_pool(&mut self, a: ConvBackward<Self>) -> Result<()> {
+        let (s, dinput) = (a.s, a.dinput.is_some());
+        self.tagged(OpCase::ConvBackwardFromPool { s, dinput }, |me| {
+            let parts = me.grad_partials(GradOp::ConvFromPool(s, dinput));
+            check_lens!(a.dpooled => s.pooled_len(), a.conv => s.output_len(), a.argmax => s.pooled_len());
+            check_lens!(a.input => s.input_len(), a.weight => s.weight_len());
+            check_lens!(a.dweight => parts * s.weight_len(), a.dbias => parts * s.out_channels);
+            if let Some(dinput) = &a.dinput {
                 check_lens!(dinput => s.input_len());
             }
-            if me.conv_backward_v2(&s, dinput.is_some()) {
-                me.conv_pool_backward_v2(grads, dinput, dpooled, saved, input, weight, s)
+            if me.conv_backward_v2(&s, dinput) {
+                me.conv_pool_backward_v2(a)
             } else {
-                me.conv_pool_backward_v1(grads, dinput, dpooled, saved, input, weight, s)
+                me.conv_pool_backward_v1(a)
             }
         })
     }
 
-    fn adam_update(
-        &mut self,
-        params: &mut [GpuBuf<f32>],
-        grads: &[GpuBuf<f32>],
-        m: &mut [GpuBuf<f32>],
-        v: &mut [GpuBuf<f32>],
-        step: &AdamStep,
-    ) -> Result<()> {
-        let values = StepUniform { adam: *step, ..Default::default() };
-        let (lens, partials) = optimizer_shapes(params, grads);
-        self.tagged(OpCase::Adam { lens, partials }, |me| {
-            me.optimizer("adam", "adam_update", params, grads, &[m, v], values)
-        })
+    fn adam_update(&mut self, a: AdamUpdate<Self>) -> Result<()> {
+        let values = StepUniform { adam: *a.step, ..Default::default() };
+        let (lens, partials) = update_shapes(a.params, a.grads, |b| b.len);
+        self.tagged(OpCase::Adam { lens, partials }, |me| me.optimizer("adam", "adam_update", a, values))
     }
 
-    fn sgd_update(
-        &mut self,
-        params: &mut [GpuBuf<f32>],
-        grads: &[GpuBuf<f32>],
-        momentum: &mut [GpuBuf<f32>],
-        step: &SgdStep,
-    ) -> Result<()> {
-        let values = StepUniform { sgd: *step, ..Default::default() };
-        let (lens, partials) = optimizer_shapes(params, grads);
-        let case = OpCase::Sgd {
-            lens,
-            partials,
-            momentum: step.momentum as f64,
-            nesterov: step.nesterov != 0,
-            weight_decay: step.weight_decay as f64,
-        };
-        self.tagged(case, |me| me.optimizer("sgd", "sgd_update", params, grads, &[momentum], values))
+    fn sgd_update(&mut self, a: SgdUpdate<Self>) -> Result<()> {
+        let values = StepUniform { sgd: *a.step, ..Default::default() };
+        let (lens, partials) = update_shapes(a.params, a.grads, |b| b.len);
+        self.tagged(OpCase::sgd(lens, partials, a.step), |me| me.optimizer("sgd", "sgd_update", a, values))
     }
 }
 
@@ -564,15 +481,10 @@ fn check_batch(batch: &BatchRef<GpuOps>) -> Result<()> {
     Ok(())
 }
 
-fn check_conv_forward(
-    out: &ConvPoolOut<GpuOps>,
-    input: &GpuBuf<f32>,
-    weight: &GpuBuf<f32>,
-    bias: &GpuBuf<f32>,
-    s: ConvShape,
-) -> Result<()> {
-    check_lens!(input => s.input_len(), weight => s.weight_len(), bias => s.out_channels);
-    check_lens!(out.conv => s.output_len(), out.pooled => s.pooled_len(), out.argmax => s.pooled_len());
+fn check_conv_forward(input: &GpuBuf<f32>, l: &ConvLayer<GpuOps>) -> Result<()> {
+    let s = l.s;
+    check_lens!(input => s.input_len(), l.weight => s.weight_len(), l.bias => s.out_channels);
+    check_lens!(l.conv => s.output_len(), l.pooled => s.pooled_len(), l.argmax => s.pooled_len());
     ensure!(
         s.out_height().is_multiple_of(2) && s.out_width().is_multiple_of(2),
         "max-pool input must have even sides"
@@ -582,16 +494,17 @@ fn check_conv_forward(
 
 /// A linear layer's backward buffers, with `parts` partial sums per weight gradient.
 fn check_linear_backward(
-    grads: &ParamGrads<GpuOps>,
-    dinput: Option<&InputGrad<GpuOps>>,
     input: &GpuBuf<f32>,
     weight: &GpuBuf<f32>,
+    dweight: &GpuBuf<f32>,
+    dbias: &GpuBuf<f32>,
+    dinput: Option<&InputGrad<GpuOps>>,
     s: LinearShape,
     parts: usize,
 ) -> Result<()> {
     check_lens!(input => s.batch * s.in_features, weight => s.weight_len());
-    check_lens!(grads.dweight => parts * s.weight_len(), grads.dbias => parts * s.out_features);
-    if let Some(InputGrad { dinput, relu_mask }) = dinput {
+    check_lens!(dweight => parts * s.weight_len(), dbias => parts * s.out_features);
+    if let Some(InputGradArgs { dinput, relu_mask }) = dinput {
         check_lens!(dinput => s.batch * s.in_features);
         if let Some(mask) = relu_mask {
             check_lens!(mask => s.batch * s.in_features);

@@ -17,7 +17,7 @@ use crate::backend::{check_images, Backend, Chunk, StepStats, SyncCounts};
 use crate::data::Dataset;
 use crate::model::{param_specs, Params, TrainState, CLASSES};
 use crate::network::{self, grad_partials, Activations, StepOut, Weights};
-use crate::ops::{BatchRef, Ops};
+use crate::ops::{Batch, Ops};
 use crate::optim::{AdamStep, OptStep, SgdStep};
 
 /// The largest batch the forward-only evaluation runs at once.
@@ -342,7 +342,7 @@ impl GpuBackend {
         let train = &self.train;
         let ((), dispatches) = self.ops.record_program(&step_group, |ops| {
             let mut acts = Activations::new(ops, batch)?;
-            let batch_ref = BatchRef { data: train, indices: &indices, shifts: &shifts, batch };
+            let batch_ref = Batch { data: train, indices: &indices, shifts: &shifts, batch };
             let out = StepOut { losses: &mut losses, correct: &mut correct };
             network::train_step(ops, &mut weights, &mut acts, &batch_ref, out, &placeholder)
         })?;
@@ -394,7 +394,7 @@ impl GpuBackend {
         let params = self.param_layout.views(&self.params, "");
         let (logits, dispatches) = self.ops.record_program(&step_group, |ops| {
             let mut acts = Activations::new(ops, batch)?;
-            let batch_ref = BatchRef { data: &dev, indices: &indices, shifts: &shifts, batch };
+            let batch_ref = Batch { data: &dev, indices: &indices, shifts: &shifts, batch };
             network::forward(ops, &params, &mut acts, &batch_ref)?;
             Ok(acts.logits().clone())
         })?;

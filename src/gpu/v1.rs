@@ -1,8 +1,8 @@
-//! The first kernels (`LENET_KERNELS=v1`; shaders/conv.wgsl, pool.wgsl, linear.wgsl,
-//! softmax_xent.wgsl): one dispatch per op and direction, tiled 5x5 convolutions with their
-//! pool fused in and one-invocation-per-element fallbacks for any other shape; 19 dispatches a
-//! training step of LeNet-5. The gather and the optimizer kernels (gather.wgsl, optim.wgsl) serve
-//! both generations.
+//! The first kernels (`LENET_KERNELS=v1`; shaders/conv.wgsl and linear.wgsl): one dispatch per
+//! op and direction, tiled 5x5 convolutions with their pool fused in and one-invocation-per-element
+//! fallbacks (with the pool and its backward as kernels of their own) for any other shape, and
+//! the softmax cross-entropy on its own; 19 dispatches a training step of LeNet-5. The gather and
+//! the optimizer kernels (gather.wgsl, optim.wgsl) serve both generations.
 //!
 //! These functions only bind and record: [`GpuOps`]'s `Ops` methods have checked the buffers
 //! against the shapes and chosen the kernels.
@@ -56,10 +56,8 @@ fn conv_params(b: Binder<'_>, s: ConvShape, tile: u32) -> Binder<'_> {
 }
 
 /// The pooled gradient and the forward tensors that route it (conv.wgsl's tiled backward).
-fn pool_grads<'a>(b: Binder<'a>, dpooled: &GpuBuf<f32>, saved: &ConvPoolSaved<GpuOps>) -> Binder<'a> {
-    b.buf("dpooled", &dpooled.view)
-        .buf("saved_argmax", &saved.argmax.view)
-        .buf("saved_conv", &saved.conv.view)
+fn pool_grads<'a>(b: Binder<'a>, a: &ConvBackward<GpuOps>) -> Binder<'a> {
+    b.buf("dpooled", &a.dpooled.view).buf("saved_argmax", &a.argmax.view).buf("saved_conv", &a.conv.view)
 }
 
 impl GpuOps {
@@ -89,24 +87,17 @@ impl GpuOps {
         Ok(())
     }
 
-    pub(super) fn conv_pool_forward_v1(
-        &mut self,
-        out: ConvPoolOut<Self>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        bias: &GpuBuf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        let op = "conv_relu_pool_forward";
+    pub(super) fn conv_pool_forward_v1(&mut self, input: &GpuBuf<f32>, l: ConvLayer<Self>) -> Result<()> {
+        let (op, s) = ("conv_relu_pool_forward", l.s);
         let tile = forward_tile(s);
         let b = self
             .kernel(if tile.is_some() { "conv_forward_pool" } else { "conv_forward_naive" })?
             .buf("input", &input.view)
-            .buf("weight", &weight.view)
-            .buf("bias", &bias.view)
-            .buf("conv", &out.conv.view);
+            .buf("weight", &l.weight.view)
+            .buf("bias", &l.bias.view)
+            .buf("conv", &l.conv.view);
         if let Some(tile) = tile {
-            let b = b.buf("pooled", &out.pooled.view).buf("argmax", &out.argmax.view);
+            let b = b.buf("pooled", &l.pooled.view).buf("argmax", &l.argmax.view);
             let grid = (s.batch as u32, (s.out_channels as u32).div_ceil(tile), 1);
             let d = conv_params(b, s, tile).grid(grid).build(op)?;
             self.push(d);
@@ -116,122 +107,90 @@ impl GpuOps {
         self.push(d);
         let d = self
             .kernel("pool_forward")?
-            .buf("conv", &out.conv.view)
-            .buf("pooled", &out.pooled.view)
-            .buf("argmax", &out.argmax.view)
-            .param("planes", s.batch * s.out_channels)
-            .param("height", s.out_height())
-            .param("width", s.out_width())
+            .buf("conv", &l.conv.view)
+            .buf("pooled", &l.pooled.view)
+            .buf("argmax", &l.argmax.view)
+            .conv_shape(s)
+            .param("tile", 0u32)
             .grid(grid_1d(s.pooled_len() as u64, 256, self.max_dim()))
             .build(op)?;
         self.push(d);
         Ok(())
     }
 
-    pub(super) fn linear_forward_v1(
-        &mut self,
-        out: &GpuBuf<f32>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        bias: &GpuBuf<f32>,
-        s: LinearShape,
-        relu: bool,
-    ) -> Result<()> {
+    pub(super) fn linear_forward_v1(&mut self, a: LinearForward<Self>) -> Result<()> {
+        let s = a.s;
         let d = self
             .kernel("linear_forward")?
-            .buf("input", &input.view)
-            .buf("weight", &weight.view)
-            .buf("bias", &bias.view)
-            .buf("out", &out.view)
-            .linear_shape(s, relu)
+            .buf("input", &a.input.view)
+            .buf("weight", &a.weight.view)
+            .buf("bias", &a.bias.view)
+            .buf("out", &a.out.view)
+            .linear_shape(s, a.relu)
+            .param("scale", 0.0f32)
             .grid(((s.out_features as u32).div_ceil(16), (s.batch as u32).div_ceil(16), 1))
             .build("linear_forward")?;
         self.push(d);
         Ok(())
     }
 
-    pub(super) fn softmax_xent_v1(
-        &mut self,
-        out: XentOut<Self>,
-        logits: &GpuBuf<f32>,
-        labels: &GpuBuf<u32>,
-        batch: usize,
-        classes: usize,
-    ) -> Result<()> {
+    pub(super) fn softmax_xent_v1(&mut self, a: SoftmaxXent<Self>) -> Result<()> {
+        let s = LinearShape { batch: a.batch, in_features: 0, out_features: a.classes };
         let d = self
             .kernel("softmax_xent")?
-            .buf("logits", &logits.view)
-            .buf("labels", &labels.view)
-            .buf("dlogits", &out.dlogits.view)
-            .buf("losses", &out.losses.view)
-            .buf("correct", &out.correct.view)
-            .param("batch", batch)
-            .param("classes", classes)
-            .param("scale", 1.0f32 / batch as f32)
+            .buf("logits", &a.logits.view)
+            .buf("labels", &a.labels.view)
+            .buf("dlogits", &a.dlogits.view)
+            .buf("losses", &a.losses.view)
+            .buf("correct", &a.correct.view)
+            .linear_shape(s, false)
+            .param("scale", 1.0f32 / a.batch as f32)
             .step(self.step(StepUniform::default()))
-            .grid(grid_1d(batch as u64, 64, self.max_dim()))
+            .grid(grid_1d(a.batch as u64, 64, self.max_dim()))
             .build("softmax_xent")?;
         self.push(d);
         Ok(())
     }
 
-    pub(super) fn linear_backward_v1(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<InputGrad<Self>>,
-        dout: &GpuBuf<f32>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        s: LinearShape,
-    ) -> Result<()> {
-        let LinearShape { batch, in_features, out_features } = s;
+    pub(super) fn linear_backward_v1(&mut self, a: LinearBackward<Self>) -> Result<()> {
+        let (s, dout) = (a.s, a.dout);
         let op = "linear_backward";
         let d = self
             .kernel("linear_backward_weight")?
             .buf("dout", &dout.view)
-            .buf("input", &input.view)
-            .buf("dweight", &grads.dweight.view)
-            .buf("dbias", &grads.dbias.view)
+            .buf("input", &a.input.view)
+            .buf("dweight", &a.dweight.view)
+            .buf("dbias", &a.dbias.view)
             .linear_shape(s, false)
-            .grid(((in_features as u32 + 1).div_ceil(16), (out_features as u32).div_ceil(16), 1))
+            .param("scale", 0.0f32)
+            .grid(((s.in_features as u32 + 1).div_ceil(16), (s.out_features as u32).div_ceil(16), 1))
             .build(op)?;
         self.push(d);
-        if let Some(InputGrad { dinput, relu_mask }) = dinput {
+        if let Some(InputGradArgs { dinput, relu_mask }) = a.dinput {
             // Without a mask the kernel never reads relu_mask; any read-only buffer fills it.
-            let mask = relu_mask.unwrap_or(dout);
             let d = self
                 .kernel("linear_backward_input")?
                 .buf("dout", &dout.view)
-                .buf("weight", &weight.view)
-                .buf("relu_mask", &mask.view)
+                .buf("weight", &a.weight.view)
+                .buf("relu_mask", &relu_mask.unwrap_or(dout).view)
                 .buf("dinput", &dinput.view)
                 .linear_shape(s, relu_mask.is_some())
-                .grid(((in_features as u32).div_ceil(16), (batch as u32).div_ceil(16), 1))
+                .param("scale", 0.0f32)
+                .grid(((s.in_features as u32).div_ceil(16), (s.batch as u32).div_ceil(16), 1))
                 .build(op)?;
             self.push(d);
         }
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn conv_pool_backward_v1(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<&mut GpuBuf<f32>>,
-        dpooled: &GpuBuf<f32>,
-        saved: ConvPoolSaved<Self>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
-        let op = "conv_backward_from_pool";
-        let (params, dweight, dbias) =
-            (s.weight_len() + s.out_channels, &grads.dweight.view, &grads.dbias.view);
-        if backward_tiled(s, dinput.is_some()) {
+    pub(super) fn conv_pool_backward_v1(&mut self, a: ConvBackward<Self>) -> Result<()> {
+        let (op, s) = ("conv_backward_from_pool", a.s);
+        let (input, weight) = (&a.input.view, &a.weight.view);
+        let (params, dweight, dbias) = (s.weight_len() + s.out_channels, &a.dweight.view, &a.dbias.view);
+        if backward_tiled(s, a.dinput.is_some()) {
             let splits = weight_splits(s);
             let partials = self.scratch("conv_weight_partials", splits as usize * params)?;
-            let b =
-                pool_grads(self.kernel("conv_backward_weight")?, dpooled, &saved).buf("input", &input.view);
+            let b = pool_grads(self.kernel("conv_backward_weight")?, &a).buf("input", input);
             let grid = ((s.out_channels * s.in_channels) as u32, splits, 1);
             let d = conv_params(b.buf("partials", &partials.view), s, 0).grid(grid).build(op)?;
             self.push(d);
@@ -239,10 +198,11 @@ impl GpuOps {
             let b = b.buf("dweight", dweight).buf("dbias", dbias);
             let d = conv_params(b, s, splits).grid(grid_1d(params as u64, 256, self.max_dim())).build(op)?;
             self.push(d);
-            if let Some(dinput) = dinput {
-                let b = pool_grads(self.kernel("conv_backward_input")?, dpooled, &saved);
-                let b = b.buf("weight", &weight.view).buf("dinput", &dinput.view);
-                let d = conv_params(b, s, 0).grid((s.batch as u32, 1, 1)).build(op)?;
+            if let Some(dinput) = &a.dinput {
+                let b = pool_grads(self.kernel("conv_backward_input")?, &a);
+                let d = conv_params(b.buf("weight", weight).buf("dinput", &dinput.view), s, 0)
+                    .grid((s.batch as u32, 1, 1))
+                    .build(op)?;
                 self.push(d);
             }
             return Ok(());
@@ -251,26 +211,21 @@ impl GpuOps {
         let dconv = self.scratch("dconv", s.output_len())?;
         let d = self
             .kernel("pool_backward")?
-            .buf("conv", &saved.conv.view)
-            .buf("dpooled", &dpooled.view)
-            .buf("saved_argmax", &saved.argmax.view)
+            .buf("saved_conv", &a.conv.view)
+            .buf("dpooled", &a.dpooled.view)
+            .buf("saved_argmax", &a.argmax.view)
             .buf("dconv", &dconv.view)
-            .param("planes", s.batch * s.out_channels)
-            .param("height", s.out_height())
-            .param("width", s.out_width())
+            .conv_shape(s)
+            .param("tile", 0u32)
             .grid(grid_1d(s.output_len() as u64, 256, self.max_dim()))
             .build(op)?;
         self.push(d);
-        let b =
-            self.kernel("conv_backward_weight_naive")?.buf("dconv", &dconv.view).buf("input", &input.view);
+        let b = self.kernel("conv_backward_weight_naive")?.buf("dconv", &dconv.view).buf("input", input);
         let b = b.buf("dweight", dweight).buf("dbias", dbias);
         let d = conv_params(b, s, 0).grid(grid_1d(params as u64, 1, self.max_dim())).build(op)?;
         self.push(d);
-        if let Some(dinput) = dinput {
-            let b = self
-                .kernel("conv_backward_input_naive")?
-                .buf("dconv", &dconv.view)
-                .buf("weight", &weight.view);
+        if let Some(dinput) = &a.dinput {
+            let b = self.kernel("conv_backward_input_naive")?.buf("dconv", &dconv.view).buf("weight", weight);
             let grid = grid_1d(s.input_len() as u64, 256, self.max_dim());
             let d = conv_params(b.buf("dinput", &dinput.view), s, 0).grid(grid).build(op)?;
             self.push(d);
@@ -281,16 +236,18 @@ impl GpuOps {
     /// One optimizer kernel over every tensor: one dispatch when the parameters, gradients and
     /// moments each lie in one buffer with the moments laid out as the parameters (the GPU
     /// backend's flat buffers), else one per tensor.
-    pub(super) fn optimizer(
+    pub(super) fn optimizer<S>(
         &mut self,
         kernel: &'static str,
         op: &'static str,
-        params: &[GpuBuf<f32>],
-        grads: &[GpuBuf<f32>],
-        moments: &[&[GpuBuf<f32>]],
+        a: UpdateArgs<GpuBuf<f32>, S>,
         values: StepUniform,
     ) -> Result<()> {
-        ensure!(grads.len() == params.len() && moments.iter().all(|m| m.len() == params.len()));
+        let (params, grads, moments) = (&*a.params, a.grads, &*a.moments);
+        ensure!(
+            grads.len() == params.len() && moments.iter().all(|m| m.len() == params.len()),
+            "one gradient and state per tensor"
+        );
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             ensure!(
                 p.len > 0 && g.len % p.len == 0 && g.len > 0 && moments.iter().all(|m| m[i].len == p.len),

@@ -171,14 +171,8 @@ pub(super) enum ConvInput<'a> {
 /// against the shapes and chosen the kernels.
 impl GpuOps {
     /// conv + bias + ReLU + max-pool of a batch, one workgroup per image.
-    pub(super) fn conv_pool_forward_v2(
-        &mut self,
-        input: ConvInput,
-        out: ConvPoolOut<Self>,
-        weight: &GpuBuf<f32>,
-        bias: &GpuBuf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
+    pub(super) fn conv_pool_forward_v2(&mut self, input: ConvInput, l: ConvLayer<Self>) -> Result<()> {
+        let s = l.s;
         let (kernel, b, data) = match input {
             ConvInput::Gather { gathered, labels, batch } => {
                 let d = batch.data;
@@ -199,11 +193,11 @@ impl GpuOps {
             }
         };
         let b = b
-            .buf("weight", &weight.view)
-            .buf("bias", &bias.view)
-            .buf("conv", &out.conv.view)
-            .buf("pooled", &out.pooled.view)
-            .buf("argmax", &out.argmax.view);
+            .buf("weight", &l.weight.view)
+            .buf("bias", &l.bias.view)
+            .buf("conv", &l.conv.view)
+            .buf("pooled", &l.pooled.view)
+            .buf("argmax", &l.argmax.view);
         let d = conv_params(b, s, groups_of_8(&s), 1, data)
             .grid(grid_1d(s.batch as u64, 1, self.max_dim()))
             .build(kernel)?;
@@ -212,20 +206,11 @@ impl GpuOps {
     }
 
     /// The conv layer's backward pass in one dispatch (input gradients and weight partials).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn conv_pool_backward_v2(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<&mut GpuBuf<f32>>,
-        dpooled: &GpuBuf<f32>,
-        saved: ConvPoolSaved<Self>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        s: ConvShape,
-    ) -> Result<()> {
+    pub(super) fn conv_pool_backward_v2(&mut self, a: ConvBackward<Self>) -> Result<()> {
+        let s = a.s;
         // Without an input gradient no workgroup writes one; a scratch buffer fills the binding.
         let scratch;
-        let (dinput, tiles) = match dinput {
+        let (dinput, tiles) = match a.dinput {
             Some(d) => (&*d, s.batch),
             None => {
                 scratch = self.scratch("no_dinput", 1)?;
@@ -234,14 +219,14 @@ impl GpuOps {
         };
         let b = self
             .kernel("conv_pool_backward")?
-            .buf("dpooled", &dpooled.view)
-            .buf("saved_argmax", &saved.argmax.view)
-            .buf("saved_conv", &saved.conv.view)
-            .buf("input", &input.view)
-            .buf("weight", &weight.view)
+            .buf("dpooled", &a.dpooled.view)
+            .buf("saved_argmax", &a.argmax.view)
+            .buf("saved_conv", &a.conv.view)
+            .buf("input", &a.input.view)
+            .buf("weight", &a.weight.view)
             .buf("dinput", &dinput.view)
-            .buf("dweight", &grads.dweight.view)
-            .buf("dbias", &grads.dbias.view);
+            .buf("dweight", &a.dweight.view)
+            .buf("dbias", &a.dbias.view);
         let workgroups = (tiles + conv_partials(s.batch)) as u64;
         let d = conv_params(b, s, tiles, images_per_group(s.batch), (0, 0))
             .grid(grid_1d(workgroups, 1, self.max_dim()))
@@ -250,22 +235,15 @@ impl GpuOps {
         Ok(())
     }
 
-    pub(super) fn linear_forward_v2(
-        &mut self,
-        out: &GpuBuf<f32>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        bias: &GpuBuf<f32>,
-        s: LinearShape,
-        relu: bool,
-    ) -> Result<()> {
+    pub(super) fn linear_forward_v2(&mut self, a: LinearForward<Self>) -> Result<()> {
+        let s = a.s;
         let d = self
             .kernel("linear_forward_v2")?
-            .buf("rows", &input.view)
-            .buf("weight", &weight.view)
-            .buf("bias", &bias.view)
-            .buf("out", &out.view)
-            .linear_shape(s, relu)
+            .buf("rows", &a.input.view)
+            .buf("weight", &a.weight.view)
+            .buf("bias", &a.bias.view)
+            .buf("out", &a.out.view)
+            .linear_shape(s, a.relu)
             .param("dinput_tiles", 0u32)
             .param("scale", 0.0f32)
             .grid((s.out_features.div_ceil(8) as u32, s.batch.div_ceil(64) as u32, 1))
@@ -274,38 +252,30 @@ impl GpuOps {
         Ok(())
     }
 
-    pub(super) fn linear_backward_v2(
-        &mut self,
-        grads: ParamGrads<Self>,
-        dinput: Option<InputGrad<Self>>,
-        dout: &GpuBuf<f32>,
-        input: &GpuBuf<f32>,
-        weight: &GpuBuf<f32>,
-        s: LinearShape,
-    ) -> Result<()> {
-        let LinearShape { batch, in_features, out_features } = s;
+    pub(super) fn linear_backward_v2(&mut self, a: LinearBackward<Self>) -> Result<()> {
+        let (s, dout) = (a.s, a.dout);
         let scratch;
-        let (dinput, mask, tiles) = match dinput {
-            Some(InputGrad { dinput, relu_mask }) => {
-                (&*dinput, relu_mask, in_features.div_ceil(8) * batch.div_ceil(64))
+        let (dinput, mask, tiles) = match a.dinput {
+            Some(InputGradArgs { dinput, relu_mask }) => {
+                (&*dinput, relu_mask, s.in_features.div_ceil(8) * s.batch.div_ceil(64))
             }
             None => {
                 scratch = self.scratch("no_dinput", 1)?;
                 (&scratch, None, 0)
             }
         };
-        let w_tiles = (in_features + 1).div_ceil(64) * out_features.div_ceil(8);
+        let w_tiles = (s.in_features + 1).div_ceil(64) * s.out_features.div_ceil(8);
         let d = self
             .kernel("linear_backward_v2")?
             .buf("rows", &dout.view)
             .buf("dout", &dout.view)
-            .buf("input", &input.view)
-            .buf("weight", &weight.view)
+            .buf("input", &a.input.view)
+            .buf("weight", &a.weight.view)
             // Without a mask the kernel never reads relu_mask; any read-only buffer fills it.
             .buf("relu_mask", &mask.unwrap_or(dout).view)
             .buf("dinput", &dinput.view)
-            .buf("dweight", &grads.dweight.view)
-            .buf("dbias", &grads.dbias.view)
+            .buf("dweight", &a.dweight.view)
+            .buf("dbias", &a.dbias.view)
             .linear_shape(s, mask.is_some())
             .param("dinput_tiles", tiles)
             .param("scale", 0.0f32)
@@ -316,22 +286,11 @@ impl GpuOps {
     }
 
     /// The output layer's forward pass, loss and backward pass, one workgroup per `XT` images.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn linear_xent_v2(
-        &mut self,
-        logits: &GpuBuf<f32>,
-        xent: XentOut<Self>,
-        grads: ParamGrads<Self>,
-        dinput: Option<InputGrad<Self>>,
-        input: &GpuBuf<f32>,
-        labels: &GpuBuf<u32>,
-        weight: &GpuBuf<f32>,
-        bias: &GpuBuf<f32>,
-        s: LinearShape,
-    ) -> Result<()> {
+    pub(super) fn linear_xent_v2(&mut self, a: LinearXent<Self>) -> Result<()> {
+        let s = a.s;
         let scratch;
-        let (dinput, mask) = match dinput {
-            Some(InputGrad { dinput, relu_mask }) => (&*dinput, relu_mask),
+        let (dinput, mask) = match a.dinput {
+            Some(InputGradArgs { dinput, relu_mask }) => (&*dinput, relu_mask),
             None => {
                 scratch = self.scratch("no_dinput", s.batch * s.in_features)?;
                 (&scratch, None)
@@ -339,18 +298,18 @@ impl GpuOps {
         };
         let d = self
             .kernel("linear_xent_v2")?
-            .buf("input", &input.view)
-            .buf("weight", &weight.view)
-            .buf("bias", &bias.view)
-            .buf("labels", &labels.view)
-            .buf("out", &logits.view)
-            .buf("dlogits", &xent.dlogits.view)
-            .buf("losses", &xent.losses.view)
-            .buf("correct", &xent.correct.view)
-            .buf("relu_mask", &mask.unwrap_or(input).view)
+            .buf("input", &a.input.view)
+            .buf("weight", &a.weight.view)
+            .buf("bias", &a.bias.view)
+            .buf("labels", &a.labels.view)
+            .buf("out", &a.logits.view)
+            .buf("dlogits", &a.dlogits.view)
+            .buf("losses", &a.losses.view)
+            .buf("correct", &a.correct.view)
+            .buf("relu_mask", &mask.unwrap_or(a.input).view)
             .buf("dinput", &dinput.view)
-            .buf("dweight", &grads.dweight.view)
-            .buf("dbias", &grads.dbias.view)
+            .buf("dweight", &a.dweight.view)
+            .buf("dbias", &a.dbias.view)
             .linear_shape(s, mask.is_some())
             .param("dinput_tiles", 0u32)
             .param("scale", 1.0f32 / s.batch as f32)
