@@ -412,14 +412,15 @@ fn forward_layers<O: Ops>(
             (LayerActs::Conv { conv, pooled, argmax }, LayerShape::Conv(s)) => {
                 let l = ConvLayerArgs { weight, bias, conv, pooled, argmax, s };
                 if i == 0 {
-                    ops.gather_conv_relu_pool_forward(&mut acts.input, &mut acts.labels, batch, l)?;
+                    let g = GatherArgs { input: &mut acts.input, labels: &mut acts.labels, batch };
+                    ops.gather_conv_relu_pool_forward(g, l)?;
                 } else {
                     ops.conv_relu_pool_forward(layer_input(&acts.input, before), l)?;
                 }
             }
             (LayerActs::Linear { out }, LayerShape::Linear(s)) => {
                 if i == 0 {
-                    ops.gather(&mut acts.input, &mut acts.labels, batch)?;
+                    ops.gather(GatherArgs { input: &mut acts.input, labels: &mut acts.labels, batch })?;
                 }
                 let relu = matches!(layer.kind, LayerKind::Linear { relu: true, .. });
                 let input = layer_input(&acts.input, before);

@@ -522,7 +522,7 @@ impl<O: Ops> Staged<O> {
             OpCase::Gather { batch, .. } => {
                 let [input] = outs_mut(outs, ["input"]);
                 let [labels] = outs_mut(outs_u32, ["labels"]);
-                ops.gather(input, labels, &batch_ref(*batch))
+                ops.gather(GatherArgs { input, labels, batch: &batch_ref(*batch) })
             }
             OpCase::ConvReluPool(s) => {
                 let [conv, pooled] = outs_mut(outs, ["conv", "pooled"]);
@@ -534,7 +534,7 @@ impl<O: Ops> Staged<O> {
                 let [input, conv, pooled] = outs_mut(outs, ["input", "conv", "pooled"]);
                 let [labels, argmax] = outs_mut(outs_u32, ["labels", "argmax"]);
                 let l = ConvLayerArgs { weight: f("weight"), bias: f("bias"), conv, pooled, argmax, s: *s };
-                ops.gather_conv_relu_pool_forward(input, labels, &batch_ref(s.batch), l)
+                ops.gather_conv_relu_pool_forward(GatherArgs { input, labels, batch: &batch_ref(s.batch) }, l)
             }
             OpCase::Linear { s, relu } => {
                 let [out] = outs_mut(outs, ["out"]);
@@ -1029,12 +1029,12 @@ impl<O: Ops> Ops for Trace<O> {
         self.inner.grad_partials(op)
     }
 
-    fn gather(&mut self, input: &mut F32<O>, labels: &mut U32<O>, batch: &BatchRef<Self>) -> Result<()> {
-        // The data set behind `batch` is opaque here: a case of as many random images as the
+    fn gather(&mut self, g: Gather<Self>) -> Result<()> {
+        // The data set behind the batch is opaque here: a case of as many random images as the
         // batch, shifted by up to 2 pixels, exercises the same kernel.
-        let side = crate::model::IMAGE_SIDE;
-        self.calls.push(OpCase::Gather { batch: batch.batch, images: batch.batch, side, max_shift: 2 });
-        self.inner.gather(input, labels, batch)
+        let (side, b) = (crate::model::IMAGE_SIDE, g.batch.batch);
+        self.calls.push(OpCase::Gather { batch: b, images: b, side, max_shift: 2 });
+        self.inner.gather(g)
     }
 
     fn conv_relu_pool_forward(&mut self, input: &F32<O>, l: ConvLayer<Self>) -> Result<()> {
@@ -1042,15 +1042,9 @@ impl<O: Ops> Ops for Trace<O> {
         self.inner.conv_relu_pool_forward(input, l)
     }
 
-    fn gather_conv_relu_pool_forward(
-        &mut self,
-        input: &mut F32<O>,
-        labels: &mut U32<O>,
-        batch: &BatchRef<Self>,
-        l: ConvLayer<Self>,
-    ) -> Result<()> {
+    fn gather_conv_relu_pool_forward(&mut self, g: Gather<Self>, l: ConvLayer<Self>) -> Result<()> {
         self.calls.push(OpCase::GatherConvReluPool { s: l.s, images: l.s.batch, max_shift: 2 });
-        self.inner.gather_conv_relu_pool_forward(input, labels, batch, l)
+        self.inner.gather_conv_relu_pool_forward(g, l)
     }
 
     fn linear_forward(&mut self, a: LinearForward<Self>) -> Result<()> {

@@ -121,6 +121,16 @@ pub struct Batch<'a, D, U, I> {
 }
 pub type BatchRef<'a, O> = Batch<'a, <O as Ops>::Data, U32<O>, I32<O>>;
 
+/// [`Ops::gather`]'s tensors: the batch, and where it goes.
+pub struct GatherArgs<'a, F, U, D, I> {
+    /// [B, rows * cols]
+    pub input: &'a mut F,
+    /// [B]
+    pub labels: &'a mut U,
+    pub batch: &'a Batch<'a, D, U, I>,
+}
+pub type Gather<'a, O> = GatherArgs<'a, F32<O>, U32<O>, <O as Ops>::Data, I32<O>>;
+
 /// A conv + bias + ReLU + 2x2 max-pool layer's parameters, outputs and shape.
 pub struct ConvLayerArgs<'a, F, U> {
     /// [Cout, Cin, K, K]
@@ -278,10 +288,7 @@ pub trait Ops {
 
     /// input[b] = the image `indices[b]` of the data set as pixels / 255, translated by
     /// `shifts[b]` (zero where it reads outside the image); labels[b] = its label.
-    ///
-    /// input: [B, rows * cols], labels: [B]
-    fn gather(&mut self, input: &mut F32<Self>, labels: &mut U32<Self>, batch: &BatchRef<Self>)
-        -> Result<()>;
+    fn gather(&mut self, g: Gather<Self>) -> Result<()>;
 
     /// conv (stride 1, zero padding) + bias, ReLU, then 2x2 max-pool with its argmax:
     /// conv[b,co,y,x] = max(0, bias[co] + sum_{ci,ky,kx} weight[co,ci,ky,kx] * input[b,ci,y+ky-p,x+kx-p]).
@@ -299,16 +306,9 @@ pub trait Ops {
     }
 
     /// [`Ops::gather`] then [`Ops::conv_relu_pool_forward`] on the gathered batch (which
-    /// `input` keeps for the backward pass).
-    fn gather_conv_relu_pool_forward(
-        &mut self,
-        input: &mut F32<Self>,
-        labels: &mut U32<Self>,
-        batch: &BatchRef<Self>,
-        l: ConvLayer<Self>,
-    ) -> Result<()> {
-        self.gather(input, labels, batch)?;
-        self.conv_relu_pool_forward(input, l)
+    /// `g.input` keeps for the backward pass).
+    fn gather_conv_relu_pool_forward(&mut self, g: Gather<Self>, l: ConvLayer<Self>) -> Result<()> {
+        gather_then_conv(self, g, l)
     }
 
     /// out[b,o] = bias[o] + sum_i input[b,i] * weight[o,i], then ReLU if `relu`.
@@ -410,6 +410,13 @@ pub trait Ops {
             reference::sgd_update(p, g, b, a.step)
         })
     }
+}
+
+/// [`Ops::gather_conv_relu_pool_forward`] as its two parts, for implementations without a fused
+/// kernel for a shape.
+pub fn gather_then_conv<O: Ops + ?Sized>(ops: &mut O, g: Gather<O>, l: ConvLayer<O>) -> Result<()> {
+    ops.gather(GatherArgs { input: &mut *g.input, labels: g.labels, batch: g.batch })?;
+    ops.conv_relu_pool_forward(g.input, l)
 }
 
 /// [`Ops::linear_xent_forward_backward`] as its three parts, for implementations without a

@@ -23,6 +23,7 @@ use lenet::backend::{Backend, Chunk, OpsBackend};
 use lenet::cpu::{fast, reference as ops, Fast, Reference};
 use lenet::data::Dataset;
 use lenet::model::*;
+use lenet::ops::{ConvLayerArgs, Ops};
 use lenet::optim::{Adam, OptStep, Optimizer, OptimizerKind, Sgd};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -505,12 +506,39 @@ fn maxpool_ties_route_the_gradient_to_the_first_maximum() {
     }
     let dout: Vec<f32> = (0..n / 4).map(|i| 1.0 + i as f32).collect();
 
-    type Forward = fn(&mut [f32], &mut [u32], &[f32], usize, usize, usize, usize);
-    for (name, fwd) in
-        [("ops", ops::maxpool2x2_forward as Forward), ("fast", fast::maxpool2x2_forward as Forward)]
+    // The fast path pools inside its fused conv + ReLU + pool: through a 1x1 identity
+    // convolution (exact: x * 1 + y * 0) of the input moved up by 3 (all positive, so the ReLU
+    // passes everything; the same ties and order), its argmax must be the reference's.
+    let s = ConvShape {
+        batch,
+        in_channels: channels,
+        out_channels: channels,
+        height: h,
+        width: w,
+        kernel: 1,
+        padding: 0,
+    };
+    let identity: Vec<f32> =
+        (0..channels * channels).map(|i| (i / channels == i % channels) as u8 as f32).collect();
+    let lifted: Vec<f32> = inp.iter().map(|x| x + 3.0).collect();
+    let (mut conv, mut pooled, mut fast_argmax) = (vec![0.0; n], vec![0.0; n / 4], vec![0u32; n / 4]);
+    let bias = vec![0.0; channels];
+    let l = ConvLayerArgs {
+        weight: &identity,
+        bias: &bias,
+        conv: &mut conv,
+        pooled: &mut pooled,
+        argmax: &mut fast_argmax,
+        s,
+    };
+    Fast::default().conv_relu_pool_forward(&lifted, l).unwrap();
+    assert_eq!(conv, lifted, "the identity convolution is exact");
+    let fast_argmax: Vec<usize> = fast_argmax.iter().map(|&i| i as usize).collect();
+    assert_eq!(fast_argmax, expected_pos, "fast argmax");
     {
+        let name = "reference";
         let (mut out, mut argmax) = (vec![0.0; n / 4], vec![0u32; n / 4]);
-        fwd(&mut out, &mut argmax, &inp, batch, channels, h, w);
+        ops::maxpool2x2_forward(&mut out, &mut argmax, &inp, batch, channels, h, w);
         let am: Vec<usize> = argmax.iter().map(|&i| i as usize).collect();
         assert_eq!(am, expected_pos, "{name} argmax");
         let mut dinp = vec![f32::NAN; n];

@@ -363,32 +363,8 @@ fn conv_dims(s: &ConvShape) -> ConvDims {
     }
 }
 
-/// See [`super::reference::conv2d_forward`].
-pub fn conv2d_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
-    conv2d_forward_impl(out, inp, weight, bias, s, false)
-}
-
-/// [`conv2d_forward`] followed by ReLU, fused.
-pub fn conv2d_relu_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
-    conv2d_forward_impl(out, inp, weight, bias, s, true)
-}
-
-fn conv2d_forward_impl(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape, relu: bool) {
-    assert_eq!(inp.len(), s.input_len());
-    assert_eq!(weight.len(), s.weight_len());
-    assert_eq!(bias.len(), s.out_channels);
-    assert_eq!(out.len(), s.output_len());
-    let ConvDims { hw, in_len, out_len, .. } = conv_dims(&s);
-    if s.batch == 0 || hw == 0 {
-        return;
-    }
-    out.par_chunks_mut(CONV_BLOCK * out_len)
-        .zip(inp.par_chunks(CONV_BLOCK * in_len.max(1)))
-        .for_each(|(out, inp)| conv_forward_block(out, inp, weight, bias, &s, relu));
-}
-
-/// [`conv2d_relu_forward`] followed by [`maxpool2x2_forward`], fused: each block of images is
-/// pooled while its convolution output is still in cache.
+/// See [`super::reference::conv_relu_pool_forward`]: the convolution, its ReLU and the 2x2
+/// max-pool fused, each block of images pooled while its convolution output is still in cache.
 ///
 /// out: [B, Cout, Ho, Wo]; pooled and argmax: [B, Cout, Ho/2, Wo/2]
 pub fn conv2d_relu_maxpool_forward(
@@ -600,30 +576,6 @@ fn pad_planes(padded: &mut [f32], inp: &[f32], channels: usize, h: usize, w: usi
     }
 }
 
-/// See [`super::reference::maxpool2x2_forward`].
-pub fn maxpool2x2_forward(
-    out: &mut [f32],
-    argmax: &mut [u32],
-    inp: &[f32],
-    batch: usize,
-    channels: usize,
-    height: usize,
-    width: usize,
-) {
-    assert!(height.is_multiple_of(2) && width.is_multiple_of(2), "max-pool input must have even sides");
-    let (ho, wo) = (height / 2, width / 2);
-    assert_eq!(inp.len(), batch * channels * height * width);
-    assert_eq!(out.len(), batch * channels * ho * wo);
-    assert_eq!(argmax.len(), out.len());
-    let (img_in, img_out) = (channels * height * width, channels * ho * wo);
-    if img_out == 0 {
-        return;
-    }
-    out.par_chunks_mut(img_out).zip(argmax.par_chunks_mut(img_out)).enumerate().for_each(
-        |(b, (out, argmax))| maxpool_image(out, argmax, &inp[b * img_in..][..img_in], b * img_in, width),
-    );
-}
-
 /// Max-pools one image (all its channels) of width `width`; `base` is the image's offset in the
 /// batch, added to the argmax indices.
 fn maxpool_image(out: &mut [f32], argmax: &mut [u32], inp: &[f32], base: usize, width: usize) {
@@ -693,43 +645,9 @@ pub fn maxpool2x2_relu_backward(
 /// Rows per block of the linear layers' batch-parallel GEMMs.
 const LINEAR_ROWS: usize = 32;
 
-/// See [`super::reference::linear_forward`].
-pub fn linear_forward(
-    out: &mut [f32],
-    inp: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    batch: usize,
-    in_features: usize,
-    out_features: usize,
-) {
-    linear_forward_impl(out, inp, weight, bias, batch, in_features, out_features, false)
-}
-
-/// [`linear_forward`] followed by ReLU.
-pub fn linear_relu_forward(
-    out: &mut [f32],
-    inp: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    batch: usize,
-    in_features: usize,
-    out_features: usize,
-) {
-    linear_forward_impl(out, inp, weight, bias, batch, in_features, out_features, true)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn linear_forward_impl(
-    out: &mut [f32],
-    inp: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    batch: usize,
-    in_features: usize,
-    out_features: usize,
-    relu: bool,
-) {
+/// See [`super::reference::linear_layer_forward`]: blocks of rows in parallel, each a GEMM.
+fn linear_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: LinearShape, relu: bool) {
+    let LinearShape { batch, in_features, out_features } = s;
     assert_eq!(inp.len(), batch * in_features);
     assert_eq!(weight.len(), out_features * in_features);
     assert_eq!(bias.len(), out_features);
@@ -890,8 +808,7 @@ impl Ops for Fast {
     }
 
     fn linear_forward(&mut self, a: LinearForward<Self>) -> Result<()> {
-        let s = a.s;
-        linear_forward_impl(a.out, a.input, a.weight, a.bias, s.batch, s.in_features, s.out_features, a.relu);
+        linear_forward(a.out, a.input, a.weight, a.bias, a.s, a.relu);
         Ok(())
     }
 

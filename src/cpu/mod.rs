@@ -74,14 +74,10 @@ macro_rules! host_buffers {
             Ok(std::sync::Arc::new(data.clone()))
         }
 
-        fn gather(
-            &mut self,
-            input: &mut Vec<f32>,
-            labels: &mut Vec<u32>,
-            batch: &BatchRef<Self>,
-        ) -> Result<()> {
-            $crate::cpu::reference::check_batch(batch.data, batch.indices, batch.shifts)?;
-            $crate::cpu::reference::gather_batch(input, labels, batch.data, batch.indices, batch.shifts);
+        fn gather(&mut self, g: Gather<Self>) -> Result<()> {
+            let b = g.batch;
+            $crate::cpu::reference::check_batch(b.data, b.indices, b.shifts)?;
+            $crate::cpu::reference::gather_batch(g.input, g.labels, b.data, b.indices, b.shifts);
             Ok(())
         }
     };

@@ -342,40 +342,33 @@ impl Ops for GpuOps {
         })
     }
 
-    fn gather(
-        &mut self,
-        input: &mut GpuBuf<f32>,
-        labels: &mut GpuBuf<u32>,
-        batch: &BatchRef<Self>,
-    ) -> Result<()> {
-        let data = batch.data;
-        let case = OpCase::Gather { batch: batch.batch, images: data.len, side: data.rows, max_shift: 2 };
+    fn gather(&mut self, g: Gather<Self>) -> Result<()> {
+        let (data, b) = (g.batch.data, g.batch.batch);
+        let case = OpCase::Gather { batch: b, images: data.len, side: data.rows, max_shift: 2 };
         self.tagged(case, |me| {
-            check_lens!(input => batch.batch * data.rows * data.cols, labels => batch.batch);
-            check_batch(batch)?;
-            me.gather_v1(input, labels, batch)
+            check_lens!(g.input => b * data.rows * data.cols, g.labels => b);
+            check_batch(g.batch)?;
+            me.gather_v1(g)
         })
     }
 
-    fn gather_conv_relu_pool_forward(
-        &mut self,
-        input: &mut GpuBuf<f32>,
-        labels: &mut GpuBuf<u32>,
-        batch: &BatchRef<Self>,
-        l: ConvLayer<Self>,
-    ) -> Result<()> {
+    fn gather_conv_relu_pool_forward(&mut self, g: Gather<Self>, l: ConvLayer<Self>) -> Result<()> {
         let s = l.s;
-        let case = OpCase::GatherConvReluPool { s, images: batch.data.len, max_shift: 2 };
+        let case = OpCase::GatherConvReluPool { s, images: g.batch.data.len, max_shift: 2 };
         self.tagged(case, |me| {
             if !(me.variant == Variant::V2 && v2::forward_fits(&s, true)) {
-                me.gather(input, labels, batch)?;
-                return me.conv_relu_pool_forward(input, l);
+                return gather_then_conv(me, g, l);
             }
-            check_conv_forward(input, &l)?;
-            check_lens!(labels => s.batch);
-            ensure!(batch.batch == s.batch, "the batch holds {} images, the shape {}", batch.batch, s.batch);
-            check_batch(batch)?;
-            me.conv_pool_forward_v2(v2::ConvInput::Gather { gathered: input, labels, batch }, l)
+            check_conv_forward(g.input, &l)?;
+            check_lens!(g.labels => s.batch);
+            ensure!(
+                g.batch.batch == s.batch,
+                "the batch holds {} images, the shape {}",
+                g.batch.batch,
+                s.batch
+            );
+            check_batch(g.batch)?;
+            me.conv_pool_forward_v2(v2::ConvInput::Gather(g), l)
         })
     }
 

@@ -61,12 +61,8 @@ fn pool_grads<'a>(b: Binder<'a>, a: &ConvBackward<GpuOps>) -> Binder<'a> {
 }
 
 impl GpuOps {
-    pub(super) fn gather_v1(
-        &mut self,
-        input: &GpuBuf<f32>,
-        labels: &GpuBuf<u32>,
-        batch: &BatchRef<Self>,
-    ) -> Result<()> {
+    pub(super) fn gather_v1(&mut self, g: Gather<Self>) -> Result<()> {
+        let (batch, input, labels) = (g.batch, g.input, g.labels);
         let (data, b) = (batch.data, batch.batch);
         let d = self
             .kernel("gather")?

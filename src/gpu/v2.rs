@@ -163,8 +163,8 @@ fn conv_params(
 pub(super) enum ConvInput<'a> {
     /// A batch in a buffer.
     Input(&'a GpuBuf<f32>),
-    /// Gathered from the data set, into `gathered` (kept for the backward pass) and `labels`.
-    Gather { gathered: &'a GpuBuf<f32>, labels: &'a GpuBuf<u32>, batch: &'a BatchRef<'a, GpuOps> },
+    /// Gathered from the data set (into `input`, kept for the backward pass, and `labels`).
+    Gather(Gather<'a, GpuOps>),
 }
 
 /// These functions only bind and record: [`GpuOps`]'s `Ops` methods have checked the buffers
@@ -174,7 +174,7 @@ impl GpuOps {
     pub(super) fn conv_pool_forward_v2(&mut self, input: ConvInput, l: ConvLayer<Self>) -> Result<()> {
         let s = l.s;
         let (kernel, b, data) = match input {
-            ConvInput::Gather { gathered, labels, batch } => {
+            ConvInput::Gather(GatherArgs { input: gathered, labels, batch }) => {
                 let d = batch.data;
                 let b = self
                     .kernel("gather_conv_pool_forward")?
