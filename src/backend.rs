@@ -203,12 +203,7 @@ impl<O: Ops> Backend for OpsBackend<O> {
     }
 
     fn load_state(&mut self, state: &TrainState) -> Result<()> {
-        ensure!(state.params.has_lenet_shapes(), "state tensors have the wrong sizes");
-        ensure!(
-            state.moments.len() == state.optimizer.state_names().len()
-                && state.moments.iter().all(Params::has_lenet_shapes),
-            "the optimizer state does not match the optimizer"
-        );
+        state.check_shapes()?;
         self.grads_batch = state.batch.max(1);
         self.weights = Some(Weights::upload(&mut self.ops, &state.params, &state.moments, self.grads_batch)?);
         Ok(())

@@ -125,6 +125,18 @@ pub struct TrainState {
 }
 
 impl TrainState {
+    /// The parameters and the optimizer's state have LeNet-5's tensors, one state per name of
+    /// the optimizer's [`Optimizer::state_names`].
+    pub fn check_shapes(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.params.has_lenet_shapes(), "state tensors have the wrong sizes");
+        anyhow::ensure!(
+            self.moments.len() == self.optimizer.state_names().len()
+                && self.moments.iter().all(Params::has_lenet_shapes),
+            "the optimizer state does not match the optimizer"
+        );
+        Ok(())
+    }
+
     /// A fresh run from `params`: zero optimizer state, step 0.
     pub fn new(params: Params, optimizer: Optimizer, seed: u64, batch: usize, shuffle: bool) -> Self {
         let moments = optimizer.state_names().iter().map(|_| Params::zeros()).collect();

@@ -82,17 +82,27 @@ pub enum OpCase {
 impl OpCase {
     /// The op's name in [`Ops`].
     pub fn op(&self) -> &'static str {
+        self.names().0
+    }
+
+    /// What the op computes, in a few words (the bench's "direction" column).
+    pub fn direction(&self) -> &'static str {
+        self.names().1
+    }
+
+    fn names(&self) -> (&'static str, &'static str) {
         match self {
-            OpCase::Gather { .. } => "gather",
-            OpCase::ConvReluPool(_) => "conv_relu_pool_forward",
-            OpCase::GatherConvReluPool { .. } => "gather_conv_relu_pool_forward",
-            OpCase::Linear { .. } => "linear_forward",
-            OpCase::SoftmaxXent { .. } => "softmax_xent",
-            OpCase::LinearXent { .. } => "linear_xent_forward_backward",
-            OpCase::LinearBackward { .. } => "linear_backward",
-            OpCase::ConvBackwardFromPool { .. } => "conv_backward_from_pool",
-            OpCase::Adam { .. } => "adam_update",
-            OpCase::Sgd { .. } => "sgd_update",
+            OpCase::Gather { .. } => ("gather", "gather"),
+            OpCase::ConvReluPool(_) => ("conv_relu_pool_forward", "forward+relu+pool"),
+            OpCase::GatherConvReluPool { .. } => ("gather_conv_relu_pool_forward", "gather+fwd+relu+pool"),
+            OpCase::Linear { relu: true, .. } => ("linear_forward", "forward+relu"),
+            OpCase::Linear { relu: false, .. } => ("linear_forward", "forward"),
+            OpCase::SoftmaxXent { .. } => ("softmax_xent", "softmax xent"),
+            OpCase::LinearXent { .. } => ("linear_xent_forward_backward", "fwd+xent+bwd"),
+            OpCase::LinearBackward { .. } => ("linear_backward", "backward"),
+            OpCase::ConvBackwardFromPool { .. } => ("conv_backward_from_pool", "backward from pool"),
+            OpCase::Adam { .. } => ("adam_update", "adam update"),
+            OpCase::Sgd { .. } => ("sgd_update", "sgd update"),
         }
     }
 

@@ -4,6 +4,8 @@
 //! Every parser and conversion call below runs inside [`bounded`], which checks that: the inputs
 //! are built outside it, and nothing the tests claim is bounded runs outside it.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::Write;
@@ -355,17 +357,7 @@ fn gray_png(width: u32, height: u32, value: impl Fn(u32, u32) -> u8) -> Vec<u8> 
     let mut ihdr = width.to_be_bytes().to_vec();
     ihdr.extend(height.to_be_bytes());
     ihdr.extend([8, 0, 0, 0, 0]);
-    let mut out = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
-    for (kind, body) in [(&b"IHDR"[..], &ihdr[..]), (b"IDAT", &idat), (b"IEND", &[])] {
-        let mut crc = flate2::Crc::new();
-        crc.update(kind);
-        crc.update(body);
-        out.extend((body.len() as u32).to_be_bytes());
-        out.extend(kind);
-        out.extend(body);
-        out.extend(crc.sum().to_be_bytes());
-    }
-    out
+    common::png(&[(b"IHDR", &ihdr), (b"IDAT", &idat), (b"IEND", &[])])
 }
 
 /// Regression: a 1 x 60,000,000 PNG (a few hundred KB) made `predict` ask for 6.7 GB, its resize

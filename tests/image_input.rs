@@ -2,6 +2,7 @@
 //! each stage of the MNIST-style preparation, a trained network reading digits that are not MNIST
 //! (rendered here from MNIST's test digits), and the command's report for mixed good and bad files.
 
+mod common;
 mod digit_renders;
 
 use std::path::{Path, PathBuf};
@@ -453,28 +454,12 @@ fn bad_files_are_one_line_errors() {
 
 /// A PNG whose header claims `w` x `h` with almost no image data: what a hostile file looks like.
 fn png_header_only(w: u32, h: u32) -> Vec<u8> {
-    let mut ihdr = b"IHDR".to_vec();
-    ihdr.extend(w.to_be_bytes());
+    let mut ihdr = w.to_be_bytes().to_vec();
     ihdr.extend(h.to_be_bytes());
     ihdr.extend([8, 0, 0, 0, 0]);
-    let mut crc = flate2::Crc::new();
-    crc.update(&ihdr);
-    let mut out = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13];
-    out.extend(&ihdr);
-    out.extend(crc.sum().to_be_bytes());
     // A few bytes of image data (a zlib stream of one zero row) and the end.
-    for (kind, body) in
-        [(&b"IDAT"[..], &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01][..]), (b"IEND", &[])]
-    {
-        let mut crc = flate2::Crc::new();
-        crc.update(kind);
-        crc.update(body);
-        out.extend((body.len() as u32).to_be_bytes());
-        out.extend(kind);
-        out.extend(body);
-        out.extend(crc.sum().to_be_bytes());
-    }
-    out
+    let idat = [0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01];
+    common::png(&[(b"IHDR", &ihdr), (b"IDAT", &idat), (b"IEND", &[])])
 }
 
 #[test]

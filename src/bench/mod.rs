@@ -23,6 +23,7 @@ use crate::backend::{Backend, Chunk, OpsBackend};
 use crate::cpu::backend::cpu_description;
 use crate::cpu::{CpuBackend, Fast, Reference};
 use crate::data::Dataset;
+use crate::gpu::kernels::Dispatch;
 use crate::gpu::timing::{median, time_calls, PassTimer, TimingMethod};
 use crate::gpu::{GpuBackend, GpuContext, GpuOps};
 use crate::model::{layer_shapes, LayerShape, Params, TrainState, LENET5};
@@ -77,20 +78,30 @@ fn layer_of(case: &OpCase, batch: usize) -> String {
 }
 
 /// What a row computes, in a few words.
-fn direction(case: &OpCase) -> &'static str {
-    match case {
-        OpCase::Gather { .. } => "gather",
-        OpCase::ConvReluPool(_) => "forward+relu+pool",
-        OpCase::GatherConvReluPool { .. } => "gather+fwd+relu+pool",
-        OpCase::Linear { relu: true, .. } => "forward+relu",
-        OpCase::Linear { relu: false, .. } => "forward",
-        OpCase::SoftmaxXent { .. } => "softmax xent",
-        OpCase::LinearXent { .. } => "fwd+xent+bwd",
-        OpCase::LinearBackward { .. } => "backward",
-        OpCase::ConvBackwardFromPool { .. } => "backward from pool",
-        OpCase::Adam { .. } => "adam update",
-        OpCase::Sgd { .. } => "sgd update",
-    }
+/// Times the dispatches `ds` replayed (`calls` per timed pass) into the row's GPU columns.
+fn time_gpu(
+    row: &mut Row,
+    timer: &PassTimer,
+    ds: &[Dispatch],
+    calls: usize,
+    iters: usize,
+    budget_s: f64,
+) -> Result<()> {
+    let m = time_calls(
+        timer,
+        &|p| {
+            for d in ds {
+                d.record(p, 0);
+            }
+        },
+        calls,
+        iters,
+        budget_s,
+    )?;
+    row.gpu_us = Some(m.seconds * 1e6);
+    row.gpu_rate = Some(rate(row.work, m.seconds));
+    row.gpu_calls = m.calls;
+    Ok(())
 }
 
 fn rate(work: f64, seconds: f64) -> f64 {
@@ -104,7 +115,7 @@ fn new_row(case: &OpCase, batch: usize) -> Row {
     };
     Row {
         layer: layer_of(case, batch),
-        direction: direction(case).into(),
+        direction: case.direction().into(),
         op: case.op().into(),
         gpu_kernels: Vec::new(),
         unit,
@@ -233,20 +244,7 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
             record_check(&mut row, opcheck::check(ops, case, cfg.seed));
             // Time only what validated.
             if !row.failed() {
-                let m = time_calls(
-                    timer,
-                    &|p| {
-                        for d in ds {
-                            d.record(p, 0);
-                        }
-                    },
-                    cfg.calls_per_pass,
-                    cfg.iters,
-                    cfg.budget_s,
-                )?;
-                row.gpu_us = Some(m.seconds * 1e6);
-                row.gpu_rate = Some(rate(row.work, m.seconds));
-                row.gpu_calls = m.calls;
+                time_gpu(&mut row, timer, ds, cfg.calls_per_pass, cfg.iters, cfg.budget_s)?;
             }
         } else {
             // No GPU: the CPU op is the one validated.
@@ -271,43 +269,25 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
     row.op = "train_step".into();
     row.unit = Unit::GflopPerS;
     row.work = step_flops(b);
+    // Validated against the reference's step: the GPU's, or without one the fast CPU path's.
     let mut cpu_be = CpuBackend::new(&data)?;
-    if let (Some(be), Some(timer), Some((gpu_loss, gpu_after, gpu_grads))) =
-        (gpu_backend.as_mut(), timer.as_ref(), gpu_step)
-    {
-        let mut reference = OpsBackend::with_ops(Reference, "cpu", "reference".into(), &data)?;
-        let (ref_loss, ref_after) = one_step(&mut reference, &state)?;
-        let got = step::StepResult { loss: gpu_loss, grads: gpu_grads, params: gpu_after.params };
-        let want =
-            step::StepResult { loss: ref_loss, grads: reference.gradients()?, params: ref_after.params };
-        let adam = Adam::default();
-        record_check_ratio(&mut row, step::check_step(&got, &want, optimizer.lr, adam.eps));
+    let mut reference = OpsBackend::with_ops(Reference, "cpu", "reference".into(), &data)?;
+    let (ref_loss, ref_after) = one_step(&mut reference, &state)?;
+    let want = step::StepResult { loss: ref_loss, grads: reference.gradients()?, params: ref_after.params };
+    let got = match gpu_step {
+        Some((loss, after, grads)) => step::StepResult { loss, grads, params: after.params },
+        None => {
+            let (loss, after) = one_step(&mut cpu_be, &state)?;
+            step::StepResult { loss, grads: cpu_be.gradients()?, params: after.params }
+        }
+    };
+    record_check_ratio(&mut row, step::check_step(&got, &want, optimizer.lr, Adam::default().eps));
+    if let (Some(be), Some(timer)) = (gpu_backend.as_ref(), timer.as_ref()) {
         let (ds, _) = be.step_program().expect("one step ran");
         row.gpu_kernels = ds.iter().map(|d| d.kernel.clone()).collect();
         if !row.failed() {
-            let m = time_calls(
-                timer,
-                &|p| {
-                    for d in ds {
-                        d.record(p, 0);
-                    }
-                },
-                cfg.calls_per_pass.div_ceil(5),
-                cfg.iters,
-                cfg.budget_s * 2.0,
-            )?;
-            row.gpu_us = Some(m.seconds * 1e6);
-            row.gpu_rate = Some(rate(row.work, m.seconds));
-            row.gpu_calls = m.calls;
+            time_gpu(&mut row, timer, ds, cfg.calls_per_pass.div_ceil(5), cfg.iters, cfg.budget_s * 2.0)?;
         }
-    } else {
-        let mut reference = OpsBackend::with_ops(Reference, "cpu", "reference".into(), &data)?;
-        let (ref_loss, ref_after) = one_step(&mut reference, &state)?;
-        let (loss, after) = one_step(&mut cpu_be, &state)?;
-        let got = step::StepResult { loss, grads: cpu_be.gradients()?, params: after.params };
-        let want =
-            step::StepResult { loss: ref_loss, grads: reference.gradients()?, params: ref_after.params };
-        record_check_ratio(&mut row, step::check_step(&got, &want, optimizer.lr, Adam::default().eps));
     }
     if cfg.cpu {
         cpu_be.load_state(&state)?;

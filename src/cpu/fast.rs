@@ -367,26 +367,17 @@ fn conv_dims(s: &ConvShape) -> ConvDims {
 /// max-pool fused, each block of images pooled while its convolution output is still in cache.
 ///
 /// out: [B, Cout, Ho, Wo]; pooled and argmax: [B, Cout, Ho/2, Wo/2]
-pub fn conv2d_relu_maxpool_forward(
-    out: &mut [f32],
-    pooled: &mut [f32],
-    argmax: &mut [u32],
-    inp: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    s: ConvShape,
-) {
-    assert_eq!(inp.len(), s.input_len());
-    assert_eq!(weight.len(), s.weight_len());
-    assert_eq!(bias.len(), s.out_channels);
-    assert_eq!(out.len(), s.output_len());
+fn conv_relu_pool_forward(inp: &[f32], l: ConvLayer<Fast>) -> Result<()> {
+    let ConvLayerArgs { weight, bias, conv: out, pooled, argmax, s } = l;
+    let lens = inp.len() == s.input_len() && weight.len() == s.weight_len() && bias.len() == s.out_channels;
+    ensure!(lens, "conv_relu_pool_forward: the inputs do not match {s:?}");
     let (ho, wo) = (s.out_height(), s.out_width());
-    assert!(ho.is_multiple_of(2) && wo.is_multiple_of(2), "max-pool input must have even sides");
-    assert_eq!(pooled.len(), out.len() / 4);
-    assert_eq!(argmax.len(), pooled.len());
+    ensure!(ho.is_multiple_of(2) && wo.is_multiple_of(2), "max-pool input must have even sides");
+    let lens = out.len() == s.output_len() && pooled.len() == out.len() / 4 && argmax.len() == pooled.len();
+    ensure!(lens, "conv_relu_pool_forward: the outputs do not match {s:?}");
     let ConvDims { hw, in_len, out_len, .. } = conv_dims(&s);
     if s.batch == 0 || hw == 0 {
-        return;
+        return Ok(());
     }
     out.par_chunks_mut(CONV_BLOCK * out_len)
         .zip(inp.par_chunks(CONV_BLOCK * in_len.max(1)))
@@ -402,6 +393,7 @@ pub fn conv2d_relu_maxpool_forward(
                 maxpool_image(pooled, argmax, out, base, wo);
             }
         });
+    Ok(())
 }
 
 /// The convolution of one block of images (whole images), optionally with ReLU.
@@ -671,14 +663,8 @@ fn linear_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s:
 }
 
 /// See [`super::reference::linear_backward_input`].
-pub fn linear_backward_input(
-    dinp: &mut [f32],
-    dout: &[f32],
-    weight: &[f32],
-    batch: usize,
-    in_features: usize,
-    out_features: usize,
-) {
+fn linear_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: LinearShape) {
+    let LinearShape { batch, in_features, out_features } = s;
     assert_eq!(dinp.len(), batch * in_features);
     assert_eq!(dout.len(), batch * out_features);
     assert_eq!(weight.len(), out_features * in_features);
@@ -695,15 +681,8 @@ pub fn linear_backward_input(
 
 /// See [`super::reference::linear_backward_weight`]. Splits the output features into fixed blocks;
 /// each weight gradient element is one GEMM reduction over the whole batch.
-pub fn linear_backward_weight(
-    dweight: &mut [f32],
-    dbias: &mut [f32],
-    dout: &[f32],
-    inp: &[f32],
-    batch: usize,
-    in_features: usize,
-    out_features: usize,
-) {
+fn linear_backward_weight(dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], s: LinearShape) {
+    let LinearShape { batch, in_features, out_features } = s;
     assert_eq!(dweight.len(), out_features * in_features);
     assert_eq!(dbias.len(), out_features);
     assert_eq!(dout.len(), batch * out_features);
@@ -803,8 +782,7 @@ impl Ops for Fast {
     }
 
     fn conv_relu_pool_forward(&mut self, input: &Vec<f32>, l: ConvLayer<Self>) -> Result<()> {
-        conv2d_relu_maxpool_forward(l.conv, l.pooled, l.argmax, input, l.weight, l.bias, l.s);
-        Ok(())
+        conv_relu_pool_forward(input, l)
     }
 
     fn linear_forward(&mut self, a: LinearForward<Self>) -> Result<()> {
@@ -813,10 +791,9 @@ impl Ops for Fast {
     }
 
     fn linear_backward(&mut self, a: LinearBackward<Self>) -> Result<()> {
-        let LinearShape { batch, in_features, out_features } = a.s;
-        linear_backward_weight(a.dweight, a.dbias, a.dout, a.input, batch, in_features, out_features);
+        linear_backward_weight(a.dweight, a.dbias, a.dout, a.input, a.s);
         if let Some(InputGradArgs { dinput, relu_mask }) = a.dinput {
-            linear_backward_input(dinput, a.dout, a.weight, batch, in_features, out_features);
+            linear_backward_input(dinput, a.dout, a.weight, a.s);
             if let Some(mask) = relu_mask {
                 relu_backward_in_place(dinput, mask);
             }

@@ -12,79 +12,65 @@ use crate::data::Dataset;
 use crate::ops::*;
 use crate::optim::{AdamStep, SgdStep};
 
-/// out[b,co,y,x] = bias[co] + sum_{ci,ky,kx} weight[co,ci,ky,kx] * inp[b,ci,y+ky-pad,x+kx-pad]
-/// (zero outside the input).
-///
-/// inp: [B, Cin, H, W], weight: [Cout, Cin, K, K], bias: [Cout], out: [B, Cout, Ho, Wo]
-pub fn conv2d_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
+/// Every tap of the convolution that reads inside the input, as the flat indices (output,
+/// input, weight) of out[b,co,y,x], inp[b,ci,y+ky-pad,x+kx-pad] and weight[co,ci,ky,kx], in the
+/// order b, co, y, x, ci, ky, kx: the one statement of the convolution's indexing, which the
+/// three functions below sum over (zero padding: taps outside the input are left out).
+fn for_each_tap(s: ConvShape, mut f: impl FnMut(usize, usize, usize)) {
     let (ho, wo, k, p) = (s.out_height(), s.out_width(), s.kernel, s.padding as isize);
-    assert_eq!(inp.len(), s.input_len());
-    assert_eq!(weight.len(), s.weight_len());
-    assert_eq!(bias.len(), s.out_channels);
-    assert_eq!(out.len(), s.output_len());
+    let (rows, cols) = (0..s.height as isize, 0..s.width as isize);
     for b in 0..s.batch {
         for co in 0..s.out_channels {
             for y in 0..ho {
                 for x in 0..wo {
-                    let mut acc = bias[co];
+                    let o = ((b * s.out_channels + co) * ho + y) * wo + x;
                     for ci in 0..s.in_channels {
                         for ky in 0..k {
-                            let iy = y as isize + ky as isize - p;
-                            if iy < 0 || iy >= s.height as isize {
-                                continue;
-                            }
                             for kx in 0..k {
-                                let ix = x as isize + kx as isize - p;
-                                if ix < 0 || ix >= s.width as isize {
-                                    continue;
+                                let (iy, ix) = ((y + ky) as isize - p, (x + kx) as isize - p);
+                                if rows.contains(&iy) && cols.contains(&ix) {
+                                    let plane = (b * s.in_channels + ci) * s.height;
+                                    let i = (plane + iy as usize) * s.width + ix as usize;
+                                    f(o, i, ((co * s.in_channels + ci) * k + ky) * k + kx);
                                 }
-                                let i = ((b * s.in_channels + ci) * s.height + iy as usize) * s.width
-                                    + ix as usize;
-                                acc += weight[((co * s.in_channels + ci) * k + ky) * k + kx] * inp[i];
                             }
                         }
                     }
-                    out[((b * s.out_channels + co) * ho + y) * wo + x] = acc;
                 }
             }
         }
     }
 }
 
+/// The output channel of each element of a conv output.
+fn out_channel(s: ConvShape, o: usize) -> usize {
+    (o / (s.out_height() * s.out_width())) % s.out_channels
+}
+
+/// out[b,co,y,x] = bias[co] + sum_{ci,ky,kx} weight[co,ci,ky,kx] * inp[b,ci,y+ky-pad,x+kx-pad]
+/// (zero outside the input), summed in that order.
+///
+/// inp: [B, Cin, H, W], weight: [Cout, Cin, K, K], bias: [Cout], out: [B, Cout, Ho, Wo]
+pub fn conv2d_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
+    assert_eq!(inp.len(), s.input_len());
+    assert_eq!(weight.len(), s.weight_len());
+    assert_eq!(bias.len(), s.out_channels);
+    assert_eq!(out.len(), s.output_len());
+    for (o, v) in out.iter_mut().enumerate() {
+        *v = bias[out_channel(s, o)];
+    }
+    for_each_tap(s, |o, i, w| out[o] += weight[w] * inp[i]);
+}
+
 /// dinp[b,ci,iy,ix] = sum over the outputs that read inp[b,ci,iy,ix] of dout * weight.
 ///
 /// dout: [B, Cout, Ho, Wo], weight: [Cout, Cin, K, K], dinp: [B, Cin, H, W]
 pub fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: ConvShape) {
-    let (ho, wo, k, p) = (s.out_height(), s.out_width(), s.kernel, s.padding as isize);
     assert_eq!(dinp.len(), s.input_len());
     assert_eq!(dout.len(), s.output_len());
     assert_eq!(weight.len(), s.weight_len());
-    for b in 0..s.batch {
-        for ci in 0..s.in_channels {
-            for iy in 0..s.height {
-                for ix in 0..s.width {
-                    let mut acc = 0.0;
-                    for co in 0..s.out_channels {
-                        for ky in 0..k {
-                            let y = iy as isize + p - ky as isize;
-                            if y < 0 || y >= ho as isize {
-                                continue;
-                            }
-                            for kx in 0..k {
-                                let x = ix as isize + p - kx as isize;
-                                if x < 0 || x >= wo as isize {
-                                    continue;
-                                }
-                                let o = ((b * s.out_channels + co) * ho + y as usize) * wo + x as usize;
-                                acc += dout[o] * weight[((co * s.in_channels + ci) * k + ky) * k + kx];
-                            }
-                        }
-                    }
-                    dinp[((b * s.in_channels + ci) * s.height + iy) * s.width + ix] = acc;
-                }
-            }
-        }
-    }
+    dinp.fill(0.0);
+    for_each_tap(s, |o, i, w| dinp[i] += dout[o] * weight[w]);
 }
 
 /// dweight[co,ci,ky,kx] = sum_{b,y,x} dout[b,co,y,x] * inp[b,ci,y+ky-pad,x+kx-pad];
@@ -98,44 +84,16 @@ pub fn conv2d_backward_weight(
     inp: &[f32],
     s: ConvShape,
 ) {
-    let (ho, wo, k, p) = (s.out_height(), s.out_width(), s.kernel, s.padding as isize);
     assert_eq!(dweight.len(), s.weight_len());
     assert_eq!(dbias.len(), s.out_channels);
     assert_eq!(dout.len(), s.output_len());
     assert_eq!(inp.len(), s.input_len());
-    for co in 0..s.out_channels {
-        let mut bias_acc = 0.0;
-        for b in 0..s.batch {
-            let plane = &dout[(b * s.out_channels + co) * ho * wo..][..ho * wo];
-            bias_acc += plane.iter().sum::<f32>();
-        }
-        dbias[co] = bias_acc;
-        for ci in 0..s.in_channels {
-            for ky in 0..k {
-                for kx in 0..k {
-                    let mut acc = 0.0;
-                    for b in 0..s.batch {
-                        for y in 0..ho {
-                            let iy = y as isize + ky as isize - p;
-                            if iy < 0 || iy >= s.height as isize {
-                                continue;
-                            }
-                            for x in 0..wo {
-                                let ix = x as isize + kx as isize - p;
-                                if ix < 0 || ix >= s.width as isize {
-                                    continue;
-                                }
-                                let i = ((b * s.in_channels + ci) * s.height + iy as usize) * s.width
-                                    + ix as usize;
-                                acc += dout[((b * s.out_channels + co) * ho + y) * wo + x] * inp[i];
-                            }
-                        }
-                    }
-                    dweight[((co * s.in_channels + ci) * k + ky) * k + kx] = acc;
-                }
-            }
-        }
+    dbias.fill(0.0);
+    for (o, &g) in dout.iter().enumerate() {
+        dbias[out_channel(s, o)] += g;
     }
+    dweight.fill(0.0);
+    for_each_tap(s, |o, i, w| dweight[w] += dout[o] * inp[i]);
 }
 
 /// 2x2 max-pooling, stride 2. `argmax` receives, for each output, the flat index into `inp` of

@@ -426,12 +426,7 @@ impl Backend for GpuBackend {
     }
 
     fn load_state(&mut self, state: &TrainState) -> Result<()> {
-        ensure!(state.params.has_lenet_shapes(), "state tensors have the wrong sizes");
-        ensure!(
-            state.moments.len() == state.optimizer.state_names().len()
-                && state.moments.iter().all(Params::has_lenet_shapes),
-            "the optimizer state does not match the optimizer"
-        );
+        state.check_shapes()?;
         self.drain()?;
         let ctx = self.ops.ctx.clone();
         ctx.scoped(|| {

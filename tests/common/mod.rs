@@ -1,4 +1,5 @@
-//! Shared by the GPU test binaries: the adapter gate, seeded random inputs, and comparisons.
+//! Shared by the test binaries: the GPU adapter gate, seeded random inputs, comparisons, and
+//! hand-made PNG files.
 #![allow(dead_code)]
 
 use std::sync::OnceLock;
@@ -77,4 +78,19 @@ pub fn assert_close_with(what: &str, gpu: &[f32], cpu: &[f32], tol_of: impl Fn(u
 
 pub fn assert_close(what: &str, gpu: &[f32], cpu: &[f32]) {
     assert_close_with(what, gpu, cpu, |i| tol(cpu[i]));
+}
+
+/// A PNG file of `chunks` (kind, body), each with its length and CRC, after the signature.
+pub fn png(chunks: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut out = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    for (kind, body) in chunks {
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(body);
+        out.extend((body.len() as u32).to_be_bytes());
+        out.extend(*kind);
+        out.extend(*body);
+        out.extend(crc.sum().to_be_bytes());
+    }
+    out
 }
