@@ -389,10 +389,7 @@ pub fn train_step<O: Ops>(
     }
 
     let (params, grads, moments) = (&mut w.params[..], &w.grads[..], &mut w.moments[..]);
-    match opt {
-        OptStep::Adam(step) => ops.adam_update(UpdateArgs { params, grads, moments, step }),
-        OptStep::Sgd(step) => ops.sgd_update(UpdateArgs { params, grads, moments, step }),
-    }
+    ops.update(UpdateArgs { params, grads, moments, step: opt })
 }
 
 /// Runs layers 0..n forward; the first gathers the batch into `acts.input` (fused with a

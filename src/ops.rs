@@ -22,7 +22,7 @@ use anyhow::Result;
 
 use crate::cpu::reference;
 use crate::data::Dataset;
-use crate::optim::{AdamStep, SgdStep};
+use crate::optim::{AdamStep, OptStep, SgdStep};
 
 /// What a buffer can hold.
 pub trait Elem: bytemuck::Pod + Default + PartialEq + std::fmt::Debug + Send + Sync + 'static {}
@@ -392,6 +392,15 @@ pub trait Ops {
         }
         self.write(a.dweight, &dweight)?;
         self.write(a.dbias, &dbias)
+    }
+
+    /// One optimizer step over every tensor, by whichever optimizer `a.step` belongs to.
+    fn update(&mut self, a: UpdateArgs<F32<Self>, OptStep>) -> Result<()> {
+        let UpdateArgs { params, grads, moments, step } = a;
+        match step {
+            OptStep::Adam(step) => self.adam_update(UpdateArgs { params, grads, moments, step }),
+            OptStep::Sgd(step) => self.sgd_update(UpdateArgs { params, grads, moments, step }),
+        }
     }
 
     /// One step of Adam over every tensor, exactly `torch.optim.Adam`'s (see

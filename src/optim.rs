@@ -106,6 +106,16 @@ pub enum OptStep {
     Sgd(SgdStep),
 }
 
+impl OptStep {
+    /// How many state tensors per parameter its update reads and writes.
+    pub fn moments(&self) -> usize {
+        match self {
+            OptStep::Adam(_) => 2,
+            OptStep::Sgd(_) => 1,
+        }
+    }
+}
+
 impl Optimizer {
     /// The names of the state buffers, one tensor per parameter each, as the checkpoint stores
     /// them (`<name>.<parameter>`). SGD keeps its momentum buffer even at momentum 0: the

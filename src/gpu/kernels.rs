@@ -11,7 +11,7 @@ use bytemuck::{Pod, Zeroable};
 use wgpu::util::DeviceExt;
 
 use super::shader::{self, Access, EntryPoint, Value};
-use crate::optim::{AdamStep, SgdStep};
+use crate::optim::{AdamStep, OptStep, SgdStep};
 
 /// Prepended to every shader file: the step uniform and small helpers.
 const PRELUDE: &str = include_str!("../../shaders/common.wgsl");
@@ -42,6 +42,18 @@ pub struct StepUniform {
 }
 
 impl StepUniform {
+    /// The slot of a step whose indices and statistics start at `offset`, with its optimizer's
+    /// scalars.
+    pub fn new(offset: usize, opt: &OptStep) -> Self {
+        let mut u =
+            StepUniform { index_offset: offset as u32, stats_offset: offset as u32, ..Default::default() };
+        match opt {
+            OptStep::Adam(a) => u.adam = *a,
+            OptStep::Sgd(g) => u.sgd = *g,
+        }
+        u
+    }
+
     /// (field name, byte offset) in WGSL's flat order.
     fn fields() -> Vec<(&'static str, usize)> {
         use std::mem::offset_of;

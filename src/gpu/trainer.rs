@@ -18,7 +18,7 @@ use crate::data::Dataset;
 use crate::model::{param_specs, Params, TrainState, CLASSES};
 use crate::network::{self, grad_partials, Activations, StepOut, Weights};
 use crate::ops::{Batch, Ops};
-use crate::optim::{AdamStep, OptStep, SgdStep};
+use crate::optim::OptStep;
 
 /// The largest batch the forward-only evaluation runs at once.
 const EVAL_BATCH: usize = 2048;
@@ -79,7 +79,7 @@ struct TrainProgram {
     /// Steps per chunk it has room for.
     capacity: usize,
     /// Which optimizer's kernel it records.
-    adam: bool,
+    optimizer: std::mem::Discriminant<OptStep>,
     indices: GpuBuf<u32>,
     shifts: GpuBuf<i32>,
     losses: GpuBuf<f32>,
@@ -310,9 +310,12 @@ impl GpuBackend {
         }
     }
 
-    fn ensure_program(&mut self, batch: usize, steps: usize, adam: bool) -> Result<()> {
+    /// The program for chunks of `steps` steps of `batch` with `opt`'s optimizer (recorded with
+    /// `opt`'s scalars, which every step's uniform then replaces).
+    fn ensure_program(&mut self, batch: usize, steps: usize, opt: &OptStep) -> Result<()> {
+        let optimizer = std::mem::discriminant(opt);
         if let Some(p) = &self.program {
-            if p.batch == batch && p.capacity >= steps && p.adam == adam {
+            if p.batch == batch && p.capacity >= steps && p.optimizer == optimizer {
                 return Ok(());
             }
         }
@@ -337,19 +340,17 @@ impl GpuBackend {
         let staging =
             (0..MAX_IN_FLIGHT).map(|i| staging(&ctx, &format!("stats_readback{i}"), stat_bytes)).collect();
         let mut weights = self.weights();
-        let placeholder =
-            if adam { OptStep::Adam(AdamStep::default()) } else { OptStep::Sgd(SgdStep::default()) };
         let train = &self.train;
         let ((), dispatches) = self.ops.record_program(&step_group, |ops| {
             let mut acts = Activations::new(ops, batch)?;
             let batch_ref = Batch { data: train, indices: &indices, shifts: &shifts, batch };
             let out = StepOut { losses: &mut losses, correct: &mut correct };
-            network::train_step(ops, &mut weights, &mut acts, &batch_ref, out, &placeholder)
+            network::train_step(ops, &mut weights, &mut acts, &batch_ref, out, opt)
         })?;
         self.program = Some(TrainProgram {
             batch,
             capacity,
-            adam,
+            optimizer,
             indices,
             shifts,
             losses,
@@ -476,10 +477,10 @@ impl Backend for GpuBackend {
             bail!("sample index {i} is outside the training set ({} images)", self.train.len);
         }
         ensure!(!self.moments.is_empty(), "no optimizer state loaded");
-        let adam = matches!(chunk.steps[0], OptStep::Adam(_));
+        let first = chunk.steps[0];
         ensure!(
-            chunk.steps.iter().all(|s| matches!(s, OptStep::Adam(_)) == adam)
-                && self.moments.len() == if adam { 2 } else { 1 },
+            chunk.steps.iter().all(|s| std::mem::discriminant(s) == std::mem::discriminant(&first))
+                && self.moments.len() == first.moments(),
             "the chunk's optimizer does not match the loaded state"
         );
         if self.in_flight.len() >= MAX_IN_FLIGHT {
@@ -488,7 +489,7 @@ impl Backend for GpuBackend {
         }
         let ctx = self.ops.ctx.clone();
         ctx.scoped(|| {
-            self.ensure_program(b, steps, adam)?;
+            self.ensure_program(b, steps, &first)?;
             let p = self.program.as_ref().expect("built above");
             let slot = (0..MAX_IN_FLIGHT)
                 .find(|s| self.in_flight.iter().all(|f| f.staging != *s))
@@ -496,23 +497,8 @@ impl Backend for GpuBackend {
             let q = &ctx.queue;
             q.write_buffer(&p.indices.view.buffer, 0, bytemuck::cast_slice(&chunk.indices));
             q.write_buffer(&p.shifts.view.buffer, 0, bytemuck::cast_slice(&chunk.shifts));
-            let uniforms: Vec<StepUniform> = chunk
-                .steps
-                .iter()
-                .enumerate()
-                .map(|(s, opt)| {
-                    let mut u = StepUniform {
-                        index_offset: (s * b) as u32,
-                        stats_offset: (s * b) as u32,
-                        ..Default::default()
-                    };
-                    match opt {
-                        OptStep::Adam(a) => u.adam = *a,
-                        OptStep::Sgd(g) => u.sgd = *g,
-                    }
-                    u
-                })
-                .collect();
+            let uniforms: Vec<StepUniform> =
+                chunk.steps.iter().enumerate().map(|(s, opt)| StepUniform::new(s * b, opt)).collect();
             write_step_uniforms(&ctx, &p.step_uniforms, &uniforms);
             let mut enc = ctx
                 .device
