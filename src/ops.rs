@@ -107,7 +107,7 @@ pub type I32<O> = <O as Ops>::Buf<i32>;
 // Each op takes its tensors as one struct of named fields. The structs are generic over the buffer
 // types (`F` holds f32s, `U` u32s) rather than over the implementation, so that one whose buffers
 // are another's (a wrapper such as `opcheck::Trace`) passes a call on as it is; the aliases
-// (`ConvForward<O>`, ...) name them for an implementation `O`.
+// without `Args` (`ConvLayer<O>`, `LinearBackward<O>`, ...) name them for an implementation `O`.
 
 /// The batch a training step reads: which samples, and how each image is shifted.
 pub struct Batch<'a, D, U, I> {
