@@ -406,7 +406,6 @@ fn on_device(backend: &str, adapter: &str) -> String {
 /// `lenet eval --json`: where it ran, then the evaluation's fields.
 #[derive(serde::Serialize)]
 struct EvalReport<'a> {
-    weights: String,
     backend: &'a str,
     adapter: String,
     #[serde(flatten)]
@@ -440,12 +439,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         out.line(format!("{label:>4} {}", row.iter().map(|n| format!("{n:>6}")).collect::<String>()));
     }
     if args.json {
-        out.document(&EvalReport {
-            weights: args.weights.display().to_string(),
-            backend: backend.kind(),
-            adapter: backend.adapter(),
-            evaluation: &eval,
-        })?;
+        out.document(&EvalReport { backend: backend.kind(), adapter: backend.adapter(), evaluation: &eval })?;
     }
     Ok(out.finish(ExitCode::SUCCESS))
 }

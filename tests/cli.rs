@@ -1325,10 +1325,15 @@ fn help_options(sub: &str) -> Vec<(String, String)> {
 
 #[test]
 fn every_option_and_value_has_a_help_line() {
-    for sub in ["train", "eval", "bench", "devices", "completions"] {
+    for sub in ["train", "eval", "predict", "bench", "devices", "completions"] {
         let options = help_options(sub);
         assert!(options.iter().any(|(n, _)| n == "--help"), "{sub}: {options:?}");
         for (name, help) in &options {
+            // predict's options are being rewritten on another branch (issue 14's predict part);
+            // drop this exception once its --json has a help line.
+            if (sub, name.as_str()) == ("predict", "--json") {
+                continue;
+            }
             assert!(!help.is_empty() && !help.starts_with('['), "lenet {sub} {name} has no help line");
         }
         // Listed values (`- gpu: ...`) each have their own line of help.
