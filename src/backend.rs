@@ -4,6 +4,7 @@
 //! backend), and the choice of backend from the command line's words.
 
 use std::collections::VecDeque;
+use std::io::Write as _;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -306,7 +307,7 @@ pub fn open_backend(
             let wanted = adapter.map(str::to_string).or_else(|| std::env::var(ADAPTER_ENV).ok());
             let chosen = choose_adapter(&adapters, wanted.as_deref()).map(|i| &adapters[i]);
             let reason = match chosen {
-                None if adapters.is_empty() => Some("no GPU adapter".to_string()),
+                None if adapters.is_empty() => Some("there is no GPU adapter".to_string()),
                 None => Some(format!("no adapter's name contains {:?}", wanted.unwrap_or_default())),
                 Some(a) if a.device_type == wgpu::DeviceType::Cpu && wanted.is_none() => Some(format!(
                     "the only adapter, {}, is a software rasterizer, slower than the CPU path; \
@@ -315,17 +316,20 @@ pub fn open_backend(
                 )),
                 Some(_) => None,
             };
+            // Notices never fail the run: a closed stderr (a terminal gone) is ignored. No
+            // brackets around the reason: adapter names carry their own.
             if let Some(reason) = reason {
-                eprintln!("backend: cpu ({reason})");
+                let _ = writeln!(std::io::stderr(), "backend: cpu, because {reason}");
                 return cpu();
             }
             match crate::gpu::GpuBackend::open(adapter, train) {
                 Ok(gpu) => {
-                    eprintln!("backend: gpu ({})", gpu.adapter());
+                    let _ = writeln!(std::io::stderr(), "backend: gpu on {}", gpu.adapter());
                     Ok(Box::new(gpu))
                 }
                 Err(e) => {
-                    eprintln!("backend: cpu (the GPU failed to start: {e:#})");
+                    let _ =
+                        writeln!(std::io::stderr(), "backend: cpu, because the GPU failed to start: {e:#}");
                     cpu()
                 }
             }

@@ -1,21 +1,26 @@
 //! `lenet`: the command line. Parsing and printing only; the work is in the library.
+//! How it writes (stdout, stderr, `--json`, a closed pipe) is in [`cli_output`].
+
+mod cli_output;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+use cli_output::{notice, Output};
 
 use lenet::backend::{no_training_data, open_backend};
 use lenet::checkpoint::load_checkpoint;
 use lenet::data::{default_data_dir, find_split, load_mnist_test, load_split, Mnist, Split, SplitFiles};
-use lenet::gpu::context::{choose_adapter, ADAPTER_ENV};
+use lenet::gpu::context::{choose_adapter, AdapterSummary};
 use lenet::model::{Params, TrainState};
 use lenet::optim::Optimizer;
 use lenet::paths::{check_run_paths, InputPath, OutputKind, OutputPath};
 use lenet::signals::install_stop_handlers;
-use lenet::train::{error_line, evaluate_logits, TrainConfig};
+use lenet::train::{error_line, evaluate_logits, Evaluation, TrainConfig};
 
 #[derive(Parser)]
 #[command(
@@ -39,14 +44,20 @@ enum Command {
     /// Time each layer's kernels at a given batch size.
     Bench(BenchArgs),
     /// List the GPU adapters and the one `--backend auto` would pick.
-    Devices,
+    Devices(DevicesArgs),
+    /// Print a shell completion script (e.g. `source <(lenet completions bash)`).
+    Completions(CompletionsArgs),
+    /// Print the manual page, every subcommand and option in one page (`lenet man > lenet.1`).
+    Man,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackendChoice {
-    /// The best GPU adapter; the CPU path when there is none.
+    /// The best GPU adapter; the CPU path when there is none, or only a software one.
     Auto,
+    /// A GPU adapter, even a software one (lavapipe); an error when there is none.
     Gpu,
+    /// The CPU path: pure Rust, threads and SIMD.
     Cpu,
 }
 
@@ -118,7 +129,8 @@ struct TrainArgs {
     /// Draw the training curves into this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// Print the summary as one JSON object on the last line of stdout.
+    /// Print the report as one JSON document on stdout (fields: see README); the epoch lines
+    /// and the summary go to stderr.
     #[arg(long)]
     json: bool,
 }
@@ -128,10 +140,13 @@ struct EvalArgs {
     /// The checkpoint to evaluate.
     #[arg(long)]
     weights: PathBuf,
+    /// Directory with the MNIST test files, t10k-* (raw or .gz) [default: the shipped data/mnist]
     #[arg(long)]
     data: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
+    /// Print accuracy, loss and confusion matrix as one JSON document on stdout (fields: see
+    /// README); the human lines go to stderr.
     #[arg(long)]
     json: bool,
 }
@@ -154,13 +169,61 @@ struct PredictArgs {
 struct BenchArgs {
     #[command(flatten)]
     device: DeviceArgs,
+    /// Images per training step the kernels are timed at.
     #[arg(long, default_value_t = 256)]
     batch: usize,
     /// Timed calls per kernel (after warm-up).
     #[arg(long, default_value_t = 50)]
     iters: usize,
+    /// Print the rows as one JSON document on stdout (fields: see README); the table goes to
+    /// stderr.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct DevicesArgs {
+    /// Say which adapter `--adapter NAME` picks (case-insensitive part of its name); also
+    /// LENET_ADAPTER.
+    #[arg(long, env = "LENET_ADAPTER")]
+    adapter: Option<String>,
+    /// Print the adapters and the choice as one JSON document on stdout (fields: see README).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    shell: CompletionShell,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CompletionShell {
+    /// `source <(lenet completions bash)` in ~/.bashrc, or save as
+    /// ~/.local/share/bash-completion/completions/lenet
+    Bash,
+    /// Save as `_lenet` in a directory of $fpath
+    Zsh,
+    /// Save as ~/.config/fish/completions/lenet.fish
+    Fish,
+    /// `eval (lenet completions elvish | slurp)` in ~/.config/elvish/rc.elv
+    Elvish,
+    /// `lenet completions powershell | Out-String | Invoke-Expression` in $PROFILE
+    Powershell,
+}
+
+impl From<CompletionShell> for clap_complete::Shell {
+    fn from(s: CompletionShell) -> Self {
+        match s {
+            CompletionShell::Bash => clap_complete::Shell::Bash,
+            CompletionShell::Zsh => clap_complete::Shell::Zsh,
+            CompletionShell::Fish => clap_complete::Shell::Fish,
+            CompletionShell::Elvish => clap_complete::Shell::Elvish,
+            CompletionShell::Powershell => clap_complete::Shell::PowerShell,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -184,12 +247,14 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval(args),
         Command::Predict(args) => predict(args),
         Command::Bench(args) => bench(args),
-        Command::Devices => devices(),
+        Command::Devices(args) => devices(args),
+        Command::Completions(args) => completions(args),
+        Command::Man => man(),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "error: {}", error_line(&e));
+            notice(format!("error: {}", error_line(&e)));
             ExitCode::FAILURE
         }
     }
@@ -306,32 +371,47 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     if let Some(path) = &args.plot {
         lenet::plot::write_training_svg(path, &report.history)?;
     }
-    let saved = args.save.as_ref().map(|p| format!("; saved {}", p.display())).unwrap_or_default();
-    let test = match (report.test_accuracy, report.test_loss) {
-        (Some(acc), Some(loss)) => format!("test accuracy {:.2}% (loss {loss:.4})", 100.0 * acc),
-        _ => "no evaluation (the test set is empty)".to_string(),
-    };
-    println!(
-        "{} {} steps ({:.2} epochs) in {:.2} s, {:.0} images/s on {} ({}); train loss {:.4}, {test}{saved}",
-        if report.stopped_early { "interrupted after" } else { "trained" },
+    let mut out = Output::new(args.json);
+    let verb = if report.stopped_early { "interrupted after" } else { "trained" };
+    out.line(format!(
+        "{verb} {} steps ({:.2} epochs) in {:.2} s, {:.0} images/s, on {}",
         report.steps,
         report.epochs,
         report.train_seconds,
         report.images_per_s,
-        report.backend,
-        report.adapter,
-        report.train_loss,
-    );
+        on_device(&report.backend, &report.adapter),
+    ));
+    let test = match (report.test_accuracy, report.test_loss) {
+        (Some(acc), Some(loss)) => format!("test accuracy {:.2}%, test loss {loss:.4}", 100.0 * acc),
+        _ => "no evaluation (the test set is empty)".to_string(),
+    };
+    let saved = args.save.as_ref().map(|p| format!("; saved {}", p.display())).unwrap_or_default();
+    out.line(format!("train loss {:.4}, {test}{saved}", report.train_loss));
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        out.document(&report)?;
     }
     // A stop signal gives its code even when it came too late to cut the run short: the process
     // was asked to end, and whatever sent it looks for that code.
-    Ok(match (stop.exit_code(), report.stopped_early) {
+    let code = match (stop.exit_code(), report.stopped_early) {
         (Some(code), _) => ExitCode::from(code),
         (None, true) => ExitCode::from(130),
         (None, false) => ExitCode::SUCCESS,
-    })
+    };
+    Ok(out.finish(code))
+}
+
+/// "cpu: 2 threads of 2 available, AVX-512", "gpu: NVIDIA H100": which path, and what it ran on.
+fn on_device(backend: &str, adapter: &str) -> String {
+    format!("{backend}: {adapter}")
+}
+
+/// `lenet eval --json`: where it ran, then the evaluation's fields.
+#[derive(serde::Serialize)]
+struct EvalReport<'a> {
+    backend: &'a str,
+    adapter: String,
+    #[serde(flatten)]
+    evaluation: &'a Evaluation,
 }
 
 fn eval(args: EvalArgs) -> Result<ExitCode> {
@@ -346,24 +426,24 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     let state = TrainState::new(checkpoint.params, Optimizer::default(), 0, 1, false);
     backend.load_state(&state)?;
     let eval = evaluate_logits(&backend.logits(&test)?, &test.labels);
-    println!(
-        "accuracy {:.2}% ({}/{}), loss {:.4} on {} ({})",
+    let mut out = Output::new(args.json);
+    out.line(format!(
+        "accuracy {:.2}% ({}/{}), loss {:.4}, on {}",
         100.0 * eval.accuracy,
         eval.correct,
         eval.count,
         eval.loss,
-        backend.kind(),
-        backend.adapter()
-    );
-    println!("confusion (rows: true digit, columns: predicted)");
-    println!("     {}", (0..10).map(|c| format!("{c:>6}")).collect::<String>());
+        on_device(backend.kind(), &backend.adapter()),
+    ));
+    out.line("confusion (rows: true digit, columns: predicted)");
+    out.line(format!("     {}", (0..10).map(|c| format!("{c:>6}")).collect::<String>()));
     for (label, row) in eval.confusion.iter().enumerate() {
-        println!("{label:>4} {}", row.iter().map(|n| format!("{n:>6}")).collect::<String>());
+        out.line(format!("{label:>4} {}", row.iter().map(|n| format!("{n:>6}")).collect::<String>()));
     }
     if args.json {
-        println!("{}", serde_json::to_string(&eval)?);
+        out.document(&EvalReport { backend: backend.kind(), adapter: backend.adapter(), evaluation: &eval })?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(out.finish(ExitCode::SUCCESS))
 }
 
 /// Below this top probability a prediction is flagged as low confidence.
@@ -377,22 +457,22 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
     use serde_json::{json, Value};
     let params = load_checkpoint(&args.weights)?.params;
     // With --json, stdout holds only the JSON document.
-    let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
+    let mut out = Output::new(args.json);
     let mut records = Vec::with_capacity(args.images.len());
     let mut failed = 0usize;
     for path in &args.images {
         let file = path.display().to_string();
         let record = match load_image(path) {
             Err(e) => {
-                eprintln!("error: {e}");
+                notice(format!("error: {e}"));
                 failed += 1;
                 json!({ "file": file, "digit": Value::Null, "probability": Value::Null,
                         "probabilities": Value::Null, "error": e.to_string() })
             }
             Ok(Prepared::NoInk) => {
                 let warning = "no ink found: the image is blank or its marks are too faint";
-                eprintln!("warning: {file}: {warning}");
-                say(format!("{file}: no digit"));
+                notice(format!("warning: {file}: {warning}"));
+                out.line(format!("{file}: no digit"));
                 json!({ "file": file, "digit": Value::Null, "probability": Value::Null,
                         "probabilities": Value::Null, "warning": warning })
             }
@@ -403,13 +483,13 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
                 let mut record =
                     json!({ "file": file, "digit": digit, "probability": p, "probabilities": probs });
                 if p < LOW_CONFIDENCE {
-                    say(format!("{file}: {digit} ({:.1}%, low confidence)", 100.0 * p));
+                    out.line(format!("{file}: {digit} ({:.1}%, low confidence)", 100.0 * p));
                     record["warning"] = json!(format!(
                         "low confidence: the top probability is below {:.0}%",
                         100.0 * LOW_CONFIDENCE
                     ));
                 } else {
-                    say(format!("{file}: {digit} ({:.1}%)", 100.0 * p));
+                    out.line(format!("{file}: {digit} ({:.1}%)", 100.0 * p));
                 }
                 record
             }
@@ -417,9 +497,9 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
         records.push(record);
     }
     if args.json {
-        println!("{}", Value::Array(records));
+        out.document(&Value::Array(records))?;
     }
-    Ok(if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(out.finish(if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }))
 }
 
 /// Softmax of the network's logits for one image (the CPU path: one image needs no GPU).
@@ -442,11 +522,11 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         // what the adapter does, and the CPU figures are always beside it.
         BackendChoice::Auto => match lenet::gpu::GpuContext::new(adapter) {
             Ok(c) => {
-                eprintln!("backend: gpu ({})", c.adapter_info);
+                notice(format!("backend: gpu on {}", c.adapter_info));
                 Some(c)
             }
             Err(e) => {
-                eprintln!("backend: cpu (no usable GPU: {e:#})");
+                notice(format!("backend: cpu, because there is no usable GPU: {}", error_line(&e)));
                 None
             }
         },
@@ -455,51 +535,201 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     // A slow adapter (lavapipe) stops each row after this much wall time (at least 3 samples).
     cfg.budget_s = 1.0;
     let report = lenet::bench::run(&cfg, ctx.as_ref())?;
-    print!("{}", report.table());
+    let mut out = Output::new(args.json);
+    out.text(&report.table());
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        out.document(&report)?;
     }
     if report.any_failed() {
-        eprintln!("bench: validation FAILED for some rows (see the table)");
-        return Ok(ExitCode::FAILURE);
+        notice("bench: validation FAILED for some rows (see the table)");
+        return Ok(out.finish(ExitCode::FAILURE));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(out.finish(ExitCode::SUCCESS))
 }
 
-fn devices() -> Result<ExitCode> {
-    let adapters = lenet::gpu::list_adapters();
-    if adapters.is_empty() {
-        println!("no GPU adapter found: --backend auto uses the CPU path");
-        println!(
-            "(on Linux without a GPU, Mesa's lavapipe provides one: apt-get install mesa-vulkan-drivers)"
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
-    let wanted = std::env::var(ADAPTER_ENV).ok();
-    let chosen = choose_adapter(&adapters, wanted.as_deref());
-    // `*` marks the adapter `auto` trains on: none when it would take the CPU path instead.
-    let software_only =
-        chosen.is_some_and(|i| adapters[i].device_type == wgpu::DeviceType::Cpu) && wanted.is_none();
-    for (i, a) in adapters.iter().enumerate() {
-        let mark = if Some(i) == chosen && !software_only { "*" } else { " " };
-        println!("{mark} {i}: {a}");
-    }
-    match (chosen, &wanted) {
-        (Some(i), Some(w)) => {
-            println!("--backend auto uses {}: its name contains {ADAPTER_ENV}={w:?}", adapters[i].name)
+/// `lenet devices --json`.
+#[derive(serde::Serialize)]
+struct DevicesReport {
+    adapters: Vec<AdapterEntry>,
+    /// The `--adapter`/LENET_ADAPTER name asked for, if any.
+    wanted: Option<String>,
+    auto: AutoChoice,
+}
+
+#[derive(serde::Serialize)]
+struct AdapterEntry {
+    index: usize,
+    name: String,
+    api: &'static str,
+    device_type: &'static str,
+    driver: String,
+    driver_info: String,
+}
+
+/// What `--backend auto` does, and why.
+#[derive(serde::Serialize)]
+struct AutoChoice {
+    /// "gpu" or "cpu".
+    backend: &'static str,
+    /// The index of the adapter it trains on (`null` on the CPU path).
+    adapter: Option<usize>,
+    reason: String,
+}
+
+/// What `--backend auto` makes of these adapters (the rules of `lenet::backend::open_backend`).
+fn auto_choice(adapters: &[AdapterSummary], wanted: Option<&str>) -> AutoChoice {
+    let cpu = |reason: String| AutoChoice { backend: "cpu", adapter: None, reason };
+    match (choose_adapter(adapters, wanted), wanted) {
+        (None, _) if adapters.is_empty() => {
+            cpu("there is no GPU adapter (on Linux without a GPU, Mesa's lavapipe provides one: \
+             apt-get install mesa-vulkan-drivers)"
+                .into())
         }
-        (Some(i), None) if adapters[i].device_type == wgpu::DeviceType::Cpu => println!(
-            "--backend auto uses the CPU path: the best adapter, {}, is a software rasterizer, slower than the \
-             CPU path (--backend gpu or --adapter NAME uses it)",
+        (None, w) => cpu(format!("no adapter's name contains {:?}", w.unwrap_or_default())),
+        (Some(i), Some(w)) => {
+            AutoChoice { backend: "gpu", adapter: Some(i), reason: format!("its name contains {w:?}") }
+        }
+        (Some(i), None) if adapters[i].device_type == wgpu::DeviceType::Cpu => cpu(format!(
+            "the best adapter, {}, is a software rasterizer, slower than the CPU path; \
+             --backend gpu or --adapter NAME uses it",
             adapters[i].name
-        ),
-        (Some(i), None) => println!(
-            "--backend auto uses {}: the best device type ({:?}; discrete > integrated > virtual > software), \
-             native API before GL",
-            adapters[i].name, adapters[i].device_type
-        ),
-        (None, Some(w)) => println!("no adapter's name contains {ADAPTER_ENV}={w:?}: --backend auto uses the CPU path"),
-        (None, None) => unreachable!("a non-empty list always has a best adapter"),
+        )),
+        (Some(i), None) => AutoChoice {
+            backend: "gpu",
+            adapter: Some(i),
+            reason: format!(
+                "it is a {}, the best kind here: discrete, integrated, virtual GPU, then software; \
+                 Vulkan, Metal and DX12 before GL",
+                adapters[i].kind()
+            ),
+        },
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+fn devices(args: DevicesArgs) -> Result<ExitCode> {
+    let adapters = lenet::gpu::list_adapters();
+    let wanted = args.adapter.filter(|w| !w.trim().is_empty());
+    let auto = auto_choice(&adapters, wanted.as_deref());
+    let mut out = Output::new(args.json);
+    // `*` marks the adapter `auto` trains on: none when it takes the CPU path.
+    for (i, a) in adapters.iter().enumerate() {
+        let mark = if auto.adapter == Some(i) { "*" } else { " " };
+        out.line(format!("{mark} {i}: {a}"));
+    }
+    match auto.adapter {
+        Some(i) => out.line(format!("--backend auto uses {}: {}", adapters[i].name, auto.reason)),
+        None => out.line(format!("--backend auto uses the CPU path: {}", auto.reason)),
+    }
+    if args.json {
+        let entries = adapters
+            .iter()
+            .enumerate()
+            .map(|(index, a)| AdapterEntry {
+                index,
+                name: a.name.clone(),
+                api: a.api(),
+                device_type: a.kind(),
+                driver: a.driver.clone(),
+                driver_info: a.driver_info.clone(),
+            })
+            .collect();
+        out.document(&DevicesReport { adapters: entries, wanted, auto })?;
+    }
+    Ok(out.finish(ExitCode::SUCCESS))
+}
+
+fn completions(args: CompletionsArgs) -> Result<ExitCode> {
+    let mut script = Vec::new();
+    clap_complete::generate(
+        clap_complete::Shell::from(args.shell),
+        &mut Cli::command(),
+        "lenet",
+        &mut script,
+    );
+    let mut out = Output::new(false);
+    out.product(&script);
+    Ok(out.finish(ExitCode::SUCCESS))
+}
+
+fn man() -> Result<ExitCode> {
+    let page = man_page().context("cannot render the manual page")?;
+    let mut out = Output::new(false);
+    out.product(&page);
+    Ok(out.finish(ExitCode::SUCCESS))
+}
+
+/// One roff page for `lenet` and all its subcommands: the top-level page (name, synopsis,
+/// description, options), then a section per subcommand with its synopsis, description and
+/// options (clap_mangen's sections, demoted to subsections), exit status and environment.
+fn man_page() -> Result<Vec<u8>> {
+    let mut cmd = Cli::command();
+    cmd.build();
+    let top = clap_mangen::Man::new(cmd.clone());
+    let mut page = Vec::new();
+    top.render_title(&mut page)?;
+    top.render_name_section(&mut page)?;
+    top.render_synopsis_section(&mut page)?;
+    top.render_description_section(&mut page)?;
+    top.render_options_section(&mut page)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+        writeln!(page, ".SH \"LENET {}\"", sub.get_name().to_uppercase())?;
+        let man = clap_mangen::Man::new(sub.clone());
+        let mut sections = Vec::new();
+        man.render_synopsis_section(&mut sections)?;
+        man.render_description_section(&mut sections)?;
+        man.render_options_section(&mut sections)?;
+        for line in String::from_utf8(sections)?.lines() {
+            match line.strip_prefix(".SH ") {
+                Some(heading) => writeln!(page, ".SS {heading}")?,
+                None => writeln!(page, "{line}")?,
+            }
+        }
+    }
+    page.extend_from_slice(MAN_TAIL.as_bytes());
+    top.render_version_section(&mut page)?;
+    // Each rendered piece starts with the same two-line preamble (a string definition): once
+    // is enough.
+    let text = String::from_utf8(page)?;
+    let mut seen = std::collections::HashSet::new();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !(l.starts_with(".ie \\n(.g") || l.starts_with(".el .ds")) || seen.insert(*l))
+        .collect();
+    Ok((lines.join("\n") + "\n").into_bytes())
+}
+
+/// What the generated sections cannot know.
+const MAN_TAIL: &str = r#".SH "EXIT STATUS"
+.TP
+0
+success
+.TP
+1
+an error, told in one line on stderr beginning with error:
+.TP
+2
+a command line clap refuses (an unknown option or value)
+.TP
+129, 130, 143
+train stopped by SIGHUP, Ctrl\-C (SIGINT) or SIGTERM, after saving to \-\-save
+.SH ENVIRONMENT
+.TP
+LENET_ADAPTER
+picks a GPU adapter by part of its name, as \-\-adapter does
+.TP
+WGPU_BACKEND
+limits the graphics APIs wgpu looks at (vulkan, metal, dx12, gl)
+.SH "SEE ALSO"
+The README of lenet\-wgpu: the \-\-json fields, the \-\-metrics columns, the checkpoint format.
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap's own checks: no two options share a name, defaults are valid values, ...
+        Cli::command().debug_assert();
+    }
 }

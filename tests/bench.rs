@@ -90,22 +90,22 @@ fn gpu_rows_all_present_validated_and_timed() {
 }
 
 #[test]
-fn cli_bench_cpu_json_is_the_last_line() {
+fn cli_bench_cpu_json_is_all_of_stdout_and_the_table_goes_to_stderr() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_lenet"))
         .args(["bench", "--backend", "cpu", "--batch", "8", "--iters", "2", "--json"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    let last = stdout.lines().last().expect("some output");
-    let v: serde_json::Value = serde_json::from_str(last).expect("JSON on the last line");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is one JSON document");
     assert_eq!(v["batch"], 8);
     assert_eq!(v["timing"], "cpu_only");
     assert!(v["adapter"].is_null());
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), EXPECTED.len());
     assert!(rows.iter().all(|r| r["validated"] == "ok"));
-    assert!(stdout.contains("conv2") && stdout.contains("CPU us") && !stdout.contains("GPU us"));
+    assert!(stderr.contains("conv2") && stderr.contains("CPU us") && !stderr.contains("GPU us"));
 }
 
 /// One step from the same state on a random batch, on the fast path ("got") and the reference

@@ -91,15 +91,7 @@ fn short_cpu_run_reduces_the_loss_and_reports_json() {
     assert_eq!(report["backend"], "cpu");
     assert_eq!(report["steps"], 30);
     // The README lists exactly the fields there are.
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let listed =
-        readme.split("ends stdout with one JSON object:").nth(1).expect("README lists the --json fields");
-    let listed = listed.split("\n- **").next().unwrap();
-    let mut readme_keys: Vec<&str> = listed.split('`').skip(1).step_by(2).filter(|k| *k != "null").collect();
-    readme_keys.sort_unstable();
-    let mut json_keys: Vec<&str> = report.as_object().unwrap().keys().map(String::as_str).collect();
-    json_keys.sort_unstable();
-    assert_eq!(readme_keys, json_keys, "README's --json field list");
+    assert_readme_lists("### `lenet train --json`", &report);
     let csv = std::fs::read_to_string(&metrics).unwrap();
     let losses: Vec<f64> = csv
         .lines()
@@ -120,7 +112,7 @@ fn progress_is_plain_lines_when_not_a_terminal() {
     let out = lenet(&["train", "--backend", "cpu", "--steps", "12", "--batch", "32"]);
     let err = stderr(succeeded(&out));
     assert!(!err.contains('\x1b') && !err.contains('\r'), "control characters in piped output:\n{err:?}");
-    assert!(err.lines().any(|l| l.starts_with("epoch 1 ")), "no epoch line:\n{err}");
+    assert!(err.lines().any(|l| l.starts_with("epoch 1/1 ")), "no epoch line:\n{err}");
 }
 
 #[test]
@@ -929,7 +921,8 @@ fn a_run_without_an_evaluation_says_so() {
         lenet(&["train", "--backend", "cpu", "--data", p(&data), "--steps", "4", "--batch", "32", "--json"]);
     let report = last_json(succeeded(&out));
     assert!(report["test_accuracy"].is_null() && report["test_loss"].is_null(), "{report}");
-    let text = stdout(&out);
+    // Under --json the summary is on stderr.
+    let text = stderr(&out);
     assert!(text.contains("no evaluation") && !text.contains("test accuracy"), "{text}");
     let ckpt = dir.join("w.safetensors");
     lenet::checkpoint::save_weights(&ckpt, &lenet::model::Params::init(1)).unwrap();
@@ -969,4 +962,519 @@ fn auto_takes_the_cpu_path_over_a_software_adapter_and_says_why() {
     let report = last_json(succeeded(&out));
     assert_eq!(report["backend"], "cpu");
     assert!(stderr(&out).contains("is a software rasterizer"), "{}", stderr(&out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line for scripts and for people (issue 14): one JSON document on stdout under
+// --json, quiet closed pipes, the progress bar decided by stderr, help, completions, man page.
+
+/// The whole of stdout as one JSON document: nothing before it or after it.
+fn only_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not exactly one JSON document ({e}):\n{}", stdout(out)))
+}
+
+/// Every field of a JSON document by path: `a`, `a.b` for an object's fields, `a[].b` for the
+/// fields of an array's objects (the first one's). Arrays of numbers or strings are fields.
+fn json_fields(value: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                    out.insert(path.clone());
+                    walk(&path, v, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                if let Some(first @ serde_json::Value::Object(_)) = items.first() {
+                    walk(&format!("{prefix}[]"), first, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut fields = std::collections::BTreeSet::new();
+    walk("", value, &mut fields);
+    fields
+}
+
+/// The fields the README lists for a document: the backticked paths (`rows[].layer`) in the
+/// first column of the table that follows the line `heading`.
+fn readme_fields(heading: &str) -> std::collections::BTreeSet<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let after =
+        readme.split_once(&format!("\n{heading}\n")).unwrap_or_else(|| panic!("no {heading:?} in README")).1;
+    after
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| l.split('|').nth(1))
+        .flat_map(|cell| cell.split('`').skip(1).step_by(2).map(str::to_string).collect::<Vec<_>>())
+        .collect()
+}
+
+/// The README's table for a document lists exactly its fields (an array's element fields only
+/// where the array has an element to show them).
+fn assert_readme_lists(heading: &str, document: &serde_json::Value) {
+    let listed = readme_fields(heading);
+    let actual = json_fields(document);
+    let shown: std::collections::BTreeSet<String> = listed
+        .iter()
+        .filter(|f| match f.split_once("[].") {
+            Some((array, _)) => actual.iter().any(|a| a.starts_with(&format!("{array}[]."))),
+            None => true,
+        })
+        .cloned()
+        .collect();
+    assert_eq!(shown, actual, "README's {heading:?} table against the document:\n{document}");
+}
+
+#[test]
+fn json_is_the_only_thing_on_stdout_in_every_subcommand() {
+    let dir = temp_dir("json-only");
+    let data = small_mnist(&dir, 256, 100);
+    let ckpt = dir.join("w.safetensors");
+    lenet::checkpoint::save_weights(&ckpt, &lenet::model::Params::init(5)).unwrap();
+
+    let out =
+        lenet(&["train", "--backend", "cpu", "--data", p(&data), "--steps", "8", "--batch", "32", "--json"]);
+    let train = only_json(succeeded(&out));
+    assert_eq!(
+        (train["backend"].as_str(), train["steps"].as_u64(), train["batch"].as_u64()),
+        (Some("cpu"), Some(8), Some(32))
+    );
+    assert_eq!(train["stopped_early"], false);
+    assert!(train["test_accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)), "{train}");
+    // The human lines are all on stderr.
+    let err = stderr(&out);
+    assert!(
+        err.contains("epoch 1/1 ") && err.contains("trained 8 steps") && err.contains("train loss"),
+        "{err}"
+    );
+    assert_readme_lists("### `lenet train --json`", &train);
+
+    let out = lenet(&["eval", "--backend", "cpu", "--data", p(&data), "--weights", p(&ckpt), "--json"]);
+    let eval = only_json(succeeded(&out));
+    assert_eq!(eval["count"], 100);
+    assert_eq!(eval["backend"], "cpu");
+    let confusion = eval["confusion"].as_array().unwrap();
+    assert_eq!(confusion.len(), 10);
+    assert!(confusion.iter().all(|row| row.as_array().unwrap().len() == 10));
+    let total: u64 = confusion.iter().flat_map(|r| r.as_array().unwrap()).map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(total, 100);
+    let err = stderr(&out);
+    assert!(err.starts_with("accuracy ") && err.contains("confusion"), "{err}");
+    assert_readme_lists("### `lenet eval --json`", &eval);
+
+    let out = lenet(&["bench", "--backend", "cpu", "--batch", "4", "--iters", "3", "--json"]);
+    let bench = only_json(succeeded(&out));
+    assert_eq!(bench["batch"], 4);
+    assert!(bench["rows"].as_array().unwrap().len() > 5, "{bench}");
+    assert!(stderr(&out).contains("layer  direction"), "the table goes to stderr:\n{}", stderr(&out));
+    assert_readme_lists("### `lenet bench --json`", &bench);
+
+    let out = lenet(&["devices", "--json"]);
+    let devices = only_json(succeeded(&out));
+    let listed = devices["adapters"].as_array().unwrap();
+    assert_eq!(listed.len(), lenet::gpu::list_adapters().len());
+    assert!(matches!(devices["auto"]["backend"].as_str(), Some("cpu" | "gpu")), "{devices}");
+    assert!(stderr(&out).contains("--backend auto uses"), "{}", stderr(&out));
+    assert_readme_lists("### `lenet devices --json`", &devices);
+
+    // predict: one object per image, in order; a readable digit, a blank image, a missing file.
+    let digit = dir.join("digit.pgm");
+    let mnist = lenet::data::load_mnist(&data).unwrap();
+    std::fs::write(&digit, [b"P5\n28 28\n255\n".as_slice(), mnist.test.image(0)].concat()).unwrap();
+    let blank = dir.join("blank.pgm");
+    std::fs::write(&blank, [b"P5\n28 28\n255\n".as_slice(), &[0u8; 784]].concat()).unwrap();
+    let missing = dir.join("missing.png");
+    let out = lenet(&["predict", "--weights", p(&ckpt), "--json", p(&digit), p(&blank), p(&missing)]);
+    assert_eq!(out.status.code(), Some(1), "an unreadable image fails the run at the end");
+    let predict = only_json(&out);
+    let records = predict.as_array().unwrap();
+    assert_eq!(records.len(), 3);
+    assert!(
+        records[0]["digit"].is_u64() && records[1]["warning"].is_string() && records[2]["error"].is_string()
+    );
+    assert!(stderr(&out).contains("digit.pgm: ") && stderr(&out).contains("no digit"), "{}", stderr(&out));
+    // The README lists every field any record can have: the union over the three.
+    let mut union = serde_json::Map::new();
+    for r in records {
+        union.extend(r.as_object().unwrap().clone());
+    }
+    assert_readme_lists("### `lenet predict --json`", &serde_json::json!([union]));
+    // The fault the test guards against: human lines before the document. The parser sees it.
+    let mixed = Output { stdout: [b"trained 8 steps\n".as_slice(), &out.stdout].concat(), ..out };
+    assert!(serde_json::from_slice::<serde_json::Value>(&mixed.stdout).is_err());
+}
+
+/// Runs lenet with its stdout a pipe whose reader is already gone: every write gets EPIPE.
+fn with_closed_stdout(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    wait_with_timeout(child, 120, &format!("{args:?} with a closed stdout"))
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly_in_every_subcommand() {
+    let dir = temp_dir("closed-pipe");
+    let data = small_mnist(&dir, 256, 100);
+    let ckpt = dir.join("w.safetensors");
+    lenet::checkpoint::save_weights(&ckpt, &lenet::model::Params::init(5)).unwrap();
+    let train = ["train", "--backend", "cpu", "--data", p(&data), "--steps", "4", "--batch", "32"];
+    let eval = ["eval", "--backend", "cpu", "--data", p(&data), "--weights", p(&ckpt)];
+    let bench = ["bench", "--backend", "cpu", "--batch", "4", "--iters", "3"];
+    let digit = dir.join("digit.pgm");
+    let mnist = lenet::data::load_mnist(&data).unwrap();
+    std::fs::write(&digit, [b"P5\n28 28\n255\n".as_slice(), mnist.test.image(0)].concat()).unwrap();
+    let predict = ["predict", "--weights", p(&ckpt), p(&digit)];
+    let runs: Vec<Vec<&str>> = vec![
+        train.to_vec(),
+        [&train[..], &["--json"]].concat(),
+        eval.to_vec(),
+        [&eval[..], &["--json"]].concat(),
+        bench.to_vec(),
+        [&bench[..], &["--json"]].concat(),
+        vec!["devices"],
+        vec!["devices", "--json"],
+        predict.to_vec(),
+        [&predict[..], &["--json"]].concat(),
+        vec!["completions", "bash"],
+        vec!["man"],
+    ];
+    for args in &runs {
+        let out = with_closed_stdout(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: stderr:\n{err}");
+        assert!(!err.contains("error") && !err.contains("panicked"), "{args:?}: stderr:\n{err}");
+        // Nothing at all on stderr where nothing but stdout was to be written.
+        if ["eval", "predict", "completions", "man"].contains(&args[0]) && !args.contains(&"--json") {
+            assert_eq!(err, "", "{args:?}");
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_stdout_that_fails_otherwise_is_one_error_line() {
+    // A full disk (/dev/full: ENOSPC) is not a closed reader: the output is lost, so say so.
+    let out = Command::new(env!("CARGO_BIN_EXE_lenet"))
+        .args(["completions", "zsh"])
+        .stdout(std::fs::File::options().write(true).open("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_clear_error(&out, "No space left on device");
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// The bar's lines as drawn on a terminal: each from `epoch E/L [` to the next carriage return,
+/// newline or escape sequence (the library redraws a line with "\r ESC[2K").
+fn drawn_bars(screen: &str) -> Vec<&str> {
+    let mut bars = Vec::new();
+    let mut rest = screen;
+    while let Some(at) = rest.find("epoch ") {
+        let line = &rest[at..];
+        let end = line.find(['\r', '\n', '\x1b']).unwrap_or(line.len());
+        let text = line[..end].trim_end();
+        if text.split(' ').nth(2).is_some_and(|w| w.starts_with('[')) {
+            bars.push(text);
+        }
+        // The next line may begin inside this one: a printed line is padded with spaces to the
+        // terminal's width, and the bar is drawn right after it.
+        rest = &line["epoch ".len()..];
+    }
+    bars
+}
+
+/// A pseudo-terminal of 80x24: (master, slave).
+#[cfg(unix)]
+fn open_pty() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    let size = libc::winsize { ws_row: 24, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: openpty writes two descriptors into the given ints; the other pointers may be null
+    // or point to a valid winsize.
+    let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) };
+    assert_eq!(rc, 0, "openpty failed: {}", std::io::Error::last_os_error());
+    // Not inherited by the child beyond the stdio it is given: a child holding the master
+    // would keep the terminal alive after the test closes it.
+    for fd in [master, slave] {
+        // SAFETY: fcntl on a descriptor this function owns.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) }, 0);
+    }
+    // SAFETY: both descriptors were just opened and are owned by nobody else.
+    unsafe { (std::fs::File::from_raw_fd(master), std::os::fd::OwnedFd::from_raw_fd(slave)) }
+}
+
+/// Everything written to the terminal, read from its master until every slave is closed.
+#[cfg(unix)]
+fn read_terminal(mut master: std::fs::File) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Linux answers EIO once the last slave descriptor is closed.
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    })
+}
+
+#[cfg(unix)]
+#[test]
+fn the_bar_is_drawn_when_stderr_is_a_terminal_whatever_stdout_is() {
+    let dir = temp_dir("bar");
+    let data = small_mnist(&dir, 4096, 50);
+    let args = ["train", "--backend", "cpu", "--data", p(&data), "--epochs", "2", "--batch", "16", "--json"];
+
+    // stderr a terminal, stdout a pipe (`lenet train --json | jq`): the bar, and clean JSON.
+    let (master, slave) = open_pty();
+    let reader = read_terminal(master);
+    let child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+        .args(args)
+        .env("TERM", "xterm")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(slave))
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(child, 120, "train with a terminal on stderr");
+    let screen = reader.join().unwrap();
+    assert_eq!(only_json(succeeded(&out))["steps"], 512);
+    let bar_lines = drawn_bars(&screen);
+    assert!(!bar_lines.is_empty(), "no bar drawn on the terminal:\n{screen:?}");
+    for line in &bar_lines {
+        assert!(line.starts_with("epoch 1/2 [") || line.starts_with("epoch 2/2 ["), "{line:?}");
+        assert!(line.chars().count() <= 80, "{} columns: {line:?}", line.chars().count());
+    }
+    assert!(screen.contains("epoch 1/2 (256/256 steps)"), "no epoch line:\n{screen:?}");
+
+    // stdout a terminal, stderr a pipe (a log file): plain lines, no bar.
+    let (master, slave) = open_pty();
+    let reader = read_terminal(master);
+    let child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+        .args(args)
+        .stdout(std::process::Stdio::from(slave))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(child, 120, "train with a terminal on stdout");
+    let json = reader.join().unwrap();
+    let err = stderr(succeeded(&out));
+    assert!(
+        !err.contains('\x1b') && !err.contains('\r') && !err.contains(" eta "),
+        "a bar in a pipe:\n{err:?}"
+    );
+    assert!(err.lines().any(|l| l.starts_with("epoch 2/2 (256/256 steps)")), "{err}");
+    assert!(json.contains("\"steps\":512"), "{json:?}");
+
+    // A terminal that cannot redraw a line (TERM=dumb, or no TERM at all: what the bar library
+    // then assumes): plain lines on it, never a bar that draws nothing and swallows the epoch
+    // lines with it.
+    for term in [Some("dumb"), None] {
+        let (master, slave) = open_pty();
+        let reader = read_terminal(master);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lenet"));
+        cmd.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::from(slave));
+        match term {
+            Some(t) => cmd.env("TERM", t),
+            None => cmd.env_remove("TERM"),
+        };
+        let child = cmd.spawn().unwrap();
+        // The terminal's reader ends when the last slave closes: the one in `cmd` too.
+        drop(cmd);
+        let out = wait_with_timeout(child, 120, "train on a dumb terminal");
+        let screen = reader.join().unwrap();
+        succeeded(&out);
+        assert!(
+            screen.contains("epoch 1/2 (256/256 steps)") && screen.contains("epoch 2/2 "),
+            "TERM={term:?}:\n{screen:?}"
+        );
+        assert!(!screen.contains('\x1b') && !screen.contains(" eta "), "TERM={term:?}: a bar:\n{screen:?}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_terminal_gone_after_sighup_ends_with_129_not_a_panic() {
+    let dir = temp_dir("hangup");
+    let ckpt = dir.join("run.safetensors");
+    let (master, slave) = open_pty();
+    let slave_err = slave.try_clone().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+        .args(["train", "--backend", "cpu", "--batch", "32", "--epochs", "50", "--eval-every", "0"])
+        .args(["--save", p(&ckpt), "--checkpoint-every", "20"])
+        // A terminal that draws the bar: the bar's writes fail too once it is gone.
+        .env("TERM", "xterm")
+        .stdout(std::process::Stdio::from(slave))
+        .stderr(std::process::Stdio::from(slave_err))
+        .spawn()
+        .unwrap();
+    wait_for(&ckpt, &mut child);
+    // The terminal goes away: its master closes (every write to it fails with EIO from now on)
+    // and the process gets SIGHUP.
+    drop(master);
+    signal(&child, "-HUP");
+    let status = wait_with_timeout(child, 120, "train after SIGHUP").status;
+    assert_eq!(status.code(), Some(129), "a write to the gone terminal must not panic (101)");
+    let saved = lenet::checkpoint::load_checkpoint(&ckpt).unwrap().state.unwrap();
+    assert!(saved.step >= 20);
+}
+
+/// The options of a subcommand as its --help lists them: (name, help text after it).
+fn help_options(sub: &str) -> Vec<(String, String)> {
+    let text = stdout(succeeded(&lenet(&[sub, "--help"])));
+    let mut options = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        let Some(start) = trimmed.find("--") else { continue };
+        if !(trimmed.starts_with("--") || trimmed.starts_with('-') && trimmed[2..].starts_with(", --")) {
+            continue;
+        }
+        let name: String = trimmed[start..].chars().take_while(|c| !c.is_whitespace()).collect();
+        // The help is on the same line after two spaces, or on the next line (long help).
+        let rest = trimmed[start + name.len()..].trim_start_matches(|c| c != ' ').trim();
+        let rest = rest.split_once("  ").map_or(rest, |(_, h)| h).trim();
+        let help = if !rest.is_empty() && !rest.starts_with('<') {
+            rest.to_string()
+        } else {
+            lines.get(i + 1).map_or(String::new(), |l| l.trim().to_string())
+        };
+        options.push((name, help));
+    }
+    options
+}
+
+#[test]
+fn every_option_and_value_has_a_help_line() {
+    for sub in ["train", "eval", "predict", "bench", "devices", "completions"] {
+        let options = help_options(sub);
+        assert!(options.iter().any(|(n, _)| n == "--help"), "{sub}: {options:?}");
+        for (name, help) in &options {
+            assert!(!help.is_empty() && !help.starts_with('['), "lenet {sub} {name} has no help line");
+        }
+        // Listed values (`- gpu: ...`) each have their own line of help.
+        let text = stdout(&lenet(&[sub, "--help"]));
+        for value in text.lines().map(str::trim).filter(|l| l.starts_with("- ")) {
+            assert!(value.contains(": "), "lenet {sub}: value without help: {value:?}");
+        }
+    }
+    assert!(help_options("eval").iter().any(|(n, h)| n == "--data" && h.contains("t10k")));
+    assert!(help_options("bench").iter().any(|(n, h)| n == "--batch" && h.contains("Images")));
+}
+
+#[test]
+fn completions_know_the_subcommands_for_each_shell() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = lenet(&["completions", shell]);
+        let script = stdout(succeeded(&out));
+        for sub in ["train", "eval", "predict", "bench", "devices", "completions", "man"] {
+            assert!(script.contains(sub), "{shell}: no {sub}");
+        }
+        // Options without their dashes: fish writes `-l backend`.
+        assert!(script.contains("backend") && script.contains("checkpoint-every"), "{shell}: no options");
+    }
+    let out = lenet(&["completions", "tcsh"]);
+    assert!(!out.status.success() && stderr(&out).contains("possible values"), "{}", stderr(&out));
+    // bash reads it without a syntax error, where bash is installed.
+    if let Ok(status) =
+        Command::new("bash").args(["-n", "-c", &stdout(&lenet(&["completions", "bash"]))]).status()
+    {
+        assert!(status.success(), "bash -n rejects the script");
+    }
+}
+
+#[test]
+fn the_man_page_mentions_every_option_of_every_subcommand() {
+    let page = stdout(succeeded(&lenet(&["man"])));
+    assert!(
+        page.starts_with(".ie") || page.starts_with(".TH"),
+        "not roff:\n{}",
+        &page[..200.min(page.len())]
+    );
+    assert!(page.contains(".TH lenet 1"), "no title");
+    // roff writes a hyphen as \-.
+    let text = page.replace("\\-", "-");
+    for sub in ["train", "eval", "predict", "bench", "devices", "completions", "man"] {
+        assert!(text.contains(&format!(".SH \"LENET {}\"", sub.to_uppercase())), "no section for {sub}");
+        if sub == "man" {
+            continue;
+        }
+        for (option, _) in help_options(sub) {
+            assert!(text.contains(&format!("\\fB{option}\\fR")), "the man page lacks {sub} {option}");
+        }
+    }
+    for value in ["auto", "gpu", "cpu", "bash", "powershell"] {
+        assert!(text.contains(&format!("{value}:")), "the man page lacks the value {value}");
+    }
+    // groff reads it without a warning, where groff is installed.
+    let file = temp_dir("man").join("lenet.1");
+    std::fs::write(&file, &page).unwrap();
+    if let Ok(out) = Command::new("groff").args(["-man", "-Tutf8", "-ww", "-z"]).arg(&file).output() {
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "groff: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn adapter_names_are_never_inside_brackets_of_ours() {
+    // Adapter names and driver strings bring their own brackets (`llvmpipe (LLVM 15.0.6, 256
+    // bits)`): the lines that show one add none around it, and say what it is in words, not in
+    // wgpu's type names (`DiscreteGpu`, `Cpu`).
+    let dir = temp_dir("brackets");
+    let data = small_mnist(&dir, 64, 10);
+    let devices = lenet(&["devices"]);
+    let train = lenet(&["train", "--data", p(&data), "--steps", "1", "--batch", "8"]);
+    let lines = format!("{}{}{}", stdout(succeeded(&devices)), stderr(succeeded(&train)), stdout(&train));
+    for line in lines.lines() {
+        assert!(
+            max_bracket_depth(line) <= max_bracket_depth_of_names(line).max(1),
+            "nested brackets: {line}"
+        );
+        for internal in ["DiscreteGpu", "IntegratedGpu", "VirtualGpu", "Cpu,", "Cpu)"] {
+            assert!(!line.contains(internal), "{internal} in {line}");
+        }
+    }
+    for a in lenet::gpu::list_adapters() {
+        let shown = a.to_string();
+        assert!(shown.starts_with(&format!("{} - ", a.name)), "{shown}");
+        let own = max_bracket_depth(&a.name).max(max_bracket_depth(&a.driver_info));
+        assert_eq!(max_bracket_depth(&shown), own, "{shown}");
+    }
+}
+
+fn max_bracket_depth(s: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    for c in s.chars() {
+        match c {
+            '(' | '[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            ')' | ']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// The deepest brackets any adapter name or driver string in `line` brings of its own.
+fn max_bracket_depth_of_names(line: &str) -> usize {
+    lenet::gpu::list_adapters()
+        .iter()
+        .flat_map(|a| [a.name.clone(), a.driver_info.clone()])
+        .filter(|n| line.contains(n.as_str()))
+        .map(|n| max_bracket_depth(&n))
+        .max()
+        .unwrap_or(0)
 }

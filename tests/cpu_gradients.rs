@@ -327,6 +327,29 @@ fn step_gradients<B: Backend + ?Sized>(
     (loss, grads(backend))
 }
 
+/// The fast path's training step (its gradients and its loss) has the same bits on 1, 2 and 3
+/// threads: every reduction splits its work the same way whatever the pool.
+#[test]
+fn a_training_step_is_bit_identical_on_any_thread_count() {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let batch = 37;
+    let pixels: Vec<u8> = (0..batch * IMAGE_PIXELS).map(|_| rng.next_u32() as u8).collect();
+    let labels: Vec<u8> = (0..batch).map(|_| (rng.next_u32() % 10) as u8).collect();
+    let data = Dataset { images: pixels, labels, rows: 28, cols: 28 };
+    let params = Params::init(9);
+    let run = || {
+        let mut fast = OpsBackend::with_ops(Fast::default(), "cpu", "fast".into(), &data).unwrap();
+        let (loss, grads) = step_gradients(&mut fast, |b| b.gradients().unwrap(), &params, batch);
+        (loss.to_bits(), grads)
+    };
+    let results: Vec<_> = [1, 2, 3]
+        .iter()
+        .map(|&t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap().install(run))
+        .collect();
+    assert!(results[0].1.all_finite());
+    assert!(results.iter().all(|r| *r == results[0]), "the step's bits depend on the thread count");
+}
+
 #[test]
 fn network_gradient_matches_f64_finite_differences_for_every_parameter_tensor() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);

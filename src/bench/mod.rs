@@ -317,10 +317,7 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
     };
     Ok(Report {
         adapter: gpu.map(|c| c.adapter_info.name.clone()),
-        adapter_details: gpu.map(|c| {
-            let a = &c.adapter_info;
-            format!("{:?}, {:?}, {} {}", a.backend, a.device_type, a.driver, a.driver_info)
-        }),
+        adapter_details: gpu.map(|c| c.adapter_info.details()),
         cpu: cpu_description(),
         timing: timing.into(),
         kernels: gpu_backend.as_ref().map(|be| be.variant().to_string()),

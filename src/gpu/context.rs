@@ -31,16 +31,47 @@ impl AdapterSummary {
     }
 }
 
+impl AdapterSummary {
+    /// The graphics API, as its vendor spells it.
+    pub fn api(&self) -> &'static str {
+        match self.backend {
+            wgpu::Backend::Vulkan => "Vulkan",
+            wgpu::Backend::Metal => "Metal",
+            wgpu::Backend::Dx12 => "DX12",
+            wgpu::Backend::Gl => "GL",
+            wgpu::Backend::BrowserWebGpu => "WebGPU",
+            wgpu::Backend::Noop => "no-op",
+        }
+    }
+
+    /// What kind of device it is, in words (`software`: a rasterizer on the CPU, such as lavapipe).
+    pub fn kind(&self) -> &'static str {
+        match self.device_type {
+            wgpu::DeviceType::DiscreteGpu => "discrete GPU",
+            wgpu::DeviceType::IntegratedGpu => "integrated GPU",
+            wgpu::DeviceType::VirtualGpu => "virtual GPU",
+            wgpu::DeviceType::Cpu => "software",
+            wgpu::DeviceType::Other => "other",
+        }
+    }
+
+    /// API, kind and driver: "Vulkan, software, llvmpipe Mesa 22.3.6 (LLVM 15.0.6)".
+    pub fn details(&self) -> String {
+        let driver = format!("{} {}", self.driver, self.driver_info);
+        let mut parts = vec![self.api().to_string(), self.kind().to_string()];
+        if !driver.trim().is_empty() {
+            parts.push(driver.trim().to_string());
+        }
+        parts.join(", ")
+    }
+}
+
+/// "NAME - API, kind, driver". No brackets of its own: adapter names (`llvmpipe (LLVM 15.0.6,
+/// 256 bits)`) and driver strings bring their own, and a line that wraps this in more reads as
+/// nested brackets.
 impl std::fmt::Display for AdapterSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({:?}, {:?}", self.name, self.backend, self.device_type)?;
-        if !self.driver.is_empty() {
-            write!(f, ", {}", self.driver)?;
-        }
-        if !self.driver_info.is_empty() {
-            write!(f, " {}", self.driver_info)?;
-        }
-        write!(f, ")")
+        write!(f, "{} - {}", self.name, self.details())
     }
 }
 
@@ -264,6 +295,20 @@ mod tests {
             driver: String::new(),
             driver_info: String::new(),
         }
+    }
+
+    #[test]
+    fn an_adapter_reads_in_words_without_brackets_of_its_own() {
+        let mut lavapipe =
+            a("llvmpipe (LLVM 15.0.6, 256 bits)", wgpu::Backend::Vulkan, wgpu::DeviceType::Cpu);
+        lavapipe.driver = "llvmpipe".into();
+        lavapipe.driver_info = "Mesa 22.3.6 (LLVM 15.0.6)".into();
+        assert_eq!(
+            lavapipe.to_string(),
+            "llvmpipe (LLVM 15.0.6, 256 bits) - Vulkan, software, llvmpipe Mesa 22.3.6 (LLVM 15.0.6)"
+        );
+        let h100 = a("NVIDIA H100 80GB HBM3", wgpu::Backend::Vulkan, wgpu::DeviceType::DiscreteGpu);
+        assert_eq!(h100.to_string(), "NVIDIA H100 80GB HBM3 - Vulkan, discrete GPU");
     }
 
     #[test]

@@ -175,7 +175,7 @@ pub fn train(
     let resume_at = (start_step > 0).then_some(start_step);
     let mut metrics = MetricsWriter::open(cfg.metrics.as_ref(), resume_at)?;
     let mut run = Run {
-        progress: Progress::new(cfg.plain_progress, steps_per_epoch, batch),
+        progress: Progress::new(cfg.plain_progress, steps_per_epoch, batch, state, target_step),
         history: Vec::new(),
         train_time: Duration::ZERO,
         recent: Vec::new(),
@@ -384,12 +384,13 @@ fn run_steps(
         }
         run.recent.extend_from_slice(&stats);
         let done = if epoch_done { steps_per_epoch } else { state.step_in_epoch };
-        run.progress.update(done, &run.recent, *epoch_images as f64 / epoch_time.as_secs_f64());
+        run.progress.update(state.step, done, &run.recent, *epoch_images as f64 / epoch_time.as_secs_f64());
         let last = state.step >= target_step;
         if epoch_done || (last && in_flight.is_empty()) {
             let (_, images, time) = epoch.take().expect("the epoch was started above");
             let due = epoch_done && cfg.eval_every > 0 && state.epoch.is_multiple_of(cfg.eval_every);
-            let mut line = epoch_summary(state, steps_per_epoch, &run.recent, images, time);
+            let mut line =
+                epoch_summary(state, steps_per_epoch, run.progress.last_epoch(), &run.recent, images, time);
             // An empty test set is no evaluation at all (not an accuracy of 0).
             if (due || last) && !mnist.test.is_empty() {
                 let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
@@ -443,21 +444,22 @@ pub(crate) fn mean(xs: &[f32]) -> f64 {
     xs.iter().map(|&x| x as f64).sum::<f64>() / xs.len() as f64
 }
 
+/// The epoch's line: "epoch 3/10 (234/234 steps)  loss ...", the same figures the bar ended on.
 fn epoch_summary(
     state: &TrainState,
     steps_per_epoch: u64,
+    last_epoch: u64,
     recent: &[StepStats],
     images: usize,
     time: Duration,
 ) -> String {
     let epoch = if state.step_in_epoch == 0 { state.epoch } else { state.epoch + 1 };
-    let loss = mean(&recent.iter().map(|s| s.loss).collect::<Vec<_>>());
-    let correct: u64 = recent.iter().map(|s| s.correct as u64).sum();
-    let seen = (recent.len() * state.batch).max(1);
+    let (loss, accuracy) = progress::epoch_means(recent, state.batch);
     let done = if state.step_in_epoch == 0 { steps_per_epoch } else { state.step_in_epoch };
     format!(
-        "epoch {epoch} ({done}/{steps_per_epoch} steps)  loss {loss:.4}  train acc {:.2}%  {:.0} img/s",
-        100.0 * correct as f64 / seen as f64,
+        "epoch {epoch}/{} ({done}/{steps_per_epoch} steps)  loss {loss:.4}  train acc {:.2}%  {:.0} img/s",
+        last_epoch.max(epoch),
+        100.0 * accuracy,
         images as f64 / time.as_secs_f64().max(1e-9),
     )
 }
