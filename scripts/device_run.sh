@@ -1,25 +1,131 @@
 #!/usr/bin/env bash
-# Runs on a lent GPU machine (see ../shared/gpu/README.md): the machine has the NVIDIA driver but
-# no Vulkan loader and no Rust, so build here first and carry the binary and the loader:
+# One device call on the lent GPU machine (../shared/gpu/README.md), from the repository root,
+# after scripts/device_prepare.sh here:  carry [".gpu"], timeout_s 540,
 #
-#   cargo build --release && mkdir -p .gpu && cp ../shared/gpu/debs/*.deb target/release/lenet .gpu/
-#   device call, carrying [".gpu"]:  bash scripts/device_run.sh
+#   bash scripts/device_run.sh
 #
-# Writes devices.txt, bench.txt, bench.json, train.txt and train.json under $OUT.
+# In order, each step with a time limit of its own so that one hang cannot eat the lease:
+#   1. the card, the driver, `lenet devices`;
+#   2. every test executable with LENET_REQUIRE_GPU=1 (the GPU tests on this GPU);
+#   3. `lenet bench --json` at batch 64, 256 and 1024 with the default kernels (v2), and at 256
+#      with the first ones (v1): every row validated against the CPU path, then timed;
+#   4. `lenet train --backend gpu --epochs 10 --json` twice with v2 (the first pays the cold
+#      start: shader compilation, uploads) and once with v1, each with its process wall time;
+#   5. PyTorch on the same card: the recipe's 10 epochs timed, and the parity run (the same
+#      init, --no-shuffle, 20 steps, every tensor compared) of lenet's GPU path against it.
+# Prints a short table last; $OUT/results.tgz holds every output, $OUT/summary.txt the table.
 set -uo pipefail
 OUT=${OUT:-/tmp/lenet-device}
 mkdir -p "$OUT"
+W=$(mktemp -d)
+start=$(date +%s)
+
 for f in .gpu/*.deb; do dpkg -x "$f" /; done
 ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
-.gpu/lenet devices > "$OUT/devices.txt" 2>&1
-.gpu/lenet bench > "$OUT/bench.txt" 2>&1
-.gpu/lenet bench --json 2>/dev/null | tail -1 > "$OUT/bench.json"
-# Process start to printed accuracy, and the training figures.
-start=$(date +%s.%N)
-.gpu/lenet train --backend gpu --epochs 10 --json > "$OUT/train.txt" 2> "$OUT/train.err"
-end=$(date +%s.%N)
-echo "process wall seconds: $(awk "BEGIN { print $end - $start }")" >> "$OUT/train.txt"
-tail -2 "$OUT/train.txt" | head -1 > "$OUT/train.json"
-cat "$OUT/gpu.txt" "$OUT/devices.txt" "$OUT/bench.txt" "$OUT/train.txt"
+tar -C .gpu -xzf .gpu/bundle.tgz
+export LENET_EXE=$PWD/.gpu/lenet LENET_REQUIRE_GPU=1
+L=.gpu/lenet
+
+# run NAME LIMIT_S COMMAND...: stdout to $W/NAME.out, stderr to $W/NAME.err, and a line of
+# "NAME exit-status wall-seconds" in $W/runs.txt.
+run() {
+    local name=$1 limit=$2
+    shift 2
+    local t0 t1 rc
+    t0=$(date +%s.%N)
+    timeout "$limit" "$@" > "$W/$name.out" 2> "$W/$name.err"
+    rc=$?
+    t1=$(date +%s.%N)
+    echo "$name $rc $(awk "BEGIN { printf \"%.3f\", $t1 - $t0 }")" >> "$W/runs.txt"
+    return $rc
+}
+
+# 1. The machine.
+run gpu 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+run devices 30 "$L" devices --json
+
+# 2. The tests, on this GPU.
+for t in .gpu/tests/*; do
+    run "test_$(basename "$t")" 240 "$t" --test-threads=8
+done
+
+# 3. Per-kernel figures, validated before they are timed.
+for b in 64 256 1024; do
+    LENET_KERNELS=v2 run "bench_v2_$b" 90 "$L" bench --backend gpu --batch "$b" --json
+done
+LENET_KERNELS=v1 run bench_v1_256 90 "$L" bench --backend gpu --batch 256 --json
+
+# 4. Training: the recipe's 10 epochs, process start to exit.
+LENET_KERNELS=v2 run train_v2_cold 120 "$L" train --backend gpu --epochs 10 --json
+LENET_KERNELS=v2 run train_v2_warm 120 "$L" train --backend gpu --epochs 10 --json
+LENET_KERNELS=v1 run train_v1 180 "$L" train --backend gpu --epochs 10 --json
+
+# 5. PyTorch on the same card: the recipe timed, and the parity run.
+run torch_recipe 120 python3 scripts/torch_reference.py --device cuda recipe --epochs 10 --seed 0
+run torch_init 60 python3 scripts/torch_reference.py init --save "$W/init.safetensors"
+LENET_KERNELS=v2 run parity_lenet 60 "$L" train --backend gpu --init "$W/init.safetensors" --no-shuffle \
+    --steps 20 --save "$W/lenet20.safetensors" --json
+run parity_torch 120 python3 scripts/torch_reference.py --device cuda train --init "$W/init.safetensors" \
+    --steps 20 --save "$W/torch20.safetensors"
+run parity_compare 60 python3 scripts/torch_reference.py compare "$W/lenet20.safetensors" "$W/torch20.safetensors"
+
+# The table, from the outputs.
+python3 - "$W" > "$W/summary.txt" 2>&1 <<'EOF'
+import json, os, sys
+w = sys.argv[1]
+runs = {}
+for line in open(os.path.join(w, "runs.txt")):
+    name, rc, s = line.split()
+    runs[name] = (int(rc), float(s))
+
+def text(name, ext="out"):
+    try:
+        return open(os.path.join(w, f"{name}.{ext}")).read()
+    except OSError:
+        return ""
+
+def doc(name):
+    try:
+        return json.loads(text(name).strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+print("card:", text("gpu").strip())
+print("\ntests (LENET_REQUIRE_GPU=1):")
+for name in sorted(n for n in runs if n.startswith("test_")):
+    results = [l for l in (text(name) + text(name, "err")).splitlines() if l.startswith("test result")]
+    print(f"  {name[5:]:<16} exit {runs[name][0]}  {results[-1] if results else 'no result line'}")
+print("\nbench (median us per call; step = the whole training step):")
+for name in [n for n in runs if n.startswith("bench_")]:
+    d = doc(name)
+    if d is None:
+        print(f"  {name}: exit {runs[name][0]}, no JSON ({text(name, 'err')[-200:]!r})")
+        continue
+    bad = [r["layer"] + " " + r["direction"] for r in d["rows"] if r["validated"] != "ok"]
+    step = [r for r in d["rows"] if r["layer"] == "step"]
+    step_us = step[0]["gpu_us"] if step else None
+    rows = ", ".join(f"{r['layer']} {r['direction']} {r['gpu_us']:.1f}" for r in d["rows"]
+                     if r["gpu_us"] is not None and r["layer"] != "step")
+    print(f"  {name}: dispatches {d['step_dispatches']}, step {step_us} us, timing {d['timing']}, "
+          f"failed validation: {bad or 'none'}")
+    print(f"    {rows}")
+print("\ntraining, 10 epochs (process wall seconds; train_seconds and accuracy from --json):")
+for name in ["train_v2_cold", "train_v2_warm", "train_v1"]:
+    d = doc(name)
+    rc, s = runs.get(name, (None, 0.0))
+    if d:
+        print(f"  {name:<14} exit {rc} wall {s:6.2f} s  train {d['train_seconds']:.3f} s  "
+              f"{d['images_per_s']:.0f} img/s  test accuracy {d['test_accuracy']}  submits {d['submits']} "
+              f"waits {d['host_waits']}")
+    else:
+        print(f"  {name:<14} exit {rc} wall {s:6.2f} s  {text(name, 'err')[-300:]!r}")
+print("\nPyTorch on this card:")
+print("  recipe:", " | ".join(text("torch_recipe").strip().splitlines()[-3:]))
+print("  parity (lenet GPU vs PyTorch CUDA, 20 steps):", text("parity_compare").strip()[-600:])
+print(f"\nelapsed {sum(s for _, s in runs.values()):.0f} s of commands")
+EOF
+cp "$W/summary.txt" "$OUT/summary.txt"
+tar -C "$W" -czf "$OUT/results.tgz" --exclude='*.safetensors' .
+cat "$W/summary.txt"
+echo "total $(( $(date +%s) - start )) s"

@@ -91,7 +91,7 @@ fn gpu_rows_all_present_validated_and_timed() {
 
 #[test]
 fn cli_bench_cpu_json_is_all_of_stdout_and_the_table_goes_to_stderr() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lenet"))
+    let out = std::process::Command::new(common::lenet_exe())
         .args(["bench", "--backend", "cpu", "--batch", "8", "--iters", "2", "--json"])
         .output()
         .unwrap();

@@ -1,11 +1,13 @@
 //! The `lenet` binary end to end, on the shipped MNIST: training reduces the loss, checkpoints
 //! round-trip through `eval` and `--resume`, and bad input gets one clear line and a non-zero exit.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn lenet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lenet")).args(args).output().expect("lenet runs")
+    Command::new(common::lenet_exe()).args(args).output().expect("lenet runs")
 }
 
 fn stdout(out: &Output) -> String {
@@ -559,7 +561,7 @@ fn wait_for(path: &Path, child: &mut std::process::Child) {
 }
 
 fn spawn_lenet(args: &[&str]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_lenet"))
+    Command::new(common::lenet_exe())
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -885,7 +887,7 @@ fn weights_from_a_fifo_or_a_pipe_never_hang_and_are_read_as_streams() {
         p(&ckpt),
         "--json",
     ])));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+    let mut child = Command::new(common::lenet_exe())
         .args(["eval", "--backend", "cpu", "--data", p(&data), "--weights", "/dev/stdin", "--json"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -1002,7 +1004,7 @@ fn json_fields(value: &serde_json::Value) -> std::collections::BTreeSet<String> 
 /// The fields the README lists for a document: the backticked paths (`rows[].layer`) in the
 /// first column of the table that follows the line `heading`.
 fn readme_fields(heading: &str) -> std::collections::BTreeSet<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = std::fs::read_to_string(common::repo_path("README.md")).unwrap();
     let after =
         readme.split_once(&format!("\n{heading}\n")).unwrap_or_else(|| panic!("no {heading:?} in README")).1;
     after
@@ -1111,7 +1113,7 @@ fn json_is_the_only_thing_on_stdout_in_every_subcommand() {
 
 /// Runs lenet with its stdout a pipe whose reader is already gone: every write gets EPIPE.
 fn with_closed_stdout(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+    let mut child = Command::new(common::lenet_exe())
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -1164,7 +1166,7 @@ fn a_closed_stdout_ends_quietly_in_every_subcommand() {
 #[test]
 fn a_stdout_that_fails_otherwise_is_one_error_line() {
     // A full disk (/dev/full: ENOSPC) is not a closed reader: the output is lost, so say so.
-    let out = Command::new(env!("CARGO_BIN_EXE_lenet"))
+    let out = Command::new(common::lenet_exe())
         .args(["completions", "zsh"])
         .stdout(std::fs::File::options().write(true).open("/dev/full").unwrap())
         .output()
@@ -1237,7 +1239,7 @@ fn the_bar_is_drawn_when_stderr_is_a_terminal_whatever_stdout_is() {
     // stderr a terminal, stdout a pipe (`lenet train --json | jq`): the bar, and clean JSON.
     let (master, slave) = open_pty();
     let reader = read_terminal(master);
-    let child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+    let child = Command::new(common::lenet_exe())
         .args(args)
         .env("TERM", "xterm")
         .stdout(std::process::Stdio::piped())
@@ -1258,7 +1260,7 @@ fn the_bar_is_drawn_when_stderr_is_a_terminal_whatever_stdout_is() {
     // stdout a terminal, stderr a pipe (a log file): plain lines, no bar.
     let (master, slave) = open_pty();
     let reader = read_terminal(master);
-    let child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+    let child = Command::new(common::lenet_exe())
         .args(args)
         .stdout(std::process::Stdio::from(slave))
         .stderr(std::process::Stdio::piped())
@@ -1280,7 +1282,7 @@ fn the_bar_is_drawn_when_stderr_is_a_terminal_whatever_stdout_is() {
     for term in [Some("dumb"), None] {
         let (master, slave) = open_pty();
         let reader = read_terminal(master);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lenet"));
+        let mut cmd = Command::new(common::lenet_exe());
         cmd.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::from(slave));
         match term {
             Some(t) => cmd.env("TERM", t),
@@ -1307,7 +1309,7 @@ fn a_terminal_gone_after_sighup_ends_with_129_not_a_panic() {
     let ckpt = dir.join("run.safetensors");
     let (master, slave) = open_pty();
     let slave_err = slave.try_clone().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lenet"))
+    let mut child = Command::new(common::lenet_exe())
         .args(["train", "--backend", "cpu", "--batch", "32", "--epochs", "50", "--eval-every", "0"])
         .args(["--save", p(&ckpt), "--checkpoint-every", "20"])
         // A terminal that draws the bar: the bar's writes fail too once it is gone.

@@ -126,7 +126,7 @@ fn mnist_digit(i: usize) -> &'static [u8] {
 }
 
 fn lenet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lenet")).args(args).output().expect("run lenet")
+    Command::new(common::lenet_exe()).args(args).output().expect("run lenet")
 }
 
 fn text(bytes: &[u8]) -> String {

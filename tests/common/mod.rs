@@ -2,6 +2,7 @@
 //! hand-made PNG files.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use lenet::gpu::GpuContext;
@@ -93,4 +94,22 @@ pub fn png(chunks: &[(&[u8], &[u8])]) -> Vec<u8> {
         out.extend(crc.sum().to_be_bytes());
     }
     out
+}
+
+/// The lenet binary: `LENET_EXE` when the tests run away from the tree they were built in (the
+/// device script carries them to another machine and sets it), else the one cargo built.
+pub fn lenet_exe() -> PathBuf {
+    std::env::var_os("LENET_EXE").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lenet")), PathBuf::from)
+}
+
+/// A file or folder of the source tree, `rel` from its root: found from the working directory
+/// when it is there (cargo, and the device script, run the tests from the root), else through
+/// the build machine's path.
+pub fn repo_path(rel: &str) -> PathBuf {
+    let here = PathBuf::from(rel);
+    if here.exists() {
+        here
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
 }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds, on this machine, everything scripts/device_run.sh needs on the lent GPU machine (which
+# has no Rust toolchain and no Vulkan loader) into .gpu/, a folder git ignores:
+#
+#   .gpu/bundle.tgz     lenet, the release binary, and tests/NAME, every integration test
+#                       executable, stripped and compressed (57 MB as they are; the tree that
+#                       travels may hold 64 MiB). The tests run from the repository root there:
+#                       they find data/, README.md and shaders/ from the working directory,
+#                       and the binary through LENET_EXE.
+#   .gpu/*.deb          the Vulkan and GL loader packages (../shared/gpu/debs)
+#
+# Then one device call, carrying [".gpu"]:  bash scripts/device_run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qxF '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
+
+# No debug info: the working tree that travels is at most 64 MiB.
+export CARGO_PROFILE_RELEASE_DEBUG=0
+rm -rf .gpu
+mkdir -p .gpu/tests
+cargo build --release --bin lenet
+cp target/release/lenet .gpu/lenet
+cargo test --release --no-run --message-format=json \
+    | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] \
+            and "test" in m["target"]["kind"]:
+        shutil.copy(m["executable"], ".gpu/tests/" + m["target"]["name"])
+'
+strip .gpu/lenet .gpu/tests/*
+tar -C .gpu -czf .gpu/bundle.tgz lenet tests
+rm -r .gpu/lenet .gpu/tests
+debs=../shared/gpu/debs
+if compgen -G "$debs/*.deb" > /dev/null; then
+    cp "$debs"/*.deb .gpu/
+else
+    echo "warning: no loader packages in $debs (the device has no libvulkan without them)" >&2
+fi
+tar -tzf .gpu/bundle.tgz | tr '\n' ' '; echo
+du -sh .gpu
+size=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+echo "tracked files: $((size / 1048576)) MiB; with .gpu/: $(( (size + $(du -sb .gpu | cut -f1)) / 1048576 )) MiB of the 64 MiB that travel"
