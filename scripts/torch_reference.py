@@ -19,6 +19,9 @@
     # a recipe with the second-round options, e.g. OneCycle to 4e-3, batch 128, shifts of 2 pixels
     python3 scripts/torch_reference.py recipe --epochs 5 --batch 128 --lr 4e-3 --lr-schedule onecycle \\
         --augment-shift 2 --val 5000
+    # time to 99% test accuracy
+    python3 scripts/torch_reference.py recipe --epochs 2 --batch 64 --lr 4e-3 --lr-schedule onecycle \\
+        --augment-shift 1 --until 99
 
     # PyTorch's CPU training speed at batch 256 (images/s)
     python3 scripts/torch_reference.py speed
@@ -28,6 +31,10 @@
 
     # the fixtures of tests/schedule.rs and tests/augment.rs
     python3 scripts/torch_reference.py fixtures tests/fixtures
+
+    # the fixtures of tests/torch_parity.rs: per-step losses and lrs of lenet's --no-shuffle runs
+    # from tests/fixtures/parity_init.safetensors, for each optimizer and schedule
+    python3 scripts/torch_reference.py parity-fixtures tests/fixtures
 
 `recipe` shuffles with torch.randperm, not with lenet's generator, so it reproduces accuracy
 figures, not lenet's batches; `train` takes lenet's --no-shuffle batches and is the bit-level twin.
@@ -265,7 +272,9 @@ def evaluate(args):
 
 def recipe(args):
     """Shuffled epochs (torch.randperm), evaluated after each: on the test set, or with --val on
-    the held-out images and on the test set once at the end."""
+    the held-out images and on the test set once at the end. Seconds are training time, the
+    evaluations left out (as lenet's train_seconds). --until stops at the first evaluation that
+    reaches it, as lenet's does."""
     check_options(args)
     torch.manual_seed(args.seed)
     model = LeNet5()
@@ -275,8 +284,10 @@ def recipe(args):
     b = args.batch
     steps_per_epoch = len(labels) // b
     sched = make_schedule(opt, args.lr_schedule, args.lr, args.epochs * steps_per_epoch)
-    start = time.perf_counter()
+    until = None if args.until is None else (args.until / 100 if args.until > 1 else args.until)
+    seconds = 0.0
     for epoch in range(args.epochs):
+        start = time.perf_counter()
         perm = torch.randperm(len(labels))
         for i in range(steps_per_epoch):
             idx = perm[i * b:(i + 1) * b]
@@ -287,14 +298,17 @@ def recipe(args):
             opt.step()
             if sched is not None:
                 sched.step()
-        seconds = time.perf_counter() - start
+        seconds += time.perf_counter() - start
         if val is None:
             _, accuracy = evaluate_on(model, *test)
-            print(f"epoch {epoch + 1}: test accuracy {100 * accuracy:.2f}%", flush=True)
+            print(f"epoch {epoch + 1}: test accuracy {100 * accuracy:.2f}% ({seconds:.1f} s)", flush=True)
         else:
-            val_loss, val_accuracy = evaluate_on(model, *val)
-            print(f"epoch {epoch + 1}: validation loss {val_loss:.4f} accuracy {100 * val_accuracy:.2f}% "
+            val_loss, accuracy = evaluate_on(model, *val)
+            print(f"epoch {epoch + 1}: validation loss {val_loss:.4f} accuracy {100 * accuracy:.2f}% "
                   f"({seconds:.1f} s)", flush=True)
+        if until is not None and accuracy >= until:
+            print(f"reached {100 * until:.2f}% after epoch {epoch + 1}, {seconds:.1f} s of training")
+            break
     if val is not None:
         test_loss, test_accuracy = evaluate_on(model, *test)
         print(f"test loss {test_loss:.4f} accuracy {100 * test_accuracy:.2f}%")
@@ -534,6 +548,8 @@ def main():
     c.add_argument("b")
     r = sub.add_parser("recipe", help="the default recipe with shuffling, test accuracy per epoch")
     r.add_argument("--epochs", type=int, default=1)
+    r.add_argument("--until", type=float, default=None, metavar="ACC",
+                   help="stop at the first evaluation reaching ACC (99 or 0.99)")
     add_training_options(r, 1e-3)
     s = sub.add_parser("speed")
     s.add_argument("--batch", type=int, default=256)

@@ -386,6 +386,10 @@ pub fn train(
         }
         Ok(()) => {}
     }
+    let interrupted = run.stop == Some(StopReason::Signal);
+    if interrupted {
+        run.stopped_at = Some(run.point(state));
+    }
     // Saved before the interrupted run's evaluation: a second signal during it loses nothing.
     match &cfg.save {
         Some(path) => save_trained(backend, state, path)?,
@@ -393,12 +397,8 @@ pub fn train(
     }
     // An interrupted run is scored on the test set as it stands (not logged: a resumed run
     // continues the log, and the whole run has no evaluation here).
-    let interrupted = run.stop == Some(StopReason::Signal);
     if interrupted && (validation.is_some() || run.last_eval.is_none()) && !mnist.test.is_empty() {
         run.last_eval = Some(evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels));
-    }
-    if interrupted {
-        run.stopped_at = Some(run.point(state));
     }
     let steps = state.step - start_step;
     // The loss of the last epoch, or of the last 50 steps when the run was shorter.
