@@ -19,6 +19,9 @@
     # a recipe with the second-round options, e.g. OneCycle to 4e-3, batch 128, shifts of 2 pixels
     python3 scripts/torch_reference.py recipe --epochs 5 --batch 128 --lr 4e-3 --lr-schedule onecycle \\
         --augment-shift 2 --val 5000
+    # time to 99% test accuracy
+    python3 scripts/torch_reference.py recipe --epochs 2 --batch 64 --lr 4e-3 --lr-schedule onecycle \\
+        --augment-shift 1 --until 99
 
     # PyTorch's CPU training speed at batch 256 (images/s)
     python3 scripts/torch_reference.py speed
@@ -28,6 +31,10 @@
 
     # the fixtures of tests/schedule.rs and tests/augment.rs
     python3 scripts/torch_reference.py fixtures tests/fixtures
+
+    # the fixtures of tests/torch_parity.rs: per-step losses and lrs of lenet's --no-shuffle runs
+    # from tests/fixtures/parity_init.safetensors, for each optimizer and schedule
+    python3 scripts/torch_reference.py parity-fixtures tests/fixtures
 
 `recipe` shuffles with torch.randperm, not with lenet's generator, so it reproduces accuracy
 figures, not lenet's batches; `train` takes lenet's --no-shuffle batches and is the bit-level twin.
@@ -89,9 +96,13 @@ def mnist(split):
     return images, labels
 
 
-def train_val_split(val):
-    """lenet's --val N: the last N training images are held out for validation."""
+def train_val_split(val, train_images=None):
+    """lenet's --val N: the last N training images are held out for validation. train_images
+    keeps only the first that many images of the training file (as a --data directory holding
+    them would)."""
     images, labels = mnist("train")
+    if train_images is not None:
+        images, labels = images[:train_images], labels[:train_images]
     if val is None:
         return images, labels, None
     if not 0 < val < len(labels):
@@ -175,7 +186,7 @@ def shift_batch_by(x, offsets):
 
 def make_optimizer(params, args):
     if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+        return torch.optim.Adam(params, lr=args.lr)
     return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                            weight_decay=args.weight_decay)
 
@@ -190,8 +201,8 @@ def make_schedule(opt, schedule, lr, total_steps):
 
 
 def check_options(args):
-    if args.optimizer != "sgd" and (args.momentum != 0 or args.nesterov):
-        raise SystemExit("error: --momentum and --nesterov are SGD's (add --optimizer sgd)")
+    if args.optimizer != "sgd" and (args.momentum != 0 or args.nesterov or args.weight_decay != 0):
+        raise SystemExit("error: --momentum, --nesterov and --weight-decay are SGD's (add --optimizer sgd)")
     if args.nesterov and args.momentum <= 0:
         raise SystemExit("error: --nesterov needs --momentum above 0 (torch.optim.SGD's rule)")
     if args.augment_shift < 0 or args.augment_shift >= SIDE:
@@ -206,15 +217,18 @@ def evaluate_on(model, images, labels):
     return loss, accuracy
 
 
-def train(args):
-    """lenet's --no-shuffle parity run: batch i of an epoch is samples i*B .. (i+1)*B."""
+def parity_run(args):
+    """lenet's --no-shuffle run from --init: batch i of an epoch is samples i*B .. (i+1)*B of the
+    training images (after --val holds out the last ones), shifted by lenet's draw. Returns the
+    model, each step's (loss, lr) and each epoch end's validation (step, loss, accuracy)."""
     check_options(args)
     model = model_from(args.init)
     opt = make_optimizer(model.parameters(), args)
     sched = make_schedule(opt, args.lr_schedule, args.lr, args.steps)
-    images, labels, val = train_val_split(args.val)
+    images, labels, val = train_val_split(args.val, args.train_images)
     b = args.batch
     steps_per_epoch = len(labels) // b
+    steps, validations = [], []
     for step in range(args.steps):
         epoch, i = divmod(step, steps_per_epoch)
         x = shift_batch(images[i * b:(i + 1) * b], args.seed, epoch, i * b, args.augment_shift)
@@ -225,12 +239,22 @@ def train(args):
         opt.step()
         if sched is not None:
             sched.step()
+        steps.append((loss.item(), lr))
+        # lenet evaluates after each epoch and after the run's last step.
+        if val is not None and (i == steps_per_epoch - 1 or step + 1 == args.steps):
+            validations.append((step + 1, *evaluate_on(model, *val)))
+    return model, steps, validations
+
+
+def train(args):
+    model, steps, validations = parity_run(args)
+    for n, (loss, lr) in enumerate(steps, 1):
         # The lr is printed only where a schedule moves it, so the default lines stay as they were.
-        print(f"step {step + 1} loss {loss.item():.6f}" + (f" lr {lr!r}" if sched else ""))
-        if val is not None and i == steps_per_epoch - 1:
-            val_loss, val_accuracy = evaluate_on(model, *val)
-            print(f"epoch {epoch + 1}: validation loss {val_loss:.4f} accuracy {100 * val_accuracy:.2f}%")
-    if val is not None:
+        print(f"step {n} loss {loss:.6f}" + (f" lr {lr!r}" if args.lr_schedule != "constant" else ""))
+        for step, val_loss, val_accuracy in validations:
+            if step == n:
+                print(f"after step {n}: validation loss {val_loss:.6f} accuracy {100 * val_accuracy:.2f}%")
+    if args.val is not None:
         test_loss, test_accuracy = evaluate_on(model, *mnist("test"))
         print(f"test loss {test_loss:.4f} accuracy {100 * test_accuracy:.2f}%")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.save)
@@ -248,7 +272,9 @@ def evaluate(args):
 
 def recipe(args):
     """Shuffled epochs (torch.randperm), evaluated after each: on the test set, or with --val on
-    the held-out images and on the test set once at the end."""
+    the held-out images and on the test set once at the end. Seconds are training time, the
+    evaluations left out (as lenet's train_seconds). --until stops at the first evaluation that
+    reaches it, as lenet's does."""
     check_options(args)
     torch.manual_seed(args.seed)
     model = LeNet5()
@@ -258,8 +284,10 @@ def recipe(args):
     b = args.batch
     steps_per_epoch = len(labels) // b
     sched = make_schedule(opt, args.lr_schedule, args.lr, args.epochs * steps_per_epoch)
-    start = time.perf_counter()
+    until = None if args.until is None else (args.until / 100 if args.until > 1 else args.until)
+    seconds = 0.0
     for epoch in range(args.epochs):
+        start = time.perf_counter()
         perm = torch.randperm(len(labels))
         for i in range(steps_per_epoch):
             idx = perm[i * b:(i + 1) * b]
@@ -270,14 +298,17 @@ def recipe(args):
             opt.step()
             if sched is not None:
                 sched.step()
-        seconds = time.perf_counter() - start
+        seconds += time.perf_counter() - start
         if val is None:
             _, accuracy = evaluate_on(model, *test)
-            print(f"epoch {epoch + 1}: test accuracy {100 * accuracy:.2f}%", flush=True)
+            print(f"epoch {epoch + 1}: test accuracy {100 * accuracy:.2f}% ({seconds:.1f} s)", flush=True)
         else:
-            val_loss, val_accuracy = evaluate_on(model, *val)
-            print(f"epoch {epoch + 1}: validation loss {val_loss:.4f} accuracy {100 * val_accuracy:.2f}% "
+            val_loss, accuracy = evaluate_on(model, *val)
+            print(f"epoch {epoch + 1}: validation loss {val_loss:.4f} accuracy {100 * accuracy:.2f}% "
                   f"({seconds:.1f} s)", flush=True)
+        if until is not None and accuracy >= until:
+            print(f"reached {100 * until:.2f}% after epoch {epoch + 1}, {seconds:.1f} s of training")
+            break
     if val is not None:
         test_loss, test_accuracy = evaluate_on(model, *test)
         print(f"test loss {test_loss:.4f} accuracy {100 * test_accuracy:.2f}%")
@@ -437,13 +468,61 @@ def fixtures(args):
     print(f"wrote {len(traces)} schedules and {len(draws)} shift draws to {args.dir}")
 
 
+# The --no-shuffle runs tests/torch_parity.rs repeats with lenet, on both paths: each optimizer
+# and schedule, the shift augmentation and a validation split, at batch 32 on the first 2,000
+# training images (so that lavapipe runs them in seconds). (name, steps, lenet train's options).
+PARITY_TRAIN_IMAGES = 2000
+PARITY_BATCH = 32
+PARITY_CASES = [
+    ("adam-constant", 30, []),
+    ("adam-cosine", 30, ["--lr", "3e-3", "--lr-schedule", "cosine"]),
+    ("adam-onecycle-shift2", 30, ["--lr", "4e-3", "--lr-schedule", "onecycle", "--augment-shift", "2"]),
+    ("sgd-plain", 30, ["--optimizer", "sgd", "--lr", "0.1"]),
+    ("sgd-nesterov-onecycle", 30, ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--nesterov",
+                                   "--weight-decay", "5e-4", "--lr-schedule", "onecycle"]),
+    # 1,000 images held out: 31 steps an epoch, so the run crosses into a second epoch (new shifts)
+    # after an evaluation on the held-out images.
+    ("sgd-momentum-cosine-val-shift1", 40, ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9",
+                                            "--lr-schedule", "cosine", "--augment-shift", "1", "--val", "1000"]),
+]
+
+
+def parity_fixtures(args):
+    """tests/fixtures/parity_init.safetensors (PyTorch's default initialisation, seed 0) and
+    tests/fixtures/parity.json: each case's per-step losses and learning rates and its validations."""
+    os.makedirs(args.dir, exist_ok=True)
+    init = os.path.join(args.dir, "parity_init.safetensors")
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in LeNet5().state_dict().items()}, init)
+    parser = argparse.ArgumentParser()
+    add_training_options(parser, 1e-3)
+    cases = []
+    for name, steps, options in PARITY_CASES:
+        run = parser.parse_args(options)
+        run.init, run.steps, run.batch, run.train_images = init, steps, PARITY_BATCH, PARITY_TRAIN_IMAGES
+        _, per_step, validations = parity_run(run)
+        cases.append(json.dumps({
+            "name": name, "options": options, "steps": steps,
+            # loss.item() of a float32 loss: exact as a Python float.
+            "losses": [loss for loss, _ in per_step],
+            # As bit patterns: a decimal read back by another parser may land one ulp away.
+            "lr_bits": [f64_bits(lr) for _, lr in per_step],
+            "validations": [{"step": s, "loss": l, "accuracy": a} for s, l, a in validations],
+        }))
+    with open(os.path.join(args.dir, "parity.json"), "w") as f:
+        f.write(json.dumps({"generated_by": "scripts/torch_reference.py parity-fixtures", "torch": torch.__version__,
+                            "train_images": PARITY_TRAIN_IMAGES, "batch": PARITY_BATCH, "seed": 0})[:-1])
+        f.write(', "cases": [\n' + ",\n".join(cases) + "\n]}\n")
+    print(f"wrote {init} and {len(cases)} parity cases to {args.dir}/parity.json")
+
+
 def add_training_options(p, default_lr):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=default_lr, help="the peak of a schedule")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD's")
     p.add_argument("--nesterov", action="store_true", help="SGD's")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="torch.optim's L2 term (both optimizers)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD's L2 term (lenet's Adam has none)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine", "onecycle"], default="constant")
     p.add_argument("--augment-shift", type=int, default=0, metavar="P",
                    help="shift each training image by up to P whole pixels on each axis")
@@ -459,6 +538,8 @@ def main():
     t.add_argument("--init", required=True)
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--save", required=True)
+    t.add_argument("--train-images", type=int, default=None, metavar="T",
+                   help="train on the first T images of the training file only (then --val holds out its last N)")
     add_training_options(t, 1e-3)
     e = sub.add_parser("eval")
     e.add_argument("--weights", required=True)
@@ -467,6 +548,8 @@ def main():
     c.add_argument("b")
     r = sub.add_parser("recipe", help="the default recipe with shuffling, test accuracy per epoch")
     r.add_argument("--epochs", type=int, default=1)
+    r.add_argument("--until", type=float, default=None, metavar="ACC",
+                   help="stop at the first evaluation reaching ACC (99 or 0.99)")
     add_training_options(r, 1e-3)
     s = sub.add_parser("speed")
     s.add_argument("--batch", type=int, default=256)
@@ -478,9 +561,11 @@ def main():
     h.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     x = sub.add_parser("fixtures", help="write tests/fixtures/{schedules,augment_shifts}.json")
     x.add_argument("dir")
+    q = sub.add_parser("parity-fixtures", help="write tests/fixtures/parity.json and its initial weights")
+    q.add_argument("dir")
     args = p.parse_args()
     {"train": train, "eval": evaluate, "compare": compare, "recipe": recipe, "speed": speed,
-     "schedule": schedule, "fixtures": fixtures}[args.cmd](args)
+     "schedule": schedule, "fixtures": fixtures, "parity-fixtures": parity_fixtures}[args.cmd](args)
 
 
 if __name__ == "__main__":

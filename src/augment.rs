@@ -32,6 +32,9 @@ const WEYL_INCREMENT: u32 = 0x9E37_79B9;
 /// more leave nothing of a 28x28 image; the command line is the place to refuse them.
 pub const MAX_DRAWABLE_SHIFT: u32 = (1 << 31) - 1;
 
+/// The largest `--augment-shift`: a shift of 28 pixels or more leaves nothing of a 28x28 image.
+pub const MAX_AUGMENT_SHIFT: u32 = 27;
+
 /// A bijective 32-bit finaliser: xorshift-multiply twice (the constants are Chris Wellons'
 /// hash-prospector's low-bias pair), so that every input bit reaches every output bit.
 pub fn mix32(mut x: u32) -> u32 {
@@ -74,6 +77,22 @@ pub fn shift_from_key(key: u32, position: u32, max_shift: u32) -> (i32, i32) {
 /// epoch `epoch` (0-based) of a run seeded with `seed`, each coordinate in [-max_shift, max_shift].
 pub fn shift_for(seed: u64, epoch: u64, position: u32, max_shift: u32) -> (i32, i32) {
     shift_from_key(epoch_key(seed, epoch), position, max_shift)
+}
+
+/// The (dx, dy) pairs, flat as [`crate::backend::Chunk::shifts`] holds them, of the `count` images
+/// at positions `first..first + count` of epoch `epoch`'s order.
+pub fn shifts_for_positions(seed: u64, epoch: u64, first: usize, count: usize, max_shift: u32) -> Vec<i32> {
+    if max_shift == 0 {
+        return vec![0; 2 * count];
+    }
+    let key = epoch_key(seed, epoch);
+    let position = |i: usize| u32::try_from(first + i).expect("an epoch has fewer than 2^32 images");
+    (0..count)
+        .flat_map(|i| {
+            let (dx, dy) = shift_from_key(key, position(i), max_shift);
+            [dx, dy]
+        })
+        .collect()
 }
 
 /// A value uniform in 0..n from uniform 32-bit words: the first word below the largest multiple

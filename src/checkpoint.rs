@@ -5,8 +5,11 @@
 //! state, for `--resume`, lives in the same file as `<state name>.<name>` (`adam.m.<name>` and
 //! `adam.v.<name>` for Adam, `sgd.momentum.<name>` for SGD), and the step count, epoch position,
 //! seed, batch, shuffle flag and the optimizer's settings in the file's string metadata (files
-//! written before SGD existed have no `optimizer` key: they are Adam). A file with only the ten
-//! model tensors is valid (no optimiser state).
+//! written before SGD existed have no `optimizer` key: they are Adam). The second round's options
+//! add keys only where they are used (`lr_schedule` and `schedule_steps`, `augment_shift`,
+//! `validation` and the validation record: `best_val_loss`, `evals_since_best_val_loss`,
+//! `best_val_accuracy`, `best_val_step`); a file without them has the contract's recipe. A file
+//! with only the ten model tensors is valid (no optimiser state).
 //!
 //! Writes are atomic: a temp file in the target's directory is written and fsynced, then renamed
 //! over the target, then the directory is fsynced. A failed save leaves an existing file as it was.
@@ -21,9 +24,11 @@ use std::time::SystemTime;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use crate::model::{param_specs, Params, TrainState};
+use crate::augment::MAX_AUGMENT_SHIFT;
+use crate::model::{param_specs, Params, TrainState, ValidationRecord};
 use crate::optim::{Optimizer, OptimizerKind, Sgd};
 use crate::paths::{open_input, parent_dir};
+use crate::schedule::LrSchedule;
 
 /// The value of the `format` metadata key in files this crate writes.
 pub const FORMAT_TAG: &str = "lenet-wgpu-checkpoint-v1";
@@ -106,7 +111,87 @@ pub fn save_checkpoint(path: &Path, state: &TrainState) -> Result<(), Checkpoint
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     meta.extend(state.optimizer.metadata().into_iter().map(|(k, v)| (k.to_string(), v)));
+    meta.extend(recipe_metadata(state).into_iter().map(|(k, v)| (k.to_string(), v)));
     write_tensors(path, tensors, meta)
+}
+
+/// The metadata of the second round's options: each key only where its option is used, so a run
+/// with the contract's recipe writes the same file as before they existed, and files from before
+/// read back with the defaults. f64 values are written as Rust prints them: the shortest decimal
+/// that parses back to the same bits.
+fn recipe_metadata(state: &TrainState) -> Vec<(&'static str, String)> {
+    let mut meta = Vec::new();
+    if state.schedule != LrSchedule::Constant {
+        meta.push(("lr_schedule", state.schedule.name().to_string()));
+        meta.push(("schedule_steps", state.schedule_steps.to_string()));
+    }
+    if state.augment_shift > 0 {
+        meta.push(("augment_shift", state.augment_shift.to_string()));
+    }
+    if state.validation > 0 {
+        let r = &state.record;
+        meta.push(("validation", state.validation.to_string()));
+        meta.push(("evals_since_best_val_loss", r.evals_since_best_loss.to_string()));
+        if let Some(loss) = r.best_loss {
+            meta.push(("best_val_loss", loss.to_string()));
+        }
+        if let Some((accuracy, step)) = r.best_accuracy {
+            meta.push(("best_val_accuracy", accuracy.to_string()));
+            meta.push(("best_val_step", step.to_string()));
+        }
+    }
+    meta
+}
+
+/// The inverse of [`recipe_metadata`], with the bounds the command line puts on each value.
+fn read_recipe_metadata(
+    meta: &HashMap<String, String>,
+    step: u64,
+) -> Result<(LrSchedule, u64, u32, usize, ValidationRecord), String> {
+    let int = |key: &str| -> Result<Option<u64>, String> {
+        meta.get(key)
+            .map(|v| v.parse::<u64>().map_err(|_| format!("{key} = {v:?} is not a non-negative integer")))
+            .transpose()
+    };
+    let float = |key: &str| -> Result<Option<f64>, String> {
+        meta.get(key)
+            .map(|v| match v.parse::<f64>() {
+                Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+                _ => Err(format!("{key} = {v:?} is not a finite number >= 0")),
+            })
+            .transpose()
+    };
+    let schedule = match meta.get("lr_schedule") {
+        None => LrSchedule::Constant,
+        Some(name) => name.parse::<LrSchedule>().map_err(|e| e.to_string())?,
+    };
+    let schedule_steps = int("schedule_steps")?.unwrap_or(0);
+    if schedule != LrSchedule::Constant && schedule_steps < step {
+        return Err(format!(
+            "step {step} is past the end of its {schedule} schedule of {schedule_steps} steps"
+        ));
+    }
+    let augment_shift = match int("augment_shift")?.unwrap_or(0) {
+        p if p <= MAX_AUGMENT_SHIFT as u64 => p as u32,
+        p => return Err(format!("augment_shift = {p} is above {MAX_AUGMENT_SHIFT}")),
+    };
+    let validation =
+        usize::try_from(int("validation")?.unwrap_or(0)).map_err(|_| "validation is too large")?;
+    let best_accuracy =
+        match (float("best_val_accuracy")?, int("best_val_step")?) {
+            (Some(a), Some(s)) if a <= 1.0 && s <= step => Some((a, s)),
+            (None, None) => None,
+            _ => return Err(
+                "best_val_accuracy and best_val_step must be given together, within 0..1 and the steps taken"
+                    .into(),
+            ),
+        };
+    let record = ValidationRecord {
+        best_loss: float("best_val_loss")?,
+        evals_since_best_loss: int("evals_since_best_val_loss")?.unwrap_or(0),
+        best_accuracy,
+    };
+    Ok((schedule, schedule_steps, augment_shift, validation, record))
 }
 
 /// Saves only the ten model tensors (a valid `--init` / `eval` input), atomically.
@@ -219,6 +304,8 @@ pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
         .iter()
         .map(|name| read_params(path, &st, &format!("{name}.")))
         .collect::<Result<Vec<_>, _>>()?;
+    let (schedule, schedule_steps, augment_shift, validation, record) =
+        read_recipe_metadata(meta, step).map_err(bad)?;
     let state = TrainState {
         params: params.clone(),
         optimizer,
@@ -229,6 +316,11 @@ pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
         seed: int("seed")?,
         batch,
         shuffle,
+        schedule,
+        schedule_steps,
+        augment_shift,
+        validation,
+        record,
     };
     Ok(Checkpoint { params, state: Some(state) })
 }

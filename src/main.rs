@@ -12,15 +12,17 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use cli_output::{notice, Output};
 
+use lenet::augment::MAX_AUGMENT_SHIFT;
 use lenet::backend::{no_training_data, open_backend};
 use lenet::checkpoint::load_checkpoint;
 use lenet::data::{default_data_dir, find_split, load_mnist_test, load_split, Mnist, Split, SplitFiles};
 use lenet::gpu::context::{choose_adapter, AdapterSummary};
 use lenet::model::{Params, TrainState};
-use lenet::optim::Optimizer;
+use lenet::optim::{Adam, Optimizer, OptimizerKind, Sgd};
 use lenet::paths::{check_run_paths, InputPath, OutputKind, OutputPath};
+use lenet::schedule::LrSchedule;
 use lenet::signals::install_stop_handlers;
-use lenet::train::{error_line, evaluate_logits, Evaluation, TrainConfig};
+use lenet::train::{error_line, evaluate_logits, split_validation, Evaluation, StopReason, TrainConfig};
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +38,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train LeNet-5 on MNIST.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Accuracy, loss and confusion matrix of a checkpoint on the MNIST test set.
     Eval(EvalArgs),
     /// Classify digit images (PNG or PGM, any size).
@@ -88,19 +90,56 @@ struct TrainArgs {
     data: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
-    /// Epochs to train (a resumed run's unfinished epoch counts as one).
-    #[arg(long, default_value_t = 10)]
-    epochs: u64,
+    /// Epochs to train (a resumed run's unfinished epoch counts as one) [default: 10; a resumed
+    /// run with a cosine or onecycle schedule: to the schedule's end]
+    #[arg(long)]
+    epochs: Option<u64>,
     /// Stop after this many optimiser steps (overrides --epochs).
     #[arg(long)]
     steps: Option<u64>,
     /// Images per step [default: 256, or the resumed checkpoint's].
     #[arg(long)]
     batch: Option<usize>,
-    /// Adam's learning rate [default: 1e-3, or the resumed checkpoint's].
+    /// Learning rate, the peak of --lr-schedule [default: 1e-3, or the resumed checkpoint's].
     #[arg(long, allow_negative_numbers = true)]
-    lr: Option<f32>,
-    /// Seed of the initialisation and of the shuffling [default: 0, or the resumed checkpoint's].
+    lr: Option<f64>,
+    /// How the learning rate moves over the run, stepped after every step: as PyTorch's
+    /// CosineAnnealingLR or OneCycleLR (which also cycles Adam's beta1 or SGD's momentum)
+    /// [default: constant, or the resumed checkpoint's]
+    #[arg(long, value_enum, value_name = "SCHEDULE")]
+    lr_schedule: Option<LrSchedule>,
+    /// The optimizer, as torch.optim's [default: adam, or the resumed checkpoint's]
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerChoice>,
+    /// SGD's momentum [default: 0]
+    #[arg(long, allow_negative_numbers = true)]
+    momentum: Option<f64>,
+    /// SGD with Nesterov momentum (needs --momentum above 0).
+    #[arg(long)]
+    nesterov: bool,
+    /// SGD's L2 penalty, added to the gradient as torch.optim.SGD does [default: 0]
+    #[arg(long, allow_negative_numbers = true)]
+    weight_decay: Option<f64>,
+    /// Move each training image by a random whole-pixel offset in [-P, P] on each axis,
+    /// zero-filled, drawn from the seed (the same on the CPU and the GPU) [default: 0]
+    #[arg(long, value_name = "P")]
+    augment_shift: Option<u32>,
+    /// Hold out the last N training images: evaluate on them after each epoch, and on the test
+    /// set once at the end.
+    #[arg(long, value_name = "N")]
+    val: Option<usize>,
+    /// Keep the checkpoint with the best validation accuracy here (atomically; needs --val).
+    #[arg(long, value_name = "FILE")]
+    save_best: Option<PathBuf>,
+    /// Stop when the validation loss has not improved for N evaluations (needs --val).
+    #[arg(long, value_name = "N")]
+    patience: Option<u64>,
+    /// Stop at the first evaluation (validation, or test without --val) reaching this accuracy:
+    /// a percentage (99.2 or 99.2%) or a fraction (0.992).
+    #[arg(long, value_name = "ACC", value_parser = parse_accuracy)]
+    until: Option<f64>,
+    /// Seed of the initialisation, the shuffling and the shifts [default: 0, or the resumed
+    /// checkpoint's].
     #[arg(long)]
     seed: Option<u64>,
     /// Visit the training images in file order.
@@ -109,7 +148,8 @@ struct TrainArgs {
     /// Start from these weights (a checkpoint or a file with the ten model tensors).
     #[arg(long, conflicts_with = "resume")]
     init: Option<PathBuf>,
-    /// Continue the run saved in this checkpoint exactly (weights, Adam state, position).
+    /// Continue the run saved in this checkpoint exactly (weights, optimizer state, position,
+    /// schedule, validation record) with its settings.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Write the final checkpoint here (atomically; also on Ctrl-C, SIGTERM, SIGHUP, an error
@@ -119,20 +159,42 @@ struct TrainArgs {
     /// Also save to --save every N steps.
     #[arg(long, default_value_t = 0, requires = "save")]
     checkpoint_every: u64,
-    /// Evaluate on the test set every N epochs (0: only at the end).
+    /// Evaluate every N epochs (0: only at the end), on the --val images or else the test set.
     #[arg(long, default_value_t = 1)]
     eval_every: u64,
-    /// Write one CSV row per step and per evaluation here (a resumed run continues it from the
-    /// checkpoint's step).
+    /// Write one CSV row per step and per evaluation here (columns: kind, step, epoch, seconds,
+    /// lr, loss, accuracy; a resumed run continues it from the checkpoint's step).
     #[arg(long)]
     metrics: Option<PathBuf>,
-    /// Draw the training curves into this SVG file.
+    /// Draw the training curves (loss, accuracy, learning rate) into this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Print the report as one JSON document on stdout (fields: see README); the epoch lines
     /// and the summary go to stderr.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OptimizerChoice {
+    /// torch.optim.Adam (betas 0.9/0.999, eps 1e-8).
+    Adam,
+    /// torch.optim.SGD (--momentum, --nesterov, --weight-decay).
+    Sgd,
+}
+
+/// `--until`: "99.2", "99.2%" (percent) or "0.992" (a fraction: values up to 1), as a fraction.
+fn parse_accuracy(text: &str) -> Result<f64, String> {
+    let (number, percent) = match text.strip_suffix('%') {
+        Some(n) => (n, true),
+        None => (text, false),
+    };
+    let value: f64 = number.trim().parse().map_err(|_| format!("{text:?} is not a number"))?;
+    let fraction = if percent || value > 1.0 { value / 100.0 } else { value };
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(format!("{text} is not an accuracy between 0 and 100%"));
+    }
+    Ok(fraction)
 }
 
 #[derive(Args)]
@@ -243,7 +305,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => train(args),
+        Command::Train(args) => train(*args),
         Command::Eval(args) => eval(args),
         Command::Predict(args) => predict(args),
         Command::Bench(args) => bench(args),
@@ -285,6 +347,7 @@ fn check_train_paths(args: &TrainArgs, train_files: &SplitFiles, test_files: &Sp
     }
     let outputs: Vec<OutputPath> = [
         ("--save", &args.save, OutputKind::Checkpoint),
+        ("--save-best", &args.save_best, OutputKind::BestCheckpoint),
         ("--metrics", &args.metrics, OutputKind::Metrics),
         ("--plot", &args.plot, OutputKind::Plot),
     ]
@@ -297,8 +360,73 @@ fn check_train_paths(args: &TrainArgs, train_files: &SplitFiles, test_files: &Sp
     Ok(())
 }
 
+/// The optimizer the options describe, on top of `base` (the default, or a resumed run's).
+fn optimizer_from_args(args: &TrainArgs, base: Optimizer) -> Result<Optimizer> {
+    let sgd_options = args.momentum.is_some() || args.nesterov || args.weight_decay.is_some();
+    let choice = match (args.optimizer, base.kind) {
+        (Some(choice), _) => choice,
+        (None, OptimizerKind::Adam(_)) => OptimizerChoice::Adam,
+        (None, OptimizerKind::Sgd(_)) => OptimizerChoice::Sgd,
+    };
+    let kind = match (choice, base.kind) {
+        (OptimizerChoice::Adam, _) if sgd_options => {
+            bail!("--momentum, --nesterov and --weight-decay are SGD's settings (lenet's Adam has none); use --optimizer sgd")
+        }
+        (OptimizerChoice::Adam, OptimizerKind::Adam(adam)) => OptimizerKind::Adam(adam),
+        (OptimizerChoice::Adam, _) => OptimizerKind::Adam(Adam::default()),
+        (OptimizerChoice::Sgd, base_kind) => {
+            let base_sgd = match base_kind {
+                OptimizerKind::Sgd(sgd) => sgd,
+                OptimizerKind::Adam(_) => Sgd::default(),
+            };
+            OptimizerKind::Sgd(Sgd {
+                momentum: args.momentum.unwrap_or(base_sgd.momentum),
+                nesterov: args.nesterov || base_sgd.nesterov,
+                weight_decay: args.weight_decay.unwrap_or(base_sgd.weight_decay),
+            })
+        }
+    };
+    if let OptimizerKind::Sgd(sgd) = kind {
+        if !(sgd.momentum.is_finite() && sgd.momentum >= 0.0) {
+            bail!("--momentum {} must be a finite number >= 0", sgd.momentum);
+        }
+        if !(sgd.weight_decay.is_finite() && sgd.weight_decay >= 0.0) {
+            bail!("--weight-decay {} must be a finite number >= 0", sgd.weight_decay);
+        }
+        if sgd.nesterov && sgd.momentum <= 0.0 {
+            bail!("--nesterov needs --momentum above 0 (as torch.optim.SGD)");
+        }
+    }
+    let optimizer = Optimizer { kind, lr: args.lr.unwrap_or(base.lr) };
+    optimizer.validate().map_err(|e| anyhow!("--lr: {e}"))?;
+    Ok(optimizer)
+}
+
+/// The checks on the second round's options that need no data or checkpoint.
+fn check_recipe_args(args: &TrainArgs) -> Result<()> {
+    optimizer_from_args(args, Optimizer::default())?;
+    if args.val == Some(0) {
+        bail!("--val 0 holds nothing out; leave --val out to train on every image");
+    }
+    if let Some(p) = args.augment_shift.filter(|&p| p > MAX_AUGMENT_SHIFT) {
+        bail!("--augment-shift {p} is more than a 28x28 image can move (at most {MAX_AUGMENT_SHIFT})");
+    }
+    if args.patience == Some(0) {
+        bail!("--patience 0 would stop at the first evaluation; give at least 1");
+    }
+    if args.resume.is_none() && args.val.is_none() {
+        if args.patience.is_some() {
+            bail!("--patience needs --val N: early stopping watches the validation loss");
+        }
+        if args.save_best.is_some() {
+            bail!("--save-best needs --val N: the best checkpoint is chosen on the validation set");
+        }
+    }
+    Ok(())
+}
+
 fn train(args: TrainArgs) -> Result<ExitCode> {
-    if args.epochs == 0 && args.steps.is_none() {
+    if args.epochs == Some(0) && args.steps.is_none() {
         bail!("--epochs 0 trains nothing; give at least 1 (or --steps N)");
     }
     if args.steps == Some(0) {
@@ -307,26 +435,32 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     if args.batch == Some(0) {
         bail!("--batch must be at least 1");
     }
-    if let Some(lr) = args.lr {
-        Optimizer { lr: lr as f64, ..Optimizer::default() }.validate().map_err(|e| anyhow!("--lr: {e}"))?;
-    }
+    check_recipe_args(&args)?;
     let dir = data_dir(args.data.as_deref());
     let (train_files, test_files) = (find_split(&dir, Split::Train)?, find_split(&dir, Split::Test)?);
     check_train_paths(&args, &train_files, &test_files)?;
-    let mnist = Mnist { train: load_split(&train_files)?, test: load_split(&test_files)? };
+    let mut mnist = Mnist { train: load_split(&train_files)?, test: load_split(&test_files)? };
 
     let mut state = match &args.resume {
         Some(path) => {
-            let Some(state) = load_checkpoint(path)?.into_train_state() else {
+            let Some(mut state) = load_checkpoint(path)?.into_train_state() else {
                 bail!(
                     "{}: holds weights only, no optimiser state to resume; use --init to start from it",
                     path.display()
                 );
             };
+            let optimizer = optimizer_from_args(&args, state.optimizer)?;
             let conflicts = [
                 ("--seed", args.seed.is_some_and(|s| s != state.seed)),
                 ("--batch", args.batch.is_some_and(|b| b != state.batch)),
                 ("--no-shuffle", args.no_shuffle && state.shuffle),
+                ("--lr-schedule", args.lr_schedule.is_some_and(|s| s != state.schedule)),
+                ("--augment-shift", args.augment_shift.is_some_and(|p| p != state.augment_shift)),
+                ("--val", args.val.is_some_and(|n| n != state.validation)),
+                (
+                    "--optimizer, --momentum, --nesterov or --weight-decay",
+                    optimizer.kind != state.optimizer.kind,
+                ),
             ];
             if let Some((flag, _)) = conflicts.iter().find(|(_, c)| *c) {
                 bail!(
@@ -334,6 +468,8 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
                     path.display()
                 );
             }
+            // --lr may change on a resume, as it always could.
+            state.optimizer = optimizer;
             state
         }
         None => {
@@ -342,37 +478,76 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
                 Some(path) => load_checkpoint(path)?.params,
                 None => Params::init(seed),
             };
-            TrainState::new(params, Optimizer::default(), seed, args.batch.unwrap_or(256), !args.no_shuffle)
+            let optimizer = optimizer_from_args(&args, Optimizer::default())?;
+            let mut state =
+                TrainState::new(params, optimizer, seed, args.batch.unwrap_or(256), !args.no_shuffle);
+            state.schedule = args.lr_schedule.unwrap_or_default();
+            state.augment_shift = args.augment_shift.unwrap_or(0);
+            state.validation = args.val.unwrap_or(0);
+            state
         }
     };
-    if let Some(lr) = args.lr {
-        state.optimizer.lr = lr as f64;
+    if (args.patience.is_some() || args.save_best.is_some()) && state.validation == 0 {
+        bail!("--patience and --save-best need --val N, and the resumed run has no validation set");
     }
+    let validation = match state.validation {
+        0 => None,
+        n => Some(split_validation(&mut mnist.train, n)?),
+    };
     if state.batch == 0 {
         bail!("--batch must be at least 1");
     }
     if state.batch > mnist.train.len() {
-        bail!("--batch {} is larger than the training set ({} images)", state.batch, mnist.train.len());
+        let held = if state.validation > 0 { " after --val" } else { "" };
+        bail!("--batch {} is larger than the training set ({} images{held})", state.batch, mnist.train.len());
     }
+    // A resumed run with a schedule finishes it unless told otherwise.
+    let steps = match (args.steps, args.epochs, &args.resume) {
+        (None, None, Some(path)) if state.schedule != LrSchedule::Constant => {
+            match state.schedule_steps.saturating_sub(state.step) {
+                0 => bail!(
+                    "{}: the run has finished its {} schedule ({} steps); nothing to resume",
+                    path.display(),
+                    state.schedule,
+                    state.schedule_steps
+                ),
+                left => Some(left),
+            }
+        }
+        (steps, _, _) => steps,
+    };
 
     let mut backend = open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &mnist.train)?;
     // Ctrl-C, SIGTERM and SIGHUP: finish the steps in flight, save, exit 128+signo.
     let stop = install_stop_handlers().context("cannot install the signal handlers")?;
     let cfg = TrainConfig {
-        epochs: args.epochs,
-        steps: args.steps,
+        epochs: args.epochs.unwrap_or(10),
+        steps,
         eval_every: args.eval_every,
         checkpoint_every: args.checkpoint_every,
         save: args.save.clone(),
+        save_best: args.save_best.clone(),
         metrics: args.metrics.clone(),
+        patience: args.patience,
+        until: args.until,
         plain_progress: false,
     };
-    let report = lenet::train::train(backend.as_mut(), &mut state, &mnist, &cfg, &stop.flag)?;
+    let report =
+        lenet::train::train(backend.as_mut(), &mut state, &mnist, validation.as_ref(), &cfg, &stop.flag)?;
     if let Some(path) = &args.plot {
-        lenet::plot::write_training_svg(path, &report.history)?;
+        // The log covers a resumed run's earlier parts too; this invocation's history does not.
+        let history = match &args.metrics {
+            Some(metrics) if args.resume.is_some() => lenet::train::metrics::read_metrics(metrics)?,
+            _ => report.history.clone(),
+        };
+        lenet::plot::write_training_svg(path, &history)?;
     }
     let mut out = Output::new(args.json);
-    let verb = if report.stopped_early { "interrupted after" } else { "trained" };
+    let verb = match report.stop_reason {
+        Some(StopReason::Signal) => "interrupted after",
+        Some(_) => "stopped early after",
+        None => "trained",
+    };
     out.line(format!(
         "{verb} {} steps ({:.2} epochs) in {:.2} s, {:.0} images/s, on {}",
         report.steps,
@@ -387,15 +562,18 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     };
     let saved = args.save.as_ref().map(|p| format!("; saved {}", p.display())).unwrap_or_default();
     out.line(format!("train loss {:.4}, {test}{saved}", report.train_loss));
+    for line in report.outcome_lines(&cfg) {
+        out.line(line);
+    }
     if args.json {
         out.document(&report)?;
     }
     // A stop signal gives its code even when it came too late to cut the run short: the process
     // was asked to end, and whatever sent it looks for that code.
-    let code = match (stop.exit_code(), report.stopped_early) {
+    let code = match (stop.exit_code(), report.stop_reason) {
         (Some(code), _) => ExitCode::from(code),
-        (None, true) => ExitCode::from(130),
-        (None, false) => ExitCode::SUCCESS,
+        (None, Some(StopReason::Signal)) => ExitCode::from(130),
+        (None, _) => ExitCode::SUCCESS,
     };
     Ok(out.finish(code))
 }

@@ -13,6 +13,7 @@ pub use crate::network::{
 };
 pub use crate::ops::{ConvShape, LinearShape};
 use crate::optim::Optimizer;
+use crate::schedule::LrSchedule;
 
 /// One value per parameter of the network: the weights themselves, their gradients, or an
 /// optimizer's moment. Tensors are in [`param_specs`] order, laid out as PyTorch lays them out.
@@ -122,6 +123,47 @@ pub struct TrainState {
     pub seed: u64,
     pub batch: usize,
     pub shuffle: bool,
+    /// The learning-rate schedule (its peak is `optimizer.lr`).
+    pub schedule: LrSchedule,
+    /// The steps the schedule spans: the whole run as its first invocation planned it. Set by
+    /// the training loop when a run starts; meaningless (and not stored) for `constant`.
+    pub schedule_steps: u64,
+    /// `--augment-shift`: each training image moved by up to this many pixels (0: none).
+    pub augment_shift: u32,
+    /// `--val`: images held out at the end of the training file for validation (0: none).
+    pub validation: usize,
+    /// The validation evaluations so far, as early stopping and `--save-best` read them.
+    pub record: ValidationRecord,
+}
+
+/// What the validation evaluations of a run have seen so far. Kept in checkpoints, so that a
+/// resumed run stops early, and keeps its best checkpoint, exactly as the whole run would have.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ValidationRecord {
+    /// The lowest validation loss so far.
+    pub best_loss: Option<f64>,
+    /// Evaluations since the one that reached `best_loss` (what `--patience` counts).
+    pub evals_since_best_loss: u64,
+    /// The highest validation accuracy so far and the step that reached it first (what
+    /// `--save-best` holds).
+    pub best_accuracy: Option<(f64, u64)>,
+}
+
+impl ValidationRecord {
+    /// Takes in an evaluation at `step`; says whether its accuracy is a new best.
+    pub fn update(&mut self, step: u64, loss: f64, accuracy: f64) -> bool {
+        if self.best_loss.is_none_or(|best| loss < best) {
+            self.best_loss = Some(loss);
+            self.evals_since_best_loss = 0;
+        } else {
+            self.evals_since_best_loss += 1;
+        }
+        let better = self.best_accuracy.is_none_or(|(best, _)| accuracy > best);
+        if better {
+            self.best_accuracy = Some((accuracy, step));
+        }
+        better
+    }
 }
 
 impl TrainState {
@@ -137,10 +179,26 @@ impl TrainState {
         Ok(())
     }
 
-    /// A fresh run from `params`: zero optimizer state, step 0.
+    /// A fresh run from `params`: zero optimizer state, step 0, the contract's recipe otherwise
+    /// (constant learning rate, no augmentation, no validation split).
     pub fn new(params: Params, optimizer: Optimizer, seed: u64, batch: usize, shuffle: bool) -> Self {
         let moments = optimizer.state_names().iter().map(|_| Params::zeros()).collect();
-        TrainState { params, optimizer, moments, step: 0, epoch: 0, step_in_epoch: 0, seed, batch, shuffle }
+        TrainState {
+            params,
+            optimizer,
+            moments,
+            step: 0,
+            epoch: 0,
+            step_in_epoch: 0,
+            seed,
+            batch,
+            shuffle,
+            schedule: LrSchedule::Constant,
+            schedule_steps: 0,
+            augment_shift: 0,
+            validation: 0,
+            record: ValidationRecord::default(),
+        }
     }
 }
 

@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 pub enum OutputKind {
     /// `--save`: replaced atomically; only a LeNet-5 checkpoint may be replaced.
     Checkpoint,
+    /// `--save-best`: the same, except that it may not be the `--resume` checkpoint (only
+    /// `--save` continues a run into the file it resumed).
+    BestCheckpoint,
     /// `--metrics`: a CSV that a fresh run truncates and a resumed run appends to.
     Metrics,
     /// `--plot`: an SVG, replaced atomically.
@@ -47,8 +50,11 @@ pub struct PathError {
     pub problem: String,
 }
 
-/// The first line of a `--metrics` file (what an existing file must start with to be replaced).
-pub const METRICS_HEADER: &str = "kind,step,epoch,loss,accuracy";
+/// The first line of a `--metrics` file (what an existing file must start with to be replaced;
+/// the columns are described in `train::metrics`).
+pub const METRICS_HEADER: &str = "kind,step,epoch,seconds,lr,loss,accuracy";
+/// The first line of the metrics files of earlier versions, which a new run may replace.
+pub const LEGACY_METRICS_HEADER: &str = "kind,step,epoch,loss,accuracy";
 
 /// Checks every output before a run starts: each can be written, an existing file there is of the
 /// kind it would replace, and no two outputs, and no output and input, are the same file (except
@@ -145,11 +151,12 @@ fn check_output(out: &OutputPath) -> Result<(), PathError> {
 /// to in place.
 fn check_existing_output(out: &OutputPath) -> Result<(), String> {
     match out.kind {
-        OutputKind::Checkpoint => {
+        OutputKind::Checkpoint | OutputKind::BestCheckpoint => {
             if let Err(e) = crate::checkpoint::load_checkpoint(&out.path) {
                 return Err(format!(
-                    "exists and is not a LeNet-5 checkpoint, so --save will not replace it ({}); \
+                    "exists and is not a LeNet-5 checkpoint, so {} will not replace it ({}); \
                      remove it or save elsewhere",
+                    out.option,
                     strip_path(&e.to_string(), &out.path)
                 ));
             }
@@ -158,9 +165,11 @@ fn check_existing_output(out: &OutputPath) -> Result<(), String> {
             let first =
                 first_bytes(&out.path, METRICS_HEADER.len() + 1).map_err(|e| format!("cannot read: {e}"))?;
             let is_metrics = first.is_empty()
-                || first
-                    .strip_prefix(METRICS_HEADER.as_bytes())
-                    .is_some_and(|rest| rest.is_empty() || rest == b"\n");
+                || [METRICS_HEADER, LEGACY_METRICS_HEADER].iter().any(|header| {
+                    first
+                        .strip_prefix(header.as_bytes())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"\n"))
+                });
             if !is_metrics {
                 return Err(format!(
                     "exists and is not a lenet metrics file (it does not start with {METRICS_HEADER:?}); \

@@ -1,4 +1,11 @@
-//! `--plot`: training curves as an SVG, loss on the left and accuracy on the right.
+//! `--plot`: a run's curves as an SVG, three panels side by side: the loss, the accuracy and the
+//! learning rate, against the step. Training figures are means over [`SMOOTHING`] steps; each
+//! evaluation (validation and test) is a point.
+//!
+//! The axes are chosen for reading, not only for fitting: step ticks are whole numbers, every
+//! range has a margin so that the first and last points (the final test score) are drawn whole,
+//! and the accuracy axis starts just below where the curves settle (the first steps' accuracy, far
+//! below, would squeeze the 97-100% where a trained LeNet-5 lives into a sliver).
 
 use std::path::Path;
 
@@ -9,17 +16,61 @@ use crate::train::MetricRow;
 
 /// Steps averaged into one point of the per-step curves, so a batch's noise does not hide the trend.
 const SMOOTHING: usize = 20;
+/// The share of each axis's span left blank on either side.
+const MARGIN: f64 = 0.03;
+/// The accuracy axis ignores the training curve's first this share of the steps when it picks
+/// its lower end (the first steps of a run score far below where it ends up).
+const ACCURACY_WARMUP: f64 = 0.1;
+/// The accuracy axis always reaches down to at least this (in %).
+const ACCURACY_FLOOR_AT_MOST: f64 = 97.0;
+const PANEL: (u32, u32) = (500, 450);
 
-/// Draws per-step training loss and accuracy (smoothed over [`SMOOTHING`] steps) and the
-/// test figures of each evaluation. Writes atomically, like checkpoints.
+/// Draws the curves of `history` and writes them atomically, like checkpoints.
 pub fn write_training_svg(path: &Path, history: &[MetricRow]) -> Result<()> {
-    let mut svg = String::new();
-    draw(&mut svg, history).map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
+    let svg = training_svg(history).map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
     crate::checkpoint::write_atomic(path, svg.as_bytes())
         .map_err(|e| anyhow!("{}: cannot write the plot: {e}", path.display()))
 }
 
-fn smoothed(rows: &[&MetricRow], value: fn(&MetricRow) -> f64) -> Vec<(f64, f64)> {
+/// The SVG document of `history`'s curves.
+pub fn training_svg(history: &[MetricRow]) -> Result<String, Box<dyn std::error::Error>> {
+    let mut svg = String::new();
+    draw(&mut svg, history)?;
+    Ok(svg)
+}
+
+/// Up to about `count` evenly spaced round values (1, 2 or 5 times a power of ten, and never
+/// less than `min_step` apart) from `lo` to `hi`, and the step between them.
+pub fn ticks(lo: f64, hi: f64, count: usize, min_step: f64) -> (Vec<f64>, f64) {
+    let span = (hi - lo).max(f64::MIN_POSITIVE);
+    let raw = span / count.max(1) as f64;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * magnitude)
+        .find(|&s| s >= raw)
+        .unwrap_or(10.0 * magnitude)
+        .max(min_step);
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    // Multiples of the step, computed from integers so that no rounding creeps in.
+    let values = (first..=last).map(|i| i as f64 * step).collect();
+    (values, step)
+}
+
+/// A tick label: as many decimals as the step between ticks needs (none for whole numbers).
+fn tick_label(value: f64, step: f64) -> String {
+    let decimals = if step >= 1.0 { 0 } else { (-step.log10().floor()) as usize };
+    format!("{value:.decimals$}")
+}
+
+/// `lo..hi` widened by [`MARGIN`] of its span on either side (and made non-empty).
+fn with_margin(lo: f64, hi: f64) -> (f64, f64) {
+    let span = if hi > lo { hi - lo } else { lo.abs().max(1.0) * 1e-3 };
+    (lo - MARGIN * span, hi + MARGIN * span)
+}
+
+fn smoothed(rows: &[&MetricRow], value: impl Fn(&MetricRow) -> f64) -> Vec<(f64, f64)> {
     rows.chunks(SMOOTHING)
         .map(|c| {
             let step = c.last().map_or(0, |r| r.step) as f64;
@@ -28,48 +79,222 @@ fn smoothed(rows: &[&MetricRow], value: fn(&MetricRow) -> f64) -> Vec<(f64, f64)
         .collect()
 }
 
+/// The accuracy axis (in %): from just below the lowest evaluation and the lowest training
+/// point after the first [`ACCURACY_WARMUP`] of the steps (at most [`ACCURACY_FLOOR_AT_MOST`]),
+/// rounded down to a whole percent, up to 100.
+pub fn accuracy_axis(train: &[(f64, f64)], evals: &[(f64, f64)]) -> (f64, f64) {
+    let (first, last) = train
+        .iter()
+        .chain(evals)
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let settled = first + ACCURACY_WARMUP * (last - first);
+    let lowest = train
+        .iter()
+        .filter(|p| p.0 >= settled)
+        .chain(evals)
+        .map(|p| p.1)
+        .fold(ACCURACY_FLOOR_AT_MOST, f64::min);
+    (lowest.floor().max(0.0), 100.0)
+}
+
+/// A linear f64 axis from `lo` to `hi` whose tick marks are exactly `ticks` (plotters' own f64
+/// axis picks its ticks itself, and may put them between whole numbers).
+struct TickedAxis {
+    lo: f64,
+    hi: f64,
+    ticks: Vec<f64>,
+}
+
+impl Ranged for TickedAxis {
+    type FormatOption = plotters::coord::ranged1d::DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        let share = (value - self.lo) / (self.hi - self.lo);
+        limit.0 + (share * f64::from(limit.1 - limit.0)).round() as i32
+    }
+
+    fn key_points<Hint: plotters::coord::ranged1d::KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
+        // The light mesh (between the ticks) is left out.
+        if hint.weight().allow_light_points() {
+            Vec::new()
+        } else {
+            self.ticks.clone()
+        }
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.lo..self.hi
+    }
+}
+
+struct Curve {
+    label: String,
+    color: RGBColor,
+    points: Vec<(f64, f64)>,
+    /// Evaluations are drawn as dots joined by a thin line; training curves as a thick line.
+    dots: bool,
+}
+
+struct Panel {
+    title: &'static str,
+    curves: Vec<Curve>,
+    y_range: (f64, f64),
+    /// The smallest tick step of the y axis (1 for percentages: whole-number labels).
+    y_min_step: f64,
+    scientific: bool,
+}
+
 fn draw(svg: &mut String, history: &[MetricRow]) -> Result<(), Box<dyn std::error::Error>> {
-    let train: Vec<&MetricRow> = history.iter().filter(|r| r.kind == "train").collect();
-    let test: Vec<&MetricRow> = history.iter().filter(|r| r.kind == "test").collect();
+    let of_kind = |kind: &str| -> Vec<&MetricRow> { history.iter().filter(|r| r.kind == kind).collect() };
+    let (train, val, test) = (of_kind("train"), of_kind("val"), of_kind("test"));
     let first = history.iter().map(|r| r.step).min().unwrap_or(0) as f64;
     let last = (history.iter().map(|r| r.step).max().unwrap_or(1) as f64).max(first + 1.0);
+    let (x_lo, x_hi) = with_margin(first, last);
+    let (x_ticks, x_step) = ticks(first, last, 6, 1.0);
 
-    let root = SVGBackend::with_string(svg, (1100, 450)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(550);
-
-    type Value = fn(&MetricRow) -> f64;
-    let panels: [(&str, Value); 2] = [("loss", |r| r.loss), ("accuracy (%)", |r| 100.0 * r.accuracy)];
-    for (area, (name, value)) in [&left, &right].into_iter().zip(panels) {
-        let train_curve = smoothed(&train, value);
-        let test_points: Vec<(f64, f64)> = test.iter().map(|r| (r.step as f64, value(r))).collect();
-        let ys = train_curve.iter().chain(&test_points).map(|p| p.1);
+    let points = |rows: &[&MetricRow], value: fn(&MetricRow) -> f64| -> Vec<(f64, f64)> {
+        rows.iter().map(|r| (r.step as f64, value(r))).collect()
+    };
+    let loss = |r: &MetricRow| r.loss;
+    let percent = |r: &MetricRow| 100.0 * r.accuracy;
+    let curves_of = |value: fn(&MetricRow) -> f64| {
+        vec![
+            Curve {
+                label: format!("train (mean of {SMOOTHING} steps)"),
+                color: BLUE,
+                points: smoothed(&train, value),
+                dots: false,
+            },
+            Curve {
+                label: "validation".into(),
+                color: RGBColor(0, 140, 60),
+                points: points(&val, value),
+                dots: true,
+            },
+            Curve { label: "test".into(), color: RED, points: points(&test, value), dots: true },
+        ]
+    };
+    let loss_curves = curves_of(loss);
+    let loss_range = {
+        let ys = loss_curves.iter().flat_map(|c| c.points.iter().map(|p| p.1));
         let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), y| (l.min(y), h.max(y)));
-        let (lo, hi) = if lo.is_finite() { (lo, hi.max(lo + 1e-3)) } else { (0.0, 1.0) };
-        let pad = 0.05 * (hi - lo);
+        if lo.is_finite() {
+            (0f64.min(lo), hi)
+        } else {
+            (0.0, 1.0)
+        }
+    };
+    let mut accuracy_curves = curves_of(percent);
+    let evals: Vec<(f64, f64)> = accuracy_curves[1..].iter().flat_map(|c| c.points.clone()).collect();
+    let accuracy_range = accuracy_axis(&accuracy_curves[0].points, &evals);
+    for curve in &mut accuracy_curves {
+        // Below the axis: the first steps, which the axis leaves out on purpose.
+        curve.points.retain(|p| p.1 >= accuracy_range.0);
+    }
+    let lr_points: Vec<(f64, f64)> = train.iter().filter_map(|r| Some((r.step as f64, r.lr?))).collect();
+    let lr_hi = lr_points.iter().map(|p| p.1).fold(0.0, f64::max);
+    let panels = [
+        Panel { title: "loss", curves: loss_curves, y_range: loss_range, y_min_step: 0.0, scientific: false },
+        Panel {
+            title: "accuracy (%)",
+            curves: accuracy_curves,
+            y_range: accuracy_range,
+            y_min_step: 1.0,
+            scientific: false,
+        },
+        Panel {
+            title: "learning rate",
+            curves: vec![Curve { label: "each step's".into(), color: BLUE, points: lr_points, dots: false }],
+            y_range: (0.0, if lr_hi > 0.0 { lr_hi } else { 1e-3 }),
+            y_min_step: 0.0,
+            scientific: true,
+        },
+    ];
+
+    let root = SVGBackend::with_string(svg, (PANEL.0 * panels.len() as u32, PANEL.1)).into_drawing_area();
+    root.fill(&WHITE)?;
+    for (area, panel) in root.split_evenly((1, panels.len())).iter().zip(&panels) {
+        let (y_lo, y_hi) = with_margin(panel.y_range.0, panel.y_range.1);
+        let (y_ticks, y_step) = ticks(panel.y_range.0, panel.y_range.1, 6, panel.y_min_step);
         let mut chart = ChartBuilder::on(area)
-            .caption(name, ("sans-serif", 20))
+            .caption(panel.title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(35)
-            .y_label_area_size(55)
-            .build_cartesian_2d(first..last, (lo - pad)..(hi + pad))?;
+            .y_label_area_size(if panel.scientific { 65 } else { 50 })
+            .build_cartesian_2d(
+                TickedAxis { lo: x_lo, hi: x_hi, ticks: x_ticks.clone() },
+                TickedAxis { lo: y_lo, hi: y_hi, ticks: y_ticks },
+            )?;
+        let scientific = panel.scientific;
         chart
             .configure_mesh()
             .x_desc("step")
-            .y_desc(name)
-            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_label_formatter(&|x| tick_label(*x, x_step))
+            .y_label_formatter(&|y| if scientific { format!("{y:.1e}") } else { tick_label(*y, y_step) })
             .draw()?;
-        chart
-            .draw_series(LineSeries::new(train_curve, BLUE.stroke_width(2)))?
-            .label(format!("train (mean of {SMOOTHING} steps)"))
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-        chart
-            .draw_series(test_points.iter().map(|&p| Circle::new(p, 4, RED.filled())))?
-            .label("test set")
-            .legend(|(x, y)| Circle::new((x + 10, y), 4, RED.filled()));
-        chart.draw_series(LineSeries::new(test_points, RED))?;
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        for curve in panel.curves.iter().filter(|c| !c.points.is_empty()) {
+            let color = curve.color;
+            if curve.dots {
+                chart.draw_series(LineSeries::new(curve.points.clone(), color))?;
+                chart
+                    .draw_series(curve.points.iter().map(|&p| Circle::new(p, 4, color.filled())))?
+                    .label(curve.label.clone())
+                    .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+            } else {
+                chart
+                    .draw_series(LineSeries::new(curve.points.clone(), color.stroke_width(2)))?
+                    .label(curve.label.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            }
+        }
+        // One curve needs no legend: the title names it.
+        if panel.curves.len() > 1 {
+            let corner = match panel.title {
+                "loss" => SeriesLabelPosition::UpperRight,
+                _ => SeriesLabelPosition::LowerRight,
+            };
+            chart
+                .configure_series_labels()
+                .position(corner)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+        }
     }
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round_and_inside_the_range() {
+        let (t, step) = ticks(1.0, 7.0, 6, 1.0);
+        assert_eq!((t, step), (vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], 1.0));
+        // A short run: never a fractional step.
+        let (t, step) = ticks(1.0, 3.0, 6, 1.0);
+        assert_eq!((t, step), (vec![1.0, 2.0, 3.0], 1.0));
+        let (t, step) = ticks(1.0, 2340.0, 6, 1.0);
+        assert_eq!((t.clone(), step), ((1..=4).map(|i| i as f64 * 500.0).collect::<Vec<_>>(), 500.0));
+        assert!(t.iter().all(|x| x.fract() == 0.0));
+        let (t, step) = ticks(0.0, 0.33, 6, 0.0);
+        assert_eq!(step, 0.1);
+        assert_eq!(t.iter().map(|&x| tick_label(x, step)).collect::<Vec<_>>(), ["0.0", "0.1", "0.2", "0.3"]);
+    }
+
+    #[test]
+    fn the_accuracy_axis_shows_where_the_curves_settle() {
+        // A run from 10% to 99%: its first steps do not pull the axis down.
+        let train: Vec<(f64, f64)> = (1..=100)
+            .map(|s| (s as f64 * 20.0, if s < 5 { 10.0 * s as f64 } else { 98.5 + s as f64 / 100.0 }))
+            .collect();
+        let evals = [(1000.0, 98.9), (2000.0, 99.1)];
+        assert_eq!(accuracy_axis(&train, &evals), (97.0, 100.0));
+        // A run that never gets there keeps all of its settled curve in view.
+        let poor = [(100.0, 60.0), (200.0, 80.5), (300.0, 85.0)];
+        assert_eq!(accuracy_axis(&poor, &[(300.0, 84.2)]), (80.0, 100.0));
+    }
 }

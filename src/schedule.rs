@@ -25,9 +25,13 @@ use std::str::FromStr;
 /// The `--lr-schedule` choices.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum LrSchedule {
+    /// The same learning rate at every step.
     #[default]
     Constant,
+    /// CosineAnnealingLR(T_max = the run's steps): from --lr down to 0.
     Cosine,
+    /// OneCycleLR(max_lr = --lr, total_steps = the run's steps): up from lr/25 for 30% of the
+    /// steps, then down to lr/25/1e4; the momentum the other way, 0.95 to 0.85 and back.
     #[value(name = "onecycle")]
     OneCycle,
 }

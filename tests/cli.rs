@@ -98,7 +98,7 @@ fn short_cpu_run_reduces_the_loss_and_reports_json() {
     let losses: Vec<f64> = csv
         .lines()
         .filter(|l| l.starts_with("train,"))
-        .map(|l| l.split(',').nth(3).unwrap().parse().unwrap())
+        .map(|l| l.split(',').nth(5).unwrap().parse().unwrap())
         .collect();
     assert_eq!(losses.len(), 30);
     let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
@@ -642,7 +642,28 @@ fn kill_keeps_the_last_checkpoint() {
 
 /// The rows of a metrics file and the bytes of a checkpoint, to compare two runs.
 fn run_files(csv: &Path, ckpt: &Path) -> (String, Vec<u8>) {
-    (std::fs::read_to_string(csv).unwrap(), std::fs::read(ckpt).unwrap())
+    (metrics_without_seconds(csv), std::fs::read(ckpt).unwrap())
+}
+
+/// A metrics file without its wall-clock column (the 4th), which no two runs share; and a check
+/// that the clock never runs backwards, a resumed run's included.
+fn metrics_without_seconds(csv: &Path) -> String {
+    let text = std::fs::read_to_string(csv).unwrap();
+    let mut clock = 0.0f64;
+    let mut out = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let mut cols: Vec<&str> = line.split(',').collect();
+        let seconds = cols.remove(3);
+        if i > 0 {
+            let t: f64 =
+                seconds.parse().unwrap_or_else(|_| panic!("{}: row {i}: seconds {seconds:?}", csv.display()));
+            assert!(t >= clock, "{}: row {i}: the clock went back from {clock} to {t}", csv.display());
+            clock = t;
+        }
+        out.push_str(&cols.join(","));
+        out.push('\n');
+    }
+    out
 }
 
 /// The step of the last complete row of a metrics file being written (0: none yet).
@@ -740,7 +761,7 @@ fn a_resume_drops_logged_rows_past_the_checkpoint_and_a_torn_row() {
     // What a run killed after its checkpoint at step 12 leaves: rows it logged past the
     // checkpoint, and a row cut off by the kill.
     let mut log = std::fs::read_to_string(&csv).unwrap();
-    log.push_str("train,13,1,0.500000,0.800000\ntrain,14,1,0.400000,0.9000");
+    log.push_str("train,13,2,9.000,0.001,0.500000,0.800000\ntrain,14,2,9.100,0.001,0.400000,0.9000");
     std::fs::write(&csv, log).unwrap();
     run(&["--epochs", "1", "--resume", p(&ckpt), "--save", p(&ckpt), "--metrics", p(&csv)]);
     assert_eq!(run_files(&whole_csv, &whole_ckpt), run_files(&csv, &ckpt));
@@ -776,7 +797,7 @@ fn two_epochs_in_one_go_equal_one_epoch_then_a_resumed_one() {
     run(&["--epochs", "1", "--resume", p(&first), "--save", p(&resumed), "--metrics", p(&split_csv)]);
     assert_eq!(std::fs::read(&whole).unwrap(), std::fs::read(&resumed).unwrap());
     // The resumed run appends to its log: the two logs are the same, row for row.
-    assert_eq!(std::fs::read_to_string(&whole_csv).unwrap(), std::fs::read_to_string(&split_csv).unwrap());
+    assert_eq!(metrics_without_seconds(&whole_csv), metrics_without_seconds(&split_csv));
     let state = lenet::checkpoint::load_checkpoint(&resumed).unwrap().state.unwrap();
     assert_eq!((state.epoch, state.step_in_epoch, state.step), (2, 0, 24));
 }

@@ -31,11 +31,9 @@ fn config(steps: u64, save: &Path) -> TrainConfig {
     TrainConfig {
         epochs: 1,
         steps: Some(steps),
-        eval_every: 1,
-        checkpoint_every: 0,
         save: Some(save.to_path_buf()),
-        metrics: None,
         plain_progress: true,
+        ..TrainConfig::default()
     }
 }
 
@@ -100,7 +98,7 @@ fn clean_run(mnist: &Mnist, steps: u64, dir: &Path) -> TrainState {
     let path = dir.join(format!("clean-{steps}.safetensors"));
     let mut backend = CpuBackend::new(&mnist.train).unwrap();
     let mut state = TrainState::new(Params::init(3), Optimizer::default(), 3, 32, true);
-    train(&mut backend, &mut state, mnist, &config(steps, &path), &AtomicBool::new(false)).unwrap();
+    train(&mut backend, &mut state, mnist, None, &config(steps, &path), &AtomicBool::new(false)).unwrap();
     load_checkpoint(&path).unwrap().into_train_state().unwrap()
 }
 
@@ -112,8 +110,8 @@ fn a_failed_evaluation_saves_the_trained_state_first() {
     let mut backend = faulty(&mnist, true, None);
     let mut state = TrainState::new(Params::init(3), Optimizer::default(), 3, 32, true);
     // The evaluation after the first epoch (step 4) fails; 8 steps were asked for.
-    let err =
-        train(&mut backend, &mut state, &mnist, &config(8, &save), &AtomicBool::new(false)).unwrap_err();
+    let err = train(&mut backend, &mut state, &mnist, None, &config(8, &save), &AtomicBool::new(false))
+        .unwrap_err();
     let line = error_line(&err);
     assert!(line.contains("evaluation failed") && line.contains("saved to"), "{line}");
     assert!(!line.contains('\n'));
@@ -133,7 +131,7 @@ fn a_metrics_file_that_cannot_be_written_saves_the_trained_state_first() {
     cfg.metrics = Some("/dev/full".into());
     let mut backend = CpuBackend::new(&mnist.train).unwrap();
     let mut state = TrainState::new(Params::init(3), Optimizer::default(), 3, 32, true);
-    let err = train(&mut backend, &mut state, &mnist, &cfg, &AtomicBool::new(false)).unwrap_err();
+    let err = train(&mut backend, &mut state, &mnist, None, &cfg, &AtomicBool::new(false)).unwrap_err();
     let line = error_line(&err);
     assert!(line.contains("/dev/full") && line.contains("saved to"), "{line}");
     let saved = load_checkpoint(&save).expect("the state was saved").into_train_state().unwrap();
@@ -149,7 +147,7 @@ fn a_backend_failing_mid_chunk_keeps_the_last_checkpoint() {
     cfg.checkpoint_every = 4;
     let mut backend = faulty(&mnist, false, Some(4));
     let mut state = TrainState::new(Params::init(3), Optimizer::default(), 3, 32, true);
-    let err = train(&mut backend, &mut state, &mnist, &cfg, &AtomicBool::new(false)).unwrap_err();
+    let err = train(&mut backend, &mut state, &mnist, None, &cfg, &AtomicBool::new(false)).unwrap_err();
     let line = error_line(&err);
     assert!(line.contains("device lost") && line.contains("step 4) is kept"), "{line}");
     // What the backend held after half a chunk is not saved: the checkpoint is still step 4's.
@@ -166,6 +164,6 @@ fn an_error_before_the_first_step_writes_nothing() {
     cfg.metrics = Some(dir.path().join("no-such-dir").join("m.csv"));
     let mut backend = CpuBackend::new(&mnist.train).unwrap();
     let mut state = TrainState::new(Params::init(3), Optimizer::default(), 3, 32, true);
-    assert!(train(&mut backend, &mut state, &mnist, &cfg, &AtomicBool::new(false)).is_err());
+    assert!(train(&mut backend, &mut state, &mnist, None, &cfg, &AtomicBool::new(false)).is_err());
     assert!(!save.exists(), "nothing was trained, so nothing is saved");
 }

@@ -1,6 +1,7 @@
-//! The training loop both backends share: batching, checkpoints, and the errors of a run.
-//! Progress (the live bar or one line an epoch) is in [`progress`], the `--metrics` log in
-//! [`metrics`], scoring logits in [`eval`].
+//! The training loop both backends share: batching, the learning-rate schedule, the shift
+//! augmentation, validation and early stopping, checkpoints, and the errors of a run. Progress
+//! (the live bar or one line an epoch) is in [`progress`], the `--metrics` log in [`metrics`],
+//! scoring logits in [`eval`].
 
 pub mod eval;
 pub mod metrics;
@@ -18,10 +19,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use crate::augment::shifts_for_positions;
 use crate::backend::{Backend, Chunk, StepStats};
 use crate::checkpoint::save_checkpoint;
-use crate::data::Mnist;
+use crate::data::{Dataset, Mnist};
 use crate::model::{epoch_order, TrainState};
+use crate::schedule::{LrSchedule, ScheduleState};
 
 /// What to train and where to write it.
 #[derive(Clone, Debug)]
@@ -30,14 +33,77 @@ pub struct TrainConfig {
     pub epochs: u64,
     /// Optimiser steps to take in this run; overrides `epochs`.
     pub steps: Option<u64>,
-    /// Evaluate on the test set after every this many epochs (0: only at the end).
+    /// Evaluate (on the validation set, or the test set without one) after every this many
+    /// epochs (0: only at the end).
     pub eval_every: u64,
     /// Save a checkpoint to `save` every this many steps (0: only at the end).
     pub checkpoint_every: u64,
     pub save: Option<PathBuf>,
+    /// Save the checkpoint of each evaluation whose validation accuracy is the best so far here.
+    pub save_best: Option<PathBuf>,
     pub metrics: Option<PathBuf>,
+    /// Stop when the validation loss has not improved for this many evaluations.
+    pub patience: Option<u64>,
+    /// Stop at the first evaluation whose accuracy (validation, or test without a validation
+    /// set) reaches this fraction.
+    pub until: Option<f64>,
     /// Force the plain, line-per-epoch progress even on a terminal.
     pub plain_progress: bool,
+}
+
+impl Default for TrainConfig {
+    /// The command line's defaults: 10 epochs, an evaluation after each, no files.
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 10,
+            steps: None,
+            eval_every: 1,
+            checkpoint_every: 0,
+            save: None,
+            save_best: None,
+            metrics: None,
+            patience: None,
+            until: None,
+            plain_progress: false,
+        }
+    }
+}
+
+/// Why a run ended before the steps it was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopReason {
+    /// Ctrl-C, SIGTERM or SIGHUP.
+    Signal,
+    /// `--patience`: the validation loss stopped improving.
+    Patience,
+    /// `--until`: an evaluation reached the accuracy asked for.
+    Until,
+}
+
+/// A moment of a run: its step (counted from the run's first step, resumed parts included), the
+/// epoch that step belongs to (1-based, as the terminal numbers epochs) and the wall-clock seconds
+/// since the run started (the `seconds` column of `--metrics`).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct RunPoint {
+    pub step: u64,
+    pub epoch: u64,
+    pub seconds: f64,
+}
+
+/// `--until`: the first evaluation that reached the accuracy asked for.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct TimeToAccuracy {
+    /// The accuracy asked for (a fraction).
+    pub target: f64,
+    /// The accuracy the evaluation measured.
+    pub accuracy: f64,
+    pub step: u64,
+    pub epoch: u64,
+    /// Wall-clock seconds since the run started, evaluations included.
+    pub seconds: f64,
+    /// Seconds spent training steps in this invocation, evaluations and saves excluded.
+    pub train_seconds: f64,
 }
 
 /// What a finished run reports (the `--json` line).
@@ -52,13 +118,86 @@ pub struct TrainReport {
     /// `None` (JSON null) when no evaluation ran: the test set is empty.
     pub test_accuracy: Option<f64>,
     pub test_loss: Option<f64>,
+    /// The last validation evaluation (`None` without `--val`).
+    pub val_accuracy: Option<f64>,
+    pub val_loss: Option<f64>,
+    /// The best validation accuracy of the run so far and the step that first reached it (what
+    /// `--save-best` holds); `None` without `--val`.
+    pub best_val_accuracy: Option<f64>,
+    pub best_val_step: Option<u64>,
     pub images_per_s: f64,
     pub train_seconds: f64,
     pub submits: u64,
     pub host_waits: u64,
+    /// Whether the run ended before the steps it was asked for (see `stop_reason`).
     pub stopped_early: bool,
+    pub stop_reason: Option<StopReason>,
+    /// Where a run that stopped early stopped.
+    pub stopped_at: Option<RunPoint>,
+    /// `--until`'s evaluation, when one reached the target.
+    pub time_to_accuracy: Option<TimeToAccuracy>,
     #[serde(skip)]
     pub history: Vec<MetricRow>,
+}
+
+impl TrainReport {
+    /// The lines that say how the run ended beyond its summary: why and when it stopped early,
+    /// the best validation accuracy, and `--until`'s outcome. Empty for a plain run.
+    pub fn outcome_lines(&self, cfg: &TrainConfig) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let (Some(reason), Some(at)) = (self.stop_reason, self.stopped_at) {
+            let why = match reason {
+                StopReason::Signal => "interrupted by a signal".to_string(),
+                StopReason::Patience => format!(
+                    "the validation loss had not improved for {} evaluations (--patience)",
+                    cfg.patience.unwrap_or_default()
+                ),
+                StopReason::Until => "an evaluation reached the accuracy --until asked for".to_string(),
+            };
+            lines.push(format!(
+                "stopped early at step {} (epoch {}, {:.1} s into the run): {why}",
+                at.step, at.epoch, at.seconds
+            ));
+        }
+        if let (Some(accuracy), Some(step)) = (self.best_val_accuracy, self.best_val_step) {
+            let saved =
+                cfg.save_best.as_ref().map(|p| format!(", saved in {}", p.display())).unwrap_or_default();
+            lines.push(format!("best validation accuracy {:.2}% at step {step}{saved}", 100.0 * accuracy));
+        }
+        if let Some(target) = cfg.until {
+            let on = if self.val_accuracy.is_some() { "validation" } else { "test" };
+            lines.push(match self.time_to_accuracy {
+                Some(t) => format!(
+                    "--until {:.2}%: {on} accuracy {:.2}% at step {} (epoch {}), {:.1} s into the run \
+                     ({:.1} s of training)",
+                    100.0 * target,
+                    100.0 * t.accuracy,
+                    t.step,
+                    t.epoch,
+                    t.seconds,
+                    t.train_seconds
+                ),
+                None => format!("--until {:.2}%: not reached", 100.0 * target),
+            });
+        }
+        lines
+    }
+}
+
+/// `--val N`: takes the training set's last `n` images out of `train` and returns them, to
+/// validate on.
+pub fn split_validation(train: &mut Dataset, n: usize) -> Result<Dataset> {
+    if n >= train.len() {
+        bail!("--val {n} leaves no images to train on: the training set has {}", train.len());
+    }
+    let keep = train.len() - n;
+    let pixels = train.rows * train.cols;
+    Ok(Dataset {
+        images: train.images.split_off(keep * pixels),
+        labels: train.labels.split_off(keep),
+        rows: train.rows,
+        cols: train.cols,
+    })
 }
 
 /// Why training stopped before its end.
@@ -133,8 +272,10 @@ fn target_step(state: &TrainState, cfg: &TrainConfig, steps_per_epoch: u64) -> R
     u64::try_from(total).map_err(|_| TrainError::Overflow { step: total, start, more: what })
 }
 
-/// Trains `state` on `mnist.train` with `backend`, evaluating on `mnist.test`. Stops at the
-/// end of the configured epochs/steps or, between chunks, when `interrupt` is set.
+/// Trains `state` on `mnist.train` with `backend`. Evaluates on `validation` when there is one
+/// (and on `mnist.test` once at the end), else on `mnist.test`. Stops at the end of the
+/// configured epochs/steps, at `--patience` or `--until`, or, between chunks, when `interrupt`
+/// is set.
 ///
 /// Nothing trained is lost: an error after the first step (an evaluation, the metrics file, a
 /// periodic checkpoint) first saves the trained state to `cfg.save`, then is returned. Only a
@@ -143,6 +284,7 @@ pub fn train(
     backend: &mut dyn Backend,
     state: &mut TrainState,
     mnist: &Mnist,
+    validation: Option<&Dataset>,
     cfg: &TrainConfig,
     interrupt: &AtomicBool,
 ) -> Result<TrainReport> {
@@ -153,6 +295,16 @@ pub fn train(
     }
     if batch > n {
         bail!("--batch {batch} is larger than the training set ({n} images)");
+    }
+    let held_out = validation.map_or(0, Dataset::len);
+    if held_out != state.validation {
+        bail!(
+            "the run holds out {} validation images, but {held_out} were given to validate on",
+            state.validation
+        );
+    }
+    if (cfg.patience.is_some() || cfg.save_best.is_some()) && validation.is_none() {
+        bail!("--patience and --save-best need a validation set (--val N)");
     }
     state.optimizer.validate()?;
     let steps_per_epoch = (n / batch) as u64;
@@ -169,28 +321,56 @@ pub fn train(
             state.step_in_epoch
         );
     }
+    if state.schedule != LrSchedule::Constant {
+        if start_step == 0 {
+            // A schedule spans the run as its first invocation plans it.
+            state.schedule_steps = target_step;
+        } else if start_step >= state.schedule_steps {
+            bail!(
+                "the checkpoint's {} schedule ended at step {}: nothing is left to train",
+                state.schedule,
+                state.schedule_steps
+            );
+        } else if target_step > state.schedule_steps {
+            bail!(
+                "this run would end at step {target_step}, past the end of the checkpoint's {} schedule \
+                 (step {}); a resumed run finishes its schedule: ask for at most {} more steps, or give \
+                 neither --epochs nor --steps",
+                state.schedule,
+                state.schedule_steps,
+                state.schedule_steps - start_step
+            );
+        }
+    }
     backend.load_state(state)?;
     // A resumed run continues the log it started, from the checkpoint's step, so the file covers
-    // the whole run as if it had never stopped.
+    // the whole run as if it had never stopped; its clock continues from the log's last row.
     let resume_at = (start_step > 0).then_some(start_step);
-    let mut metrics = MetricsWriter::open(cfg.metrics.as_ref(), resume_at)?;
+    let (mut metrics, seconds_before) = MetricsWriter::open(cfg.metrics.as_ref(), resume_at)?;
     let mut run = Run {
         progress: Progress::new(cfg.plain_progress, steps_per_epoch, batch, state, target_step),
         history: Vec::new(),
         train_time: Duration::ZERO,
+        started: Instant::now(),
+        seconds_before,
         recent: Vec::new(),
         last_eval: None,
+        last_val: None,
         last_saved: None,
-        stopped_early: false,
+        stop: None,
+        stopped_at: None,
+        reached: None,
     };
 
-    let outcome = run_steps(backend, state, mnist, cfg, interrupt, &mut run, &mut metrics, target_step)
-        .and_then(|()| {
-            // The log reaches the final step on disk before the checkpoint that says the run got
-            // there (a crash in between leaves rows past the checkpoint, which a resume drops).
-            metrics.sync()?;
-            Ok(())
-        });
+    let outcome =
+        run_steps(backend, state, mnist, validation, cfg, interrupt, &mut run, &mut metrics, target_step)
+            .and_then(|()| {
+                // The log reaches the final step on disk before the checkpoint that says the run
+                // got there (a crash in between leaves rows past the checkpoint, which a resume
+                // drops).
+                metrics.sync()?;
+                Ok(())
+            });
     run.progress.finish();
     match outcome {
         Err(Failure::Untrusted(e)) => return Err(e),
@@ -206,12 +386,18 @@ pub fn train(
         }
         Ok(()) => {}
     }
+    let interrupted = run.stop == Some(StopReason::Signal);
+    if interrupted {
+        run.stopped_at = Some(run.point(state));
+    }
     // Saved before the interrupted run's evaluation: a second signal during it loses nothing.
     match &cfg.save {
         Some(path) => save_trained(backend, state, path)?,
         None => backend.store_state(state)?,
     }
-    if run.stopped_early && run.last_eval.is_none() && !mnist.test.is_empty() {
+    // An interrupted run is scored on the test set as it stands (not logged: a resumed run
+    // continues the log, and the whole run has no evaluation here).
+    if interrupted && (validation.is_some() || run.last_eval.is_none()) && !mnist.test.is_empty() {
         run.last_eval = Some(evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels));
     }
     let steps = state.step - start_step;
@@ -223,6 +409,7 @@ pub fn train(
     };
     let seconds = run.train_time.as_secs_f64();
     let sync = backend.sync_counts();
+    let best = state.record.best_accuracy.filter(|_| validation.is_some());
     Ok(TrainReport {
         backend: backend.kind().to_string(),
         adapter: backend.adapter(),
@@ -232,11 +419,18 @@ pub fn train(
         train_loss: mean(&window),
         test_accuracy: run.last_eval.as_ref().map(|e| e.accuracy),
         test_loss: run.last_eval.as_ref().map(|e| e.loss),
+        val_accuracy: run.last_val.as_ref().map(|e| e.accuracy),
+        val_loss: run.last_val.as_ref().map(|e| e.loss),
+        best_val_accuracy: best.map(|(accuracy, _)| accuracy),
+        best_val_step: best.map(|(_, step)| step),
         images_per_s: if seconds > 0.0 { steps as f64 * batch as f64 / seconds } else { 0.0 },
         train_seconds: seconds,
         submits: sync.submits,
         host_waits: sync.host_waits,
-        stopped_early: run.stopped_early,
+        stopped_early: run.stop.is_some(),
+        stop_reason: run.stop,
+        stopped_at: run.stopped_at,
+        time_to_accuracy: run.reached,
         history: run.history,
     })
 }
@@ -253,11 +447,45 @@ struct Run {
     progress: Progress,
     history: Vec<MetricRow>,
     train_time: Duration,
+    /// When this invocation started, and the run's seconds before it (a resumed log's clock).
+    started: Instant,
+    seconds_before: f64,
     /// The current epoch's steps.
     recent: Vec<StepStats>,
+    /// The last evaluation on the test set, and on the validation set.
     last_eval: Option<Evaluation>,
+    last_val: Option<Evaluation>,
     last_saved: Option<u64>,
-    stopped_early: bool,
+    stop: Option<StopReason>,
+    stopped_at: Option<RunPoint>,
+    reached: Option<TimeToAccuracy>,
+}
+
+impl Run {
+    /// Wall-clock seconds since the run started.
+    fn seconds(&self) -> f64 {
+        self.seconds_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// The run's current point: `state`'s last step.
+    fn point(&self, state: &TrainState) -> RunPoint {
+        RunPoint { step: state.step, epoch: current_epoch(state), seconds: self.seconds() }
+    }
+}
+
+/// The 1-based number of the epoch `state`'s last step belongs to, as the terminal and the
+/// metrics number epochs (0 before any step).
+fn current_epoch(state: &TrainState) -> u64 {
+    if state.step_in_epoch == 0 {
+        state.epoch
+    } else {
+        state.epoch + 1
+    }
+}
+
+/// A chunk submitted and not yet finished: its steps' learning rates, in order.
+struct InFlight {
+    lrs: Vec<f64>,
 }
 
 /// The steps of a run, chunk by chunk, with up to two chunks in flight: the backend runs one
@@ -270,6 +498,7 @@ fn run_steps(
     backend: &mut dyn Backend,
     state: &mut TrainState,
     mnist: &Mnist,
+    validation: Option<&Dataset>,
     cfg: &TrainConfig,
     interrupt: &AtomicBool,
     run: &mut Run,
@@ -280,16 +509,21 @@ fn run_steps(
     let batch = state.batch;
     let steps_per_epoch = (n / batch) as u64;
     let chunk = chunk_steps(steps_per_epoch);
+    // The schedule at the next step to submit (a resumed run continues it where it stopped).
+    let mut schedule =
+        ScheduleState::at_step(state.schedule, state.optimizer.lr, state.schedule_steps, state.step);
     // The current epoch's order, and its images and time so far (for the epoch's line).
     let mut epoch: Option<(Vec<u32>, usize, Duration)> = None;
-    // The step counts of the chunks submitted and not yet finished, and the steps submitted.
-    let mut in_flight: VecDeque<u64> = VecDeque::new();
+    // The chunks submitted and not yet finished, and the steps submitted.
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut submitted = state.step;
     let mut clock = Instant::now();
+    // When the last finished chunk's last step finished, on the run's clock.
+    let mut last_row_seconds = run.seconds();
     loop {
-        while in_flight.len() < 2 && !run.stopped_early {
+        while in_flight.len() < 2 && run.stop.is_none() {
             if interrupt.load(Ordering::SeqCst) {
-                run.stopped_early = true;
+                run.stop = Some(StopReason::Signal);
                 break;
             }
             let pos = state.step_in_epoch + (submitted - state.step);
@@ -312,13 +546,22 @@ fn run_steps(
                 (epoch_order(n, state.seed, state.epoch, state.shuffle), 0, Duration::ZERO)
             });
             let first = pos as usize * batch;
-            let indices = order[first..first + k as usize * batch].to_vec();
+            let count = k as usize * batch;
             let opt = state.optimizer;
+            let mut lrs = Vec::with_capacity(k as usize);
+            let mut steps = Vec::with_capacity(k as usize);
+            for t in submitted + 1..=submitted + k {
+                // The schedule's values for step t (0-based t - 1), then the scheduler's step().
+                let hyper = schedule.current();
+                schedule.advance();
+                lrs.push(hyper.lr);
+                steps.push(opt.step(t, hyper.lr, hyper.momentum));
+            }
             let chunk_of = Chunk {
                 batch,
-                shifts: vec![0; 2 * indices.len()],
-                indices,
-                steps: (submitted + 1..=submitted + k).map(|t| opt.step(t, opt.lr, None)).collect(),
+                indices: order[first..first + count].to_vec(),
+                shifts: shifts_for_positions(state.seed, state.epoch, first, count, state.augment_shift),
+                steps,
             };
             backend.submit(&chunk_of).map_err(|e| {
                 Failure::Untrusted(e.context(format!(
@@ -328,10 +571,11 @@ fn run_steps(
                     kept_checkpoint(cfg, run.last_saved)
                 )))
             })?;
-            in_flight.push_back(k);
+            in_flight.push_back(InFlight { lrs });
             submitted += k;
         }
-        let Some(k) = in_flight.pop_front() else { break };
+        let Some(InFlight { lrs }) = in_flight.pop_front() else { break };
+        let k = lrs.len() as u64;
         let stats = backend
             .finish()
             .and_then(|s| s.ok_or_else(|| anyhow::anyhow!("a chunk went missing")))
@@ -362,7 +606,7 @@ fn run_steps(
             ));
         }
         // The backend now holds the state after these k steps: count them before anything else.
-        let rows_epoch = state.epoch;
+        let rows_epoch = state.epoch + 1;
         let first_row_step = state.step + 1;
         state.step += k;
         state.step_in_epoch += k;
@@ -371,60 +615,142 @@ fn run_steps(
             state.epoch += 1;
             state.step_in_epoch = 0;
         }
-        for (i, s) in stats.iter().enumerate() {
+        // The chunk's steps ran one after another between the last chunk's end and now: each
+        // row gets its share of that time.
+        let chunk_end = run.seconds();
+        for (i, (s, lr)) in stats.iter().zip(&lrs).enumerate() {
+            let share = (i + 1) as f64 / k as f64;
             let row = MetricRow {
                 kind: "train",
                 step: first_row_step + i as u64,
                 epoch: rows_epoch,
+                seconds: last_row_seconds + (chunk_end - last_row_seconds) * share,
+                lr: Some(*lr),
                 loss: s.loss as f64,
                 accuracy: s.correct as f64 / batch as f64,
             };
             metrics.write(&row)?;
             run.history.push(row);
         }
+        last_row_seconds = chunk_end;
         run.recent.extend_from_slice(&stats);
         let done = if epoch_done { steps_per_epoch } else { state.step_in_epoch };
         run.progress.update(state.step, done, &run.recent, *epoch_images as f64 / epoch_time.as_secs_f64());
         let last = state.step >= target_step;
+        let mut ending = last;
         if epoch_done || (last && in_flight.is_empty()) {
             let (_, images, time) = epoch.take().expect("the epoch was started above");
             let due = epoch_done && cfg.eval_every > 0 && state.epoch.is_multiple_of(cfg.eval_every);
             let mut line =
                 epoch_summary(state, steps_per_epoch, run.progress.last_epoch(), &run.recent, images, time);
-            // An empty test set is no evaluation at all (not an accuracy of 0).
-            if (due || last) && !mnist.test.is_empty() {
+            if due || last {
+                evaluate_due(backend, state, mnist, validation, cfg, run, metrics, &mut line, last)?;
+            }
+            ending = last || run.stop.is_some();
+            // With a validation set, the test set is evaluated once, at the end.
+            if let (true, Some(_), false) = (ending, validation, mnist.test.is_empty()) {
                 let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
-                line.push_str(&format!(
-                    "  test loss {:.4}  test acc {:.2}%",
-                    eval.loss,
-                    100.0 * eval.accuracy
-                ));
-                let row = MetricRow {
-                    kind: "test",
-                    step: state.step,
-                    epoch: state.epoch,
-                    loss: eval.loss,
-                    accuracy: eval.accuracy,
-                };
-                metrics.write(&row)?;
-                run.history.push(row);
+                log_evaluation(run, metrics, &mut line, "test", state, &eval)?;
                 run.last_eval = Some(eval);
             }
             run.progress.end_epoch(&line);
             metrics.flush()?;
+            last_row_seconds = run.seconds();
             // Evaluating is not training time.
             clock = Instant::now();
         }
         // Every row up to this step is logged (evaluation included) before the checkpoint that
         // says the run got here; the final step's checkpoint is the end-of-run save.
         let checkpoint_due = cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every);
-        if let (true, false, Some(path)) = (checkpoint_due, last, &cfg.save) {
+        if let (true, false, Some(path)) = (checkpoint_due, ending, &cfg.save) {
             metrics.sync()?;
             save_trained(backend, state, path)?;
             run.last_saved = Some(state.step);
             clock = Instant::now();
+            last_row_seconds = run.seconds();
         }
     }
+    Ok(())
+}
+
+/// The evaluation due at an epoch's end or the run's: on the validation set when there is one
+/// (which also keeps the best checkpoint and decides `--patience`), else on the test set; and
+/// `--until` on either.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_due(
+    backend: &mut dyn Backend,
+    state: &mut TrainState,
+    mnist: &Mnist,
+    validation: Option<&Dataset>,
+    cfg: &TrainConfig,
+    run: &mut Run,
+    metrics: &mut MetricsWriter,
+    line: &mut String,
+    last: bool,
+) -> Result<(), Failure> {
+    let (kind, data) = match validation {
+        Some(val) => ("val", val),
+        // An empty test set is no evaluation at all (not an accuracy of 0).
+        None if mnist.test.is_empty() => return Ok(()),
+        None => ("test", &mnist.test),
+    };
+    let eval = evaluate_logits(&backend.logits(data)?, &data.labels);
+    log_evaluation(run, metrics, line, kind, state, &eval)?;
+    if let Some(target) = cfg.until.filter(|&t| eval.accuracy >= t && run.reached.is_none()) {
+        let point = run.point(state);
+        run.reached = Some(TimeToAccuracy {
+            target,
+            accuracy: eval.accuracy,
+            step: point.step,
+            epoch: point.epoch,
+            seconds: point.seconds,
+            train_seconds: run.train_time.as_secs_f64(),
+        });
+        if !last {
+            run.stop = Some(StopReason::Until);
+            run.stopped_at = Some(point);
+        }
+    }
+    if validation.is_none() {
+        run.last_eval = Some(eval);
+        return Ok(());
+    }
+    let best = state.record.update(state.step, eval.loss, eval.accuracy);
+    run.last_val = Some(eval);
+    if let (true, Some(path)) = (best, &cfg.save_best) {
+        // The log holds this evaluation before the checkpoint that comes from it.
+        metrics.sync()?;
+        save_trained(backend, state, path)?;
+    }
+    let patience_out = cfg.patience.is_some_and(|p| state.record.evals_since_best_loss >= p);
+    if patience_out && !last && run.stop.is_none() {
+        run.stop = Some(StopReason::Patience);
+        run.stopped_at = Some(run.point(state));
+    }
+    Ok(())
+}
+
+/// An evaluation's row in the log and the history, and its part of the epoch's line.
+fn log_evaluation(
+    run: &mut Run,
+    metrics: &mut MetricsWriter,
+    line: &mut String,
+    kind: &'static str,
+    state: &TrainState,
+    eval: &Evaluation,
+) -> Result<()> {
+    line.push_str(&format!("  {kind} loss {:.4}  {kind} acc {:.2}%", eval.loss, 100.0 * eval.accuracy));
+    let row = MetricRow {
+        kind,
+        step: state.step,
+        epoch: current_epoch(state),
+        seconds: run.seconds(),
+        lr: None,
+        loss: eval.loss,
+        accuracy: eval.accuracy,
+    };
+    metrics.write(&row)?;
+    run.history.push(row);
     Ok(())
 }
 

@@ -113,3 +113,24 @@ pub fn repo_path(rel: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
     }
 }
+
+/// A data directory holding the first `n_train` training and `n_test` test images of the
+/// shipped MNIST as raw IDX files (a `--data` for quick command-line runs).
+pub fn write_small_mnist(dir: &std::path::Path, n_train: usize, n_test: usize) -> std::path::PathBuf {
+    let mnist = lenet::data::load_mnist(&lenet::data::default_data_dir()).expect("shipped MNIST loads");
+    let data = dir.join("mnist-small");
+    std::fs::create_dir_all(&data).unwrap();
+    for (prefix, set, n) in [("train", &mnist.train, n_train), ("t10k", &mnist.test, n_test)] {
+        let mut images = vec![0, 0, 8, 3];
+        for d in [n as u32, 28, 28] {
+            images.extend_from_slice(&d.to_be_bytes());
+        }
+        images.extend_from_slice(&set.images[..n * 784]);
+        let mut labels = vec![0, 0, 8, 1];
+        labels.extend_from_slice(&(n as u32).to_be_bytes());
+        labels.extend_from_slice(&set.labels[..n]);
+        std::fs::write(data.join(format!("{prefix}-images.idx3-ubyte")), images).unwrap();
+        std::fs::write(data.join(format!("{prefix}-labels.idx1-ubyte")), labels).unwrap();
+    }
+    data
+}
