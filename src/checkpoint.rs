@@ -385,16 +385,19 @@ fn read_params(path: &Path, st: &SafeTensors<'_>, prefix: &str) -> Result<Params
         for (x, b) in tensor.iter_mut().zip(view.data().chunks_exact(4)) {
             *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }
-        if let Some(index) = tensor.iter().position(|x| !x.is_finite()) {
-            return Err(CheckpointError::NonFinite {
-                path: path.to_owned(),
-                name,
-                index,
-                value: tensor[index],
-            });
-        }
+        check_finite(path, name, &tensor)?;
     }
     Ok(params)
+}
+
+/// A tensor with a NaN or an infinity is refused, naming its first one.
+fn check_finite(path: &Path, name: String, tensor: &[f32]) -> Result<(), CheckpointError> {
+    match tensor.iter().position(|x| !x.is_finite()) {
+        Some(index) => {
+            Err(CheckpointError::NonFinite { path: path.to_owned(), name, index, value: tensor[index] })
+        }
+        None => Ok(()),
+    }
 }
 
 /// (name, shape, little-endian bytes) of each tensor of `params`; refuses non-finite values, so a
@@ -404,14 +407,7 @@ fn named_tensors(path: &Path, prefix: &str, params: &Params) -> Result<Vec<Named
     for (tensor, spec) in params.tensors.iter().zip(param_specs()) {
         let name = format!("{prefix}{}", spec.name);
         assert_eq!(tensor.len(), spec.len(), "{name} has the wrong length");
-        if let Some(index) = tensor.iter().position(|x| !x.is_finite()) {
-            return Err(CheckpointError::NonFinite {
-                path: path.to_owned(),
-                name,
-                index,
-                value: tensor[index],
-            });
-        }
+        check_finite(path, name.clone(), tensor)?;
         let bytes = tensor.iter().flat_map(|x| x.to_le_bytes()).collect();
         out.push((name, spec.shape.clone(), bytes));
     }

@@ -413,22 +413,7 @@ fn an_unwritable_output_fails_before_training() {
 /// A small MNIST (the first `n_train` / `n_test` images of the real one) as raw IDX files, so
 /// that whole epochs run in seconds, even on lavapipe.
 fn small_mnist(dir: &Path, n_train: usize, n_test: usize) -> PathBuf {
-    let mnist = lenet::data::load_mnist(&lenet::data::default_data_dir()).expect("shipped MNIST loads");
-    let data = dir.join("mnist-small");
-    std::fs::create_dir_all(&data).unwrap();
-    for (prefix, set, n) in [("train", &mnist.train, n_train), ("t10k", &mnist.test, n_test)] {
-        let mut images = vec![0, 0, 8, 3];
-        for d in [n as u32, 28, 28] {
-            images.extend_from_slice(&d.to_be_bytes());
-        }
-        images.extend_from_slice(&set.images[..n * 784]);
-        let mut labels = vec![0, 0, 8, 1];
-        labels.extend_from_slice(&(n as u32).to_be_bytes());
-        labels.extend_from_slice(&set.labels[..n]);
-        std::fs::write(data.join(format!("{prefix}-images.idx3-ubyte")), images).unwrap();
-        std::fs::write(data.join(format!("{prefix}-labels.idx1-ubyte")), labels).unwrap();
-    }
-    data
+    common::write_small_mnist(dir, n_train, n_test)
 }
 
 /// Whether the GPU tests should run: an adapter exists, or LENET_REQUIRE_GPU=1 demands one.

@@ -2,6 +2,8 @@
 //! the error is reported, except when that state cannot be trusted (a diverged loss, a backend
 //! that failed in the middle of its steps), when the last good checkpoint is kept.
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
@@ -13,18 +15,6 @@ use lenet::data::{Dataset, Mnist};
 use lenet::model::{Params, TrainState};
 use lenet::optim::Optimizer;
 use lenet::train::{error_line, train, TrainConfig};
-
-/// The first `n_train` / `n_test` images of the shipped MNIST.
-fn small_mnist(n_train: usize, n_test: usize) -> Mnist {
-    let full = lenet::data::load_mnist(&lenet::data::default_data_dir()).expect("shipped MNIST loads");
-    let cut = |d: &Dataset, n: usize| Dataset {
-        images: d.images[..n * 784].to_vec(),
-        labels: d.labels[..n].to_vec(),
-        rows: 28,
-        cols: 28,
-    };
-    Mnist { train: cut(&full.train, n_train), test: cut(&full.test, n_test) }
-}
 
 /// 128 training images at batch 32: 4 steps an epoch.
 fn config(steps: u64, save: &Path) -> TrainConfig {
@@ -105,7 +95,7 @@ fn clean_run(mnist: &Mnist, steps: u64, dir: &Path) -> TrainState {
 #[test]
 fn a_failed_evaluation_saves_the_trained_state_first() {
     let dir = tempfile::tempdir().unwrap();
-    let mnist = small_mnist(128, 50);
+    let mnist = common::small_mnist(128, 50);
     let save = dir.path().join("run.safetensors");
     let mut backend = faulty(&mnist, true, None);
     let mut state = TrainState::new(Params::init(3), Optimizer::default(), 3, 32, true);
@@ -125,7 +115,7 @@ fn a_metrics_file_that_cannot_be_written_saves_the_trained_state_first() {
     // /dev/full: every write fails with "no space left on device", as on a full disk. The rows
     // are buffered; the first flush (the end of the first epoch, step 4) fails.
     let dir = tempfile::tempdir().unwrap();
-    let mnist = small_mnist(128, 50);
+    let mnist = common::small_mnist(128, 50);
     let save = dir.path().join("run.safetensors");
     let mut cfg = config(8, &save);
     cfg.metrics = Some("/dev/full".into());
@@ -141,7 +131,7 @@ fn a_metrics_file_that_cannot_be_written_saves_the_trained_state_first() {
 #[test]
 fn a_backend_failing_mid_chunk_keeps_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let mnist = small_mnist(128, 50);
+    let mnist = common::small_mnist(128, 50);
     let save = dir.path().join("run.safetensors");
     let mut cfg = config(12, &save);
     cfg.checkpoint_every = 4;
@@ -158,7 +148,7 @@ fn a_backend_failing_mid_chunk_keeps_the_last_checkpoint() {
 #[test]
 fn an_error_before_the_first_step_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mnist = small_mnist(128, 50);
+    let mnist = common::small_mnist(128, 50);
     let save = dir.path().join("run.safetensors");
     let mut cfg = config(8, &save);
     cfg.metrics = Some(dir.path().join("no-such-dir").join("m.csv"));

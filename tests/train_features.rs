@@ -9,7 +9,7 @@ mod common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use anyhow::Result;
 use lenet::augment::shift_for;
@@ -25,15 +25,7 @@ use lenet::train::{split_validation, train, StopReason, TrainConfig, TrainReport
 
 /// The first `n_train` training and `n_test` test images of the shipped MNIST.
 fn mnist(n_train: usize, n_test: usize) -> Mnist {
-    static FULL: OnceLock<Mnist> = OnceLock::new();
-    let full = FULL.get_or_init(|| lenet::data::load_mnist(&lenet::data::default_data_dir()).unwrap());
-    let cut = |d: &Dataset, n: usize| Dataset {
-        images: d.images[..n * 784].to_vec(),
-        labels: d.labels[..n].to_vec(),
-        rows: 28,
-        cols: 28,
-    };
-    Mnist { train: cut(&full.train, n_train), test: cut(&full.test, n_test) }
+    common::small_mnist(n_train, n_test)
 }
 
 /// A backend that records every chunk it is given, and raises `interrupt` (as a signal would)

@@ -441,7 +441,7 @@ fn gather_channels(dst: &mut [f32], src: &[f32], channels: usize, hw: usize) {
 }
 
 /// See [`super::reference::conv2d_backward_input`].
-pub fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: ConvShape) {
+fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: ConvShape) {
     assert_eq!(dinp.len(), s.input_len());
     assert_eq!(dout.len(), s.output_len());
     assert_eq!(weight.len(), s.weight_len());
@@ -475,13 +475,7 @@ pub fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: 
 }
 
 /// See [`super::reference::conv2d_backward_weight`].
-pub fn conv2d_backward_weight(
-    dweight: &mut [f32],
-    dbias: &mut [f32],
-    dout: &[f32],
-    inp: &[f32],
-    s: ConvShape,
-) {
+fn conv2d_backward_weight(dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], s: ConvShape) {
     assert_eq!(dweight.len(), s.weight_len());
     assert_eq!(dbias.len(), s.out_channels);
     assert_eq!(dout.len(), s.output_len());

@@ -114,21 +114,39 @@ pub fn repo_path(rel: &str) -> PathBuf {
     }
 }
 
+/// The first `n_train` training and `n_test` test images of the shipped MNIST (the whole set
+/// read once per test binary).
+pub fn small_mnist(n_train: usize, n_test: usize) -> lenet::data::Mnist {
+    use lenet::data::{Dataset, Mnist};
+    static FULL: OnceLock<Mnist> = OnceLock::new();
+    let full = FULL.get_or_init(|| {
+        lenet::data::load_mnist(&lenet::data::default_data_dir()).expect("shipped MNIST loads")
+    });
+    let cut = |d: &Dataset, n: usize| Dataset {
+        images: d.images[..n * 784].to_vec(),
+        labels: d.labels[..n].to_vec(),
+        rows: 28,
+        cols: 28,
+    };
+    Mnist { train: cut(&full.train, n_train), test: cut(&full.test, n_test) }
+}
+
 /// A data directory holding the first `n_train` training and `n_test` test images of the
 /// shipped MNIST as raw IDX files (a `--data` for quick command-line runs).
-pub fn write_small_mnist(dir: &std::path::Path, n_train: usize, n_test: usize) -> std::path::PathBuf {
-    let mnist = lenet::data::load_mnist(&lenet::data::default_data_dir()).expect("shipped MNIST loads");
+pub fn write_small_mnist(dir: &std::path::Path, n_train: usize, n_test: usize) -> PathBuf {
+    let mnist = small_mnist(n_train, n_test);
     let data = dir.join("mnist-small");
     std::fs::create_dir_all(&data).unwrap();
-    for (prefix, set, n) in [("train", &mnist.train, n_train), ("t10k", &mnist.test, n_test)] {
+    for (prefix, set) in [("train", &mnist.train), ("t10k", &mnist.test)] {
+        let n = set.len();
         let mut images = vec![0, 0, 8, 3];
         for d in [n as u32, 28, 28] {
             images.extend_from_slice(&d.to_be_bytes());
         }
-        images.extend_from_slice(&set.images[..n * 784]);
+        images.extend_from_slice(&set.images);
         let mut labels = vec![0, 0, 8, 1];
         labels.extend_from_slice(&(n as u32).to_be_bytes());
-        labels.extend_from_slice(&set.labels[..n]);
+        labels.extend_from_slice(&set.labels);
         std::fs::write(data.join(format!("{prefix}-images.idx3-ubyte")), images).unwrap();
         std::fs::write(data.join(format!("{prefix}-labels.idx1-ubyte")), labels).unwrap();
     }
