@@ -63,10 +63,10 @@ LENET_KERNELS=v1 run train_v1 180 "$L" train --backend gpu --epochs 10 --json
 
 # 5. PyTorch on the same card: the recipe timed, and the parity run.
 run torch_recipe 120 python3 scripts/torch_reference.py --device cuda recipe --epochs 10 --seed 0
-run torch_init 60 python3 scripts/torch_reference.py init --save "$W/init.safetensors"
-LENET_KERNELS=v2 run parity_lenet 60 "$L" train --backend gpu --init "$W/init.safetensors" --no-shuffle \
+init=tests/fixtures/parity_init.safetensors   # PyTorch's default initialisation, seed 0
+LENET_KERNELS=v2 run parity_lenet 60 "$L" train --backend gpu --init "$init" --no-shuffle \
     --steps 20 --save "$W/lenet20.safetensors" --json
-run parity_torch 120 python3 scripts/torch_reference.py --device cuda train --init "$W/init.safetensors" \
+run parity_torch 120 python3 scripts/torch_reference.py --device cuda train --init "$init" \
     --steps 20 --save "$W/torch20.safetensors"
 run parity_compare 60 python3 scripts/torch_reference.py compare "$W/lenet20.safetensors" "$W/torch20.safetensors"
 

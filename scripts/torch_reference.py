@@ -23,8 +23,9 @@
     python3 scripts/torch_reference.py recipe --epochs 2 --batch 64 --lr 4e-3 --lr-schedule onecycle \\
         --augment-shift 1 --until 99
 
-    # PyTorch's CPU training speed at batch 256 (images/s)
+    # PyTorch's CPU training speed at batch 256 (images/s); --device cuda on a GPU machine
     python3 scripts/torch_reference.py speed
+    python3 scripts/torch_reference.py --device cuda recipe --epochs 10
 
     # the learning rate (and Adam beta1 or SGD momentum) torch's optimizer uses at each step, JSON
     python3 scripts/torch_reference.py schedule --schedule onecycle --lr 3e-3 --total-steps 2340
@@ -60,6 +61,14 @@ from safetensors.torch import load_file, save_file
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data", "mnist")
 SIDE = 28
+# Where the model and the data live: --device (cpu, or cuda on a GPU machine).
+DEVICE = torch.device("cpu")
+
+
+def sync():
+    """Waits for the device, so that a timer read after it has measured the work."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class LeNet5(nn.Module):
@@ -93,7 +102,7 @@ def mnist(split):
     prefix = "train" if split == "train" else "t10k"
     images = torch.from_numpy(idx(f"{prefix}-images.idx3-ubyte").astype(np.float32) / 255.0)
     labels = torch.from_numpy(idx(f"{prefix}-labels.idx1-ubyte").astype(np.int64))
-    return images, labels
+    return images.to(DEVICE), labels.to(DEVICE)
 
 
 def train_val_split(val, train_images=None):
@@ -117,7 +126,7 @@ def model_from(path):
     # Optimiser state (adam.*, sgd.*) shares the file; the model takes only its own names.
     names = model.state_dict().keys()
     model.load_state_dict({k: v for k, v in tensors.items() if k in names})
-    return model
+    return model.to(DEVICE)
 
 
 # --- the shift augmentation: the same draw as src/augment.rs, in 32-bit integer arithmetic ---
@@ -257,7 +266,7 @@ def train(args):
     if args.val is not None:
         test_loss, test_accuracy = evaluate_on(model, *mnist("test"))
         print(f"test loss {test_loss:.4f} accuracy {100 * test_accuracy:.2f}%")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.save)
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, args.save)
 
 
 def evaluate(args):
@@ -277,7 +286,7 @@ def recipe(args):
     reaches it, as lenet's does."""
     check_options(args)
     torch.manual_seed(args.seed)
-    model = LeNet5()
+    model = LeNet5().to(DEVICE)
     opt = make_optimizer(model.parameters(), args)
     images, labels, val = train_val_split(args.val)
     test = mnist("test")
@@ -298,6 +307,7 @@ def recipe(args):
             opt.step()
             if sched is not None:
                 sched.step()
+        sync()
         seconds += time.perf_counter() - start
         if val is None:
             _, accuracy = evaluate_on(model, *test)
@@ -328,7 +338,7 @@ def compare(args):
 
 def speed(args):
     torch.manual_seed(0)
-    model = LeNet5()
+    model = LeNet5().to(DEVICE)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     images, labels = mnist("train")
     b = args.batch
@@ -340,6 +350,7 @@ def speed(args):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sync()
         times.append(time.perf_counter() - t0)
     median = sorted(times[5:])[len(times[5:]) // 2]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {b}: "
@@ -533,6 +544,7 @@ def add_training_options(p, default_lr):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="where PyTorch runs: cpu, or cuda (train, eval, recipe, speed)")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="lenet's --no-shuffle steps from --init, for parity")
     t.add_argument("--init", required=True)
@@ -564,6 +576,8 @@ def main():
     q = sub.add_parser("parity-fixtures", help="write tests/fixtures/parity.json and its initial weights")
     q.add_argument("dir")
     args = p.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     {"train": train, "eval": evaluate, "compare": compare, "recipe": recipe, "speed": speed,
      "schedule": schedule, "fixtures": fixtures, "parity-fixtures": parity_fixtures}[args.cmd](args)
 
