@@ -381,12 +381,14 @@ pub fn gather_batch(input: &mut [f32], labels: &mut [u32], data: &Dataset, indic
         let image = data.image(i as usize);
         let (dx, dy) = (shifts[2 * b] as i64, shifts[2 * b + 1] as i64);
         let out = &mut input[b * pixels..][..pixels];
-        for y in 0..rows {
-            for x in 0..cols {
-                let (sy, sx) = (y - dy, x - dx);
-                let inside = (0..rows).contains(&sy) && (0..cols).contains(&sx);
-                out[(y * cols + x) as usize] =
-                    if inside { image[(sy * cols + sx) as usize] as f32 / 255.0 } else { 0.0 };
+        out.fill(0.0);
+        // The output columns whose source column x - dx is inside the image, row by row.
+        let (x0, x1) = (dx.clamp(0, cols), (cols + dx).clamp(0, cols));
+        let width = (x1 - x0) as usize;
+        for y in dy.clamp(0, rows)..(rows + dy).clamp(0, rows) {
+            let src = &image[((y - dy) * cols + x0 - dx) as usize..][..width];
+            for (o, &p) in out[(y * cols + x0) as usize..][..width].iter_mut().zip(src) {
+                *o = p as f32 / 255.0;
             }
         }
         labels[b] = data.labels[i as usize] as u32;
