@@ -10,7 +10,7 @@ use common::*;
 use lenet::backend::{Backend, Chunk, OpsBackend, StepStats};
 use lenet::cpu::CpuBackend;
 use lenet::data::Dataset;
-use lenet::gpu::{GpuBackend, GpuOps};
+use lenet::gpu::{GpuBackend, GpuOps, Variant};
 use lenet::model::*;
 use lenet::optim::{Optimizer, OptimizerKind, Sgd};
 
@@ -53,6 +53,13 @@ fn gpu_backend(data: &Dataset, state: &TrainState) -> Option<GpuBackend> {
     Some(g)
 }
 
+fn gpu_backend_with(data: &Dataset, state: &TrainState, variant: Variant) -> Option<GpuBackend> {
+    let ctx = gpu()?;
+    let mut g = GpuBackend::with_variant(ctx, data, variant).unwrap();
+    g.load_state(state).unwrap();
+    Some(g)
+}
+
 fn cpu_backend(data: &Dataset, state: &TrainState) -> CpuBackend {
     let mut c = CpuBackend::new(data).unwrap();
     c.load_state(state).unwrap();
@@ -88,10 +95,11 @@ fn assert_stats_close(gpu: &[StepStats], cpu: &[StepStats], loss_tol: impl Fn(f3
 fn one_training_step_matches_cpu_at_several_batch_sizes() {
     let data = dataset(80, 1);
     let opt = Optimizer::default();
-    // Batch sizes no workgroup size divides, a single image, and more than one split.
-    for batch in [1usize, 13, 67] {
+    // Batch sizes no workgroup size divides, a single image, and more than one split; every
+    // choice of kernels.
+    for (batch, variant) in [1usize, 13, 67].into_iter().flat_map(|b| Variant::ALL.map(|v| (b, v))) {
         let start = TrainState::new(Params::init(SEED), opt, SEED, batch, false);
-        let Some(mut g) = gpu_backend(&data, &start) else { return };
+        let Some(mut g) = gpu_backend_with(&data, &start, variant) else { return };
         let mut c = cpu_backend(&data, &start);
         let ch = chunk(&opt, data.len(), batch, 1, 1, batch as u64);
         let gs = g.train_steps(&ch).unwrap();
@@ -108,7 +116,7 @@ fn one_training_step_matches_cpu_at_several_batch_sizes() {
         for (i, spec) in param_specs().iter().enumerate() {
             let gscale = max_abs(&cpu_grads.tensors[i]);
             let (gp, cp) = (&gpu_state.params.tensors[i], &cpu_state.params.tensors[i]);
-            assert_close_with(&format!("batch {batch}: param {}", spec.name), gp, cp, |k| {
+            assert_close_with(&format!("batch {batch} {variant}: param {}", spec.name), gp, cp, |k| {
                 let uncertain = cpu_grads.tensors[i][k].abs() <= 10.0 * (1e-7 + 1e-4 * gscale);
                 tol(cp[k]) + if uncertain { 2.0 * opt.lr as f32 } else { 0.0 }
             });
@@ -293,14 +301,14 @@ fn with_webgpu_default_limits_the_first_kernels_run() {
     assert_eq!(limits.max_compute_workgroup_storage_size, 16384);
     let ctx = lenet::gpu::GpuContext::with_limits(&adapter, limits).unwrap();
     assert!(!ctx.kernels.has("conv_pool_backward") && ctx.kernels.has("conv_backward_weight"));
-    let ops = GpuOps::with_variant(ctx.clone(), lenet::gpu::Variant::V2).unwrap();
-    assert_eq!(ops.variant, lenet::gpu::Variant::V1);
+    let ops = GpuOps::with_variant(ctx.clone(), Variant::V2).unwrap();
+    assert_eq!(ops.variant, Variant::V1);
 
     let data = dataset(40, 16);
     let opt = Optimizer::default();
     let start = TrainState::new(Params::init(SEED), opt, SEED, BATCH, false);
     let mut g = GpuBackend::new(ctx, &data).unwrap();
-    assert_eq!(g.variant(), lenet::gpu::Variant::V1);
+    assert_eq!(g.variant(), Variant::V1);
     g.load_state(&start).unwrap();
     let mut c = cpu_backend(&data, &start);
     let ch = chunk(&opt, data.len(), BATCH, 1, 1, 17);

@@ -77,11 +77,18 @@ fn gpu_v1() {
     check_all(&mut GpuOps::with_variant(ctx, Variant::V1).unwrap());
 }
 
-/// The second kernels (the default).
+/// The second kernels (`LENET_KERNELS=v2`).
 #[test]
 fn gpu_v2() {
     let Some(ctx) = common::gpu() else { return };
     check_all(&mut GpuOps::with_variant(ctx, Variant::V2).unwrap());
+}
+
+/// The second kernels' convolutions with the first ones' fully connected layers (the default).
+#[test]
+fn gpu_mixed() {
+    let Some(ctx) = common::gpu() else { return };
+    check_all(&mut GpuOps::with_variant(ctx, Variant::Mixed).unwrap());
 }
 
 // ---- The checks catch what they guard against. ----

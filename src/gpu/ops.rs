@@ -89,7 +89,7 @@ pub struct GpuOps {
 }
 
 impl GpuOps {
-    /// The ops with the kernels `LENET_KERNELS` names (the second ones by default).
+    /// The ops with the kernels `LENET_KERNELS` names (`mixed` by default).
     pub fn new(ctx: GpuContext) -> Result<Self> {
         Self::with_variant(ctx, Variant::from_env()?)
     }
@@ -98,7 +98,7 @@ impl GpuOps {
     /// default limits: on a device without it, the first ones run.
     pub fn with_variant(ctx: GpuContext, variant: Variant) -> Result<Self> {
         let lut = storage_init(&ctx, "pixel_lut", &pixel_lut())?;
-        let variant = if variant == Variant::V2 && !v2::KERNELS.iter().all(|k| ctx.kernels.has(k)) {
+        let variant = if variant != Variant::V1 && !v2::KERNELS.iter().all(|k| ctx.kernels.has(k)) {
             Variant::V1
         } else {
             variant
@@ -171,7 +171,7 @@ impl GpuOps {
 
     /// The v2 conv backward takes this shape (its gradients come as partials).
     fn conv_backward_v2(&self, s: &ConvShape, dinput: bool) -> bool {
-        self.variant == Variant::V2 && v2::backward_fits(s, dinput)
+        self.variant.conv_v2() && v2::backward_fits(s, dinput)
     }
 
     /// Runs `f` with its dispatches tagged as the op call `case` (unless an outer call tags).
@@ -314,7 +314,7 @@ impl Ops for GpuOps {
             GradOp::ConvFromPool(s, dinput) if self.conv_backward_v2(&s, dinput) => {
                 v2::conv_partials(s.batch)
             }
-            GradOp::LinearXent(s) if self.variant == Variant::V2 && v2::xent_fits(&s) => {
+            GradOp::LinearXent(s) if self.variant.linear_v2() && v2::xent_fits(&s) => {
                 v2::xent_partials(s.batch)
             }
             _ => 1,
@@ -356,7 +356,7 @@ impl Ops for GpuOps {
         let s = l.s;
         let case = OpCase::GatherConvReluPool { s, images: g.batch.data.len, max_shift: 2 };
         self.tagged(case, |me| {
-            if !(me.variant == Variant::V2 && v2::forward_fits(&s, true)) {
+            if !(me.variant.conv_v2() && v2::forward_fits(&s, true)) {
                 return gather_then_conv(me, g, l);
             }
             check_conv_forward(g.input, &l)?;
@@ -375,7 +375,7 @@ impl Ops for GpuOps {
     fn conv_relu_pool_forward(&mut self, input: &GpuBuf<f32>, l: ConvLayer<Self>) -> Result<()> {
         self.tagged(OpCase::ConvReluPool(l.s), |me| {
             check_conv_forward(input, &l)?;
-            if me.variant == Variant::V2 && v2::forward_fits(&l.s, false) {
+            if me.variant.conv_v2() && v2::forward_fits(&l.s, false) {
                 me.conv_pool_forward_v2(v2::ConvInput::Input(input), l)
             } else {
                 me.conv_pool_forward_v1(input, l)
@@ -388,9 +388,10 @@ impl Ops for GpuOps {
         self.tagged(OpCase::Linear { s, relu: a.relu }, |me| {
             check_lens!(a.input => s.batch * s.in_features, a.weight => s.weight_len(), a.bias => s.out_features);
             check_lens!(a.out => s.batch * s.out_features);
-            match me.variant {
-                Variant::V1 => me.linear_forward_v1(a),
-                Variant::V2 => me.linear_forward_v2(a),
+            if me.variant.linear_v2() {
+                me.linear_forward_v2(a)
+            } else {
+                me.linear_forward_v1(a)
             }
         })
     }
@@ -408,7 +409,7 @@ impl Ops for GpuOps {
         let s = a.s;
         let case = OpCase::LinearXent { s, mask: relu_mask_of(&a.dinput) };
         self.tagged(case, |me| {
-            if !(me.variant == Variant::V2 && v2::xent_fits(&s)) {
+            if !(me.variant.linear_v2() && v2::xent_fits(&s)) {
                 return linear_then_xent(me, a);
             }
             let parts = me.grad_partials(GradOp::LinearXent(s));
@@ -427,9 +428,10 @@ impl Ops for GpuOps {
             let parts = me.grad_partials(GradOp::Linear(s));
             check_linear_backward(a.input, a.weight, a.dweight, a.dbias, a.dinput.as_ref(), s, parts)?;
             check_lens!(a.dout => s.batch * s.out_features);
-            match me.variant {
-                Variant::V1 => me.linear_backward_v1(a),
-                Variant::V2 => me.linear_backward_v2(a),
+            if me.variant.linear_v2() {
+                me.linear_backward_v2(a)
+            } else {
+                me.linear_backward_v1(a)
             }
         })
     }

@@ -159,11 +159,17 @@ fn write_step_uniforms(ctx: &GpuContext, buffer: &wgpu::Buffer, values: &[StepUn
 }
 
 impl GpuBackend {
-    /// A backend on `ctx` that trains on `train` (uploaded once).
+    /// A backend on `ctx` that trains on `train` (uploaded once) with the kernels
+    /// `LENET_KERNELS` names.
     pub fn new(ctx: GpuContext, train: &Dataset) -> Result<Self> {
+        Self::with_variant(ctx, train, super::Variant::from_env()?)
+    }
+
+    /// The same with the given kernels.
+    pub fn with_variant(ctx: GpuContext, train: &Dataset, variant: super::Variant) -> Result<Self> {
         check_images(train)?;
         ctx.clone().scoped(|| {
-            let mut ops = GpuOps::new(ctx.clone())?;
+            let mut ops = GpuOps::with_variant(ctx.clone(), variant)?;
             let train = ops.upload_data("train", train)?;
             let lens: Vec<usize> = param_specs().iter().map(|s| s.len()).collect();
             let param_layout = FlatLayout::new(&lens, ctx.limits.min_storage_buffer_offset_alignment);

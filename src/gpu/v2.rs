@@ -1,10 +1,14 @@
-//! The second kernels (`LENET_KERNELS=v2`, the default; shaders/conv_v2.wgsl and
-//! shaders/linear_v2.wgsl): one dispatch per layer and direction, register-blocked, the batch
+//! The second kernels (`LENET_KERNELS=v2`; shaders/conv_v2.wgsl and shaders/linear_v2.wgsl): one dispatch per layer and direction, register-blocked, the batch
 //! gather folded into the first convolution, each layer's weight and input gradients in one
 //! dispatch, the output layer's forward, loss and backward in one, and the batch sums of the
 //! weight gradients left as partials for the optimizer to add. A training step of LeNet-5 is 10
 //! dispatches (the first kernels, `v1`, take 19). Shapes these kernels do not take fall back to
 //! the first ones (see [`GpuOps`]'s `Ops` methods).
+//!
+//! The default, `mixed`, runs these convolutions with the first kernels' fully connected layers
+//! (15 dispatches a step): on the H100 the convolutions here are 1.1-3.7x faster than the first
+//! ones, while the fully connected kernels here, register-blocked for few fat workgroups (what
+//! lavapipe wants), leave a large GPU nearly empty and wait on memory: 3-6x slower there.
 
 use anyhow::Result;
 
@@ -20,6 +24,10 @@ pub enum Variant {
     V1,
     /// The second: 10 dispatches a step.
     V2,
+    /// The second kernels' convolutions with the first ones' fully connected layers: 15
+    /// dispatches a step. On the H100 the second FC kernels, register-blocked for few fat
+    /// workgroups, are latency-bound (BENCHMARKS.md), while its convolutions are the faster.
+    Mixed,
 }
 
 /// The entry points of the second kernels.
@@ -32,14 +40,14 @@ pub const KERNELS: [&str; 6] = [
     "linear_xent_v2",
 ];
 
-/// The environment variable that picks the kernels: `v1` or `v2`.
+/// The environment variable that picks the kernels: `v1`, `v2` or `mixed`.
 pub const KERNELS_ENV: &str = "LENET_KERNELS";
 
 impl Variant {
-    /// From `LENET_KERNELS` (default v2).
+    /// From `LENET_KERNELS` (default `mixed`: the fastest on the H100, BENCHMARKS.md).
     pub fn from_env() -> Result<Self> {
         match std::env::var(KERNELS_ENV) {
-            Err(_) => Ok(Variant::V2),
+            Err(_) => Ok(Variant::Mixed),
             Ok(v) => v.parse(),
         }
     }
@@ -50,8 +58,9 @@ impl std::str::FromStr for Variant {
     fn from_str(s: &str) -> Result<Self> {
         match s.trim() {
             "v1" => Ok(Variant::V1),
-            "v2" | "" => Ok(Variant::V2),
-            other => anyhow::bail!("{KERNELS_ENV}={other:?}: the kernels are v1 or v2"),
+            "v2" => Ok(Variant::V2),
+            "mixed" | "" => Ok(Variant::Mixed),
+            other => anyhow::bail!("{KERNELS_ENV}={other:?}: the kernels are v1, v2 or mixed"),
         }
     }
 }
@@ -61,7 +70,23 @@ impl std::fmt::Display for Variant {
         f.write_str(match self {
             Variant::V1 => "v1",
             Variant::V2 => "v2",
+            Variant::Mixed => "mixed",
         })
+    }
+}
+
+impl Variant {
+    /// Every choice of kernels.
+    pub const ALL: [Variant; 3] = [Variant::V1, Variant::V2, Variant::Mixed];
+
+    /// Whether the convolutions run the second kernels (where the shape fits them).
+    pub fn conv_v2(self) -> bool {
+        matches!(self, Variant::V2 | Variant::Mixed)
+    }
+
+    /// Whether the fully connected layers run the second kernels (likewise).
+    pub fn linear_v2(self) -> bool {
+        self == Variant::V2
     }
 }
 
@@ -318,5 +343,25 @@ impl GpuOps {
             .build("linear_xent_forward_backward")?;
         self.push(d);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_variant_parses_from_its_name_and_picks_its_kernels() {
+        for v in Variant::ALL {
+            assert_eq!(v.to_string().parse::<Variant>().unwrap(), v);
+        }
+        // An empty LENET_KERNELS is the default.
+        assert_eq!("".parse::<Variant>().unwrap(), Variant::Mixed);
+        let err = "v3".parse::<Variant>().unwrap_err().to_string();
+        assert!(err.contains("v1, v2 or mixed"), "{err}");
+        let kernels = |v: Variant| (v.conv_v2(), v.linear_v2());
+        assert_eq!(kernels(Variant::V1), (false, false));
+        assert_eq!(kernels(Variant::V2), (true, true));
+        assert_eq!(kernels(Variant::Mixed), (true, false));
     }
 }
