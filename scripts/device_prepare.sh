@@ -2,11 +2,11 @@
 # Builds, on this machine, everything scripts/device_run.sh needs on the lent GPU machine (which
 # has no Rust toolchain and no Vulkan loader) into .gpu/, a folder git ignores:
 #
-#   .gpu/bundle.tgz     lenet, the release binary, and tests/NAME, every integration test
-#                       executable, stripped and compressed (57 MB as they are; the tree that
-#                       travels may hold 64 MiB). The tests run from the repository root there:
-#                       they find data/, README.md and shaders/ from the working directory,
-#                       and the binary through LENET_EXE.
+#   .gpu/bundle.tgz     lenet, the release binary, and tests/NAME, every test executable
+#                       (tests/unit_KIND_NAME: the unit tests), stripped and compressed (57 MB as
+#                       they are; the tree that travels may hold 64 MiB). The tests run from the
+#                       repository root there: they find data/, README.md and shaders/ from the
+#                       working directory, and the binary through LENET_EXE.
 #   .gpu/*.deb          the Vulkan and GL loader packages (../shared/gpu/debs)
 #
 # Then one device call, carrying [".gpu"]:  bash scripts/device_run.sh
@@ -27,9 +27,11 @@ cargo test --release --no-run --message-format=json \
 import json, shutil, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] \
-            and "test" in m["target"]["kind"]:
-        shutil.copy(m["executable"], ".gpu/tests/" + m["target"]["name"])
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        # Integration tests by their name, unit tests (the library and the binary) as unit_KIND_NAME.
+        kind = m["target"]["kind"]
+        name = m["target"]["name"] if "test" in kind else "unit_" + kind[0] + "_" + m["target"]["name"]
+        shutil.copy(m["executable"], ".gpu/tests/" + name)
 '
 strip .gpu/lenet .gpu/tests/*
 tar -C .gpu -czf .gpu/bundle.tgz lenet tests

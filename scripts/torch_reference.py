@@ -578,6 +578,11 @@ def main():
     args = p.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        # Full float32 as lenet computes, not TF32's 10-bit mantissas (cuDNN's convolutions use
+        # TF32 by default on Ampere and later; PyTorch's figures in ../shared/gpu are TF32-off).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     {"train": train, "eval": evaluate, "compare": compare, "recipe": recipe, "speed": speed,
      "schedule": schedule, "fixtures": fixtures, "parity-fixtures": parity_fixtures}[args.cmd](args)
 
