@@ -385,7 +385,7 @@ fn read_params(path: &Path, st: &SafeTensors<'_>, prefix: &str) -> Result<Params
         for (x, b) in tensor.iter_mut().zip(view.data().chunks_exact(4)) {
             *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }
-        check_finite(path, name, &tensor)?;
+        check_finite(path, name, tensor)?;
     }
     Ok(params)
 }
