@@ -1443,21 +1443,26 @@ fn adapter_names_are_never_inside_brackets_of_ours() {
     let data = small_mnist(&dir, 64, 10);
     let devices = lenet(&["devices"]);
     let train = lenet(&["train", "--data", p(&data), "--steps", "1", "--batch", "8"]);
+    // The adapters' own strings, from `lenet devices --json` rather than from wgpu in this
+    // process: on the H100, a test process that opened and closed Vulkan instances while its
+    // other tests were starting children died of SIGSEGV in 3 runs out of 8 (BENCHMARKS.md).
+    // How a summary reads is the unit test `an_adapter_reads_in_words_without_brackets_of_its_own`.
+    let listed = only_json(succeeded(&lenet(&["devices", "--json"])));
+    let names: Vec<String> = listed["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|a| [a["name"].as_str().unwrap().to_owned(), a["driver_info"].as_str().unwrap().to_owned()])
+        .collect();
     let lines = format!("{}{}{}", stdout(succeeded(&devices)), stderr(succeeded(&train)), stdout(&train));
     for line in lines.lines() {
         assert!(
-            max_bracket_depth(line) <= max_bracket_depth_of_names(line).max(1),
+            max_bracket_depth(line) <= max_bracket_depth_of_names(line, &names).max(1),
             "nested brackets: {line}"
         );
         for internal in ["DiscreteGpu", "IntegratedGpu", "VirtualGpu", "Cpu,", "Cpu)"] {
             assert!(!line.contains(internal), "{internal} in {line}");
         }
-    }
-    for a in lenet::gpu::list_adapters() {
-        let shown = a.to_string();
-        assert!(shown.starts_with(&format!("{} - ", a.name)), "{shown}");
-        let own = max_bracket_depth(&a.name).max(max_bracket_depth(&a.driver_info));
-        assert_eq!(max_bracket_depth(&shown), own, "{shown}");
     }
 }
 
@@ -1476,12 +1481,12 @@ fn max_bracket_depth(s: &str) -> usize {
     max
 }
 
-/// The deepest brackets any adapter name or driver string in `line` brings of its own.
-fn max_bracket_depth_of_names(line: &str) -> usize {
-    lenet::gpu::list_adapters()
+/// The deepest brackets any of the adapters' `names` (and driver strings) in `line` brings of
+/// its own.
+fn max_bracket_depth_of_names(line: &str, names: &[String]) -> usize {
+    names
         .iter()
-        .flat_map(|a| [a.name.clone(), a.driver_info.clone()])
-        .filter(|n| line.contains(n.as_str()))
+        .filter(|n| !n.is_empty() && line.contains(n.as_str()))
         .map(|n| max_bracket_depth(&n))
         .max()
         .unwrap_or(0)
