@@ -111,6 +111,7 @@ pub fn choose_adapter(adapters: &[AdapterSummary], wanted: Option<&str>) -> Opti
 
 /// Vulkan, Metal and DX12 only, unless WGPU_BACKEND says otherwise: wgpu's GL backend adds
 /// nothing for compute and, headless, fills stderr with EGL complaints.
+///
 /// The process's one instance, made on first use and never torn down: on the H100, a test
 /// process that created and dropped instances while other threads started child processes died
 /// of SIGSEGV in 3 runs out of 8, and in none of 10 since (BENCHMARKS.md); an instance costs a
