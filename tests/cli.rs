@@ -1487,7 +1487,7 @@ fn max_bracket_depth_of_names(line: &str, names: &[String]) -> usize {
     names
         .iter()
         .filter(|n| !n.is_empty() && line.contains(n.as_str()))
-        .map(|n| max_bracket_depth(&n))
+        .map(|n| max_bracket_depth(n))
         .max()
         .unwrap_or(0)
 }
