@@ -1,5 +1,5 @@
-//! The second kernels (`LENET_KERNELS=v2`; shaders/conv_v2.wgsl and shaders/linear_v2.wgsl): one dispatch per layer and direction, register-blocked, the batch
-//! gather folded into the first convolution, each layer's weight and input gradients in one
+//! The second kernels (`LENET_KERNELS=v2`; shaders/conv_v2.wgsl and shaders/linear_v2.wgsl): one
+//! dispatch per layer and direction, register-blocked, the batch gather folded into the first convolution, each layer's weight and input gradients in one
 //! dispatch, the output layer's forward, loss and backward in one, and the batch sums of the
 //! weight gradients left as partials for the optimizer to add. A training step of LeNet-5 is 10
 //! dispatches (the first kernels, `v1`, take 19). Shapes these kernels do not take fall back to
@@ -44,6 +44,19 @@ pub const KERNELS: [&str; 6] = [
 pub const KERNELS_ENV: &str = "LENET_KERNELS";
 
 impl Variant {
+    /// Every choice of kernels.
+    pub const ALL: [Variant; 3] = [Variant::V1, Variant::V2, Variant::Mixed];
+
+    /// Whether the convolutions run the second kernels (where the shape fits them).
+    pub fn conv_v2(self) -> bool {
+        matches!(self, Variant::V2 | Variant::Mixed)
+    }
+
+    /// Whether the fully connected layers run the second kernels (likewise).
+    pub fn linear_v2(self) -> bool {
+        self == Variant::V2
+    }
+
     /// From `LENET_KERNELS` (default `mixed`: the fastest on the H100, BENCHMARKS.md).
     pub fn from_env() -> Result<Self> {
         match std::env::var(KERNELS_ENV) {
@@ -72,21 +85,6 @@ impl std::fmt::Display for Variant {
             Variant::V2 => "v2",
             Variant::Mixed => "mixed",
         })
-    }
-}
-
-impl Variant {
-    /// Every choice of kernels.
-    pub const ALL: [Variant; 3] = [Variant::V1, Variant::V2, Variant::Mixed];
-
-    /// Whether the convolutions run the second kernels (where the shape fits them).
-    pub fn conv_v2(self) -> bool {
-        matches!(self, Variant::V2 | Variant::Mixed)
-    }
-
-    /// Whether the fully connected layers run the second kernels (likewise).
-    pub fn linear_v2(self) -> bool {
-        self == Variant::V2
     }
 }
 
