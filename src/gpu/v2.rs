@@ -1,7 +1,8 @@
 //! The second kernels (`LENET_KERNELS=v2`; shaders/conv_v2.wgsl and shaders/linear_v2.wgsl): one
-//! dispatch per layer and direction, register-blocked, the batch gather folded into the first convolution, each layer's weight and input gradients in one
-//! dispatch, the output layer's forward, loss and backward in one, and the batch sums of the
-//! weight gradients left as partials for the optimizer to add. A training step of LeNet-5 is 10
+//! dispatch per layer and direction, register-blocked, the batch gather folded into the first
+//! convolution, each layer's weight and input gradients in one dispatch, the output layer's
+//! forward, loss and backward in one, and the batch sums of the weight gradients left as partials
+//! for the optimizer to add. A training step of LeNet-5 is 10
 //! dispatches (the first kernels, `v1`, take 19). Shapes these kernels do not take fall back to
 //! the first ones (see [`GpuOps`]'s `Ops` methods).
 //!
