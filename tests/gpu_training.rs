@@ -46,11 +46,9 @@ fn chunk(opt: &Optimizer, n_data: usize, batch: usize, steps: usize, first: u64,
     }
 }
 
+/// With the kernels `LENET_KERNELS` names.
 fn gpu_backend(data: &Dataset, state: &TrainState) -> Option<GpuBackend> {
-    let ctx = gpu()?;
-    let mut g = GpuBackend::new(ctx, data).unwrap();
-    g.load_state(state).unwrap();
-    Some(g)
+    gpu_backend_with(data, state, Variant::from_env().unwrap())
 }
 
 fn gpu_backend_with(data: &Dataset, state: &TrainState, variant: Variant) -> Option<GpuBackend> {

@@ -595,18 +595,7 @@ fn supported<'a>(plane: &'a Plane, over: impl Fn(f32) -> bool + 'a) -> impl Iter
 /// Step 3: which side of the background the ink is on, or `None` when nothing stands out. The
 /// side whose supported outliers (beyond 5 sigma) carry more mass wins.
 pub fn detect_polarity(residual: &Plane, sigma: f32) -> Option<Polarity> {
-    let t = (5.0 * sigma).max(MIN_CONTRAST / 2.0);
-    let mass = |sign: f32| -> f64 {
-        supported(residual, |r| sign * r > t).map(|i| (sign * residual.values[i] - t) as f64).sum()
-    };
-    let (light, dark) = (mass(1.0), mass(-1.0));
-    if light == 0.0 && dark == 0.0 {
-        None
-    } else if light >= dark {
-        Some(Polarity::LightOnDark)
-    } else {
-        Some(Polarity::DarkOnLight)
-    }
+    polarity_of(outlier_mass(residual, 1.0, sigma), outlier_mass(residual, -1.0, sigma))
 }
 
 /// Polarity after a local correction of the background under each hypothesis: a wide bright or
@@ -620,11 +609,20 @@ pub fn detect_polarity_local(plane: &Plane, background: &Background) -> Option<P
             b.refine(plane, sign, block);
         }
         let r = b.residual(plane);
-        let sigma = noise_scale(&r.values);
-        let t = (5.0 * sigma).max(MIN_CONTRAST / 2.0);
-        supported(&r, |v| sign * v > t).map(|i| (sign * r.values[i] - t) as f64).sum()
+        outlier_mass(&r, sign, noise_scale(&r.values))
     };
-    let (light, dark) = (mass(1.0), mass(-1.0));
+    polarity_of(mass(1.0), mass(-1.0))
+}
+
+/// The mass of `residual`'s supported outliers on the `sign` side, beyond 5 sigma (and at least
+/// half the minimum contrast).
+fn outlier_mass(residual: &Plane, sign: f32, sigma: f32) -> f64 {
+    let t = (5.0 * sigma).max(MIN_CONTRAST / 2.0);
+    supported(residual, |r| sign * r > t).map(|i| (sign * residual.values[i] - t) as f64).sum()
+}
+
+/// The side with more outlier mass (light wins ties); none when neither has any.
+fn polarity_of(light: f64, dark: f64) -> Option<Polarity> {
     if light == 0.0 && dark == 0.0 {
         None
     } else if light >= dark {
