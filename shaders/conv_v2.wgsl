@@ -80,69 +80,127 @@ fn out_w() -> u32 {
 
 // ---- Forward ----
 
-// Stages the weights as sm4[tap * 2G + 2g + h] = weight[8g + 4h .. 8g + 4h + 4, tap] (tap =
-// (ci, ky, kx); channels past Cout zero), then the biases at sm4[taps * 2G ..].
-fn stage_weights(lid: u32) {
-    let kk = params.k * params.k;
-    let taps = params.cin * kk;
+// Staging: each invocation loads up to four slots (every load unconditional: an index outside
+// reads element 0 and the value is replaced by zero) before it stores any, so a round of staging
+// waits on memory once, not once per slot.
+
+// Slot j of the staged weights, sm4[tap * 2G + 2g + h] = weight[8g + 4h .. 8g + 4h + 4, tap]
+// (tap = (ci, ky, kx); channels past Cout zero), then the biases at sm4[taps * 2G ..].
+fn weight_slot(j: u32) -> vec4<f32> {
+    let taps = params.cin * params.k * params.k;
     let g2 = 2u * params.groups;
-    for (var j = lid; j < (taps + 1u) * g2; j += FWD) {
-        let tap = j / g2;
-        let c0 = 4u * (j % g2);
-        var v = vec4<f32>(0.0);
-        for (var c = 0u; c < 4u; c++) {
-            let co = c0 + c;
-            if co < params.cout {
-                if tap < taps {
-                    v[c] = weight[co * taps + tap];
-                } else {
-                    v[c] = bias[co];
-                }
-            }
+    let tap = j / g2;
+    let c0 = 4u * (j % g2);
+    var v = vec4<f32>(0.0);
+    for (var c = 0u; c < 4u; c++) {
+        let co = c0 + c;
+        let ok = co < params.cout && tap <= taps;
+        let w = weight[select(0u, co * taps + tap, ok && tap < taps)];
+        let b = bias[select(0u, co, ok)];
+        v[c] = select(0.0, select(b, w, tap < taps), ok);
+    }
+    return v;
+}
+
+fn stage_weights(lid: u32) {
+    let n = (params.cin * params.k * params.k + 1u) * 2u * params.groups;
+    for (var j = lid; j < n; j += 4u * FWD) {
+        let v0 = weight_slot(j);
+        let v1 = weight_slot(j + FWD);
+        let v2 = weight_slot(j + 2u * FWD);
+        let v3 = weight_slot(j + 3u * FWD);
+        sm4[j] = v0;
+        if j + FWD < n {
+            sm4[j + FWD] = v1;
         }
-        sm4[j] = v;
+        if j + 2u * FWD < n {
+            sm4[j + 2u * FWD] = v2;
+        }
+        if j + 3u * FWD < n {
+            sm4[j + 3u * FWD] = v3;
+        }
     }
 }
 
-// Stages image b's input planes, zero-padded: [Cin][H + 2p][W + 2p].
-fn stage_input(b: u32, lid: u32, lanes: u32) {
+// Slot j of image b's zero-padded input planes [Cin][H + 2p][W + 2p].
+fn input_slot(b: u32, j: u32) -> f32 {
     let ph = params.height + 2u * params.pad;
     let pw = params.width + 2u * params.pad;
-    for (var j = lid; j < params.cin * ph * pw; j += lanes) {
-        let c = j / (ph * pw);
-        let iy = i32((j / pw) % ph) - i32(params.pad);
-        let ix = i32(j % pw) - i32(params.pad);
-        var v = 0.0;
-        if iy >= 0 && iy < i32(params.height) && ix >= 0 && ix < i32(params.width) {
-            v = input[((b * params.cin + c) * params.height + u32(iy)) * params.width + u32(ix)];
+    let c = j / (ph * pw);
+    let iy = i32((j / pw) % ph) - i32(params.pad);
+    let ix = i32(j % pw) - i32(params.pad);
+    let ok = c < params.cin && iy >= 0 && iy < i32(params.height) && ix >= 0 && ix < i32(params.width);
+    let at = ((b * params.cin + c) * params.height + u32(max(iy, 0))) * params.width + u32(max(ix, 0));
+    return select(0.0, input[select(0u, at, ok)], ok);
+}
+
+// Stages image b's input planes, zero-padded, in sm.
+fn stage_input(b: u32, lid: u32, lanes: u32) {
+    let n = params.cin * (params.height + 2u * params.pad) * (params.width + 2u * params.pad);
+    for (var j = lid; j < n; j += 4u * lanes) {
+        let v0 = input_slot(b, j);
+        let v1 = input_slot(b, j + lanes);
+        let v2 = input_slot(b, j + 2u * lanes);
+        let v3 = input_slot(b, j + 3u * lanes);
+        sm[j] = v0;
+        if j + lanes < n {
+            sm[j + lanes] = v1;
         }
-        sm[j] = v;
+        if j + 2u * lanes < n {
+            sm[j + 2u * lanes] = v2;
+        }
+        if j + 3u * lanes < n {
+            sm[j + 3u * lanes] = v3;
+        }
     }
+}
+
+// Padded position j of batch image `img` from the data set, translated by (dx, dy): the
+// pixel's word, then its value through the table (zero outside the image or the plane).
+fn gathered_slot(j: u32, img: u32, dx: i32, dy: i32) -> f32 {
+    let pw = params.width + 2u * params.pad;
+    let y = i32(j / pw) - i32(params.pad);
+    let x = i32(j % pw) - i32(params.pad);
+    let sy = y - dy;
+    let sx = x - dx;
+    let ok = y >= 0 && y < i32(params.height) && x >= 0 && x < i32(params.width) && sy >= 0
+        && sy < i32(params.data_rows) && sx >= 0 && sx < i32(params.data_cols);
+    let byte = img * params.data_rows * params.data_cols + u32(max(sy, 0)) * params.data_cols + u32(max(sx, 0));
+    let word = images[select(0u, byte / 4u, ok)];
+    return select(0.0, lut[(word >> ((byte % 4u) * 8u)) & 255u], ok);
+}
+
+// Stores padded position j (below n) of image b: in sm, and unpadded in `gathered`.
+fn put_gathered(b: u32, j: u32, n: u32, v: f32) {
+    if j >= n {
+        return;
+    }
+    let pw = params.width + 2u * params.pad;
+    let y = i32(j / pw) - i32(params.pad);
+    let x = i32(j % pw) - i32(params.pad);
+    if y >= 0 && y < i32(params.height) && x >= 0 && x < i32(params.width) {
+        gathered[(b * params.height + u32(y)) * params.width + u32(x)] = v;
+    }
+    sm[j] = v;
 }
 
 // Stages batch image b from the data set (one channel), shifted and zero-padded, and writes the
 // unpadded image to `gathered` and its label to `batch_labels` (gather.wgsl's formula).
 fn stage_gathered(b: u32, lid: u32) {
-    let ph = params.height + 2u * params.pad;
-    let pw = params.width + 2u * params.pad;
+    let n = (params.height + 2u * params.pad) * (params.width + 2u * params.pad);
     let slot = step.index_offset + b;
     let img = indices[slot];
     let dx = shifts[2u * slot];
     let dy = shifts[2u * slot + 1u];
-    for (var j = lid; j < ph * pw; j += FWD) {
-        let y = i32(j / pw) - i32(params.pad);
-        let x = i32(j % pw) - i32(params.pad);
-        var v = 0.0;
-        if y >= 0 && y < i32(params.height) && x >= 0 && x < i32(params.width) {
-            let sy = y - dy;
-            let sx = x - dx;
-            if sy >= 0 && sy < i32(params.data_rows) && sx >= 0 && sx < i32(params.data_cols) {
-                let byte = img * params.data_rows * params.data_cols + u32(sy) * params.data_cols + u32(sx);
-                v = lut[(images[byte / 4u] >> ((byte % 4u) * 8u)) & 255u];
-            }
-            gathered[(b * params.height + u32(y)) * params.width + u32(x)] = v;
-        }
-        sm[j] = v;
+    for (var j = lid; j < n; j += 4u * FWD) {
+        let v0 = gathered_slot(j, img, dx, dy);
+        let v1 = gathered_slot(j + FWD, img, dx, dy);
+        let v2 = gathered_slot(j + 2u * FWD, img, dx, dy);
+        let v3 = gathered_slot(j + 3u * FWD, img, dx, dy);
+        put_gathered(b, j, n, v0);
+        put_gathered(b, j + FWD, n, v1);
+        put_gathered(b, j + 2u * FWD, n, v2);
+        put_gathered(b, j + 3u * FWD, n, v3);
     }
     if lid == 0u {
         batch_labels[b] = labels[img];
@@ -289,11 +347,36 @@ fn gather_conv_pool_forward(
 fn dconv_at(plane: u32, y: u32, x: u32, ho: u32, wo: u32) -> f32 {
     let i = (plane * ho + y) * wo + x;
     let o = (plane * (ho / 2u) + y / 2u) * (wo / 2u) + x / 2u;
-    var g = 0.0;
-    if saved_argmax[o] == i && saved_conv[i] > 0.0 {
-        g = dpooled[o];
+    // Three independent loads, not a chain of them.
+    let arg = saved_argmax[o];
+    let relu = saved_conv[i];
+    let g = dpooled[o];
+    return select(0.0, g, arg == i && relu > 0.0);
+}
+
+// Slot j of image b's staged dconv [Cout][Ho][Wo] (zero from j = Cout * Ho * Wo on).
+fn dconv_slot(b: u32, j: u32) -> f32 {
+    let ho = out_h();
+    let wo = out_w();
+    let hw = ho * wo;
+    let ok = j < params.cout * hw;
+    let jj = select(0u, j, ok);
+    return select(0.0, dconv_at(b * params.cout + jj / hw, (jj / wo) % ho, jj % wo, ho, wo), ok);
+}
+
+// Slot j of the input gradient's staged weights: sm4[(co * K * K + tap) * 2 + h] =
+// weight[co, 4h .. 4h + 4, tap] (input channels past Cin zero).
+fn weight_by_input_slot(j: u32) -> vec4<f32> {
+    let kk = params.k * params.k;
+    let co = j / (kk * 2u);
+    let tap = (j / 2u) % kk;
+    let c0 = 4u * (j % 2u);
+    var v = vec4<f32>(0.0);
+    for (var c = 0u; c < 4u; c++) {
+        let ok = c0 + c < params.cin && co < params.cout;
+        v[c] = select(0.0, weight[select(0u, (co * params.cin + c0 + c) * kk + tap, ok)], ok);
     }
-    return g;
+    return v;
 }
 
 // Image b's input gradient. Staged: dconv [Cout][Ho][Wo] in sm with one zero after it (where
@@ -311,24 +394,31 @@ fn input_gradient(b: u32, lid: u32) {
     let cin = params.cin;
     let k = params.k;
     let kk = k * k;
-    for (var j = lid; j <= cout * hw; j += BWD) {
-        var g = 0.0;
-        if j < cout * hw {
-            g = dconv_at(b * cout + j / hw, (j / wo) % ho, j % wo, ho, wo);
+    let n = cout * hw + 1u;
+    for (var j = lid; j < n; j += 4u * BWD) {
+        let g0 = dconv_slot(b, j);
+        let g1 = dconv_slot(b, j + BWD);
+        let g2 = dconv_slot(b, j + 2u * BWD);
+        let g3 = dconv_slot(b, j + 3u * BWD);
+        sm[j] = g0;
+        if j + BWD < n {
+            sm[j + BWD] = g1;
         }
-        sm[j] = g;
+        if j + 2u * BWD < n {
+            sm[j + 2u * BWD] = g2;
+        }
+        if j + 3u * BWD < n {
+            sm[j + 3u * BWD] = g3;
+        }
     }
-    for (var j = lid; j < cout * kk * 2u; j += BWD) {
-        let co = j / (kk * 2u);
-        let tap = (j / 2u) % kk;
-        let c0 = 4u * (j % 2u);
-        var v = vec4<f32>(0.0);
-        for (var c = 0u; c < 4u; c++) {
-            if c0 + c < cin {
-                v[c] = weight[(co * cin + c0 + c) * kk + tap];
-            }
+    let nw = cout * kk * 2u;
+    for (var j = lid; j < nw; j += 2u * BWD) {
+        let v0 = weight_by_input_slot(j);
+        let v1 = weight_by_input_slot(j + BWD);
+        sm4[j] = v0;
+        if j + BWD < nw {
+            sm4[j + BWD] = v1;
         }
-        sm4[j] = v;
     }
     workgroupBarrier();
     let h = params.height;
@@ -361,6 +451,23 @@ fn input_gradient(b: u32, lid: u32) {
             dinput[((b * cin + ci) * h + u32(iy)) * w + u32(ix)] = v;
         }
     }
+}
+
+// Slot j of the weight gradient's staged dconv of channels co0 .. co0 + 8: sm4[(y * Wo + x) * 2
+// + h] = dconv[b, co0 + 4h .. co0 + 4h + 4, y, x] (zero past Cout or the plane).
+fn dconv8_slot(b: u32, co0: u32, j: u32) -> vec4<f32> {
+    let ho = out_h();
+    let wo = out_w();
+    let in_plane = j < 2u * ho * wo;
+    let y = select(0u, (j / 2u) / wo, in_plane);
+    let x = (j / 2u) % wo;
+    let c0 = co0 + 4u * (j % 2u);
+    var g = vec4<f32>(0.0);
+    for (var c = 0u; c < 4u; c++) {
+        let ok = in_plane && c0 + c < params.cout;
+        g[c] = select(0.0, dconv_at(b * params.cout + select(0u, c0 + c, ok), y, x, ho, wo), ok);
+    }
+    return g;
 }
 
 // The weight and bias gradients of a group of images (one partial sum per group), 8 output
@@ -400,17 +507,13 @@ fn weight_gradient(group: u32, lid: u32) {
         var acc1 = vec4<f32>(0.0);
         for (var b = b0; b < b1; b++) {
             stage_input(b, lid, BWD);
-            for (var j = lid; j < 2u * hw; j += BWD) {
-                let y = (j / 2u) / wo;
-                let x = (j / 2u) % wo;
-                let c0 = co0 + 4u * (j % 2u);
-                var g = vec4<f32>(0.0);
-                for (var c = 0u; c < 4u; c++) {
-                    if c0 + c < cout {
-                        g[c] = dconv_at(b * cout + c0 + c, y, x, ho, wo);
-                    }
+            for (var j = lid; j < 2u * hw; j += 2u * BWD) {
+                let g0 = dconv8_slot(b, co0, j);
+                let g1 = dconv8_slot(b, co0, j + BWD);
+                sm4[j] = g0;
+                if j + BWD < 2u * hw {
+                    sm4[j + BWD] = g1;
                 }
-                sm4[j] = g;
             }
             workgroupBarrier();
             if busy {

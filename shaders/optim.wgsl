@@ -48,9 +48,27 @@ fn element(e: u32) -> Element {
     }
     let info = tensors[t];
     let j = e - info.start;
-    var g = grad[info.grad_offset + j];
-    for (var k = 1u; k < info.partials; k++) {
-        g += grad[info.grad_offset + k * info.len + j];
+    // The partials are added in order, one at a time; their loads go out eight at a time, so
+    // the sum waits on memory partials / 8 times rather than once per partial (with 128 of them
+    // that wait was most of the update on the H100).
+    let at = info.grad_offset + j;
+    let stride = info.len;
+    var g = grad[at];
+    var k = 1u;
+    for (; k + 8u <= info.partials; k += 8u) {
+        let p = at + k * stride;
+        let p0 = grad[p];
+        let p1 = grad[p + stride];
+        let p2 = grad[p + 2u * stride];
+        let p3 = grad[p + 3u * stride];
+        let p4 = grad[p + 4u * stride];
+        let p5 = grad[p + 5u * stride];
+        let p6 = grad[p + 6u * stride];
+        let p7 = grad[p + 7u * stride];
+        g = ((((((((g + p0) + p1) + p2) + p3) + p4) + p5) + p6) + p7);
+    }
+    for (; k < info.partials; k++) {
+        g += grad[at + k * stride];
     }
     return Element(info.param_offset + j, g);
 }

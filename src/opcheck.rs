@@ -204,6 +204,9 @@ pub fn test_cases() -> Vec<OpCase> {
     cases.extend([
         OpCase::Adam { lens: vec![150, 6, 2400, 16], partials: vec![1, 1, 1, 1] },
         OpCase::Adam { lens: vec![150, 6, 1000], partials: vec![3, 3, 1] },
+        // Sixteen partials and more are added eight loads at a time (optim.wgsl): a full round,
+        // rounds and a remainder.
+        OpCase::Adam { lens: vec![2400, 16, 850], partials: vec![8, 17, 33] },
         sgd(&[150, 6, 2400], &[1, 1, 1], 0.9, false, 0.0),
         sgd(&[150, 6], &[4, 1], 0.9, true, 5e-4),
         sgd(&[77], &[1], 0.0, false, 1e-2),
