@@ -46,9 +46,12 @@ fn chunk(opt: &Optimizer, n_data: usize, batch: usize, steps: usize, first: u64,
     }
 }
 
-/// With the kernels `LENET_KERNELS` names.
+/// With the kernels `LENET_KERNELS` names (or the adapter's default).
 fn gpu_backend(data: &Dataset, state: &TrainState) -> Option<GpuBackend> {
-    gpu_backend_with(data, state, Variant::from_env().unwrap())
+    let ctx = gpu()?;
+    let mut g = GpuBackend::new(ctx, data).unwrap();
+    g.load_state(state).unwrap();
+    Some(g)
 }
 
 fn gpu_backend_with(data: &Dataset, state: &TrainState, variant: Variant) -> Option<GpuBackend> {

@@ -1,7 +1,7 @@
 //! Every op of the seam (`lenet::ops::Ops`), fused ones included, checked against the CPU
 //! reference on random inputs of several shapes, on every implementation: one test body
 //! (`lenet::opcheck::check`) over every case of `lenet::opcheck::test_cases`, run on the fast CPU
-//! path and on both generations of GPU kernels (the reference is what they are compared with).
+//! path and on every choice of GPU kernels (the reference is what they are compared with).
 //! A new op's cases go in that list and are checked here on every path. The GPU tests fail when
 //! LENET_REQUIRE_GPU=1 and there is no adapter, and say "skipped" otherwise.
 //!
@@ -89,6 +89,13 @@ fn gpu_v2() {
 fn gpu_mixed() {
     let Some(ctx) = common::gpu() else { return };
     check_all(&mut GpuOps::with_variant(ctx, Variant::Mixed).unwrap());
+}
+
+/// The second kernels' convolutions with the third fully connected ones.
+#[test]
+fn gpu_v3() {
+    let Some(ctx) = common::gpu() else { return };
+    check_all(&mut GpuOps::with_variant(ctx, Variant::V3).unwrap());
 }
 
 // ---- The checks catch what they guard against. ----

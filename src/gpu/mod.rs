@@ -9,6 +9,7 @@ pub mod timing;
 pub mod trainer;
 pub mod v1;
 pub mod v2;
+pub mod v3;
 
 pub use context::{list_adapters, AdapterSummary, GpuContext};
 pub use ops::GpuOps;

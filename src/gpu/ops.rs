@@ -15,6 +15,7 @@ use wgpu::util::DeviceExt;
 use super::context::GpuContext;
 use super::kernels::{pack_u8, pixel_lut, Binder, Dispatch, StepUniform, View};
 use super::v2::{self, Variant};
+use super::v3;
 use crate::data::Dataset;
 use crate::opcheck::{relu_mask_of, update_shapes, OpCase};
 use crate::ops::*;
@@ -89,20 +90,18 @@ pub struct GpuOps {
 }
 
 impl GpuOps {
-    /// The ops with the kernels `LENET_KERNELS` names (`mixed` by default).
+    /// The ops with the kernels `LENET_KERNELS` names (by default the adapter's kind picks).
     pub fn new(ctx: GpuContext) -> Result<Self> {
-        Self::with_variant(ctx, Variant::from_env()?)
+        let variant = Variant::from_env_for(ctx.adapter_info.device_type)?;
+        Self::with_variant(ctx, variant)
     }
 
     /// The ops with the given kernels; the second ones need more workgroup memory than WebGPU's
     /// default limits: on a device without it, the first ones run.
     pub fn with_variant(ctx: GpuContext, variant: Variant) -> Result<Self> {
         let lut = storage_init(&ctx, "pixel_lut", &pixel_lut())?;
-        let variant = if variant != Variant::V1 && !v2::KERNELS.iter().all(|k| ctx.kernels.has(k)) {
-            Variant::V1
-        } else {
-            variant
-        };
+        let variant =
+            if variant.kernels().all(|k| ctx.kernels.has(k)) { variant } else { Variant::V1 };
         Ok(GpuOps {
             ctx,
             lut,
@@ -317,6 +316,10 @@ impl Ops for GpuOps {
             GradOp::LinearXent(s) if self.variant.linear_v2() && v2::xent_fits(&s) => {
                 v2::xent_partials(s.batch)
             }
+            GradOp::LinearXent(s) if self.variant.linear_v3() && v3::xent_fits(&s) => {
+                v3::xent_partials(s.batch)
+            }
+            GradOp::Linear(s) if self.variant.linear_v3() => v3::linear_partials(s.batch),
             _ => 1,
         }
     }
@@ -390,6 +393,8 @@ impl Ops for GpuOps {
             check_lens!(a.out => s.batch * s.out_features);
             if me.variant.linear_v2() {
                 me.linear_forward_v2(a)
+            } else if me.variant.linear_v3() {
+                me.linear_forward_v3(a)
             } else {
                 me.linear_forward_v1(a)
             }
@@ -409,7 +414,8 @@ impl Ops for GpuOps {
         let s = a.s;
         let case = OpCase::LinearXent { s, mask: relu_mask_of(&a.dinput) };
         self.tagged(case, |me| {
-            if !(me.variant.linear_v2() && v2::xent_fits(&s)) {
+            let v3 = me.variant.linear_v3() && v3::xent_fits(&s);
+            if !(v3 || me.variant.linear_v2() && v2::xent_fits(&s)) {
                 return linear_then_xent(me, a);
             }
             let parts = me.grad_partials(GradOp::LinearXent(s));
@@ -417,7 +423,11 @@ impl Ops for GpuOps {
             let logits = s.batch * s.out_features;
             check_lens!(a.bias => s.out_features, a.labels => s.batch, a.logits => logits, a.dlogits => logits);
             ensure!(a.losses.len >= s.batch && a.correct.len >= s.batch, "the loss buffers are too short");
-            me.linear_xent_v2(a)
+            if v3 {
+                me.linear_xent_v3(a)
+            } else {
+                me.linear_xent_v2(a)
+            }
         })
     }
 
@@ -430,6 +440,8 @@ impl Ops for GpuOps {
             check_lens!(a.dout => s.batch * s.out_features);
             if me.variant.linear_v2() {
                 me.linear_backward_v2(a)
+            } else if me.variant.linear_v3() {
+                me.linear_backward_v3(a)
             } else {
                 me.linear_backward_v1(a)
             }

@@ -162,7 +162,8 @@ impl GpuBackend {
     /// A backend on `ctx` that trains on `train` (uploaded once) with the kernels
     /// `LENET_KERNELS` names.
     pub fn new(ctx: GpuContext, train: &Dataset) -> Result<Self> {
-        Self::with_variant(ctx, train, super::Variant::from_env()?)
+        let variant = super::Variant::from_env_for(ctx.adapter_info.device_type)?;
+        Self::with_variant(ctx, train, variant)
     }
 
     /// The same with the given kernels.

@@ -29,6 +29,9 @@ pub enum Variant {
     /// dispatches a step. On the H100 the second FC kernels, register-blocked for few fat
     /// workgroups, are latency-bound (BENCHMARKS.md), while its convolutions are the faster.
     Mixed,
+    /// The second kernels' convolutions with the third fully connected kernels, shaped for a
+    /// large GPU (see [`super::v3`]): 10 dispatches a step.
+    V3,
 }
 
 /// The entry points of the second kernels.
@@ -41,16 +44,17 @@ pub const KERNELS: [&str; 6] = [
     "linear_xent_v2",
 ];
 
-/// The environment variable that picks the kernels: `v1`, `v2` or `mixed`.
+/// The environment variable that picks the kernels: `auto` (the default), `v1`, `v2`, `mixed` or
+/// `v3`.
 pub const KERNELS_ENV: &str = "LENET_KERNELS";
 
 impl Variant {
     /// Every choice of kernels.
-    pub const ALL: [Variant; 3] = [Variant::V1, Variant::V2, Variant::Mixed];
+    pub const ALL: [Variant; 4] = [Variant::V1, Variant::V2, Variant::Mixed, Variant::V3];
 
     /// Whether the convolutions run the second kernels (where the shape fits them).
     pub fn conv_v2(self) -> bool {
-        matches!(self, Variant::V2 | Variant::Mixed)
+        !matches!(self, Variant::V1)
     }
 
     /// Whether the fully connected layers run the second kernels (likewise).
@@ -58,11 +62,34 @@ impl Variant {
         self == Variant::V2
     }
 
-    /// From `LENET_KERNELS` (default `mixed`: the fastest on the H100, BENCHMARKS.md).
-    pub fn from_env() -> Result<Self> {
+    /// Whether the fully connected layers run the third kernels (likewise).
+    pub fn linear_v3(self) -> bool {
+        self == Variant::V3
+    }
+
+    /// The entry points this choice needs beyond the first kernels.
+    pub fn kernels(self) -> impl Iterator<Item = &'static str> {
+        let conv: &[&str] = if self.conv_v2() { &KERNELS } else { &[] };
+        let linear: &[&str] = if self.linear_v3() { &super::v3::KERNELS } else { &[] };
+        conv.iter().chain(linear).copied()
+    }
+
+    /// From `LENET_KERNELS` on an adapter of this kind: unset, empty or `auto`,
+    /// [`Variant::default_for`] it.
+    pub fn from_env_for(device_type: wgpu::DeviceType) -> Result<Self> {
         match std::env::var(KERNELS_ENV) {
-            Err(_) => Ok(Variant::Mixed),
-            Ok(v) => v.parse(),
+            Ok(v) if !matches!(v.trim(), "" | "auto") => v.parse(),
+            _ => Ok(Self::default_for(device_type)),
+        }
+    }
+
+    /// The fastest measured on the adapter's kind (BENCHMARKS.md): `mixed` on a GPU (the H100),
+    /// `v2` on a software adapter such as lavapipe, whose two cores want few fat workgroups.
+    pub fn default_for(device_type: wgpu::DeviceType) -> Self {
+        if device_type == wgpu::DeviceType::Cpu {
+            Variant::V2
+        } else {
+            Variant::Mixed
         }
     }
 }
@@ -73,8 +100,9 @@ impl std::str::FromStr for Variant {
         match s.trim() {
             "v1" => Ok(Variant::V1),
             "v2" => Ok(Variant::V2),
-            "mixed" | "" => Ok(Variant::Mixed),
-            other => anyhow::bail!("{KERNELS_ENV}={other:?}: the kernels are v1, v2 or mixed"),
+            "mixed" => Ok(Variant::Mixed),
+            "v3" => Ok(Variant::V3),
+            other => anyhow::bail!("{KERNELS_ENV}={other:?}: the kernels are auto, v1, v2, mixed or v3"),
         }
     }
 }
@@ -85,6 +113,7 @@ impl std::fmt::Display for Variant {
             Variant::V1 => "v1",
             Variant::V2 => "v2",
             Variant::Mixed => "mixed",
+            Variant::V3 => "v3",
         })
     }
 }
@@ -354,13 +383,19 @@ mod tests {
         for v in Variant::ALL {
             assert_eq!(v.to_string().parse::<Variant>().unwrap(), v);
         }
-        // An empty LENET_KERNELS is the default.
-        assert_eq!("".parse::<Variant>().unwrap(), Variant::Mixed);
-        let err = "v3".parse::<Variant>().unwrap_err().to_string();
-        assert!(err.contains("v1, v2 or mixed"), "{err}");
-        let kernels = |v: Variant| (v.conv_v2(), v.linear_v2());
-        assert_eq!(kernels(Variant::V1), (false, false));
-        assert_eq!(kernels(Variant::V2), (true, true));
-        assert_eq!(kernels(Variant::Mixed), (true, false));
+        let err = "v4".parse::<Variant>().unwrap_err().to_string();
+        assert!(err.contains("auto, v1, v2, mixed or v3"), "{err}");
+        // Unset, the kernels follow the adapter's kind.
+        assert_eq!(Variant::default_for(wgpu::DeviceType::Cpu), Variant::V2);
+        assert_eq!(Variant::default_for(wgpu::DeviceType::DiscreteGpu), Variant::Mixed);
+        assert_eq!(Variant::default_for(wgpu::DeviceType::IntegratedGpu), Variant::Mixed);
+        let kernels = |v: Variant| (v.conv_v2(), v.linear_v2(), v.linear_v3());
+        assert_eq!(kernels(Variant::V1), (false, false, false));
+        assert_eq!(kernels(Variant::V2), (true, true, false));
+        assert_eq!(kernels(Variant::Mixed), (true, false, false));
+        assert_eq!(kernels(Variant::V3), (true, false, true));
+        let v3: Vec<&str> = Variant::V3.kernels().collect();
+        assert!(v3.contains(&"linear_xent_v3") && v3.contains(&"conv_pool_backward"), "{v3:?}");
+        assert_eq!(Variant::V1.kernels().count(), 0);
     }
 }
