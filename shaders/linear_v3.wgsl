@@ -8,10 +8,10 @@
 //   forward at batch 64 has work for dozens of multiprocessors and fc1's at batch 256 for 256
 //   workgroups.
 // - The reduction axis staged in slices of 128 (one slice for In <= 128: fc2 and fc3), each
-//   invocation issuing its share of a slice's loads four at a time, unconditionally (an index
-//   outside reads element 0 and is replaced by zero), before it stores any: a handful of round
-//   trips to memory per tile, where the first kernels make one per 16 columns and a loop that
-//   stores each value as it arrives makes one per value.
+//   invocation issuing all its loads of a slice (24) unconditionally (an index outside reads
+//   element 0 and is replaced by zero) before it stores any: one round trip to memory per slice,
+//   where the first kernels make one per 16 columns and a loop that stores each value as it
+//   arrives makes one per value.
 // - Weight gradients in partial sums over groups of at least 64 images (at most 16 of them), so a
 //   layer's dW has parts x tiles workgroups and each sums a short run of the batch; the optimizer
 //   adds the parts in order (optim.wgsl).
@@ -83,8 +83,9 @@ fn slice_dot(acc: f32, r: u32, n: u32, kn: u32) -> f32 {
     return s;
 }
 
-// Staging: each invocation loads four slots of a [rows][cols] tile before it stores them.
-// `*_slot(j)` is slot j's value, `*_at(j)` where it goes in workgroup memory.
+// Staging: each invocation loads all its slots of a tile (8 or 16: loops of a constant count,
+// which compilers unroll, into registers) before it stores any. `*_slot(j)` is slot j's value,
+// `*_at(j)` where it goes in workgroup memory.
 
 // input[b0 + j / KC, k0 + j % KC] (zero outside the batch or the slice), to xs[r * KP + kk].
 fn input_slot(j: u32, b0: u32, k0: u32, kn: u32) -> f32 {
@@ -108,25 +109,19 @@ fn weight_row_slot(j: u32, o0: u32, k0: u32, kn: u32) -> f32 {
 
 // Stages input rows b0 .. b0 + TB and weight rows o0 .. o0 + TN, columns k0 .. k0 + kn.
 fn stage_rows(b0: u32, o0: u32, k0: u32, kn: u32, lid: u32) {
-    for (var j = lid; j < TB * KC; j += 4u * LANES) {
-        let v0 = input_slot(j, b0, k0, kn);
-        let v1 = input_slot(j + LANES, b0, k0, kn);
-        let v2 = input_slot(j + 2u * LANES, b0, k0, kn);
-        let v3 = input_slot(j + 3u * LANES, b0, k0, kn);
-        xs[slice_at(j)] = v0;
-        xs[slice_at(j + LANES)] = v1;
-        xs[slice_at(j + 2u * LANES)] = v2;
-        xs[slice_at(j + 3u * LANES)] = v3;
+    var x: array<f32, 8>;
+    var w: array<f32, 16>;
+    for (var u = 0u; u < TB * KC / LANES; u++) {
+        x[u] = input_slot(lid + u * LANES, b0, k0, kn);
     }
-    for (var j = lid; j < TN * KC; j += 4u * LANES) {
-        let v0 = weight_row_slot(j, o0, k0, kn);
-        let v1 = weight_row_slot(j + LANES, o0, k0, kn);
-        let v2 = weight_row_slot(j + 2u * LANES, o0, k0, kn);
-        let v3 = weight_row_slot(j + 3u * LANES, o0, k0, kn);
-        ws[slice_at(j)] = v0;
-        ws[slice_at(j + LANES)] = v1;
-        ws[slice_at(j + 2u * LANES)] = v2;
-        ws[slice_at(j + 3u * LANES)] = v3;
+    for (var u = 0u; u < TN * KC / LANES; u++) {
+        w[u] = weight_row_slot(lid + u * LANES, o0, k0, kn);
+    }
+    for (var u = 0u; u < TB * KC / LANES; u++) {
+        xs[slice_at(lid + u * LANES)] = x[u];
+    }
+    for (var u = 0u; u < TN * KC / LANES; u++) {
+        ws[slice_at(lid + u * LANES)] = w[u];
     }
 }
 
@@ -193,38 +188,34 @@ fn dinput_tile(tile: u32, lid: u32) {
     let groups = (n_in + TN - 1u) / TN;
     let i0 = (tile % groups) * TN;
     let b0 = (tile / groups) * TB;
+    let b = b0 + lid / TN;
+    let i = i0 + lid % TN;
+    let at = b * n_in + i;
+    // The mask's load goes out with the first slice's, not after the sum.
+    let mask = relu_mask[select(0u, at, params.relu != 0u && b < params.batch && i < n_in)];
     var acc = 0.0;
     for (var k0 = 0u; k0 < n_out; k0 += KC) {
         let kn = min(KC, n_out - k0);
-        for (var j = lid; j < TB * KC; j += 4u * LANES) {
-            let v0 = dout_slot(j, b0, k0, kn);
-            let v1 = dout_slot(j + LANES, b0, k0, kn);
-            let v2 = dout_slot(j + 2u * LANES, b0, k0, kn);
-            let v3 = dout_slot(j + 3u * LANES, b0, k0, kn);
-            xs[slice_at(j)] = v0;
-            xs[slice_at(j + LANES)] = v1;
-            xs[slice_at(j + 2u * LANES)] = v2;
-            xs[slice_at(j + 3u * LANES)] = v3;
+        var x: array<f32, 8>;
+        var w: array<f32, 16>;
+        for (var u = 0u; u < TB * KC / LANES; u++) {
+            x[u] = dout_slot(lid + u * LANES, b0, k0, kn);
         }
-        for (var j = lid; j < TN * KC; j += 4u * LANES) {
-            let v0 = weight_col_slot(j, i0, k0, kn);
-            let v1 = weight_col_slot(j + LANES, i0, k0, kn);
-            let v2 = weight_col_slot(j + 2u * LANES, i0, k0, kn);
-            let v3 = weight_col_slot(j + 3u * LANES, i0, k0, kn);
-            ws[column_at(j)] = v0;
-            ws[column_at(j + LANES)] = v1;
-            ws[column_at(j + 2u * LANES)] = v2;
-            ws[column_at(j + 3u * LANES)] = v3;
+        for (var u = 0u; u < TN * KC / LANES; u++) {
+            w[u] = weight_col_slot(lid + u * LANES, i0, k0, kn);
+        }
+        for (var u = 0u; u < TB * KC / LANES; u++) {
+            xs[slice_at(lid + u * LANES)] = x[u];
+        }
+        for (var u = 0u; u < TN * KC / LANES; u++) {
+            ws[column_at(lid + u * LANES)] = w[u];
         }
         workgroupBarrier();
         acc = slice_dot(acc, lid / TN, lid % TN, kn);
         workgroupBarrier();
     }
-    let b = b0 + lid / TN;
-    let i = i0 + lid % TN;
     if b < params.batch && i < n_in {
-        let at = b * n_in + i;
-        if params.relu != 0u && !(relu_mask[at] > 0.0) {
+        if params.relu != 0u && !(mask > 0.0) {
             acc = 0.0;
         }
         dinput[at] = acc;
@@ -271,25 +262,19 @@ fn dweight_tile(tile: u32, lid: u32) {
     var acc = 0.0;
     for (var s0 = g0; s0 < g1; s0 += BS) {
         let sn = min(BS, g1 - s0);
-        for (var j = lid; j < BS * TN; j += 4u * LANES) {
-            let v0 = column_slot(j, s0, sn, i0);
-            let v1 = column_slot(j + LANES, s0, sn, i0);
-            let v2 = column_slot(j + 2u * LANES, s0, sn, i0);
-            let v3 = column_slot(j + 3u * LANES, s0, sn, i0);
-            ws[j] = v0;
-            ws[j + LANES] = v1;
-            ws[j + 2u * LANES] = v2;
-            ws[j + 3u * LANES] = v3;
+        var x: array<f32, 8>;
+        var d: array<f32, 4>;
+        for (var u = 0u; u < BS * TN / LANES; u++) {
+            x[u] = column_slot(lid + u * LANES, s0, sn, i0);
         }
-        for (var j = lid; j < BS * TO; j += 4u * LANES) {
-            let v0 = dout_cols_slot(j, s0, sn, o0);
-            let v1 = dout_cols_slot(j + LANES, s0, sn, o0);
-            let v2 = dout_cols_slot(j + 2u * LANES, s0, sn, o0);
-            let v3 = dout_cols_slot(j + 3u * LANES, s0, sn, o0);
-            xs[j] = v0;
-            xs[j + LANES] = v1;
-            xs[j + 2u * LANES] = v2;
-            xs[j + 3u * LANES] = v3;
+        for (var u = 0u; u < BS * TO / LANES; u++) {
+            d[u] = dout_cols_slot(lid + u * LANES, s0, sn, o0);
+        }
+        for (var u = 0u; u < BS * TN / LANES; u++) {
+            ws[lid + u * LANES] = x[u];
+        }
+        for (var u = 0u; u < BS * TO / LANES; u++) {
+            xs[lid + u * LANES] = d[u];
         }
         workgroupBarrier();
         for (var bb = 0u; bb < sn; bb++) {
@@ -387,12 +372,14 @@ fn linear_xent_v3(
         for (var j = lid; j < rows * n_in; j += LANES) {
             let rr = j / n_in;
             let i = j % n_in;
+            let at = (b0 + rr) * n_in + i;
+            // Loaded with the weights, not after them.
+            let mask = relu_mask[at];
             var s = 0.0;
             for (var c = 0u; c < CMAX; c++) {
                 s += gs[rr * CMAX + c] * weight[min(c, n_out - 1u) * n_in + i];
             }
-            let at = (b0 + rr) * n_in + i;
-            if params.relu != 0u && !(relu_mask[at] > 0.0) {
+            if params.relu != 0u && !(mask > 0.0) {
                 s = 0.0;
             }
             dinput[at] = s;

@@ -2,14 +2,18 @@
 //! dispatch per layer and direction, register-blocked, the batch gather folded into the first
 //! convolution, each layer's weight and input gradients in one dispatch, the output layer's
 //! forward, loss and backward in one, and the batch sums of the weight gradients left as partials
-//! for the optimizer to add. A training step of LeNet-5 is 10
-//! dispatches (the first kernels, `v1`, take 19). Shapes these kernels do not take fall back to
-//! the first ones (see [`GpuOps`]'s `Ops` methods).
+//! for the optimizer to add. A training step of LeNet-5 is 10 dispatches (the first kernels,
+//! `v1`, take 19). Shapes these kernels do not take fall back to the first ones (see
+//! [`GpuOps`]'s `Ops` methods). Their staging loops load several values before storing any, so
+//! that a round of staging waits on memory once.
 //!
-//! The default, `mixed`, runs these convolutions with the first kernels' fully connected layers
-//! (15 dispatches a step): on the H100 the convolutions here are 1.1-3.7x faster than the first
-//! ones, while the fully connected kernels here, register-blocked for few fat workgroups (what
-//! lavapipe wants), leave a large GPU nearly empty and wait on memory: 3-6x slower there.
+//! On a GPU the default, `mixed`, runs these convolutions with the first kernels' fully
+//! connected layers (15 dispatches a step): on the H100 the convolutions here were 1.1-3.7x
+//! faster than the first ones, while the fully connected kernels here, register-blocked for few
+//! fat workgroups (what lavapipe wants, where `v2` is the default), leave a large GPU nearly
+//! empty and wait on memory: 3-6x slower there. `v3` pairs these convolutions with fully
+//! connected kernels written for a large GPU ([`super::v3`]), in 10 dispatches; it waits for an
+//! H100 to time it against `mixed`.
 
 use anyhow::Result;
 
