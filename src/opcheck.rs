@@ -192,6 +192,10 @@ pub fn test_cases() -> Vec<OpCase> {
         OpCase::LinearXent { s: lin(67, 84, 10), mask: Some(true) },
         OpCase::LinearXent { s: lin(9, 20, 10), mask: Some(false) },
         OpCase::LinearXent { s: lin(5, 84, 10), mask: None },
+        // Batches large enough that a kernel's group of images spans several tiles or staging
+        // rounds (v3: 16 images a group at 600, two tiles of 8; 69 a group at 1100, two rounds).
+        OpCase::LinearXent { s: lin(600, 20, 10), mask: Some(true) },
+        OpCase::LinearBackward { s: lin(1100, 33, 19), mask: Some(true) },
     ]);
     cases.extend(
         linears
