@@ -354,7 +354,7 @@ fn dconv_at(plane: u32, y: u32, x: u32, ho: u32, wo: u32) -> f32 {
     return select(0.0, g, arg == i && relu > 0.0);
 }
 
-// Slot j of image b's staged dconv [Cout][Ho][Wo] (zero from j = Cout * Ho * Wo on).
+// Slot j of image b's staged dconv [Cout][Ho][Wo] (zero past it).
 fn dconv_slot(b: u32, j: u32) -> f32 {
     let ho = out_h();
     let wo = out_w();
@@ -379,13 +379,13 @@ fn weight_by_input_slot(j: u32) -> vec4<f32> {
     return v;
 }
 
-// Image b's input gradient. Staged: dconv [Cout][Ho][Wo] in sm with one zero after it (where
-// taps that land outside dconv read), and the weights as sm4[((co * K + ky) * K + kx) * 2 + h] =
-// weight[co, 4h .. 4h + 4, ky, kx] (input channels padded to 8 with zeros). Then one invocation
-// per input position sums, for all its input channels at once, dconv[co, iy + p - ky, ix + p -
-// kx] * weight[co, ci, ky, kx] over co, ky, kx (the CPU reference's order; outside taps add 0).
-// (Measured on lavapipe: one staging round with a select per tap beats rounds of zero-padded
-// planes, whose extra barriers cost more than the selects.)
+// Image b's input gradient. Staged: dconv [Cout][Ho][Wo] in sm, and the weights as
+// sm4[((co * K + ky) * K + kx) * 2 + h] = weight[co, 4h .. 4h + 4, ky, kx] (input channels padded
+// to 8 with zeros). Then one invocation per input position sums, for all its input channels at
+// once, dconv[co, iy + p - ky, ix + p - kx] * weight[co, ci, ky, kx] over co, ky, kx (the CPU
+// reference's order), the taps inside dconv only. (Measured on lavapipe: one staging round beats
+// rounds of zero-padded planes, whose extra barriers cost more than they save; looping over the
+// inside taps alone beats reading a zero for the others.)
 fn input_gradient(b: u32, lid: u32) {
     let ho = out_h();
     let wo = out_w();
@@ -394,7 +394,7 @@ fn input_gradient(b: u32, lid: u32) {
     let cin = params.cin;
     let k = params.k;
     let kk = k * k;
-    let n = cout * hw + 1u;
+    let n = cout * hw;
     for (var j = lid; j < n; j += 4u * BWD) {
         let g0 = dconv_slot(b, j);
         let g1 = dconv_slot(b, j + BWD);
@@ -423,25 +423,29 @@ fn input_gradient(b: u32, lid: u32) {
     workgroupBarrier();
     let h = params.height;
     let w = params.width;
-    let p = i32(params.pad);
-    let zero = cout * hw;
+    let p = params.pad;
     for (var pos = lid; pos < h * w; pos += BWD) {
-        let iy = i32(pos / w);
-        let ix = i32(pos % w);
+        let iy = pos / w;
+        let ix = pos % w;
+        // The taps that land inside dconv: ky in [ky0, ky1) puts row iy + p - ky in [0, Ho), and
+        // likewise kx. The taps outside would add zeros (which leave every sum as it is), so
+        // they are skipped rather than read from a zero.
+        let ky0 = max(iy + p + 1u, ho) - ho;
+        let ky1 = min(iy + p + 1u, k);
+        let kx0 = max(ix + p + 1u, wo) - wo;
+        let kx1 = min(ix + p + 1u, k);
         var acc0 = vec4<f32>(0.0);
         var acc1 = vec4<f32>(0.0);
         for (var co = 0u; co < cout; co++) {
-            for (var ky = 0u; ky < k; ky++) {
-                let r = iy + p - i32(ky);
-                let row_in = r >= 0 && r < i32(ho);
-                let row = co * hw + u32(max(r, 0)) * wo;
-                var wt = ((co * k + ky) * k) * 2u;
-                for (var kx = 0u; kx < k; kx++) {
-                    let c = ix + p - i32(kx);
-                    let at = select(zero, row + u32(max(c, 0)), row_in && c >= 0 && c < i32(wo));
+            for (var ky = ky0; ky < ky1; ky++) {
+                // dconv[co, iy + p - ky, ix + p - kx] for kx = kx0, kx0 + 1, ...
+                var at = co * hw + (iy + p - ky) * wo + ix + p - kx0;
+                var wt = ((co * k + ky) * k + kx0) * 2u;
+                for (var kx = kx0; kx < kx1; kx++) {
                     let g = sm[at];
                     acc0 += g * sm4[wt];
                     acc1 += g * sm4[wt + 1u];
+                    at -= 1u;
                     wt += 2u;
                 }
             }
