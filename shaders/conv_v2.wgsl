@@ -474,13 +474,14 @@ fn dconv8_slot(b: u32, co0: u32, j: u32) -> vec4<f32> {
     return g;
 }
 
-// The weight and bias gradients of a group of images (one partial sum per group), 8 output
-// channels at a time. Per image: its zero-padded input planes (sm) and the 8 channels' dconv as
-// sm4[(y * Wo + x) * 2 + h] (channels 4h .. 4h + 4) are staged; then invocation `task` (a tap
-// (ci, ky, kx), or the bias after the taps) sums dconv[co, y, x] * input[ci, y + ky - p, x + kx -
-// p] (or dconv alone) over (y, x) row by row: one input read and two vec4 reads per eight
-// multiply-adds. When there are few taps (the first layer) the rows are split in `parts` over
-// more invocations, whose sums are added in part order at the end.
+// The weight and bias gradients of a group of images (one partial sum per group), for up to 16
+// output channels at once. Per image: its zero-padded input planes (sm) and every channel's
+// dconv as sm4[(g * Ho * Wo + y * Wo + x) * 2 + h] (channels 8g + 4h .. 8g + 4h + 4) are staged;
+// then invocation `task` (a tap (ci, ky, kx), or the bias after the taps) sums dconv[co, y, x] *
+// input[ci, y + ky - p, x + kx - p] (or dconv alone) over the images, then (y, x) row by row: one
+// input read and two vec4 reads per eight multiply-adds. When there are few taps (the first
+// layer) the rows are split in `parts` over more invocations, whose sums are added in part
+// order at the end.
 fn weight_gradient(group: u32, lid: u32) {
     let ho = out_h();
     let wo = out_w();
@@ -506,59 +507,85 @@ fn weight_gradient(group: u32, lid: u32) {
     let b0 = group * params.images_per_group;
     let b1 = min(params.batch, b0 + params.images_per_group);
     let n_w = cout * taps;
-    for (var co0 = 0u; co0 < cout; co0 += 8u) {
-        var acc0 = vec4<f32>(0.0);
-        var acc1 = vec4<f32>(0.0);
-        for (var b = b0; b < b1; b++) {
-            stage_input(b, lid, BWD);
-            for (var j = lid; j < 2u * hw; j += 2u * BWD) {
-                let g0 = dconv8_slot(b, co0, j);
-                let g1 = dconv8_slot(b, co0, j + BWD);
-                sm4[j] = g0;
-                if j + BWD < 2u * hw {
-                    sm4[j + BWD] = g1;
-                }
+    // Channels 0..8 in acc0, acc1; 8..16 (when there are more than 8) in acc2, acc3.
+    let two = cout > 8u;
+    let n = select(2u, 4u, two) * hw;
+    let second = 2u * hw;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var b = b0; b < b1; b++) {
+        stage_input(b, lid, BWD);
+        for (var j = lid; j < n; j += 2u * BWD) {
+            let g0 = dconv8_slot(b, 8u * (j / second), j % second);
+            let j1 = j + BWD;
+            let g1 = dconv8_slot(b, 8u * (j1 / second), j1 % second);
+            sm4[j] = g0;
+            if j1 < n {
+                sm4[j1] = g1;
             }
-            workgroupBarrier();
-            if busy {
-                for (var y = y0; y < y1; y++) {
-                    let in_row = base + y * pw;
-                    var g_at = 2u * y * wo;
-                    for (var x = 0u; x < wo; x++) {
-                        let v = select(sm[in_row + x], 1.0, is_bias);
-                        acc0 += v * sm4[g_at];
-                        acc1 += v * sm4[g_at + 1u];
-                        g_at += 2u;
-                    }
-                }
-            }
-            workgroupBarrier();
         }
-        // Parts added in order through workgroup memory, then the group's partial written.
-        if parts > 1u {
-            if busy && part > 0u {
-                sm4[2u * lid] = acc0;
-                sm4[2u * lid + 1u] = acc1;
-            }
-            workgroupBarrier();
-            if part == 0u {
-                for (var pt = 1u; pt < parts; pt++) {
-                    acc0 += sm4[2u * (pt * tasks + task)];
-                    acc1 += sm4[2u * (pt * tasks + task) + 1u];
+        workgroupBarrier();
+        // The same loop with and without the second group, so that neither tests per tap.
+        if busy && two {
+            for (var y = y0; y < y1; y++) {
+                let in_row = base + y * pw;
+                var g_at = 2u * y * wo;
+                for (var x = 0u; x < wo; x++) {
+                    let v = select(sm[in_row + x], 1.0, is_bias);
+                    acc0 += v * sm4[g_at];
+                    acc1 += v * sm4[g_at + 1u];
+                    acc2 += v * sm4[second + g_at];
+                    acc3 += v * sm4[second + g_at + 1u];
+                    g_at += 2u;
                 }
             }
-            workgroupBarrier();
+        } else if busy {
+            for (var y = y0; y < y1; y++) {
+                let in_row = base + y * pw;
+                var g_at = 2u * y * wo;
+                for (var x = 0u; x < wo; x++) {
+                    let v = select(sm[in_row + x], 1.0, is_bias);
+                    acc0 += v * sm4[g_at];
+                    acc1 += v * sm4[g_at + 1u];
+                    g_at += 2u;
+                }
+            }
         }
+        workgroupBarrier();
+    }
+    // Parts added in order through workgroup memory, then the group's partial written.
+    if parts > 1u {
+        if busy && part > 0u {
+            sm4[4u * lid] = acc0;
+            sm4[4u * lid + 1u] = acc1;
+            sm4[4u * lid + 2u] = acc2;
+            sm4[4u * lid + 3u] = acc3;
+        }
+        workgroupBarrier();
         if part == 0u {
-            for (var c = 0u; c < 8u; c++) {
-                let co = co0 + c;
-                if co < cout {
-                    let v = select(acc1[c % 4u], acc0[c % 4u], c < 4u);
-                    if is_bias {
-                        dbias[group * cout + co] = v;
-                    } else {
-                        dweight[group * n_w + co * taps + task] = v;
-                    }
+            for (var pt = 1u; pt < parts; pt++) {
+                let at = 4u * (pt * tasks + task);
+                acc0 += sm4[at];
+                acc1 += sm4[at + 1u];
+                acc2 += sm4[at + 2u];
+                acc3 += sm4[at + 3u];
+            }
+        }
+    }
+    if part == 0u {
+        for (var c = 0u; c < 16u; c++) {
+            let co = c;
+            if co < cout {
+                var v = select(acc1[c % 4u], acc0[c % 4u], c < 4u);
+                if c >= 8u {
+                    v = select(acc3[c % 4u], acc2[c % 4u], c < 12u);
+                }
+                if is_bias {
+                    dbias[group * cout + co] = v;
+                } else {
+                    dweight[group * n_w + co * taps + task] = v;
                 }
             }
         }

@@ -162,6 +162,10 @@ pub fn test_cases() -> Vec<OpCase> {
         conv(37, 6, 16, 14, 5, 0),
         conv(2, 3, 5, 10, 3, 1),
         conv(5, 2, 7, 12, 5, 0),
+        // Two groups of 8 output channels, the second part-filled (v2's weight gradient), and
+        // more than 16 (v2's backward falls back to the first kernels).
+        conv(4, 3, 12, 10, 3, 1),
+        conv(2, 2, 20, 8, 3, 1),
     ];
     let linears = [lin(1, 400, 120), lin(37, 400, 120), lin(13, 120, 84), lin(5, 84, 10), lin(17, 33, 19)];
     let sgd = |lens: &[usize], partials: &[usize], momentum, nesterov, weight_decay| OpCase::Sgd {

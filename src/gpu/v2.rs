@@ -131,6 +131,8 @@ pub const WORKGROUP_BYTES: u32 = (SM * 4 + SM4 * 16) as u32;
 /// Invocations of the v2 conv backward (`BWD`), and the input gradient's most input channels.
 const BWD: usize = 256;
 const MAX_CIN: usize = 8;
+/// The weight gradient's most output channels (two groups of 8, in registers).
+const MAX_COUT_BWD: usize = 16;
 /// Images per output-layer workgroup (`XT` in linear_v2.wgsl) and its most classes (`CMAX`).
 const XT: usize = 32;
 const CMAX: usize = 16;
@@ -165,18 +167,19 @@ pub fn forward_fits(s: &ConvShape, gather: bool) -> bool {
 }
 
 /// Whether the v2 backward takes this shape: for the input gradient, at most 8 input channels,
-/// the image's dconv (and a zero) in `sm` and the weights in `sm4`; for
-/// the weight gradient, the input planes in `sm`, 8 dconv planes in `sm4`, and an invocation per
-/// tap.
+/// the image's dconv in `sm` and the weights in `sm4`; for the weight gradient, at most 16 output
+/// channels, the input planes in `sm`, every channel's dconv in `sm4` (8 channels per 2 vec4s),
+/// and an invocation per tap.
 pub fn backward_fits(s: &ConvShape, dinput: bool) -> bool {
     let kk = s.kernel * s.kernel;
     let hw = s.out_height() * s.out_width();
-    let input_role = s.in_channels <= MAX_CIN && s.out_channels * hw < SM && s.out_channels * kk * 2 <= SM4;
+    let input_role = s.in_channels <= MAX_CIN && s.out_channels * hw <= SM && s.out_channels * kk * 2 <= SM4;
     pools(s)
+        && s.out_channels <= MAX_COUT_BWD
         && s.in_channels * kk < BWD
         && s.in_channels * padded_plane(s) <= SM
-        && 2 * hw <= SM4
-        && 2 * BWD <= SM4
+        && 2 * groups_of_8(s) * hw <= SM4
+        && 4 * BWD <= SM4
         && (!dinput || input_role)
 }
 
