@@ -895,6 +895,10 @@ train stopped by SIGHUP, Ctrl\-C (SIGINT) or SIGTERM, after saving to \-\-save
 LENET_ADAPTER
 picks a GPU adapter by part of its name, as \-\-adapter does
 .TP
+LENET_KERNELS
+picks the GPU kernels: auto (the default: mixed on a GPU, v2 on a software adapter), v1, v2,
+mixed or v3
+.TP
 WGPU_BACKEND
 limits the graphics APIs wgpu looks at (vulkan, metal, dx12, gl)
 .SH "SEE ALSO"

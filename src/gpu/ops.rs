@@ -100,8 +100,7 @@ impl GpuOps {
     /// default limits: on a device without it, the first ones run.
     pub fn with_variant(ctx: GpuContext, variant: Variant) -> Result<Self> {
         let lut = storage_init(&ctx, "pixel_lut", &pixel_lut())?;
-        let variant =
-            if variant.kernels().all(|k| ctx.kernels.has(k)) { variant } else { Variant::V1 };
+        let variant = if variant.kernels().all(|k| ctx.kernels.has(k)) { variant } else { Variant::V1 };
         Ok(GpuOps {
             ctx,
             lut,

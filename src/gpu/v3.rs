@@ -86,7 +86,8 @@ impl GpuOps {
                 (&scratch, None, 0)
             }
         };
-        let w_tiles = (s.in_features + 1).div_ceil(TN) * s.out_features.div_ceil(TO) * linear_partials(s.batch);
+        let w_tiles =
+            (s.in_features + 1).div_ceil(TN) * s.out_features.div_ceil(TO) * linear_partials(s.batch);
         let d = self
             .kernel("linear_backward_v3")?
             .buf("dout", &dout.view)
