@@ -134,6 +134,15 @@ fn input_slot(b: u32, j: u32) -> f32 {
     return select(0.0, input[select(0u, at, ok)], ok);
 }
 
+// Stores the four slots j, j + lanes, j + 2 lanes, j + 3 lanes of sm that are below n.
+fn store_sm4(j: u32, lanes: u32, n: u32, v: vec4<f32>) {
+    for (var q = 0u; q < 4u; q++) {
+        if j + q * lanes < n {
+            sm[j + q * lanes] = v[q];
+        }
+    }
+}
+
 // Stages image b's input planes, zero-padded, in sm.
 fn stage_input(b: u32, lid: u32, lanes: u32) {
     let n = params.cin * (params.height + 2u * params.pad) * (params.width + 2u * params.pad);
@@ -142,16 +151,7 @@ fn stage_input(b: u32, lid: u32, lanes: u32) {
         let v1 = input_slot(b, j + lanes);
         let v2 = input_slot(b, j + 2u * lanes);
         let v3 = input_slot(b, j + 3u * lanes);
-        sm[j] = v0;
-        if j + lanes < n {
-            sm[j + lanes] = v1;
-        }
-        if j + 2u * lanes < n {
-            sm[j + 2u * lanes] = v2;
-        }
-        if j + 3u * lanes < n {
-            sm[j + 3u * lanes] = v3;
-        }
+        store_sm4(j, lanes, n, vec4<f32>(v0, v1, v2, v3));
     }
 }
 
@@ -400,16 +400,7 @@ fn input_gradient(b: u32, lid: u32) {
         let g1 = dconv_slot(b, j + BWD);
         let g2 = dconv_slot(b, j + 2u * BWD);
         let g3 = dconv_slot(b, j + 3u * BWD);
-        sm[j] = g0;
-        if j + BWD < n {
-            sm[j + BWD] = g1;
-        }
-        if j + 2u * BWD < n {
-            sm[j + 2u * BWD] = g2;
-        }
-        if j + 3u * BWD < n {
-            sm[j + 3u * BWD] = g3;
-        }
+        store_sm4(j, BWD, n, vec4<f32>(g0, g1, g2, g3));
     }
     let nw = cout * kk * 2u;
     for (var j = lid; j < nw; j += 2u * BWD) {

@@ -313,21 +313,40 @@ impl GpuOps {
     }
 
     pub(super) fn linear_backward_v2(&mut self, a: LinearBackward<Self>) -> Result<()> {
+        let s = a.s;
+        let (b, tiles) = self.bind_linear_backward("linear_backward_v2", &a, (8, 64))?;
+        let w_tiles = (s.in_features + 1).div_ceil(64) * s.out_features.div_ceil(8);
+        let d = b
+            .buf("rows", &a.dout.view)
+            .param("scale", 0.0f32)
+            .grid(grid_1d((tiles + w_tiles) as u64, 1, self.max_dim()))
+            .build("linear_backward")?;
+        self.push(d);
+        Ok(())
+    }
+
+    /// A one-dispatch linear backward kernel (v2's or v3's) bound to the op's buffers, with the
+    /// shape and `dinput_tiles`: the input gradient's tiles of (features, images) `tile`, which
+    /// come first, when it is asked for. Returns the binder and that tile count.
+    pub(super) fn bind_linear_backward(
+        &self,
+        kernel: &str,
+        a: &LinearBackward<Self>,
+        tile: (usize, usize),
+    ) -> Result<(Binder<'_>, usize)> {
         let (s, dout) = (a.s, a.dout);
         let scratch;
-        let (dinput, mask, tiles) = match a.dinput {
+        let (dinput, mask, tiles) = match &a.dinput {
             Some(InputGradArgs { dinput, relu_mask }) => {
-                (&*dinput, relu_mask, s.in_features.div_ceil(8) * s.batch.div_ceil(64))
+                (&**dinput, *relu_mask, s.in_features.div_ceil(tile.0) * s.batch.div_ceil(tile.1))
             }
             None => {
                 scratch = self.scratch("no_dinput", 1)?;
                 (&scratch, None, 0)
             }
         };
-        let w_tiles = (s.in_features + 1).div_ceil(64) * s.out_features.div_ceil(8);
-        let d = self
-            .kernel("linear_backward_v2")?
-            .buf("rows", &dout.view)
+        let b = self
+            .kernel(kernel)?
             .buf("dout", &dout.view)
             .buf("input", &a.input.view)
             .buf("weight", &a.weight.view)
@@ -337,27 +356,35 @@ impl GpuOps {
             .buf("dweight", &a.dweight.view)
             .buf("dbias", &a.dbias.view)
             .linear_shape(s, mask.is_some())
-            .param("dinput_tiles", tiles)
-            .param("scale", 0.0f32)
-            .grid(grid_1d((tiles + w_tiles) as u64, 1, self.max_dim()))
-            .build("linear_backward")?;
-        self.push(d);
-        Ok(())
+            .param("dinput_tiles", tiles);
+        Ok((b, tiles))
     }
 
     /// The output layer's forward pass, loss and backward pass, one workgroup per `XT` images.
     pub(super) fn linear_xent_v2(&mut self, a: LinearXent<Self>) -> Result<()> {
+        let d = self
+            .bind_linear_xent("linear_xent_v2", &a)?
+            .param("dinput_tiles", 0u32)
+            .grid((xent_partials(a.s.batch) as u32, 1, 1))
+            .build("linear_xent_forward_backward")?;
+        self.push(d);
+        Ok(())
+    }
+
+    /// A one-dispatch output-layer kernel (v2's or v3's) bound to the op's buffers, with the
+    /// shape, the loss gradient's scale and the step uniform.
+    pub(super) fn bind_linear_xent(&self, kernel: &str, a: &LinearXent<Self>) -> Result<Binder<'_>> {
         let s = a.s;
         let scratch;
-        let (dinput, mask) = match a.dinput {
-            Some(InputGradArgs { dinput, relu_mask }) => (&*dinput, relu_mask),
+        let (dinput, mask) = match &a.dinput {
+            Some(InputGradArgs { dinput, relu_mask }) => (&**dinput, *relu_mask),
             None => {
                 scratch = self.scratch("no_dinput", s.batch * s.in_features)?;
                 (&scratch, None)
             }
         };
-        let d = self
-            .kernel("linear_xent_v2")?
+        Ok(self
+            .kernel(kernel)?
             .buf("input", &a.input.view)
             .buf("weight", &a.weight.view)
             .buf("bias", &a.bias.view)
@@ -371,13 +398,8 @@ impl GpuOps {
             .buf("dweight", &a.dweight.view)
             .buf("dbias", &a.dbias.view)
             .linear_shape(s, mask.is_some())
-            .param("dinput_tiles", 0u32)
             .param("scale", 1.0f32 / s.batch as f32)
-            .step(self.step(StepUniform::default()))
-            .grid((xent_partials(s.batch) as u32, 1, 1))
-            .build("linear_xent_forward_backward")?;
-        self.push(d);
-        Ok(())
+            .step(self.step(StepUniform::default())))
     }
 }
 

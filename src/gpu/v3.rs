@@ -8,7 +8,7 @@
 
 use anyhow::Result;
 
-use super::kernels::{grid_1d, StepUniform};
+use super::kernels::grid_1d;
 use super::ops::GpuOps;
 use crate::ops::*;
 
@@ -75,31 +75,11 @@ impl GpuOps {
 
     /// The input gradient's tiles and every partial's weight-gradient tiles in one dispatch.
     pub(super) fn linear_backward_v3(&mut self, a: LinearBackward<Self>) -> Result<()> {
-        let (s, dout) = (a.s, a.dout);
-        let scratch;
-        let (dinput, mask, tiles) = match a.dinput {
-            Some(InputGradArgs { dinput, relu_mask }) => {
-                (&*dinput, relu_mask, s.in_features.div_ceil(TN) * s.batch.div_ceil(TB))
-            }
-            None => {
-                scratch = self.scratch("no_dinput", 1)?;
-                (&scratch, None, 0)
-            }
-        };
+        let s = a.s;
+        let (b, tiles) = self.bind_linear_backward("linear_backward_v3", &a, (TN, TB))?;
         let w_tiles =
             (s.in_features + 1).div_ceil(TN) * s.out_features.div_ceil(TO) * linear_partials(s.batch);
-        let d = self
-            .kernel("linear_backward_v3")?
-            .buf("dout", &dout.view)
-            .buf("input", &a.input.view)
-            .buf("weight", &a.weight.view)
-            // Without a mask the kernel never reads relu_mask; any read-only buffer fills it.
-            .buf("relu_mask", &mask.unwrap_or(dout).view)
-            .buf("dinput", &dinput.view)
-            .buf("dweight", &a.dweight.view)
-            .buf("dbias", &a.dbias.view)
-            .linear_shape(s, mask.is_some())
-            .param("dinput_tiles", tiles)
+        let d = b
             .param("images_per_group", images_per_group(s.batch))
             .param("scale", 0.0f32)
             .grid(grid_1d((tiles + w_tiles) as u64, 1, self.max_dim()))
@@ -111,35 +91,11 @@ impl GpuOps {
     /// The output layer's forward pass, loss and backward pass, one workgroup per group of
     /// images (and weight-gradient partial).
     pub(super) fn linear_xent_v3(&mut self, a: LinearXent<Self>) -> Result<()> {
-        let s = a.s;
-        let scratch;
-        let (dinput, mask) = match a.dinput {
-            Some(InputGradArgs { dinput, relu_mask }) => (&*dinput, relu_mask),
-            None => {
-                scratch = self.scratch("no_dinput", s.batch * s.in_features)?;
-                (&scratch, None)
-            }
-        };
         let d = self
-            .kernel("linear_xent_v3")?
-            .buf("input", &a.input.view)
-            .buf("weight", &a.weight.view)
-            .buf("bias", &a.bias.view)
-            .buf("labels", &a.labels.view)
-            .buf("out", &a.logits.view)
-            .buf("dlogits", &a.dlogits.view)
-            .buf("losses", &a.losses.view)
-            .buf("correct", &a.correct.view)
-            .buf("relu_mask", &mask.unwrap_or(a.input).view)
-            .buf("dinput", &dinput.view)
-            .buf("dweight", &a.dweight.view)
-            .buf("dbias", &a.dbias.view)
-            .linear_shape(s, mask.is_some())
+            .bind_linear_xent("linear_xent_v3", &a)?
             .param("dinput_tiles", 0u32)
-            .param("images_per_group", xent_images_per_group(s.batch))
-            .param("scale", 1.0f32 / s.batch as f32)
-            .step(self.step(StepUniform::default()))
-            .grid(grid_1d(xent_partials(s.batch) as u64, 1, self.max_dim()))
+            .param("images_per_group", xent_images_per_group(a.s.batch))
+            .grid(grid_1d(xent_partials(a.s.batch) as u64, 1, self.max_dim()))
             .build("linear_xent_forward_backward")?;
         self.push(d);
         Ok(())
