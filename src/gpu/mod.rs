@@ -14,4 +14,4 @@ pub mod v3;
 pub use context::{list_adapters, AdapterSummary, GpuContext};
 pub use ops::GpuOps;
 pub use trainer::GpuBackend;
-pub use v2::Variant;
+pub use v2::{Generation, Variant};

@@ -14,7 +14,7 @@ use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
 use super::kernels::{pack_u8, pixel_lut, Binder, Dispatch, StepUniform, View};
-use super::v2::{self, Variant};
+use super::v2::{self, Generation, Variant};
 use super::v3;
 use crate::data::Dataset;
 use crate::opcheck::{relu_mask_of, update_shapes, OpCase};
@@ -172,6 +172,17 @@ impl GpuOps {
         self.variant.conv_v2() && v2::backward_fits(s, dinput)
     }
 
+    /// The kernels of the output layer's fused step at this shape: the variant's fully connected
+    /// generation where its one-dispatch kernel takes the shape; else the first kernels' ops, one
+    /// after the other.
+    fn xent_kernels(&self, s: &LinearShape) -> Generation {
+        match self.variant.linear() {
+            Generation::Second if v2::xent_fits(s) => Generation::Second,
+            Generation::Third if v3::xent_fits(s) => Generation::Third,
+            _ => Generation::First,
+        }
+    }
+
     /// Runs `f` with its dispatches tagged as the op call `case` (unless an outer call tags).
     fn tagged(&mut self, case: OpCase, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
         let outer = self.current.is_none();
@@ -312,13 +323,12 @@ impl Ops for GpuOps {
             GradOp::ConvFromPool(s, dinput) if self.conv_backward_v2(&s, dinput) => {
                 v2::conv_partials(s.batch)
             }
-            GradOp::LinearXent(s) if self.variant.linear_v2() && v2::xent_fits(&s) => {
-                v2::xent_partials(s.batch)
-            }
-            GradOp::LinearXent(s) if self.variant.linear_v3() && v3::xent_fits(&s) => {
-                v3::xent_partials(s.batch)
-            }
-            GradOp::Linear(s) if self.variant.linear_v3() => v3::linear_partials(s.batch),
+            GradOp::LinearXent(s) => match self.xent_kernels(&s) {
+                Generation::Second => v2::xent_partials(s.batch),
+                Generation::Third => v3::xent_partials(s.batch),
+                Generation::First => 1,
+            },
+            GradOp::Linear(s) if self.variant.linear() == Generation::Third => v3::linear_partials(s.batch),
             _ => 1,
         }
     }
@@ -390,12 +400,10 @@ impl Ops for GpuOps {
         self.tagged(OpCase::Linear { s, relu: a.relu }, |me| {
             check_lens!(a.input => s.batch * s.in_features, a.weight => s.weight_len(), a.bias => s.out_features);
             check_lens!(a.out => s.batch * s.out_features);
-            if me.variant.linear_v2() {
-                me.linear_forward_v2(a)
-            } else if me.variant.linear_v3() {
-                me.linear_forward_v3(a)
-            } else {
-                me.linear_forward_v1(a)
+            match me.variant.linear() {
+                Generation::First => me.linear_forward_v1(a),
+                Generation::Second => me.linear_forward_v2(a),
+                Generation::Third => me.linear_forward_v3(a),
             }
         })
     }
@@ -413,8 +421,8 @@ impl Ops for GpuOps {
         let s = a.s;
         let case = OpCase::LinearXent { s, mask: relu_mask_of(&a.dinput) };
         self.tagged(case, |me| {
-            let v3 = me.variant.linear_v3() && v3::xent_fits(&s);
-            if !(v3 || me.variant.linear_v2() && v2::xent_fits(&s)) {
+            let kernels = me.xent_kernels(&s);
+            if kernels == Generation::First {
                 return linear_then_xent(me, a);
             }
             let parts = me.grad_partials(GradOp::LinearXent(s));
@@ -422,7 +430,7 @@ impl Ops for GpuOps {
             let logits = s.batch * s.out_features;
             check_lens!(a.bias => s.out_features, a.labels => s.batch, a.logits => logits, a.dlogits => logits);
             ensure!(a.losses.len >= s.batch && a.correct.len >= s.batch, "the loss buffers are too short");
-            if v3 {
+            if kernels == Generation::Third {
                 me.linear_xent_v3(a)
             } else {
                 me.linear_xent_v2(a)
@@ -437,12 +445,10 @@ impl Ops for GpuOps {
             let parts = me.grad_partials(GradOp::Linear(s));
             check_linear_backward(a.input, a.weight, a.dweight, a.dbias, a.dinput.as_ref(), s, parts)?;
             check_lens!(a.dout => s.batch * s.out_features);
-            if me.variant.linear_v2() {
-                me.linear_backward_v2(a)
-            } else if me.variant.linear_v3() {
-                me.linear_backward_v3(a)
-            } else {
-                me.linear_backward_v1(a)
+            match me.variant.linear() {
+                Generation::First => me.linear_backward_v1(a),
+                Generation::Second => me.linear_backward_v2(a),
+                Generation::Third => me.linear_backward_v3(a),
             }
         })
     }

@@ -38,6 +38,14 @@ pub enum Variant {
     V3,
 }
 
+/// A generation of kernels for one kind of layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Generation {
+    First,
+    Second,
+    Third,
+}
+
 /// The entry points of the second kernels.
 pub const KERNELS: [&str; 6] = [
     "conv_pool_forward",
@@ -61,20 +69,19 @@ impl Variant {
         !matches!(self, Variant::V1)
     }
 
-    /// Whether the fully connected layers run the second kernels (likewise).
-    pub fn linear_v2(self) -> bool {
-        self == Variant::V2
-    }
-
-    /// Whether the fully connected layers run the third kernels (likewise).
-    pub fn linear_v3(self) -> bool {
-        self == Variant::V3
+    /// Which generation of kernels the fully connected layers run (where the shape fits them).
+    pub fn linear(self) -> Generation {
+        match self {
+            Variant::V1 | Variant::Mixed => Generation::First,
+            Variant::V2 => Generation::Second,
+            Variant::V3 => Generation::Third,
+        }
     }
 
     /// The entry points this choice needs beyond the first kernels.
     pub fn kernels(self) -> impl Iterator<Item = &'static str> {
         let conv: &[&str] = if self.conv_v2() { &KERNELS } else { &[] };
-        let linear: &[&str] = if self.linear_v3() { &super::v3::KERNELS } else { &[] };
+        let linear: &[&str] = if self.linear() == Generation::Third { &super::v3::KERNELS } else { &[] };
         conv.iter().chain(linear).copied()
     }
 
@@ -418,11 +425,11 @@ mod tests {
         assert_eq!(Variant::default_for(wgpu::DeviceType::Cpu), Variant::V2);
         assert_eq!(Variant::default_for(wgpu::DeviceType::DiscreteGpu), Variant::Mixed);
         assert_eq!(Variant::default_for(wgpu::DeviceType::IntegratedGpu), Variant::Mixed);
-        let kernels = |v: Variant| (v.conv_v2(), v.linear_v2(), v.linear_v3());
-        assert_eq!(kernels(Variant::V1), (false, false, false));
-        assert_eq!(kernels(Variant::V2), (true, true, false));
-        assert_eq!(kernels(Variant::Mixed), (true, false, false));
-        assert_eq!(kernels(Variant::V3), (true, false, true));
+        let kernels = |v: Variant| (v.conv_v2(), v.linear());
+        assert_eq!(kernels(Variant::V1), (false, Generation::First));
+        assert_eq!(kernels(Variant::V2), (true, Generation::Second));
+        assert_eq!(kernels(Variant::Mixed), (true, Generation::First));
+        assert_eq!(kernels(Variant::V3), (true, Generation::Third));
         let v3: Vec<&str> = Variant::V3.kernels().collect();
         assert!(v3.contains(&"linear_xent_v3") && v3.contains(&"conv_pool_backward"), "{v3:?}");
         assert_eq!(Variant::V1.kernels().count(), 0);
