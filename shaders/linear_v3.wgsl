@@ -392,12 +392,23 @@ fn linear_xent_v3(
                 let x = input[min((b0 + rr) * n_in + i, params.batch * n_in - 1u)];
                 s += gs[rr * CMAX + c] * select(1.0, x, i < n_in);
             }
+            // The group's first tile writes its partial; a later tile adds to it (no read of the
+            // old value when there is nothing to add to).
+            let first = b0 == g0;
             if i < n_in {
                 let at = group * n_w + c * n_in + i;
-                dweight[at] = select(dweight[at] + s, s, b0 == g0);
+                if first {
+                    dweight[at] = s;
+                } else {
+                    dweight[at] += s;
+                }
             } else {
                 let at = group * n_out + c;
-                dbias[at] = select(dbias[at] + s, s, b0 == g0);
+                if first {
+                    dbias[at] = s;
+                } else {
+                    dbias[at] += s;
+                }
             }
         }
         // gs and the staged slices are read above: the next 8 images wait for every invocation.
