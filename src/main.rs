@@ -517,7 +517,10 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         (steps, _, _) => steps,
     };
 
-    let mut backend = open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &mnist.train)?;
+    // Starting a GPU compiles its kernels: seconds, minutes on a software adapter.
+    let mut backend = lenet::train::progress::during(false, "starting the backend", || {
+        open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &mnist.train)
+    })?;
     // Ctrl-C, SIGTERM and SIGHUP: finish the steps in flight, save, exit 128+signo.
     let stop = install_stop_handlers().context("cannot install the signal handlers")?;
     let cfg = TrainConfig {

@@ -649,7 +649,9 @@ fn run_steps(
             ending = last || run.stop.is_some();
             // With a validation set, the test set is evaluated once, at the end.
             if let (true, Some(_), false) = (ending, validation, mnist.test.is_empty()) {
+                run.progress.phase(Some("evaluating on the test set"));
                 let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
+                run.progress.phase(None);
                 log_evaluation(run, metrics, &mut line, "test", state, &eval)?;
                 run.last_eval = Some(eval);
             }
@@ -664,7 +666,9 @@ fn run_steps(
         let checkpoint_due = cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every);
         if let (true, false, Some(path)) = (checkpoint_due, ending, &cfg.save) {
             metrics.sync()?;
+            run.progress.phase(Some("saving a checkpoint"));
             save_trained(backend, state, path)?;
+            run.progress.phase(None);
             run.last_saved = Some(state.step);
             clock = Instant::now();
             last_row_seconds = run.seconds();
@@ -694,7 +698,13 @@ fn evaluate_due(
         None if mnist.test.is_empty() => return Ok(()),
         None => ("test", &mnist.test),
     };
+    run.progress.phase(Some(if kind == "val" {
+        "evaluating on the validation set"
+    } else {
+        "evaluating on the test set"
+    }));
     let eval = evaluate_logits(&backend.logits(data)?, &data.labels);
+    run.progress.phase(None);
     log_evaluation(run, metrics, line, kind, state, &eval)?;
     if let Some(target) = cfg.until.filter(|&t| eval.accuracy >= t && run.reached.is_none()) {
         let point = run.point(state);
@@ -720,7 +730,9 @@ fn evaluate_due(
     if let (true, Some(path)) = (best, &cfg.save_best) {
         // The log holds this evaluation before the checkpoint that comes from it.
         metrics.sync()?;
+        run.progress.phase(Some("saving the best checkpoint"));
         save_trained(backend, state, path)?;
+        run.progress.phase(None);
     }
     let patience_out = cfg.patience.is_some_and(|p| state.record.evals_since_best_loss >= p);
     if patience_out && !last && run.stop.is_none() {
