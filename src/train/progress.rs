@@ -205,7 +205,10 @@ impl Progress {
     fn eta(&self) -> Option<Duration> {
         let done = self.step.checked_sub(self.start_step).filter(|&d| d > 0)?;
         let per_step = self.started.elapsed().as_secs_f64() / done as f64;
-        Some(Duration::from_secs_f64(per_step * self.target_step.saturating_sub(self.step) as f64))
+        // A run of 2^64-1 steps has an ETA past what a Duration holds: shown as ">99h", never a
+        // panic.
+        let left = per_step * self.target_step.saturating_sub(self.step) as f64;
+        Some(Duration::try_from_secs_f64(left).unwrap_or(Duration::MAX))
     }
 
     fn figures(
@@ -253,7 +256,7 @@ fn last_epoch(state: &TrainState, steps_per_epoch: u64, target_step: u64) -> u64
     if remaining <= left_in_epoch || steps_per_epoch == 0 {
         state.epoch + 1
     } else {
-        state.epoch + 1 + (remaining - left_in_epoch).div_ceil(steps_per_epoch)
+        (state.epoch + 1).saturating_add((remaining - left_in_epoch).div_ceil(steps_per_epoch))
     }
 }
 
