@@ -478,12 +478,20 @@ pub fn state_rules(optimizer: &Optimizer) -> Vec<(String, bool)> {
 /// Checks the parameters and each optimizer state buffer (`buffers[k]` under `rules[k]`, see
 /// [`state_rules`]), naming the first bad tensor.
 pub fn check_state(rules: &[(String, bool)], buffers: &[&Params]) -> Result<(), StateFault> {
-    for ((prefix, non_negative), params) in rules.iter().zip(buffers) {
-        for (values, spec) in params.tensors.iter().zip(param_specs()) {
+    for k in state_check_order(rules.len()) {
+        let (prefix, non_negative) = &rules[k];
+        for (values, spec) in buffers[k].tensors.iter().zip(param_specs()) {
             check_state_tensor(&format!("{prefix}{}", spec.name), values, *non_negative)?;
         }
     }
     Ok(())
+}
+
+/// The order the buffers of [`state_rules`] are checked in: the optimizer's state first, then
+/// the parameters. A bad state value (the cause) spoils the parameters at the same step (the
+/// effect); the message names the cause.
+pub fn state_check_order(buffers: usize) -> impl Iterator<Item = usize> {
+    (1..buffers).chain((buffers > 0).then_some(0))
 }
 
 /// A tensor with a NaN or an infinity is refused, naming its first one.

@@ -14,7 +14,7 @@ use super::context::GpuContext;
 use super::kernels::{Dispatch, StepUniform, STEP_STRIDE};
 use super::ops::{DeviceData, GpuBuf, GpuOps};
 use crate::backend::{check_images, Backend, Chunk, StepStats, SyncCounts};
-use crate::checkpoint::{check_state_tensor, state_rules, StateFault};
+use crate::checkpoint::{check_state_tensor, state_check_order, state_rules, StateFault};
 use crate::data::Dataset;
 use crate::model::{param_specs, Params, TrainState, CLASSES};
 use crate::network::{self, grad_partials, Activations, StepOut, Weights};
@@ -311,7 +311,9 @@ impl GpuBackend {
     /// submit or wait, and a scan of 180k floats on the host.
     fn check_state_after_chunk(&self, flat: &[f32]) -> Result<(), StateFault> {
         let total = self.param_layout.total;
-        for ((prefix, non_negative), buffer) in self.state_rules.iter().zip(flat.chunks(total)) {
+        for k in state_check_order(self.state_rules.len()) {
+            let (prefix, non_negative) = &self.state_rules[k];
+            let buffer = &flat[k * total..][..total];
             for (i, spec) in param_specs().iter().enumerate() {
                 let values = &buffer[self.param_layout.offsets[i]..][..self.param_layout.lens[i]];
                 check_state_tensor(&format!("{prefix}{}", spec.name), values, *non_negative)?;
