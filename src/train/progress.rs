@@ -381,6 +381,22 @@ mod tests {
     }
 
     #[test]
+    fn a_run_of_2_64_steps_has_an_eta_not_a_panic() {
+        // --steps 18446744073709551615 on a terminal: after one step of a second, the time left
+        // is past what a Duration holds.
+        let mut state = TrainState::new(crate::model::Params::init(0), Default::default(), 0, 32, true);
+        let mut progress = Progress::new(true, 100, 32, &state, u64::MAX);
+        progress.started = Instant::now() - Duration::from_secs(1);
+        progress.step = 1;
+        assert_eq!(progress.eta(), Some(Duration::MAX));
+        assert!(bar_line(&progress.figures(1, &[], None, progress.eta())).len() <= LINE_WIDTH);
+        assert_eq!(format_duration(Duration::MAX), ">99h");
+        // Resumed deep into a run, the last epoch saturates instead of overflowing.
+        state.epoch = 5;
+        assert_eq!(last_epoch(&state, 1, u64::MAX), u64::MAX);
+    }
+
+    #[test]
     fn the_last_epoch_counts_a_resumed_partial_epoch_as_the_first() {
         let mut state = TrainState::new(crate::model::Params::init(0), Default::default(), 0, 32, true);
         // 10 epochs of 100 steps from scratch end in epoch 10.
