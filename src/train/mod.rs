@@ -301,13 +301,15 @@ pub const MAX_CHUNK_STEPS: u64 = 64;
 pub struct ChunkSizer {
     next: u64,
     fixed: bool,
+    /// The seconds a step took on the last chunk (0 before any).
+    step_seconds: f64,
 }
 
 impl ChunkSizer {
     pub fn new(fixed: Option<u64>) -> Self {
         match fixed {
-            Some(k) => ChunkSizer { next: k.max(1), fixed: true },
-            None => ChunkSizer { next: 1, fixed: false },
+            Some(k) => ChunkSizer { next: k.max(1), fixed: true, step_seconds: 0.0 },
+            None => ChunkSizer { next: 1, fixed: false, step_seconds: 0.0 },
         }
     }
 
@@ -316,12 +318,24 @@ impl ChunkSizer {
         self.next
     }
 
+    /// How many chunks may be in flight: two, so that a GPU runs one while the host prepares the
+    /// next; one when a single step takes longer than a chunk should (a slow adapter), where the
+    /// host's part is negligible and a second chunk would only double the wait for a stop.
+    pub fn depth(&self) -> usize {
+        if !self.fixed && self.step_seconds > CHUNK_SECONDS {
+            1
+        } else {
+            2
+        }
+    }
+
     /// A chunk of `steps` steps kept the backend busy for `busy`.
     pub fn measured(&mut self, steps: u64, busy: Duration) {
         if self.fixed || steps == 0 {
             return;
         }
         let per_step = busy.as_secs_f64() / steps as f64;
+        self.step_seconds = per_step;
         let fit = if per_step > 0.0 { (CHUNK_SECONDS / per_step).floor() } else { f64::INFINITY };
         let grown = 2 * self.next.max(steps);
         self.next = (fit.min(u64::MAX as f64) as u64).clamp(1, grown.min(MAX_CHUNK_STEPS));
@@ -643,7 +657,7 @@ fn run_steps(
     // When the last finished chunk's last step finished, on the run's clock.
     let mut last_row_seconds = run.seconds();
     loop {
-        while in_flight.len() < 2 && run.stop.is_none() {
+        while in_flight.len() < sizer.depth() && run.stop.is_none() {
             if interrupt.load(Ordering::SeqCst) {
                 run.stop = Some(StopReason::Signal);
                 break;
