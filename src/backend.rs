@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context as _, Result};
 
+use crate::checkpoint::{check_state, state_rules};
 use crate::data::Dataset;
-use crate::gpu::context::{choose_adapter, ADAPTER_ENV};
+use crate::gpu::context::{choose_adapter, wanted_adapter};
 use crate::model::{Params, TrainState, CLASSES, IMAGE_PIXELS};
 pub use crate::network::StepStats;
 use crate::network::{forward, train_step, Activations, StepOut, Weights};
@@ -110,6 +111,8 @@ pub struct OpsBackend<O: Ops> {
     /// Activations and per-step buffers, kept while the batch size stays the same.
     step: Option<StepBuffers<O>>,
     finished: VecDeque<Vec<StepStats>>,
+    /// How the loaded state's buffers are checked after each chunk (see [`state_rules`]).
+    state_rules: Vec<(String, bool)>,
 }
 
 struct StepBuffers<O: Ops> {
@@ -122,6 +125,15 @@ struct StepBuffers<O: Ops> {
 
 impl<O: Ops> StepBuffers<O> {
     fn new(ops: &mut O, batch: usize) -> Result<Self> {
+        Self::alloc(ops, batch).with_context(|| {
+            format!(
+                "a step at batch {batch} needs {:.2} GB for its activations and their gradients",
+                step_buffer_bytes(batch) as f64 / 1e9
+            )
+        })
+    }
+
+    fn alloc(ops: &mut O, batch: usize) -> Result<Self> {
         Ok(StepBuffers {
             acts: Activations::new(ops, batch)?,
             indices: ops.alloc("indices", batch)?,
@@ -148,6 +160,7 @@ impl<O: Ops> OpsBackend<O> {
             weights: None,
             step: None,
             finished: VecDeque::new(),
+            state_rules: Vec::new(),
         })
     }
 
@@ -160,6 +173,18 @@ impl<O: Ops> OpsBackend<O> {
         let w = self.weights.as_ref().context("no parameters loaded")?;
         let tensors = w.params.iter().map(|t| self.ops.read(t)).collect::<Result<Vec<_>>>()?;
         Ok(Params { tensors })
+    }
+
+    /// The parameters and the optimizer's state, read back.
+    fn read_state(&mut self) -> Result<(Params, Vec<Params>)> {
+        let params = self.params()?;
+        let w = self.weights.as_ref().expect("params() checked");
+        let moments = w
+            .moments
+            .iter()
+            .map(|m| Ok(Params { tensors: m.iter().map(|t| self.ops.read(t)).collect::<Result<Vec<_>>>()? }))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((params, moments))
     }
 
     /// The gradients of the last step, partials summed (for tests and diagnostics).
@@ -177,6 +202,22 @@ impl<O: Ops> OpsBackend<O> {
         }
         Ok(p)
     }
+}
+
+/// Bytes of a step's buffers at `batch` ([`StepBuffers`]: every layer's outputs, pooling
+/// indices and output gradients, the input and the per-image values), for the message when they
+/// do not fit.
+pub fn step_buffer_bytes(batch: usize) -> u64 {
+    use crate::network::{layer_shapes, LayerShape};
+    let per_layer: u64 = layer_shapes(batch)
+        .iter()
+        .map(|shape| match shape {
+            LayerShape::Conv(s) => (s.output_len() + 3 * s.pooled_len()) as u64,
+            LayerShape::Linear(s) => 2 * (s.batch * s.out_features) as u64,
+        })
+        .sum();
+    // The input, and the labels, indices, 2 shifts, losses and correct flags of each image.
+    4 * (per_layer + (batch * (IMAGE_PIXELS + 6)) as u64)
 }
 
 /// Checks that a data set holds 28x28 images, one per label.
@@ -207,17 +248,12 @@ impl<O: Ops> Backend for OpsBackend<O> {
         state.check_shapes()?;
         self.grads_batch = state.batch.max(1);
         self.weights = Some(Weights::upload(&mut self.ops, &state.params, &state.moments, self.grads_batch)?);
+        self.state_rules = state_rules(&state.optimizer);
         Ok(())
     }
 
     fn store_state(&mut self, state: &mut TrainState) -> Result<()> {
-        state.params = self.params()?;
-        let w = self.weights.as_ref().expect("params() checked");
-        state.moments = w
-            .moments
-            .iter()
-            .map(|m| Ok(Params { tensors: m.iter().map(|t| self.ops.read(t)).collect::<Result<Vec<_>>>()? }))
-            .collect::<Result<Vec<_>>>()?;
+        (state.params, state.moments) = self.read_state()?;
         Ok(())
     }
 
@@ -246,6 +282,12 @@ impl<O: Ops> Backend for OpsBackend<O> {
             let (losses, correct) = (self.ops.read(&sb.losses)?, self.ops.read(&sb.correct)?);
             stats.push(StepStats::from_images(&losses, &correct));
         }
+        // The state after the chunk: a value no run reaches (NaN, inf, a negative second moment)
+        // stops the run here, naming its tensor, instead of steps later as a NaN loss, a save
+        // that fails, or an optimizer that silently stops moving.
+        let (params, moments) = self.read_state()?;
+        let buffers: Vec<&Params> = std::iter::once(&params).chain(&moments).collect();
+        check_state(&self.state_rules, &buffers)?;
         self.finished.push_back(stats);
         Ok(())
     }
@@ -304,7 +346,7 @@ pub fn open_backend(
         }
         BackendChoice::Auto => {
             let adapters = crate::gpu::list_adapters();
-            let wanted = adapter.map(str::to_string).or_else(|| std::env::var(ADAPTER_ENV).ok());
+            let wanted = wanted_adapter(adapter);
             let chosen = choose_adapter(&adapters, wanted.as_deref()).map(|i| &adapters[i]);
             let reason = match chosen {
                 None if adapters.is_empty() => Some("there is no GPU adapter".to_string()),

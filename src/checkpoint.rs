@@ -25,9 +25,9 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
 use crate::augment::MAX_AUGMENT_SHIFT;
-use crate::model::{param_specs, Params, TrainState, ValidationRecord};
+use crate::model::{param_specs, Params, RunClock, TrainState, ValidationRecord};
 use crate::optim::{Optimizer, OptimizerKind, Sgd};
-use crate::paths::{open_input, parent_dir};
+use crate::paths::{helper_stem, open_input, parent_dir, write_target};
 use crate::schedule::LrSchedule;
 
 /// The value of the `format` metadata key in files this crate writes.
@@ -88,6 +88,8 @@ pub enum CheckpointError {
     UnexpectedTensor { path: PathBuf, name: String },
     #[error("{}: tensor {name} holds a non-finite value {value} at index {index}", path.display())]
     NonFinite { path: PathBuf, name: String, index: usize, value: f32 },
+    #[error("{}: {fault}; no run reaches such a state", path.display())]
+    ImpossibleState { path: PathBuf, fault: StateFault },
     #[error("{}: bad optimiser metadata: {reason}", path.display())]
     BadMetadata { path: PathBuf, reason: String },
 }
@@ -112,6 +114,7 @@ pub fn save_checkpoint(path: &Path, state: &TrainState) -> Result<(), Checkpoint
     .collect();
     meta.extend(state.optimizer.metadata().into_iter().map(|(k, v)| (k.to_string(), v)));
     meta.extend(recipe_metadata(state).into_iter().map(|(k, v)| (k.to_string(), v)));
+    meta.extend(run_notes_metadata(state).into_iter().map(|(k, v)| (k.to_string(), v)));
     write_tensors(path, tensors, meta)
 }
 
@@ -141,6 +144,38 @@ fn recipe_metadata(state: &TrainState) -> Vec<(&'static str, String)> {
         }
     }
     meta
+}
+
+/// The run's clock and where its best checkpoint went, each only when the run has it:
+/// `train_seconds` and `run_seconds` ([`RunClock`]), `best_val_file`.
+fn run_notes_metadata(state: &TrainState) -> Vec<(&'static str, String)> {
+    let mut meta = Vec::new();
+    if let Some(clock) = state.clock {
+        meta.push(("train_seconds", clock.train_seconds.to_string()));
+        meta.push(("run_seconds", clock.run_seconds.to_string()));
+    }
+    if let Some(file) = &state.best_file {
+        meta.push(("best_val_file", file.clone()));
+    }
+    meta
+}
+
+/// The inverse of [`run_notes_metadata`].
+fn read_run_notes(meta: &HashMap<String, String>) -> Result<(Option<RunClock>, Option<String>), String> {
+    let seconds = |key: &str| -> Result<Option<f64>, String> {
+        meta.get(key)
+            .map(|v| match v.parse::<f64>() {
+                Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+                _ => Err(format!("{key} = {v:?} is not a finite number of seconds >= 0")),
+            })
+            .transpose()
+    };
+    let clock = match (seconds("train_seconds")?, seconds("run_seconds")?) {
+        (Some(train_seconds), Some(run_seconds)) => Some(RunClock { train_seconds, run_seconds }),
+        (None, None) => None,
+        _ => return Err("train_seconds and run_seconds must be given together".into()),
+    };
+    Ok((clock, meta.get("best_val_file").cloned()))
 }
 
 /// The inverse of [`recipe_metadata`], with the bounds the command line puts on each value.
@@ -304,8 +339,14 @@ pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
         .iter()
         .map(|name| read_params(path, &st, &format!("{name}.")))
         .collect::<Result<Vec<_>, _>>()?;
+    // Finite values were checked as they were read; what the optimizer cannot produce (a negative
+    // second moment) is refused here, before a resumed run turns it into a NaN many steps later.
+    let buffers: Vec<&Params> = std::iter::once(&params).chain(&moments).collect();
+    check_state(&state_rules(&optimizer), &buffers)
+        .map_err(|fault| CheckpointError::ImpossibleState { path: path.to_owned(), fault })?;
     let (schedule, schedule_steps, augment_shift, validation, record) =
         read_recipe_metadata(meta, step).map_err(bad)?;
+    let (clock, best_file) = read_run_notes(meta).map_err(bad)?;
     let state = TrainState {
         params: params.clone(),
         optimizer,
@@ -321,6 +362,8 @@ pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
         augment_shift,
         validation,
         record,
+        clock,
+        best_file,
     };
     Ok(Checkpoint { params, state: Some(state) })
 }
@@ -390,6 +433,67 @@ fn read_params(path: &Path, st: &SafeTensors<'_>, prefix: &str) -> Result<Params
     Ok(params)
 }
 
+/// A value a run's state can never hold: the tensor, the first bad element and why it is bad.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("tensor {tensor} holds {value} at index {index}, {}", if *.negative { "below 0 (it can only be >= 0)" } else { "not a finite number" })]
+pub struct StateFault {
+    pub tensor: String,
+    pub index: usize,
+    pub value: f32,
+    /// Negative where only values >= 0 can arise (else: NaN or infinite).
+    pub negative: bool,
+}
+
+/// Checks one tensor of a run's state: every value finite, and, where the optimizer can only
+/// produce values >= 0 (Adam's second moment, a running mean of squares), none below 0. One
+/// check for a checkpoint being loaded and for the state after each chunk of training steps.
+pub fn check_state_tensor(
+    tensor: &str,
+    values: &[f32],
+    must_be_non_negative: bool,
+) -> Result<(), StateFault> {
+    let bad = values.iter().position(|&x| !x.is_finite() || (must_be_non_negative && x < 0.0));
+    match bad {
+        None => Ok(()),
+        Some(index) => {
+            let value = values[index];
+            Err(StateFault { tensor: tensor.to_string(), index, value, negative: value.is_finite() })
+        }
+    }
+}
+
+/// Whether the optimizer state named `state_name` (`adam.v`, ...) can only hold values >= 0.
+pub fn state_must_be_non_negative(state_name: &str) -> bool {
+    state_name == "adam.v"
+}
+
+/// The parameters and optimizer state of `state` laid out for [`check_state`]: each buffer's
+/// name prefix ("" for the parameters) and whether its values must be >= 0.
+pub fn state_rules(optimizer: &Optimizer) -> Vec<(String, bool)> {
+    std::iter::once((String::new(), false))
+        .chain(optimizer.state_names().iter().map(|n| (format!("{n}."), state_must_be_non_negative(n))))
+        .collect()
+}
+
+/// Checks the parameters and each optimizer state buffer (`buffers[k]` under `rules[k]`, see
+/// [`state_rules`]), naming the first bad tensor.
+pub fn check_state(rules: &[(String, bool)], buffers: &[&Params]) -> Result<(), StateFault> {
+    for k in state_check_order(rules.len()) {
+        let (prefix, non_negative) = &rules[k];
+        for (values, spec) in buffers[k].tensors.iter().zip(param_specs()) {
+            check_state_tensor(&format!("{prefix}{}", spec.name), values, *non_negative)?;
+        }
+    }
+    Ok(())
+}
+
+/// The order the buffers of [`state_rules`] are checked in: the optimizer's state first, then
+/// the parameters. A bad state value (the cause) spoils the parameters at the same step (the
+/// effect); the message names the cause.
+pub fn state_check_order(buffers: usize) -> impl Iterator<Item = usize> {
+    (1..buffers).chain((buffers > 0).then_some(0))
+}
+
 /// A tensor with a NaN or an infinity is refused, naming its first one.
 fn check_finite(path: &Path, name: String, tensor: &[f32]) -> Result<(), CheckpointError> {
     match tensor.iter().position(|x| !x.is_finite()) {
@@ -455,17 +559,24 @@ fn sort_metadata(bytes: &mut [u8]) -> io::Result<()> {
 }
 
 /// Writes `bytes` to `path` through a temp file in the same directory, fsync and rename; on
-/// failure the temp file is removed and an existing `path` is untouched.
+/// failure the temp file is removed and an existing `path` is untouched. A `path` that is a
+/// symbolic link writes the file it points to and stays a link.
 ///
-/// The temp file is `.NAME.tmp-PID-N`. Ones a killed save of the same target left behind (their
-/// writer process is gone) are removed first; other files are never touched.
+/// The temp file is `.NAME.tmp-PID-N` (NAME shortened when long, see [`helper_stem`]). Ones a
+/// killed save of the same target left behind (their writer process is gone) are removed first;
+/// other files are never touched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
+    if path.file_name().is_none() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"));
+    }
+    // A symbolic link is written through: its target is replaced (the temporary file beside the
+    // target, so that the rename stays within one file system) and the link stays a link.
+    let target = write_target(path)?;
+    let path = target.as_path();
     let dir = parent_dir(path);
-    let prefix = format!(".{}.tmp-", file_name.to_string_lossy());
+    // A short stem: a name near the 255-byte limit still leaves room for the suffix.
+    let prefix = format!(".{}.tmp-", helper_stem(path));
     remove_stale_temp_files(&dir, &prefix);
     let tmp = dir.join(format!("{prefix}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
     let result = (|| {

@@ -16,10 +16,10 @@ use lenet::augment::MAX_AUGMENT_SHIFT;
 use lenet::backend::{no_training_data, open_backend};
 use lenet::checkpoint::load_checkpoint;
 use lenet::data::{default_data_dir, find_split, load_mnist_test, load_split, Mnist, Split, SplitFiles};
-use lenet::gpu::context::{choose_adapter, AdapterSummary};
+use lenet::gpu::context::{choose_adapter, wanted_adapter, AdapterSummary};
 use lenet::model::{Params, TrainState};
 use lenet::optim::{Adam, Optimizer, OptimizerKind, Sgd};
-use lenet::paths::{check_run_paths, InputPath, OutputKind, OutputPath};
+use lenet::paths::{check_run_paths, lock_outputs, InputPath, OutputKind, OutputPath};
 use lenet::schedule::LrSchedule;
 use lenet::signals::install_stop_handlers;
 use lenet::train::{error_line, evaluate_logits, split_validation, Evaluation, StopReason, TrainConfig};
@@ -326,8 +326,13 @@ fn data_dir(dir: Option<&Path>) -> PathBuf {
     dir.map(Path::to_path_buf).unwrap_or_else(default_data_dir)
 }
 
-/// Every file the run reads and writes, checked before any work (see `lenet::paths`).
-fn check_train_paths(args: &TrainArgs, train_files: &SplitFiles, test_files: &SplitFiles) -> Result<()> {
+/// Every file the run reads and writes, checked before any work (see `lenet::paths`); the
+/// outputs, checked.
+fn check_train_paths(
+    args: &TrainArgs,
+    train_files: &SplitFiles,
+    test_files: &SplitFiles,
+) -> Result<Vec<OutputPath>> {
     let input = |what: &str, path: &Path| InputPath {
         what: what.to_string(),
         path: path.to_path_buf(),
@@ -357,7 +362,7 @@ fn check_train_paths(args: &TrainArgs, train_files: &SplitFiles, test_files: &Sp
     })
     .collect();
     check_run_paths(&inputs, &outputs)?;
-    Ok(())
+    Ok(outputs)
 }
 
 /// The optimizer the options describe, on top of `base` (the default, or a resumed run's).
@@ -404,7 +409,17 @@ fn optimizer_from_args(args: &TrainArgs, base: Optimizer) -> Result<Optimizer> {
 
 /// The checks on the second round's options that need no data or checkpoint.
 fn check_recipe_args(args: &TrainArgs) -> Result<()> {
-    optimizer_from_args(args, Optimizer::default())?;
+    // The values' bounds, before any data is read. A resumed run without --optimizer keeps the
+    // checkpoint's: SGD's options are checked here as SGD's, and against the checkpoint's
+    // optimizer once it is read (restating its own --momentum is no conflict).
+    let sgd_options = args.momentum.is_some() || args.nesterov || args.weight_decay.is_some();
+    let base = match (&args.resume, args.optimizer) {
+        (Some(_), None) if sgd_options => {
+            Optimizer { kind: OptimizerKind::Sgd(Sgd::default()), ..Optimizer::default() }
+        }
+        _ => Optimizer::default(),
+    };
+    optimizer_from_args(args, base)?;
     if args.val == Some(0) {
         bail!("--val 0 holds nothing out; leave --val out to train on every image");
     }
@@ -438,7 +453,9 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     check_recipe_args(&args)?;
     let dir = data_dir(args.data.as_deref());
     let (train_files, test_files) = (find_split(&dir, Split::Train)?, find_split(&dir, Split::Test)?);
-    check_train_paths(&args, &train_files, &test_files)?;
+    let outputs = check_train_paths(&args, &train_files, &test_files)?;
+    // Held until the run ends: a second run writing any of these files is refused.
+    let _locks = lock_outputs(&outputs)?;
     let mut mnist = Mnist { train: load_split(&train_files)?, test: load_split(&test_files)? };
 
     let mut state = match &args.resume {
@@ -534,6 +551,7 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         patience: args.patience,
         until: args.until,
         plain_progress: false,
+        chunk_steps: None,
     };
     let report =
         lenet::train::train(backend.as_mut(), &mut state, &mnist, validation.as_ref(), &cfg, &stop.flag)?;
@@ -607,6 +625,14 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     let state = TrainState::new(checkpoint.params, Optimizer::default(), 0, 1, false);
     backend.load_state(&state)?;
     let eval = evaluate_logits(&backend.logits(&test)?, &test.labels);
+    if !eval.loss.is_finite() {
+        bail!(
+            "{}: the weights are finite but give a loss of {} on the test set (values too large to \
+             compute with, as a diverged run leaves them); nothing to report",
+            args.weights.display(),
+            eval.loss
+        );
+    }
     let mut out = Output::new(args.json);
     out.line(format!(
         "accuracy {:.2}% ({}/{}), loss {:.4}, on {}",
@@ -642,13 +668,19 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
     let mut records = Vec::with_capacity(args.images.len());
     let mut failed = 0usize;
     for path in &args.images {
-        let file = path.display().to_string();
+        // Names that are not UTF-8 are shown with their bytes escaped, so that no two print alike.
+        let file = lenet::paths::display_lossless(path);
         let record = match load_image(path) {
             Err(e) => {
-                notice(format!("error: {e}"));
+                let msg = e.to_string();
+                let msg = match msg.strip_prefix(&format!("{}: ", path.display())) {
+                    Some(rest) => format!("{file}: {rest}"),
+                    None => msg,
+                };
+                notice(format!("error: {msg}"));
                 failed += 1;
                 json!({ "file": file, "digit": Value::Null, "probability": Value::Null,
-                        "probabilities": Value::Null, "error": e.to_string() })
+                        "probabilities": Value::Null, "error": msg })
             }
             Ok(Prepared::NoInk) => {
                 let warning = "no ink found: the image is blank or its marks are too faint";
@@ -659,6 +691,13 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
             }
             Ok(Prepared::Digit { pixels, .. }) => {
                 let probs = probabilities(&params, &pixels[..])?;
+                if probs.iter().any(|p| !p.is_finite()) {
+                    bail!(
+                        "{}: the weights are finite but give non-finite probabilities for {file} \
+                         (values too large to compute with, as a diverged run leaves them)",
+                        args.weights.display()
+                    );
+                }
                 let digit = lenet::train::argmax(&probs);
                 let p = probs[digit];
                 let mut record =
@@ -675,6 +714,11 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
                 record
             }
         };
+        let mut record = record;
+        if path.to_str().is_none() {
+            // The name's exact bytes, for a reader that needs the file itself.
+            record["file_bytes"] = json!(path.as_os_str().as_encoded_bytes());
+        }
         records.push(record);
     }
     if args.json {
@@ -789,7 +833,7 @@ fn auto_choice(adapters: &[AdapterSummary], wanted: Option<&str>) -> AutoChoice 
 
 fn devices(args: DevicesArgs) -> Result<ExitCode> {
     let adapters = lenet::gpu::list_adapters();
-    let wanted = args.adapter.filter(|w| !w.trim().is_empty());
+    let wanted = wanted_adapter(args.adapter.as_deref());
     let auto = auto_choice(&adapters, wanted.as_deref());
     let mut out = Output::new(args.json);
     // `*` marks the adapter `auto` trains on: none when it takes the CPU path.

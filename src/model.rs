@@ -134,6 +134,23 @@ pub struct TrainState {
     pub validation: usize,
     /// The validation evaluations so far, as early stopping and `--save-best` read them.
     pub record: ValidationRecord,
+    /// The run's time so far, when it is measured (see [`RunClock`]).
+    pub clock: Option<RunClock>,
+    /// The file `--save-best` last wrote the best validation checkpoint to (absolute), whichever
+    /// invocation of the run wrote it.
+    pub best_file: Option<String>,
+}
+
+/// How long a run has taken up to a checkpoint: what `--until` adds a resumed run's own time to,
+/// so that its time to accuracy is the whole run's. Kept only by runs that measure it (`--until`,
+/// or resumed from a checkpoint that has it), so that every other run's checkpoints stay the same
+/// bits from one identical run to the next.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RunClock {
+    /// Seconds spent taking training steps, evaluations and saves excluded.
+    pub train_seconds: f64,
+    /// Wall-clock seconds since the run started, evaluations included.
+    pub run_seconds: f64,
 }
 
 /// What the validation evaluations of a run have seen so far. Kept in checkpoints, so that a
@@ -198,6 +215,8 @@ impl TrainState {
             augment_shift: 0,
             validation: 0,
             record: ValidationRecord::default(),
+            clock: None,
+            best_file: None,
         }
     }
 }

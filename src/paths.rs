@@ -137,13 +137,16 @@ fn check_output(out: &OutputPath) -> Result<(), PathError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(fail(format!("cannot inspect: {e}"))),
     }
-    let dir = parent_dir(&out.path);
+    // The file written is the link's target, when the output is a symbolic link: its directory
+    // is the one that must take a new file.
+    let target = write_target(&out.path).unwrap_or_else(|_| out.path.clone());
+    let dir = parent_dir(&target);
     match fs::metadata(&dir) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => return Err(fail(format!("{} is not a directory", dir.display()))),
         Err(_) => return Err(fail(format!("directory {} does not exist", dir.display()))),
     }
-    probe_directory(&dir, &out.path)
+    probe_directory(&dir, &target)
         .map_err(|e| fail(format!("cannot create a file in {}: {e}", dir.display())))
 }
 
@@ -203,10 +206,156 @@ fn first_bytes(path: &Path, n: usize) -> io::Result<Vec<u8>> {
 /// Creates and removes a file beside `path`: the only sure way to know a file can be created
 /// there (permissions, read-only mounts, /proc, quotas on inodes).
 fn probe_directory(dir: &Path, path: &Path) -> io::Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let probe = dir.join(format!(".{name}.probe-{}", std::process::id()));
+    let probe = dir.join(format!(".{}.probe-{}", helper_stem(path), std::process::id()));
     OpenOptions::new().write(true).create_new(true).open(&probe)?;
     fs::remove_file(&probe)
+}
+
+/// File names this many bytes long or shorter are used whole in the names of the helper files
+/// beside an output (probe, temporary file, lock), whose own additions are under 40 bytes.
+const HELPER_STEM_MAX: usize = 64;
+
+/// The part of `path`'s file name that the helper files beside it carry: the name itself when it
+/// is short; else its first bytes (cut at a character) and a hash of the whole name, so that a
+/// name near the file system's 255-byte limit still leaves room for `.NAME.tmp-PID-N`, and two
+/// long names with the same beginning still get different helpers.
+pub fn helper_stem(path: &Path) -> String {
+    let raw = path.file_name().unwrap_or_default();
+    let name = raw.to_string_lossy();
+    if name.len() <= HELPER_STEM_MAX && !name.contains('\u{fffd}') {
+        return name.into_owned();
+    }
+    let mut cut = HELPER_STEM_MAX - 17;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    // FNV-1a over the name's bytes: stable across runs and versions (std's hasher is not).
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in raw.as_encoded_bytes() {
+        hash = (hash ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{}~{hash:016x}", &name[..cut])
+}
+
+/// The file that writing `path` must replace: `path` itself, or, when it is a symbolic link (to
+/// an existing file or a dangling one), the file it points to. Writing through a link writes its
+/// target and keeps the link, as `cp` and editors do.
+pub fn write_target(path: &Path) -> io::Result<PathBuf> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => canonical_target(path),
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
+/// Advisory locks on a run's outputs, held for its lifetime: a second run that would write any
+/// of the same files is refused. Each lock is `flock` (through std's `File::try_lock`) on a
+/// small file beside the output's target (`.NAME.lock`, holding the owner's pid for the message),
+/// so the kernel drops it when the process ends, however it ends: a killed run's claim never
+/// outlives it. The lock files are removed when the run ends.
+#[derive(Debug)]
+pub struct OutputLocks {
+    held: Vec<(PathBuf, File)>,
+}
+
+impl Drop for OutputLocks {
+    fn drop(&mut self) {
+        // Removed while still locked: a run that opened the old file before the removal finds,
+        // once it holds the lock, that the name no longer leads to it, and starts over.
+        for (path, _file) in self.held.drain(..) {
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
+
+/// Takes the lock of every output, or refuses in one line naming the process that holds one.
+pub fn lock_outputs(outputs: &[OutputPath]) -> Result<OutputLocks, PathError> {
+    let mut locks = OutputLocks { held: Vec::with_capacity(outputs.len()) };
+    for out in outputs {
+        let fail =
+            |problem: String| PathError { option: out.option.clone(), path: out.path.clone(), problem };
+        let target =
+            canonical_target(&out.path).map_err(|e| fail(format!("cannot resolve the path: {e}")))?;
+        let lock_path = parent_dir(&target).join(format!(".{}.lock", helper_stem(&target)));
+        let file = lock_file(&lock_path).map_err(|e| match e {
+            LockError::Held(pid) => fail(format!(
+                "is being written by another lenet run ({}); wait for it to end, or write elsewhere",
+                pid.map_or("a process whose pid is not yet written".to_string(), |p| format!("pid {p}"))
+            )),
+            LockError::Io(e) => fail(format!("cannot take its lock {}: {e}", lock_path.display())),
+        })?;
+        locks.held.push((lock_path, file));
+    }
+    Ok(locks)
+}
+
+enum LockError {
+    /// Another process holds it (its pid, when it has written it yet).
+    Held(Option<u32>),
+    Io(io::Error),
+}
+
+fn lock_file(lock_path: &Path) -> Result<File, LockError> {
+    use std::io::{Seek, Write};
+    // A run that ends removes its lock file; one that opened it just before may find its lock on
+    // a removed file: then it opens the new one. A few rounds are plenty.
+    for _ in 0..16 {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(lock_path)
+            .map_err(LockError::Io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let pid = fs::read_to_string(lock_path).ok().and_then(|t| t.trim().parse().ok());
+                return Err(LockError::Held(pid));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(LockError::Io(e)),
+        }
+        let same = match (inode(lock_path), file_inode(&file)) {
+            (Some(a), Some(b)) => a == b,
+            // Where inodes are unknown, trust the lock.
+            (None, _) | (_, None) => cfg!(not(unix)),
+        };
+        if !same {
+            continue;
+        }
+        file.set_len(0).map_err(LockError::Io)?;
+        file.seek(io::SeekFrom::Start(0)).map_err(LockError::Io)?;
+        writeln!(file, "{}", std::process::id()).map_err(LockError::Io)?;
+        return Ok(file);
+    }
+    Err(LockError::Io(io::Error::other("its lock file keeps being replaced")))
+}
+
+#[cfg(unix)]
+fn file_inode(file: &File) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_inode(_file: &File) -> Option<(u64, u64)> {
+    None
+}
+
+/// A path as text, losslessly: a UTF-8 path as it is; any other (bytes a file name may hold on
+/// unix) with each byte that is not UTF-8 written `\xNN` and each backslash doubled, so that two
+/// different names never print the same (`path.display()` turns every such byte into U+FFFD).
+pub fn display_lossless(path: &Path) -> String {
+    if let Some(text) = path.to_str() {
+        return text.to_string();
+    }
+    let mut out = String::new();
+    for chunk in path.as_os_str().as_encoded_bytes().utf8_chunks() {
+        out.push_str(&chunk.valid().replace('\\', "\\\\"));
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
 }
 
 /// The directory a path's file lives in ("." for a bare file name).

@@ -43,8 +43,18 @@ macro_rules! host_buffers {
         type Buf<T: Elem> = Vec<T>;
         type Data = std::sync::Arc<Dataset>;
 
-        fn alloc<T: Elem>(&mut self, _label: &str, len: usize) -> Result<Vec<T>> {
-            Ok(vec![T::default(); len])
+        fn alloc<T: Elem>(&mut self, label: &str, len: usize) -> Result<Vec<T>> {
+            // Reserved fallibly: a batch too large for the memory there is (or a `ulimit -v`) is
+            // an error that says how much was needed, not an abort.
+            let mut buf = Vec::new();
+            if buf.try_reserve_exact(len).is_err() {
+                anyhow::bail!(
+                    "out of memory: {label} needs {:.2} GB ({len} values), which could not be reserved",
+                    (len as f64) * std::mem::size_of::<T>() as f64 / 1e9
+                );
+            }
+            buf.resize(len, T::default());
+            Ok(buf)
         }
 
         fn upload<T: Elem>(&mut self, _label: &str, data: &[T]) -> Result<Vec<T>> {

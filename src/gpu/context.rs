@@ -95,9 +95,22 @@ fn backend_rank(b: wgpu::Backend) -> u32 {
     }
 }
 
+/// The adapter name asked for: `given` (`--adapter`), else `LENET_ADAPTER`. A value that is
+/// empty or only blanks is not a name (`LENET_ADAPTER=` in a script, `--adapter ''`): it means
+/// "not given", not "any adapter". The one rule `train`, `eval`, `bench` and `devices` all follow.
+pub fn wanted_adapter(given: Option<&str>) -> Option<String> {
+    let named = |s: &str| !s.trim().is_empty();
+    match given {
+        Some(g) if named(g) => Some(g.to_string()),
+        _ => std::env::var(ADAPTER_ENV).ok().filter(|s| named(s)),
+    }
+}
+
 /// Picks an adapter: by case-insensitive name substring when `wanted` is given (the first match in
-/// rank order), else the best by device type. `None` when nothing fits.
+/// rank order), else the best by device type. `None` when nothing fits. A blank `wanted` is no
+/// name (see [`wanted_adapter`]).
 pub fn choose_adapter(adapters: &[AdapterSummary], wanted: Option<&str>) -> Option<usize> {
+    let wanted = wanted.filter(|w| !w.trim().is_empty());
     let mut order: Vec<usize> = (0..adapters.len()).collect();
     order.sort_by_key(|&i| (device_type_rank(adapters[i].device_type), backend_rank(adapters[i].backend), i));
     match wanted {
@@ -139,8 +152,7 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
 /// The adapter `wanted` names (a case-insensitive part of its name), else the one
 /// `LENET_ADAPTER` names, else the best by device type.
 pub fn find_adapter(wanted: Option<&str>) -> anyhow::Result<wgpu::Adapter> {
-    let env = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.trim().is_empty());
-    let wanted = wanted.map(str::to_owned).or(env);
+    let wanted = wanted_adapter(wanted);
     let mut adapters = enumerate();
     if adapters.is_empty() {
         bail!("no GPU adapter found (wgpu saw none; is a Vulkan/Metal/DX12 driver installed?)");

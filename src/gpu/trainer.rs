@@ -14,6 +14,7 @@ use super::context::GpuContext;
 use super::kernels::{Dispatch, StepUniform, STEP_STRIDE};
 use super::ops::{DeviceData, GpuBuf, GpuOps};
 use crate::backend::{check_images, Backend, Chunk, StepStats, SyncCounts};
+use crate::checkpoint::{check_state_tensor, state_check_order, state_rules, StateFault};
 use crate::data::Dataset;
 use crate::model::{param_specs, Params, TrainState, CLASSES};
 use crate::network::{self, grad_partials, Activations, StepOut, Weights};
@@ -126,6 +127,8 @@ pub struct GpuBackend {
     in_flight: VecDeque<InFlight>,
     /// Results of chunks finished while making room for another.
     finished: VecDeque<Vec<StepStats>>,
+    /// How the loaded state's buffers are checked after each chunk (see [`state_rules`]).
+    state_rules: Vec<(String, bool)>,
 }
 
 fn flat_buffer(ctx: &GpuContext, label: &str, elements: usize) -> Result<wgpu::Buffer> {
@@ -186,6 +189,7 @@ impl GpuBackend {
                 eval: None,
                 in_flight: VecDeque::new(),
                 finished: VecDeque::new(),
+                state_rules: Vec::new(),
             })
         })
     }
@@ -276,18 +280,46 @@ impl GpuBackend {
         let p = self.program.as_ref().expect("in-flight chunks have a program");
         let staging = &p.staging[f.staging];
         let n = f.steps * f.batch;
-        let stats = {
-            let view = staging.slice(..(n * 8) as u64).get_mapped_range()?;
+        let (stats, fault) = {
+            let view = staging.slice(..(n * 8 + self.state_bytes()) as u64).get_mapped_range()?;
             let losses: Vec<f32> = bytemuck::pod_collect_to_vec(&view[..n * 4]);
             let correct: Vec<u32> = bytemuck::pod_collect_to_vec(&view[n * 4..n * 8]);
-            losses
+            let stats: Vec<StepStats> = losses
                 .chunks(f.batch)
                 .zip(correct.chunks(f.batch))
                 .map(|(l, c)| StepStats::from_images(l, c))
-                .collect()
+                .collect();
+            let state: Vec<f32> = bytemuck::pod_collect_to_vec(&view[n * 8..]);
+            (stats, self.check_state_after_chunk(&state).err())
         };
         staging.unmap();
-        Ok(stats)
+        match fault {
+            Some(fault) => Err(fault.into()),
+            None => Ok(stats),
+        }
+    }
+
+    /// Bytes of the parameters and the optimizer's state, flat: what each chunk's read-back
+    /// carries after its statistics.
+    fn state_bytes(&self) -> usize {
+        self.param_layout.total * 4 * (1 + self.moments.len())
+    }
+
+    /// The state a chunk left (parameters, then each optimizer buffer, flat), checked: a value
+    /// no run reaches (NaN, inf, a negative second moment) is named here, at the chunk where it
+    /// arose. The copy rides on the chunk's one read-back (about 740 KB for Adam): no extra
+    /// submit or wait, and a scan of 180k floats on the host.
+    fn check_state_after_chunk(&self, flat: &[f32]) -> Result<(), StateFault> {
+        let total = self.param_layout.total;
+        for k in state_check_order(self.state_rules.len()) {
+            let (prefix, non_negative) = &self.state_rules[k];
+            let buffer = &flat[k * total..][..total];
+            for (i, spec) in param_specs().iter().enumerate() {
+                let values = &buffer[self.param_layout.offsets[i]..][..self.param_layout.lens[i]];
+                check_state_tensor(&format!("{prefix}{}", spec.name), values, *non_negative)?;
+            }
+        }
+        Ok(())
     }
 
     /// The gradient buffers for `batch` (their partial counts depend on it).
@@ -327,7 +359,9 @@ impl GpuBackend {
             }
         }
         self.drain()?;
-        let capacity = steps.max(self.program.as_ref().map_or(0, |p| p.capacity));
+        // Chunks grow as the loop measures the step time: powers of two keep the re-recordings
+        // to a handful.
+        let capacity = steps.next_power_of_two().max(self.program.as_ref().map_or(0, |p| p.capacity));
         self.program = None;
         self.ensure_grads(batch)?;
         let ctx = self.ops.ctx.clone();
@@ -343,7 +377,7 @@ impl GpuBackend {
             mapped_at_creation: false,
         });
         let step_group = ctx.step_group(&step_uniforms);
-        let stat_bytes = (capacity * batch * 8) as u64;
+        let stat_bytes = (capacity * batch * 8 + self.state_bytes()) as u64;
         let staging =
             (0..MAX_IN_FLIGHT).map(|i| staging(&ctx, &format!("stats_readback{i}"), stat_bytes)).collect();
         let mut weights = self.weights();
@@ -455,6 +489,7 @@ impl Backend for GpuBackend {
             for (buffer, m) in self.moments.iter().zip(&state.moments) {
                 write(buffer, m);
             }
+            self.state_rules = state_rules(&state.optimizer);
             Ok(())
         })
     }
@@ -495,6 +530,7 @@ impl Backend for GpuBackend {
             self.finished.push_back(stats);
         }
         let ctx = self.ops.ctx.clone();
+        let state_bytes = self.state_bytes() as u64;
         ctx.scoped(|| {
             self.ensure_program(b, steps, &first)?;
             let p = self.program.as_ref().expect("built above");
@@ -525,10 +561,16 @@ impl Backend for GpuBackend {
             let staging = &p.staging[slot];
             enc.copy_buffer_to_buffer(&p.losses.view.buffer, 0, staging, 0, n);
             enc.copy_buffer_to_buffer(&p.correct.view.buffer, 0, staging, n, n);
+            // The state after the chunk, for the check in `wait_oldest`.
+            let flat = (self.param_layout.total * 4) as u64;
+            for (k, buffer) in std::iter::once(&self.params).chain(&self.moments).enumerate() {
+                enc.copy_buffer_to_buffer(buffer, 0, staging, 2 * n + k as u64 * flat, flat);
+            }
             let submission = ctx.queue.submit([enc.finish()]);
             self.ops.submits += 1;
             let (tx, rx) = mpsc::channel();
-            staging.slice(..2 * n).map_async(wgpu::MapMode::Read, move |r| {
+            let mapped = 2 * n + state_bytes;
+            staging.slice(..mapped).map_async(wgpu::MapMode::Read, move |r| {
                 let _ = tx.send(r);
             });
             self.in_flight.push_back(InFlight { steps, batch: b, staging: slot, submission, mapped: rx });

@@ -21,9 +21,9 @@ use anyhow::{bail, Result};
 
 use crate::augment::shifts_for_positions;
 use crate::backend::{Backend, Chunk, StepStats};
-use crate::checkpoint::save_checkpoint;
+use crate::checkpoint::{save_checkpoint, StateFault};
 use crate::data::{Dataset, Mnist};
-use crate::model::{epoch_order, TrainState};
+use crate::model::{epoch_order, RunClock, TrainState};
 use crate::schedule::{LrSchedule, ScheduleState};
 
 /// What to train and where to write it.
@@ -49,6 +49,9 @@ pub struct TrainConfig {
     pub until: Option<f64>,
     /// Force the plain, line-per-epoch progress even on a terminal.
     pub plain_progress: bool,
+    /// Steps per chunk, fixed (tests of chunking's invariance). `None`, the default: sized by
+    /// the measured step time (see [`ChunkSizer`]).
+    pub chunk_steps: Option<u64>,
 }
 
 impl Default for TrainConfig {
@@ -65,6 +68,7 @@ impl Default for TrainConfig {
             patience: None,
             until: None,
             plain_progress: false,
+            chunk_steps: None,
         }
     }
 }
@@ -100,10 +104,15 @@ pub struct TimeToAccuracy {
     pub accuracy: f64,
     pub step: u64,
     pub epoch: u64,
-    /// Wall-clock seconds since the run started, evaluations included.
+    /// Wall-clock seconds since the run started, evaluations included (since `counted_from_step`
+    /// when that is not 0).
     pub seconds: f64,
-    /// Seconds spent training steps in this invocation, evaluations and saves excluded.
+    /// Seconds spent training steps, evaluations and saves excluded (the same span).
     pub train_seconds: f64,
+    /// 0 when both times cover the whole run. Else the step this invocation resumed from: its
+    /// checkpoint does not record how long the run took before it (written by a run that did not
+    /// measure time, or by an earlier version), and the times count from there.
+    pub counted_from_step: u64,
 }
 
 /// What a finished run reports (the `--json` line).
@@ -125,6 +134,13 @@ pub struct TrainReport {
     /// `--save-best` holds); `None` without `--val`.
     pub best_val_accuracy: Option<f64>,
     pub best_val_step: Option<u64>,
+    /// The file that holds the best validation checkpoint: this invocation's `--save-best` when
+    /// an evaluation of it wrote one, else the file an earlier invocation of the run wrote it to;
+    /// `None` when no file holds it.
+    pub best_val_file: Option<String>,
+    /// Whether this invocation wrote `best_val_file`.
+    #[serde(skip)]
+    pub best_val_written_now: bool,
     pub images_per_s: f64,
     pub train_seconds: f64,
     pub submits: u64,
@@ -160,13 +176,47 @@ impl TrainReport {
             ));
         }
         if let (Some(accuracy), Some(step)) = (self.best_val_accuracy, self.best_val_step) {
-            let saved =
-                cfg.save_best.as_ref().map(|p| format!(", saved in {}", p.display())).unwrap_or_default();
+            // "saved in FILE" only when FILE was written with it in this invocation; a best from
+            // before a resume says where that invocation put it.
+            let saved = match (&cfg.save_best, self.best_val_written_now, &self.best_val_file) {
+                (Some(p), true, _) => format!(", saved in {}", p.display()),
+                (given, false, earlier) => {
+                    let not_written = given
+                        .as_ref()
+                        .map(|p| {
+                            format!(
+                                " ({} was not written: no evaluation of this invocation beat it)",
+                                p.display()
+                            )
+                        })
+                        .unwrap_or_default();
+                    match earlier {
+                        Some(f) => format!(", reached before this run was resumed and saved then in {f}{not_written}"),
+                        None if given.is_some() => format!(
+                            ", reached before this run was resumed, when no --save-best file was kept{not_written}"
+                        ),
+                        None => String::new(),
+                    }
+                }
+                (None, true, _) => String::new(),
+            };
             lines.push(format!("best validation accuracy {:.2}% at step {step}{saved}", 100.0 * accuracy));
         }
         if let Some(target) = cfg.until {
             let on = if self.val_accuracy.is_some() { "validation" } else { "test" };
             lines.push(match self.time_to_accuracy {
+                Some(t) if t.counted_from_step > 0 => format!(
+                    "--until {:.2}%: {on} accuracy {:.2}% at step {} (epoch {}), {:.1} s after this \
+                     invocation resumed the run at step {} ({:.1} s of training since); the checkpoint \
+                     does not record the time before it",
+                    100.0 * target,
+                    100.0 * t.accuracy,
+                    t.step,
+                    t.epoch,
+                    t.seconds,
+                    t.counted_from_step,
+                    t.train_seconds
+                ),
                 Some(t) => format!(
                     "--until {:.2}%: {on} accuracy {:.2}% at step {} (epoch {}), {:.1} s into the run \
                      ({:.1} s of training)",
@@ -205,6 +255,10 @@ pub fn split_validation(train: &mut Dataset, n: usize) -> Result<Dataset> {
 pub enum TrainError {
     #[error("the loss became {value} at step {step} (epoch {epoch}); training stopped, {kept}")]
     Diverged { step: u64, epoch: u64, value: f32, kept: String },
+    #[error(
+        "the training state diverged in steps {first}..{last} (epoch {epoch}): {fault}; training stopped, {kept}"
+    )]
+    StateDiverged { first: u64, last: u64, epoch: u64, fault: StateFault, kept: String },
     #[error("{more}, from step {start}, is {step} steps in all: the step counter overflows")]
     Overflow { step: u128, start: u64, more: String },
     #[error("{cause}; the trained state (step {step}) was saved to {}", path.display())]
@@ -231,10 +285,61 @@ pub fn error_line(e: &anyhow::Error) -> String {
     line
 }
 
-/// Steps per backend call: enough for a live progress bar (about ten updates an epoch),
-/// few enough host waits for a GPU.
-fn chunk_steps(steps_per_epoch: u64) -> u64 {
-    (steps_per_epoch / 10).clamp(1, 64)
+/// The work one chunk of steps should take, at the pace measured so far. Two chunks are in
+/// flight at most, so a stop signal waits for about twice this: about 1 s of steps, whatever the
+/// adapter (a scheduler's grace period is 10 s for docker, 90 s for systemd).
+pub const CHUNK_SECONDS: f64 = 0.5;
+/// The most steps in one chunk: enough to keep a fast GPU's host waits rare, and a bound on the
+/// per-chunk buffers.
+pub const MAX_CHUNK_STEPS: u64 = 64;
+
+/// Steps per backend call, sized by the time steps take: the first chunk is one step (nothing
+/// is measured yet), then each chunk is [`CHUNK_SECONDS`] at the pace measured on the last, at
+/// most twice the size before it (a pace measured on a small chunk can be optimistic) and at
+/// most [`MAX_CHUNK_STEPS`]. Chunking never changes the arithmetic (each step is the same
+/// dispatches in the same order), so the results are the same bits whatever the sizes.
+pub struct ChunkSizer {
+    next: u64,
+    fixed: bool,
+    /// The seconds a step took on the last chunk (0 before any).
+    step_seconds: f64,
+}
+
+impl ChunkSizer {
+    pub fn new(fixed: Option<u64>) -> Self {
+        match fixed {
+            Some(k) => ChunkSizer { next: k.max(1), fixed: true, step_seconds: 0.0 },
+            None => ChunkSizer { next: 1, fixed: false, step_seconds: 0.0 },
+        }
+    }
+
+    /// The size of the next chunk.
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// How many chunks may be in flight: two, so that a GPU runs one while the host prepares the
+    /// next; one when a single step takes longer than a chunk should (a slow adapter), where the
+    /// host's part is negligible and a second chunk would only double the wait for a stop.
+    pub fn depth(&self) -> usize {
+        if !self.fixed && self.step_seconds > CHUNK_SECONDS {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// A chunk of `steps` steps kept the backend busy for `busy`.
+    pub fn measured(&mut self, steps: u64, busy: Duration) {
+        if self.fixed || steps == 0 {
+            return;
+        }
+        let per_step = busy.as_secs_f64() / steps as f64;
+        self.step_seconds = per_step;
+        let fit = if per_step > 0.0 { (CHUNK_SECONDS / per_step).floor() } else { f64::INFINITY };
+        let grown = 2 * self.next.max(steps);
+        self.next = (fit.min(u64::MAX as f64) as u64).clamp(1, grown.min(MAX_CHUNK_STEPS));
+    }
 }
 
 /// How a run's loop failed, and whether the backend's state may still be saved.
@@ -360,6 +465,15 @@ pub fn train(
         stop: None,
         stopped_at: None,
         reached: None,
+        best_written: None,
+        // The run's clock goes on where the checkpoint's stopped; a run measuring time to
+        // accuracy starts one; a resumed run whose checkpoint has none cannot know its past.
+        clock_base: match (state.clock, cfg.until.is_some(), start_step) {
+            (Some(clock), _, _) => Some(clock),
+            (None, true, 0) => Some(RunClock::default()),
+            (None, _, _) => None,
+        },
+        start_step,
     };
 
     let outcome =
@@ -378,7 +492,7 @@ pub fn train(
             let (Some(path), true) = (&cfg.save, state.step > start_step) else { return Err(e) };
             let cause = error_line(&e);
             let step = state.step;
-            return Err(match save_trained(backend, state, path) {
+            return Err(match save_trained(backend, state, &run, path) {
                 Ok(()) => TrainError::SavedBeforeError { cause, step, path: path.clone() },
                 Err(save) => TrainError::SaveAlsoFailed { cause, step, save_error: error_line(&save) },
             }
@@ -392,8 +506,11 @@ pub fn train(
     }
     // Saved before the interrupted run's evaluation: a second signal during it loses nothing.
     match &cfg.save {
-        Some(path) => save_trained(backend, state, path)?,
-        None => backend.store_state(state)?,
+        Some(path) => save_trained(backend, state, &run, path)?,
+        None => {
+            backend.store_state(state)?;
+            state.clock = run.clock_now();
+        }
     }
     // An interrupted run is scored on the test set as it stands (not logged: a resumed run
     // continues the log, and the whole run has no evaluation here).
@@ -423,6 +540,8 @@ pub fn train(
         val_loss: run.last_val.as_ref().map(|e| e.loss),
         best_val_accuracy: best.map(|(accuracy, _)| accuracy),
         best_val_step: best.map(|(_, step)| step),
+        best_val_file: best.and(state.best_file.clone()),
+        best_val_written_now: best.is_some_and(|(_, step)| run.best_written == Some(step)),
         images_per_s: if seconds > 0.0 { steps as f64 * batch as f64 / seconds } else { 0.0 },
         train_seconds: seconds,
         submits: sync.submits,
@@ -435,9 +554,10 @@ pub fn train(
     })
 }
 
-/// Copies the backend's state into `state` and saves it.
-fn save_trained(backend: &mut dyn Backend, state: &mut TrainState, path: &Path) -> Result<()> {
+/// Copies the backend's state into `state`, with the run's clock, and saves it.
+fn save_trained(backend: &mut dyn Backend, state: &mut TrainState, run: &Run, path: &Path) -> Result<()> {
     backend.store_state(state)?;
+    state.clock = run.clock_now();
     save_checkpoint(path, state)?;
     Ok(())
 }
@@ -459,12 +579,26 @@ struct Run {
     stop: Option<StopReason>,
     stopped_at: Option<RunPoint>,
     reached: Option<TimeToAccuracy>,
+    /// The step whose checkpoint this invocation last wrote to `--save-best`.
+    best_written: Option<u64>,
+    /// The run's time before this invocation, when it is known (see [`RunClock`]).
+    clock_base: Option<RunClock>,
+    /// The step this invocation started from.
+    start_step: u64,
 }
 
 impl Run {
     /// Wall-clock seconds since the run started.
     fn seconds(&self) -> f64 {
         self.seconds_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// The run's time so far, when it is measured.
+    fn clock_now(&self) -> Option<RunClock> {
+        self.clock_base.map(|base| RunClock {
+            train_seconds: base.train_seconds + self.train_time.as_secs_f64(),
+            run_seconds: base.run_seconds + self.started.elapsed().as_secs_f64(),
+        })
     }
 
     /// The run's current point: `state`'s last step.
@@ -483,9 +617,11 @@ fn current_epoch(state: &TrainState) -> u64 {
     }
 }
 
-/// A chunk submitted and not yet finished: its steps' learning rates, in order.
+/// A chunk submitted and not yet finished: its steps' learning rates, in order, and the time
+/// its submission took (all of a CPU chunk's work; a GPU's recording).
 struct InFlight {
     lrs: Vec<f64>,
+    submit_time: Duration,
 }
 
 /// The steps of a run, chunk by chunk, with up to two chunks in flight: the backend runs one
@@ -508,7 +644,7 @@ fn run_steps(
     let n = mnist.train.len();
     let batch = state.batch;
     let steps_per_epoch = (n / batch) as u64;
-    let chunk = chunk_steps(steps_per_epoch);
+    let mut sizer = ChunkSizer::new(cfg.chunk_steps);
     // The schedule at the next step to submit (a resumed run continues it where it stopped).
     let mut schedule =
         ScheduleState::at_step(state.schedule, state.optimizer.lr, state.schedule_steps, state.step);
@@ -521,7 +657,7 @@ fn run_steps(
     // When the last finished chunk's last step finished, on the run's clock.
     let mut last_row_seconds = run.seconds();
     loop {
-        while in_flight.len() < 2 && run.stop.is_none() {
+        while in_flight.len() < sizer.depth() && run.stop.is_none() {
             if interrupt.load(Ordering::SeqCst) {
                 run.stop = Some(StopReason::Signal);
                 break;
@@ -534,7 +670,7 @@ fn run_steps(
             if pos >= steps_per_epoch || submitted >= target_step || checkpoint_pending {
                 break;
             }
-            let mut k = chunk.min(steps_per_epoch - pos).min(target_step - submitted);
+            let mut k = sizer.next().min(steps_per_epoch - pos).min(target_step - submitted);
             if cfg.checkpoint_every > 0 {
                 k = k.min(cfg.checkpoint_every - submitted % cfg.checkpoint_every);
             }
@@ -563,30 +699,26 @@ fn run_steps(
                 shifts: shifts_for_positions(state.seed, state.epoch, first, count, state.augment_shift),
                 steps,
             };
-            backend.submit(&chunk_of).map_err(|e| {
-                Failure::Untrusted(e.context(format!(
-                    "training steps {}..{} failed; {}",
-                    submitted + 1,
-                    submitted + k,
-                    kept_checkpoint(cfg, run.last_saved)
-                )))
-            })?;
-            in_flight.push_back(InFlight { lrs });
+            let submit_started = Instant::now();
+            backend
+                .submit(&chunk_of)
+                // A backend may report a fault of the chunks already in flight here: name them
+                // all (from the last checked step).
+                .map_err(|e| chunk_failed(e, state.step + 1, submitted + k, state.epoch + 1, cfg, run))?;
+            in_flight.push_back(InFlight { lrs, submit_time: submit_started.elapsed() });
             submitted += k;
         }
-        let Some(InFlight { lrs }) = in_flight.pop_front() else { break };
+        let Some(InFlight { lrs, submit_time }) = in_flight.pop_front() else { break };
         let k = lrs.len() as u64;
-        let stats = backend
-            .finish()
-            .and_then(|s| s.ok_or_else(|| anyhow::anyhow!("a chunk went missing")))
-            .map_err(|e| {
-            Failure::Untrusted(e.context(format!(
-                "training steps {}..{} failed; {}",
-                state.step + 1,
-                state.step + k,
-                kept_checkpoint(cfg, run.last_saved)
-            )))
-        })?;
+        let wait_started = Instant::now();
+        let stats =
+            backend
+                .finish()
+                .and_then(|s| s.ok_or_else(|| anyhow::anyhow!("a chunk went missing")))
+                .map_err(|e| chunk_failed(e, state.step + 1, state.step + k, state.epoch + 1, cfg, run))?;
+        // The backend's time on this chunk: its submission (a CPU computes there) and the wait
+        // for its end (a GPU computes while the host prepares the next chunk).
+        sizer.measured(k, submit_time + wait_started.elapsed());
         let now = Instant::now();
         let dt = now - clock;
         clock = now;
@@ -667,7 +799,7 @@ fn run_steps(
         if let (true, false, Some(path)) = (checkpoint_due, ending, &cfg.save) {
             metrics.sync()?;
             run.progress.phase(Some("saving a checkpoint"));
-            save_trained(backend, state, path)?;
+            save_trained(backend, state, run, path)?;
             run.progress.phase(None);
             run.last_saved = Some(state.step);
             clock = Instant::now();
@@ -708,13 +840,19 @@ fn evaluate_due(
     log_evaluation(run, metrics, line, kind, state, &eval)?;
     if let Some(target) = cfg.until.filter(|&t| eval.accuracy >= t && run.reached.is_none()) {
         let point = run.point(state);
+        let (seconds, train_seconds, counted_from_step) = match run.clock_now() {
+            Some(clock) => (clock.run_seconds, clock.train_seconds, 0),
+            None if run.start_step == 0 => (point.seconds, run.train_time.as_secs_f64(), 0),
+            None => (run.started.elapsed().as_secs_f64(), run.train_time.as_secs_f64(), run.start_step),
+        };
         run.reached = Some(TimeToAccuracy {
             target,
             accuracy: eval.accuracy,
             step: point.step,
             epoch: point.epoch,
-            seconds: point.seconds,
-            train_seconds: run.train_time.as_secs_f64(),
+            seconds,
+            train_seconds,
+            counted_from_step,
         });
         if !last {
             run.stop = Some(StopReason::Until);
@@ -730,9 +868,18 @@ fn evaluate_due(
     if let (true, Some(path)) = (best, &cfg.save_best) {
         // The log holds this evaluation before the checkpoint that comes from it.
         metrics.sync()?;
+        // The checkpoint names itself as the best's file, and so does every later one of the
+        // run: a resumed run can say where its best is.
+        let file = crate::paths::canonical_target(path).ok().and_then(|p| p.to_str().map(str::to_string));
+        let before = std::mem::replace(&mut state.best_file, file);
         run.progress.phase(Some("saving the best checkpoint"));
-        save_trained(backend, state, path)?;
+        let saved = save_trained(backend, state, run, path);
         run.progress.phase(None);
+        if let Err(e) = saved {
+            state.best_file = before;
+            return Err(e.into());
+        }
+        run.best_written = Some(state.step);
     }
     let patience_out = cfg.patience.is_some_and(|p| state.record.evals_since_best_loss >= p);
     if patience_out && !last && run.stop.is_none() {
@@ -764,6 +911,25 @@ fn log_evaluation(
     metrics.write(&row)?;
     run.history.push(row);
     Ok(())
+}
+
+/// A chunk whose steps failed: its state is not trusted, so nothing is saved. A state no run can
+/// reach (a non-finite value, a negative second moment) is a divergence, named by its tensor.
+fn chunk_failed(
+    e: anyhow::Error,
+    first: u64,
+    last: u64,
+    epoch: u64,
+    cfg: &TrainConfig,
+    run: &Run,
+) -> Failure {
+    let kept = kept_checkpoint(cfg, run.last_saved);
+    if let Some(fault) = e.downcast_ref::<StateFault>() {
+        return Failure::Untrusted(
+            TrainError::StateDiverged { first, last, epoch, fault: fault.clone(), kept }.into(),
+        );
+    }
+    Failure::Untrusted(e.context(format!("training steps {first}..{last} failed; {kept}")))
 }
 
 /// What the checkpoint on disk holds after a run stopped without saving.

@@ -410,9 +410,17 @@ impl Progress {
 
     /// The time left to the run's last step at the pace so far; `None` before the first step.
     fn eta(&self) -> Option<Duration> {
+        self.eta_after(self.shared.started.elapsed())
+    }
+
+    /// The time left when the run's steps so far took `elapsed`.
+    fn eta_after(&self, elapsed: Duration) -> Option<Duration> {
         let done = self.step.checked_sub(self.start_step).filter(|&d| d > 0)?;
-        let per_step = self.shared.started.elapsed().as_secs_f64() / done as f64;
-        Duration::try_from_secs_f64(per_step * self.target_step.saturating_sub(self.step) as f64).ok()
+        let per_step = elapsed.as_secs_f64() / done as f64;
+        // A run of 2^64-1 steps has an ETA past what a Duration holds: shown as ">99h", never a
+        // panic.
+        let left = per_step * self.target_step.saturating_sub(self.step) as f64;
+        Some(Duration::try_from_secs_f64(left).unwrap_or(Duration::MAX))
     }
 
     pub(crate) fn end_epoch(&mut self, line: &str) {
@@ -524,7 +532,7 @@ fn last_epoch(state: &TrainState, steps_per_epoch: u64, target_step: u64) -> u64
     if remaining <= left_in_epoch || steps_per_epoch == 0 {
         state.epoch + 1
     } else {
-        state.epoch + 1 + (remaining - left_in_epoch).div_ceil(steps_per_epoch)
+        (state.epoch + 1).saturating_add((remaining - left_in_epoch).div_ceil(steps_per_epoch))
     }
 }
 
@@ -648,6 +656,24 @@ mod tests {
         assert_eq!(format_rate(1_234_567.0), "1.2M");
         assert_eq!(format_loss(0.123456), "0.1235");
         assert_eq!(format_loss(1234.5), "1.23e3");
+    }
+
+    #[test]
+    fn a_run_of_2_64_steps_has_an_eta_not_a_panic() {
+        // --steps 18446744073709551615 on a terminal: after one step of a second, the time left
+        // is past what a Duration holds.
+        let mut state = TrainState::new(crate::model::Params::init(0), Default::default(), 0, 32, true);
+        let mut progress = Progress::new(true, 100, 32, &state, u64::MAX);
+        progress.step = 1;
+        let eta = progress.eta_after(Duration::from_secs(1));
+        assert_eq!(eta, Some(Duration::MAX));
+        progress.shared.lock().eta = eta.map(|eta| (eta, Instant::now()));
+        let figures = progress.shared.figures(&progress.shared.lock());
+        assert!(bar_line(&figures).len() <= LINE_WIDTH);
+        assert_eq!(format_duration(Duration::MAX), ">99h");
+        // Resumed deep into a run, the last epoch saturates instead of overflowing.
+        state.epoch = 5;
+        assert_eq!(last_epoch(&state, 1, u64::MAX), u64::MAX);
     }
 
     #[test]
