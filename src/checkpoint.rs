@@ -25,7 +25,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
 use crate::augment::MAX_AUGMENT_SHIFT;
-use crate::model::{param_specs, Params, RunClock, TrainState, ValidationRecord};
+use crate::model::{param_specs, EpochSums, Params, RunClock, TrainState, ValidationRecord};
 use crate::optim::{Optimizer, OptimizerKind, Sgd};
 use crate::paths::{helper_stem, open_input, parent_dir, write_target};
 use crate::schedule::LrSchedule;
@@ -157,7 +157,37 @@ fn run_notes_metadata(state: &TrainState) -> Vec<(&'static str, String)> {
     if let Some(file) = &state.best_file {
         meta.push(("best_val_file", file.clone()));
     }
+    // Only inside an epoch, so a checkpoint at an epoch's end is what it always was.
+    if let (true, Some(sums)) = (state.step_in_epoch > 0, state.epoch_sums) {
+        meta.push(("epoch_loss_sum", sums.loss_sum.to_string()));
+        meta.push(("epoch_correct", sums.correct.to_string()));
+    }
     meta
+}
+
+/// The epoch's sums of a checkpoint taken `step_in_epoch` steps into an epoch of `batch` images
+/// a step: both keys or neither, a finite loss sum >= 0, at most every image correct.
+fn read_epoch_sums(
+    meta: &HashMap<String, String>,
+    step_in_epoch: u64,
+    batch: usize,
+) -> Result<Option<EpochSums>, String> {
+    match (meta.get("epoch_loss_sum"), meta.get("epoch_correct")) {
+        (None, None) => Ok(None),
+        (Some(loss), Some(correct)) => {
+            let loss_sum = loss
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| format!("epoch_loss_sum = {loss:?} is not a finite number >= 0"))?;
+            let images = step_in_epoch.saturating_mul(batch as u64);
+            let correct = correct.parse::<u64>().ok().filter(|&c| c <= images).ok_or_else(|| {
+                format!("epoch_correct = {correct:?} is not a count of at most {images} images")
+            })?;
+            Ok((step_in_epoch > 0).then_some(EpochSums { loss_sum, correct }))
+        }
+        _ => Err("epoch_loss_sum and epoch_correct must be given together".into()),
+    }
 }
 
 /// The inverse of [`run_notes_metadata`].
@@ -347,6 +377,7 @@ pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
     let (schedule, schedule_steps, augment_shift, validation, record) =
         read_recipe_metadata(meta, step).map_err(bad)?;
     let (clock, best_file) = read_run_notes(meta).map_err(bad)?;
+    let epoch_sums = read_epoch_sums(meta, step_in_epoch, batch).map_err(bad)?;
     let state = TrainState {
         params: params.clone(),
         optimizer,
@@ -364,6 +395,7 @@ pub fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
         record,
         clock,
         best_file,
+        epoch_sums,
     };
     Ok(Checkpoint { params, state: Some(state) })
 }

@@ -365,6 +365,23 @@ fn check_train_paths(
     Ok(outputs)
 }
 
+/// `resumed from FILE at step S (epoch E, K of N steps)`: where a resumed run picks up, with the
+/// epoch counted from 1 and its steps as this run's batch and training set give them.
+fn resumed_line(path: &Path, state: &TrainState, train_images: usize) -> String {
+    let per_epoch = (train_images / state.batch.max(1)) as u64;
+    // Earlier versions wrote an epoch's last step as unfinished: it is the next one's start.
+    let (epoch, done) = match state.step_in_epoch {
+        k if k >= per_epoch && per_epoch > 0 => (state.epoch + 1, 0),
+        k => (state.epoch, k),
+    };
+    format!(
+        "resumed from {} at step {} (epoch {}, {done} of {per_epoch} steps)",
+        path.display(),
+        state.step,
+        epoch.saturating_add(1)
+    )
+}
+
 /// The optimizer the options describe, on top of `base` (the default, or a resumed run's).
 fn optimizer_from_args(args: &TrainArgs, base: Optimizer) -> Result<Optimizer> {
     let sgd_options = args.momentum.is_some() || args.nesterov || args.weight_decay.is_some();
@@ -534,6 +551,9 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         (steps, _, _) => steps,
     };
 
+    if let Some(path) = &args.resume {
+        let _ = writeln!(std::io::stderr(), "{}", resumed_line(path, &state, mnist.train.len()));
+    }
     // Starting a GPU compiles its kernels: seconds, minutes on a software adapter.
     let mut backend = lenet::train::progress::during(false, "starting the backend", || {
         open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &mnist.train)

@@ -139,6 +139,20 @@ pub struct TrainState {
     /// The file `--save-best` last wrote the best validation checkpoint to (absolute), whichever
     /// invocation of the run wrote it.
     pub best_file: Option<String>,
+    /// The current epoch's training figures over its first `step_in_epoch` steps, so that a
+    /// resumed run's epoch line covers the whole epoch. `None` at an epoch's start, and where a
+    /// checkpoint from before they were kept does not have them.
+    pub epoch_sums: Option<EpochSums>,
+}
+
+/// Sums over an epoch's steps so far: what its mean loss and accuracy are computed from, in the
+/// same order whether or not the run stopped and resumed in between.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EpochSums {
+    /// The steps' losses (f32 each) added as f64, in step order.
+    pub loss_sum: f64,
+    /// Images classified correctly.
+    pub correct: u64,
 }
 
 /// How long a run has taken up to a checkpoint: what `--until` adds a resumed run's own time to,
@@ -217,6 +231,7 @@ impl TrainState {
             record: ValidationRecord::default(),
             clock: None,
             best_file: None,
+            epoch_sums: None,
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::augment::shifts_for_positions;
 use crate::backend::{Backend, Chunk, StepStats};
 use crate::checkpoint::{save_checkpoint, StateFault};
 use crate::data::{Dataset, Mnist};
-use crate::model::{epoch_order, RunClock, TrainState};
+use crate::model::{epoch_order, EpochSums, RunClock, TrainState};
 use crate::schedule::{LrSchedule, ScheduleState};
 
 /// What to train and where to write it.
@@ -459,6 +459,8 @@ pub fn train(
         started: Instant::now(),
         seconds_before,
         recent: Vec::new(),
+        // A resumed epoch's steps before this invocation, as the checkpoint summed them.
+        epoch_before: if state.step_in_epoch > 0 { state.epoch_sums } else { Some(EpochSums::default()) },
         last_eval: None,
         last_val: None,
         last_saved: None,
@@ -558,6 +560,10 @@ pub fn train(
 fn save_trained(backend: &mut dyn Backend, state: &mut TrainState, run: &Run, path: &Path) -> Result<()> {
     backend.store_state(state)?;
     state.clock = run.clock_now();
+    state.epoch_sums = match state.step_in_epoch {
+        0 => None,
+        _ => run.epoch_before.map(|before| progress::epoch_sums(before, &run.recent)),
+    };
     save_checkpoint(path, state)?;
     Ok(())
 }
@@ -570,8 +576,11 @@ struct Run {
     /// When this invocation started, and the run's seconds before it (a resumed log's clock).
     started: Instant,
     seconds_before: f64,
-    /// The current epoch's steps.
+    /// The current epoch's steps (this invocation's).
     recent: Vec<StepStats>,
+    /// The sums of the current epoch's steps before `recent` (a resumed run's first epoch), when
+    /// known: `None` for a checkpoint from before they were kept.
+    epoch_before: Option<EpochSums>,
     /// The last evaluation on the test set, and on the validation set.
     last_eval: Option<Evaluation>,
     last_val: Option<Evaluation>,
@@ -677,8 +686,9 @@ fn run_steps(
             let (order, _, _) = epoch.get_or_insert_with(|| {
                 if state.step_in_epoch == 0 {
                     run.recent.clear();
+                    run.epoch_before = Some(EpochSums::default());
                 }
-                run.progress.start_epoch(state.epoch, state.step_in_epoch);
+                run.progress.start_epoch(state.epoch, state.step_in_epoch, run.epoch_before);
                 (epoch_order(n, state.seed, state.epoch, state.shuffle), 0, Duration::ZERO)
             });
             let first = pos as usize * batch;
@@ -774,7 +784,7 @@ fn run_steps(
             let (_, images, time) = epoch.take().expect("the epoch was started above");
             let due = epoch_done && cfg.eval_every > 0 && state.epoch.is_multiple_of(cfg.eval_every);
             let mut line =
-                epoch_summary(state, steps_per_epoch, run.progress.last_epoch(), &run.recent, images, time);
+                epoch_summary(state, steps_per_epoch, run.progress.last_epoch(), run, images, time);
             if due || last {
                 evaluate_due(backend, state, mnist, validation, cfg, run, metrics, &mut line, last)?;
             }
@@ -953,15 +963,27 @@ fn epoch_summary(
     state: &TrainState,
     steps_per_epoch: u64,
     last_epoch: u64,
-    recent: &[StepStats],
+    run: &Run,
     images: usize,
     time: Duration,
 ) -> String {
     let epoch = if state.step_in_epoch == 0 { state.epoch } else { state.epoch + 1 };
-    let (loss, accuracy) = progress::epoch_means(recent, state.batch);
     let done = if state.step_in_epoch == 0 { steps_per_epoch } else { state.step_in_epoch };
+    let ours = run.recent.len() as u64;
+    // The means cover the whole epoch so far; where a resumed run's checkpoint did not carry the
+    // sums of the steps before it, they cover this invocation's steps only, and say which.
+    let (steps, loss, accuracy) = match run.epoch_before {
+        Some(before) => {
+            let (loss, accuracy) = progress::epoch_means_after(done - ours, before, &run.recent, state.batch);
+            (format!("{done}/{steps_per_epoch} steps"), loss, accuracy)
+        }
+        None => {
+            let (loss, accuracy) = progress::epoch_means(&run.recent, state.batch);
+            (format!("steps {}-{done} of {steps_per_epoch}", done - ours + 1), loss, accuracy)
+        }
+    };
     format!(
-        "epoch {epoch}/{} ({done}/{steps_per_epoch} steps)  loss {loss:.4}  train acc {:.2}%  {:.0} img/s",
+        "epoch {epoch}/{} ({steps})  loss {loss:.4}  train acc {:.2}%  {:.0} img/s",
         last_epoch.max(epoch),
         100.0 * accuracy,
         images as f64 / time.as_secs_f64().max(1e-9),

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::backend::StepStats;
-use crate::model::TrainState;
+use crate::model::{EpochSums, TrainState};
 
 /// The widest the bar's line gets: 80 columns with the cursor's column to spare (a line that
 /// fills the last column wraps on some terminals, and the redrawn bar would then scroll).
@@ -55,12 +55,32 @@ fn stderr_is_terminal() -> bool {
 /// Mean loss and accuracy over `steps` of `batch` images each: the bar's running figures and
 /// the epoch line's, so that the two agree. NaN for no steps.
 pub fn epoch_means(steps: &[StepStats], batch: usize) -> (f64, f64) {
-    if steps.is_empty() {
+    epoch_means_after(0, EpochSums::default(), steps, batch)
+}
+
+/// [`epoch_means`] of an epoch whose first `before_steps` steps summed to `before` (a resumed
+/// run's): the same additions in the same order as over all the epoch's steps at once, so the
+/// figures are the same bits as an uninterrupted run's.
+pub fn epoch_means_after(
+    before_steps: u64,
+    before: EpochSums,
+    steps: &[StepStats],
+    batch: usize,
+) -> (f64, f64) {
+    let sums = epoch_sums(before, steps);
+    let count = before_steps + steps.len() as u64;
+    if count == 0 {
         return (f64::NAN, f64::NAN);
     }
-    let loss = steps.iter().map(|s| s.loss as f64).sum::<f64>() / steps.len() as f64;
-    let correct: u64 = steps.iter().map(|s| s.correct as u64).sum();
-    (loss, correct as f64 / (steps.len() * batch) as f64)
+    (sums.loss_sum / count as f64, sums.correct as f64 / (count * batch as u64) as f64)
+}
+
+/// `before` with `steps` added, in order.
+pub fn epoch_sums(before: EpochSums, steps: &[StepStats]) -> EpochSums {
+    EpochSums {
+        loss_sum: steps.iter().fold(before.loss_sum, |sum, s| sum + s.loss as f64),
+        correct: before.correct + steps.iter().map(|s| s.correct as u64).sum::<u64>(),
+    }
 }
 
 /// What the bar shows at one moment.
@@ -281,6 +301,8 @@ pub(crate) struct Progress {
     start_step: u64,
     step: u64,
     target_step: u64,
+    /// The epoch's steps before this invocation's first, and their sums (a resumed epoch's).
+    before: (u64, EpochSums),
 }
 
 impl Progress {
@@ -361,6 +383,7 @@ impl Progress {
             start_step: state.step,
             step: state.step,
             target_step,
+            before: (0, EpochSums::default()),
         }
     }
 
@@ -369,7 +392,9 @@ impl Progress {
         self.shared.lock().last_epoch
     }
 
-    pub(crate) fn start_epoch(&mut self, epoch: u64, done: u64) {
+    /// An epoch starts, `done` steps into it; `before` sums those steps, when they are known.
+    pub(crate) fn start_epoch(&mut self, epoch: u64, done: u64, before: Option<EpochSums>) {
+        self.before = (if before.is_some() { done } else { 0 }, before.unwrap_or_default());
         let eta = self.eta();
         let mut live = self.shared.lock();
         live.epoch = epoch + 1;
@@ -385,11 +410,11 @@ impl Progress {
     pub(crate) fn update(&mut self, step: u64, done: u64, epoch_steps: &[StepStats], images_per_s: f64) {
         self.step = step;
         let eta = self.eta();
-        let (loss, accuracy) = epoch_means(epoch_steps, self.batch);
+        let (loss, accuracy) = epoch_means_after(self.before.0, self.before.1, epoch_steps, self.batch);
         let mut live = self.shared.lock();
         live.done = done;
-        (live.loss, live.accuracy) =
-            if epoch_steps.is_empty() { (None, None) } else { (Some(loss), Some(accuracy)) };
+        let any = self.before.0 + epoch_steps.len() as u64 > 0;
+        (live.loss, live.accuracy) = if any { (Some(loss), Some(accuracy)) } else { (None, None) };
         live.images_per_s = Some(images_per_s).filter(|r| r.is_finite());
         live.eta = eta.map(|eta| (eta, Instant::now()));
         self.redraw(live);
@@ -766,7 +791,7 @@ mod tests {
         let output = Output::Bar(new_bar(target));
         let tick = Duration::from_millis(50);
         let mut progress = Progress::with_output(output, tick, PLAIN_EVERY, 234, 32, &fresh_state(), 2340);
-        progress.start_epoch(0, 0);
+        progress.start_epoch(0, 0, None);
         progress.phase(Some("evaluating on the test set"));
         // No step is reported: the clock still runs, one second to the next, on the bar.
         let drawn = |needle: &str| term.0.lock().unwrap().iter().any(|l| l.contains(needle));
@@ -797,7 +822,7 @@ mod tests {
         let output = Output::Plain(Box::new(sink.clone()));
         let (tick, quiet) = (Duration::from_millis(20), Duration::from_millis(200));
         let mut progress = Progress::with_output(output, tick, quiet, 234, 32, &fresh_state(), 2340);
-        progress.start_epoch(0, 0);
+        progress.start_epoch(0, 0, None);
         let text = || String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         assert!(
             eventually(Duration::from_secs(10), || text().lines().count() >= 2),
@@ -844,7 +869,7 @@ mod tests {
         let term = RecordingTerm::default();
         let output = Output::Bar(new_bar(ProgressDrawTarget::term_like(Box::new(term.clone()))));
         let mut progress = Progress::with_output(output, TICK, PLAIN_EVERY, 234, 32, &fresh_state(), 12);
-        progress.start_epoch(0, 0);
+        progress.start_epoch(0, 0, None);
         progress.update(4, 4, &[StepStats { loss: 1.0, correct: 1 }; 4], 10.0);
         let lines = term.0.lock().unwrap().clone();
         assert!(
