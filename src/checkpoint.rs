@@ -142,6 +142,10 @@ fn recipe_metadata(state: &TrainState) -> Vec<(&'static str, String)> {
             meta.push(("best_val_accuracy", accuracy.to_string()));
             meta.push(("best_val_step", step.to_string()));
         }
+        if let Some(step) = r.best_loss_step {
+            meta.push(("best_val_loss_step", step.to_string()));
+        }
+        meta.push(("evals_since_best_val_accuracy", r.evals_since_best_accuracy.to_string()));
     }
     meta
 }
@@ -251,10 +255,18 @@ fn read_recipe_metadata(
                     .into(),
             ),
         };
+    let best_loss_step = match int("best_val_loss_step")? {
+        Some(s) if s > step => {
+            return Err(format!("best_val_loss_step = {s} is past the steps taken ({step})"))
+        }
+        s => s,
+    };
     let record = ValidationRecord {
         best_loss: float("best_val_loss")?,
         evals_since_best_loss: int("evals_since_best_val_loss")?.unwrap_or(0),
         best_accuracy,
+        best_loss_step,
+        evals_since_best_accuracy: int("evals_since_best_val_accuracy")?.unwrap_or(0),
     };
     Ok((schedule, schedule_steps, augment_shift, validation, record))
 }

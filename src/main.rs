@@ -17,7 +17,7 @@ use lenet::backend::{no_training_data, open_backend};
 use lenet::checkpoint::load_checkpoint;
 use lenet::data::{default_data_dir, find_split, load_mnist_test, load_split, Mnist, Split, SplitFiles};
 use lenet::gpu::context::{choose_adapter, wanted_adapter, AdapterSummary};
-use lenet::model::{Params, TrainState};
+use lenet::model::{Monitor, Params, TrainState};
 use lenet::optim::{Adam, Optimizer, OptimizerKind, Sgd};
 use lenet::paths::{check_run_paths, lock_outputs, InputPath, OutputKind, OutputPath};
 use lenet::schedule::LrSchedule;
@@ -128,12 +128,23 @@ struct TrainArgs {
     /// set once at the end.
     #[arg(long, value_name = "N")]
     val: Option<usize>,
-    /// Keep the checkpoint with the best validation accuracy here (atomically; needs --val).
+    /// Keep the checkpoint with the best validation figure here (--monitor; default: the
+    /// accuracy), atomically; needs --val. The final test evaluation and --save then use the best
+    /// checkpoint's weights, as Keras's restore_best_weights.
     #[arg(long, value_name = "FILE")]
     save_best: Option<PathBuf>,
-    /// Stop when the validation loss has not improved for N evaluations (needs --val).
+    /// Stop when the validation figure (--monitor; default: the loss) has not improved for N
+    /// evaluations (needs --val).
     #[arg(long, value_name = "N")]
     patience: Option<u64>,
+    /// The validation figure --patience and --save-best watch [default: val_loss for
+    /// --patience, val_accuracy for --save-best]
+    #[arg(long, value_name = "FIGURE")]
+    monitor: Option<MonitorArg>,
+    /// The least change of the watched figure that counts as an improvement (a loss, or an
+    /// accuracy as a fraction: 0.001 is 0.1 points) [default: 0]
+    #[arg(long, value_name = "D")]
+    min_delta: Option<f64>,
     /// Stop at the first evaluation (validation, or test without --val) reaching this accuracy:
     /// a percentage (99.2 or 99.2%) or a fraction (0.992).
     #[arg(long, value_name = "ACC", value_parser = parse_accuracy)]
@@ -365,6 +376,24 @@ fn check_train_paths(
     Ok(outputs)
 }
 
+/// `--monitor`'s values, as Keras names them.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum MonitorArg {
+    #[value(name = "val_loss")]
+    ValLoss,
+    #[value(name = "val_accuracy")]
+    ValAccuracy,
+}
+
+impl From<MonitorArg> for Monitor {
+    fn from(m: MonitorArg) -> Self {
+        match m {
+            MonitorArg::ValLoss => Monitor::ValLoss,
+            MonitorArg::ValAccuracy => Monitor::ValAccuracy,
+        }
+    }
+}
+
 /// `resumed from FILE at step S (epoch E, K of N steps)`: where a resumed run picks up, with the
 /// epoch counted from 1 and its steps as this run's batch and training set give them.
 fn resumed_line(path: &Path, state: &TrainState, train_images: usize) -> String {
@@ -442,6 +471,15 @@ fn check_recipe_args(args: &TrainArgs) -> Result<()> {
     }
     if let Some(p) = args.augment_shift.filter(|&p| p > MAX_AUGMENT_SHIFT) {
         bail!("--augment-shift {p} is more than a 28x28 image can move (at most {MAX_AUGMENT_SHIFT})");
+    }
+    if let Some(d) = args.min_delta.filter(|d| !(d.is_finite() && *d >= 0.0)) {
+        bail!("--min-delta {d} must be a finite number >= 0");
+    }
+    if (args.monitor.is_some() || args.min_delta.is_some())
+        && args.patience.is_none()
+        && args.save_best.is_none()
+    {
+        bail!("--monitor and --min-delta tell --patience and --save-best what to watch; give one of them");
     }
     if args.patience == Some(0) {
         bail!("--patience 0 would stop at the first evaluation; give at least 1");
@@ -569,6 +607,8 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         save_best: args.save_best.clone(),
         metrics: args.metrics.clone(),
         patience: args.patience,
+        monitor: args.monitor.map(Monitor::from),
+        min_delta: args.min_delta.unwrap_or(0.0),
         until: args.until,
         plain_progress: false,
         chunk_steps: None,
@@ -598,7 +638,13 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         on_device(&report.backend, &report.adapter),
     ));
     let test = match (report.test_accuracy, report.test_loss) {
-        (Some(acc), Some(loss)) => format!("test accuracy {:.2}%, test loss {loss:.4}", 100.0 * acc),
+        (Some(acc), Some(loss)) => {
+            let of = match report.scored_weights {
+                "best" => format!(" (the best validation checkpoint's weights, step {})", report.scored_step),
+                _ => String::new(),
+            };
+            format!("test accuracy {:.2}%, test loss {loss:.4}{of}", 100.0 * acc)
+        }
         _ => "no evaluation (the test set is empty)".to_string(),
     };
     let saved = args.save.as_ref().map(|p| format!("; saved {}", p.display())).unwrap_or_default();

@@ -176,24 +176,86 @@ pub struct ValidationRecord {
     /// Evaluations since the one that reached `best_loss` (what `--patience` counts).
     pub evals_since_best_loss: u64,
     /// The highest validation accuracy so far and the step that reached it first (what
-    /// `--save-best` holds).
+    /// `--save-best` holds by default).
     pub best_accuracy: Option<(f64, u64)>,
+    /// The step that reached `best_loss` (`None` in checkpoints from before it was kept).
+    pub best_loss_step: Option<u64>,
+    /// Evaluations since the one that reached `best_accuracy`.
+    pub evals_since_best_accuracy: u64,
+}
+
+/// The validation figure that `--patience` and `--save-best` watch (`--monitor`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Monitor {
+    /// Lower is better.
+    ValLoss,
+    /// Higher is better.
+    ValAccuracy,
+}
+
+impl Monitor {
+    /// As the command line and Keras name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Monitor::ValLoss => "val_loss",
+            Monitor::ValAccuracy => "val_accuracy",
+        }
+    }
+}
+
+/// Which of an evaluation's figures beat the record (by more than the minimum change asked for).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Improved {
+    pub loss: bool,
+    pub accuracy: bool,
+}
+
+impl Improved {
+    pub fn on(self, monitor: Monitor) -> bool {
+        match monitor {
+            Monitor::ValLoss => self.loss,
+            Monitor::ValAccuracy => self.accuracy,
+        }
+    }
 }
 
 impl ValidationRecord {
-    /// Takes in an evaluation at `step`; says whether its accuracy is a new best.
-    pub fn update(&mut self, step: u64, loss: f64, accuracy: f64) -> bool {
-        if self.best_loss.is_none_or(|best| loss < best) {
-            self.best_loss = Some(loss);
-            self.evals_since_best_loss = 0;
+    /// Takes in an evaluation at `step`. A figure improves when it beats the best so far by more
+    /// than `min_delta` (Keras's rule: a loss below best - min_delta, an accuracy above best +
+    /// min_delta); only then does it become the best, and its count of evaluations since
+    /// restarts.
+    pub fn update(&mut self, step: u64, loss: f64, accuracy: f64, min_delta: f64) -> Improved {
+        let improved = Improved {
+            loss: self.best_loss.is_none_or(|best| loss < best - min_delta),
+            accuracy: self.best_accuracy.is_none_or(|(best, _)| accuracy > best + min_delta),
+        };
+        if improved.loss {
+            (self.best_loss, self.best_loss_step, self.evals_since_best_loss) = (Some(loss), Some(step), 0);
         } else {
             self.evals_since_best_loss += 1;
         }
-        let better = self.best_accuracy.is_none_or(|(best, _)| accuracy > best);
-        if better {
-            self.best_accuracy = Some((accuracy, step));
+        if improved.accuracy {
+            (self.best_accuracy, self.evals_since_best_accuracy) = (Some((accuracy, step)), 0);
+        } else {
+            self.evals_since_best_accuracy += 1;
         }
-        better
+        improved
+    }
+
+    /// The best value of `monitor`'s figure so far, and the step that reached it (when known).
+    pub fn best(&self, monitor: Monitor) -> Option<(f64, Option<u64>)> {
+        match monitor {
+            Monitor::ValLoss => self.best_loss.map(|loss| (loss, self.best_loss_step)),
+            Monitor::ValAccuracy => self.best_accuracy.map(|(accuracy, step)| (accuracy, Some(step))),
+        }
+    }
+
+    /// Evaluations since `monitor`'s figure last improved (what `--patience` counts).
+    pub fn evals_since_best(&self, monitor: Monitor) -> u64 {
+        match monitor {
+            Monitor::ValLoss => self.evals_since_best_loss,
+            Monitor::ValAccuracy => self.evals_since_best_accuracy,
+        }
     }
 }
 

@@ -97,3 +97,108 @@ fn the_bar_counts_the_steps_of_the_run_on_a_terminal() {
     assert!(screen.contains("] 12/12 loss "), "{screen}");
     assert!(!screen.contains("/100 loss"), "{screen}");
 }
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).expect("one JSON document")
+}
+
+#[test]
+fn with_save_best_the_test_set_and_save_get_the_best_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::write_small_mnist(dir.path(), 6400, 500);
+    let (best, last) = (dir.path().join("best.st"), dir.path().join("save.st"));
+    // A learning rate high enough that validation accuracy peaks before the last epoch.
+    let out = lenet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--batch",
+        "64",
+        "--val",
+        "1280",
+        "--epochs",
+        "6",
+        "--lr",
+        "0.03",
+        "--data",
+        data.to_str().unwrap(),
+        "--save-best",
+        best.to_str().unwrap(),
+        "--save",
+        last.to_str().unwrap(),
+        "--json",
+    ]);
+    let report = json(&out);
+    let (steps, best_step) = (report["steps"].as_u64().unwrap(), report["best_val_step"].as_u64().unwrap());
+    assert!(best_step < steps, "this recipe's best is its last step, so it proves nothing: {report}");
+    assert_eq!(report["scored_weights"], "best", "{report}");
+    assert_eq!(report["scored_step"].as_u64(), Some(best_step));
+    assert!(stderr(&out).contains(&format!("(the best validation checkpoint's weights, step {best_step})")));
+    // --save holds the best checkpoint, and the reported test figures are its.
+    let load = |p: &Path| lenet::checkpoint::load_checkpoint(p).unwrap().into_train_state().unwrap();
+    let (saved, kept) = (load(&last), load(&best));
+    assert_eq!(saved.step, best_step);
+    assert_eq!(saved.params, kept.params);
+    let eval = json(&lenet(&[
+        "eval",
+        "--backend",
+        "cpu",
+        "--data",
+        data.to_str().unwrap(),
+        "--weights",
+        last.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(eval["accuracy"], report["test_accuracy"], "{eval} vs {report}");
+    assert_eq!(eval["loss"], report["test_loss"]);
+}
+
+#[test]
+fn monitor_and_min_delta_decide_what_counts_as_an_improvement() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::write_small_mnist(dir.path(), 6400, 100);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--backend",
+            "cpu",
+            "--batch",
+            "64",
+            "--val",
+            "1280",
+            "--epochs",
+            "4",
+            "--json",
+            "--data",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = lenet(&args);
+        (json(&out), stderr(&out))
+    };
+    // Without a minimum change, the first epochs of a run improve on each other: no stop.
+    let (report, _) = run(&["--patience", "1", "--monitor", "val_accuracy"]);
+    assert_eq!(report["stopped_early"], false, "{report}");
+    // Nothing improves validation accuracy by 50 points after the first evaluation: --patience 1
+    // stops after the second, and says it watched the accuracy.
+    let (report, said) = run(&["--patience", "1", "--monitor", "val_accuracy", "--min-delta", "0.5"]);
+    assert_eq!(report["stop_reason"], "patience", "{report}");
+    assert_eq!(report["steps"], 160);
+    assert!(said.contains("the validation accuracy had not improved for 1 evaluations"), "{said}");
+    // The same for the loss, by 10.
+    let (report, said) = run(&["--patience", "1", "--monitor", "val_loss", "--min-delta", "10"]);
+    assert_eq!((report["steps"].as_u64(), &report["monitor"]), (Some(160), &serde_json::json!("val_loss")));
+    assert!(said.contains("the validation loss had not improved"), "{said}");
+    // Refusals: a negative or non-finite minimum, and --monitor with nothing to watch for.
+    for (args, needle) in [
+        (vec!["--patience", "1", "--min-delta=-1"], "--min-delta"),
+        (vec!["--patience", "1", "--min-delta", "NaN"], "--min-delta"),
+        (vec!["--monitor", "val_loss"], "give one of them"),
+    ] {
+        let mut all = vec!["train", "--backend", "cpu", "--val", "1280", "--data", data.to_str().unwrap()];
+        all.extend(args);
+        let out = Command::new(common::lenet_exe()).args(&all).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(needle) && err.lines().count() == 1, "{all:?}: {err}");
+    }
+}

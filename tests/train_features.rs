@@ -395,6 +395,8 @@ fn checkpoints_carry_the_options_and_refuse_bad_values() {
         best_loss: Some(0.031_234_567_890_123_4),
         evals_since_best_loss: 2,
         best_accuracy: Some((0.9912, 935)),
+        best_loss_step: Some(870),
+        evals_since_best_accuracy: 1,
     };
     save_checkpoint(&path, &state).unwrap();
     assert_eq!(load_checkpoint(&path).unwrap().into_train_state().unwrap(), state);

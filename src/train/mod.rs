@@ -23,7 +23,7 @@ use crate::augment::shifts_for_positions;
 use crate::backend::{Backend, Chunk, StepStats};
 use crate::checkpoint::{save_checkpoint, StateFault};
 use crate::data::{Dataset, Mnist};
-use crate::model::{epoch_order, EpochSums, RunClock, TrainState};
+use crate::model::{epoch_order, EpochSums, Monitor, RunClock, TrainState};
 use crate::schedule::{LrSchedule, ScheduleState};
 
 /// What to train and where to write it.
@@ -39,11 +39,18 @@ pub struct TrainConfig {
     /// Save a checkpoint to `save` every this many steps (0: only at the end).
     pub checkpoint_every: u64,
     pub save: Option<PathBuf>,
-    /// Save the checkpoint of each evaluation whose validation accuracy is the best so far here.
+    /// Save the checkpoint of each evaluation whose validation figure (`monitor`) is the best so
+    /// far here; at the end of a run, the test set is scored, and `save` written, with the best
+    /// checkpoint's weights (Keras's `restore_best_weights`).
     pub save_best: Option<PathBuf>,
     pub metrics: Option<PathBuf>,
-    /// Stop when the validation loss has not improved for this many evaluations.
+    /// Stop when the validation figure (`monitor`) has not improved for this many evaluations.
     pub patience: Option<u64>,
+    /// What `patience` and `save_best` watch; `None`: the loss for `patience`, the accuracy for
+    /// `save_best` (their meaning before `--monitor` existed).
+    pub monitor: Option<Monitor>,
+    /// The least change of the watched figure that counts as an improvement.
+    pub min_delta: f64,
     /// Stop at the first evaluation whose accuracy (validation, or test without a validation
     /// set) reaches this fraction.
     pub until: Option<f64>,
@@ -52,6 +59,18 @@ pub struct TrainConfig {
     /// Steps per chunk, fixed (tests of chunking's invariance). `None`, the default: sized by
     /// the measured step time (see [`ChunkSizer`]).
     pub chunk_steps: Option<u64>,
+}
+
+impl TrainConfig {
+    /// The figure `--save-best` keeps the best of.
+    pub fn best_monitor(&self) -> Monitor {
+        self.monitor.unwrap_or(Monitor::ValAccuracy)
+    }
+
+    /// The figure `--patience` waits to improve.
+    pub fn patience_monitor(&self) -> Monitor {
+        self.monitor.unwrap_or(Monitor::ValLoss)
+    }
 }
 
 impl Default for TrainConfig {
@@ -66,6 +85,8 @@ impl Default for TrainConfig {
             save_best: None,
             metrics: None,
             patience: None,
+            monitor: None,
+            min_delta: 0.0,
             until: None,
             plain_progress: false,
             chunk_steps: None,
@@ -133,7 +154,20 @@ pub struct TrainReport {
     /// The best validation accuracy of the run so far and the step that first reached it (what
     /// `--save-best` holds); `None` without `--val`.
     pub best_val_accuracy: Option<f64>,
+    /// The best validation loss of the run so far (what `--save-best` holds with
+    /// `--monitor val_loss`).
+    pub best_val_loss: Option<f64>,
+    /// The step of the best that `--save-best` holds (by `monitor`).
     pub best_val_step: Option<u64>,
+    /// What `--save-best` and `--patience` watched ("val_loss" or "val_accuracy"), with `--val`.
+    pub monitor: Option<&'static str>,
+    /// Whose weights the final test evaluation scored and `--save` holds: "last" (the run's
+    /// last step), or "best" (the best validation checkpoint's, with `--save-best`).
+    pub scored_weights: &'static str,
+    /// The step of the weights scored.
+    pub scored_step: u64,
+    /// Why the best checkpoint's weights were not scored when `--save-best` asked for them.
+    pub scored_note: Option<String>,
     /// The file that holds the best validation checkpoint: this invocation's `--save-best` when
     /// an evaluation of it wrote one, else the file an earlier invocation of the run wrote it to;
     /// `None` when no file holds it.
@@ -165,7 +199,11 @@ impl TrainReport {
             let why = match reason {
                 StopReason::Signal => "interrupted by a signal".to_string(),
                 StopReason::Patience => format!(
-                    "the validation loss had not improved for {} evaluations (--patience)",
+                    "the validation {} had not improved for {} evaluations (--patience)",
+                    match cfg.patience_monitor() {
+                        Monitor::ValLoss => "loss",
+                        Monitor::ValAccuracy => "accuracy",
+                    },
                     cfg.patience.unwrap_or_default()
                 ),
                 StopReason::Until => "an evaluation reached the accuracy --until asked for".to_string(),
@@ -175,7 +213,9 @@ impl TrainReport {
                 at.step, at.epoch, at.seconds
             ));
         }
-        if let (Some(accuracy), Some(step)) = (self.best_val_accuracy, self.best_val_step) {
+        if let (Some(accuracy), Some(step)) =
+            (self.best_val_accuracy.or(self.best_val_loss), self.best_val_step)
+        {
             // "saved in FILE" only when FILE was written with it in this invocation; a best from
             // before a resume says where that invocation put it.
             let saved = match (&cfg.save_best, self.best_val_written_now, &self.best_val_file) {
@@ -200,7 +240,14 @@ impl TrainReport {
                 }
                 (None, true, _) => String::new(),
             };
-            lines.push(format!("best validation accuracy {:.2}% at step {step}{saved}", 100.0 * accuracy));
+            let figure = match (self.monitor, self.best_val_loss) {
+                (Some("val_loss"), Some(loss)) => format!("loss {loss:.4}"),
+                _ => format!("accuracy {:.2}%", 100.0 * accuracy),
+            };
+            lines.push(format!("best validation {figure} at step {step}{saved}"));
+            if let Some(why) = &self.scored_note {
+                lines.push(format!("the test set was scored on the last weights: {why}"));
+            }
         }
         if let Some(target) = cfg.until {
             let on = if self.val_accuracy.is_some() { "validation" } else { "test" };
@@ -468,6 +515,9 @@ pub fn train(
         stopped_at: None,
         reached: None,
         best_written: None,
+        restored: None,
+        restored_step: None,
+        restore_failed: None,
         // The run's clock goes on where the checkpoint's stopped; a run measuring time to
         // accuracy starts one; a resumed run whose checkpoint has none cannot know its past.
         clock_base: match (state.clock, cfg.until.is_some(), start_step) {
@@ -506,10 +556,22 @@ pub fn train(
     if interrupted {
         run.stopped_at = Some(run.point(state));
     }
+    // The run as it ended, for the report: a restored best replaces `state` below.
+    let (last_step, last_record, last_best_file) =
+        (state.step, state.record.clone(), state.best_file.clone());
     // Saved before the interrupted run's evaluation: a second signal during it loses nothing.
-    match &cfg.save {
-        Some(path) => save_trained(backend, state, &run, path)?,
-        None => {
+    match (&cfg.save, run.restored.take()) {
+        // The best checkpoint's weights were scored: --save holds them, and so does `state`
+        // (the backend holds them already).
+        (save, Some((best, _))) => {
+            *state = best;
+            if let Some(path) = save {
+                save_checkpoint(path, state)?;
+            }
+            run.restored_step = Some(state.step);
+        }
+        (Some(path), None) => save_trained(backend, state, &run, path)?,
+        (None, None) => {
             backend.store_state(state)?;
             state.clock = run.clock_now();
         }
@@ -519,7 +581,7 @@ pub fn train(
     if interrupted && (validation.is_some() || run.last_eval.is_none()) && !mnist.test.is_empty() {
         run.last_eval = Some(evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels));
     }
-    let steps = state.step - start_step;
+    let steps = last_step - start_step;
     // The loss of the last epoch, or of the last 50 steps when the run was shorter.
     let window: Vec<f32> = if run.recent.len() >= 50 {
         run.recent.iter().map(|s| s.loss).collect()
@@ -528,7 +590,9 @@ pub fn train(
     };
     let seconds = run.train_time.as_secs_f64();
     let sync = backend.sync_counts();
-    let best = state.record.best_accuracy.filter(|_| validation.is_some());
+    let monitor = cfg.best_monitor();
+    let best = last_record.best(monitor).filter(|_| validation.is_some());
+    let best_step = best.and_then(|(_, step)| step);
     Ok(TrainReport {
         backend: backend.kind().to_string(),
         adapter: backend.adapter(),
@@ -540,10 +604,18 @@ pub fn train(
         test_loss: run.last_eval.as_ref().map(|e| e.loss),
         val_accuracy: run.last_val.as_ref().map(|e| e.accuracy),
         val_loss: run.last_val.as_ref().map(|e| e.loss),
-        best_val_accuracy: best.map(|(accuracy, _)| accuracy),
-        best_val_step: best.map(|(_, step)| step),
-        best_val_file: best.and(state.best_file.clone()),
-        best_val_written_now: best.is_some_and(|(_, step)| run.best_written == Some(step)),
+        best_val_accuracy: last_record
+            .best_accuracy
+            .filter(|_| validation.is_some())
+            .map(|(accuracy, _)| accuracy),
+        best_val_loss: last_record.best_loss.filter(|_| validation.is_some()),
+        best_val_step: best_step,
+        monitor: validation.map(|_| monitor.name()),
+        scored_weights: if run.restored_step.is_some() { "best" } else { "last" },
+        scored_step: run.restored_step.unwrap_or(last_step),
+        scored_note: run.restore_failed.clone(),
+        best_val_file: best.and(last_best_file),
+        best_val_written_now: best_step.is_some_and(|step| run.best_written == Some(step)),
         images_per_s: if seconds > 0.0 { steps as f64 * batch as f64 / seconds } else { 0.0 },
         train_seconds: seconds,
         submits: sync.submits,
@@ -590,6 +662,13 @@ struct Run {
     reached: Option<TimeToAccuracy>,
     /// The step whose checkpoint this invocation last wrote to `--save-best`.
     best_written: Option<u64>,
+    /// The best checkpoint (and its file) whose weights the backend holds for the final test
+    /// evaluation, when the run ended on worse ones.
+    restored: Option<(TrainState, PathBuf)>,
+    /// The step of the restored best, once it has replaced the run's state.
+    restored_step: Option<u64>,
+    /// Why the best checkpoint's weights could not be scored, when they could not.
+    restore_failed: Option<String>,
     /// The run's time before this invocation, when it is known (see [`RunClock`]).
     clock_base: Option<RunClock>,
     /// The step this invocation started from.
@@ -791,10 +870,16 @@ fn run_steps(
             ending = last || run.stop.is_some();
             // With a validation set, the test set is evaluated once, at the end.
             if let (true, Some(_), false) = (ending, validation, mnist.test.is_empty()) {
+                // A run that finished or stopped early is scored on its best checkpoint's weights
+                // (with --save-best); one stopped by a signal keeps its last, to resume from.
+                if run.stop != Some(StopReason::Signal) {
+                    restore_best(backend, state, cfg, run)?;
+                }
                 run.progress.phase(Some("evaluating on the test set"));
                 let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
                 run.progress.phase(None);
-                log_evaluation(run, metrics, &mut line, "test", state, &eval)?;
+                let scored = run.restored.as_ref().map_or_else(|| state.clone(), |(best, _)| best.clone());
+                log_evaluation(run, metrics, &mut line, "test", &scored, &eval)?;
                 run.last_eval = Some(eval);
             }
             run.progress.end_epoch(&line);
@@ -873,7 +958,8 @@ fn evaluate_due(
         run.last_eval = Some(eval);
         return Ok(());
     }
-    let best = state.record.update(state.step, eval.loss, eval.accuracy);
+    let improved = state.record.update(state.step, eval.loss, eval.accuracy, cfg.min_delta);
+    let best = improved.on(cfg.best_monitor());
     run.last_val = Some(eval);
     if let (true, Some(path)) = (best, &cfg.save_best) {
         // The log holds this evaluation before the checkpoint that comes from it.
@@ -891,10 +977,55 @@ fn evaluate_due(
         }
         run.best_written = Some(state.step);
     }
-    let patience_out = cfg.patience.is_some_and(|p| state.record.evals_since_best_loss >= p);
+    let patience_out =
+        cfg.patience.is_some_and(|p| state.record.evals_since_best(cfg.patience_monitor()) >= p);
     if patience_out && !last && run.stop.is_none() {
         run.stop = Some(StopReason::Patience);
         run.stopped_at = Some(run.point(state));
+    }
+    Ok(())
+}
+
+/// With `--save-best`, when the run's last weights are not its best: loads the best checkpoint
+/// (written by this invocation, or by an earlier one of the run) into the backend and keeps it
+/// in `run.restored`. A best that cannot be read back leaves the last weights in place and says
+/// why in `run.restore_failed`.
+fn restore_best(
+    backend: &mut dyn Backend,
+    state: &TrainState,
+    cfg: &TrainConfig,
+    run: &mut Run,
+) -> Result<()> {
+    let Some(given) = &cfg.save_best else { return Ok(()) };
+    let Some((_, best_step)) = state.record.best(cfg.best_monitor()) else { return Ok(()) };
+    if best_step == Some(state.step) {
+        return Ok(());
+    }
+    let file = match (best_step, &state.best_file) {
+        (Some(step), _) if run.best_written == Some(step) => given.clone(),
+        (Some(_), Some(earlier)) => PathBuf::from(earlier),
+        _ => {
+            run.restore_failed = Some("no file holds the best checkpoint".into());
+            return Ok(());
+        }
+    };
+    let loaded = crate::checkpoint::load_checkpoint(&file)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| c.into_train_state().ok_or_else(|| anyhow::anyhow!("it holds weights only")));
+    match loaded {
+        Ok(best) if Some(best.step) == best_step => {
+            backend.load_state(&best)?;
+            run.restored = Some((best, file));
+        }
+        Ok(other) => {
+            run.restore_failed = Some(format!(
+                "{} holds step {}, not the best's (step {})",
+                file.display(),
+                other.step,
+                best_step.unwrap_or_default()
+            ))
+        }
+        Err(e) => run.restore_failed = Some(format!("{}: {}", file.display(), error_line(&e))),
     }
     Ok(())
 }
