@@ -17,7 +17,7 @@ fn stderr(out: &Output) -> String {
 }
 
 fn epoch_line(out: &Output) -> String {
-    stderr(out).lines().filter(|l| l.starts_with("epoch ")).last().expect("an epoch line").to_string()
+    stderr(out).lines().rev().find(|l| l.starts_with("epoch ")).expect("an epoch line").to_string()
 }
 
 /// The figures of an epoch line without its speed, which differs from run to run.

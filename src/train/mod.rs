@@ -557,8 +557,7 @@ pub fn train(
         run.stopped_at = Some(run.point(state));
     }
     // The run as it ended, for the report: a restored best replaces `state` below.
-    let (last_step, last_record, last_best_file) =
-        (state.step, state.record.clone(), state.best_file.clone());
+    let (last_step, last_record, last_best_file) = (state.step, state.record, state.best_file.clone());
     // Saved before the interrupted run's evaluation: a second signal during it loses nothing.
     match (&cfg.save, run.restored.take()) {
         // The best checkpoint's weights were scored: --save holds them, and so does `state`
