@@ -3,7 +3,10 @@
 //! is shown writable by creating and removing a file there (not discovered after hours).
 //!
 //! Also [`open_input`]: opening an input never hangs (a FIFO without a writer) and a pipe is read
-//! as a stream instead of looking empty.
+//! as a stream instead of looking empty; [`lock_outputs`]: a run's outputs are locked for its
+//! lifetime, so two runs never write the same file; [`write_target`]: an output that is a
+//! symbolic link is written through; [`helper_stem`]: the files made beside an output fit the
+//! file system's name limit whatever the output's name.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};

@@ -624,7 +624,8 @@ struct InFlight {
     submit_time: Duration,
 }
 
-/// The steps of a run, chunk by chunk, with up to two chunks in flight: the backend runs one
+/// The steps of a run, chunk by chunk (sized by [`ChunkSizer`]), with up to two chunks in flight
+/// (one when a step is slow, see [`ChunkSizer::depth`]): the backend runs one
 /// while the next is prepared and submitted (a GPU is never left waiting for the host). A chunk
 /// never crosses the end of an epoch, of the run or a checkpoint, so nothing is in flight when
 /// an evaluation or a save reads the state. After each chunk the step counters are updated at
