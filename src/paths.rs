@@ -142,7 +142,8 @@ fn check_output(out: &OutputPath) -> Result<(), PathError> {
     }
     // The file written is the link's target, when the output is a symbolic link: its directory
     // is the one that must take a new file.
-    let target = write_target(&out.path).unwrap_or_else(|_| out.path.clone());
+    let target = write_target(&out.path)
+        .map_err(|e| fail(format!("is a symbolic link to where no file can be written: {e}")))?;
     let dir = parent_dir(&target);
     match fs::metadata(&dir) {
         Ok(meta) if meta.is_dir() => {}

@@ -256,7 +256,8 @@ pub enum TrainError {
     #[error("the loss became {value} at step {step} (epoch {epoch}); training stopped, {kept}")]
     Diverged { step: u64, epoch: u64, value: f32, kept: String },
     #[error(
-        "the training state diverged in steps {first}..{last} (epoch {epoch}): {fault}; training stopped, {kept}"
+        "the training state diverged at {} (epoch {epoch}): {fault}; training stopped, {kept}",
+        if first == last { format!("step {first}") } else { format!("steps {first}..{last}") }
     )]
     StateDiverged { first: u64, last: u64, epoch: u64, fault: StateFault, kept: String },
     #[error("{more}, from step {start}, is {step} steps in all: the step counter overflows")]
@@ -868,6 +869,9 @@ fn evaluate_due(
             return Err(e.into());
         }
         run.best_written = Some(state.step);
+    } else if best {
+        // A new best that no file holds: the file an earlier invocation wrote holds an older one.
+        state.best_file = None;
     }
     let patience_out = cfg.patience.is_some_and(|p| state.record.evals_since_best_loss >= p);
     if patience_out && !last && run.stop.is_none() {
