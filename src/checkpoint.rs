@@ -8,11 +8,16 @@
 //! written before SGD existed have no `optimizer` key: they are Adam). The second round's options
 //! add keys only where they are used (`lr_schedule` and `schedule_steps`, `augment_shift`,
 //! `validation` and the validation record: `best_val_loss`, `evals_since_best_val_loss`,
-//! `best_val_accuracy`, `best_val_step`); a file without them has the contract's recipe. A file
-//! with only the ten model tensors is valid (no optimiser state).
+//! `best_val_accuracy`, `best_val_step`, and `best_val_file`, where `--save-best` wrote it); a
+//! file without them has the contract's recipe. A run that measures its time ([`RunClock`]) keeps
+//! `train_seconds` and `run_seconds`. A file with only the ten model tensors is valid (no
+//! optimiser state). A state no run reaches (a non-finite value anywhere, a negative second
+//! moment) is refused on load, naming the tensor ([`check_state_tensor`], the same check the
+//! training loop's backends run after each chunk).
 //!
 //! Writes are atomic: a temp file in the target's directory is written and fsynced, then renamed
 //! over the target, then the directory is fsynced. A failed save leaves an existing file as it was.
+//! A target that is a symbolic link is written through: the link stays, its file is replaced.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};

@@ -3,7 +3,10 @@
 //! is shown writable by creating and removing a file there (not discovered after hours).
 //!
 //! Also [`open_input`]: opening an input never hangs (a FIFO without a writer) and a pipe is read
-//! as a stream instead of looking empty.
+//! as a stream instead of looking empty; [`lock_outputs`]: a run's outputs are locked for its
+//! lifetime, so two runs never write the same file; [`write_target`]: an output that is a
+//! symbolic link is written through; [`helper_stem`]: the files made beside an output fit the
+//! file system's name limit whatever the output's name.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -139,7 +142,8 @@ fn check_output(out: &OutputPath) -> Result<(), PathError> {
     }
     // The file written is the link's target, when the output is a symbolic link: its directory
     // is the one that must take a new file.
-    let target = write_target(&out.path).unwrap_or_else(|_| out.path.clone());
+    let target = write_target(&out.path)
+        .map_err(|e| fail(format!("is a symbolic link to where no file can be written: {e}")))?;
     let dir = parent_dir(&target);
     match fs::metadata(&dir) {
         Ok(meta) if meta.is_dir() => {}

@@ -17,7 +17,11 @@ fn adam() -> Optimizer {
 
 fn state() -> TrainState {
     let mut s = TrainState::new(Params::init(11), adam(), 0xdead_beef_1234_5678, 64, false);
-    s.moments = vec![Params::init(12), Params::init(13)];
+    // Adam's second moment is a running mean of squares: never negative (a file with a negative
+    // one is refused on load).
+    let mut v = Params::init(13);
+    v.tensors.iter_mut().flatten().for_each(|x| *x = x.abs());
+    s.moments = vec![Params::init(12), v];
     // Values whose bits a decimal round trip would lose if done carelessly.
     s.params.tensors[0][0] = f32::MIN_POSITIVE;
     s.params.tensors[0][1] = -0.0;

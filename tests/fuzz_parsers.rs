@@ -98,7 +98,10 @@ fn checkpoint_bytes() -> &'static [u8] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ck.safetensors");
         let mut s = TrainState::new(Params::init(1), Optimizer::default(), 1, 32, true);
-        s.moments = vec![Params::init(2), Params::init(3)];
+        // A second moment is never negative (a file with a negative one is refused on load).
+        let mut v = Params::init(3);
+        v.tensors.iter_mut().flatten().for_each(|x| *x = x.abs());
+        s.moments = vec![Params::init(2), v];
         save_checkpoint(&path, &s).unwrap();
         std::fs::read(&path).unwrap()
     })

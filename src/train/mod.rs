@@ -303,7 +303,8 @@ pub enum TrainError {
     #[error("the loss became {value} at step {step} (epoch {epoch}); training stopped, {kept}")]
     Diverged { step: u64, epoch: u64, value: f32, kept: String },
     #[error(
-        "the training state diverged in steps {first}..{last} (epoch {epoch}): {fault}; training stopped, {kept}"
+        "the training state diverged at {} (epoch {epoch}): {fault}; training stopped, {kept}",
+        if first == last { format!("step {first}") } else { format!("steps {first}..{last}") }
     )]
     StateDiverged { first: u64, last: u64, epoch: u64, fault: StateFault, kept: String },
     #[error("{more}, from step {start}, is {step} steps in all: the step counter overflows")]
@@ -711,7 +712,8 @@ struct InFlight {
     submit_time: Duration,
 }
 
-/// The steps of a run, chunk by chunk, with up to two chunks in flight: the backend runs one
+/// The steps of a run, chunk by chunk (sized by [`ChunkSizer`]), with up to two chunks in flight
+/// (one when a step is slow, see [`ChunkSizer::depth`]): the backend runs one
 /// while the next is prepared and submitted (a GPU is never left waiting for the host). A chunk
 /// never crosses the end of an epoch, of the run or a checkpoint, so nothing is in flight when
 /// an evaluation or a save reads the state. After each chunk the step counters are updated at
@@ -975,6 +977,9 @@ fn evaluate_due(
             return Err(e.into());
         }
         run.best_written = Some(state.step);
+    } else if best {
+        // A new best that no file holds: the file an earlier invocation wrote holds an older one.
+        state.best_file = None;
     }
     let patience_out =
         cfg.patience.is_some_and(|p| state.record.evals_since_best(cfg.patience_monitor()) >= p);
