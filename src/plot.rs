@@ -1,6 +1,8 @@
 //! `--plot`: a run's curves as an SVG, three panels side by side: the loss, the accuracy and the
-//! learning rate, against the step. Training figures are means over [`SMOOTHING`] steps; each
-//! evaluation (validation and test) is a point.
+//! learning rate, against the step. Training figures are means over at least [`SMOOTHING`] steps
+//! (every point, the last included); each evaluation (validation and test) is a point. The loss
+//! is drawn on a logarithmic axis: a trained LeNet-5's loss falls by two orders of magnitude, and
+//! on a linear axis everything after the first epoch is a flat line at the bottom.
 //!
 //! The axes are chosen for reading, not only for fitting: step ticks are whole numbers, every
 //! range has a margin so that the first and last points (the final test score) are drawn whole,
@@ -70,13 +72,58 @@ fn with_margin(lo: f64, hi: f64) -> (f64, f64) {
     (lo - MARGIN * span, hi + MARGIN * span)
 }
 
+/// Means of consecutive steps, each over at least [`SMOOTHING`] of them (all of them when there
+/// are fewer), placed at the bucket's last step. The buckets are counted back from the last step,
+/// so the final point is a full mean of the run's last steps; the remainder of the division joins
+/// the first bucket rather than making a point of a few noisy steps.
 fn smoothed(rows: &[&MetricRow], value: impl Fn(&MetricRow) -> f64) -> Vec<(f64, f64)> {
-    rows.chunks(SMOOTHING)
+    let mut buckets: Vec<&[&MetricRow]> = rows.rchunks(SMOOTHING).collect();
+    buckets.reverse();
+    if buckets.len() > 1 && buckets[0].len() < SMOOTHING {
+        let first = buckets[0].len() + buckets[1].len();
+        buckets.splice(0..2, [&rows[..first]]);
+    }
+    buckets
+        .into_iter()
         .map(|c| {
             let step = c.last().map_or(0, |r| r.step) as f64;
             (step, c.iter().map(|r| value(r)).sum::<f64>() / c.len() as f64)
         })
         .collect()
+}
+
+/// Tick values for a logarithmic axis from `lo` to `hi` (both > 0): 1, 2 and 5 times each power
+/// of ten inside the range, thinned to the powers of ten alone when that would be more than
+/// `count` of them (and the ends themselves when the range holds no such value).
+pub fn log_ticks(lo: f64, hi: f64, count: usize) -> Vec<f64> {
+    let (first, last) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+    let in_range = |v: &f64| *v >= lo * (1.0 - 1e-12) && *v <= hi * (1.0 + 1e-12);
+    let with = |mantissas: &[f64]| -> Vec<f64> {
+        (first..=last)
+            .flat_map(|e| mantissas.iter().map(move |m| m * 10f64.powi(e)))
+            .filter(in_range)
+            .collect()
+    };
+    let fine = with(&[1.0, 2.0, 5.0]);
+    let ticks = if fine.len() <= count.max(1) { fine } else { with(&[1.0]) };
+    if ticks.len() >= 2 {
+        ticks
+    } else {
+        vec![lo, hi]
+    }
+}
+
+/// A tick label on a logarithmic axis: the value with as many decimals as its own magnitude
+/// needs (0.01, 0.2, 5), in scientific notation below 0.001.
+fn log_tick_label(value: f64) -> String {
+    if value >= 1.0 {
+        format!("{value:.0}")
+    } else if value >= 1e-3 {
+        let decimals = (-value.log10().floor()) as usize;
+        format!("{value:.decimals$}")
+    } else {
+        format!("{value:.0e}")
+    }
 }
 
 /// The accuracy axis (in %): from just below the lowest evaluation and the lowest training
@@ -97,12 +144,14 @@ pub fn accuracy_axis(train: &[(f64, f64)], evals: &[(f64, f64)]) -> (f64, f64) {
     (lowest.floor().max(0.0), 100.0)
 }
 
-/// A linear f64 axis from `lo` to `hi` whose tick marks are exactly `ticks` (plotters' own f64
-/// axis picks its ticks itself, and may put them between whole numbers).
+/// An f64 axis from `lo` to `hi` whose tick marks are exactly `ticks` (plotters' own f64 axis
+/// picks its ticks itself, and may put them between whole numbers); linear, or logarithmic when
+/// `log` is set (then `lo` > 0).
 struct TickedAxis {
     lo: f64,
     hi: f64,
     ticks: Vec<f64>,
+    log: bool,
 }
 
 impl Ranged for TickedAxis {
@@ -110,7 +159,11 @@ impl Ranged for TickedAxis {
     type ValueType = f64;
 
     fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
-        let share = (value - self.lo) / (self.hi - self.lo);
+        let share = if self.log {
+            (value.max(f64::MIN_POSITIVE).log10() - self.lo.log10()) / (self.hi.log10() - self.lo.log10())
+        } else {
+            (value - self.lo) / (self.hi - self.lo)
+        };
         limit.0 + (share * f64::from(limit.1 - limit.0)).round() as i32
     }
 
@@ -143,6 +196,8 @@ struct Panel {
     /// The smallest tick step of the y axis (1 for percentages: whole-number labels).
     y_min_step: f64,
     scientific: bool,
+    /// A logarithmic y axis (the loss).
+    log: bool,
 }
 
 fn draw(svg: &mut String, history: &[MetricRow]) -> Result<(), Box<dyn std::error::Error>> {
@@ -161,7 +216,7 @@ fn draw(svg: &mut String, history: &[MetricRow]) -> Result<(), Box<dyn std::erro
     let curves_of = |value: fn(&MetricRow) -> f64| {
         vec![
             Curve {
-                label: format!("train (mean of {SMOOTHING} steps)"),
+                label: format!("train (means of {SMOOTHING}+ steps)"),
                 color: BLUE,
                 points: smoothed(&train, value),
                 dots: false,
@@ -176,13 +231,16 @@ fn draw(svg: &mut String, history: &[MetricRow]) -> Result<(), Box<dyn std::erro
         ]
     };
     let loss_curves = curves_of(loss);
-    let loss_range = {
+    let (loss_range, loss_log) = {
         let ys = loss_curves.iter().flat_map(|c| c.points.iter().map(|p| p.1));
         let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), y| (l.min(y), h.max(y)));
-        if lo.is_finite() {
-            (0f64.min(lo), hi)
+        if lo.is_finite() && lo > 0.0 && hi > lo {
+            ((lo, hi), true)
+        } else if lo.is_finite() {
+            // A loss of exactly 0 (or a single value) has no logarithmic range: linear from 0.
+            ((0f64.min(lo), hi), false)
         } else {
-            (0.0, 1.0)
+            ((0.0, 1.0), false)
         }
     };
     let mut accuracy_curves = curves_of(percent);
@@ -195,13 +253,21 @@ fn draw(svg: &mut String, history: &[MetricRow]) -> Result<(), Box<dyn std::erro
     let lr_points: Vec<(f64, f64)> = train.iter().filter_map(|r| Some((r.step as f64, r.lr?))).collect();
     let lr_hi = lr_points.iter().map(|p| p.1).fold(0.0, f64::max);
     let panels = [
-        Panel { title: "loss", curves: loss_curves, y_range: loss_range, y_min_step: 0.0, scientific: false },
+        Panel {
+            title: "loss",
+            curves: loss_curves,
+            y_range: loss_range,
+            y_min_step: 0.0,
+            scientific: false,
+            log: loss_log,
+        },
         Panel {
             title: "accuracy (%)",
             curves: accuracy_curves,
             y_range: accuracy_range,
             y_min_step: 1.0,
             scientific: false,
+            log: false,
         },
         Panel {
             title: "learning rate",
@@ -209,29 +275,48 @@ fn draw(svg: &mut String, history: &[MetricRow]) -> Result<(), Box<dyn std::erro
             y_range: (0.0, if lr_hi > 0.0 { lr_hi } else { 1e-3 }),
             y_min_step: 0.0,
             scientific: true,
+            log: false,
         },
     ];
 
     let root = SVGBackend::with_string(svg, (PANEL.0 * panels.len() as u32, PANEL.1)).into_drawing_area();
     root.fill(&WHITE)?;
     for (area, panel) in root.split_evenly((1, panels.len())).iter().zip(&panels) {
-        let (y_lo, y_hi) = with_margin(panel.y_range.0, panel.y_range.1);
-        let (y_ticks, y_step) = ticks(panel.y_range.0, panel.y_range.1, 6, panel.y_min_step);
+        let (y_lo, y_hi) = if panel.log {
+            let (lo, hi) = with_margin(panel.y_range.0.log10(), panel.y_range.1.log10());
+            (10f64.powf(lo), 10f64.powf(hi))
+        } else {
+            with_margin(panel.y_range.0, panel.y_range.1)
+        };
+        let (y_ticks, y_step) = if panel.log {
+            (log_ticks(panel.y_range.0, panel.y_range.1, 8), 0.0)
+        } else {
+            ticks(panel.y_range.0, panel.y_range.1, 6, panel.y_min_step)
+        };
         let mut chart = ChartBuilder::on(area)
             .caption(panel.title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(35)
             .y_label_area_size(if panel.scientific { 65 } else { 50 })
             .build_cartesian_2d(
-                TickedAxis { lo: x_lo, hi: x_hi, ticks: x_ticks.clone() },
-                TickedAxis { lo: y_lo, hi: y_hi, ticks: y_ticks },
+                TickedAxis { lo: x_lo, hi: x_hi, ticks: x_ticks.clone(), log: false },
+                TickedAxis { lo: y_lo, hi: y_hi, ticks: y_ticks, log: panel.log },
             )?;
-        let scientific = panel.scientific;
+        let (scientific, log) = (panel.scientific, panel.log);
         chart
             .configure_mesh()
             .x_desc("step")
+            .y_desc(if log { "log scale" } else { "" })
             .x_label_formatter(&|x| tick_label(*x, x_step))
-            .y_label_formatter(&|y| if scientific { format!("{y:.1e}") } else { tick_label(*y, y_step) })
+            .y_label_formatter(&|y| {
+                if log {
+                    log_tick_label(*y)
+                } else if scientific {
+                    format!("{y:.1e}")
+                } else {
+                    tick_label(*y, y_step)
+                }
+            })
             .draw()?;
         for curve in panel.curves.iter().filter(|c| !c.points.is_empty()) {
             let color = curve.color;
@@ -296,5 +381,57 @@ mod tests {
         // A run that never gets there keeps all of its settled curve in view.
         let poor = [(100.0, 60.0), (200.0, 80.5), (300.0, 85.0)];
         assert_eq!(accuracy_axis(&poor, &[(300.0, 84.2)]), (80.0, 100.0));
+    }
+
+    fn train_rows(steps: std::ops::RangeInclusive<u64>) -> Vec<MetricRow> {
+        steps
+            .map(|step| MetricRow {
+                kind: "train",
+                step,
+                epoch: 1,
+                seconds: 0.0,
+                lr: Some(1e-3),
+                loss: step as f64,
+                accuracy: 0.5,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_smoothed_point_is_a_mean_of_at_least_the_smoothing_window() {
+        // 45 steps: buckets 1-25 and 26-45, never a last point of only 5 steps (the old
+        // `chunks(20)` gave 1-20, 21-40, 41-45: its last point the mean of 5 steps).
+        let rows = train_rows(1..=45);
+        let refs: Vec<&MetricRow> = rows.iter().collect();
+        let points = smoothed(&refs, |r| r.loss);
+        assert_eq!(points, vec![(25.0, 13.0), (45.0, 35.5)]);
+        // A whole number of windows is unchanged: 40 steps, two means of 20.
+        let points = smoothed(&refs[..40], |r| r.loss);
+        assert_eq!(points, vec![(20.0, 10.5), (40.0, 30.5)]);
+        // Fewer steps than the window: one point over all of them.
+        assert_eq!(smoothed(&refs[..3], |r| r.loss), vec![(3.0, 2.0)]);
+        assert!(smoothed(&[], |r| r.loss).is_empty());
+    }
+
+    #[test]
+    fn log_ticks_are_round_values_inside_the_range() {
+        assert_eq!(log_ticks(0.03, 2.3, 8), vec![0.05, 0.1, 0.2, 0.5, 1.0, 2.0]);
+        // Too many 1-2-5 ticks: powers of ten only.
+        assert_eq!(log_ticks(1e-4, 2.0, 8), vec![1e-4, 1e-3, 1e-2, 1e-1, 1.0]);
+        // No round value inside: the ends.
+        assert_eq!(log_ticks(0.31, 0.42, 8), vec![0.31, 0.42]);
+        let labels: Vec<String> = [0.0001, 0.01, 0.2, 5.0].iter().map(|&v| log_tick_label(v)).collect();
+        assert_eq!(labels, ["1e-4", "0.01", "0.2", "5"]);
+    }
+
+    #[test]
+    fn the_loss_axis_is_logarithmic() {
+        let axis = TickedAxis { lo: 0.01, hi: 1.0, ticks: vec![], log: true };
+        // 0.1 is halfway between 0.01 and 1 on a log axis (a linear one puts it at 9%).
+        assert_eq!(axis.map(&0.1, (0, 100)), 50);
+        assert_eq!(axis.map(&0.01, (0, 100)), 0);
+        assert_eq!(axis.map(&1.0, (0, 100)), 100);
+        let svg = training_svg(&train_rows(1..=200)).unwrap();
+        assert!(svg.contains("\nlog scale\n"), "the loss panel does not say its axis is logarithmic");
     }
 }
