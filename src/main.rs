@@ -8,20 +8,21 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum, ValueHint};
 
 use cli_output::{notice, Output};
 
 use lenet::augment::MAX_AUGMENT_SHIFT;
 use lenet::backend::{no_training_data, open_backend};
 use lenet::checkpoint::load_checkpoint;
-use lenet::data::{default_data_dir, find_split, load_mnist_test, load_split, Mnist, Split, SplitFiles};
+use lenet::data::{find_split, load_split, resolve_data_dir, Mnist, Split, SplitFiles};
 use lenet::gpu::context::{choose_adapter, AdapterSummary};
 use lenet::model::{Params, TrainState};
 use lenet::optim::{Adam, Optimizer, OptimizerKind, Sgd};
 use lenet::paths::{check_run_paths, InputPath, OutputKind, OutputPath};
 use lenet::schedule::LrSchedule;
 use lenet::signals::install_stop_handlers;
+use lenet::train::eval::{evaluate_probabilities, mean_probabilities, softmax_rows};
 use lenet::train::{error_line, evaluate_logits, split_validation, Evaluation, StopReason, TrainConfig};
 
 #[derive(Parser)]
@@ -85,8 +86,9 @@ struct DeviceArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Directory with the four MNIST IDX files (raw or .gz) [default: the shipped data/mnist]
-    #[arg(long)]
+    /// Directory with the four MNIST IDX files (raw or .gz) [default: LENET_DATA, else the source
+    /// tree's data/mnist]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     data: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
@@ -199,11 +201,13 @@ fn parse_accuracy(text: &str) -> Result<f64, String> {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// The checkpoint to evaluate.
-    #[arg(long)]
-    weights: PathBuf,
-    /// Directory with the MNIST test files, t10k-* (raw or .gz) [default: the shipped data/mnist]
-    #[arg(long)]
+    /// The checkpoint to evaluate (a LeNet-5 checkpoint of any optimizer, or the ten model
+    /// tensors). Give it several times for an ensemble: each model's softmax, then their mean.
+    #[arg(long, value_name = "FILE", required = true, value_hint = ValueHint::FilePath)]
+    weights: Vec<PathBuf>,
+    /// Directory with the MNIST test files, t10k-* (raw or .gz) [default: LENET_DATA, else the
+    /// source tree's data/mnist]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     data: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
@@ -215,13 +219,18 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct PredictArgs {
-    /// The checkpoint to classify with.
-    #[arg(long)]
-    weights: PathBuf,
-    /// Images of single digits: PNG, PGM, PPM or PBM, any size, either polarity (a FIFO or
+    /// The checkpoint to classify with. Give it several times for an ensemble: each model's
+    /// softmax, then their mean.
+    #[arg(long, value_name = "FILE", required = true, value_hint = ValueHint::FilePath)]
+    weights: Vec<PathBuf>,
+    /// Images of single digits: PNG, JPEG, PGM, PPM or PBM, any size, either polarity (a FIFO or
     /// `<(command)` is read as a stream).
-    #[arg(required = true)]
+    #[arg(required = true, value_name = "IMAGE", value_hint = ValueHint::FilePath)]
     images: Vec<PathBuf>,
+    /// Write the 28x28 image the network saw for each input into DIR, as PGM named after the
+    /// input (digit.png -> DIR/digit.pgm); an existing file there is never replaced.
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    save_prepared: Option<PathBuf>,
     /// Print one JSON array on stdout, an object per image; the human lines go to stderr.
     #[arg(long)]
     json: bool,
@@ -320,10 +329,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn data_dir(dir: Option<&Path>) -> PathBuf {
-    dir.map(Path::to_path_buf).unwrap_or_else(default_data_dir)
 }
 
 /// Every file the run reads and writes, checked before any work (see `lenet::paths`).
@@ -436,8 +441,10 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         bail!("--batch must be at least 1");
     }
     check_recipe_args(&args)?;
-    let dir = data_dir(args.data.as_deref());
-    let (train_files, test_files) = (find_split(&dir, Split::Train)?, find_split(&dir, Split::Test)?);
+    let data = resolve_data_dir(args.data.as_deref())?;
+    let dir = &data.path;
+    let (train_files, test_files) = (find_split(dir, Split::Train)?, find_split(dir, Split::Test)?);
+    notice(data.header());
     check_train_paths(&args, &train_files, &test_files)?;
     let mut mnist = Mnist { train: load_split(&train_files)?, test: load_split(&test_files)? };
 
@@ -583,43 +590,133 @@ fn on_device(backend: &str, adapter: &str) -> String {
     format!("{backend}: {adapter}")
 }
 
-/// `lenet eval --json`: where it ran, then the evaluation's fields.
+/// `lenet eval --json`: where it ran, then the evaluation's fields (of the ensemble, with several
+/// `--weights`), then each model's with several.
 #[derive(serde::Serialize)]
 struct EvalReport<'a> {
     backend: &'a str,
     adapter: String,
+    /// The data directory read.
+    data: String,
     #[serde(flatten)]
     evaluation: &'a Evaluation,
+    /// With several `--weights`: each model's own figures, in the order given.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    models: Vec<ModelEvaluation>,
+}
+
+/// One model of an ensemble, scored alone.
+#[derive(serde::Serialize)]
+struct ModelEvaluation {
+    weights: String,
+    accuracy: f64,
+    loss: f64,
+    correct: usize,
+    count: usize,
+}
+
+/// "1 model", "5 models": a count and its noun.
+fn count_of(n: usize, singular: &str, plural: &str) -> String {
+    format!("{n} {}", if n == 1 { singular } else { plural })
+}
+
+/// Every `--weights` file as LeNet-5 parameters (any optimizer's checkpoint, or the ten model
+/// tensors); the same file named twice is refused (it would count double in the mean).
+fn load_models(paths: &[PathBuf]) -> Result<Vec<Params>> {
+    let mut seen: Vec<PathBuf> = Vec::new();
+    for path in paths {
+        if let Ok(canonical) = std::fs::canonicalize(path) {
+            if canonical.is_file() && seen.contains(&canonical) {
+                bail!("{}: given twice as --weights; an ensemble counts each model once", path.display());
+            }
+            seen.push(canonical);
+        }
+    }
+    paths.iter().map(|p| Ok(load_checkpoint(p)?.params)).collect()
 }
 
 fn eval(args: EvalArgs) -> Result<ExitCode> {
-    let checkpoint = load_checkpoint(&args.weights)?;
+    let models = load_models(&args.weights)?;
+    let data = resolve_data_dir(args.data.as_deref())?;
     // Only the test files: evaluating needs no training set.
-    let test = load_mnist_test(&data_dir(args.data.as_deref()))?;
+    let test = load_split(&find_split(&data.path, Split::Test)?)?;
     if test.is_empty() {
-        bail!("{}: the test set is empty; nothing to evaluate", data_dir(args.data.as_deref()).display());
+        bail!("{}: the test set is empty; nothing to evaluate", data.path.display());
     }
+    notice(data.header());
     let mut backend =
         open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &no_training_data())?;
-    let state = TrainState::new(checkpoint.params, Optimizer::default(), 0, 1, false);
-    backend.load_state(&state)?;
-    let eval = evaluate_logits(&backend.logits(&test)?, &test.labels);
+    let mut singles = Vec::with_capacity(models.len());
+    let mut probabilities = Vec::with_capacity(models.len());
+    for params in models {
+        let state = TrainState::new(params, Optimizer::default(), 0, 1, false);
+        backend.load_state(&state)?;
+        let logits = backend.logits(&test)?;
+        singles.push(evaluate_logits(&logits, &test.labels));
+        if args.weights.len() > 1 {
+            probabilities.push(softmax_rows(&logits));
+        }
+    }
+    let device = on_device(backend.kind(), &backend.adapter());
     let mut out = Output::new(args.json);
-    out.line(format!(
-        "accuracy {:.2}% ({}/{}), loss {:.4}, on {}",
-        100.0 * eval.accuracy,
-        eval.correct,
-        eval.count,
-        eval.loss,
-        on_device(backend.kind(), &backend.adapter()),
-    ));
-    out.line("confusion (rows: true digit, columns: predicted)");
+    let eval = if args.weights.len() == 1 {
+        let eval = singles.remove(0);
+        out.line(format!(
+            "accuracy {:.2}% ({}/{}), loss {:.4}, on {device}",
+            100.0 * eval.accuracy,
+            eval.correct,
+            eval.count,
+            eval.loss,
+        ));
+        eval
+    } else {
+        for (i, (single, path)) in singles.iter().zip(&args.weights).enumerate() {
+            out.line(format!(
+                "model {}: accuracy {:.2}% ({}/{}), loss {:.4}, {}",
+                i + 1,
+                100.0 * single.accuracy,
+                single.correct,
+                single.count,
+                single.loss,
+                path.display()
+            ));
+        }
+        let eval = evaluate_probabilities(&mean_probabilities(&probabilities), &test.labels);
+        out.line(format!(
+            "ensemble of {} (the mean of their probabilities): accuracy {:.2}% ({}/{}), loss {:.4}, on {device}",
+            count_of(args.weights.len(), "model", "models"),
+            100.0 * eval.accuracy,
+            eval.correct,
+            eval.count,
+            eval.loss,
+        ));
+        eval
+    };
+    let whose = if args.weights.len() > 1 { " of the ensemble" } else { "" };
+    out.line(format!("confusion{whose} (rows: true digit, columns: predicted)"));
     out.line(format!("     {}", (0..10).map(|c| format!("{c:>6}")).collect::<String>()));
     for (label, row) in eval.confusion.iter().enumerate() {
         out.line(format!("{label:>4} {}", row.iter().map(|n| format!("{n:>6}")).collect::<String>()));
     }
     if args.json {
-        out.document(&EvalReport { backend: backend.kind(), adapter: backend.adapter(), evaluation: &eval })?;
+        let models = singles
+            .iter()
+            .zip(&args.weights)
+            .map(|(e, path)| ModelEvaluation {
+                weights: path.display().to_string(),
+                accuracy: e.accuracy,
+                loss: e.loss,
+                correct: e.correct,
+                count: e.count,
+            })
+            .collect();
+        out.document(&EvalReport {
+            backend: backend.kind(),
+            adapter: backend.adapter(),
+            data: data.path.display().to_string(),
+            evaluation: &eval,
+            models,
+        })?;
     }
     Ok(out.finish(ExitCode::SUCCESS))
 }
@@ -629,16 +726,23 @@ const LOW_CONFIDENCE: f32 = 0.6;
 
 /// Classifies every image, whatever happens to the others: an unreadable one gets an error line
 /// (and an `error` field) and makes the exit status non-zero at the end; a blank one is "no digit"
-/// with a warning, never a guess.
+/// with a warning, never a guess. With several `--weights` the probabilities are the mean of the
+/// models' softmax outputs.
 fn predict(args: PredictArgs) -> Result<ExitCode> {
-    use lenet::image_input::{load_image, Prepared};
+    use lenet::image_input::{load_image, save::PreparedOutputs, Prepared};
     use serde_json::{json, Value};
-    let params = load_checkpoint(&args.weights)?.params;
+    let models = load_models(&args.weights)?;
+    // Every target is checked before any image is read.
+    let saves = match &args.save_prepared {
+        Some(dir) => Some(PreparedOutputs::plan(dir, &args.images)?),
+        None => None,
+    };
     // With --json, stdout holds only the JSON document.
     let mut out = Output::new(args.json);
     let mut records = Vec::with_capacity(args.images.len());
     let mut failed = 0usize;
-    for path in &args.images {
+    let mut saved = 0usize;
+    for (index, path) in args.images.iter().enumerate() {
         let file = path.display().to_string();
         let record = match load_image(path) {
             Err(e) => {
@@ -655,24 +759,49 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
                         "probabilities": Value::Null, "warning": warning })
             }
             Ok(Prepared::Digit { pixels, .. }) => {
-                let probs = probabilities(&params, &pixels[..])?;
-                let digit = lenet::train::argmax(&probs);
-                let p = probs[digit];
-                let mut record =
-                    json!({ "file": file, "digit": digit, "probability": p, "probabilities": probs });
+                let probs = ensemble_probabilities(&models, &pixels[..])?;
+                let (digit, second) = top_two(&probs);
+                let (p, p2) = (probs[digit], probs[second]);
+                let mut record = json!({ "file": file, "digit": digit, "probability": p,
+                    "second_digit": second, "second_probability": p2, "probabilities": probs });
+                let mut notes = Vec::new();
                 if p < LOW_CONFIDENCE {
-                    out.line(format!("{file}: {digit} ({:.1}%, low confidence)", 100.0 * p));
+                    notes.push("low confidence".to_string());
                     record["warning"] = json!(format!(
                         "low confidence: the top probability is below {:.0}%",
                         100.0 * LOW_CONFIDENCE
                     ));
-                } else {
-                    out.line(format!("{file}: {digit} ({:.1}%)", 100.0 * p));
                 }
+                if let Some(saves) = &saves {
+                    match saves.write(index, &pixels) {
+                        Ok(target) => {
+                            saved += 1;
+                            record["prepared"] = json!(target.display().to_string());
+                        }
+                        Err(e) => {
+                            notice(format!("error: {e}"));
+                            failed += 1;
+                            record["error"] = json!(e.to_string());
+                        }
+                    }
+                }
+                let notes = notes.iter().map(|n| format!(", {n}")).collect::<String>();
+                out.line(format!(
+                    "{file}: {digit} ({:.1}%{notes}; next {second}, {:.1}%)",
+                    100.0 * p,
+                    100.0 * p2
+                ));
                 record
             }
         };
         records.push(record);
+    }
+    if let Some(saves) = &saves {
+        notice(format!(
+            "saved {} the network saw in {}",
+            count_of(saved, "prepared image", "prepared images"),
+            saves.dir.display()
+        ));
     }
     if args.json {
         out.document(&Value::Array(records))?;
@@ -680,9 +809,29 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
     Ok(out.finish(if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }))
 }
 
-/// Softmax of the network's logits for one image (the CPU path: one image needs no GPU).
-fn probabilities(params: &Params, pixels: &[u8]) -> Result<Vec<f32>> {
-    Ok(lenet::cpu::probabilities(params, &[pixels])?.remove(0))
+/// The most and the second most probable digits (the first of equals first).
+fn top_two(probs: &[f32]) -> (usize, usize) {
+    let first = lenet::train::argmax(probs);
+    let second = (0..probs.len()).filter(|&d| d != first).fold(usize::MAX, |best, d| {
+        if best == usize::MAX || probs[d] > probs[best] {
+            d
+        } else {
+            best
+        }
+    });
+    (first, second)
+}
+
+/// The probabilities of the ensemble for one image: each model's softmax (the CPU path: one image
+/// needs no GPU), then their mean.
+fn ensemble_probabilities(models: &[Params], pixels: &[u8]) -> Result<Vec<f32>> {
+    let per_model = models
+        .iter()
+        .map(|params| {
+            Ok(lenet::cpu::probabilities(params, &[pixels])?.remove(0).iter().map(|&p| p as f64).collect())
+        })
+        .collect::<Result<Vec<Vec<f64>>>>()?;
+    Ok(mean_probabilities(&per_model).iter().map(|&p| p as f32).collect())
 }
 
 fn bench(args: BenchArgs) -> Result<ExitCode> {
