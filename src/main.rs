@@ -729,7 +729,7 @@ const LOW_CONFIDENCE: f32 = 0.6;
 /// with a warning, never a guess. With several `--weights` the probabilities are the mean of the
 /// models' softmax outputs.
 fn predict(args: PredictArgs) -> Result<ExitCode> {
-    use lenet::image_input::{load_image, save::PreparedOutputs, Prepared};
+    use lenet::image_input::{load_image, one_digit::OneDigitCheck, save::PreparedOutputs, Prepared};
     use serde_json::{json, Value};
     let models = load_models(&args.weights)?;
     // Every target is checked before any image is read.
@@ -758,19 +758,31 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
                 json!({ "file": file, "digit": Value::Null, "probability": Value::Null,
                         "probabilities": Value::Null, "warning": warning })
             }
-            Ok(Prepared::Digit { pixels, .. }) => {
-                let probs = ensemble_probabilities(&models, &pixels[..])?;
+            Ok(Prepared::Digit { pixels, report }) => {
+                let (probs, energy) = ensemble_probabilities(&models, &pixels[..])?;
                 let (digit, second) = top_two(&probs);
                 let (p, p2) = (probs[digit], probs[second]);
+                let check = OneDigitCheck::new(&pixels, &report, energy);
                 let mut record = json!({ "file": file, "digit": digit, "probability": p,
-                    "second_digit": second, "second_probability": p2, "probabilities": probs });
+                    "second_digit": second, "second_probability": p2, "probabilities": probs,
+                    "one_digit": check.looks_like_one_digit(), "checks": check });
                 let mut notes = Vec::new();
+                let mut warnings = Vec::new();
                 if p < LOW_CONFIDENCE {
                     notes.push("low confidence".to_string());
-                    record["warning"] = json!(format!(
+                    warnings.push(format!(
                         "low confidence: the top probability is below {:.0}%",
                         100.0 * LOW_CONFIDENCE
                     ));
+                }
+                if !check.looks_like_one_digit() {
+                    notes.push("not like one digit".to_string());
+                    let warning = format!("does not look like one digit: {}", check.reasons.join(", "));
+                    notice(format!("warning: {file}: {warning}"));
+                    warnings.push(warning);
+                }
+                if !warnings.is_empty() {
+                    record["warning"] = json!(warnings.join("; "));
                 }
                 if let Some(saves) = &saves {
                     match saves.write(index, &pixels) {
@@ -822,16 +834,17 @@ fn top_two(probs: &[f32]) -> (usize, usize) {
     (first, second)
 }
 
-/// The probabilities of the ensemble for one image: each model's softmax (the CPU path: one image
-/// needs no GPU), then their mean.
-fn ensemble_probabilities(models: &[Params], pixels: &[u8]) -> Result<Vec<f32>> {
-    let per_model = models
-        .iter()
-        .map(|params| {
-            Ok(lenet::cpu::probabilities(params, &[pixels])?.remove(0).iter().map(|&p| p as f64).collect())
-        })
-        .collect::<Result<Vec<Vec<f64>>>>()?;
-    Ok(mean_probabilities(&per_model).iter().map(|&p| p as f32).collect())
+/// The probabilities of the ensemble for one image (each model's softmax, then their mean; the
+/// CPU path: one image needs no GPU) and the mean of the models' energy scores.
+fn ensemble_probabilities(models: &[Params], pixels: &[u8]) -> Result<(Vec<f32>, f64)> {
+    let mut per_model = Vec::with_capacity(models.len());
+    let mut energy = 0.0;
+    for params in models {
+        let logits = lenet::image_input::one_digit::logits(params, pixels)?;
+        energy += lenet::image_input::one_digit::energy(&logits) / models.len() as f64;
+        per_model.push(softmax_rows(&logits));
+    }
+    Ok((mean_probabilities(&per_model).iter().map(|&p| p as f32).collect(), energy))
 }
 
 fn bench(args: BenchArgs) -> Result<ExitCode> {
@@ -973,9 +986,67 @@ fn completions(args: CompletionsArgs) -> Result<ExitCode> {
         "lenet",
         &mut script,
     );
+    if args.shell == CompletionShell::Bash {
+        script = bash_predict_completes_files(String::from_utf8(script)?)?.into_bytes();
+    }
     let mut out = Output::new(false);
     out.product(&script);
     Ok(out.finish(ExitCode::SUCCESS))
+}
+
+/// clap's bash script offers only the options where `predict` takes its images: there it offers
+/// files too (the other shells' scripts follow the arguments' `ValueHint::FilePath`).
+fn bash_predict_completes_files(script: String) -> Result<String> {
+    const BLOCK: &str = "        lenet__subcmd__predict)\n";
+    const OPTIONS_ONLY: &str =
+        "            COMPREPLY=( $(compgen -W \"${opts}\" -- \"${cur}\") )\n            return 0\n";
+    const WITH_FILES: &str = "            COMPREPLY=( $(compgen -W \"${opts}\" -- \"${cur}\") $(compgen -f -- \"${cur}\") )\n            \
+        if [[ \"${BASH_VERSINFO[0]}\" -ge 4 ]]; then\n                compopt -o filenames\n            fi\n            return 0\n";
+    let start = script.find(BLOCK).context("clap's bash script has no predict block")?;
+    let at = script[start..].find(OPTIONS_ONLY).context("clap's bash script changed shape")? + start;
+    Ok(format!("{}{WITH_FILES}{}", &script[..at], &script[at + OPTIONS_ONLY.len()..]))
+}
+
+/// A subcommand's synopsis in roff, naming each option's value (`--batch B`,
+/// `--backend auto|gpu|cpu`), where clap_mangen prints only `[--batch]`.
+fn man_synopsis(cmd: &clap::Command, name: &str) -> String {
+    let roff = |t: &str| t.replace('-', "\\-");
+    let mut parts = vec![format!("\\fB{}\\fR", roff(name))];
+    for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+        let value = if arg.get_action().takes_values() {
+            let values: Vec<String> = arg
+                .get_possible_values()
+                .iter()
+                .filter(|v| !v.is_hide_set())
+                .map(|v| v.get_name().to_string())
+                .collect();
+            Some(if values.is_empty() {
+                arg.get_value_names()
+                    .and_then(|n| n.first())
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| arg.get_id().as_str().to_uppercase())
+            } else {
+                values.join("|")
+            })
+        } else {
+            None
+        };
+        let repeated = matches!(arg.get_action(), clap::ArgAction::Append);
+        let mut text = match (arg.get_long(), &value) {
+            (Some(long), Some(v)) => format!("\\fB\\-\\-{}\\fR \\fI{}\\fR", roff(long), roff(v)),
+            (Some(long), None) => format!("\\fB\\-\\-{}\\fR", roff(long)),
+            (None, Some(v)) => format!("\\fI{}\\fR", roff(v)),
+            (None, None) => continue,
+        };
+        if repeated {
+            text.push_str("...");
+        }
+        if !arg.is_required_set() {
+            text = format!("[{text}]");
+        }
+        parts.push(text);
+    }
+    parts.join(" ")
 }
 
 fn man() -> Result<ExitCode> {
@@ -1002,7 +1073,7 @@ fn man_page() -> Result<Vec<u8>> {
         writeln!(page, ".SH \"LENET {}\"", sub.get_name().to_uppercase())?;
         let man = clap_mangen::Man::new(sub.clone());
         let mut sections = Vec::new();
-        man.render_synopsis_section(&mut sections)?;
+        writeln!(sections, ".SH SYNOPSIS\n{}", man_synopsis(sub, &format!("lenet {}", sub.get_name())))?;
         man.render_description_section(&mut sections)?;
         man.render_options_section(&mut sections)?;
         for line in String::from_utf8(sections)?.lines() {
@@ -1051,7 +1122,10 @@ mixed or v3
 WGPU_BACKEND
 limits the graphics APIs wgpu looks at (vulkan, metal, dx12, gl)
 .SH "SEE ALSO"
-The README of lenet\-wgpu: the \-\-json fields, the \-\-metrics columns, the checkpoint format.
+\fBlenet help\fR \fICOMMAND\fR and \fBlenet\fR \fICOMMAND\fR \fB\-\-help\fR (the same options, in
+the terminal); README.md at the top of the lenet\-wgpu source tree (the repository lenet is built
+from): the \-\-json fields, the \-\-metrics columns, the checkpoint format, the recipes and their
+figures.
 "#;
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! holds one row at a time; everything after decoding works on images of fixed bounded size.
 
 pub mod decode;
+pub mod one_digit;
 pub mod prepare;
 pub mod read;
 pub mod resample;
