@@ -113,9 +113,11 @@ pub enum DataError {
     #[error("{}: label {label} at index {index} is out of range 0-9", path.display())]
     LabelOutOfRange { path: PathBuf, index: usize, label: u8 },
     #[error(
-        "{}: {labels} labels but {} has {images} images",
+        "{}: {labels} label{} but {} has {images} image{}",
         labels_path.display(),
-        images_path.display()
+        if *labels == 1 { "" } else { "s" },
+        images_path.display(),
+        if *images == 1 { "" } else { "s" }
     )]
     CountMismatch { images_path: PathBuf, labels_path: PathBuf, images: usize, labels: usize },
 }

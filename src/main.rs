@@ -556,8 +556,8 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         None => "trained",
     };
     out.line(format!(
-        "{verb} {} steps ({:.2} epochs) in {:.2} s, {:.0} images/s, on {}",
-        report.steps,
+        "{verb} {} ({:.2} epochs) in {:.2} s, {:.0} images/s, on {}",
+        count_of(report.steps as usize, "step", "steps"),
         report.epochs,
         report.train_seconds,
         report.images_per_s,
@@ -768,6 +768,7 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
                     "one_digit": check.looks_like_one_digit(), "checks": check });
                 let mut notes = Vec::new();
                 let mut warnings = Vec::new();
+                let mut not_one_digit = None;
                 if p < LOW_CONFIDENCE {
                     notes.push("low confidence".to_string());
                     warnings.push(format!(
@@ -778,7 +779,7 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
                 if !check.looks_like_one_digit() {
                     notes.push("not like one digit".to_string());
                     let warning = format!("does not look like one digit: {}", check.reasons.join(", "));
-                    notice(format!("warning: {file}: {warning}"));
+                    not_one_digit = Some(format!("warning: {file}: {warning}"));
                     warnings.push(warning);
                 }
                 if !warnings.is_empty() {
@@ -803,6 +804,10 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
                     100.0 * p,
                     100.0 * p2
                 ));
+                // After the line it explains.
+                if let Some(warning) = not_one_digit {
+                    notice(warning);
+                }
                 record
             }
         };

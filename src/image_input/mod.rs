@@ -11,8 +11,9 @@
 //!   20x20 box centred by mass in 28x28.
 //! - [`save`]: `--save-prepared`: the 28x28 images written as PGM, never over an input.
 //!
-//! Memory: a decoded image is one byte per pixel, at most [`MAX_IMAGE_PIXELS`] pixels; the decoder
-//! holds one row at a time; everything after decoding works on images of fixed bounded size.
+//! Memory: a decoded image is one byte per pixel, at most [`MAX_IMAGE_PIXELS`] pixels; the PNG
+//! decoder holds one row at a time, the JPEG decoder the luminance plane (a JPEG's size is also
+//! bounded by its file's length); everything after decoding works on images of fixed bounded size.
 
 pub mod decode;
 pub mod one_digit;
