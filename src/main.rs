@@ -1117,6 +1117,10 @@ a command line clap refuses (an unknown option or value)
 train stopped by SIGHUP, Ctrl\-C (SIGINT) or SIGTERM, after saving to \-\-save
 .SH ENVIRONMENT
 .TP
+LENET_DATA
+the MNIST directory of train and eval when \-\-data is not given (else data/mnist in the current
+directory, then in the source tree holding the executable, then in the one it was built from)
+.TP
 LENET_ADAPTER
 picks a GPU adapter by part of its name, as \-\-adapter does
 .TP
