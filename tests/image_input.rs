@@ -495,6 +495,62 @@ fn jpeg_gray_colour_and_progressive_decode_to_luminance() {
     assert!(img.pixels.iter().max() > img.pixels.iter().min(), "a CMYK gradient is not flat");
 }
 
+/// EXIF data (an APP1 segment's payload after "Exif\0\0") holding only an Orientation tag.
+fn exif_orientation_segment(orientation: u16, big_endian: bool) -> Vec<u8> {
+    let u16b = |v: u16| if big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
+    let u32b = |v: u32| if big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
+    let mut t = b"Exif\0\0".to_vec();
+    t.extend_from_slice(if big_endian { b"MM\0\x2a" } else { b"II\x2a\0" });
+    t.extend_from_slice(&u32b(8)); // IFD0 right after the header
+    t.extend_from_slice(&u16b(1)); // one entry
+    t.extend_from_slice(&u16b(0x0112)); // Orientation
+    t.extend_from_slice(&u16b(3)); // SHORT
+    t.extend_from_slice(&u32b(1));
+    t.extend_from_slice(&u16b(orientation));
+    t.extend_from_slice(&[0, 0]);
+    t.extend_from_slice(&u32b(0)); // no next IFD
+    t
+}
+
+#[test]
+fn jpeg_exif_orientation_turns_the_image_upright() {
+    use lenet::image_input::decode::orient;
+    // Every orientation on a 3x2 image with distinct pixels, against where EXIF puts them.
+    let img = GrayImage { width: 3, height: 2, pixels: vec![1, 2, 3, 4, 5, 6] };
+    let expected: [(u16, usize, Vec<u8>); 8] = [
+        (1, 3, vec![1, 2, 3, 4, 5, 6]),
+        (2, 3, vec![3, 2, 1, 6, 5, 4]),
+        (3, 3, vec![6, 5, 4, 3, 2, 1]),
+        (4, 3, vec![4, 5, 6, 1, 2, 3]),
+        (5, 2, vec![1, 4, 2, 5, 3, 6]),
+        (6, 2, vec![4, 1, 5, 2, 6, 3]),
+        (7, 2, vec![6, 3, 5, 2, 4, 1]),
+        (8, 2, vec![3, 6, 2, 5, 1, 4]),
+    ];
+    for (o, width, pixels) in expected {
+        let got = orient(img.clone(), o);
+        assert_eq!((got.width, got.pixels.clone()), (width, pixels), "orientation {o}");
+        assert_eq!(got.height, 6 / width);
+    }
+    // A phone's portrait photo: stored sideways (dark left half), orientation 6. Upright, the
+    // dark half is at the top.
+    let (w, h) = (64usize, 32usize);
+    let stored: Vec<u8> = (0..w * h).map(|i| if i % w < w / 2 { 30 } else { 220 }).collect();
+    for big_endian in [false, true] {
+        let mut out = Vec::new();
+        let mut e = jpeg_encoder::Encoder::new(&mut out, 100);
+        e.add_app_segment(1, exif_orientation_segment(6, big_endian)).unwrap();
+        e.encode(&stored, w as u16, h as u16, jpeg_encoder::ColorType::Luma).unwrap();
+        let img = decode_gray(Path::new("portrait.jpg"), &out).unwrap();
+        assert_eq!((img.width, img.height), (h, w));
+        let mean = |rows: std::ops::Range<usize>| {
+            rows.clone().flat_map(|y| img.pixels[y * h..(y + 1) * h].iter().map(|&v| v as f64)).sum::<f64>()
+                / (rows.len() * h) as f64
+        };
+        assert!(mean(0..w / 2 - 4) < 40.0 && mean(w / 2 + 4..w) > 210.0, "the dark half is on top");
+    }
+}
+
 #[test]
 fn bad_jpeg_files_are_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();

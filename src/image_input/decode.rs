@@ -386,5 +386,59 @@ fn decode_jpeg(path: &Path, bytes: &[u8]) -> Result<GrayImage, ImageError> {
         out.truncate(pixels);
         out
     };
-    Ok(GrayImage { width, height, pixels: gray })
+    let orientation = decoder.exif().and_then(|tiff| exif_orientation(tiff)).unwrap_or(1);
+    Ok(orient(GrayImage { width, height, pixels: gray }, orientation))
+}
+
+/// The EXIF Orientation tag (0x0112) of IFD0, from EXIF data starting at its TIFF header: how a
+/// camera says the stored pixels must be turned to stand upright (phones store a portrait photo
+/// sideways and set 6 or 8). `None` when absent or malformed.
+pub fn exif_orientation(tiff: &[u8]) -> Option<u16> {
+    let big = match tiff.get(..4)? {
+        [b'M', b'M', 0, 42] => true,
+        [b'I', b'I', 42, 0] => false,
+        _ => return None,
+    };
+    let u16_at = |at: usize| -> Option<u16> {
+        let b: [u8; 2] = tiff.get(at..at.checked_add(2)?)?.try_into().ok()?;
+        Some(if big { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) })
+    };
+    let u32_at = |at: usize| -> Option<u32> {
+        let b: [u8; 4] = tiff.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        Some(if big { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) })
+    };
+    let ifd = u32_at(4)? as usize;
+    let entries = u16_at(ifd)? as usize;
+    // Each entry: tag, type, count (u32), value (4 bytes; a SHORT sits in the first two).
+    (0..entries).map(|i| ifd + 2 + 12 * i).find(|&at| u16_at(at) == Some(0x0112)).and_then(|at| {
+        let value = u16_at(at + 8)?;
+        (u16_at(at + 2)? == 3 && (1..=8).contains(&value)).then_some(value)
+    })
+}
+
+/// The image turned as EXIF orientation `o` says (1: as stored; 2-8: mirrored and/or rotated).
+pub fn orient(img: GrayImage, o: u16) -> GrayImage {
+    if !(2..=8).contains(&o) {
+        return img;
+    }
+    let (w, h) = (img.width, img.height);
+    // Orientations 5-8 swap the axes.
+    let (ow, oh) = if o >= 5 { (h, w) } else { (w, h) };
+    let mut pixels = vec![0u8; w * h];
+    for y in 0..oh {
+        for x in 0..ow {
+            // The stored pixel that lands at (x, y) of the upright image.
+            let (sx, sy) = match o {
+                2 => (w - 1 - x, y),
+                3 => (w - 1 - x, h - 1 - y),
+                4 => (x, h - 1 - y),
+                5 => (y, x),
+                6 => (y, h - 1 - x),
+                7 => (w - 1 - y, h - 1 - x),
+                _ => (w - 1 - y, x),
+            };
+            pixels[y * ow + x] = img.pixels[sy * w + sx];
+        }
+    }
+    GrayImage { width: ow, height: oh, pixels }
 }
