@@ -768,7 +768,7 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
                     "one_digit": check.looks_like_one_digit(), "checks": check });
                 let mut notes = Vec::new();
                 let mut warnings = Vec::new();
-                let mut not_one_digit = None;
+                let mut not_one_digit = String::new();
                 if p < LOW_CONFIDENCE {
                     notes.push("low confidence".to_string());
                     warnings.push(format!(
@@ -777,10 +777,9 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
                     ));
                 }
                 if !check.looks_like_one_digit() {
-                    notes.push("not like one digit".to_string());
-                    let warning = format!("does not look like one digit: {}", check.reasons.join(", "));
-                    not_one_digit = Some(format!("warning: {file}: {warning}"));
-                    warnings.push(warning);
+                    // On the line itself, as low confidence is: no separate warning to lose.
+                    not_one_digit = format!(" not like one digit: {}", check.reasons.join(", "));
+                    warnings.push(format!("does not look like one digit: {}", check.reasons.join(", ")));
                 }
                 if !warnings.is_empty() {
                     record["warning"] = json!(warnings.join("; "));
@@ -800,14 +799,10 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
                 }
                 let notes = notes.iter().map(|n| format!(", {n}")).collect::<String>();
                 out.line(format!(
-                    "{file}: {digit} ({:.1}%{notes}; next {second}, {:.1}%)",
+                    "{file}: {digit} ({:.1}%{notes}; next {second}, {:.1}%){not_one_digit}",
                     100.0 * p,
                     100.0 * p2
                 ));
-                // After the line it explains.
-                if let Some(warning) = not_one_digit {
-                    notice(warning);
-                }
                 record
             }
         };

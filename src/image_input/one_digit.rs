@@ -56,10 +56,11 @@ impl OneDigitCheck {
             reasons.push(format!("{blobs} separate blobs of ink"));
         }
         if aspect > MAX_ASPECT {
-            reasons.push(format!("the ink is {aspect:.1} times wider than tall"));
+            reasons.push(format!("the ink {aspect:.1} times wider than tall"));
         }
         if energy < MIN_ENERGY {
-            reasons.push(format!("unlike the training digits (energy score {energy:.1} < {MIN_ENERGY})"));
+            reasons
+                .push(format!("a low energy score ({energy:.1} < {MIN_ENERGY}: unlike the training digits)"));
         }
         OneDigitCheck { blobs, aspect, energy, reasons }
     }
