@@ -671,7 +671,7 @@ mod streams {
         assert_one_line_error(&load_gray(null).unwrap_err(), null, "empty");
         let zero = Path::new("/dev/zero");
         let start = Instant::now();
-        assert_one_line_error(&load_gray(zero).unwrap_err(), zero, "not a PNG or Netpbm");
+        assert_one_line_error(&load_gray(zero).unwrap_err(), zero, "not a PNG, JPEG or Netpbm");
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 
