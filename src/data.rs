@@ -70,6 +70,15 @@ pub struct IdxImages {
 pub enum DataError {
     #[error("{}: data directory not found", dir.display())]
     DirNotFound { dir: PathBuf },
+    #[error("{}: data directory not found (named by {from})", dir.display())]
+    NamedDirNotFound { dir: PathBuf, from: &'static str },
+    #[error(
+        "no MNIST data directory: --data is not given, {DATA_ENV} is not set, and none of the \
+         default places exists: {}; give --data DIR or set {DATA_ENV}=DIR, DIR holding the four \
+         MNIST IDX files (raw or .gz; lenet-wgpu's source tree ships them in data/mnist)",
+        looked.join(", ")
+    )]
+    NoDataDir { looked: Vec<String> },
     #[error(
         "{}: no {name} file (looked for {name}, {name}.gz and the hyphenated {alt}[.gz])",
         dir.display()
@@ -104,9 +113,11 @@ pub enum DataError {
     #[error("{}: label {label} at index {index} is out of range 0-9", path.display())]
     LabelOutOfRange { path: PathBuf, index: usize, label: u8 },
     #[error(
-        "{}: {labels} labels but {} has {images} images",
+        "{}: {labels} label{} but {} has {images} image{}",
         labels_path.display(),
-        images_path.display()
+        if *labels == 1 { "" } else { "s" },
+        images_path.display(),
+        if *images == 1 { "" } else { "s" }
     )]
     CountMismatch { images_path: PathBuf, labels_path: PathBuf, images: usize, labels: usize },
 }
@@ -212,25 +223,125 @@ fn find_file(dir: &Path, name: &'static str, alt: &'static str) -> Result<PathBu
     Err(DataError::FileNotFound { dir: dir.to_owned(), name, alt })
 }
 
-/// The MNIST shipped with the repository, found without the user naming it: `./data/mnist` if it
-/// exists, else a `data/mnist` beside or above the executable (so an installed or copied
-/// `target/release/lenet` still finds the checkout's data), else the source tree's copy.
-pub fn default_data_dir() -> PathBuf {
-    let local = PathBuf::from("data/mnist");
-    if local.is_dir() {
-        return local;
+/// The environment variable that names the data directory when `--data` does not.
+pub const DATA_ENV: &str = "LENET_DATA";
+
+/// Where a run's data directory came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// `--data DIR`.
+    Option,
+    /// The `LENET_DATA` environment variable.
+    Environment,
+    /// The documented default: a source tree's `data/mnist` (see [`default_candidates`]).
+    Default,
+}
+
+/// The data directory a run reads, and why that one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataDir {
+    pub path: PathBuf,
+    pub source: DataSource,
+    /// For the default: which candidate it was ("the current directory's data/mnist").
+    pub found_as: Option<String>,
+}
+
+impl DataDir {
+    /// The run's header line: `data: DIR (--data)`.
+    pub fn header(&self) -> String {
+        let why = match (&self.source, &self.found_as) {
+            (DataSource::Option, _) => "--data".to_string(),
+            (DataSource::Environment, _) => DATA_ENV.to_string(),
+            (DataSource::Default, Some(what)) => format!("default: {what}"),
+            (DataSource::Default, None) => "default".to_string(),
+        };
+        format!("data: {} ({why})", self.path.display())
     }
+}
+
+/// One place the default data directory may be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub path: PathBuf,
+    /// What it is, for the header and for the error that lists where it looked.
+    pub what: String,
+}
+
+/// The data directory of a run, by the one rule every subcommand follows: `--data DIR` (`option`),
+/// else `LENET_DATA`, else the first of [`default_candidates`] that exists. A directory named by
+/// the user that does not exist is an error naming where the name came from; when nothing names
+/// one and no default exists, the error says where it looked and how to get the data.
+pub fn resolve_data_dir(option: Option<&Path>) -> Result<DataDir, DataError> {
+    resolve_data_dir_from(option, std::env::var_os(DATA_ENV), &default_candidates())
+}
+
+/// [`resolve_data_dir`] with the environment's value and the default's candidates given.
+pub fn resolve_data_dir_from(
+    option: Option<&Path>,
+    env: Option<std::ffi::OsString>,
+    candidates: &[Candidate],
+) -> Result<DataDir, DataError> {
+    let named = match (option, env.filter(|v| !v.is_empty())) {
+        (Some(dir), _) => Some((dir.to_path_buf(), DataSource::Option, "--data")),
+        (None, Some(dir)) => Some((PathBuf::from(dir), DataSource::Environment, DATA_ENV)),
+        (None, None) => None,
+    };
+    if let Some((path, source, from)) = named {
+        if !path.is_dir() {
+            return Err(DataError::NamedDirNotFound { dir: path, from });
+        }
+        return Ok(DataDir { path, source, found_as: None });
+    }
+    match candidates.iter().find(|c| c.path.is_dir()) {
+        Some(c) => {
+            Ok(DataDir { path: c.path.clone(), source: DataSource::Default, found_as: Some(c.what.clone()) })
+        }
+        None => Err(DataError::NoDataDir {
+            looked: candidates.iter().map(|c| format!("{} ({})", c.path.display(), c.what)).collect(),
+        }),
+    }
+}
+
+/// Where the default data directory is looked for, in order:
+///
+/// 1. `data/mnist` in the current directory (a run from the source tree, `cargo run`);
+/// 2. `data/mnist` of a source tree (a directory with a `Cargo.toml`) that holds the executable
+///    (`target/release/lenet`, even after the checkout has moved);
+/// 3. `data/mnist` of the source tree `lenet` was built from, when it still exists on this
+///    machine (an installed binary; the header then names it, so it is never read silently).
+///
+/// (A user cache directory, filled by a future `lenet data fetch`, goes after these.)
+pub fn default_candidates() -> Vec<Candidate> {
+    let mut candidates = vec![Candidate {
+        path: PathBuf::from("data/mnist"),
+        what: "the current directory's data/mnist".into(),
+    }];
     if let Ok(exe) = std::env::current_exe() {
-        let mut dir = exe.parent();
-        while let Some(d) = dir {
-            let candidate = d.join("data").join("mnist");
-            if candidate.is_dir() {
-                return candidate;
-            }
-            dir = d.parent();
+        if let Some(tree) =
+            exe.ancestors().skip(1).find(|d| d.join("Cargo.toml").is_file() && d.join("data/mnist").is_dir())
+        {
+            candidates.push(Candidate {
+                path: tree.join("data").join("mnist"),
+                what: "the source tree holding the executable".into(),
+            });
         }
     }
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist"))
+    candidates.push(Candidate {
+        path: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist")),
+        what: "the source tree lenet was built from".into(),
+    });
+    candidates
+}
+
+/// The default data directory (see [`default_candidates`]): the first candidate that exists, else
+/// the source tree's path (which then does not exist either).
+pub fn default_data_dir() -> PathBuf {
+    let candidates = default_candidates();
+    match candidates.iter().find(|c| c.path.is_dir()) {
+        Some(c) => c.path.clone(),
+        None => candidates.last().map(|c| c.path.clone()).unwrap_or_default(),
+    }
 }
 
 /// Reads and checks one IDX file: (count, rows, cols, payload). Labels have rows = cols = 1.

@@ -8,20 +8,21 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum, ValueHint};
 
 use cli_output::{notice, Output};
 
 use lenet::augment::MAX_AUGMENT_SHIFT;
 use lenet::backend::{no_training_data, open_backend};
 use lenet::checkpoint::load_checkpoint;
-use lenet::data::{default_data_dir, find_split, load_mnist_test, load_split, Mnist, Split, SplitFiles};
+use lenet::data::{find_split, load_split, resolve_data_dir, Mnist, Split, SplitFiles};
 use lenet::gpu::context::{choose_adapter, wanted_adapter, AdapterSummary};
 use lenet::model::{Monitor, Params, TrainState};
 use lenet::optim::{Adam, Optimizer, OptimizerKind, Sgd};
 use lenet::paths::{check_run_paths, lock_outputs, InputPath, OutputKind, OutputPath};
 use lenet::schedule::LrSchedule;
 use lenet::signals::install_stop_handlers;
+use lenet::train::eval::{evaluate_probabilities, mean_probabilities, softmax_rows};
 use lenet::train::{error_line, evaluate_logits, split_validation, Evaluation, StopReason, TrainConfig};
 
 #[derive(Parser)]
@@ -85,8 +86,9 @@ struct DeviceArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Directory with the four MNIST IDX files (raw or .gz) [default: the shipped data/mnist]
-    #[arg(long)]
+    /// Directory with the four MNIST IDX files (raw or .gz) [default: LENET_DATA, else the source
+    /// tree's data/mnist]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     data: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
@@ -210,11 +212,13 @@ fn parse_accuracy(text: &str) -> Result<f64, String> {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// The checkpoint to evaluate.
-    #[arg(long)]
-    weights: PathBuf,
-    /// Directory with the MNIST test files, t10k-* (raw or .gz) [default: the shipped data/mnist]
-    #[arg(long)]
+    /// The checkpoint to evaluate (a LeNet-5 checkpoint of any optimizer, or the ten model
+    /// tensors). Give it several times for an ensemble: each model's softmax, then their mean.
+    #[arg(long, value_name = "FILE", required = true, value_hint = ValueHint::FilePath)]
+    weights: Vec<PathBuf>,
+    /// Directory with the MNIST test files, t10k-* (raw or .gz) [default: LENET_DATA, else the
+    /// source tree's data/mnist]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     data: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
@@ -226,13 +230,18 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct PredictArgs {
-    /// The checkpoint to classify with.
-    #[arg(long)]
-    weights: PathBuf,
-    /// Images of single digits: PNG, PGM, PPM or PBM, any size, either polarity (a FIFO or
+    /// The checkpoint to classify with. Give it several times for an ensemble: each model's
+    /// softmax, then their mean.
+    #[arg(long, value_name = "FILE", required = true, value_hint = ValueHint::FilePath)]
+    weights: Vec<PathBuf>,
+    /// Images of single digits: PNG, JPEG, PGM, PPM or PBM, any size, either polarity (a FIFO or
     /// `<(command)` is read as a stream).
-    #[arg(required = true)]
+    #[arg(required = true, value_name = "IMAGE", value_hint = ValueHint::FilePath)]
     images: Vec<PathBuf>,
+    /// Write the 28x28 image the network saw for each input into DIR, as PGM named after the
+    /// input (digit.png -> DIR/digit.pgm); an existing file there is never replaced.
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    save_prepared: Option<PathBuf>,
     /// Print one JSON array on stdout, an object per image; the human lines go to stderr.
     #[arg(long)]
     json: bool,
@@ -331,10 +340,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn data_dir(dir: Option<&Path>) -> PathBuf {
-    dir.map(Path::to_path_buf).unwrap_or_else(default_data_dir)
 }
 
 /// Every file the run reads and writes, checked before any work (see `lenet::paths`); the
@@ -506,8 +511,10 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         bail!("--batch must be at least 1");
     }
     check_recipe_args(&args)?;
-    let dir = data_dir(args.data.as_deref());
-    let (train_files, test_files) = (find_split(&dir, Split::Train)?, find_split(&dir, Split::Test)?);
+    let data = resolve_data_dir(args.data.as_deref())?;
+    let dir = &data.path;
+    let (train_files, test_files) = (find_split(dir, Split::Train)?, find_split(dir, Split::Test)?);
+    notice(data.header());
     let outputs = check_train_paths(&args, &train_files, &test_files)?;
     // Held until the run ends: a second run writing any of these files is refused.
     let _locks = lock_outputs(&outputs)?;
@@ -630,8 +637,8 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         None => "trained",
     };
     out.line(format!(
-        "{verb} {} steps ({:.2} epochs) in {:.2} s, {:.0} images/s, on {}",
-        report.steps,
+        "{verb} {} ({:.2} epochs) in {:.2} s, {:.0} images/s, on {}",
+        count_of(report.steps as usize, "step", "steps"),
         report.epochs,
         report.train_seconds,
         report.images_per_s,
@@ -670,51 +677,142 @@ fn on_device(backend: &str, adapter: &str) -> String {
     format!("{backend}: {adapter}")
 }
 
-/// `lenet eval --json`: where it ran, then the evaluation's fields.
+/// `lenet eval --json`: where it ran, then the evaluation's fields (of the ensemble, with several
+/// `--weights`), then each model's with several.
 #[derive(serde::Serialize)]
 struct EvalReport<'a> {
     backend: &'a str,
     adapter: String,
+    /// The data directory read.
+    data: String,
     #[serde(flatten)]
     evaluation: &'a Evaluation,
+    /// With several `--weights`: each model's own figures, in the order given.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    models: Vec<ModelEvaluation>,
+}
+
+/// One model of an ensemble, scored alone.
+#[derive(serde::Serialize)]
+struct ModelEvaluation {
+    weights: String,
+    accuracy: f64,
+    loss: f64,
+    correct: usize,
+    count: usize,
+}
+
+/// "1 model", "5 models": a count and its noun.
+fn count_of(n: usize, singular: &str, plural: &str) -> String {
+    format!("{n} {}", if n == 1 { singular } else { plural })
+}
+
+/// Every `--weights` file as LeNet-5 parameters (any optimizer's checkpoint, or the ten model
+/// tensors); the same file named twice is refused (it would count double in the mean).
+fn load_models(paths: &[PathBuf]) -> Result<Vec<Params>> {
+    let mut seen: Vec<PathBuf> = Vec::new();
+    for path in paths {
+        if let Ok(canonical) = std::fs::canonicalize(path) {
+            if canonical.is_file() && seen.contains(&canonical) {
+                bail!("{}: given twice as --weights; an ensemble counts each model once", path.display());
+            }
+            seen.push(canonical);
+        }
+    }
+    paths.iter().map(|p| Ok(load_checkpoint(p)?.params)).collect()
 }
 
 fn eval(args: EvalArgs) -> Result<ExitCode> {
-    let checkpoint = load_checkpoint(&args.weights)?;
+    let models = load_models(&args.weights)?;
+    let data = resolve_data_dir(args.data.as_deref())?;
     // Only the test files: evaluating needs no training set.
-    let test = load_mnist_test(&data_dir(args.data.as_deref()))?;
+    let test = load_split(&find_split(&data.path, Split::Test)?)?;
     if test.is_empty() {
-        bail!("{}: the test set is empty; nothing to evaluate", data_dir(args.data.as_deref()).display());
+        bail!("{}: the test set is empty; nothing to evaluate", data.path.display());
     }
+    notice(data.header());
     let mut backend =
         open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &no_training_data())?;
-    let state = TrainState::new(checkpoint.params, Optimizer::default(), 0, 1, false);
-    backend.load_state(&state)?;
-    let eval = evaluate_logits(&backend.logits(&test)?, &test.labels);
-    if !eval.loss.is_finite() {
-        bail!(
-            "{}: the weights are finite but give a loss of {} on the test set (values too large to \
-             compute with, as a diverged run leaves them); nothing to report",
-            args.weights.display(),
-            eval.loss
-        );
+    let mut singles = Vec::with_capacity(models.len());
+    let mut probabilities = Vec::with_capacity(models.len());
+    for (params, path) in models.into_iter().zip(&args.weights) {
+        let state = TrainState::new(params, Optimizer::default(), 0, 1, false);
+        backend.load_state(&state)?;
+        let logits = backend.logits(&test)?;
+        let single = evaluate_logits(&logits, &test.labels);
+        if !single.loss.is_finite() {
+            bail!(
+                "{}: the weights are finite but give a loss of {} on the test set (values too large \
+                 to compute with, as a diverged run leaves them); nothing to report",
+                path.display(),
+                single.loss
+            );
+        }
+        singles.push(single);
+        if args.weights.len() > 1 {
+            probabilities.push(softmax_rows(&logits));
+        }
     }
+    let device = on_device(backend.kind(), &backend.adapter());
     let mut out = Output::new(args.json);
-    out.line(format!(
-        "accuracy {:.2}% ({}/{}), loss {:.4}, on {}",
-        100.0 * eval.accuracy,
-        eval.correct,
-        eval.count,
-        eval.loss,
-        on_device(backend.kind(), &backend.adapter()),
-    ));
-    out.line("confusion (rows: true digit, columns: predicted)");
+    let eval = if args.weights.len() == 1 {
+        let eval = singles.remove(0);
+        out.line(format!(
+            "accuracy {:.2}% ({}/{}), loss {:.4}, on {device}",
+            100.0 * eval.accuracy,
+            eval.correct,
+            eval.count,
+            eval.loss,
+        ));
+        eval
+    } else {
+        for (i, (single, path)) in singles.iter().zip(&args.weights).enumerate() {
+            out.line(format!(
+                "model {}: accuracy {:.2}% ({}/{}), loss {:.4}, {}",
+                i + 1,
+                100.0 * single.accuracy,
+                single.correct,
+                single.count,
+                single.loss,
+                path.display()
+            ));
+        }
+        let eval = evaluate_probabilities(&mean_probabilities(&probabilities), &test.labels);
+        out.line(format!(
+            "ensemble of {} (the mean of their probabilities): accuracy {:.2}% ({}/{}), loss {:.4}, on {device}",
+            count_of(args.weights.len(), "model", "models"),
+            100.0 * eval.accuracy,
+            eval.correct,
+            eval.count,
+            eval.loss,
+        ));
+        eval
+    };
+    let whose = if args.weights.len() > 1 { " of the ensemble" } else { "" };
+    out.line(format!("confusion{whose} (rows: true digit, columns: predicted)"));
     out.line(format!("     {}", (0..10).map(|c| format!("{c:>6}")).collect::<String>()));
     for (label, row) in eval.confusion.iter().enumerate() {
         out.line(format!("{label:>4} {}", row.iter().map(|n| format!("{n:>6}")).collect::<String>()));
     }
     if args.json {
-        out.document(&EvalReport { backend: backend.kind(), adapter: backend.adapter(), evaluation: &eval })?;
+        let models = singles
+            .iter()
+            .zip(&args.weights)
+            .map(|(e, path)| ModelEvaluation {
+                weights: path.display().to_string(),
+                accuracy: e.accuracy,
+                loss: e.loss,
+                correct: e.correct,
+                count: e.count,
+            })
+            .collect();
+        out.document(&EvalReport {
+            backend: backend.kind(),
+            adapter: backend.adapter(),
+            data: data.path.display().to_string(),
+            evaluation: &eval,
+            models,
+        })?;
     }
     Ok(out.finish(ExitCode::SUCCESS))
 }
@@ -724,16 +822,23 @@ const LOW_CONFIDENCE: f32 = 0.6;
 
 /// Classifies every image, whatever happens to the others: an unreadable one gets an error line
 /// (and an `error` field) and makes the exit status non-zero at the end; a blank one is "no digit"
-/// with a warning, never a guess.
+/// with a warning, never a guess. With several `--weights` the probabilities are the mean of the
+/// models' softmax outputs.
 fn predict(args: PredictArgs) -> Result<ExitCode> {
-    use lenet::image_input::{load_image, Prepared};
+    use lenet::image_input::{load_image, one_digit::OneDigitCheck, save::PreparedOutputs, Prepared};
     use serde_json::{json, Value};
-    let params = load_checkpoint(&args.weights)?.params;
+    let models = load_models(&args.weights)?;
+    // Every target is checked before any image is read.
+    let saves = match &args.save_prepared {
+        Some(dir) => Some(PreparedOutputs::plan(dir, &args.images)?),
+        None => None,
+    };
     // With --json, stdout holds only the JSON document.
     let mut out = Output::new(args.json);
     let mut records = Vec::with_capacity(args.images.len());
     let mut failed = 0usize;
-    for path in &args.images {
+    let mut saved = 0usize;
+    for (index, path) in args.images.iter().enumerate() {
         // Names that are not UTF-8 are shown with their bytes escaped, so that no two print alike.
         let file = lenet::paths::display_lossless(path);
         let record = match load_image(path) {
@@ -755,28 +860,57 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
                 json!({ "file": file, "digit": Value::Null, "probability": Value::Null,
                         "probabilities": Value::Null, "warning": warning })
             }
-            Ok(Prepared::Digit { pixels, .. }) => {
-                let probs = probabilities(&params, &pixels[..])?;
+            Ok(Prepared::Digit { pixels, report }) => {
+                let (probs, energy) = ensemble_probabilities(&models, &pixels[..])?;
                 if probs.iter().any(|p| !p.is_finite()) {
                     bail!(
-                        "{}: the weights are finite but give non-finite probabilities for {file} \
-                         (values too large to compute with, as a diverged run leaves them)",
-                        args.weights.display()
+                        "the weights are finite but give non-finite probabilities for {file} (values \
+                         too large to compute with, as a diverged run leaves them)"
                     );
                 }
-                let digit = lenet::train::argmax(&probs);
-                let p = probs[digit];
-                let mut record =
-                    json!({ "file": file, "digit": digit, "probability": p, "probabilities": probs });
+                let (digit, second) = top_two(&probs);
+                let (p, p2) = (probs[digit], probs[second]);
+                let check = OneDigitCheck::new(&pixels, &report, energy);
+                let mut record = json!({ "file": file, "digit": digit, "probability": p,
+                    "second_digit": second, "second_probability": p2, "probabilities": probs,
+                    "one_digit": check.looks_like_one_digit(), "checks": check });
+                let mut notes = Vec::new();
+                let mut warnings = Vec::new();
+                let mut not_one_digit = String::new();
                 if p < LOW_CONFIDENCE {
-                    out.line(format!("{file}: {digit} ({:.1}%, low confidence)", 100.0 * p));
-                    record["warning"] = json!(format!(
+                    notes.push("low confidence".to_string());
+                    warnings.push(format!(
                         "low confidence: the top probability is below {:.0}%",
                         100.0 * LOW_CONFIDENCE
                     ));
-                } else {
-                    out.line(format!("{file}: {digit} ({:.1}%)", 100.0 * p));
                 }
+                if !check.looks_like_one_digit() {
+                    // On the line itself, as low confidence is: no separate warning to lose.
+                    not_one_digit = format!(" not like one digit: {}", check.reasons.join(", "));
+                    warnings.push(format!("does not look like one digit: {}", check.reasons.join(", ")));
+                }
+                if !warnings.is_empty() {
+                    record["warning"] = json!(warnings.join("; "));
+                }
+                if let Some(saves) = &saves {
+                    match saves.write(index, &pixels) {
+                        Ok(target) => {
+                            saved += 1;
+                            record["prepared"] = json!(target.display().to_string());
+                        }
+                        Err(e) => {
+                            notice(format!("error: {e}"));
+                            failed += 1;
+                            record["error"] = json!(e.to_string());
+                        }
+                    }
+                }
+                let notes = notes.iter().map(|n| format!(", {n}")).collect::<String>();
+                out.line(format!(
+                    "{file}: {digit} ({:.1}%{notes}; next {second}, {:.1}%){not_one_digit}",
+                    100.0 * p,
+                    100.0 * p2
+                ));
                 record
             }
         };
@@ -787,15 +921,43 @@ fn predict(args: PredictArgs) -> Result<ExitCode> {
         }
         records.push(record);
     }
+    if let Some(saves) = &saves {
+        notice(format!(
+            "saved {} the network saw in {}",
+            count_of(saved, "prepared image", "prepared images"),
+            saves.dir.display()
+        ));
+    }
     if args.json {
         out.document(&Value::Array(records))?;
     }
     Ok(out.finish(if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }))
 }
 
-/// Softmax of the network's logits for one image (the CPU path: one image needs no GPU).
-fn probabilities(params: &Params, pixels: &[u8]) -> Result<Vec<f32>> {
-    Ok(lenet::cpu::probabilities(params, &[pixels])?.remove(0))
+/// The most and the second most probable digits (the first of equals first).
+fn top_two(probs: &[f32]) -> (usize, usize) {
+    let first = lenet::train::argmax(probs);
+    let second = (0..probs.len()).filter(|&d| d != first).fold(usize::MAX, |best, d| {
+        if best == usize::MAX || probs[d] > probs[best] {
+            d
+        } else {
+            best
+        }
+    });
+    (first, second)
+}
+
+/// The probabilities of the ensemble for one image (each model's softmax, then their mean; the
+/// CPU path: one image needs no GPU) and the mean of the models' energy scores.
+fn ensemble_probabilities(models: &[Params], pixels: &[u8]) -> Result<(Vec<f32>, f64)> {
+    let mut per_model = Vec::with_capacity(models.len());
+    let mut energy = 0.0;
+    for params in models {
+        let logits = lenet::image_input::one_digit::logits(params, pixels)?;
+        energy += lenet::image_input::one_digit::energy(&logits) / models.len() as f64;
+        per_model.push(softmax_rows(&logits));
+    }
+    Ok((mean_probabilities(&per_model).iter().map(|&p| p as f32).collect(), energy))
 }
 
 fn bench(args: BenchArgs) -> Result<ExitCode> {
@@ -937,9 +1099,67 @@ fn completions(args: CompletionsArgs) -> Result<ExitCode> {
         "lenet",
         &mut script,
     );
+    if args.shell == CompletionShell::Bash {
+        script = bash_predict_completes_files(String::from_utf8(script)?)?.into_bytes();
+    }
     let mut out = Output::new(false);
     out.product(&script);
     Ok(out.finish(ExitCode::SUCCESS))
+}
+
+/// clap's bash script offers only the options where `predict` takes its images: there it offers
+/// files too (the other shells' scripts follow the arguments' `ValueHint::FilePath`).
+fn bash_predict_completes_files(script: String) -> Result<String> {
+    const BLOCK: &str = "        lenet__subcmd__predict)\n";
+    const OPTIONS_ONLY: &str =
+        "            COMPREPLY=( $(compgen -W \"${opts}\" -- \"${cur}\") )\n            return 0\n";
+    const WITH_FILES: &str = "            COMPREPLY=( $(compgen -W \"${opts}\" -- \"${cur}\") $(compgen -f -- \"${cur}\") )\n            \
+        if [[ \"${BASH_VERSINFO[0]}\" -ge 4 ]]; then\n                compopt -o filenames\n            fi\n            return 0\n";
+    let start = script.find(BLOCK).context("clap's bash script has no predict block")?;
+    let at = script[start..].find(OPTIONS_ONLY).context("clap's bash script changed shape")? + start;
+    Ok(format!("{}{WITH_FILES}{}", &script[..at], &script[at + OPTIONS_ONLY.len()..]))
+}
+
+/// A subcommand's synopsis in roff, naming each option's value (`--batch B`,
+/// `--backend auto|gpu|cpu`), where clap_mangen prints only `[--batch]`.
+fn man_synopsis(cmd: &clap::Command, name: &str) -> String {
+    let roff = |t: &str| t.replace('-', "\\-");
+    let mut parts = vec![format!("\\fB{}\\fR", roff(name))];
+    for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+        let value = if arg.get_action().takes_values() {
+            let values: Vec<String> = arg
+                .get_possible_values()
+                .iter()
+                .filter(|v| !v.is_hide_set())
+                .map(|v| v.get_name().to_string())
+                .collect();
+            Some(if values.is_empty() {
+                arg.get_value_names()
+                    .and_then(|n| n.first())
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| arg.get_id().as_str().to_uppercase())
+            } else {
+                values.join("|")
+            })
+        } else {
+            None
+        };
+        let repeated = matches!(arg.get_action(), clap::ArgAction::Append);
+        let mut text = match (arg.get_long(), &value) {
+            (Some(long), Some(v)) => format!("\\fB\\-\\-{}\\fR \\fI{}\\fR", roff(long), roff(v)),
+            (Some(long), None) => format!("\\fB\\-\\-{}\\fR", roff(long)),
+            (None, Some(v)) => format!("\\fI{}\\fR", roff(v)),
+            (None, None) => continue,
+        };
+        if repeated {
+            text.push_str("...");
+        }
+        if !arg.is_required_set() {
+            text = format!("[{text}]");
+        }
+        parts.push(text);
+    }
+    parts.join(" ")
 }
 
 fn man() -> Result<ExitCode> {
@@ -966,7 +1186,7 @@ fn man_page() -> Result<Vec<u8>> {
         writeln!(page, ".SH \"LENET {}\"", sub.get_name().to_uppercase())?;
         let man = clap_mangen::Man::new(sub.clone());
         let mut sections = Vec::new();
-        man.render_synopsis_section(&mut sections)?;
+        writeln!(sections, ".SH SYNOPSIS\n{}", man_synopsis(sub, &format!("lenet {}", sub.get_name())))?;
         man.render_description_section(&mut sections)?;
         man.render_options_section(&mut sections)?;
         for line in String::from_utf8(sections)?.lines() {
@@ -1005,6 +1225,10 @@ a command line clap refuses (an unknown option or value)
 train stopped by SIGHUP, Ctrl\-C (SIGINT) or SIGTERM, after saving to \-\-save
 .SH ENVIRONMENT
 .TP
+LENET_DATA
+the MNIST directory of train and eval when \-\-data is not given (else data/mnist in the current
+directory, then in the source tree holding the executable, then in the one it was built from)
+.TP
 LENET_ADAPTER
 picks a GPU adapter by part of its name, as \-\-adapter does
 .TP
@@ -1015,7 +1239,10 @@ mixed or v3
 WGPU_BACKEND
 limits the graphics APIs wgpu looks at (vulkan, metal, dx12, gl)
 .SH "SEE ALSO"
-The README of lenet\-wgpu: the \-\-json fields, the \-\-metrics columns, the checkpoint format.
+\fBlenet help\fR \fICOMMAND\fR and \fBlenet\fR \fICOMMAND\fR \fB\-\-help\fR (the same options, in
+the terminal); README.md at the top of the lenet\-wgpu source tree (the repository lenet is built
+from): the \-\-json fields, the \-\-metrics columns, the checkpoint format, the recipes and their
+figures.
 "#;
 
 #[cfg(test)]

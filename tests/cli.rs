@@ -1082,7 +1082,12 @@ fn json_is_the_only_thing_on_stdout_in_every_subcommand() {
     let total: u64 = confusion.iter().flat_map(|r| r.as_array().unwrap()).map(|n| n.as_u64().unwrap()).sum();
     assert_eq!(total, 100);
     let err = stderr(&out);
-    assert!(err.starts_with("accuracy ") && err.contains("confusion"), "{err}");
+    // The run's header names the data directory, then the report's lines.
+    assert!(
+        err.starts_with(&format!("data: {} (--data)\naccuracy ", data.display()))
+            && err.contains("confusion"),
+        "{err}"
+    );
     assert_readme_lists("### `lenet eval --json`", &eval);
 
     let out = lenet(&["bench", "--backend", "cpu", "--batch", "4", "--iters", "3", "--json"]);
@@ -1171,8 +1176,16 @@ fn a_closed_stdout_ends_quietly_in_every_subcommand() {
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(0), "{args:?}: stderr:\n{err}");
         assert!(!err.contains("error") && !err.contains("panicked"), "{args:?}: stderr:\n{err}");
-        // Nothing at all on stderr where nothing but stdout was to be written.
+        // Nothing at all on stderr where nothing but stdout was to be written (eval's header,
+        // naming the data directory, aside).
         if ["eval", "predict", "completions", "man"].contains(&args[0]) && !args.contains(&"--json") {
+            let err = if args[0] == "eval" {
+                err.strip_prefix("data: ")
+                    .and_then(|e| e.split_once('\n'))
+                    .map_or(err.as_str(), |(_, rest)| rest)
+            } else {
+                &err
+            };
             assert_eq!(err, "", "{args:?}");
         }
     }

@@ -264,6 +264,46 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// JPEG (baseline and progressive, gray and colour): random tails and mutations of a small
+    /// valid file, including its frame header's size fields.
+    #[test]
+    fn jpeg_random_and_mutated(
+        kind in 0u8..3,
+        body in prop::collection::vec(any::<u8>(), 0..64),
+        ms in prop::collection::vec(mutation(), 0..4),
+    ) {
+        let mut bytes = tiny_jpeg(kind).to_vec();
+        bytes.extend(body);
+        apply(&mut bytes, &ms);
+        check_image(&bytes);
+    }
+}
+
+/// A 19x13 JPEG: gray baseline, colour baseline (4:2:0), or colour progressive.
+fn tiny_jpeg(kind: u8) -> &'static [u8] {
+    static FILES: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    &FILES.get_or_init(|| {
+        (0..3)
+            .map(|kind| {
+                let (w, h) = (19u16, 13u16);
+                let rgb: Vec<u8> = (0..w as usize * h as usize * 3).map(|i| (i * 29 % 256) as u8).collect();
+                let gray: Vec<u8> = rgb.iter().step_by(3).copied().collect();
+                let mut out = Vec::new();
+                let mut e = jpeg_encoder::Encoder::new(&mut out, 90);
+                e.set_progressive(kind == 2);
+                match kind {
+                    0 => e.encode(&gray, w, h, jpeg_encoder::ColorType::Luma).unwrap(),
+                    _ => e.encode(&rgb, w, h, jpeg_encoder::ColorType::Rgb).unwrap(),
+                }
+                out
+            })
+            .collect()
+    })[kind as usize]
+}
+
 fn tiny_png() -> Vec<u8> {
     let mut out = Vec::new();
     {

@@ -423,8 +423,9 @@ fn bad_files_are_one_line_errors() {
     let good = png_bytes(20, 20, png::ColorType::Grayscale, png::BitDepth::Eight, &[9; 400], None);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("empty.png", vec![], "empty"),
-        ("text.png", b"hello world".to_vec(), "not a PNG or Netpbm"),
-        ("photo.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF".to_vec(), "a JPEG file; convert it to PNG"),
+        ("text.png", b"hello world".to_vec(), "not a PNG, JPEG or Netpbm"),
+        ("anim.gif", b"GIF89a\x01\x00\x01\x00".to_vec(), "a GIF file; convert it to PNG"),
+        ("head.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF".to_vec(), "corrupt JPEG"),
         ("cut.png", good[..good.len() / 2].to_vec(), "corrupt PNG"),
         ("sig.png", good[..8].to_vec(), "corrupt PNG"),
         ("p7.pam", b"P7\nWIDTH 1\n".to_vec(), "PAM (P7) is not read"),
@@ -450,6 +451,132 @@ fn bad_files_are_one_line_errors() {
     let missing = dir.path().join("missing.png");
     assert_one_line_error(&load_image(&missing).unwrap_err(), &missing, "cannot read image");
     assert_one_line_error(&load_image(dir.path()).unwrap_err(), dir.path(), "is a directory");
+}
+
+/// `rgb` (or gray, one byte a pixel) as a JPEG at quality 100.
+fn jpeg_bytes(w: u16, h: u16, color: jpeg_encoder::ColorType, data: &[u8], progressive: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut e = jpeg_encoder::Encoder::new(&mut out, 100);
+    e.set_progressive(progressive);
+    e.encode(data, w, h, color).unwrap();
+    out
+}
+
+#[test]
+fn jpeg_gray_colour_and_progressive_decode_to_luminance() {
+    // A smooth image: at quality 100 (every quantiser 1) the only losses are the DCT's rounding
+    // and, for colour, the encoder's and decoder's fixed-point YCbCr conversion, a few levels.
+    let (w, h) = (61usize, 47usize);
+    let rgb: Vec<u8> = (0..w * h)
+        .flat_map(|i| {
+            let (x, y) = ((i % w) as f32, (i / w) as f32);
+            [(40.0 + 3.0 * x) as u8, (30.0 + 4.0 * y) as u8, (200.0 - 2.0 * x) as u8]
+        })
+        .collect();
+    let gray: Vec<u8> =
+        rgb.chunks_exact(3).map(|p| lenet::image_input::decode::luma(p[0], p[1], p[2])).collect();
+    let cases = [
+        ("gray", jpeg_bytes(w as u16, h as u16, jpeg_encoder::ColorType::Luma, &gray, false)),
+        ("gray progressive", jpeg_bytes(w as u16, h as u16, jpeg_encoder::ColorType::Luma, &gray, true)),
+        ("rgb", jpeg_bytes(w as u16, h as u16, jpeg_encoder::ColorType::Rgb, &rgb, false)),
+        ("rgb progressive", jpeg_bytes(w as u16, h as u16, jpeg_encoder::ColorType::Rgb, &rgb, true)),
+    ];
+    for (what, bytes) in &cases {
+        let img = decode_gray(Path::new(what), bytes).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!((img.width, img.height), (w, h), "{what}");
+        let worst = img.pixels.iter().zip(&gray).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
+        assert!(worst <= 3, "{what}: luminance off by up to {worst} levels");
+    }
+    // CMYK has no luminance channel: it is converted, and comes out as an image of the right size.
+    let cmyk: Vec<u8> = (0..w * h).flat_map(|i| [0, 0, 0, (i % 200) as u8]).collect();
+    let bytes = jpeg_bytes(w as u16, h as u16, jpeg_encoder::ColorType::Cmyk, &cmyk, false);
+    let img = decode_gray(Path::new("cmyk.jpg"), &bytes).unwrap();
+    assert_eq!((img.width, img.height, img.pixels.len()), (w, h, w * h));
+    assert!(img.pixels.iter().max() > img.pixels.iter().min(), "a CMYK gradient is not flat");
+}
+
+/// EXIF data (an APP1 segment's payload after "Exif\0\0") holding only an Orientation tag.
+fn exif_orientation_segment(orientation: u16, big_endian: bool) -> Vec<u8> {
+    let u16b = |v: u16| if big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
+    let u32b = |v: u32| if big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
+    let mut t = b"Exif\0\0".to_vec();
+    t.extend_from_slice(if big_endian { b"MM\0\x2a" } else { b"II\x2a\0" });
+    t.extend_from_slice(&u32b(8)); // IFD0 right after the header
+    t.extend_from_slice(&u16b(1)); // one entry
+    t.extend_from_slice(&u16b(0x0112)); // Orientation
+    t.extend_from_slice(&u16b(3)); // SHORT
+    t.extend_from_slice(&u32b(1));
+    t.extend_from_slice(&u16b(orientation));
+    t.extend_from_slice(&[0, 0]);
+    t.extend_from_slice(&u32b(0)); // no next IFD
+    t
+}
+
+#[test]
+fn jpeg_exif_orientation_turns_the_image_upright() {
+    use lenet::image_input::decode::orient;
+    // Every orientation on a 3x2 image with distinct pixels, against where EXIF puts them.
+    let img = GrayImage { width: 3, height: 2, pixels: vec![1, 2, 3, 4, 5, 6] };
+    let expected: [(u16, usize, Vec<u8>); 8] = [
+        (1, 3, vec![1, 2, 3, 4, 5, 6]),
+        (2, 3, vec![3, 2, 1, 6, 5, 4]),
+        (3, 3, vec![6, 5, 4, 3, 2, 1]),
+        (4, 3, vec![4, 5, 6, 1, 2, 3]),
+        (5, 2, vec![1, 4, 2, 5, 3, 6]),
+        (6, 2, vec![4, 1, 5, 2, 6, 3]),
+        (7, 2, vec![6, 3, 5, 2, 4, 1]),
+        (8, 2, vec![3, 6, 2, 5, 1, 4]),
+    ];
+    for (o, width, pixels) in expected {
+        let got = orient(img.clone(), o);
+        assert_eq!((got.width, got.pixels.clone()), (width, pixels), "orientation {o}");
+        assert_eq!(got.height, 6 / width);
+    }
+    // A phone's portrait photo: stored sideways (dark left half), orientation 6. Upright, the
+    // dark half is at the top.
+    let (w, h) = (64usize, 32usize);
+    let stored: Vec<u8> = (0..w * h).map(|i| if i % w < w / 2 { 30 } else { 220 }).collect();
+    for big_endian in [false, true] {
+        let mut out = Vec::new();
+        let mut e = jpeg_encoder::Encoder::new(&mut out, 100);
+        e.add_app_segment(1, exif_orientation_segment(6, big_endian)).unwrap();
+        e.encode(&stored, w as u16, h as u16, jpeg_encoder::ColorType::Luma).unwrap();
+        let img = decode_gray(Path::new("portrait.jpg"), &out).unwrap();
+        assert_eq!((img.width, img.height), (h, w));
+        let mean = |rows: std::ops::Range<usize>| {
+            rows.clone().flat_map(|y| img.pixels[y * h..(y + 1) * h].iter().map(|&v| v as f64)).sum::<f64>()
+                / (rows.len() * h) as f64
+        };
+        assert!(mean(0..w / 2 - 4) < 40.0 && mean(w / 2 + 4..w) > 210.0, "the dark half is on top");
+    }
+}
+
+#[test]
+fn bad_jpeg_files_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let gray: Vec<u8> = (0..64 * 48).map(|i| (i * 7 % 256) as u8).collect();
+    let good = jpeg_bytes(64, 48, jpeg_encoder::ColorType::Luma, &gray, false);
+    // The frame header (SOF0: FF C0, length, precision) holds the height then the width.
+    let sof = good.windows(2).position(|m| m == [0xff, 0xc0]).unwrap();
+    let sized = |w: u16, h: u16| {
+        let mut b = good.clone();
+        b[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
+        b[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
+        b
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("cut.jpg", good[..good.len() / 2].to_vec(), "corrupt JPEG"),
+        ("soi.jpg", good[..3].to_vec(), "corrupt JPEG"),
+        ("zero.jpg", sized(0, 48), "corrupt JPEG"),
+        // 65535 x 65535 is over MAX_IMAGE_PIXELS; 8000 x 8000 is within it, but not from a file
+        // this small (at most 512 pixels a byte).
+        ("huge.jpg", sized(65535, 65535), "image too large"),
+        ("claims.jpg", sized(8000, 8000), "cannot come from"),
+    ];
+    for (name, bytes, needle) in cases {
+        let p = write(dir.path(), name, &bytes);
+        assert_one_line_error(&load_image(&p).unwrap_err(), &p, needle);
+    }
 }
 
 /// A PNG whose header claims `w` x `h` with almost no image data: what a hostile file looks like.
@@ -544,7 +671,7 @@ mod streams {
         assert_one_line_error(&load_gray(null).unwrap_err(), null, "empty");
         let zero = Path::new("/dev/zero");
         let start = Instant::now();
-        assert_one_line_error(&load_gray(zero).unwrap_err(), zero, "not a PNG or Netpbm");
+        assert_one_line_error(&load_gray(zero).unwrap_err(), zero, "not a PNG, JPEG or Netpbm");
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 

@@ -1,4 +1,4 @@
-//! PNG and Netpbm bytes to 8-bit luminance. Sizes are checked (with checked arithmetic) against
+//! PNG, JPEG and Netpbm bytes to 8-bit luminance. Sizes are checked (with checked arithmetic) against
 //! [`MAX_IMAGE_PIXELS`] and [`MAX_ROW_PIXELS`], and against the data really present, before
 //! anything is allocated for them; the PNG decoder hands over one row at a time.
 
@@ -8,8 +8,10 @@ use std::path::Path;
 use super::{GrayImage, ImageError, MAX_IMAGE_PIXELS, MAX_ROW_PIXELS};
 
 const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+/// A JPEG file's start-of-image marker and the first byte of the next marker.
+const JPEG_SIGNATURE: [u8; 3] = [0xff, 0xd8, 0xff];
 
-/// Decodes PNG or Netpbm bytes (recognised by their magic, not the file name) as 8-bit luminance;
+/// Decodes PNG, JPEG or Netpbm bytes (recognised by their magic, not the file name) as 8-bit luminance;
 /// `path` only names the source in errors.
 pub fn decode_gray(path: &Path, bytes: &[u8]) -> Result<GrayImage, ImageError> {
     if bytes.is_empty() {
@@ -18,11 +20,14 @@ pub fn decode_gray(path: &Path, bytes: &[u8]) -> Result<GrayImage, ImageError> {
     if bytes.starts_with(&PNG_SIGNATURE) {
         return decode_png(path, bytes);
     }
+    if bytes.starts_with(&JPEG_SIGNATURE) {
+        return decode_jpeg(path, bytes);
+    }
     match bytes.get(..2) {
         Some([b'P', b'1'..=b'6']) => decode_netpbm(path, bytes),
         Some(b"P7") => Err(ImageError::Unsupported {
             path: path.to_owned(),
-            reason: "PAM (P7) is not read; PNG, PGM, PPM and PBM are".into(),
+            reason: "PAM (P7) is not read; PNG, JPEG, PGM, PPM and PBM are".into(),
         }),
         _ => Err(not_an_image(path, bytes)),
     }
@@ -30,14 +35,15 @@ pub fn decode_gray(path: &Path, bytes: &[u8]) -> Result<GrayImage, ImageError> {
 
 /// Whether `bytes` start like a file [`decode_gray`] reads.
 pub fn has_image_magic(bytes: &[u8]) -> bool {
-    bytes.starts_with(&PNG_SIGNATURE[..bytes.len().min(8)]) || matches!(bytes, [b'P', b'1'..=b'6', ..])
+    bytes.starts_with(&PNG_SIGNATURE[..bytes.len().min(8)])
+        || bytes.starts_with(&JPEG_SIGNATURE[..bytes.len().min(3)])
+        || matches!(bytes, [b'P', b'1'..=b'6', ..])
 }
 
 /// The error for bytes that are no image we read, naming the format when it is a common one.
 pub fn not_an_image(path: &Path, bytes: &[u8]) -> ImageError {
     let known = [
-        (&b"\xff\xd8\xff"[..], "JPEG"),
-        (b"GIF8", "GIF"),
+        (&b"GIF8"[..], "GIF"),
         (b"BM", "BMP"),
         (b"II*\0", "TIFF"),
         (b"MM\0*", "TIFF"),
@@ -45,7 +51,7 @@ pub fn not_an_image(path: &Path, bytes: &[u8]) -> ImageError {
     ];
     let hint = match known.iter().find(|(magic, _)| bytes.starts_with(magic)) {
         Some((_, name)) => format!("a {name} file; convert it to PNG"),
-        None => "not a PNG or Netpbm (PGM, PPM, PBM) file".into(),
+        None => "not a PNG, JPEG or Netpbm (PGM, PPM, PBM) file".into(),
     };
     ImageError::Unsupported { path: path.to_owned(), reason: hint }
 }
@@ -326,4 +332,113 @@ fn decode_netpbm(path: &Path, bytes: &[u8]) -> Result<GrayImage, ImageError> {
         }
     }
     Ok(GrayImage { width, height: height as usize, pixels })
+}
+
+/// Baseline and progressive JPEG (gray, YCbCr, CMYK), through `zune-jpeg` in strict mode (a
+/// truncated or damaged file is an error, not an image half filled with gray). The size in the
+/// frame header is checked against the limits before the pixels are allocated. For YCbCr the
+/// luminance is the file's own Y channel, BT.601 luma as [`luma`] computes it.
+fn decode_jpeg(path: &Path, bytes: &[u8]) -> Result<GrayImage, ImageError> {
+    use zune_jpeg::zune_core::bytestream::ZCursor;
+    use zune_jpeg::zune_core::colorspace::ColorSpace;
+    use zune_jpeg::zune_core::options::DecoderOptions;
+    let corrupt = |e: zune_jpeg::errors::DecodeErrors| ImageError::Corrupt {
+        path: path.to_owned(),
+        format: "JPEG",
+        reason: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+    };
+    // JPEG's own size fields are 16-bit: the decoder's default cap (16384) would refuse what
+    // MAX_IMAGE_PIXELS allows; our limits are checked below instead.
+    let options = DecoderOptions::default()
+        .set_strict_mode(true)
+        .set_max_width(u16::MAX as usize)
+        .set_max_height(u16::MAX as usize)
+        .jpeg_set_out_colorspace(ColorSpace::Luma);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    decoder.decode_headers().map_err(corrupt)?;
+    let (width, height) = decoder.dimensions().ok_or_else(|| ImageError::Corrupt {
+        path: path.to_owned(),
+        format: "JPEG",
+        reason: "no frame header".into(),
+    })?;
+    let pixels = check_size(path, width as u64, height as u64)?;
+    // Every 8x8 block of a component costs at least one bit of entropy-coded data (its DC code,
+    // baseline or progressive), so a file holds at most 512 pixels a byte: an image whose header
+    // claims far more would be backed by no data. Refuse it rather than allocate for it.
+    let most = (bytes.len() as u64).saturating_mul(1024).saturating_add(1 << 20);
+    if pixels as u64 > most {
+        return Err(ImageError::Corrupt {
+            path: path.to_owned(),
+            format: "JPEG",
+            reason: format!("{width}x{height} pixels cannot come from {} bytes", bytes.len()),
+        });
+    }
+    // CMYK and YCCK have no luminance channel to take: decode to RGB and weigh it.
+    let cmyk = matches!(decoder.input_colorspace(), Some(ColorSpace::CMYK | ColorSpace::YCCK));
+    if cmyk {
+        decoder.set_options(options.jpeg_set_out_colorspace(ColorSpace::RGB));
+    }
+    let mut out = vec![0u8; decoder.output_buffer_size().unwrap_or(0).max(pixels)];
+    decoder.decode_into(&mut out).map_err(corrupt)?;
+    let gray = if cmyk {
+        out.chunks_exact(3).take(pixels).map(|p| luma(p[0], p[1], p[2])).collect()
+    } else {
+        out.truncate(pixels);
+        out
+    };
+    let orientation = decoder.exif().and_then(|tiff| exif_orientation(tiff)).unwrap_or(1);
+    Ok(orient(GrayImage { width, height, pixels: gray }, orientation))
+}
+
+/// The EXIF Orientation tag (0x0112) of IFD0, from EXIF data starting at its TIFF header: how a
+/// camera says the stored pixels must be turned to stand upright (phones store a portrait photo
+/// sideways and set 6 or 8). `None` when absent or malformed.
+pub fn exif_orientation(tiff: &[u8]) -> Option<u16> {
+    let big = match tiff.get(..4)? {
+        [b'M', b'M', 0, 42] => true,
+        [b'I', b'I', 42, 0] => false,
+        _ => return None,
+    };
+    let u16_at = |at: usize| -> Option<u16> {
+        let b: [u8; 2] = tiff.get(at..at.checked_add(2)?)?.try_into().ok()?;
+        Some(if big { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) })
+    };
+    let u32_at = |at: usize| -> Option<u32> {
+        let b: [u8; 4] = tiff.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        Some(if big { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) })
+    };
+    let ifd = u32_at(4)? as usize;
+    let entries = u16_at(ifd)? as usize;
+    // Each entry: tag, type, count (u32), value (4 bytes; a SHORT sits in the first two).
+    (0..entries).map(|i| ifd + 2 + 12 * i).find(|&at| u16_at(at) == Some(0x0112)).and_then(|at| {
+        let value = u16_at(at + 8)?;
+        (u16_at(at + 2)? == 3 && (1..=8).contains(&value)).then_some(value)
+    })
+}
+
+/// The image turned as EXIF orientation `o` says (1: as stored; 2-8: mirrored and/or rotated).
+pub fn orient(img: GrayImage, o: u16) -> GrayImage {
+    if !(2..=8).contains(&o) {
+        return img;
+    }
+    let (w, h) = (img.width, img.height);
+    // Orientations 5-8 swap the axes.
+    let (ow, oh) = if o >= 5 { (h, w) } else { (w, h) };
+    let mut pixels = vec![0u8; w * h];
+    for y in 0..oh {
+        for x in 0..ow {
+            // The stored pixel that lands at (x, y) of the upright image.
+            let (sx, sy) = match o {
+                2 => (w - 1 - x, y),
+                3 => (w - 1 - x, h - 1 - y),
+                4 => (x, h - 1 - y),
+                5 => (y, x),
+                6 => (y, h - 1 - x),
+                7 => (w - 1 - y, h - 1 - x),
+                _ => (w - 1 - y, x),
+            };
+            pixels[y * ow + x] = img.pixels[sy * w + sx];
+        }
+    }
+    GrayImage { width: ow, height: oh, pixels }
 }

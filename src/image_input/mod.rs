@@ -1,22 +1,26 @@
-//! Images for `lenet predict`: PNG (any colour type, 1-16 bit) or Netpbm (PGM, PPM, PBM; ascii or
+//! Images for `lenet predict`: PNG (any colour type, 1-16 bit), JPEG (baseline or progressive) or Netpbm (PGM, PPM, PBM; ascii or
 //! binary, maxval up to 65535) of any size, turned into what the network was trained on: a 28x28
 //! 8-bit light digit on black, prepared as MNIST's digits were.
 //!
 //! - [`read`]: the file's bytes, with a size bound; FIFOs and other streams are read with the same
 //!   bound and a time-out, never hanging and never read as "empty".
-//! - [`decode`]: PNG and Netpbm bytes to 8-bit luminance, with limits checked before allocating.
+//! - [`decode`]: PNG, JPEG and Netpbm bytes to 8-bit luminance, with limits checked before allocating.
 //! - [`resample`]: area-averaging (downscale) and bilinear (upscale) resampling of any rectangle,
 //!   in memory bounded by the output.
 //! - [`prepare`]: background removal, polarity, contrast, the ink's box, stroke width, and the
 //!   20x20 box centred by mass in 28x28.
+//! - [`save`]: `--save-prepared`: the 28x28 images written as PGM, never over an input.
 //!
-//! Memory: a decoded image is one byte per pixel, at most [`MAX_IMAGE_PIXELS`] pixels; the decoder
-//! holds one row at a time; everything after decoding works on images of fixed bounded size.
+//! Memory: a decoded image is one byte per pixel, at most [`MAX_IMAGE_PIXELS`] pixels; the PNG
+//! decoder holds one row at a time, the JPEG decoder the luminance plane (a JPEG's size is also
+//! bounded by its file's length); everything after decoding works on images of fixed bounded size.
 
 pub mod decode;
+pub mod one_digit;
 pub mod prepare;
 pub mod read;
 pub mod resample;
+pub mod save;
 
 use std::io;
 use std::path::{Path, PathBuf};

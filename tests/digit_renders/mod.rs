@@ -554,3 +554,159 @@ fn render_stress(style: &str, mnist: &[u8], rng: &mut Rng) -> Vec<u8> {
         _ => panic!("unknown style {style}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Things that are not one digit: letters, and two digits side by side.
+
+/// Capital letters as pen strokes on a 4 x 6 grid (x right, y down): each a list of polylines.
+/// Drawn here, plainly, as a pen would; not any font's outlines.
+pub fn letter_strokes(ch: char) -> Vec<Vec<(f32, f32)>> {
+    let o = vec![
+        (1.0, 0.0),
+        (3.0, 0.0),
+        (4.0, 1.5),
+        (4.0, 4.5),
+        (3.0, 6.0),
+        (1.0, 6.0),
+        (0.0, 4.5),
+        (0.0, 1.5),
+        (1.0, 0.0),
+    ];
+    let p = vec![(0.0, 6.0), (0.0, 0.0), (3.0, 0.0), (4.0, 1.0), (4.0, 2.4), (3.0, 3.3), (0.0, 3.3)];
+    match ch {
+        'A' => vec![vec![(0.0, 6.0), (2.0, 0.0), (4.0, 6.0)], vec![(0.8, 3.8), (3.2, 3.8)]],
+        'B' => vec![
+            vec![(0.0, 0.0), (0.0, 6.0), (3.0, 6.0), (4.0, 5.0), (4.0, 4.0), (3.0, 3.0), (0.0, 3.0)],
+            vec![(0.0, 0.0), (2.8, 0.0), (3.7, 0.8), (3.7, 2.2), (2.8, 3.0)],
+        ],
+        'C' => vec![vec![
+            (4.0, 1.0),
+            (3.0, 0.0),
+            (1.0, 0.0),
+            (0.0, 1.5),
+            (0.0, 4.5),
+            (1.0, 6.0),
+            (3.0, 6.0),
+            (4.0, 5.0),
+        ]],
+        'D' => vec![vec![(0.0, 0.0), (0.0, 6.0), (2.5, 6.0), (4.0, 4.5), (4.0, 1.5), (2.5, 0.0), (0.0, 0.0)]],
+        'E' => vec![vec![(4.0, 0.0), (0.0, 0.0), (0.0, 6.0), (4.0, 6.0)], vec![(0.0, 3.0), (3.0, 3.0)]],
+        'F' => vec![vec![(4.0, 0.0), (0.0, 0.0), (0.0, 6.0)], vec![(0.0, 3.0), (3.0, 3.0)]],
+        'G' => vec![vec![
+            (4.0, 1.0),
+            (3.0, 0.0),
+            (1.0, 0.0),
+            (0.0, 1.5),
+            (0.0, 4.5),
+            (1.0, 6.0),
+            (3.0, 6.0),
+            (4.0, 5.0),
+            (4.0, 3.5),
+            (2.5, 3.5),
+        ]],
+        'H' => vec![vec![(0.0, 0.0), (0.0, 6.0)], vec![(4.0, 0.0), (4.0, 6.0)], vec![(0.0, 3.0), (4.0, 3.0)]],
+        'I' => vec![vec![(2.0, 0.0), (2.0, 6.0)], vec![(1.0, 0.0), (3.0, 0.0)], vec![(1.0, 6.0), (3.0, 6.0)]],
+        'J' => vec![
+            vec![(1.0, 0.0), (4.0, 0.0)],
+            vec![(3.0, 0.0), (3.0, 5.0), (2.0, 6.0), (1.0, 6.0), (0.0, 5.0)],
+        ],
+        'K' => vec![vec![(0.0, 0.0), (0.0, 6.0)], vec![(4.0, 0.0), (0.0, 3.5)], vec![(1.3, 2.7), (4.0, 6.0)]],
+        'L' => vec![vec![(0.0, 0.0), (0.0, 6.0), (4.0, 6.0)]],
+        'M' => vec![vec![(0.0, 6.0), (0.0, 0.0), (2.0, 3.5), (4.0, 0.0), (4.0, 6.0)]],
+        'N' => vec![vec![(0.0, 6.0), (0.0, 0.0), (4.0, 6.0), (4.0, 0.0)]],
+        'O' => vec![o],
+        'P' => vec![p],
+        'Q' => vec![o, vec![(2.5, 4.5), (4.2, 6.4)]],
+        'R' => vec![p, vec![(2.0, 3.3), (4.0, 6.0)]],
+        'S' => vec![vec![
+            (4.0, 1.0),
+            (3.0, 0.0),
+            (1.0, 0.0),
+            (0.0, 1.0),
+            (0.0, 2.0),
+            (1.0, 3.0),
+            (3.0, 3.0),
+            (4.0, 4.0),
+            (4.0, 5.0),
+            (3.0, 6.0),
+            (1.0, 6.0),
+            (0.0, 5.0),
+        ]],
+        'T' => vec![vec![(0.0, 0.0), (4.0, 0.0)], vec![(2.0, 0.0), (2.0, 6.0)]],
+        'U' => vec![vec![(0.0, 0.0), (0.0, 4.8), (1.0, 6.0), (3.0, 6.0), (4.0, 4.8), (4.0, 0.0)]],
+        'V' => vec![vec![(0.0, 0.0), (2.0, 6.0), (4.0, 0.0)]],
+        'W' => vec![vec![(0.0, 0.0), (1.0, 6.0), (2.0, 2.0), (3.0, 6.0), (4.0, 0.0)]],
+        'X' => vec![vec![(0.0, 0.0), (4.0, 6.0)], vec![(4.0, 0.0), (0.0, 6.0)]],
+        'Y' => vec![vec![(0.0, 0.0), (2.0, 3.0)], vec![(4.0, 0.0), (2.0, 3.0), (2.0, 6.0)]],
+        'Z' => vec![vec![(0.0, 0.0), (4.0, 0.0), (0.0, 6.0), (4.0, 6.0)]],
+        _ => panic!("no strokes for {ch:?}"),
+    }
+}
+
+/// A capital letter as a pen would write it: `unit` pixels per grid step, a pen `pen` pixels wide,
+/// slanted and wobbled a little at random (each vertex moved by up to 0.15 grid steps).
+pub fn letter(ch: char, unit: f32, pen: f32, rng: &mut Rng) -> Shape {
+    let slant = rng.range(-0.25, 0.25);
+    let strokes: Vec<Vec<(f32, f32)>> = letter_strokes(ch)
+        .into_iter()
+        .map(|line| {
+            line.into_iter()
+                .map(|(x, y)| {
+                    let (x, y) = (x + rng.range(-0.15, 0.15), y + rng.range(-0.15, 0.15));
+                    ((x + slant * (6.0 - y)) * unit, y * unit)
+                })
+                .collect()
+        })
+        .collect();
+    let margin = pen + 2.0;
+    let (x0, y0) =
+        strokes.iter().flatten().fold((f32::MAX, f32::MAX), |(a, b), &(x, y)| (a.min(x), b.min(y)));
+    let (x1, y1) =
+        strokes.iter().flatten().fold((f32::MIN, f32::MIN), |(a, b), &(x, y)| (a.max(x), b.max(y)));
+    let (w, h) = (((x1 - x0) + 2.0 * margin).ceil() as usize, ((y1 - y0) + 2.0 * margin).ceil() as usize);
+    let mut ink = vec![0f32; w * h];
+    for py in 0..h {
+        for px in 0..w {
+            let (x, y) = (px as f32 + 0.5 + x0 - margin, py as f32 + 0.5 + y0 - margin);
+            let mut d = f32::MAX;
+            for line in &strokes {
+                for seg in line.windows(2) {
+                    d = d.min(segment_distance((x, y), seg[0], seg[1]));
+                }
+            }
+            // Anti-aliased over one pixel at the pen's edge.
+            ink[py * w + px] = (pen / 2.0 + 0.5 - d).clamp(0.0, 1.0);
+        }
+    }
+    Shape { width: w, height: h, ink }
+}
+
+fn segment_distance(p: (f32, f32), a: (f32, f32), b: (f32, f32)) -> f32 {
+    let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+    let len2 = dx * dx + dy * dy;
+    let t = if len2 > 0.0 { (((p.0 - a.0) * dx + (p.1 - a.1) * dy) / len2).clamp(0.0, 1.0) } else { 0.0 };
+    let (cx, cy) = (a.0 + t * dx, a.1 + t * dy);
+    ((p.0 - cx).powi(2) + (p.1 - cy).powi(2)).sqrt()
+}
+
+/// A letter written in dark ink on white paper, as a PNG: its size, pen and slant drawn from `rng`.
+pub fn render_letter(ch: char, rng: &mut Rng) -> Vec<u8> {
+    let unit = rng.range(18.0, 36.0);
+    let pen = rng.range(0.08, 0.2) * 6.0 * unit / 4.0;
+    let s = letter(ch, unit, pen, rng);
+    let mut c = Canvas::new(s.width + 60, s.height + 60, [245.0; 3]);
+    c.draw(&s, 30, 30, [20.0; 3]);
+    c.gray_png()
+}
+
+/// Two MNIST digits written side by side ("42"), as a PNG: redrawn 6 times larger, the second
+/// `gap` pixels right of where the first's 28x28 frame ends (negative: the frames overlap; the
+/// digits' ink sits about 24 pixels inside their frames).
+pub fn render_pair(first: &[u8], second: &[u8], gap: i32) -> Vec<u8> {
+    let (a, b) = (redraw(first, 6), redraw(second, 6));
+    let x2 = (20 + a.width as i32 + gap).max(20) as usize;
+    let mut c = Canvas::new(x2 + b.width + 20, a.height.max(b.height) + 40, [245.0; 3]);
+    c.draw(&a, 20, 20, [20.0; 3]);
+    c.draw(&b, x2, 20, [20.0; 3]);
+    c.gray_png()
+}
