@@ -41,8 +41,13 @@ mod imp {
 
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 
+    /// On a terminal the message starts on a line of its own (the bar, and the `^C` the terminal
+    /// echoes, hold the current one); in a log it is the next line, with no blank before it.
     const MESSAGE: &[u8] =
         b"\ninterrupted: finishing the current steps, then saving (interrupt again to quit now)\n";
+    /// Whether stderr is a terminal, read once when the handlers are installed (isatty is not
+    /// one of the calls a signal handler may make).
+    static STDERR_IS_TERMINAL: AtomicBool = AtomicBool::new(false);
 
     extern "C" fn on_stop_signal(signo: libc::c_int) {
         if RECEIVED.compare_exchange(0, signo, Ordering::SeqCst, Ordering::SeqCst).is_err() {
@@ -52,13 +57,16 @@ mod imp {
         if let Some(flag) = FLAG.get() {
             flag.store(true, Ordering::SeqCst);
         }
+        let message = if STDERR_IS_TERMINAL.load(Ordering::SeqCst) { MESSAGE } else { &MESSAGE[1..] };
         unsafe {
-            libc::write(libc::STDERR_FILENO, MESSAGE.as_ptr().cast(), MESSAGE.len());
+            libc::write(libc::STDERR_FILENO, message.as_ptr().cast(), message.len());
         }
     }
 
     pub fn install() -> std::io::Result<StopRequest> {
         let flag = FLAG.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
+        // SAFETY: isatty only reads the descriptor's state.
+        STDERR_IS_TERMINAL.store(unsafe { libc::isatty(libc::STDERR_FILENO) } == 1, Ordering::SeqCst);
         for signo in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler
             // above only touches atomics and async-signal-safe calls.

@@ -184,7 +184,10 @@ fn monitor_and_min_delta_decide_what_counts_as_an_improvement() {
     let (report, said) = run(&["--patience", "1", "--monitor", "val_accuracy", "--min-delta", "0.5"]);
     assert_eq!(report["stop_reason"], "patience", "{report}");
     assert_eq!(report["steps"], 160);
-    assert!(said.contains("the validation accuracy had not improved for 1 evaluations"), "{said}");
+    assert!(
+        said.contains("the validation accuracy had not improved for 1 evaluation (--patience)"),
+        "{said}"
+    );
     // The same for the loss, by 10.
     let (report, said) = run(&["--patience", "1", "--monitor", "val_loss", "--min-delta", "10"]);
     assert_eq!((report["steps"].as_u64(), &report["monitor"]), (Some(160), &serde_json::json!("val_loss")));
@@ -201,4 +204,34 @@ fn monitor_and_min_delta_decide_what_counts_as_an_improvement() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(needle) && err.lines().count() == 1, "{all:?}: {err}");
     }
+}
+
+#[test]
+fn a_stop_signal_in_a_log_leaves_no_blank_line() {
+    // Where stderr is a file or a pipe the notice is the next line; the newline before it is for
+    // a terminal, where the bar holds the current line.
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("run.safetensors");
+    let mut child = Command::new(common::lenet_exe())
+        .args(["train", "--backend", "cpu", "--batch", "32", "--epochs", "50", "--eval-every", "0"])
+        .args(["--checkpoint-every", "20", "--save", ckpt.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !ckpt.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "training ended before saving");
+        assert!(start.elapsed().as_secs() < 120, "no checkpoint after 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143));
+    let said = stderr(&out);
+    let at = said.find("interrupted: finishing the current steps").expect("the notice");
+    assert!(
+        at == 0 || (said[..at].ends_with('\n') && !said[..at].ends_with("\n\n")),
+        "a blank line: {said:?}"
+    );
 }

@@ -199,12 +199,15 @@ impl TrainReport {
             let why = match reason {
                 StopReason::Signal => "interrupted by a signal".to_string(),
                 StopReason::Patience => format!(
-                    "the validation {} had not improved for {} evaluations (--patience)",
+                    "the validation {} had not improved for {} (--patience)",
                     match cfg.patience_monitor() {
                         Monitor::ValLoss => "loss",
                         Monitor::ValAccuracy => "accuracy",
                     },
-                    cfg.patience.unwrap_or_default()
+                    match cfg.patience.unwrap_or_default() {
+                        1 => "1 evaluation".to_string(),
+                        n => format!("{n} evaluations"),
+                    }
                 ),
                 StopReason::Until => "an evaluation reached the accuracy --until asked for".to_string(),
             };
