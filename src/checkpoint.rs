@@ -26,7 +26,7 @@ use safetensors::SafeTensors;
 
 use crate::augment::MAX_AUGMENT_SHIFT;
 use crate::model::{param_specs, Params, TrainState, ValidationRecord};
-use crate::optim::{Optimizer, OptimizerKind, Sgd};
+use crate::optim::Optimizer;
 use crate::paths::{open_input, parent_dir};
 use crate::schedule::LrSchedule;
 
@@ -43,10 +43,8 @@ type NamedTensor = (String, Vec<usize>, Vec<u8>);
 
 /// The state buffer names of every optimizer: a tensor `<one of these>.<parameter>` is optimizer
 /// state.
-fn state_prefixes() -> Vec<&'static str> {
-    let adam = Optimizer::default();
-    let sgd = Optimizer { kind: OptimizerKind::Sgd(Sgd::default()), lr: 0.1 };
-    adam.state_names().iter().chain(sgd.state_names()).copied().collect()
+fn state_prefixes() -> Vec<String> {
+    crate::optim::all_state_names()
 }
 
 /// What a checkpoint file holds: the weights, and the whole training state if it was saved.

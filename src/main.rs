@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use cli_output::{notice, Output};
@@ -18,7 +18,7 @@ use lenet::checkpoint::load_checkpoint;
 use lenet::data::{default_data_dir, find_split, load_mnist_test, load_split, Mnist, Split, SplitFiles};
 use lenet::gpu::context::{choose_adapter, AdapterSummary};
 use lenet::model::{Params, TrainState};
-use lenet::optim::{Adam, Optimizer, OptimizerKind, Sgd};
+use lenet::optim::{self, Optimizer};
 use lenet::paths::{check_run_paths, InputPath, OutputKind, OutputPath};
 use lenet::schedule::LrSchedule;
 use lenet::signals::install_stop_handlers;
@@ -108,18 +108,28 @@ struct TrainArgs {
     /// [default: constant, or the resumed checkpoint's]
     #[arg(long, value_enum, value_name = "SCHEDULE")]
     lr_schedule: Option<LrSchedule>,
-    /// The optimizer, as torch.optim's [default: adam, or the resumed checkpoint's]
-    #[arg(long, value_enum)]
-    optimizer: Option<OptimizerChoice>,
-    /// SGD's momentum [default: 0]
+    /// The optimizer, as torch.optim's: adam (Adam, betas 0.9/0.999, eps 1e-8), sgd (SGD),
+    /// adamw (AdamW, betas 0.9/0.999, eps 1e-8), rmsprop (RMSprop, eps 1e-8) [default: adam, or
+    /// the resumed checkpoint's]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(optim::RULES.iter().map(|d| d.name)))]
+    optimizer: Option<String>,
+    /// The momentum of sgd and rmsprop [default: 0]
     #[arg(long, allow_negative_numbers = true)]
     momentum: Option<f64>,
-    /// SGD with Nesterov momentum (needs --momentum above 0).
+    /// sgd with Nesterov momentum (needs --momentum above 0).
     #[arg(long)]
     nesterov: bool,
-    /// SGD's L2 penalty, added to the gradient as torch.optim.SGD does [default: 0]
+    /// Weight decay: sgd's and rmsprop's L2 penalty, added to the gradient; adamw's decoupled
+    /// decay, p *= 1 - lr*W [default: 0; adamw 1e-2]
     #[arg(long, allow_negative_numbers = true)]
     weight_decay: Option<f64>,
+    /// rmsprop's smoothing constant, the weight of the old mean of squares [default: 0.99]
+    #[arg(long, allow_negative_numbers = true)]
+    alpha: Option<f64>,
+    /// rmsprop divides by the gradients' variance (their mean of squares less their mean
+    /// squared) instead of their mean of squares.
+    #[arg(long)]
+    centered: bool,
     /// Move each training image by a random whole-pixel offset in [-P, P] on each axis,
     /// zero-filled, drawn from the seed (the same on the CPU and the GPU) [default: 0]
     #[arg(long, value_name = "P")]
@@ -173,14 +183,6 @@ struct TrainArgs {
     /// and the summary go to stderr.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum OptimizerChoice {
-    /// torch.optim.Adam (betas 0.9/0.999, eps 1e-8).
-    Adam,
-    /// torch.optim.SGD (--momentum, --nesterov, --weight-decay).
-    Sgd,
 }
 
 /// `--until`: "99.2", "99.2%" (percent) or "0.992" (a fraction: values up to 1), as a fraction.
@@ -362,49 +364,29 @@ fn check_train_paths(args: &TrainArgs, train_files: &SplitFiles, test_files: &Sp
 
 /// The optimizer the options describe, on top of `base` (the default, or a resumed run's).
 fn optimizer_from_args(args: &TrainArgs, base: Optimizer) -> Result<Optimizer> {
-    let sgd_options = args.momentum.is_some() || args.nesterov || args.weight_decay.is_some();
-    let choice = match (args.optimizer, base.kind) {
-        (Some(choice), _) => choice,
-        (None, OptimizerKind::Adam(_)) => OptimizerChoice::Adam,
-        (None, OptimizerKind::Sgd(_)) => OptimizerChoice::Sgd,
+    let flags = optim::Flags {
+        momentum: args.momentum,
+        nesterov: args.nesterov,
+        weight_decay: args.weight_decay,
+        alpha: args.alpha,
+        centered: args.centered,
     };
-    let kind = match (choice, base.kind) {
-        (OptimizerChoice::Adam, _) if sgd_options => {
-            bail!("--momentum, --nesterov and --weight-decay are SGD's settings (lenet's Adam has none); use --optimizer sgd")
-        }
-        (OptimizerChoice::Adam, OptimizerKind::Adam(adam)) => OptimizerKind::Adam(adam),
-        (OptimizerChoice::Adam, _) => OptimizerKind::Adam(Adam::default()),
-        (OptimizerChoice::Sgd, base_kind) => {
-            let base_sgd = match base_kind {
-                OptimizerKind::Sgd(sgd) => sgd,
-                OptimizerKind::Adam(_) => Sgd::default(),
-            };
-            OptimizerKind::Sgd(Sgd {
-                momentum: args.momentum.unwrap_or(base_sgd.momentum),
-                nesterov: args.nesterov || base_sgd.nesterov,
-                weight_decay: args.weight_decay.unwrap_or(base_sgd.weight_decay),
-            })
-        }
-    };
-    if let OptimizerKind::Sgd(sgd) = kind {
-        if !(sgd.momentum.is_finite() && sgd.momentum >= 0.0) {
-            bail!("--momentum {} must be a finite number >= 0", sgd.momentum);
-        }
-        if !(sgd.weight_decay.is_finite() && sgd.weight_decay >= 0.0) {
-            bail!("--weight-decay {} must be a finite number >= 0", sgd.weight_decay);
-        }
-        if sgd.nesterov && sgd.momentum <= 0.0 {
-            bail!("--nesterov needs --momentum above 0 (as torch.optim.SGD)");
-        }
-    }
-    let optimizer = Optimizer { kind, lr: args.lr.unwrap_or(base.lr) };
-    optimizer.validate().map_err(|e| anyhow!("--lr: {e}"))?;
+    let mut optimizer = Optimizer::from_flags(args.optimizer.as_deref(), &flags, base)?;
+    optimizer.lr = args.lr.unwrap_or(base.lr);
+    optimizer.validate_as(optim::Naming::Flags)?;
     Ok(optimizer)
 }
 
 /// The checks on the second round's options that need no data or checkpoint.
 fn check_recipe_args(args: &TrainArgs) -> Result<()> {
-    optimizer_from_args(args, Optimizer::default())?;
+    let optimizer = optimizer_from_args(args, Optimizer::default())?;
+    // OneCycleLR refuses an optimizer with neither betas nor a momentum, as PyTorch's does.
+    if args.lr_schedule.is_some_and(LrSchedule::cycles_momentum) && optimizer.descriptor().cycled.is_none() {
+        bail!(
+            "--lr-schedule onecycle cycles a momentum or beta1, which --optimizer {} has not",
+            optimizer.descriptor().name
+        );
+    }
     if args.val == Some(0) {
         bail!("--val 0 holds nothing out; leave --val out to train on every image");
     }
@@ -458,7 +440,7 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
                 ("--augment-shift", args.augment_shift.is_some_and(|p| p != state.augment_shift)),
                 ("--val", args.val.is_some_and(|n| n != state.validation)),
                 (
-                    "--optimizer, --momentum, --nesterov or --weight-decay",
+                    "--optimizer, --momentum, --nesterov, --weight-decay, --alpha or --centered",
                     optimizer.kind != state.optimizer.kind,
                 ),
             ];

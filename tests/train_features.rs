@@ -540,7 +540,10 @@ fn impossible_combinations_of_options_get_one_line() {
     let no_data = ["train", "--backend", "cpu", "--data", "/nonexistent-data-dir"];
     let cases: &[(&[&str], &str)] = &[
         (&["--momentum", "0.9"], "--optimizer sgd"),
-        (&["--optimizer", "adam", "--weight-decay", "1e-4"], "SGD's"),
+        (
+            &["--optimizer", "adam", "--weight-decay", "1e-4"],
+            "--weight-decay is not a setting of --optimizer adam",
+        ),
         (&["--optimizer", "sgd", "--nesterov"], "--nesterov needs --momentum"),
         (&["--optimizer", "sgd", "--momentum", "-0.5"], "--momentum"),
         (&["--optimizer", "sgd", "--weight-decay", "inf"], "--weight-decay"),

@@ -471,16 +471,9 @@ impl Ops for GpuOps {
         })
     }
 
-    fn adam_update(&mut self, a: AdamUpdate<Self>) -> Result<()> {
-        let values = StepUniform { adam: *a.step, ..Default::default() };
+    fn update(&mut self, a: Update<Self>) -> Result<()> {
         let (lens, partials) = update_shapes(a.params, a.grads, |b| b.len);
-        self.tagged(OpCase::Adam { lens, partials }, |me| me.optimizer("adam", "adam_update", a, values))
-    }
-
-    fn sgd_update(&mut self, a: SgdUpdate<Self>) -> Result<()> {
-        let values = StepUniform { sgd: *a.step, ..Default::default() };
-        let (lens, partials) = update_shapes(a.params, a.grads, |b| b.len);
-        self.tagged(OpCase::sgd(lens, partials, a.step), |me| me.optimizer("sgd", "sgd_update", a, values))
+        self.tagged(OpCase::Update { lens, partials, step: *a.step }, |me| me.optimizer("update", a))
     }
 }
 
