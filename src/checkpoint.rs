@@ -2,8 +2,9 @@
 //!
 //! The ten model tensors are f32 little-endian under their `state_dict` names (`conv1.weight`,
 //! ...), so `model.load_state_dict(safetensors.torch.load_file(f))` reads them. The optimizer's
-//! state, for `--resume`, lives in the same file as `<state name>.<name>` (`adam.m.<name>` and
-//! `adam.v.<name>` for Adam, `sgd.momentum.<name>` for SGD), and the step count, epoch position,
+//! state, for `--resume`, lives in the same file as `<optimizer>.<state>.<name>` (the names
+//! [`crate::optim`]'s descriptors give: `adam.m.<name>`, `sgd.momentum.<name>`,
+//! `rmsprop.square_avg.<name>`, ...), and the step count, epoch position,
 //! seed, batch, shuffle flag and the optimizer's settings in the file's string metadata (files
 //! written before SGD existed have no `optimizer` key: they are Adam). The second round's options
 //! add keys only where they are used (`lr_schedule` and `schedule_steps`, `augment_shift`,

@@ -13,10 +13,11 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use cli_output::{notice, Output};
 
 use lenet::augment::MAX_AUGMENT_SHIFT;
-use lenet::backend::{no_training_data, open_backend};
+use lenet::backend::no_training_data;
 use lenet::checkpoint::load_checkpoint;
+use lenet::choice::{auto_choice, bench_context, open_backend};
 use lenet::data::{default_data_dir, find_split, load_mnist_test, load_split, Mnist, Split, SplitFiles};
-use lenet::gpu::context::{choose_adapter, AdapterSummary};
+
 use lenet::model::{Params, TrainState};
 use lenet::optim::{self, Optimizer};
 use lenet::paths::{check_run_paths, InputPath, OutputKind, OutputPath};
@@ -63,12 +64,12 @@ enum BackendChoice {
     Cpu,
 }
 
-impl From<BackendChoice> for lenet::backend::BackendChoice {
+impl From<BackendChoice> for lenet::choice::BackendChoice {
     fn from(c: BackendChoice) -> Self {
         match c {
-            BackendChoice::Auto => lenet::backend::BackendChoice::Auto,
-            BackendChoice::Gpu => lenet::backend::BackendChoice::Gpu,
-            BackendChoice::Cpu => lenet::backend::BackendChoice::Cpu,
+            BackendChoice::Auto => lenet::choice::BackendChoice::Auto,
+            BackendChoice::Gpu => lenet::choice::BackendChoice::Gpu,
+            BackendChoice::Cpu => lenet::choice::BackendChoice::Cpu,
         }
     }
 }
@@ -674,23 +675,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let adapter = args.device.adapter.as_deref();
-    let ctx = match args.device.backend {
-        BackendChoice::Cpu => None,
-        BackendChoice::Gpu => Some(lenet::gpu::GpuContext::new(adapter).context("--backend gpu")?),
-        // Unlike `train`, `auto` here takes a software adapter (lavapipe) too: a benchmark reports
-        // what the adapter does, and the CPU figures are always beside it.
-        BackendChoice::Auto => match lenet::gpu::GpuContext::new(adapter) {
-            Ok(c) => {
-                notice(format!("backend: gpu on {}", c.adapter_info));
-                Some(c)
-            }
-            Err(e) => {
-                notice(format!("backend: cpu, because there is no usable GPU: {}", error_line(&e)));
-                None
-            }
-        },
-    };
+    let ctx = bench_context(args.device.backend.into(), args.device.adapter.as_deref())?;
     let mut cfg = lenet::bench::BenchConfig::new(args.batch, args.iters);
     // A slow adapter (lavapipe) stops each row after this much wall time (at least 3 samples).
     cfg.budget_s = 1.0;
@@ -713,7 +698,7 @@ struct DevicesReport {
     adapters: Vec<AdapterEntry>,
     /// The `--adapter`/LENET_ADAPTER name asked for, if any.
     wanted: Option<String>,
-    auto: AutoChoice,
+    auto: lenet::choice::AutoChoice,
 }
 
 #[derive(serde::Serialize)]
@@ -726,50 +711,10 @@ struct AdapterEntry {
     driver_info: String,
 }
 
-/// What `--backend auto` does, and why.
-#[derive(serde::Serialize)]
-struct AutoChoice {
-    /// "gpu" or "cpu".
-    backend: &'static str,
-    /// The index of the adapter it trains on (`null` on the CPU path).
-    adapter: Option<usize>,
-    reason: String,
-}
-
-/// What `--backend auto` makes of these adapters (the rules of `lenet::backend::open_backend`).
-fn auto_choice(adapters: &[AdapterSummary], wanted: Option<&str>) -> AutoChoice {
-    let cpu = |reason: String| AutoChoice { backend: "cpu", adapter: None, reason };
-    match (choose_adapter(adapters, wanted), wanted) {
-        (None, _) if adapters.is_empty() => {
-            cpu("there is no GPU adapter (on Linux without a GPU, Mesa's lavapipe provides one: \
-             apt-get install mesa-vulkan-drivers)"
-                .into())
-        }
-        (None, w) => cpu(format!("no adapter's name contains {:?}", w.unwrap_or_default())),
-        (Some(i), Some(w)) => {
-            AutoChoice { backend: "gpu", adapter: Some(i), reason: format!("its name contains {w:?}") }
-        }
-        (Some(i), None) if adapters[i].device_type == wgpu::DeviceType::Cpu => cpu(format!(
-            "the best adapter, {}, is a software rasterizer, slower than the CPU path; \
-             --backend gpu or --adapter NAME uses it",
-            adapters[i].name
-        )),
-        (Some(i), None) => AutoChoice {
-            backend: "gpu",
-            adapter: Some(i),
-            reason: format!(
-                "it is a {}, the best kind here: discrete, integrated, virtual GPU, then software; \
-                 Vulkan, Metal and DX12 before GL",
-                adapters[i].kind()
-            ),
-        },
-    }
-}
-
 fn devices(args: DevicesArgs) -> Result<ExitCode> {
     let adapters = lenet::gpu::list_adapters();
     let wanted = args.adapter.filter(|w| !w.trim().is_empty());
-    let auto = auto_choice(&adapters, wanted.as_deref());
+    let auto = auto_choice(&adapters, wanted.as_deref(), false);
     let mut out = Output::new(args.json);
     // `*` marks the adapter `auto` trains on: none when it takes the CPU path.
     for (i, a) in adapters.iter().enumerate() {

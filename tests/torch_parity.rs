@@ -1,5 +1,5 @@
 //! `lenet train` against PyTorch, step by step: the runs of tests/fixtures/parity.json (each
-//! optimizer and schedule, the shift augmentation, a validation split), which
+//! optimizer (Adam, SGD, AdamW, RMSprop) and schedule, the shift augmentation, a validation split), which
 //! `scripts/torch_reference.py parity-fixtures tests/fixtures` recorded with torch 2.15 on the CPU
 //! from the same initial weights (tests/fixtures/parity_init.safetensors, PyTorch's default
 //! initialisation) on the same `--no-shuffle` batches. Each is repeated with `--backend cpu`, and
@@ -115,7 +115,8 @@ fn loss_tolerance(k: usize, loss: f64, adam_lr: Option<f64>) -> f64 {
     (1e-6 + 1e-7 * steps_after) * loss.max(1.0) + adam_lr.map_or(0.0, |lr| 1e-3 * lr * steps_after)
 }
 
-/// The case's learning rate if its optimizer is Adam.
+/// The case's learning rate if its optimizer divides by a root mean square of the gradients, as
+/// Adam does (Adam, AdamW, RMSprop: the same effect on gradients within rounding of zero).
 fn adam_lr(case: &Case) -> Option<f64> {
     let option =
         |name: &str| case.options.iter().position(|o| o == name).map(|i| case.options[i + 1].as_str());
@@ -191,7 +192,14 @@ fn a_learning_rate_one_percent_off_is_caught() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let data = common::write_small_mnist(dir.path(), f.train_images, 100);
-    for name in ["adam-cosine", "adam-onecycle-shift2", "sgd-plain", "sgd-nesterov-onecycle"] {
+    for name in [
+        "adam-cosine",
+        "adam-onecycle-shift2",
+        "sgd-plain",
+        "sgd-nesterov-onecycle",
+        "adamw-onecycle",
+        "rmsprop-centered-momentum-decay",
+    ] {
         let case = f.cases.iter().find(|c| c.name == name).unwrap();
         let mut off = case.clone();
         let lr = off.options.iter().position(|o| o == "--lr").unwrap() + 1;

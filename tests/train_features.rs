@@ -249,6 +249,14 @@ fn a_resumed_run_continues_schedule_shifts_and_validation_exactly() {
     for (opt, schedule) in [
         (Optimizer { lr: 4e-3, ..Optimizer::default() }, LrSchedule::OneCycle),
         (sgd(0.05), LrSchedule::Cosine),
+        (Optimizer { kind: lenet::optim::AdamW::default().into(), lr: 3e-3 }, LrSchedule::OneCycle),
+        (
+            Optimizer {
+                kind: lenet::optim::RmsProp { momentum: 0.9, centered: true, ..Default::default() }.into(),
+                lr: 1e-4,
+            },
+            LrSchedule::Cosine,
+        ),
     ] {
         let fresh = start(opt, 32, schedule, 2, 96);
         // Interrupted mid-epoch, and at an epoch's end (after its evaluation).

@@ -280,7 +280,7 @@ pub struct Dispatch {
     /// The op of [`crate::ops::Ops`] it belongs to.
     pub op: &'static str,
     /// The op call it was recorded by (the outermost, for ops made of others).
-    pub case: Option<crate::opcheck::OpCase>,
+    pub case: Option<crate::opcase::OpCase>,
     /// What it computes, from the name of the first buffer it writes (`conv1.conv`, ...).
     pub label: String,
     /// The WGSL entry point.

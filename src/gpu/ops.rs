@@ -17,7 +17,7 @@ use super::kernels::{pack_u8, pixel_lut, Binder, Dispatch, StepUniform, View};
 use super::v2::{self, Generation, Variant};
 use super::v3;
 use crate::data::Dataset;
-use crate::opcheck::{relu_mask_of, update_shapes, OpCase};
+use crate::opcase::{relu_mask_of, update_shapes, OpCase};
 use crate::ops::*;
 
 /// A device buffer (or a range of one) of `len` values of `T`.
