@@ -10,7 +10,7 @@ use std::process::Command;
 use lenet::checkpoint::{load_checkpoint, save_checkpoint};
 use lenet::cpu::{reference, Fast, Reference};
 use lenet::model::{Params, TrainState};
-use lenet::ops::{Ops, UpdateArgs};
+use lenet::ops::{Ops, Update, UpdateArgs};
 use lenet::optim::{AdamW, Optimizer, OptimizerKind, RmsProp, RULES};
 use rand_chacha::ChaCha8Rng;
 
@@ -176,7 +176,7 @@ fn the_fast_update_is_the_references_bits_for_every_optimizer() {
                 lens.iter().map(|&n| draw(n, lo, hi)).collect()
             })
             .collect();
-        let run = |ops: &mut dyn FnMut(UpdateArgs<Vec<f32>, lenet::optim::OptStep>)| {
+        let run = |ops: &mut dyn FnMut(Update<Fast>)| {
             let (mut p, mut m) = (params.clone(), moments.clone());
             ops(UpdateArgs { params: &mut p, grads: &grads, moments: &mut m, step: &step });
             (p, m)

@@ -115,7 +115,7 @@ fn new_row(case: &OpCase, batch: usize) -> Row {
     };
     Row {
         layer: layer_of(case, batch),
-        direction: case.direction().into(),
+        direction: case.direction(),
         op: case.op().into(),
         gpu_kernels: Vec::new(),
         unit,

@@ -120,6 +120,10 @@ pub trait Rule: Copy + fmt::Debug + Default + PartialEq + Into<OptimizerKind> + 
     fn element(k: &Scalars, p: &mut f32, g: f32, s: &mut [f32; MAX_STATES]);
 }
 
+/// [`update_span`]'s signature: scalars, the span's parameters, the gradient, the tensor's size,
+/// the span's first element, its states.
+type SpanFn = fn(&Scalars, &mut [f32], &[f32], usize, usize, &mut [&mut [f32]]);
+
 /// What the rest of the program sees of a [`Rule`], without its type.
 #[derive(Clone, Copy, Debug)]
 pub struct Descriptor {
@@ -129,7 +133,7 @@ pub struct Descriptor {
     pub flags: &'static [&'static str],
     pub cycled: Option<&'static str>,
     /// [`Rule::element`] over the elements of a span (see [`update_span`]).
-    span: fn(&Scalars, &mut [f32], &[f32], usize, usize, &mut [&mut [f32]]),
+    span: SpanFn,
     default: fn() -> OptimizerKind,
 }
 
