@@ -444,16 +444,38 @@ fn span<R: Rule>(
     first: usize,
     states: &mut [&mut [f32]],
 ) {
-    let count = R::STATES.len();
-    for (j, p) in param.iter_mut().enumerate() {
-        let mut s = [0.0f32; MAX_STATES];
-        for (x, state) in s.iter_mut().zip(&states[..count]) {
-            *x = state[j];
+    // One loop per state count, each zipping the slices, so the element update inlines into a
+    // plain pass without bounds checks.
+    let g = |j: usize| summed_grad(grad, n, first + j);
+    match states {
+        [] => {
+            for (j, p) in param.iter_mut().enumerate() {
+                R::element(k, p, g(j), &mut [0.0; MAX_STATES]);
+            }
         }
-        R::element(k, p, summed_grad(grad, n, first + j), &mut s);
-        for (x, state) in s.iter().zip(&mut states[..count]) {
-            state[j] = *x;
+        [a] => {
+            for (j, (p, a)) in param.iter_mut().zip(a.iter_mut()).enumerate() {
+                let mut s = [*a, 0.0, 0.0];
+                R::element(k, p, g(j), &mut s);
+                *a = s[0];
+            }
         }
+        [a, b] => {
+            for (j, ((p, a), b)) in param.iter_mut().zip(a.iter_mut()).zip(b.iter_mut()).enumerate() {
+                let mut s = [*a, *b, 0.0];
+                R::element(k, p, g(j), &mut s);
+                (*a, *b) = (s[0], s[1]);
+            }
+        }
+        [a, b, c] => {
+            let states = a.iter_mut().zip(b.iter_mut()).zip(c.iter_mut());
+            for (j, (p, ((a, b), c))) in param.iter_mut().zip(states).enumerate() {
+                let mut s = [*a, *b, *c];
+                R::element(k, p, g(j), &mut s);
+                (*a, *b, *c) = (s[0], s[1], s[2]);
+            }
+        }
+        _ => unreachable!("at most {MAX_STATES} states"),
     }
 }
 
