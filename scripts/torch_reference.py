@@ -36,6 +36,8 @@
     # the fixtures of tests/torch_parity.rs: per-step losses and lrs of lenet's --no-shuffle runs
     # from tests/fixtures/parity_init.safetensors, for each optimizer and schedule
     python3 scripts/torch_reference.py parity-fixtures tests/fixtures
+    # only some cases recorded again (new ones appended), the others kept as they are
+    python3 scripts/torch_reference.py parity-fixtures tests/fixtures --only rmsprop-plain
 
 `recipe` shuffles with torch.randperm, not with lenet's generator, so it reproduces accuracy
 figures, not lenet's batches; `train` takes lenet's --no-shuffle batches and is the bit-level twin.
@@ -193,11 +195,26 @@ def shift_batch_by(x, offsets):
 
 # --- optimizer and schedule, as lenet train's options name them ---
 
+# What each optimizer reads of lenet train's options, and its default weight decay.
+OPTIMIZER_OPTIONS = {
+    "adam": ([], 0.0),
+    "sgd": (["momentum", "nesterov", "weight_decay"], 0.0),
+    "adamw": (["weight_decay"], 1e-2),
+    "rmsprop": (["alpha", "momentum", "weight_decay", "centered"], 0.0),
+}
+
+
 def make_optimizer(params, args):
+    weight_decay = args.weight_decay if args.weight_decay is not None else OPTIMIZER_OPTIONS[args.optimizer][1]
     if args.optimizer == "adam":
         return torch.optim.Adam(params, lr=args.lr)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=weight_decay)
+    if args.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=args.lr, alpha=args.alpha, weight_decay=weight_decay,
+                                   momentum=args.momentum, centered=args.centered)
     return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-                           weight_decay=args.weight_decay)
+                           weight_decay=weight_decay)
 
 
 def make_schedule(opt, schedule, lr, total_steps):
@@ -210,8 +227,11 @@ def make_schedule(opt, schedule, lr, total_steps):
 
 
 def check_options(args):
-    if args.optimizer != "sgd" and (args.momentum != 0 or args.nesterov or args.weight_decay != 0):
-        raise SystemExit("error: --momentum, --nesterov and --weight-decay are SGD's (add --optimizer sgd)")
+    given = {"momentum": args.momentum != 0, "nesterov": args.nesterov, "weight_decay": args.weight_decay is not None,
+             "alpha": args.alpha != 0.99, "centered": args.centered}
+    for option, is_given in given.items():
+        if is_given and option not in OPTIMIZER_OPTIONS[args.optimizer][0]:
+            raise SystemExit(f"error: --{option.replace('_', '-')} is not a setting of --optimizer {args.optimizer}")
     if args.nesterov and args.momentum <= 0:
         raise SystemExit("error: --nesterov needs --momentum above 0 (torch.optim.SGD's rule)")
     if args.augment_shift < 0 or args.augment_shift >= SIDE:
@@ -495,6 +515,14 @@ PARITY_CASES = [
     # after an evaluation on the held-out images.
     ("sgd-momentum-cosine-val-shift1", 40, ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9",
                                             "--lr-schedule", "cosine", "--augment-shift", "1", "--val", "1000"]),
+    ("adamw-onecycle", 30, ["--optimizer", "adamw", "--lr", "3e-3", "--lr-schedule", "onecycle"]),
+    ("adamw-decay-cosine-shift1", 30, ["--optimizer", "adamw", "--lr", "2e-3", "--weight-decay", "0.1",
+                                       "--lr-schedule", "cosine", "--augment-shift", "1"]),
+    ("rmsprop-plain", 30, ["--optimizer", "rmsprop", "--lr", "1e-4"]),
+    ("rmsprop-centered-momentum-decay", 30, ["--optimizer", "rmsprop", "--lr", "1e-4", "--alpha", "0.9",
+                                             "--momentum", "0.9", "--weight-decay", "1e-3", "--centered"]),
+    # OneCycleLR cycles RMSprop's momentum, from 0 too (PyTorch sets it to 0.95 on the first step).
+    ("rmsprop-onecycle", 30, ["--optimizer", "rmsprop", "--lr", "3e-4", "--lr-schedule", "onecycle"]),
 ]
 
 
@@ -504,11 +532,22 @@ def parity_fixtures(args):
     os.makedirs(args.dir, exist_ok=True)
     init = os.path.join(args.dir, "parity_init.safetensors")
     torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in LeNet5().state_dict().items()}, init)
+    if not os.path.exists(init) or not args.only:
+        save_file({k: v.contiguous() for k, v in LeNet5().state_dict().items()}, init)
     parser = argparse.ArgumentParser()
     add_training_options(parser, 1e-3)
+    path = os.path.join(args.dir, "parity.json")
+    # --only: those cases recorded again, the others kept as the file has them (another machine's
+    # oneDNN may round the old runs' last bits differently).
+    kept = {}
+    if args.only:
+        with open(path) as f:
+            kept = {c["name"]: json.dumps(c) for c in json.load(f)["cases"]}
     cases = []
     for name, steps, options in PARITY_CASES:
+        if args.only and name not in args.only:
+            cases.append(kept[name])
+            continue
         run = parser.parse_args(options)
         run.init, run.steps, run.batch, run.train_images = init, steps, PARITY_BATCH, PARITY_TRAIN_IMAGES
         _, per_step, validations = parity_run(run)
@@ -520,7 +559,7 @@ def parity_fixtures(args):
             "lr_bits": [f64_bits(lr) for _, lr in per_step],
             "validations": [{"step": s, "loss": l, "accuracy": a} for s, l, a in validations],
         }))
-    with open(os.path.join(args.dir, "parity.json"), "w") as f:
+    with open(path, "w") as f:
         f.write(json.dumps({"generated_by": "scripts/torch_reference.py parity-fixtures", "torch": torch.__version__,
                             "train_images": PARITY_TRAIN_IMAGES, "batch": PARITY_BATCH, "seed": 0})[:-1])
         f.write(', "cases": [\n' + ",\n".join(cases) + "\n]}\n")
@@ -530,10 +569,13 @@ def parity_fixtures(args):
 def add_training_options(p, default_lr):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=default_lr, help="the peak of a schedule")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD's")
+    p.add_argument("--optimizer", choices=list(OPTIMIZER_OPTIONS), default="adam")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD's and RMSprop's")
     p.add_argument("--nesterov", action="store_true", help="SGD's")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD's L2 term (lenet's Adam has none)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="SGD's and RMSprop's L2 term, AdamW's decoupled decay (default 0; AdamW 1e-2)")
+    p.add_argument("--alpha", type=float, default=0.99, help="RMSprop's smoothing constant")
+    p.add_argument("--centered", action="store_true", help="RMSprop's")
     p.add_argument("--lr-schedule", choices=["constant", "cosine", "onecycle"], default="constant")
     p.add_argument("--augment-shift", type=int, default=0, metavar="P",
                    help="shift each training image by up to P whole pixels on each axis")
@@ -575,6 +617,7 @@ def main():
     x.add_argument("dir")
     q = sub.add_parser("parity-fixtures", help="write tests/fixtures/parity.json and its initial weights")
     q.add_argument("dir")
+    q.add_argument("--only", nargs="+", metavar="CASE", help="record these cases again, keep the others")
     args = p.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)

@@ -9,18 +9,16 @@ struct Step {
     index_offset: u32,
     // Where this step's per-image losses and correct flags go.
     stats_offset: u32,
-    // Adam (src/optim.rs AdamStep)
-    step_size: f32,
-    bias_correction2_sqrt: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    eps: f32,
-    // SGD (src/optim.rs SgdStep)
-    lr: f32,
-    momentum: f32,
-    weight_decay: f32,
-    nesterov: u32,
+    // The optimizer's scalars of this step, in its own order (src/optim/: each optimizer's
+    // `scalars`; its WGSL function in optim.wgsl names them).
+    opt0: f32,
+    opt1: f32,
+    opt2: f32,
+    opt3: f32,
+    opt4: f32,
+    opt5: f32,
+    opt6: f32,
+    opt7: f32,
 }
 
 @group(1) @binding(0) var<uniform> step: Step;

@@ -1,9 +1,13 @@
 // The optimizers' updates, one invocation per parameter element over a list of tensors (all
-// of the network's in one dispatch when they share flat buffers), exactly as
-// src/cpu/reference.rs computes them. A tensor's gradient may come as partial sums over parts
-// of the batch (`partials` of them, each `len` long, from `grad_offset`): they are added here in
-// order, so the kernels that write them need no pass of their own. The step's scalars come from
-// the step uniform (computed in f64 on the host, as PyTorch does, and rounded once).
+// of the network's in one dispatch when they share flat buffers). Each optimizer is one function
+// here, named as it is on the command line, the twin of its `element` in src/optim/: it takes
+// the parameter, the summed gradient, its states (in its order, `state0..`) and the step's
+// scalars (in its order: the step uniform's opt0..opt7, computed in f64 on the host, as PyTorch
+// does, and rounded once). The entry points `update_<optimizer>` that call them are written from
+// the optimizers' list when the kernels are built (src/gpu/kernels.rs), one per optimizer, each
+// binding only the states its optimizer keeps. A tensor's gradient may come as partial sums over
+// parts of the batch (`partials` of them, each `len` long, from `grad_offset`): `element` adds
+// them in order, so the kernels that write them need no pass of their own.
 
 struct Params {
     // elements over all the tensors
@@ -29,11 +33,16 @@ struct Tensor {
 @group(0) @binding(0) var<storage, read> tensors: array<Tensor>;
 @group(0) @binding(1) var<storage, read> grad: array<f32>;
 @group(0) @binding(2) var<storage, read_write> param: array<f32>;
-// Adam's m, or SGD's momentum buffer
-@group(0) @binding(3) var<storage, read_write> moment1: array<f32>;
-// Adam's v
-@group(0) @binding(4) var<storage, read_write> moment2: array<f32>;
-@group(0) @binding(5) var<uniform> params: Params;
+// The optimizer's states, in its order (Adam: m, v; SGD: the momentum buffer; ...).
+@group(0) @binding(3) var<storage, read_write> state0: array<f32>;
+@group(0) @binding(4) var<storage, read_write> state1: array<f32>;
+@group(0) @binding(5) var<storage, read_write> state2: array<f32>;
+@group(0) @binding(6) var<uniform> params: Params;
+
+// The step's optimizer scalars, in the optimizer's order.
+fn step_scalars() -> array<f32, 8> {
+    return array<f32, 8>(step.opt0, step.opt1, step.opt2, step.opt3, step.opt4, step.opt5, step.opt6, step.opt7);
+}
 
 // A dispatch element's parameter index and summed gradient.
 struct Element {
@@ -73,50 +82,86 @@ fn element(e: u32) -> Element {
     return Element(info.param_offset + j, g);
 }
 
-// m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g; p -= step_size * m / (sqrt(v)/bc2_sqrt + eps)
-@compute @workgroup_size(256)
-fn adam(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let e = flat_index(wid, nwg, lid, 256u);
-    if e >= params.elements {
-        return;
-    }
-    let el = element(e);
-    let i = el.index;
-    let g = el.grad;
-    let m = moment1[i] + step.one_minus_beta1 * (g - moment1[i]);
-    let v = moment2[i] * step.beta2 + step.one_minus_beta2 * g * g;
-    moment1[i] = m;
-    moment2[i] = v;
-    let denom = sqrt(v) / step.bias_correction2_sqrt + step.eps;
-    param[i] = param[i] - step.step_size * (m / denom);
+// torch.optim.Adam: m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
+// p -= step_size * m / (sqrt(v)/bc2_sqrt + eps)
+fn adam(p: ptr<function, f32>, g: f32, s: ptr<function, array<f32, 3>>, k: array<f32, 8>) {
+    let step_size = k[0];
+    let bias_correction2_sqrt = k[1];
+    let one_minus_beta1 = k[2];
+    let beta2 = k[3];
+    let one_minus_beta2 = k[4];
+    let eps = k[5];
+    let m = (*s)[0] + one_minus_beta1 * (g - (*s)[0]);
+    let v = (*s)[1] * beta2 + one_minus_beta2 * g * g;
+    (*s)[0] = m;
+    (*s)[1] = v;
+    let denom = sqrt(v) / bias_correction2_sqrt + eps;
+    *p = *p - step_size * (m / denom);
 }
 
-// g += wd*p (if wd != 0); buf = momentum*buf + g; g = nesterov ? g + momentum*buf : buf; p -= lr*g
-@compute @workgroup_size(256)
-fn sgd(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let e = flat_index(wid, nwg, lid, 256u);
-    if e >= params.elements {
-        return;
+// torch.optim.SGD: g += wd*p (if wd != 0); buf = momentum*buf + g;
+// g = nesterov ? g + momentum*buf : buf; p -= lr*g
+fn sgd(p: ptr<function, f32>, grad: f32, s: ptr<function, array<f32, 3>>, k: array<f32, 8>) {
+    let lr = k[0];
+    let momentum = k[1];
+    let weight_decay = k[2];
+    let nesterov = k[3];
+    var g = grad;
+    if weight_decay != 0.0 {
+        g += weight_decay * *p;
     }
-    let el = element(e);
-    let i = el.index;
-    var g = el.grad;
-    if step.weight_decay != 0.0 {
-        g += step.weight_decay * param[i];
-    }
-    let buf = moment1[i] * step.momentum + g;
-    moment1[i] = buf;
+    let buf = (*s)[0] * momentum + g;
+    (*s)[0] = buf;
     var d = buf;
-    if step.nesterov != 0u {
-        d = g + step.momentum * buf;
+    if nesterov != 0.0 {
+        d = g + momentum * buf;
     }
-    param[i] = param[i] - step.lr * d;
+    *p = *p - lr * d;
+}
+
+// torch.optim.AdamW: p *= 1 - lr*wd (k[6]), then Adam.
+fn adamw(p: ptr<function, f32>, g: f32, s: ptr<function, array<f32, 3>>, k: array<f32, 8>) {
+    *p = *p * k[6];
+    adam(p, g, s, k);
+}
+
+// torch.optim.RMSprop: g += wd*p; sq = alpha*sq + (1-alpha)*g*g; centered: ga = lerp(ga, g,
+// 1-alpha), avg = sqrt(sq - ga*ga) + eps, else avg = sqrt(sq) + eps; momentum > 0:
+// buf = momentum*buf + g/avg, p -= lr*buf; else p += (-lr*g)/avg.
+// States: square_avg, momentum_buffer, grad_avg.
+fn rmsprop(p: ptr<function, f32>, grad: f32, s: ptr<function, array<f32, 3>>, k: array<f32, 8>) {
+    let lr = k[0];
+    let alpha = k[1];
+    let one_minus_alpha = k[2];
+    let eps = k[3];
+    let weight_decay = k[4];
+    let momentum = k[5];
+    let centered = k[6];
+    var g = grad;
+    if weight_decay != 0.0 {
+        g += weight_decay * *p;
+    }
+    let square_avg = (*s)[0] * alpha + one_minus_alpha * g * g;
+    (*s)[0] = square_avg;
+    var avg: f32;
+    if centered != 0.0 {
+        // torch's lerp: self + w*(end - self) below w = 0.5, else end - (end - self)*(1 - w).
+        var grad_avg: f32;
+        if one_minus_alpha < 0.5 {
+            grad_avg = (*s)[2] + one_minus_alpha * (g - (*s)[2]);
+        } else {
+            grad_avg = g - (g - (*s)[2]) * (1.0 - one_minus_alpha);
+        }
+        (*s)[2] = grad_avg;
+        avg = sqrt(square_avg - grad_avg * grad_avg) + eps;
+    } else {
+        avg = sqrt(square_avg) + eps;
+    }
+    if momentum > 0.0 {
+        let buf = (*s)[1] * momentum + g / avg;
+        (*s)[1] = buf;
+        *p = *p - lr * buf;
+    } else {
+        *p = *p + (-lr * g) / avg;
+    }
 }

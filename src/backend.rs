@@ -4,14 +4,12 @@
 //! backend), and the choice of backend from the command line's words.
 
 use std::collections::VecDeque;
-use std::io::Write as _;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context as _, Result};
 
 use crate::checkpoint::{check_state, state_rules};
 use crate::data::Dataset;
-use crate::gpu::context::{choose_adapter, wanted_adapter};
 use crate::model::{Params, TrainState, CLASSES, IMAGE_PIXELS};
 pub use crate::network::StepStats;
 use crate::network::{forward, train_step, Activations, StepOut, Weights};
@@ -315,67 +313,6 @@ impl<O: Ops> Backend for OpsBackend<O> {
             logits.extend(self.ops.read(sb.acts.logits())?);
         }
         Ok(logits)
-    }
-}
-
-/// Where `--backend` asks the arithmetic to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendChoice {
-    /// The best GPU adapter; the CPU path when there is none.
-    Auto,
-    Gpu,
-    Cpu,
-}
-
-/// The backend the user asked for, training on `train` (an empty set for evaluation only).
-/// `auto` takes the best GPU adapter and falls back to the CPU with a one-line notice on
-/// stderr when there is none, when the only one is a software rasterizer (slower than the CPU
-/// path; it is taken when named), or when it fails to start. `adapter` (or `LENET_ADAPTER`)
-/// picks an adapter by part of its name.
-pub fn open_backend(
-    choice: BackendChoice,
-    adapter: Option<&str>,
-    train: &Dataset,
-) -> Result<Box<dyn Backend>> {
-    let cpu = || -> Result<Box<dyn Backend>> { Ok(Box::new(crate::cpu::CpuBackend::new(train)?)) };
-    match choice {
-        BackendChoice::Cpu => cpu(),
-        BackendChoice::Gpu => {
-            let gpu = crate::gpu::GpuBackend::open(adapter, train).context("--backend gpu")?;
-            Ok(Box::new(gpu))
-        }
-        BackendChoice::Auto => {
-            let adapters = crate::gpu::list_adapters();
-            let wanted = wanted_adapter(adapter);
-            let chosen = choose_adapter(&adapters, wanted.as_deref()).map(|i| &adapters[i]);
-            let reason = match chosen {
-                None if adapters.is_empty() => Some("there is no GPU adapter".to_string()),
-                None => Some(format!("no adapter's name contains {:?}", wanted.unwrap_or_default())),
-                Some(a) if a.device_type == wgpu::DeviceType::Cpu && wanted.is_none() => Some(format!(
-                    "the only adapter, {}, is a software rasterizer, slower than the CPU path; \
-                     --backend gpu uses it anyway",
-                    a.name
-                )),
-                Some(_) => None,
-            };
-            // Notices never fail the run: a closed stderr (a terminal gone) is ignored. No
-            // brackets around the reason: adapter names carry their own.
-            if let Some(reason) = reason {
-                let _ = writeln!(std::io::stderr(), "backend: cpu, because {reason}");
-                return cpu();
-            }
-            match crate::gpu::GpuBackend::open(adapter, train) {
-                Ok(gpu) => {
-                    let _ = writeln!(std::io::stderr(), "backend: gpu on {}", gpu.adapter());
-                    Ok(Box::new(gpu))
-                }
-                Err(e) => {
-                    let _ =
-                        writeln!(std::io::stderr(), "backend: cpu, because the GPU failed to start: {e:#}");
-                    cpu()
-                }
-            }
-        }
     }
 }
 

@@ -2,8 +2,9 @@
 //!
 //! The ten model tensors are f32 little-endian under their `state_dict` names (`conv1.weight`,
 //! ...), so `model.load_state_dict(safetensors.torch.load_file(f))` reads them. The optimizer's
-//! state, for `--resume`, lives in the same file as `<state name>.<name>` (`adam.m.<name>` and
-//! `adam.v.<name>` for Adam, `sgd.momentum.<name>` for SGD), and the step count, epoch position,
+//! state, for `--resume`, lives in the same file as `<optimizer>.<state>.<name>` (the names
+//! [`crate::optim`]'s descriptors give: `adam.m.<name>`, `sgd.momentum.<name>`,
+//! `rmsprop.square_avg.<name>`, ...), and the step count, epoch position,
 //! seed, batch, shuffle flag and the optimizer's settings in the file's string metadata (files
 //! written before SGD existed have no `optimizer` key: they are Adam). The second round's options
 //! add keys only where they are used (`lr_schedule` and `schedule_steps`, `augment_shift`,
@@ -31,7 +32,7 @@ use safetensors::SafeTensors;
 
 use crate::augment::MAX_AUGMENT_SHIFT;
 use crate::model::{param_specs, EpochSums, Params, RunClock, TrainState, ValidationRecord};
-use crate::optim::{Optimizer, OptimizerKind, Sgd};
+use crate::optim::Optimizer;
 use crate::paths::{helper_stem, open_input, parent_dir, write_target};
 use crate::schedule::LrSchedule;
 
@@ -48,10 +49,8 @@ type NamedTensor = (String, Vec<usize>, Vec<u8>);
 
 /// The state buffer names of every optimizer: a tensor `<one of these>.<parameter>` is optimizer
 /// state.
-fn state_prefixes() -> Vec<&'static str> {
-    let adam = Optimizer::default();
-    let sgd = Optimizer { kind: OptimizerKind::Sgd(Sgd::default()), lr: 0.1 };
-    adam.state_names().iter().chain(sgd.state_names()).copied().collect()
+fn state_prefixes() -> Vec<String> {
+    crate::optim::all_state_names()
 }
 
 /// What a checkpoint file holds: the weights, and the whole training state if it was saved.
@@ -89,7 +88,7 @@ pub enum CheckpointError {
     WrongShape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{}: tensor {name} has dtype {found}, expected F32", path.display())]
     WrongDtype { path: PathBuf, name: String, found: String },
-    #[error("{}: unexpected tensor {name} (not a LeNet-5 parameter or Adam moment)", path.display())]
+    #[error("{}: unexpected tensor {name} (not a LeNet-5 parameter or optimizer state)", path.display())]
     UnexpectedTensor { path: PathBuf, name: String },
     #[error("{}: tensor {name} holds a non-finite value {value} at index {index}", path.display())]
     NonFinite { path: PathBuf, name: String, index: usize, value: f32 },
@@ -511,16 +510,15 @@ pub fn check_state_tensor(
     }
 }
 
-/// Whether the optimizer state named `state_name` (`adam.v`, ...) can only hold values >= 0.
-pub fn state_must_be_non_negative(state_name: &str) -> bool {
-    state_name == "adam.v"
-}
-
 /// The parameters and optimizer state of `state` laid out for [`check_state`]: each buffer's
-/// name prefix ("" for the parameters) and whether its values must be >= 0.
+/// name prefix ("" for the parameters) and whether its values must be >= 0 (the optimizer's
+/// descriptor says which of its states are: Adam's `v`, RMSprop's `square_avg`, ...).
 pub fn state_rules(optimizer: &Optimizer) -> Vec<(String, bool)> {
+    let states = &optimizer.descriptor().states;
     std::iter::once((String::new(), false))
-        .chain(optimizer.state_names().iter().map(|n| (format!("{n}."), state_must_be_non_negative(n))))
+        .chain(
+            optimizer.state_names().iter().zip(states.iter()).map(|(n, s)| (format!("{n}."), s.non_negative)),
+        )
         .collect()
 }
 

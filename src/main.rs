@@ -7,18 +7,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum, ValueHint};
 
 use cli_output::{notice, Output};
 
 use lenet::augment::MAX_AUGMENT_SHIFT;
-use lenet::backend::{no_training_data, open_backend};
+use lenet::backend::no_training_data;
 use lenet::checkpoint::load_checkpoint;
+use lenet::choice::{auto_choice, bench_context, open_backend};
 use lenet::data::{find_split, load_split, resolve_data_dir, Mnist, Split, SplitFiles};
-use lenet::gpu::context::{choose_adapter, wanted_adapter, AdapterSummary};
+use lenet::gpu::context::wanted_adapter;
 use lenet::model::{Monitor, Params, TrainState};
-use lenet::optim::{Adam, Optimizer, OptimizerKind, Sgd};
+use lenet::optim::{self, Optimizer};
 use lenet::paths::{check_run_paths, lock_outputs, InputPath, OutputKind, OutputPath};
 use lenet::schedule::LrSchedule;
 use lenet::signals::install_stop_handlers;
@@ -64,12 +65,12 @@ enum BackendChoice {
     Cpu,
 }
 
-impl From<BackendChoice> for lenet::backend::BackendChoice {
+impl From<BackendChoice> for lenet::choice::BackendChoice {
     fn from(c: BackendChoice) -> Self {
         match c {
-            BackendChoice::Auto => lenet::backend::BackendChoice::Auto,
-            BackendChoice::Gpu => lenet::backend::BackendChoice::Gpu,
-            BackendChoice::Cpu => lenet::backend::BackendChoice::Cpu,
+            BackendChoice::Auto => lenet::choice::BackendChoice::Auto,
+            BackendChoice::Gpu => lenet::choice::BackendChoice::Gpu,
+            BackendChoice::Cpu => lenet::choice::BackendChoice::Cpu,
         }
     }
 }
@@ -110,18 +111,28 @@ struct TrainArgs {
     /// [default: constant, or the resumed checkpoint's]
     #[arg(long, value_enum, value_name = "SCHEDULE")]
     lr_schedule: Option<LrSchedule>,
-    /// The optimizer, as torch.optim's [default: adam, or the resumed checkpoint's]
-    #[arg(long, value_enum)]
-    optimizer: Option<OptimizerChoice>,
-    /// SGD's momentum [default: 0]
+    /// The optimizer, as torch.optim's: adam (Adam, betas 0.9/0.999, eps 1e-8), sgd (SGD),
+    /// adamw (AdamW, betas 0.9/0.999, eps 1e-8), rmsprop (RMSprop, eps 1e-8) [default: adam, or
+    /// the resumed checkpoint's]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(optim::RULES.iter().map(|d| d.name)))]
+    optimizer: Option<String>,
+    /// The momentum of sgd and rmsprop [default: 0]
     #[arg(long, allow_negative_numbers = true)]
     momentum: Option<f64>,
-    /// SGD with Nesterov momentum (needs --momentum above 0).
+    /// sgd with Nesterov momentum (needs --momentum above 0).
     #[arg(long)]
     nesterov: bool,
-    /// SGD's L2 penalty, added to the gradient as torch.optim.SGD does [default: 0]
+    /// Weight decay: sgd's and rmsprop's L2 penalty, added to the gradient; adamw's decoupled
+    /// decay, p *= 1 - lr*W [default: 0; adamw 1e-2]
     #[arg(long, allow_negative_numbers = true)]
     weight_decay: Option<f64>,
+    /// rmsprop's smoothing constant, the weight of the old mean of squares [default: 0.99]
+    #[arg(long, allow_negative_numbers = true)]
+    alpha: Option<f64>,
+    /// rmsprop divides by the gradients' variance (their mean of squares less their mean
+    /// squared) instead of their mean of squares.
+    #[arg(long)]
+    centered: bool,
     /// Move each training image by a random whole-pixel offset in [-P, P] on each axis,
     /// zero-filled, drawn from the seed (the same on the CPU and the GPU) [default: 0]
     #[arg(long, value_name = "P")]
@@ -186,14 +197,6 @@ struct TrainArgs {
     /// and the summary go to stderr.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum OptimizerChoice {
-    /// torch.optim.Adam (betas 0.9/0.999, eps 1e-8).
-    Adam,
-    /// torch.optim.SGD (--momentum, --nesterov, --weight-decay).
-    Sgd,
 }
 
 /// `--until`: "99.2", "99.2%" (percent) or "0.992" (a fraction: values up to 1), as a fraction.
@@ -381,6 +384,31 @@ fn check_train_paths(
     Ok(outputs)
 }
 
+/// The run's recipe, for `train --json`'s `config`: what another run needs to be this one. The
+/// optimizer's settings are as its checkpoint metadata writes them (f64s in the shortest decimal
+/// that reads back to the same bits).
+fn run_config(state: &TrainState, cfg: &TrainConfig, data: &Path) -> serde_json::Value {
+    use serde_json::{json, Value};
+    let optimizer: serde_json::Map<String, Value> =
+        state.optimizer.metadata().into_iter().map(|(k, v)| (k.to_string(), Value::String(v))).collect();
+    json!({
+        "data": data.display().to_string(),
+        "seed": state.seed,
+        "batch": state.batch,
+        "shuffle": state.shuffle,
+        "optimizer": optimizer,
+        "lr_schedule": state.schedule.name(),
+        "augment_shift": state.augment_shift,
+        "val": state.validation,
+        "epochs": cfg.epochs,
+        "steps": cfg.steps,
+        "patience": cfg.patience,
+        "monitor": cfg.monitor.map(Monitor::name),
+        "min_delta": cfg.min_delta,
+        "until": cfg.until,
+    })
+}
+
 /// `--monitor`'s values, as Keras names them.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum MonitorArg {
@@ -418,59 +446,36 @@ fn resumed_line(path: &Path, state: &TrainState, train_images: usize) -> String 
 
 /// The optimizer the options describe, on top of `base` (the default, or a resumed run's).
 fn optimizer_from_args(args: &TrainArgs, base: Optimizer) -> Result<Optimizer> {
-    let sgd_options = args.momentum.is_some() || args.nesterov || args.weight_decay.is_some();
-    let choice = match (args.optimizer, base.kind) {
-        (Some(choice), _) => choice,
-        (None, OptimizerKind::Adam(_)) => OptimizerChoice::Adam,
-        (None, OptimizerKind::Sgd(_)) => OptimizerChoice::Sgd,
+    let flags = optim::Flags {
+        momentum: args.momentum,
+        nesterov: args.nesterov,
+        weight_decay: args.weight_decay,
+        alpha: args.alpha,
+        centered: args.centered,
     };
-    let kind = match (choice, base.kind) {
-        (OptimizerChoice::Adam, _) if sgd_options => {
-            bail!("--momentum, --nesterov and --weight-decay are SGD's settings (lenet's Adam has none); use --optimizer sgd")
-        }
-        (OptimizerChoice::Adam, OptimizerKind::Adam(adam)) => OptimizerKind::Adam(adam),
-        (OptimizerChoice::Adam, _) => OptimizerKind::Adam(Adam::default()),
-        (OptimizerChoice::Sgd, base_kind) => {
-            let base_sgd = match base_kind {
-                OptimizerKind::Sgd(sgd) => sgd,
-                OptimizerKind::Adam(_) => Sgd::default(),
-            };
-            OptimizerKind::Sgd(Sgd {
-                momentum: args.momentum.unwrap_or(base_sgd.momentum),
-                nesterov: args.nesterov || base_sgd.nesterov,
-                weight_decay: args.weight_decay.unwrap_or(base_sgd.weight_decay),
-            })
-        }
-    };
-    if let OptimizerKind::Sgd(sgd) = kind {
-        if !(sgd.momentum.is_finite() && sgd.momentum >= 0.0) {
-            bail!("--momentum {} must be a finite number >= 0", sgd.momentum);
-        }
-        if !(sgd.weight_decay.is_finite() && sgd.weight_decay >= 0.0) {
-            bail!("--weight-decay {} must be a finite number >= 0", sgd.weight_decay);
-        }
-        if sgd.nesterov && sgd.momentum <= 0.0 {
-            bail!("--nesterov needs --momentum above 0 (as torch.optim.SGD)");
-        }
-    }
-    let optimizer = Optimizer { kind, lr: args.lr.unwrap_or(base.lr) };
-    optimizer.validate().map_err(|e| anyhow!("--lr: {e}"))?;
+    let mut optimizer = Optimizer::from_flags(args.optimizer.as_deref(), &flags, base)?;
+    optimizer.lr = args.lr.unwrap_or(base.lr);
+    optimizer.validate_as(optim::Naming::Flags)?;
     Ok(optimizer)
 }
 
 /// The checks on the second round's options that need no data or checkpoint.
 fn check_recipe_args(args: &TrainArgs) -> Result<()> {
     // The values' bounds, before any data is read. A resumed run without --optimizer keeps the
-    // checkpoint's: SGD's options are checked here as SGD's, and against the checkpoint's
-    // optimizer once it is read (restating its own --momentum is no conflict).
-    let sgd_options = args.momentum.is_some() || args.nesterov || args.weight_decay.is_some();
-    let base = match (&args.resume, args.optimizer) {
-        (Some(_), None) if sgd_options => {
-            Optimizer { kind: OptimizerKind::Sgd(Sgd::default()), ..Optimizer::default() }
+    // checkpoint's optimizer: its options are checked against that one once the checkpoint is
+    // read (restating its own --momentum is no conflict).
+    if args.resume.is_none() || args.optimizer.is_some() {
+        let optimizer = optimizer_from_args(args, Optimizer::default())?;
+        // OneCycleLR refuses an optimizer with neither betas nor a momentum, as PyTorch's does.
+        if args.lr_schedule.is_some_and(LrSchedule::cycles_momentum)
+            && optimizer.descriptor().cycled.is_none()
+        {
+            bail!(
+                "--lr-schedule onecycle cycles a momentum or beta1, which --optimizer {} has not",
+                optimizer.descriptor().name
+            );
         }
-        _ => Optimizer::default(),
-    };
-    optimizer_from_args(args, base)?;
+    }
     if args.val == Some(0) {
         bail!("--val 0 holds nothing out; leave --val out to train on every image");
     }
@@ -537,7 +542,7 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
                 ("--augment-shift", args.augment_shift.is_some_and(|p| p != state.augment_shift)),
                 ("--val", args.val.is_some_and(|n| n != state.validation)),
                 (
-                    "--optimizer, --momentum, --nesterov or --weight-decay",
+                    "--optimizer, --momentum, --nesterov, --weight-decay, --alpha or --centered",
                     optimizer.kind != state.optimizer.kind,
                 ),
             ];
@@ -660,7 +665,9 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         out.line(line);
     }
     if args.json {
-        out.document(&report)?;
+        let mut document = serde_json::to_value(&report)?;
+        document["config"] = run_config(&state, &cfg, &data.path);
+        out.document(&document)?;
     }
     // A stop signal gives its code even when it came too late to cut the run short: the process
     // was asked to end, and whatever sent it looks for that code.
@@ -967,23 +974,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let adapter = args.device.adapter.as_deref();
-    let ctx = match args.device.backend {
-        BackendChoice::Cpu => None,
-        BackendChoice::Gpu => Some(lenet::gpu::GpuContext::new(adapter).context("--backend gpu")?),
-        // Unlike `train`, `auto` here takes a software adapter (lavapipe) too: a benchmark reports
-        // what the adapter does, and the CPU figures are always beside it.
-        BackendChoice::Auto => match lenet::gpu::GpuContext::new(adapter) {
-            Ok(c) => {
-                notice(format!("backend: gpu on {}", c.adapter_info));
-                Some(c)
-            }
-            Err(e) => {
-                notice(format!("backend: cpu, because there is no usable GPU: {}", error_line(&e)));
-                None
-            }
-        },
-    };
+    let ctx = bench_context(args.device.backend.into(), args.device.adapter.as_deref())?;
     let mut cfg = lenet::bench::BenchConfig::new(args.batch, args.iters);
     // A slow adapter (lavapipe) stops each row after this much wall time (at least 3 samples).
     cfg.budget_s = 1.0;
@@ -1006,7 +997,7 @@ struct DevicesReport {
     adapters: Vec<AdapterEntry>,
     /// The `--adapter`/LENET_ADAPTER name asked for, if any.
     wanted: Option<String>,
-    auto: AutoChoice,
+    auto: lenet::choice::AutoChoice,
 }
 
 #[derive(serde::Serialize)]
@@ -1019,50 +1010,10 @@ struct AdapterEntry {
     driver_info: String,
 }
 
-/// What `--backend auto` does, and why.
-#[derive(serde::Serialize)]
-struct AutoChoice {
-    /// "gpu" or "cpu".
-    backend: &'static str,
-    /// The index of the adapter it trains on (`null` on the CPU path).
-    adapter: Option<usize>,
-    reason: String,
-}
-
-/// What `--backend auto` makes of these adapters (the rules of `lenet::backend::open_backend`).
-fn auto_choice(adapters: &[AdapterSummary], wanted: Option<&str>) -> AutoChoice {
-    let cpu = |reason: String| AutoChoice { backend: "cpu", adapter: None, reason };
-    match (choose_adapter(adapters, wanted), wanted) {
-        (None, _) if adapters.is_empty() => {
-            cpu("there is no GPU adapter (on Linux without a GPU, Mesa's lavapipe provides one: \
-             apt-get install mesa-vulkan-drivers)"
-                .into())
-        }
-        (None, w) => cpu(format!("no adapter's name contains {:?}", w.unwrap_or_default())),
-        (Some(i), Some(w)) => {
-            AutoChoice { backend: "gpu", adapter: Some(i), reason: format!("its name contains {w:?}") }
-        }
-        (Some(i), None) if adapters[i].device_type == wgpu::DeviceType::Cpu => cpu(format!(
-            "the best adapter, {}, is a software rasterizer, slower than the CPU path; \
-             --backend gpu or --adapter NAME uses it",
-            adapters[i].name
-        )),
-        (Some(i), None) => AutoChoice {
-            backend: "gpu",
-            adapter: Some(i),
-            reason: format!(
-                "it is a {}, the best kind here: discrete, integrated, virtual GPU, then software; \
-                 Vulkan, Metal and DX12 before GL",
-                adapters[i].kind()
-            ),
-        },
-    }
-}
-
 fn devices(args: DevicesArgs) -> Result<ExitCode> {
     let adapters = lenet::gpu::list_adapters();
     let wanted = wanted_adapter(args.adapter.as_deref());
-    let auto = auto_choice(&adapters, wanted.as_deref());
+    let auto = auto_choice(&adapters, wanted.as_deref(), false);
     let mut out = Output::new(args.json);
     // `*` marks the adapter `auto` trains on: none when it takes the CPU path.
     for (i, a) in adapters.iter().enumerate() {

@@ -23,122 +23,12 @@ use rand_core::{Rng, SeedableRng};
 use crate::cpu::reference as r;
 use crate::cpu::Reference;
 use crate::data::Dataset;
+pub use crate::opcase::{relu_mask_of, update_shapes, OpCase};
 use crate::ops::*;
-use crate::optim::{AdamStep, OptStep, Optimizer, OptimizerKind, Sgd, SgdStep};
+use crate::optim::{self, OptStep, Optimizer, Scale};
 
 /// f32's unit roundoff.
 pub const U: f64 = f32::EPSILON as f64 / 2.0;
-
-/// One call of an op with its shapes: what a test or the bench checks and times.
-#[derive(Clone, Debug, PartialEq)]
-pub enum OpCase {
-    Gather {
-        batch: usize,
-        images: usize,
-        side: usize,
-        max_shift: i32,
-    },
-    ConvReluPool(ConvShape),
-    GatherConvReluPool {
-        s: ConvShape,
-        images: usize,
-        max_shift: i32,
-    },
-    Linear {
-        s: LinearShape,
-        relu: bool,
-    },
-    SoftmaxXent {
-        batch: usize,
-        classes: usize,
-    },
-    /// `mask`: None without an input gradient, else whether it is ReLU-masked.
-    LinearXent {
-        s: LinearShape,
-        mask: Option<bool>,
-    },
-    LinearBackward {
-        s: LinearShape,
-        mask: Option<bool>,
-    },
-    ConvBackwardFromPool {
-        s: ConvShape,
-        dinput: bool,
-    },
-    /// The tensors' sizes and their gradients' partial counts.
-    Adam {
-        lens: Vec<usize>,
-        partials: Vec<usize>,
-    },
-    Sgd {
-        lens: Vec<usize>,
-        partials: Vec<usize>,
-        momentum: f64,
-        nesterov: bool,
-        weight_decay: f64,
-    },
-}
-
-impl OpCase {
-    /// The op's name in [`Ops`].
-    pub fn op(&self) -> &'static str {
-        self.names().0
-    }
-
-    /// What the op computes, in a few words (the bench's "direction" column).
-    pub fn direction(&self) -> &'static str {
-        self.names().1
-    }
-
-    fn names(&self) -> (&'static str, &'static str) {
-        match self {
-            OpCase::Gather { .. } => ("gather", "gather"),
-            OpCase::ConvReluPool(_) => ("conv_relu_pool_forward", "forward+relu+pool"),
-            OpCase::GatherConvReluPool { .. } => ("gather_conv_relu_pool_forward", "gather+fwd+relu+pool"),
-            OpCase::Linear { relu: true, .. } => ("linear_forward", "forward+relu"),
-            OpCase::Linear { relu: false, .. } => ("linear_forward", "forward"),
-            OpCase::SoftmaxXent { .. } => ("softmax_xent", "softmax xent"),
-            OpCase::LinearXent { .. } => ("linear_xent_forward_backward", "fwd+xent+bwd"),
-            OpCase::LinearBackward { .. } => ("linear_backward", "backward"),
-            OpCase::ConvBackwardFromPool { .. } => ("conv_backward_from_pool", "backward from pool"),
-            OpCase::Adam { .. } => ("adam_update", "adam update"),
-            OpCase::Sgd { .. } => ("sgd_update", "sgd update"),
-        }
-    }
-
-    /// Floating-point operations of one call (2 per multiply-accumulate), or None for the
-    /// memory-bound ops (rated by [`OpCase::bytes`]).
-    pub fn flops(&self) -> Option<f64> {
-        let conv_fwd = |s: &ConvShape| 2.0 * s.macs() as f64;
-        Some(match self {
-            OpCase::ConvReluPool(s) | OpCase::GatherConvReluPool { s, .. } => conv_fwd(s),
-            OpCase::Linear { s, .. } => 2.0 * s.macs() as f64,
-            OpCase::LinearXent { s, mask } => 2.0 * s.macs() as f64 * if mask.is_some() { 3.0 } else { 2.0 },
-            OpCase::LinearBackward { s, mask } => {
-                2.0 * s.macs() as f64 * if mask.is_some() { 2.0 } else { 1.0 }
-            }
-            OpCase::ConvBackwardFromPool { s, dinput } => conv_fwd(s) * if *dinput { 2.0 } else { 1.0 },
-            _ => return None,
-        })
-    }
-
-    /// Bytes read and written once by one call (for the memory-bound ops' GB/s).
-    pub fn bytes(&self) -> f64 {
-        4.0 * match self {
-            OpCase::Gather { batch, side, .. } => batch * side * side * 5 / 4 + 4 * batch,
-            OpCase::SoftmaxXent { batch, classes } => 2 * batch * classes + 3 * batch,
-            OpCase::Adam { lens, partials } => lens.iter().zip(partials).map(|(n, p)| n * (p + 6)).sum(),
-            OpCase::Sgd { lens, partials, .. } => lens.iter().zip(partials).map(|(n, p)| n * (p + 4)).sum(),
-            OpCase::ConvReluPool(s) | OpCase::GatherConvReluPool { s, .. } => {
-                s.input_len() + s.weight_len() + s.output_len() + 2 * s.pooled_len()
-            }
-            OpCase::Linear { s, .. } | OpCase::LinearXent { s, .. } | OpCase::LinearBackward { s, .. } => {
-                s.batch * (s.in_features + s.out_features) + s.weight_len()
-            }
-            OpCase::ConvBackwardFromPool { s, .. } => 2 * s.input_len() + s.output_len() + 2 * s.pooled_len(),
-        } as f64
-    }
-}
 
 /// The cases tests/ops.rs checks every implementation on, grouped by op: LeNet-5's shapes and
 /// others (a single image, odd batches and channel counts, 3x3 kernels that the GPU's general
@@ -168,13 +58,6 @@ pub fn test_cases() -> Vec<OpCase> {
         conv(2, 2, 20, 8, 3, 1),
     ];
     let linears = [lin(1, 400, 120), lin(37, 400, 120), lin(13, 120, 84), lin(5, 84, 10), lin(17, 33, 19)];
-    let sgd = |lens: &[usize], partials: &[usize], momentum, nesterov, weight_decay| OpCase::Sgd {
-        lens: lens.to_vec(),
-        partials: partials.to_vec(),
-        momentum,
-        nesterov,
-        weight_decay,
-    };
     let mut cases = vec![
         OpCase::Gather { batch: 1, images: 3, side: 28, max_shift: 0 },
         OpCase::Gather { batch: 37, images: 50, side: 28, max_shift: 3 },
@@ -209,15 +92,35 @@ pub fn test_cases() -> Vec<OpCase> {
     cases.extend(
         convs.iter().flat_map(|&s| [true, false].map(|dinput| OpCase::ConvBackwardFromPool { s, dinput })),
     );
-    cases.extend([
-        OpCase::Adam { lens: vec![150, 6, 2400, 16], partials: vec![1, 1, 1, 1] },
-        OpCase::Adam { lens: vec![150, 6, 1000], partials: vec![3, 3, 1] },
+    // Every optimizer with its defaults on those shapes, and the settings that take other
+    // branches of its update.
+    let shapes = [
+        (vec![150, 6, 2400, 16], vec![1, 1, 1, 1]),
+        (vec![150, 6, 1000], vec![3, 3, 1]),
         // Sixteen partials and more are added eight loads at a time (optim.wgsl): a full round,
         // rounds and a remainder.
-        OpCase::Adam { lens: vec![2400, 16, 850], partials: vec![8, 17, 33] },
-        sgd(&[150, 6, 2400], &[1, 1, 1], 0.9, false, 0.0),
-        sgd(&[150, 6], &[4, 1], 0.9, true, 5e-4),
-        sgd(&[77], &[1], 0.0, false, 1e-2),
+        (vec![2400, 16, 850], vec![8, 17, 33]),
+    ];
+    let update = |kind: optim::OptimizerKind, lens: &[usize], partials: &[usize]| OpCase::Update {
+        lens: lens.to_vec(),
+        partials: partials.to_vec(),
+        step: optimizer_step(kind),
+    };
+    for d in optim::RULES {
+        cases.extend(shapes.iter().map(|(lens, partials)| update(d.default_kind(), lens, partials)));
+    }
+    let sgd = |momentum, nesterov, weight_decay| optim::Sgd { momentum, nesterov, weight_decay }.into();
+    let rmsprop = |weight_decay, momentum, centered| {
+        optim::RmsProp { weight_decay, momentum, centered, ..Default::default() }.into()
+    };
+    cases.extend([
+        update(sgd(0.9, false, 0.0), &[150, 6, 2400], &[1, 1, 1]),
+        update(sgd(0.9, true, 5e-4), &[150, 6], &[4, 1]),
+        update(sgd(0.0, false, 1e-2), &[77], &[1]),
+        update(optim::AdamW { weight_decay: 0.1, ..Default::default() }.into(), &[150, 6], &[4, 1]),
+        update(rmsprop(1e-2, 0.9, false), &[150, 6], &[4, 1]),
+        update(rmsprop(0.0, 0.0, true), &[150, 6, 1000], &[3, 3, 1]),
+        update(rmsprop(5e-4, 0.9, true), &[77], &[1]),
     ]);
     cases
 }
@@ -277,20 +180,11 @@ fn batch_picks(rng: &mut ChaCha8Rng, batch: usize, images: usize, max_shift: i32
     (indices, shifts)
 }
 
-/// The optimizer scalars of a realistic mid-run step.
-fn adam_step() -> AdamStep {
-    match Optimizer::default().step(7, 1e-3, None) {
-        OptStep::Adam(s) => s,
-        OptStep::Sgd(_) => unreachable!(),
-    }
-}
-
-fn sgd_step(momentum: f64, nesterov: bool, weight_decay: f64) -> SgdStep {
-    let opt = Optimizer { kind: OptimizerKind::Sgd(Sgd { momentum, nesterov, weight_decay }), lr: 0.05 };
-    match opt.step(7, 0.05, None) {
-        OptStep::Sgd(s) => s,
-        OptStep::Adam(_) => unreachable!(),
-    }
+/// The optimizer scalars of a realistic mid-run step (the 7th, at lr 1e-3 for the adaptive
+/// optimizers, 0.05 for SGD).
+fn optimizer_step(kind: optim::OptimizerKind) -> OptStep {
+    let lr = if matches!(kind, optim::OptimizerKind::Sgd(_)) { 0.05 } else { 1e-3 };
+    Optimizer { kind, lr }.step(7, lr, None)
 }
 
 /// Seeded random inputs for `case`, shaped as the network's (ReLU outputs where the op reads
@@ -372,14 +266,22 @@ pub fn inputs(case: &OpCase, seed: u64) -> Host {
             h.f32s.push(("input", input));
             h.f32s.push(("weight", weight));
         }
-        OpCase::Adam { lens, partials } | OpCase::Sgd { lens, partials, .. } => {
+        OpCase::Update { lens, partials, step } => {
             let total: usize = lens.iter().sum();
             let grads: usize = lens.iter().zip(partials).map(|(n, p)| n * p).sum();
             h.f32s.push(("param", uniform(rng, total, -0.3, 0.3)));
             h.f32s.push(("grad", uniform(rng, grads, -0.02, 0.02)));
-            h.f32s.push(("moment1", uniform(rng, total, -0.01, 0.01)));
-            // v is a mean of squared gradients: positive, on the gradients' squared scale.
-            h.f32s.push(("moment2", uniform(rng, total, 0.0, 4e-4)));
+            for state in step.descriptor().states {
+                let values = if state.non_negative {
+                    // A mean of squared gradients: positive, on the gradients' squared scale, and
+                    // above the square of any running mean of gradients below (RMSprop's
+                    // centered variance stays positive, as it does in a real run).
+                    uniform(rng, total, 2e-4, 6e-4)
+                } else {
+                    uniform(rng, total, -0.01, 0.01)
+                };
+                h.f32s.push((state.name, values));
+            }
         }
     }
     h
@@ -417,7 +319,7 @@ pub struct Staged<O: Ops> {
     /// Partial counts of the gradient outputs (dweight, dbias).
     partials: usize,
     /// The optimizer cases' tensors, one buffer per tensor: the parameters, their gradients,
-    /// and the optimizer's state (moment1, and moment2 for Adam).
+    /// and the optimizer's states.
     params: Vec<O::Buf<f32>>,
     grads: Vec<O::Buf<f32>>,
     moments: Vec<Vec<O::Buf<f32>>>,
@@ -511,7 +413,7 @@ impl<O: Ops> Staged<O> {
                 }
                 grads(&mut s, ops, GradOp::ConvFromPool(*c, *dinput), c.weight_len(), c.out_channels)?;
             }
-            OpCase::Adam { lens, partials } | OpCase::Sgd { lens, partials, .. } => {
+            OpCase::Update { lens, partials, .. } => {
                 let ones = vec![1; lens.len()];
                 let mut upload = |name: &'static str, parts: &[usize]| -> Result<Vec<O::Buf<f32>>> {
                     split(host.f(name), lens, parts).into_iter().map(|t| ops.upload(name, t)).collect()
@@ -613,14 +515,9 @@ impl<O: Ops> Staged<O> {
                     s: *s,
                 })
             }
-            OpCase::Adam { .. } => {
+            OpCase::Update { step, .. } => {
                 let (params, grads, moments) = (&mut self.params[..], &self.grads[..], &mut self.moments[..]);
-                ops.adam_update(UpdateArgs { params, grads, moments, step: &adam_step() })
-            }
-            OpCase::Sgd { momentum, nesterov, weight_decay, .. } => {
-                let (params, grads, moments) = (&mut self.params[..], &self.grads[..], &mut self.moments[..]);
-                let step = sgd_step(*momentum, *nesterov, *weight_decay);
-                ops.sgd_update(UpdateArgs { params, grads, moments, step: &step })
+                ops.update(UpdateArgs { params, grads, moments, step })
             }
         }
     }
@@ -639,7 +536,7 @@ impl<O: Ops> Staged<O> {
             h.u32s.push((n, ops.read(b)?));
         }
         if !self.params.is_empty() {
-            let names = std::iter::once("param").chain(moment_names(&self.case).iter().copied());
+            let names = std::iter::once("param").chain(moment_names(&self.case));
             for (name, tensors) in names.zip(std::iter::once(&self.params).chain(&self.moments)) {
                 let mut flat = Vec::new();
                 for t in tensors {
@@ -694,10 +591,10 @@ fn input_grad<'a, B>(
 }
 
 /// The optimizer's state tensors of an optimizer case, in [`UpdateArgs::moments`] order.
-fn moment_names(case: &OpCase) -> &'static [&'static str] {
+fn moment_names(case: &OpCase) -> Vec<&'static str> {
     match case {
-        OpCase::Adam { .. } => &["moment1", "moment2"],
-        _ => &["moment1"],
+        OpCase::Update { step, .. } => step.descriptor().states.iter().map(|s| s.name).collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -972,9 +869,11 @@ fn bounds(case: &OpCase, host: &Host, want: &Host) -> Vec<(&'static str, Vec<f64
                 out.push(("dinput", reduce(want.f("dinput"), &si, s.out_channels * s.kernel * s.kernel)));
             }
         }
-        OpCase::Adam { lens, partials } | OpCase::Sgd { lens, partials, .. } => {
-            // Each element's new state is a few roundings of its inputs: m and v take 3 each,
-            // relative to the sizes of the terms. The parameter moves by d = p_old - p_new: its
+        OpCase::Update { lens, partials, step } => {
+            // Each element's new state is a few roundings of its inputs: a mean of gradients (m)
+            // or of their squares (v) takes 3 each, relative to the sizes of the terms; a sum of
+            // steps g/avg (RMSprop's momentum buffer) takes the sqrt's and the division's 2.5 ULP
+            // and two roundings more, relative to its old and new values. The parameter moves by d = p_old - p_new: its
             // error is a few roundings of d (sqrt and division may be 2.5 ULP on a GPU), plus
             // the rounding of p itself. The summed partials add one rounding per partial.
             let grads = split(host.f("grad"), lens, partials);
@@ -986,12 +885,23 @@ fn bounds(case: &OpCase, host: &Host, want: &Host) -> Vec<(&'static str, Vec<f64
             let parts: Vec<f64> =
                 lens.iter().zip(partials).flat_map(|(&n, &p)| std::iter::repeat_n(p as f64, n)).collect();
             let old = |name| host.f(name).iter().map(|&x| x.abs() as f64);
-            let m1: Vec<f64> =
-                old("moment1").zip(&g).zip(&parts).map(|((m, g), p)| 8.0 * U * (m + g * p)).collect();
-            let m2: Vec<f64> = old("moment2")
-                .zip(&g)
-                .zip(&parts)
-                .map(|((v, g), p)| 8.0 * U * (v + g * g * (1.0 + 2.0 * p * U)))
+            let states: Vec<(&'static str, Vec<f64>)> = step
+                .descriptor()
+                .states
+                .iter()
+                .map(|state| {
+                    let bound = old(state.name).zip(&g).zip(&parts).zip(want.f(state.name));
+                    let bound = match state.scale {
+                        Scale::Grad => bound.map(|(((m, g), p), _)| 8.0 * U * (m + g * p)).collect(),
+                        Scale::GradSquared => bound
+                            .map(|(((v, g), p), _)| 8.0 * U * (v + g * g * (1.0 + 2.0 * p * U)))
+                            .collect(),
+                        Scale::Step => {
+                            bound.map(|(((b, _), _), &new)| 16.0 * U * (b + new.abs() as f64)).collect()
+                        }
+                    };
+                    (state.name, bound)
+                })
                 .collect();
             let d: Vec<f64> = host
                 .f("param")
@@ -1000,10 +910,7 @@ fn bounds(case: &OpCase, host: &Host, want: &Host) -> Vec<(&'static str, Vec<f64
                 .map(|(&a, &b)| 4.0 * U * b.abs() as f64 + 64.0 * U * (a as f64 - b as f64).abs())
                 .collect();
             out.push(("param", d));
-            out.push(("moment1", m1));
-            if matches!(case, OpCase::Adam { .. }) {
-                out.push(("moment2", m2));
-            }
+            out.extend(states);
         }
     }
     out
@@ -1093,42 +1000,10 @@ impl<O: Ops> Ops for Trace<O> {
         self.inner.conv_backward_from_pool(a)
     }
 
-    fn adam_update(&mut self, a: AdamUpdate<Self>) -> Result<()> {
+    fn update(&mut self, a: Update<Self>) -> Result<()> {
         let (lens, partials) = update_shapes(a.params, a.grads, |b| self.inner.len(b));
-        self.calls.push(OpCase::Adam { lens, partials });
-        self.inner.adam_update(a)
-    }
-
-    fn sgd_update(&mut self, a: SgdUpdate<Self>) -> Result<()> {
-        let (lens, partials) = update_shapes(a.params, a.grads, |b| self.inner.len(b));
-        self.calls.push(OpCase::sgd(lens, partials, a.step));
-        self.inner.sgd_update(a)
-    }
-}
-
-/// Whether an input gradient is asked for (Some) and masked by a ReLU (true): [`OpCase`]'s
-/// `mask`.
-pub fn relu_mask_of<F>(dinput: &Option<InputGradArgs<F>>) -> Option<bool> {
-    dinput.as_ref().map(|d| d.relu_mask.is_some())
-}
-
-/// An optimizer call's tensor sizes and gradient partial counts, from `len` of each buffer.
-pub fn update_shapes<F>(params: &[F], grads: &[F], len: impl Fn(&F) -> usize) -> (Vec<usize>, Vec<usize>) {
-    let lens: Vec<usize> = params.iter().map(&len).collect();
-    let partials = grads.iter().zip(&lens).map(|(g, &n)| len(g) / n.max(1)).collect();
-    (lens, partials)
-}
-
-impl OpCase {
-    /// The case of an SGD step with these settings.
-    pub fn sgd(lens: Vec<usize>, partials: Vec<usize>, step: &SgdStep) -> Self {
-        OpCase::Sgd {
-            lens,
-            partials,
-            momentum: step.momentum as f64,
-            nesterov: step.nesterov != 0,
-            weight_decay: step.weight_decay as f64,
-        }
+        self.calls.push(OpCase::Update { lens, partials, step: *a.step });
+        self.inner.update(a)
     }
 }
 

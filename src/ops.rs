@@ -22,7 +22,7 @@ use anyhow::Result;
 
 use crate::cpu::reference;
 use crate::data::Dataset;
-use crate::optim::{AdamStep, OptStep, SgdStep};
+use crate::optim::OptStep;
 
 /// What a buffer can hold.
 pub trait Elem: bytemuck::Pod + Default + PartialEq + std::fmt::Debug + Send + Sync + 'static {}
@@ -245,12 +245,11 @@ pub struct UpdateArgs<'a, F, S> {
     /// Each `partials` x its tensor's size.
     pub grads: &'a [F],
     /// The optimizer's state, one list per name of
-    /// [`crate::optim::Optimizer::state_names`] (Adam: m, v; SGD: the momentum buffer).
+    /// [`crate::optim::Optimizer::state_names`] (Adam: m, v; SGD: the momentum buffer; ...).
     pub moments: &'a mut [Vec<F>],
     pub step: &'a S,
 }
-pub type AdamUpdate<'a, O> = UpdateArgs<'a, F32<O>, AdamStep>;
-pub type SgdUpdate<'a, O> = UpdateArgs<'a, F32<O>, SgdStep>;
+pub type Update<'a, O> = UpdateArgs<'a, F32<O>, OptStep>;
 
 /// The ops. Each overwrites its outputs completely. The CPU ones compute at once; the GPU
 /// records, and runs what it recorded when a buffer is read.
@@ -394,29 +393,12 @@ pub trait Ops {
         self.write(a.dbias, &dbias)
     }
 
-    /// One optimizer step over every tensor, by whichever optimizer `a.step` belongs to.
-    fn update(&mut self, a: UpdateArgs<F32<Self>, OptStep>) -> Result<()> {
-        let UpdateArgs { params, grads, moments, step } = a;
-        match step {
-            OptStep::Adam(step) => self.adam_update(UpdateArgs { params, grads, moments, step }),
-            OptStep::Sgd(step) => self.sgd_update(UpdateArgs { params, grads, moments, step }),
-        }
-    }
-
-    /// One step of Adam over every tensor, exactly `torch.optim.Adam`'s (see
-    /// [`crate::optim`]); each gradient is the in-order sum of its partials.
-    fn adam_update(&mut self, a: AdamUpdate<Self>) -> Result<()> {
-        host_update(self, a.params, a.grads, a.moments, 2, |p, g, m| {
-            let [m, v] = m else { unreachable!("two moments") };
-            reference::adam_update(p, g, m, v, a.step)
-        })
-    }
-
-    /// One step of SGD over every tensor, exactly `torch.optim.SGD`'s (see [`crate::optim`]).
-    fn sgd_update(&mut self, a: SgdUpdate<Self>) -> Result<()> {
-        host_update(self, a.params, a.grads, a.moments, 1, |p, g, m| {
-            let [b] = m else { unreachable!("one moment") };
-            reference::sgd_update(p, g, b, a.step)
+    /// One optimizer step over every tensor, by whichever optimizer `a.step` belongs to, exactly
+    /// as PyTorch's (see [`crate::optim`]); each gradient is the in-order sum of its partials.
+    fn update(&mut self, a: Update<Self>) -> Result<()> {
+        let step = a.step;
+        host_update(self, a.params, a.grads, a.moments, step.moments(), |p, g, states| {
+            reference::optimizer_update(p, g, states, step)
         })
     }
 }

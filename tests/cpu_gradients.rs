@@ -24,7 +24,7 @@ use lenet::cpu::{fast, reference as ops, Fast, Reference};
 use lenet::data::Dataset;
 use lenet::model::*;
 use lenet::ops::{ConvLayerArgs, Ops};
-use lenet::optim::{Adam, OptStep, Optimizer, OptimizerKind, Sgd};
+use lenet::optim::{Adam, Optimizer, OptimizerKind, Sgd};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
@@ -441,8 +441,8 @@ fn adam_matches_the_torch_formula() {
     let mut p = p0.clone();
     let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
     for (t, g) in grads.iter().enumerate() {
-        let OptStep::Adam(s) = opt.step(t as u64 + 1, opt.lr, None) else { unreachable!() };
-        ops::adam_update(&mut p, g, &mut m, &mut v, &s);
+        let s = opt.step(t as u64 + 1, opt.lr, None);
+        ops::optimizer_update(&mut p, g, &mut [&mut m, &mut v], &s);
         for i in 0..n {
             // Each step moves a parameter by up to ~lr; f32 keeps it to ~1e-7 absolute.
             let want = expected[t][i];
@@ -482,8 +482,8 @@ fn sgd_matches_the_torch_formula() {
         let mut p = p0.clone();
         let mut b = vec![0.0; n];
         for (t, g) in grads.iter().enumerate() {
-            let OptStep::Sgd(s) = opt.step(t as u64 + 1, opt.lr, None) else { unreachable!() };
-            ops::sgd_update(&mut p, g, &mut b, &s);
+            let s = opt.step(t as u64 + 1, opt.lr, None);
+            ops::optimizer_update(&mut p, g, &mut [&mut b], &s);
             for i in 0..n {
                 let w = want[t][i];
                 assert!(

@@ -57,10 +57,16 @@ fn every_op_has_cases() {
         "linear_xent_forward_backward",
         "linear_backward",
         "conv_backward_from_pool",
-        "adam_update",
-        "sgd_update",
+        "update",
     ] {
         assert!(ops.contains(&op), "{op} has no test case");
+    }
+    // Every optimizer's update is checked.
+    for d in lenet::optim::RULES {
+        let checked = opcheck::test_cases()
+            .iter()
+            .any(|c| matches!(c, OpCase::Update { step, .. } if step.optimizer == d.name));
+        assert!(checked, "{} has no update case", d.name);
     }
 }
 

@@ -6,6 +6,8 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use serde_json::json;
+
 fn lenet(args: &[&str]) -> Output {
     let out = Command::new(common::lenet_exe()).args(args).output().expect("lenet runs");
     assert!(out.status.success(), "lenet {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -183,6 +185,16 @@ fn monitor_and_min_delta_decide_what_counts_as_an_improvement() {
     // stops after the second, and says it watched the accuracy.
     let (report, said) = run(&["--patience", "1", "--monitor", "val_accuracy", "--min-delta", "0.5"]);
     assert_eq!(report["stop_reason"], "patience", "{report}");
+    // The JSON carries the run's recipe.
+    let config = &report["config"];
+    assert_eq!(
+        (&config["monitor"], &config["min_delta"], &config["val"]),
+        (&json!("val_accuracy"), &json!(0.5), &json!(1280))
+    );
+    assert_eq!(
+        (&config["batch"], &config["optimizer"]["optimizer"], &config["seed"]),
+        (&json!(64), &json!("adam"), &json!(0))
+    );
     assert_eq!(report["steps"], 160);
     assert!(
         said.contains("the validation accuracy had not improved for 1 evaluation (--patience)"),

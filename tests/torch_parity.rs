@@ -1,5 +1,5 @@
 //! `lenet train` against PyTorch, step by step: the runs of tests/fixtures/parity.json (each
-//! optimizer and schedule, the shift augmentation, a validation split), which
+//! optimizer (Adam, SGD, AdamW, RMSprop) and schedule, the shift augmentation, a validation split), which
 //! `scripts/torch_reference.py parity-fixtures tests/fixtures` recorded with torch 2.15 on the CPU
 //! from the same initial weights (tests/fixtures/parity_init.safetensors, PyTorch's default
 //! initialisation) on the same `--no-shuffle` batches. Each is repeated with `--backend cpu`, and
@@ -108,20 +108,32 @@ fn run_lenet(backend: &str, data: &Path, dir: &Path, f: &Fixture, case: &Case) -
 /// element whose gradient is within rounding of zero steps by anything up to lr either way, and
 /// such differences grow. For Adam: 1e-3 x lr more per step (measured: at most 1.6e-5 at step
 /// 24 of the cosine run at lr 3e-3 on lavapipe, a quarter of that; every other case, either
-/// path, stays within 5.4e-7). A learning rate 1% off (the planted fault below) exceeds the
-/// tolerance within a few steps.
+/// path, stays within 5.4e-7). AdamW steps as Adam does. RMSprop divides by sqrt(mean g^2)
+/// without Adam's bias correction: its first step moves such an element by up to
+/// lr / sqrt(1 - alpha) (10 lr at the default alpha), and its steps follow each step's gradient
+/// rather than a mean of them, so three times that takes Adam's lr's place (measured: the GPU
+/// path's rmsprop-plain run reaches 5.7e-5 at step 30, 0.6 of that tolerance; the CPU path
+/// stays within the first step's rounding). A learning rate 1% off (the planted fault below)
+/// exceeds the tolerance within a few steps, for each optimizer.
 fn loss_tolerance(k: usize, loss: f64, adam_lr: Option<f64>) -> f64 {
     let steps_after = (k - 1) as f64;
     (1e-6 + 1e-7 * steps_after) * loss.max(1.0) + adam_lr.map_or(0.0, |lr| 1e-3 * lr * steps_after)
 }
 
-/// The case's learning rate if its optimizer is Adam.
+/// If the case's optimizer divides by a root mean square of the gradients (Adam, AdamW,
+/// RMSprop), the largest step it takes an element whose gradient is within rounding of zero:
+/// Adam's lr, RMSprop's 3 lr / sqrt(1 - alpha) (see [`loss_tolerance`]).
 fn adam_lr(case: &Case) -> Option<f64> {
     let option =
         |name: &str| case.options.iter().position(|o| o == name).map(|i| case.options[i + 1].as_str());
+    let lr = option("--lr").map_or(1e-3, |lr| lr.parse().unwrap());
     match option("--optimizer") {
         Some("sgd") => None,
-        _ => Some(option("--lr").map_or(1e-3, |lr| lr.parse().unwrap())),
+        Some("rmsprop") => {
+            let alpha: f64 = option("--alpha").map_or(0.99, |a| a.parse().unwrap());
+            Some(3.0 * lr / (1.0 - alpha).sqrt())
+        }
+        _ => Some(lr),
     }
 }
 
@@ -191,7 +203,16 @@ fn a_learning_rate_one_percent_off_is_caught() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let data = common::write_small_mnist(dir.path(), f.train_images, 100);
-    for name in ["adam-cosine", "adam-onecycle-shift2", "sgd-plain", "sgd-nesterov-onecycle"] {
+    for name in [
+        "adam-cosine",
+        "adam-onecycle-shift2",
+        "sgd-plain",
+        "sgd-nesterov-onecycle",
+        "adamw-onecycle",
+        "rmsprop-plain",
+        "rmsprop-centered-momentum-decay",
+        "rmsprop-onecycle",
+    ] {
         let case = f.cases.iter().find(|c| c.name == name).unwrap();
         let mut off = case.clone();
         let lr = off.options.iter().position(|o| o == "--lr").unwrap() + 1;

@@ -251,6 +251,14 @@ fn a_resumed_run_continues_schedule_shifts_and_validation_exactly() {
     for (opt, schedule) in [
         (Optimizer { lr: 4e-3, ..Optimizer::default() }, LrSchedule::OneCycle),
         (sgd(0.05), LrSchedule::Cosine),
+        (Optimizer { kind: lenet::optim::AdamW::default().into(), lr: 3e-3 }, LrSchedule::OneCycle),
+        (
+            Optimizer {
+                kind: lenet::optim::RmsProp { momentum: 0.9, centered: true, ..Default::default() }.into(),
+                lr: 1e-4,
+            },
+            LrSchedule::Cosine,
+        ),
     ] {
         let fresh = start(opt, 32, schedule, 2, 96);
         // Interrupted mid-epoch, and at an epoch's end (after its evaluation).
@@ -377,7 +385,9 @@ fn save_best_keeps_the_checkpoint_of_the_best_validation_accuracy() {
     let (report, _) = run_cpu(&data, &mut state, &cfg, None);
     let rows = val_rows(&report);
     let first_best = rows.iter().fold((-1.0, 0), |b, r| if r.2 > b.0 { (r.2, r.0) } else { b });
-    assert_ne!(first_best.1, state.step, "the test needs a best evaluation before the last");
+    assert_ne!(first_best.1, report.steps, "the test needs a best evaluation before the last");
+    // The run ends on the best checkpoint's state (its weights were scored and are kept).
+    assert_eq!((report.scored_weights, report.scored_step, state.step), ("best", first_best.1, first_best.1));
     let best = load_checkpoint(&best_path).unwrap().into_train_state().unwrap();
     assert_eq!((best.step, best.record.best_accuracy), (first_best.1, Some(first_best)));
     // It is the run's state at that step: the same as a run stopped there.
@@ -544,7 +554,10 @@ fn impossible_combinations_of_options_get_one_line() {
     let no_data = ["train", "--backend", "cpu", "--data", "/nonexistent-data-dir"];
     let cases: &[(&[&str], &str)] = &[
         (&["--momentum", "0.9"], "--optimizer sgd"),
-        (&["--optimizer", "adam", "--weight-decay", "1e-4"], "SGD's"),
+        (
+            &["--optimizer", "adam", "--weight-decay", "1e-4"],
+            "--weight-decay is not a setting of --optimizer adam",
+        ),
         (&["--optimizer", "sgd", "--nesterov"], "--nesterov needs --momentum"),
         (&["--optimizer", "sgd", "--momentum", "-0.5"], "--momentum"),
         (&["--optimizer", "sgd", "--weight-decay", "inf"], "--weight-decay"),

@@ -72,7 +72,7 @@ fn layer_of(case: &OpCase, batch: usize) -> String {
             find(LayerShape::Linear(*s))
         }
         OpCase::SoftmaxXent { .. } => Some("loss".to_string()),
-        OpCase::Adam { .. } | OpCase::Sgd { .. } => Some("all".to_string()),
+        OpCase::Update { .. } => Some("all".to_string()),
     };
     name.unwrap_or_else(|| "?".into())
 }
@@ -115,7 +115,7 @@ fn new_row(case: &OpCase, batch: usize) -> Row {
     };
     Row {
         layer: layer_of(case, batch),
-        direction: case.direction().into(),
+        direction: case.direction(),
         op: case.op().into(),
         gpu_kernels: Vec::new(),
         unit,

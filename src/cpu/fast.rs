@@ -24,9 +24,10 @@ use rayon::prelude::*;
 
 use anyhow::{ensure, Result};
 
-use super::reference::{adam_element, partials, sgd_element, summed_grad};
+use super::reference::partials;
 use crate::data::Dataset;
 use crate::ops::*;
+use crate::optim;
 
 thread_local! {
     /// im2col / col2im buffer of the current thread.
@@ -816,24 +817,10 @@ impl Ops for Fast {
         Ok(())
     }
 
-    fn adam_update(&mut self, a: AdamUpdate<Self>) -> Result<()> {
+    fn update(&mut self, a: Update<Self>) -> Result<()> {
         let step = a.step;
         update_blocks(a.params, a.grads, a.moments)?.into_par_iter().for_each(|mut b| {
-            let [m, v] = &mut b.moments[..] else { unreachable!("Adam has two moments") };
-            for (j, ((p, m), v)) in b.param.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).enumerate() {
-                adam_element(p, summed_grad(b.grad, b.n, b.first + j), m, v, step);
-            }
-        });
-        Ok(())
-    }
-
-    fn sgd_update(&mut self, a: SgdUpdate<Self>) -> Result<()> {
-        let step = a.step;
-        update_blocks(a.params, a.grads, a.moments)?.into_par_iter().for_each(|mut b| {
-            let [buf] = &mut b.moments[..] else { unreachable!("SGD has one moment") };
-            for (j, (p, buf)) in b.param.iter_mut().zip(buf.iter_mut()).enumerate() {
-                sgd_element(p, summed_grad(b.grad, b.n, b.first + j), buf, step);
-            }
+            optim::update_span(step, b.param, b.grad, b.n, b.first, &mut b.moments);
         });
         Ok(())
     }

@@ -10,7 +10,7 @@ use anyhow::{ensure, Result};
 
 use crate::data::Dataset;
 use crate::ops::*;
-use crate::optim::{AdamStep, SgdStep};
+use crate::optim::{self, OptStep};
 
 /// Every tap of the convolution that reads inside the input, as the flat indices (output,
 /// input, weight) of out[b,co,y,x], inp[b,ci,y+ky-pad,x+kx-pad] and weight[co,ci,ky,kx], in the
@@ -295,17 +295,7 @@ pub fn first_argmax(row: &[f32]) -> usize {
     best
 }
 
-/// The gradient of element `i`: the in-order sum of its partials (see [`crate::ops`]).
-#[inline]
-pub fn summed_grad(grad: &[f32], n: usize, i: usize) -> f32 {
-    let mut g = grad[i];
-    let mut at = i + n;
-    while at < grad.len() {
-        g += grad[at];
-        at += n;
-    }
-    g
-}
+pub use crate::optim::summed_grad;
 
 /// The number of partials in a gradient buffer for a tensor of `n`.
 pub fn partials(grad: &[f32], n: usize) -> usize {
@@ -317,54 +307,16 @@ pub fn partials(grad: &[f32], n: usize) -> usize {
     grad.len() / n
 }
 
-/// One step of Adam as `torch.optim.Adam` takes it (no weight decay, no amsgrad), on a tensor
-/// whose gradient comes as partials: m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
-/// p -= step_size * m / (sqrt(v)/sqrt(bc2) + eps).
-pub fn adam_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamStep) {
+/// One optimizer step on a tensor whose gradient comes as partials: `step`'s optimizer's element
+/// update ([`crate::optim::Rule::element`]) on every element, each gradient the in-order sum of
+/// its partials. `states`: the optimizer's state tensors, in its order.
+pub fn optimizer_update(param: &mut [f32], grad: &[f32], states: &mut [&mut [f32]], step: &OptStep) {
     let n = param.len();
-    assert!(m.len() == n && v.len() == n);
     if n == 0 {
         return;
     }
     partials(grad, n);
-    for i in 0..n {
-        adam_element(&mut param[i], summed_grad(grad, n, i), &mut m[i], &mut v[i], s);
-    }
-}
-
-/// Adam's update of one element (shared with the fast path, so both round alike).
-#[inline]
-pub fn adam_element(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, s: &AdamStep) {
-    *m += s.one_minus_beta1 * (g - *m);
-    *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
-    let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
-    *p -= s.step_size * (*m / denom);
-}
-
-/// One step of SGD as `torch.optim.SGD` takes it (dampening 0), on a tensor whose gradient
-/// comes as partials: g += wd*p (if wd != 0); buf = momentum*buf + g; g = nesterov ?
-/// g + momentum*buf : buf; p -= lr*g.
-pub fn sgd_update(param: &mut [f32], grad: &[f32], momentum: &mut [f32], s: &SgdStep) {
-    let n = param.len();
-    assert_eq!(momentum.len(), n);
-    if n == 0 {
-        return;
-    }
-    partials(grad, n);
-    for i in 0..n {
-        sgd_element(&mut param[i], summed_grad(grad, n, i), &mut momentum[i], s);
-    }
-}
-
-/// SGD's update of one element (shared with the fast path).
-#[inline]
-pub fn sgd_element(p: &mut f32, mut g: f32, buf: &mut f32, s: &SgdStep) {
-    if s.weight_decay != 0.0 {
-        g += s.weight_decay * *p;
-    }
-    *buf = *buf * s.momentum + g;
-    let step = if s.nesterov != 0 { g + s.momentum * *buf } else { *buf };
-    *p -= s.lr * step;
+    optim::update_span(step, param, grad, n, 0, states);
 }
 
 /// The batch the indices pick from `data`: input[b] = image indices[b] as pixels / 255,

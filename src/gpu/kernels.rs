@@ -11,7 +11,7 @@ use bytemuck::{Pod, Zeroable};
 use wgpu::util::DeviceExt;
 
 use super::shader::{self, Access, EntryPoint, Value};
-use crate::optim::{AdamStep, OptStep, SgdStep};
+use crate::optim::{self, OptStep, Scalars};
 
 /// Prepended to every shader file: the step uniform and small helpers.
 const PRELUDE: &str = include_str!("../../shaders/common.wgsl");
@@ -19,9 +19,17 @@ const PRELUDE: &str = include_str!("../../shaders/common.wgsl");
 /// Every shader file but the prelude, by name, in name order (listed by build.rs).
 pub const SHADERS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/shaders.rs"));
 
-/// A shader file as it is compiled: the prelude, then the file.
+/// The optimizers' shader file: their WGSL functions, to which the update kernels are appended.
+const OPTIM: &str = include_str!("../../shaders/optim.wgsl");
+
+/// A shader file as it is compiled: the prelude, then the file (for optim.wgsl, then the update
+/// kernels written from the optimizers' list).
 pub fn shader_source(file_text: &str) -> String {
-    format!("{PRELUDE}\n{file_text}")
+    if file_text == OPTIM {
+        format!("{PRELUDE}\n{file_text}{}", update_kernels())
+    } else {
+        format!("{PRELUDE}\n{file_text}")
+    }
 }
 
 /// Stride of the per-step uniforms (bound with a dynamic offset). 256 is the largest
@@ -37,43 +45,76 @@ pub struct StepUniform {
     pub index_offset: u32,
     /// Where the step's per-image losses and correct flags go.
     pub stats_offset: u32,
-    pub adam: AdamStep,
-    pub sgd: SgdStep,
+    /// The optimizer's scalars (`opt0..opt7`).
+    pub optimizer: Scalars,
 }
 
 impl StepUniform {
     /// The slot of a step whose indices and statistics start at `offset`, with its optimizer's
     /// scalars.
     pub fn new(offset: usize, opt: &OptStep) -> Self {
-        let mut u =
-            StepUniform { index_offset: offset as u32, stats_offset: offset as u32, ..Default::default() };
-        match opt {
-            OptStep::Adam(a) => u.adam = *a,
-            OptStep::Sgd(g) => u.sgd = *g,
-        }
-        u
+        StepUniform { index_offset: offset as u32, stats_offset: offset as u32, optimizer: opt.scalars }
     }
 
     /// (field name, byte offset) in WGSL's flat order.
     fn fields() -> Vec<(&'static str, usize)> {
         use std::mem::offset_of;
-        let adam = offset_of!(StepUniform, adam);
-        let sgd = offset_of!(StepUniform, sgd);
-        vec![
+        const OPT: [&str; optim::SCALARS] = ["opt0", "opt1", "opt2", "opt3", "opt4", "opt5", "opt6", "opt7"];
+        let scalars = offset_of!(StepUniform, optimizer);
+        let mut fields = vec![
             ("index_offset", offset_of!(StepUniform, index_offset)),
             ("stats_offset", offset_of!(StepUniform, stats_offset)),
-            ("step_size", adam + offset_of!(AdamStep, step_size)),
-            ("bias_correction2_sqrt", adam + offset_of!(AdamStep, bias_correction2_sqrt)),
-            ("one_minus_beta1", adam + offset_of!(AdamStep, one_minus_beta1)),
-            ("beta2", adam + offset_of!(AdamStep, beta2)),
-            ("one_minus_beta2", adam + offset_of!(AdamStep, one_minus_beta2)),
-            ("eps", adam + offset_of!(AdamStep, eps)),
-            ("lr", sgd + offset_of!(SgdStep, lr)),
-            ("momentum", sgd + offset_of!(SgdStep, momentum)),
-            ("weight_decay", sgd + offset_of!(SgdStep, weight_decay)),
-            ("nesterov", sgd + offset_of!(SgdStep, nesterov)),
-        ]
+        ];
+        fields.extend(OPT.iter().enumerate().map(|(k, name)| (*name, scalars + 4 * k)));
+        fields
     }
+}
+
+/// The name of the state tensors' bindings of the update kernels, in the optimizer's order.
+pub const STATE_BINDINGS: [&str; optim::MAX_STATES] = ["state0", "state1", "state2"];
+
+/// The update kernels: for each optimizer of [`optim::RULES`], an entry point `update_<name>`
+/// that sums an element's gradient partials (`element` in optim.wgsl), calls the optimizer's
+/// WGSL function `<name>` with the step's scalars and its states, and stores what it returns.
+/// Appended to optim.wgsl, which holds those functions.
+fn update_kernels() -> String {
+    const KERNEL: &str = "
+// TORCH
+@compute @workgroup_size(256)
+fn update_NAME(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = flat_index(wid, nwg, lid, 256u);
+    if e >= params.elements {
+        return;
+    }
+    let el = element(e);
+    let i = el.index;
+    var s = array<f32, MAX_STATES>(LOADS);
+    var p = param[i];
+    NAME(&p, el.grad, &s, step_scalars());
+STORES    param[i] = p;
+}
+";
+    let mut out = String::new();
+    for d in optim::RULES {
+        let n = d.states.len();
+        let loads: Vec<String> = (0..optim::MAX_STATES)
+            .map(|k| if k < n { format!("state{k}[i]") } else { "0.0".into() })
+            .collect();
+        let stores: String = (0..n).map(|k| format!("    state{k}[i] = s[{k}];\n")).collect();
+        out.push_str(
+            &KERNEL
+                .replace("TORCH", d.torch)
+                .replace("NAME", d.name)
+                .replace("MAX_STATES", &optim::MAX_STATES.to_string())
+                .replace("LOADS", &loads.join(", "))
+                .replace("STORES", &stores),
+        );
+    }
+    out
 }
 
 /// One compute entry point, compiled, with what it binds.
@@ -239,7 +280,7 @@ pub struct Dispatch {
     /// The op of [`crate::ops::Ops`] it belongs to.
     pub op: &'static str,
     /// The op call it was recorded by (the outermost, for ops made of others).
-    pub case: Option<crate::opcheck::OpCase>,
+    pub case: Option<crate::opcase::OpCase>,
     /// What it computes, from the name of the first buffer it writes (`conv1.conv`, ...).
     pub label: String,
     /// The WGSL entry point.

@@ -17,7 +17,7 @@ use super::kernels::{pack_u8, pixel_lut, Binder, Dispatch, StepUniform, View};
 use super::v2::{self, Generation, Variant};
 use super::v3;
 use crate::data::Dataset;
-use crate::opcheck::{relu_mask_of, update_shapes, OpCase};
+use crate::opcase::{relu_mask_of, update_shapes, OpCase};
 use crate::ops::*;
 
 /// A device buffer (or a range of one) of `len` values of `T`.
@@ -471,16 +471,9 @@ impl Ops for GpuOps {
         })
     }
 
-    fn adam_update(&mut self, a: AdamUpdate<Self>) -> Result<()> {
-        let values = StepUniform { adam: *a.step, ..Default::default() };
+    fn update(&mut self, a: Update<Self>) -> Result<()> {
         let (lens, partials) = update_shapes(a.params, a.grads, |b| b.len);
-        self.tagged(OpCase::Adam { lens, partials }, |me| me.optimizer("adam", "adam_update", a, values))
-    }
-
-    fn sgd_update(&mut self, a: SgdUpdate<Self>) -> Result<()> {
-        let values = StepUniform { sgd: *a.step, ..Default::default() };
-        let (lens, partials) = update_shapes(a.params, a.grads, |b| b.len);
-        self.tagged(OpCase::sgd(lens, partials, a.step), |me| me.optimizer("sgd", "sgd_update", a, values))
+        self.tagged(OpCase::Update { lens, partials, step: *a.step }, |me| me.optimizer("update", a))
     }
 }
 

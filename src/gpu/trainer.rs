@@ -80,7 +80,7 @@ struct TrainProgram {
     /// Steps per chunk it has room for.
     capacity: usize,
     /// Which optimizer's kernel it records.
-    optimizer: std::mem::Discriminant<OptStep>,
+    optimizer: &'static str,
     indices: GpuBuf<u32>,
     shifts: GpuBuf<i32>,
     losses: GpuBuf<f32>,
@@ -352,7 +352,7 @@ impl GpuBackend {
     /// The program for chunks of `steps` steps of `batch` with `opt`'s optimizer (recorded with
     /// `opt`'s scalars, which every step's uniform then replaces).
     fn ensure_program(&mut self, batch: usize, steps: usize, opt: &OptStep) -> Result<()> {
-        let optimizer = std::mem::discriminant(opt);
+        let optimizer = opt.optimizer;
         if let Some(p) = &self.program {
             if p.batch == batch && p.capacity >= steps && p.optimizer == optimizer {
                 return Ok(());
@@ -521,7 +521,7 @@ impl Backend for GpuBackend {
         ensure!(!self.moments.is_empty(), "no optimizer state loaded");
         let first = chunk.steps[0];
         ensure!(
-            chunk.steps.iter().all(|s| std::mem::discriminant(s) == std::mem::discriminant(&first))
+            chunk.steps.iter().all(|s| s.optimizer == first.optimizer)
                 && self.moments.len() == first.moments(),
             "the chunk's optimizer does not match the loaded state"
         );

@@ -9,7 +9,7 @@
 
 use anyhow::{ensure, Result};
 
-use super::kernels::{grid_1d, Binder, StepUniform};
+use super::kernels::{grid_1d, Binder, StepUniform, STATE_BINDINGS};
 use super::ops::{storage_init, GpuBuf, GpuOps};
 use crate::ops::*;
 
@@ -232,13 +232,9 @@ impl GpuOps {
     /// One optimizer kernel over every tensor: one dispatch when the parameters, gradients and
     /// moments each lie in one buffer with the moments laid out as the parameters (the GPU
     /// backend's flat buffers), else one per tensor.
-    pub(super) fn optimizer<S>(
-        &mut self,
-        kernel: &'static str,
-        op: &'static str,
-        a: UpdateArgs<GpuBuf<f32>, S>,
-        values: StepUniform,
-    ) -> Result<()> {
+    pub(super) fn optimizer(&mut self, op: &'static str, a: Update<Self>) -> Result<()> {
+        let kernel = format!("update_{}", a.step.optimizer);
+        let values = StepUniform { optimizer: a.step.scalars, ..Default::default() };
         let (params, grads, moments) = (&*a.params, a.grads, &*a.moments);
         ensure!(
             grads.len() == params.len() && moments.iter().all(|m| m.len() == params.len()),
@@ -286,13 +282,12 @@ impl GpuOps {
             let view = |b: &GpuBuf<f32>| if flat { b.whole() } else { b.view.clone() };
             let first = tensors[0];
             let mut bind = self
-                .kernel(kernel)?
+                .kernel(&kernel)?
                 .buf("tensors", &table.view)
                 .buf("grad", &view(&grads[first]))
-                .buf("param", &view(&params[first]))
-                .buf("moment1", &view(&moments[0][first]));
-            if moments.len() > 1 {
-                bind = bind.buf("moment2", &view(&moments[1][first]));
+                .buf("param", &view(&params[first]));
+            for (name, state) in STATE_BINDINGS.iter().zip(moments) {
+                bind = bind.buf(name, &view(&state[first]));
             }
             let d = bind
                 .param("elements", start)

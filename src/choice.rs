@@ -1,0 +1,136 @@
+//! The one rule for where `--backend` runs and on which adapter. `train` and `eval`
+//! ([`open_backend`]), `bench` ([`bench_context`]) and `devices` ([`auto_choice`], to show it)
+//! all ask it.
+
+use std::io::Write as _;
+
+use anyhow::{Context as _, Result};
+
+use crate::backend::Backend;
+use crate::data::Dataset;
+use crate::gpu::context::{choose_adapter, AdapterSummary};
+
+/// Where `--backend` asks the arithmetic to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The best GPU adapter; the CPU path when there is none.
+    Auto,
+    Gpu,
+    Cpu,
+}
+
+/// What `--backend auto` does, and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AutoChoice {
+    /// "gpu" or "cpu".
+    pub backend: &'static str,
+    /// The index of the adapter it runs on (`null` on the CPU path).
+    pub adapter: Option<usize>,
+    pub reason: String,
+}
+
+/// What `--backend auto` makes of these adapters, `wanted` naming part of one (`--adapter`):
+/// the named one, else the best kind; the CPU path when none is found, or when the best is a
+/// software rasterizer that nobody named (slower than the CPU path) unless `take_software` (the
+/// bench, which reports what the adapter does beside the CPU's figures).
+pub fn auto_choice(adapters: &[AdapterSummary], wanted: Option<&str>, take_software: bool) -> AutoChoice {
+    let cpu = |reason: String| AutoChoice { backend: "cpu", adapter: None, reason };
+    match (choose_adapter(adapters, wanted), wanted) {
+        (None, _) if adapters.is_empty() => {
+            cpu("there is no GPU adapter (on Linux without a GPU, Mesa's lavapipe \
+             provides one: apt-get install mesa-vulkan-drivers)"
+                .into())
+        }
+        (None, w) => cpu(format!("no adapter's name contains {:?}", w.unwrap_or_default())),
+        (Some(i), Some(w)) => {
+            AutoChoice { backend: "gpu", adapter: Some(i), reason: format!("its name contains {w:?}") }
+        }
+        (Some(i), None) if adapters[i].device_type == wgpu::DeviceType::Cpu && !take_software => {
+            cpu(format!(
+                "the best adapter, {}, is a software rasterizer, slower than the CPU path; \
+             --backend gpu or --adapter NAME uses it",
+                adapters[i].name
+            ))
+        }
+        (Some(i), None) => AutoChoice {
+            backend: "gpu",
+            adapter: Some(i),
+            reason: format!(
+                "it is a {}, the best kind here: discrete, integrated, virtual GPU, then software; \
+                 Vulkan, Metal and DX12 before GL",
+                adapters[i].kind()
+            ),
+        },
+    }
+}
+
+pub use crate::gpu::context::wanted_adapter;
+
+/// A one-line notice on stderr. Notices never fail the run: a closed stderr (a terminal gone)
+/// is ignored. No brackets around the reason: adapter names carry their own.
+fn notice(line: String) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// The backend the user asked for, training on `train` (an empty set for evaluation only).
+/// `auto` follows [`auto_choice`] and falls back to the CPU, with a one-line notice on stderr,
+/// when it says so or when the GPU fails to start.
+pub fn open_backend(
+    choice: BackendChoice,
+    adapter: Option<&str>,
+    train: &Dataset,
+) -> Result<Box<dyn Backend>> {
+    let cpu = || -> Result<Box<dyn Backend>> { Ok(Box::new(crate::cpu::CpuBackend::new(train)?)) };
+    match choice {
+        BackendChoice::Cpu => cpu(),
+        BackendChoice::Gpu => {
+            let gpu = crate::gpu::GpuBackend::open(adapter, train).context("--backend gpu")?;
+            Ok(Box::new(gpu))
+        }
+        BackendChoice::Auto => {
+            let wanted = wanted_adapter(adapter);
+            let auto = auto_choice(&crate::gpu::list_adapters(), wanted.as_deref(), false);
+            if auto.adapter.is_none() {
+                notice(format!("backend: cpu, because {}", auto.reason));
+                return cpu();
+            }
+            match crate::gpu::GpuBackend::open(adapter, train) {
+                Ok(gpu) => {
+                    notice(format!("backend: gpu on {}", gpu.adapter()));
+                    Ok(Box::new(gpu))
+                }
+                Err(e) => {
+                    notice(format!("backend: cpu, because the GPU failed to start: {e:#}"));
+                    cpu()
+                }
+            }
+        }
+    }
+}
+
+/// The device `lenet bench` times the GPU's kernels on (None: the CPU's figures only). `auto`
+/// follows [`auto_choice`] taking a software adapter too.
+pub fn bench_context(choice: BackendChoice, adapter: Option<&str>) -> Result<Option<crate::gpu::GpuContext>> {
+    match choice {
+        BackendChoice::Cpu => Ok(None),
+        BackendChoice::Gpu => Ok(Some(crate::gpu::GpuContext::new(adapter).context("--backend gpu")?)),
+        BackendChoice::Auto => {
+            let wanted = wanted_adapter(adapter);
+            let auto = auto_choice(&crate::gpu::list_adapters(), wanted.as_deref(), true);
+            if auto.adapter.is_none() {
+                notice(format!("backend: cpu, because {}", auto.reason));
+                return Ok(None);
+            }
+            match crate::gpu::GpuContext::new(adapter) {
+                Ok(c) => {
+                    notice(format!("backend: gpu on {}", c.adapter_info));
+                    Ok(Some(c))
+                }
+                Err(e) => {
+                    notice(format!("backend: cpu, because there is no usable GPU: {e:#}"));
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
