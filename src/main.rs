@@ -389,14 +389,23 @@ fn check_train_paths(
 /// that reads back to the same bits).
 fn run_config(state: &TrainState, cfg: &TrainConfig, data: &Path) -> serde_json::Value {
     use serde_json::{json, Value};
-    let optimizer: serde_json::Map<String, Value> =
-        state.optimizer.metadata().into_iter().map(|(k, v)| (k.to_string(), Value::String(v))).collect();
+    // Each optimizer has its own settings: a list of them, so the document's shape is the same
+    // whichever optimizer ran.
+    let settings: Vec<Value> = state
+        .optimizer
+        .metadata()
+        .into_iter()
+        .filter(|(k, _)| !matches!(*k, "optimizer" | "lr"))
+        .map(|(k, v)| json!({ "name": k, "value": v }))
+        .collect();
     json!({
         "data": data.display().to_string(),
         "seed": state.seed,
         "batch": state.batch,
         "shuffle": state.shuffle,
-        "optimizer": optimizer,
+        "optimizer": state.optimizer.descriptor().name,
+        "lr": state.optimizer.lr,
+        "optimizer_settings": settings,
         "lr_schedule": state.schedule.name(),
         "augment_shift": state.augment_shift,
         "val": state.validation,

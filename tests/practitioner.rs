@@ -192,7 +192,7 @@ fn monitor_and_min_delta_decide_what_counts_as_an_improvement() {
         (&json!("val_accuracy"), &json!(0.5), &json!(1280))
     );
     assert_eq!(
-        (&config["batch"], &config["optimizer"]["optimizer"], &config["seed"]),
+        (&config["batch"], &config["optimizer"], &config["seed"]),
         (&json!(64), &json!("adam"), &json!(0))
     );
     assert_eq!(report["steps"], 160);
