@@ -696,18 +696,44 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     let ctx = match args.device.backend {
         BackendChoice::Cpu => None,
         BackendChoice::Gpu => Some(lenet::gpu::GpuContext::new(adapter).context("--backend gpu")?),
-        // Unlike `train`, `auto` here takes a software adapter (lavapipe) too: a benchmark reports
-        // what the adapter does, and the CPU figures are always beside it.
-        BackendChoice::Auto => match lenet::gpu::GpuContext::new(adapter) {
-            Ok(c) => {
-                notice(format!("backend: gpu on {}", c.adapter_info));
-                Some(c)
+        // As `train` chooses: a software adapter (lavapipe, ~100x slower than the CPU path) only
+        // when named (--adapter, LENET_ADAPTER) or with --backend gpu.
+        BackendChoice::Auto => {
+            let adapters = lenet::gpu::list_adapters();
+            let chosen = lenet::gpu::context::choose_adapter(&adapters, adapter).map(|i| &adapters[i]);
+            let software = chosen.is_some_and(|a| a.device_type == wgpu::DeviceType::Cpu);
+            match chosen {
+                None if adapters.is_empty() => {
+                    notice("backend: cpu, because there is no GPU adapter");
+                    None
+                }
+                None => {
+                    notice(format!(
+                        "backend: cpu, because no adapter's name contains {:?}",
+                        adapter.unwrap_or("")
+                    ));
+                    None
+                }
+                Some(a) if software && adapter.is_none() => {
+                    notice(format!(
+                        "backend: cpu, because the only adapter, {}, is a software rasterizer, slower than \
+                         the CPU path; --backend gpu or --adapter NAME benches it",
+                        a.name
+                    ));
+                    None
+                }
+                Some(_) => match lenet::gpu::GpuContext::new(adapter) {
+                    Ok(c) => {
+                        notice(format!("backend: gpu on {}", c.adapter_info));
+                        Some(c)
+                    }
+                    Err(e) => {
+                        notice(format!("backend: cpu, because the GPU failed to start: {}", error_line(&e)));
+                        None
+                    }
+                },
             }
-            Err(e) => {
-                notice(format!("backend: cpu, because there is no usable GPU: {}", error_line(&e)));
-                None
-            }
-        },
+        }
     };
     let mut cfg = lenet::bench::BenchConfig::new(args.batch, args.iters);
     // A slow adapter (lavapipe) stops each row after this much wall time (at least 3 samples).

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod fast;
+pub mod isa;
 pub mod reference;
 
 pub use backend::CpuBackend;
