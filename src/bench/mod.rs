@@ -378,13 +378,20 @@ fn shares(rows: &mut [Row], batch: usize, peak: Option<&peak::Peak>) -> (Option<
         if gpu_step.is_some() { ("GPU", |r| r.gpu_share) } else { ("CPU", |r| r.cpu_share) };
     let mut ranked: Vec<&Row> = ops.iter().filter(|r| key(r).is_some()).collect();
     ranked.sort_by(|a, b| key(b).partial_cmp(&key(a)).unwrap_or(std::cmp::Ordering::Equal));
-    let top: Vec<String> = ranked
-        .iter()
-        .take(3)
-        .map(|r| format!("{} {} {:.0}%", r.layer, r.direction, 100.0 * key(r).unwrap_or(0.0)))
-        .collect();
-    let dominant =
-        if top.is_empty() { String::new() } else { format!("dominant ({side} step): {}", top.join(", ")) };
+    // The largest rows, as many of the top three as fit the table's 100 columns.
+    let mut dominant = String::new();
+    for r in ranked.iter().take(3) {
+        let item = format!("{} {} {:.0}%", r.layer, r.direction, 100.0 * key(r).unwrap_or(0.0));
+        let line = if dominant.is_empty() {
+            format!("dominant ({side}): {item}")
+        } else {
+            format!("{dominant}, {item}")
+        };
+        if line.chars().count() > 100 {
+            break;
+        }
+        dominant = line;
+    }
     (ips(cpu_step), ips(gpu_step), dominant)
 }
 
