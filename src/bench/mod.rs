@@ -329,7 +329,7 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
         times.fill(&mut row);
     }
     rows.push(row);
-    let cpu_peak = cfg.cpu.then(|| peak::measure(crate::cpu::isa::selected(), 0.1));
+    let cpu_peak = cfg.cpu.then(|| peak::measure(crate::cpu::isa::selected(), 0.25));
     let (cpu_images_per_s, gpu_images_per_s, dominant) = shares(&mut rows, b, cpu_peak.as_ref());
 
     let timing = match &timer {

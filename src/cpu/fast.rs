@@ -487,19 +487,28 @@ fn direct_conv1(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn direct_conv1_avx512(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], cout: usize) {
-    direct_conv1_block(out, inp, weight, bias, cout);
+    // 6 channels x 2 vectors of 16: 12 accumulators of the 32 registers.
+    direct_conv1_block::<6>(out, inp, weight, bias, cout);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn direct_conv1_avx2(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], cout: usize) {
-    direct_conv1_block(out, inp, weight, bias, cout);
+    // 3 channels x 4 vectors of 8: 12 accumulators of the 16 registers.
+    direct_conv1_block::<3>(out, inp, weight, bias, cout);
 }
 
 /// The body of [`direct_conv1`], compiled once per instruction set (`mul_add` is one vector
-/// FMA there).
+/// FMA there): output channels in groups of G, so that each tap's row is loaded once for G
+/// channels and G x (lanes / vector width) independent FMA chains hide the FMA's latency.
 #[inline(always)]
-fn direct_conv1_block(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], cout: usize) {
+fn direct_conv1_block<const G: usize>(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    cout: usize,
+) {
     const S: usize = DIRECT_SIDE;
     let mut tile = [0f32; TILE_H * TILE_W];
     for (out, img) in out.chunks_exact_mut(cout * S * S).zip(inp.chunks_exact(S * S)) {
@@ -507,23 +516,49 @@ fn direct_conv1_block(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32]
             let dst: &mut [f32; S] = (&mut tile[(y + 2) * TILE_W + 2..][..S]).try_into().unwrap();
             *dst = src.try_into().unwrap();
         }
-        for ((out, w), &b) in out.chunks_exact_mut(S * S).zip(weight.chunks_exact(25)).zip(bias) {
-            let w: &[f32; 25] = w.try_into().unwrap();
-            for (y, out) in out.chunks_exact_mut(S).enumerate() {
-                let mut acc = [0f32; DIRECT_LANES];
-                for ky in 0..5 {
-                    let row = &tile[(y + ky) * TILE_W..][..TILE_W];
-                    for kx in 0..5 {
-                        let wv = w[ky * 5 + kx];
-                        let src: &[f32; DIRECT_LANES] = row[kx..][..DIRECT_LANES].try_into().unwrap();
-                        for (a, &x) in acc.iter_mut().zip(src) {
-                            *a = wv.mul_add(x, *a);
-                        }
+        let mut co = 0;
+        while co < cout {
+            if cout - co >= G {
+                direct_conv1_channels::<G>(out, &tile, weight, bias, co);
+                co += G;
+            } else {
+                direct_conv1_channels::<1>(out, &tile, weight, bias, co);
+                co += 1;
+            }
+        }
+    }
+}
+
+/// Output channels `co..co + G` of one image from its zero-bordered tile.
+#[inline(always)]
+fn direct_conv1_channels<const G: usize>(
+    out: &mut [f32],
+    tile: &[f32; TILE_H * TILE_W],
+    weight: &[f32],
+    bias: &[f32],
+    co: usize,
+) {
+    const S: usize = DIRECT_SIDE;
+    let w: &[[f32; 25]; G] = weight[co * 25..][..G * 25].as_chunks::<25>().0.try_into().unwrap();
+    for y in 0..S {
+        let mut acc = [[0f32; DIRECT_LANES]; G];
+        for ky in 0..5 {
+            let row = &tile[(y + ky) * TILE_W..][..TILE_W];
+            for kx in 0..5 {
+                let src: &[f32; DIRECT_LANES] = row[kx..][..DIRECT_LANES].try_into().unwrap();
+                for (acc, w) in acc.iter_mut().zip(w) {
+                    let wv = w[ky * 5 + kx];
+                    for (a, &x) in acc.iter_mut().zip(src) {
+                        *a = wv.mul_add(x, *a);
                     }
                 }
-                for (o, &a) in out.iter_mut().zip(&acc) {
-                    *o = (a + b).max(0.0);
-                }
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            let b = bias[co + g];
+            let o = &mut out[(co + g) * S * S + y * S..][..S];
+            for (o, &a) in o.iter_mut().zip(acc) {
+                *o = (a + b).max(0.0);
             }
         }
     }
