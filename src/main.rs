@@ -925,6 +925,12 @@ LENET_KERNELS
 picks the GPU kernels: auto (the default: mixed on a GPU, v2 on a software adapter), v1, v2,
 mixed or v3
 .TP
+LENET_CPU_ISA
+the CPU path's instruction set: auto (the default: the widest the CPU has), avx2 or avx512
+.TP
+RAYON_NUM_THREADS
+the CPU path's threads (default: the cores this process may use)
+.TP
 WGPU_BACKEND
 limits the graphics APIs wgpu looks at (vulkan, metal, dx12, gl)
 .SH "SEE ALSO"

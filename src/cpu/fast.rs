@@ -2,8 +2,10 @@
 //! signatures and the same results up to f32 rounding, and [`Fast`], the [`Ops`]
 //! implementation the CPU backend trains with (tests/ops.rs checks it against the reference).
 //!
-//! How: convolutions as im2col + GEMM over blocks of 8 images (the `gemm` crate
-//! picks AVX-512/AVX2 kernels at run time); im2col rows copied as fixed-size arrays, with a
+//! How: convolutions as im2col + GEMM over blocks of 8 images (the `gemm` crate's AVX-512 or
+//! AVX2 microkernels, as [`super::isa`] selects: `LENET_CPU_ISA`), except conv1's forward, a
+//! direct FMA kernel in the GEMM's order (the same bits); im2col rows copied as fixed-size
+//! arrays, the padding written in place, with a
 //! patch-contiguous (transposed) im2col for the weight gradient when it pays; linear layers as
 //! GEMMs over row blocks; max-pool with selects instead of branches; ReLU fused into the layer
 //! before it (and into the pool's backward); rayon over the batch.
