@@ -109,7 +109,8 @@ fn checkpoints_are_the_same_bytes_on_any_thread_count_for_each_isa() {
             ];
             let out = lenet(&args, &[(ISA_ENV, name), ("RAYON_NUM_THREADS", threads)]);
             let err = text(&ok(&out).stdout) + &text(&out.stderr);
-            let said = format!("{threads} threads of");
+            let said =
+                if threads == "1" { "1 thread of".to_string() } else { format!("{threads} threads of") };
             assert!(err.contains(&said) && err.contains(isa.name()), "{name} on {threads}: {err}");
             assert_eq!(err.contains("forced by LENET_CPU_ISA"), isa != detected(), "{err}");
             let bytes = std::fs::read(&save).unwrap();

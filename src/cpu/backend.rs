@@ -27,5 +27,6 @@ pub fn cpu_description() -> String {
     let isa = super::isa::selected();
     let forced = if super::isa::forced() { " (forced by LENET_CPU_ISA)" } else { "" };
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    format!("{threads} threads of {cores} available, {}{forced}", isa.name())
+    let plural = if threads == 1 { "" } else { "s" };
+    format!("{threads} thread{plural} of {cores} available, {}{forced}", isa.name())
 }

@@ -190,6 +190,9 @@ fn im2col(col: &mut [f32], ld: usize, inp: &[f32], s: &ConvShape) {
     }
     let (h, w, k) = (s.height, s.width, s.kernel);
     let (ho, wo) = (s.out_height(), s.out_width());
+    if (w, wo, k, p) == (28, 28, 5, 2) {
+        return im2col_same28(col, ld, inp, s.in_channels, h, ho);
+    }
     for ci in 0..s.in_channels {
         let plane = &inp[ci * h * w..][..h * w];
         for ky in 0..k {
@@ -209,6 +212,41 @@ fn im2col(col: &mut [f32], ld: usize, inp: &[f32], s: &ConvShape) {
                         copy_short(&mut dst[x0..x1], &plane[sy * w + x0 + kx - p..][..x1 - x0]);
                     }
                     dst[x1..].fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col`] for LeNet's conv1 shape (28 wide, K = 5, padding 2, 28 wide out), with
+/// fixed-size row copies: each source row is read once into a zero-bordered row of 32 on the
+/// stack, and every row of col that reads it is one 28-float copy from it.
+fn im2col_same28(col: &mut [f32], ld: usize, inp: &[f32], cin: usize, h: usize, ho: usize) {
+    const W: usize = 28;
+    let mut ext = [0f32; W + 4];
+    for ci in 0..cin {
+        let plane = &inp[ci * h * W..][..h * W];
+        for ky in 0..5 {
+            for kx in 0..5 {
+                let row = &mut col[((ci * 5 + ky) * 5 + kx) * ld..][..ho * W];
+                // Output rows whose source row y + ky - 2 is outside the image: zeros.
+                for (y, dst) in row.chunks_exact_mut(W).enumerate() {
+                    if (y + ky).wrapping_sub(2) >= h {
+                        dst.fill(0.0);
+                    }
+                }
+            }
+        }
+        for (sy, src) in plane.chunks_exact(W).enumerate() {
+            let mid: &mut [f32; W] = (&mut ext[2..][..W]).try_into().unwrap();
+            *mid = src.try_into().unwrap();
+            for ky in 0..5 {
+                // Output row y reads source row sy = y + ky - 2.
+                let Some(y) = (sy + 2).checked_sub(ky).filter(|&y| y < ho) else { continue };
+                for kx in 0..5 {
+                    let dst: &mut [f32; W] =
+                        (&mut col[((ci * 5 + ky) * 5 + kx) * ld + y * W..][..W]).try_into().unwrap();
+                    *dst = ext[kx..][..W].try_into().unwrap();
                 }
             }
         }
@@ -1126,7 +1164,15 @@ mod tests {
     /// im2col with padding written directly equals im2col of a zero-bordered copy.
     #[test]
     fn padded_im2col_equals_the_padded_copys() {
-        for (h, w, k, p, cin) in [(28, 28, 5, 2, 1), (7, 9, 3, 1, 2), (5, 5, 5, 4, 1), (6, 4, 3, 2, 3)] {
+        let shapes = [
+            (28, 28, 5, 2, 1),
+            (28, 28, 5, 2, 2),
+            (30, 28, 5, 2, 1),
+            (7, 9, 3, 1, 2),
+            (5, 5, 5, 4, 1),
+            (6, 4, 3, 2, 3),
+        ];
+        for (h, w, k, p, cin) in shapes {
             let s = ConvShape {
                 batch: 1,
                 in_channels: cin,
