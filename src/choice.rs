@@ -31,9 +31,9 @@ pub struct AutoChoice {
 
 /// What `--backend auto` makes of these adapters, `wanted` naming part of one (`--adapter`):
 /// the named one, else the best kind; the CPU path when none is found, or when the best is a
-/// software rasterizer that nobody named (slower than the CPU path) unless `take_software` (the
-/// bench, which reports what the adapter does beside the CPU's figures).
-pub fn auto_choice(adapters: &[AdapterSummary], wanted: Option<&str>, take_software: bool) -> AutoChoice {
+/// software rasterizer that nobody named (slower than the CPU path). `train`, `eval`, `bench`
+/// and `devices` all follow it: a software adapter is measured or trained on only when named.
+pub fn auto_choice(adapters: &[AdapterSummary], wanted: Option<&str>) -> AutoChoice {
     let cpu = |reason: String| AutoChoice { backend: "cpu", adapter: None, reason };
     match (choose_adapter(adapters, wanted), wanted) {
         (None, _) if adapters.is_empty() => {
@@ -45,13 +45,11 @@ pub fn auto_choice(adapters: &[AdapterSummary], wanted: Option<&str>, take_softw
         (Some(i), Some(w)) => {
             AutoChoice { backend: "gpu", adapter: Some(i), reason: format!("its name contains {w:?}") }
         }
-        (Some(i), None) if adapters[i].device_type == wgpu::DeviceType::Cpu && !take_software => {
-            cpu(format!(
-                "the best adapter, {}, is a software rasterizer, slower than the CPU path; \
+        (Some(i), None) if adapters[i].device_type == wgpu::DeviceType::Cpu => cpu(format!(
+            "the best adapter, {}, is a software rasterizer, slower than the CPU path; \
              --backend gpu or --adapter NAME uses it",
-                adapters[i].name
-            ))
-        }
+            adapters[i].name
+        )),
         (Some(i), None) => AutoChoice {
             backend: "gpu",
             adapter: Some(i),
@@ -89,7 +87,7 @@ pub fn open_backend(
         }
         BackendChoice::Auto => {
             let wanted = wanted_adapter(adapter);
-            let auto = auto_choice(&crate::gpu::list_adapters(), wanted.as_deref(), false);
+            let auto = auto_choice(&crate::gpu::list_adapters(), wanted.as_deref());
             if auto.adapter.is_none() {
                 notice(format!("backend: cpu, because {}", auto.reason));
                 return cpu();
@@ -109,14 +107,14 @@ pub fn open_backend(
 }
 
 /// The device `lenet bench` times the GPU's kernels on (None: the CPU's figures only). `auto`
-/// follows [`auto_choice`] taking a software adapter too.
+/// follows [`auto_choice`], as `train` does.
 pub fn bench_context(choice: BackendChoice, adapter: Option<&str>) -> Result<Option<crate::gpu::GpuContext>> {
     match choice {
         BackendChoice::Cpu => Ok(None),
         BackendChoice::Gpu => Ok(Some(crate::gpu::GpuContext::new(adapter).context("--backend gpu")?)),
         BackendChoice::Auto => {
             let wanted = wanted_adapter(adapter);
-            let auto = auto_choice(&crate::gpu::list_adapters(), wanted.as_deref(), true);
+            let auto = auto_choice(&crate::gpu::list_adapters(), wanted.as_deref());
             if auto.adapter.is_none() {
                 notice(format!("backend: cpu, because {}", auto.reason));
                 return Ok(None);

@@ -453,15 +453,20 @@ fn resumed_line(path: &Path, state: &TrainState, train_images: usize) -> String 
     )
 }
 
-/// The optimizer the options describe, on top of `base` (the default, or a resumed run's).
-fn optimizer_from_args(args: &TrainArgs, base: Optimizer) -> Result<Optimizer> {
-    let flags = optim::Flags {
+/// The optimizer options given on the command line.
+fn optim_flags(args: &TrainArgs) -> optim::Flags {
+    optim::Flags {
         momentum: args.momentum,
         nesterov: args.nesterov,
         weight_decay: args.weight_decay,
         alpha: args.alpha,
         centered: args.centered,
-    };
+    }
+}
+
+/// The optimizer the options describe, on top of `base` (the default, or a resumed run's).
+fn optimizer_from_args(args: &TrainArgs, base: Optimizer) -> Result<Optimizer> {
+    let flags = optim_flags(args);
     let mut optimizer = Optimizer::from_flags(args.optimizer.as_deref(), &flags, base)?;
     optimizer.lr = args.lr.unwrap_or(base.lr);
     optimizer.validate_as(optim::Naming::Flags)?;
@@ -473,8 +478,16 @@ fn check_recipe_args(args: &TrainArgs) -> Result<()> {
     // The values' bounds, before any data is read. A resumed run without --optimizer keeps the
     // checkpoint's optimizer: its options are checked against that one once the checkpoint is
     // read (restating its own --momentum is no conflict).
-    if args.resume.is_none() || args.optimizer.is_some() {
-        let optimizer = optimizer_from_args(args, Optimizer::default())?;
+    // Their bounds are checked now all the same, as the first optimizer that takes them has them.
+    let base = match (&args.resume, args.optimizer.as_deref()) {
+        (Some(_), None) => {
+            let given = optim_flags(args).given();
+            optim::accepting(&given).map(|d| Optimizer { kind: d.default_kind(), ..Optimizer::default() })
+        }
+        _ => Some(Optimizer::default()),
+    };
+    if let Some(base) = base {
+        let optimizer = optimizer_from_args(args, base)?;
         // OneCycleLR refuses an optimizer with neither betas nor a momentum, as PyTorch's does.
         if args.lr_schedule.is_some_and(LrSchedule::cycles_momentum)
             && optimizer.descriptor().cycled.is_none()
@@ -1022,7 +1035,7 @@ struct AdapterEntry {
 fn devices(args: DevicesArgs) -> Result<ExitCode> {
     let adapters = lenet::gpu::list_adapters();
     let wanted = wanted_adapter(args.adapter.as_deref());
-    let auto = auto_choice(&adapters, wanted.as_deref(), false);
+    let auto = auto_choice(&adapters, wanted.as_deref());
     let mut out = Output::new(args.json);
     // `*` marks the adapter `auto` trains on: none when it takes the CPU path.
     for (i, a) in adapters.iter().enumerate() {
@@ -1195,6 +1208,12 @@ picks a GPU adapter by part of its name, as \-\-adapter does
 LENET_KERNELS
 picks the GPU kernels: auto (the default: mixed on a GPU, v2 on a software adapter), v1, v2,
 mixed or v3
+.TP
+LENET_CPU_ISA
+the CPU path's instruction set: auto (the default: the widest the CPU has), avx2 or avx512
+.TP
+RAYON_NUM_THREADS
+the CPU path's threads (default: the cores this process may use)
 .TP
 WGPU_BACKEND
 limits the graphics APIs wgpu looks at (vulkan, metal, dx12, gl)

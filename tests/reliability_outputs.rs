@@ -341,7 +341,7 @@ fn resuming_an_sgd_run_with_its_own_momentum_is_accepted_and_another_is_refused(
     succeeded(&with(&["--save", p(&adam)]));
     one_error_line(&with(&["--resume", p(&adam), "--momentum", "0.9"]), "--momentum");
     // Bad values are refused before any data is read, resumed or not.
-    one_error_line(&with(&["--resume", p(&run), "--momentum", "-1"]), "--momentum -1");
+    one_error_line(&with(&["--resume", p(&run), "--momentum", "-1"]), "--momentum = -1");
 }
 
 #[test]

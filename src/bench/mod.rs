@@ -8,6 +8,7 @@
 //! one compute pass, timestamp queries where offered), the CPU row runs the fast CPU op. The
 //! whole step closes the table, validated by its gradients ([`step::check_step`]).
 
+pub mod peak;
 pub mod report;
 pub mod step;
 
@@ -126,13 +127,36 @@ fn new_row(case: &OpCase, batch: usize) -> Row {
         cpu_us: None,
         cpu_rate: None,
         cpu_calls: 0,
+        cpu_min_us: None,
+        cpu_max_us: None,
+        cpu_share: None,
+        gpu_share: None,
+        cpu_peak_fraction: None,
         validated: "n/a".into(),
         worst_ratio: None,
     }
 }
 
-/// Median wall time of one call of `f`, after one warm-up call.
-fn time_cpu(cfg: &BenchConfig, f: &mut dyn FnMut() -> Result<()>) -> Result<(f64, usize)> {
+/// Wall times of one call of `f`: median, min, max (seconds) and samples.
+struct CpuTimes {
+    median: f64,
+    min: f64,
+    max: f64,
+    samples: usize,
+}
+
+impl CpuTimes {
+    fn fill(&self, row: &mut Row) {
+        row.cpu_us = Some(self.median * 1e6);
+        row.cpu_min_us = Some(self.min * 1e6);
+        row.cpu_max_us = Some(self.max * 1e6);
+        row.cpu_rate = Some(rate(row.work, self.median));
+        row.cpu_calls = self.samples;
+    }
+}
+
+/// Wall times of one call of `f`, after one warm-up call.
+fn time_cpu(cfg: &BenchConfig, f: &mut dyn FnMut() -> Result<()>) -> Result<CpuTimes> {
     f()?;
     let mut s = Vec::new();
     let start = Instant::now();
@@ -144,8 +168,10 @@ fn time_cpu(cfg: &BenchConfig, f: &mut dyn FnMut() -> Result<()>) -> Result<(f64
             break;
         }
     }
-    let n = s.len();
-    Ok((median(&mut s), n))
+    let samples = s.len();
+    let min = s.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = s.iter().copied().fold(0.0, f64::max);
+    Ok(CpuTimes { median: median(&mut s), min, max, samples })
 }
 
 fn random_dataset(n: usize, seed: u64) -> Dataset {
@@ -189,6 +215,7 @@ fn record_check(row: &mut Row, result: Result<opcheck::Outcome>) {
 /// Errors only for set-up failures; a failed validation is in its row.
 pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
     anyhow::ensure!(cfg.batch > 0 && cfg.iters > 0, "batch and iterations must be at least 1");
+    crate::cpu::isa::check()?;
     let b = cfg.batch;
     let data = random_dataset(b, cfg.seed);
     let optimizer = Optimizer { kind: OptimizerKind::Adam(Adam::default()), lr: 1e-3 };
@@ -253,10 +280,7 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
         if cfg.cpu {
             let mut fast = Fast::default();
             let mut staged = Staged::new(&mut fast, case, &opcheck::inputs(case, cfg.seed))?;
-            let (s, n) = time_cpu(cfg, &mut || staged.exec(&mut fast))?;
-            row.cpu_us = Some(s * 1e6);
-            row.cpu_rate = Some(rate(row.work, s));
-            row.cpu_calls = n;
+            time_cpu(cfg, &mut || staged.exec(&mut fast))?.fill(&mut row);
         }
         rows.push(row);
     }
@@ -292,7 +316,7 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
     if cfg.cpu {
         cpu_be.load_state(&state)?;
         let mut t = 0u64;
-        let (s, n) = time_cpu(cfg, &mut || {
+        let times = time_cpu(cfg, &mut || {
             t += 1;
             let chunk = Chunk {
                 batch: b,
@@ -302,11 +326,11 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
             };
             cpu_be.train_steps(&chunk).map(|_| ())
         })?;
-        row.cpu_us = Some(s * 1e6);
-        row.cpu_rate = Some(rate(row.work, s));
-        row.cpu_calls = n;
+        times.fill(&mut row);
     }
     rows.push(row);
+    let cpu_peak = cfg.cpu.then(|| peak::measure(crate::cpu::isa::selected(), 0.25));
+    let (cpu_images_per_s, gpu_images_per_s, dominant) = shares(&mut rows, b, cpu_peak.as_ref());
 
     let timing = match &timer {
         Some(t) => match t.method() {
@@ -327,7 +351,48 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
         date: today_utc(),
         step_dispatches,
         rows,
+        cpu_threads: rayon::current_num_threads(),
+        cpu_isa: crate::cpu::isa::selected().name().into(),
+        cpu_peak,
+        cpu_images_per_s,
+        gpu_images_per_s,
+        dominant,
     })
+}
+
+/// Fills each row's share of the step (and its fraction of the CPU's peak); returns the step's
+/// CPU and GPU images/s and the line that says what dominates (the GPU's step when timed, else
+/// the CPU's). The step row is the last.
+fn shares(rows: &mut [Row], batch: usize, peak: Option<&peak::Peak>) -> (Option<f64>, Option<f64>, String) {
+    let Some((step, ops)) = rows.split_last_mut() else { return (None, None, String::new()) };
+    let (cpu_step, gpu_step) = (step.cpu_us, step.gpu_us);
+    for r in ops.iter_mut().chain(std::iter::once(&mut *step)) {
+        r.cpu_share = r.cpu_us.zip(cpu_step).map(|(a, s)| a / s);
+        r.gpu_share = r.gpu_us.zip(gpu_step).map(|(a, s)| a / s);
+        if r.unit == Unit::GflopPerS {
+            r.cpu_peak_fraction = r.cpu_rate.zip(peak).map(|(x, p)| x / p.gflops_all);
+        }
+    }
+    let ips = |us: Option<f64>| us.map(|u| batch as f64 / (u * 1e-6));
+    let (side, key): (&str, fn(&Row) -> Option<f64>) =
+        if gpu_step.is_some() { ("GPU", |r| r.gpu_share) } else { ("CPU", |r| r.cpu_share) };
+    let mut ranked: Vec<&Row> = ops.iter().filter(|r| key(r).is_some()).collect();
+    ranked.sort_by(|a, b| key(b).partial_cmp(&key(a)).unwrap_or(std::cmp::Ordering::Equal));
+    // The largest rows, as many of the top three as fit the table's 100 columns.
+    let mut dominant = String::new();
+    for r in ranked.iter().take(3) {
+        let item = format!("{} {} {:.0}%", r.layer, r.direction, 100.0 * key(r).unwrap_or(0.0));
+        let line = if dominant.is_empty() {
+            format!("dominant ({side}): {item}")
+        } else {
+            format!("{dominant}, {item}")
+        };
+        if line.chars().count() > 100 {
+            break;
+        }
+        dominant = line;
+    }
+    (ips(cpu_step), ips(gpu_step), dominant)
 }
 
 fn record_check_ratio(row: &mut Row, result: Result<f64>) {

@@ -39,6 +39,15 @@ pub struct Row {
     pub cpu_us: Option<f64>,
     pub cpu_rate: Option<f64>,
     pub cpu_calls: usize,
+    /// The fastest and slowest CPU sample, microseconds (the median is `cpu_us`).
+    pub cpu_min_us: Option<f64>,
+    pub cpu_max_us: Option<f64>,
+    /// This row's median over the step row's median: its share of the step (the op rows add up
+    /// to about 1; the step row's is 1).
+    pub cpu_share: Option<f64>,
+    pub gpu_share: Option<f64>,
+    /// `cpu_rate` over the all-threads FMA peak (`Report::cpu_peak`), for GFLOP/s rows.
+    pub cpu_peak_fraction: Option<f64>,
     /// "ok", or "FAILED: why": the GPU's op (the CPU's, without a GPU) checked against the
     /// reference on random inputs of this row's shape before it was timed.
     pub validated: String,
@@ -71,6 +80,16 @@ pub struct Report {
     /// Dispatches of one GPU training step.
     pub step_dispatches: Option<usize>,
     pub rows: Vec<Row>,
+    /// The CPU path's threads and instruction set (also in `cpu`, in words).
+    pub cpu_threads: usize,
+    pub cpu_isa: String,
+    /// The measured FMA peak of the CPU; None when the CPU ops were not timed.
+    pub cpu_peak: Option<super::peak::Peak>,
+    /// Training images per second of the step rows: batch / the step's median.
+    pub cpu_images_per_s: Option<f64>,
+    pub gpu_images_per_s: Option<f64>,
+    /// One line: which rows dominate the step.
+    pub dominant: String,
 }
 
 impl Report {
@@ -80,7 +99,7 @@ impl Report {
 
     pub fn header(&self) -> String {
         let mut lines = vec![format!(
-            "lenet bench {}, batch {}: the median of up to {} samples per row (a row stops after ~{} s)",
+            "lenet bench {}, batch {}: up to {} samples per row (a row stops after ~{} s)",
             self.date, self.batch, self.iters, self.budget_s
         )];
         match (&self.adapter, &self.kernels) {
@@ -95,42 +114,94 @@ impl Report {
             _ => lines.push("GPU: none (CPU only)".into()),
         }
         lines.push(format!("CPU: {} (wall clock)", self.cpu));
+        if let Some(p) = &self.cpu_peak {
+            lines.push(format!(
+                "     measured FMA peak ({}): {:.1} GFLOP/s per core, {:.1} GFLOP/s on {} threads",
+                p.isa, p.gflops_core, p.gflops_all, p.threads
+            ));
+        }
         lines.push("rates: 2 FLOPs per multiply-add, or bytes read + written".into());
         lines.join("\n")
     }
 
-    /// An aligned text table (at most 100 columns), header first; failures listed after it.
+    /// The header, then an aligned table per timed side (GPU, CPU; at most 100 columns each),
+    /// the step's images/s and what dominates; failures listed last.
     pub fn table(&self) -> String {
+        let mut out = self.header();
+        out.push('\n');
+        if self.adapter.is_some() {
+            out.push_str(&self.side_table(true));
+        }
+        if self.rows.iter().any(|r| r.cpu_us.is_some()) || self.adapter.is_none() {
+            out.push_str(&self.side_table(false));
+        }
+        let ips = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.0}"));
+        let mut step = vec![];
+        if self.adapter.is_some() {
+            step.push(format!("GPU {} images/s", ips(self.gpu_images_per_s)));
+        }
+        if self.cpu_images_per_s.is_some() {
+            step.push(format!("CPU {} images/s", ips(self.cpu_images_per_s)));
+        }
+        if !step.is_empty() {
+            out.push_str(&format!("step: {}\n", step.join(", ")));
+        }
+        if !self.dominant.is_empty() {
+            out.push_str(&self.dominant);
+            out.push('\n');
+        }
+        for r in self.rows.iter().filter(|r| r.failed()) {
+            out.push_str(&format!("{} {}: {}\n", r.layer, r.direction, r.validated));
+        }
+        out
+    }
+
+    /// One side's table: time (median, min-max), share of the step, the rate in a column of its
+    /// unit, the fraction of the FMA peak (CPU), the check, the dispatches (GPU).
+    fn side_table(&self, gpu: bool) -> String {
         let f = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |x| format!("{x:.prec$}"));
-        let gpu = self.adapter.is_some();
-        let mut lines: Vec<Vec<String>> = vec![];
-        let mut head = vec!["layer", "direction"];
-        if gpu {
-            head.extend(["GPU us", "GPU rate"]);
+        let pct = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{:.1}%", 100.0 * x));
+        let side = if gpu { "GPU" } else { "CPU" };
+        let mut head: Vec<String> =
+            ["layer", "direction", &format!("{side} us"), "min-max", "share", "GFLOP/s", "GB/s"]
+                .into_iter()
+                .map(String::from)
+                .collect();
+        if !gpu {
+            head.push("peak".into());
         }
-        head.extend(["CPU us", "CPU rate", "unit", "check"]);
+        head.push("check".into());
         if gpu {
-            head.push("dispatches");
+            head.push("dispatches".into());
         }
-        lines.push(head.into_iter().map(String::from).collect());
+        let mut lines: Vec<Vec<String>> = vec![head];
         for r in &self.rows {
-            let mut l = vec![r.layer.clone(), r.direction.clone()];
-            if gpu {
-                l.extend([f(r.gpu_us, 1), f(r.gpu_rate, 2)]);
+            let (us, rate, share) =
+                if gpu { (r.gpu_us, r.gpu_rate, r.gpu_share) } else { (r.cpu_us, r.cpu_rate, r.cpu_share) };
+            let range = match (gpu, r.cpu_min_us, r.cpu_max_us) {
+                (false, Some(lo), Some(hi)) => format!("{lo:.0}-{hi:.0}"),
+                _ => "-".into(),
+            };
+            let (flops, bytes) = match r.unit {
+                Unit::GflopPerS => (f(rate, 1), "-".to_string()),
+                Unit::GbPerS => ("-".to_string(), f(rate, 1)),
+            };
+            let mut l = vec![r.layer.clone(), r.direction.clone(), f(us, 1), range, pct(share), flops, bytes];
+            if !gpu {
+                l.push(pct(r.cpu_peak_fraction));
             }
-            let check = if r.failed() { "FAILED".to_string() } else { r.validated.clone() };
-            l.extend([f(r.cpu_us, 1), f(r.cpu_rate, 2), r.unit.as_str().into(), check]);
+            l.push(if r.failed() { "FAILED".to_string() } else { r.validated.clone() });
             if gpu {
                 l.push(r.gpu_kernels.len().to_string());
             }
             lines.push(l);
         }
-        let numeric = |c: usize| (2..if gpu { 6 } else { 4 }).contains(&c) || (gpu && c == 8);
+        let check = lines[0].iter().position(|h| h == "check").unwrap_or(usize::MAX);
+        let numeric = |c: usize| c >= 2 && c != check;
         let cols = lines[0].len();
         let width: Vec<usize> =
             (0..cols).map(|c| lines.iter().map(|l| l[c].chars().count()).max().unwrap_or(0)).collect();
-        let mut out = self.header();
-        out.push('\n');
+        let mut out = String::new();
         for (i, l) in lines.iter().enumerate() {
             let mut s = String::new();
             for (c, cell) in l.iter().enumerate() {
@@ -147,9 +218,6 @@ impl Report {
                 out.push_str(&"-".repeat(width.iter().sum::<usize>() + 2 * (cols - 1)));
                 out.push('\n');
             }
-        }
-        for r in self.rows.iter().filter(|r| r.failed()) {
-            out.push_str(&format!("{} {}: {}\n", r.layer, r.direction, r.validated));
         }
         out
     }

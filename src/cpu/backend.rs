@@ -13,26 +13,20 @@ pub type CpuBackend = OpsBackend<Fast>;
 impl OpsBackend<Fast> {
     /// A CPU backend that trains on `train`.
     pub fn new(train: &Dataset) -> Result<Self> {
+        super::isa::check()?;
         OpsBackend::with_ops(Fast::default(), "cpu", cpu_description(), train)
     }
 }
 
-/// "N threads of M available, AVX-512": the rayon pool's size and the widest vector unit
-/// the GEMM uses.
+/// "N threads of M available, AVX-512": the rayon pool's size (`RAYON_NUM_THREADS`, else the
+/// cores this process may use: `available_parallelism`, which honours the affinity mask and a
+/// cgroup's CPU quota) and the instruction set the ops run with, "(forced)" when
+/// `LENET_CPU_ISA` chose a narrower one than the CPU has.
 pub fn cpu_description() -> String {
     let threads = rayon::current_num_threads();
-    #[cfg(target_arch = "x86_64")]
-    let simd = if is_x86_feature_detected!("avx512f") {
-        "AVX-512"
-    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        "AVX2+FMA"
-    } else {
-        "SSE2"
-    };
-    #[cfg(target_arch = "aarch64")]
-    let simd = "NEON";
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    let simd = "scalar";
+    let isa = super::isa::selected();
+    let forced = if super::isa::forced() { " (forced by LENET_CPU_ISA)" } else { "" };
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    format!("{threads} threads of {cores} available, {simd}")
+    let plural = if threads == 1 { "" } else { "s" };
+    format!("{threads} thread{plural} of {cores} available, {}{forced}", isa.name())
 }

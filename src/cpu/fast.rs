@@ -2,8 +2,10 @@
 //! signatures and the same results up to f32 rounding, and [`Fast`], the [`Ops`]
 //! implementation the CPU backend trains with (tests/ops.rs checks it against the reference).
 //!
-//! How: convolutions as im2col + GEMM over blocks of 8 images (the `gemm` crate
-//! picks AVX-512/AVX2 kernels at run time); im2col rows copied as fixed-size arrays, with a
+//! How: convolutions as im2col + GEMM over blocks of 8 images (the `gemm` crate's AVX-512 or
+//! AVX2 microkernels, as [`super::isa`] selects: `LENET_CPU_ISA`), except conv1's forward, a
+//! direct FMA kernel in the GEMM's order (the same bits); im2col rows copied as fixed-size
+//! arrays, the padding written in place, with a
 //! patch-contiguous (transposed) im2col for the weight gradient when it pays; linear layers as
 //! GEMMs over row blocks; max-pool with selects instead of branches; ReLU fused into the layer
 //! before it (and into the pool's backward); rayon over the batch.
@@ -93,7 +95,8 @@ fn matmul(
     // SAFETY: every index the GEMM touches is inside the slices (checked above); dst does not
     // alias lhs or rhs (it is a unique borrow).
     unsafe {
-        gemm::gemm(
+        super::isa::gemm(
+            current_isa(),
             m,
             n,
             k,
@@ -107,14 +110,24 @@ fn matmul(
             rhs.data.as_ptr(),
             rhs.cs as isize,
             rhs.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
         );
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Unit tests' choice of instruction set for this thread's GEMMs.
+    static TEST_ISA: std::cell::Cell<Option<super::isa::Isa>> = const { std::cell::Cell::new(None) };
+}
+
+/// The instruction set of the GEMMs: the process's (`LENET_CPU_ISA`), or in unit tests the one
+/// a test chose for its thread.
+fn current_isa() -> super::isa::Isa {
+    #[cfg(test)]
+    if let Some(isa) = TEST_ISA.with(|t| t.get()) {
+        return isa;
+    }
+    super::isa::selected()
 }
 
 /// Number of images per block for batch reductions: at most 8 blocks, a function of the batch
@@ -169,19 +182,76 @@ fn sum_fixed(x: &[f32]) -> f32 {
 }
 
 /// col[(ci*K + ky)*K + kx, y*Wo + x] = inp[ci, y+ky-pad, x+kx-pad] (zero outside), for one
-/// image; row r of col starts at `r * ld`. With padding, the image is first copied into a
-/// zero-bordered plane so that every row of col is a run of full-width copies.
+/// image; row r of col starts at `r * ld`. With padding, each row of col is written as its
+/// zeros and one copy of the source row's part in range: no padded copy of the image.
 fn im2col(col: &mut [f32], ld: usize, inp: &[f32], s: &ConvShape) {
     let p = s.padding;
     if p == 0 {
         return im2col_unpadded(col, ld, inp, s.in_channels, s.height, s.width, s);
     }
-    let (h, w) = (s.height, s.width);
-    let (hp, wp) = (h + 2 * p, w + 2 * p);
-    with_buffer(&PAD, s.in_channels * hp * wp, |padded| {
-        pad_planes(padded, inp, s.in_channels, h, w, p);
-        im2col_unpadded(col, ld, padded, s.in_channels, hp, wp, s);
-    });
+    let (h, w, k) = (s.height, s.width, s.kernel);
+    let (ho, wo) = (s.out_height(), s.out_width());
+    if (w, wo, k, p) == (28, 28, 5, 2) {
+        return im2col_same28(col, ld, inp, s.in_channels, h, ho);
+    }
+    for ci in 0..s.in_channels {
+        let plane = &inp[ci * h * w..][..h * w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &mut col[((ci * k + ky) * k + kx) * ld..][..ho * wo];
+                // Output columns x whose source column x + kx - p is inside the image.
+                let x0 = p.saturating_sub(kx).min(wo);
+                let x1 = (w + p).saturating_sub(kx).clamp(x0, wo);
+                for (y, dst) in row.chunks_exact_mut(wo).enumerate() {
+                    let sy = (y + ky).wrapping_sub(p);
+                    if sy >= h {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    dst[..x0].fill(0.0);
+                    if x1 > x0 {
+                        copy_short(&mut dst[x0..x1], &plane[sy * w + x0 + kx - p..][..x1 - x0]);
+                    }
+                    dst[x1..].fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col`] for LeNet's conv1 shape (28 wide, K = 5, padding 2, 28 wide out), with
+/// fixed-size row copies: each source row is read once into a zero-bordered row of 32 on the
+/// stack, and every row of col that reads it is one 28-float copy from it.
+fn im2col_same28(col: &mut [f32], ld: usize, inp: &[f32], cin: usize, h: usize, ho: usize) {
+    const W: usize = 28;
+    let mut ext = [0f32; W + 4];
+    for ci in 0..cin {
+        let plane = &inp[ci * h * W..][..h * W];
+        for ky in 0..5 {
+            for kx in 0..5 {
+                let row = &mut col[((ci * 5 + ky) * 5 + kx) * ld..][..ho * W];
+                // Output rows whose source row y + ky - 2 is outside the image: zeros.
+                for (y, dst) in row.chunks_exact_mut(W).enumerate() {
+                    if (y + ky).wrapping_sub(2) >= h {
+                        dst.fill(0.0);
+                    }
+                }
+            }
+        }
+        for (sy, src) in plane.chunks_exact(W).enumerate() {
+            let mid: &mut [f32; W] = (&mut ext[2..][..W]).try_into().unwrap();
+            *mid = src.try_into().unwrap();
+            for ky in 0..5 {
+                // Output row y reads source row sy = y + ky - 2.
+                let Some(y) = (sy + 2).checked_sub(ky).filter(|&y| y < ho) else { continue };
+                for kx in 0..5 {
+                    let dst: &mut [f32; W] =
+                        (&mut col[((ci * 5 + ky) * 5 + kx) * ld + y * W..][..W]).try_into().unwrap();
+                    *dst = ext[kx..][..W].try_into().unwrap();
+                }
+            }
+        }
+    }
 }
 
 /// [`im2col`] of an input that already carries its padding: inp is [cin, h, w] and the output
@@ -380,13 +450,16 @@ fn conv_relu_pool_forward(inp: &[f32], l: ConvLayer<Fast>) -> Result<()> {
     if s.batch == 0 || hw == 0 {
         return Ok(());
     }
+    let isa = super::isa::selected();
     out.par_chunks_mut(CONV_BLOCK * out_len)
         .zip(inp.par_chunks(CONV_BLOCK * in_len.max(1)))
         .zip(pooled.par_chunks_mut(CONV_BLOCK * out_len / 4))
         .zip(argmax.par_chunks_mut(CONV_BLOCK * out_len / 4))
         .enumerate()
         .for_each(|(blk, (((out, inp), pooled), argmax))| {
-            conv_forward_block(out, inp, weight, bias, &s, true);
+            if !direct_conv1(out, inp, weight, bias, &s, isa) {
+                conv_forward_block(out, inp, weight, bias, &s, true);
+            }
             let images =
                 out.chunks(out_len).zip(pooled.chunks_mut(out_len / 4)).zip(argmax.chunks_mut(out_len / 4));
             for (j, ((out, pooled), argmax)) in images.enumerate() {
@@ -395,6 +468,141 @@ fn conv_relu_pool_forward(inp: &[f32], l: ConvLayer<Fast>) -> Result<()> {
             }
         });
     Ok(())
+}
+
+/// Side of the images the direct single-channel kernel takes (LeNet's conv1: 28x28, K = 5,
+/// padding 2, "same" output).
+const DIRECT_SIDE: usize = 28;
+/// Lanes of one output row in the direct kernel: 28 pixels computed as 32 (whole vectors of 8
+/// or 16); the last 4 are dropped.
+const DIRECT_LANES: usize = 32;
+/// The zero-bordered tile the direct kernel reads: 2 rows and columns of zeros on each side,
+/// and enough columns to the right for the dropped lanes' reads.
+const TILE_H: usize = DIRECT_SIDE + 4;
+const TILE_W: usize = DIRECT_LANES + 4;
+
+/// conv1's convolution and ReLU without im2col, for a block of whole images, when the shape is
+/// the one the kernel is written for and the instruction set has FMA; false (nothing done)
+/// otherwise.
+///
+/// Why: with one input channel the im2col matrix is 25 copies of the image (78 KB an image)
+/// streamed through a GEMM whose M is only 6: conv1's forward cost as much as conv2's, which
+/// does twice its arithmetic. Here each output row is 25 vector FMAs per channel over a 4 KB
+/// zero-bordered tile on the stack, in the GEMM's order (taps (ky, kx) in row-major order, each
+/// `acc = fma(w, x, acc)` from acc = 0, the padding's taps included): the same bits as the
+/// GEMM path on both instruction sets (tests check it bit for bit).
+fn direct_conv1(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    s: &ConvShape,
+    isa: super::isa::Isa,
+) -> bool {
+    let fits = s.in_channels == 1
+        && s.kernel == 5
+        && s.padding == 2
+        && s.height == DIRECT_SIDE
+        && s.width == DIRECT_SIDE;
+    if !fits {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::isa::Isa;
+        // SAFETY: the instruction set was checked against the CPU when it was selected.
+        match isa {
+            Isa::Avx512 => unsafe { direct_conv1_avx512(out, inp, weight, bias, s.out_channels) },
+            Isa::Avx2 => unsafe { direct_conv1_avx2(out, inp, weight, bias, s.out_channels) },
+            Isa::Generic => return false,
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (out, inp, weight, bias, isa);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn direct_conv1_avx512(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], cout: usize) {
+    // 6 channels x 2 vectors of 16: 12 accumulators of the 32 registers.
+    direct_conv1_block::<6>(out, inp, weight, bias, cout);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn direct_conv1_avx2(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], cout: usize) {
+    // 3 channels x 4 vectors of 8: 12 accumulators of the 16 registers.
+    direct_conv1_block::<3>(out, inp, weight, bias, cout);
+}
+
+/// The body of [`direct_conv1`], compiled once per instruction set (`mul_add` is one vector
+/// FMA there): output channels in groups of G, so that each tap's row is loaded once for G
+/// channels and G x (lanes / vector width) independent FMA chains hide the FMA's latency.
+#[inline(always)]
+fn direct_conv1_block<const G: usize>(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    cout: usize,
+) {
+    const S: usize = DIRECT_SIDE;
+    let mut tile = [0f32; TILE_H * TILE_W];
+    for (out, img) in out.chunks_exact_mut(cout * S * S).zip(inp.chunks_exact(S * S)) {
+        for (y, src) in img.chunks_exact(S).enumerate() {
+            let dst: &mut [f32; S] = (&mut tile[(y + 2) * TILE_W + 2..][..S]).try_into().unwrap();
+            *dst = src.try_into().unwrap();
+        }
+        let mut co = 0;
+        while co < cout {
+            if cout - co >= G {
+                direct_conv1_channels::<G>(out, &tile, weight, bias, co);
+                co += G;
+            } else {
+                direct_conv1_channels::<1>(out, &tile, weight, bias, co);
+                co += 1;
+            }
+        }
+    }
+}
+
+/// Output channels `co..co + G` of one image from its zero-bordered tile.
+#[inline(always)]
+fn direct_conv1_channels<const G: usize>(
+    out: &mut [f32],
+    tile: &[f32; TILE_H * TILE_W],
+    weight: &[f32],
+    bias: &[f32],
+    co: usize,
+) {
+    const S: usize = DIRECT_SIDE;
+    let w: &[[f32; 25]; G] = weight[co * 25..][..G * 25].as_chunks::<25>().0.try_into().unwrap();
+    for y in 0..S {
+        let mut acc = [[0f32; DIRECT_LANES]; G];
+        for ky in 0..5 {
+            let row = &tile[(y + ky) * TILE_W..][..TILE_W];
+            for kx in 0..5 {
+                let src: &[f32; DIRECT_LANES] = row[kx..][..DIRECT_LANES].try_into().unwrap();
+                for (acc, w) in acc.iter_mut().zip(w) {
+                    let wv = w[ky * 5 + kx];
+                    for (a, &x) in acc.iter_mut().zip(src) {
+                        *a = wv.mul_add(x, *a);
+                    }
+                }
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            let b = bias[co + g];
+            let o = &mut out[(co + g) * S * S + y * S..][..S];
+            for (o, &a) in o.iter_mut().zip(acc) {
+                *o = (a + b).max(0.0);
+            }
+        }
+    }
 }
 
 /// The convolution of one block of images (whole images), optionally with ReLU.
@@ -657,8 +865,16 @@ fn linear_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s:
     });
 }
 
-/// See [`super::reference::linear_backward_input`].
-fn linear_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: LinearShape) {
+/// See [`super::reference::linear_backward_input`]: dX = dY · W as one GEMM per fixed block of
+/// rows, then ReLU's backward through `relu_mask` (the layer's input, a ReLU output) on the
+/// block while it is in cache.
+fn linear_backward_input(
+    dinp: &mut [f32],
+    dout: &[f32],
+    weight: &[f32],
+    s: LinearShape,
+    relu_mask: Option<&[f32]>,
+) {
     let LinearShape { batch, in_features, out_features } = s;
     assert_eq!(dinp.len(), batch * in_features);
     assert_eq!(dout.len(), batch * out_features);
@@ -671,19 +887,29 @@ fn linear_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: Line
         let d = View { data: &dout[blk * LINEAR_ROWS * out_features..], rs: out_features, cs: 1 };
         let w = View { data: weight, rs: in_features, cs: 1 };
         matmul(dinp, in_features, false, d, w, rows, in_features, out_features);
+        if let Some(mask) = relu_mask {
+            relu_backward_in_place(dinp, &mask[blk * LINEAR_ROWS * in_features..][..dinp.len()]);
+        }
     });
 }
 
-/// See [`super::reference::linear_backward_weight`]. Splits the output features into fixed blocks;
-/// each weight gradient element is one GEMM reduction over the whole batch.
+/// See [`super::reference::linear_backward_weight`]: dW = dYᵀ · X, split into fixed blocks of
+/// output features; each weight gradient element is one GEMM reduction over the whole batch, in
+/// batch order (no partial sums: the order is the GEMM's whatever the thread count).
 fn linear_backward_weight(dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], s: LinearShape) {
     let LinearShape { batch, in_features, out_features } = s;
     assert_eq!(dweight.len(), out_features * in_features);
     assert_eq!(dbias.len(), out_features);
     assert_eq!(dout.len(), batch * out_features);
     assert_eq!(inp.len(), batch * in_features);
-    for (o, db) in dbias.iter_mut().enumerate() {
-        *db = (0..batch).map(|b| dout[b * out_features + o]).sum();
+    // dbias[o] = the batch-order sum of dout[., o], as `Iterator::sum` folds it (from its own
+    // start value), accumulated a row of dout at a time: contiguous reads, vectorised over o.
+    let start: f32 = std::iter::empty::<f32>().sum();
+    dbias.fill(start);
+    for row in dout.chunks_exact(out_features.max(1)) {
+        for (db, &g) in dbias.iter_mut().zip(row) {
+            *db += g;
+        }
     }
     if batch == 0 {
         dweight.fill(0.0);
@@ -786,12 +1012,23 @@ impl Ops for Fast {
     }
 
     fn linear_backward(&mut self, a: LinearBackward<Self>) -> Result<()> {
-        linear_backward_weight(a.dweight, a.dbias, a.dout, a.input, a.s);
-        if let Some(InputGradArgs { dinput, relu_mask }) = a.dinput {
-            linear_backward_input(dinput, a.dout, a.weight, a.s);
-            if let Some(mask) = relu_mask {
-                relu_backward_in_place(dinput, mask);
+        // dW and dX read the same dY and write disjoint buffers: one fork instead of two
+        // parallel passes one after the other.
+        let LinearBackwardArgs { dweight, dbias, dout, input, weight, s, dinput } = a;
+        match dinput {
+            Some(InputGradArgs { dinput, relu_mask }) => {
+                if let Some(mask) = relu_mask {
+                    ensure!(
+                        mask.len() == dinput.len(),
+                        "linear_backward: the ReLU mask does not match dinput"
+                    );
+                }
+                rayon::join(
+                    || linear_backward_weight(dweight, dbias, dout, input, s),
+                    || linear_backward_input(dinput, dout, weight, s, relu_mask.map(|m| m.as_slice())),
+                );
             }
+            None => linear_backward_weight(dweight, dbias, dout, input, s),
         }
         Ok(())
     }
@@ -823,5 +1060,129 @@ impl Ops for Fast {
             optim::update_span(step, b.param, b.grad, b.n, b.first, &mut b.moments);
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::isa::Isa;
+
+    fn conv1(batch: usize) -> ConvShape {
+        ConvShape { batch, in_channels: 1, out_channels: 6, height: 28, width: 28, kernel: 5, padding: 2 }
+    }
+
+    /// Values of both signs spread over several binades, none zero (weights and biases).
+    fn params(n: usize, seed: u32) -> Vec<f32> {
+        values(n, seed)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| if v == 0.0 { 0.25 + i as f32 * 1e-3 } else { v })
+            .collect()
+    }
+
+    /// Values of both signs spread over several binades, zeros included (the first row and
+    /// column of every image, as MNIST's borders).
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                if i % 28 == 0 || (i / 28) % 28 == 0 {
+                    0.0
+                } else {
+                    (x % 20_001) as f32 / 10_000.0 - 1.0
+                }
+            })
+            .collect()
+    }
+
+    fn isas() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2].into_iter().filter(|i| i.supported()).collect()
+    }
+
+    /// The direct conv1 kernel gives the im2col + GEMM path's bits (conv output after ReLU), on
+    /// each instruction set, for a whole block, a partial block and one image.
+    #[test]
+    fn direct_conv1_is_the_gemm_path_bit_for_bit() {
+        for isa in isas() {
+            for batch in [CONV_BLOCK, 5, 1] {
+                let s = conv1(batch);
+                let (inp, weight, bias) = (values(s.input_len(), 1), params(s.weight_len(), 2), params(6, 3));
+                let mut direct = vec![f32::NAN; s.output_len()];
+                assert!(direct_conv1(&mut direct, &inp, &weight, &bias, &s, isa));
+                // The GEMM path with the same instruction set's GEMM.
+                let mut gemm = vec![f32::NAN; s.output_len()];
+                with_isa(isa, || conv_forward_block(&mut gemm, &inp, &weight, &bias, &s, true));
+                let same = direct.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{isa:?} batch {batch}");
+            }
+        }
+    }
+
+    /// Planted faults the bit comparison above must see: a tap read one column off, a weight's
+    /// sign flipped (the comparison is not vacuous).
+    #[test]
+    fn direct_conv1_comparison_catches_planted_faults() {
+        let Some(&isa) = isas().first() else { return };
+        let s = conv1(2);
+        let (inp, weight, bias) = (values(s.input_len(), 4), params(s.weight_len(), 5), params(6, 6));
+        let mut want = vec![0.0; s.output_len()];
+        assert!(direct_conv1(&mut want, &inp, &weight, &bias, &s, isa));
+        let shifted: Vec<f32> = (0..inp.len()).map(|i| if i % 28 == 27 { 0.0 } else { inp[i + 1] }).collect();
+        let mut flipped = weight.clone();
+        flipped[7] = -flipped[7];
+        for (inp, weight) in [(&shifted, &weight), (&inp, &flipped)] {
+            let mut got = vec![0.0; s.output_len()];
+            with_isa(isa, || conv_forward_block(&mut got, inp, weight, &bias, &s, true));
+            assert_ne!(got, want);
+        }
+    }
+
+    /// Runs `f` (on this thread) with `isa`'s GEMM instead of the process's.
+    fn with_isa(isa: Isa, f: impl FnOnce()) {
+        TEST_ISA.with(|t| t.set(Some(isa)));
+        f();
+        TEST_ISA.with(|t| t.set(None));
+    }
+
+    /// im2col with padding written directly equals im2col of a zero-bordered copy.
+    #[test]
+    fn padded_im2col_equals_the_padded_copys() {
+        let shapes = [
+            (28, 28, 5, 2, 1),
+            (28, 28, 5, 2, 2),
+            (30, 28, 5, 2, 1),
+            (7, 9, 3, 1, 2),
+            (5, 5, 5, 4, 1),
+            (6, 4, 3, 2, 3),
+        ];
+        for (h, w, k, p, cin) in shapes {
+            let s = ConvShape {
+                batch: 1,
+                in_channels: cin,
+                out_channels: 1,
+                height: h,
+                width: w,
+                kernel: k,
+                padding: p,
+            };
+            let inp = values(s.input_len(), 7);
+            let (ho, wo) = (s.out_height(), s.out_width());
+            let ld = ho * wo + 3;
+            let ckk = cin * k * k;
+            let mut got = vec![f32::NAN; ckk * ld];
+            im2col(&mut got, ld, &inp, &s);
+            let (hp, wp) = (h + 2 * p, w + 2 * p);
+            let mut padded = vec![0.0; cin * hp * wp];
+            pad_planes(&mut padded, &inp, cin, h, w, p);
+            let mut want = vec![f32::NAN; ckk * ld];
+            im2col_unpadded(&mut want, ld, &padded, cin, hp, wp, &s);
+            for r in 0..ckk {
+                assert_eq!(got[r * ld..][..ho * wo], want[r * ld..][..ho * wo], "{s:?} row {r}");
+            }
+        }
     }
 }

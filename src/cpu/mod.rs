@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod fast;
+pub mod isa;
 pub mod reference;
 
 pub use backend::CpuBackend;
@@ -85,9 +86,29 @@ macro_rules! host_buffers {
         }
 
         fn gather(&mut self, g: Gather<Self>) -> Result<()> {
+            use rayon::prelude::*;
             let b = g.batch;
             $crate::cpu::reference::check_batch(b.data, b.indices, b.shifts)?;
-            $crate::cpu::reference::gather_batch(g.input, g.labels, b.data, b.indices, b.shifts);
+            // Fixed blocks of images in parallel: each pixel is converted on its own, so any
+            // split gives the same values.
+            const IMAGES: usize = 16;
+            let pixels = b.data.rows * b.data.cols;
+            anyhow::ensure!(
+                g.input.len() == b.indices.len() * pixels && g.labels.len() == b.indices.len(),
+                "gather: the buffers do not match the batch"
+            );
+            if pixels == 0 {
+                $crate::cpu::reference::gather_batch(g.input, g.labels, b.data, b.indices, b.shifts);
+                return Ok(());
+            }
+            g.input
+                .par_chunks_mut(IMAGES * pixels)
+                .zip(g.labels.par_chunks_mut(IMAGES))
+                .zip(b.indices.par_chunks(IMAGES))
+                .zip(b.shifts.par_chunks(2 * IMAGES))
+                .for_each(|(((input, labels), indices), shifts)| {
+                    $crate::cpu::reference::gather_batch(input, labels, b.data, indices, shifts)
+                });
             Ok(())
         }
     };

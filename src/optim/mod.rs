@@ -200,6 +200,12 @@ pub fn rule(name: &str) -> Option<&'static Descriptor> {
     RULES.iter().find(|d| d.name == name)
 }
 
+/// The first listed optimizer that takes every one of `flags` (`--momentum`, ...): what a
+/// resumed run's options are checked as before its checkpoint says which optimizer it has.
+pub fn accepting(flags: &[&str]) -> Option<&'static Descriptor> {
+    RULES.iter().find(|d| flags.iter().all(|f| d.flags.contains(f)))
+}
+
 /// The `--optimizer` values, as a phrase ("adam, sgd, adamw or rmsprop").
 pub fn names() -> String {
     phrase(&RULES.iter().map(|d| d.name).collect::<Vec<_>>())
