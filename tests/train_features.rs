@@ -672,10 +672,17 @@ fn the_metrics_log_numbers_epochs_as_the_terminal_and_has_the_documented_columns
     assert_eq!(kinds, [("val", "8"), ("val", "16"), ("test", "16")]);
     // The terminal's epoch lines report the same validation figures under the same numbers.
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // (The evaluations are on the line under the epoch's, and no line is over 80 columns.)
+    let lines: Vec<&str> = stderr.lines().collect();
     for (epoch, row) in [(1, &rows[8]), (2, &rows[17])] {
-        let line = stderr.lines().find(|l| l.starts_with(&format!("epoch {epoch}/"))).expect("an epoch line");
+        let at = lines.iter().position(|l| l.starts_with(&format!("epoch {epoch}/"))).expect("an epoch line");
+        let (line, evals) = (lines[at], lines[at + 1]);
         let loss: f64 = row[5].parse().unwrap();
-        assert!(line.contains(&format!("val loss {loss:.4}")), "{line} vs {row:?}");
+        assert!(
+            evals.starts_with("    val loss ") && evals.contains(&format!("val loss {loss:.4}")),
+            "{evals} vs {row:?}"
+        );
+        assert!(line.chars().count() <= 80 && evals.chars().count() <= 80, "{line}\n{evals}");
     }
     // The plot: three panels, the validation points, whole-number step ticks.
     let svg = std::fs::read_to_string(&plot).unwrap();

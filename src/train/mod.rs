@@ -1046,7 +1046,14 @@ fn log_evaluation(
     state: &TrainState,
     eval: &Evaluation,
 ) -> Result<()> {
-    line.push_str(&format!("  {kind} loss {:.4}  {kind} acc {:.2}%", eval.loss, 100.0 * eval.accuracy));
+    // The evaluations go on a line of their own under the epoch's, so each fits 80 columns
+    // (validation and test together take 75).
+    let separator = if line.contains('\n') { "  " } else { "\n    " };
+    line.push_str(&format!(
+        "{separator}{kind} loss {:.4}  {kind} acc {:.2}%",
+        eval.loss,
+        100.0 * eval.accuracy
+    ));
     let row = MetricRow {
         kind,
         step: state.step,
