@@ -23,7 +23,7 @@ fn bench_auto_skips_a_software_adapter_unless_it_is_named() {
         }
         Some(a) => {
             assert!(v["adapter"].is_null(), "auto benched the software adapter {}: {stderr}", a.name);
-            let why = format!("backend: cpu, because the only adapter, {}, is a software rasterizer", a.name);
+            let why = format!("backend: cpu, because the best adapter, {}, is a software rasterizer", a.name);
             assert!(stderr.contains(&why), "{stderr}");
         }
         None => {
