@@ -11,7 +11,7 @@
 //!
 //! The thresholds were chosen on renders of letters (A-Z, pen strokes of random size, width and
 //! slant), pairs of MNIST test digits side by side, and MNIST test digits (as they are, and
-//! redrawn with a pen on white paper): see `measure_one_digit_features` in tests/predict_eval.rs,
+//! redrawn with a pen on white paper): see `examples/one_digit_features.rs`,
 //! and the rates in BENCHMARKS.md. The energy threshold depends on the network: it was set for
 //! the README's recipe models, and a less trained network (smaller logits) is flagged more often.
 
