@@ -10,25 +10,10 @@
 mod digit_renders;
 
 use std::path::Path;
-use std::sync::OnceLock;
 
-use digit_renders::{render, render_letter, render_pair, Rng};
+use digit_renders::{mnist_digit, mnist_test, render, render_letter, render_pair, Rng};
 use lenet::image_input::one_digit::{energy, ink_blobs, logits};
 use lenet::image_input::{decode_gray, prepare, Prepared};
-
-fn mnist_test() -> &'static (Vec<u8>, Vec<u8>) {
-    static TEST: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
-    TEST.get_or_init(|| {
-        let dir = lenet::data::default_data_dir();
-        let images = lenet::data::load_idx_images(&dir.join("t10k-images.idx3-ubyte.gz")).unwrap();
-        let labels = lenet::data::load_idx_labels(&dir.join("t10k-labels.idx1-ubyte.gz")).unwrap();
-        (images.pixels, labels)
-    })
-}
-
-fn mnist_digit(i: usize) -> &'static [u8] {
-    &mnist_test().0[i * 784..(i + 1) * 784]
-}
 
 /// The features of one rendered image, for the measurement below.
 fn features(params: &[lenet::model::Params], png: &[u8]) -> Option<(Vec<usize>, f64, f64, f32, usize)> {

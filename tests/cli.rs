@@ -6,45 +6,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn lenet(args: &[&str]) -> Output {
-    Command::new(common::lenet_exe()).args(args).output().expect("lenet runs")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn succeeded(out: &Output) -> &Output {
-    assert!(
-        out.status.success(),
-        "lenet failed: {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        stdout(out),
-        stderr(out)
-    );
-    out
-}
-
-/// The JSON object on the last line of stdout.
-fn last_json(out: &Output) -> serde_json::Value {
-    let text = stdout(out);
-    let line = text.lines().last().expect("stdout has a last line");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
-}
+use common::{last_json, lenet, p, stderr, stdout, succeeded};
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lenet-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// Asserts a failed run: non-zero exit, a single `error:` line on stderr naming `needle`,

@@ -4,9 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
+use common::{p, succeeded, text};
 use lenet::cpu::isa::{detected, Isa, ISA_ENV};
 
 fn lenet(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -18,29 +19,11 @@ fn lenet(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("lenet runs")
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: &Output) -> &Output {
-    assert!(
-        out.status.success(),
-        "lenet failed:\nstdout:\n{}\nstderr:\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    out
-}
-
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lenet-cpu-isa-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// The instruction sets this machine can run, by the names LENET_CPU_ISA takes.
@@ -108,7 +91,7 @@ fn checkpoints_are_the_same_bytes_on_any_thread_count_for_each_isa() {
                 p(&save),
             ];
             let out = lenet(&args, &[(ISA_ENV, name), ("RAYON_NUM_THREADS", threads)]);
-            let err = text(&ok(&out).stdout) + &text(&out.stderr);
+            let err = text(&succeeded(&out).stdout) + &text(&out.stderr);
             let said =
                 if threads == "1" { "1 thread of".to_string() } else { format!("{threads} threads of") };
             assert!(err.contains(&said) && err.contains(isa.name()), "{name} on {threads}: {err}");
@@ -129,7 +112,7 @@ fn bench_json_reports_isa_peak_shares_and_images_per_s() {
     let Some(&(name, isa)) = supported().last() else { return };
     let out =
         lenet(&["bench", "--backend", "cpu", "--batch", "8", "--iters", "3", "--json"], &[(ISA_ENV, name)]);
-    let v: serde_json::Value = serde_json::from_slice(&ok(&out).stdout).expect("one JSON document");
+    let v: serde_json::Value = serde_json::from_slice(&succeeded(&out).stdout).expect("one JSON document");
     assert_eq!(v["cpu_isa"], isa.name());
     assert_eq!(v["cpu_peak"]["isa"], isa.name());
     let peak = v["cpu_peak"]["gflops_all"].as_f64().unwrap();

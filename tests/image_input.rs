@@ -6,11 +6,14 @@ mod common;
 mod digit_renders;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use digit_renders::{encode_png, fine_pen, redraw, render, thicken, Canvas, Rng, Shape, STYLES};
+use common::{lenet, p, text};
+use digit_renders::{
+    encode_png, fine_pen, mnist_digit, mnist_test, redraw, render, thicken, Canvas, Rng, Shape, STYLES,
+};
 use lenet::image_input::prepare::{BOX_SIDE, STROKE_RANGE};
 use lenet::image_input::read::read_image_bytes;
 use lenet::image_input::resample::{resample, AxisMap};
@@ -109,32 +112,6 @@ fn outline(w: usize, h: usize, pen: usize) -> Shape {
         })
         .collect();
     Shape { width: w, height: h, ink }
-}
-
-fn mnist_test() -> &'static (Vec<u8>, Vec<u8>) {
-    static TEST: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
-    TEST.get_or_init(|| {
-        let dir = lenet::data::default_data_dir();
-        let images = lenet::data::load_idx_images(&dir.join("t10k-images.idx3-ubyte.gz")).unwrap();
-        let labels = lenet::data::load_idx_labels(&dir.join("t10k-labels.idx1-ubyte.gz")).unwrap();
-        (images.pixels, labels)
-    })
-}
-
-fn mnist_digit(i: usize) -> &'static [u8] {
-    &mnist_test().0[i * 784..(i + 1) * 784]
-}
-
-fn lenet(args: &[&str]) -> Output {
-    Command::new(common::lenet_exe()).args(args).output().expect("run lenet")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// A small network trained here on the CPU path (about 95% on MNIST's test set), shared by the

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use lenet::checkpoint::{load_checkpoint, save_checkpoint};
 use lenet::cpu::{reference, Fast, Reference};
 use lenet::model::{Params, TrainState};
@@ -227,10 +225,6 @@ fn every_optimizers_state_round_trips_through_a_checkpoint() {
     assert_eq!(names, ["adamw.m", "adamw.v"]);
 }
 
-fn lenet(args: &[&str]) -> std::process::Output {
-    Command::new(common::lenet_exe()).args(args).output().unwrap()
-}
-
 /// The flags of one optimizer are refused with another, and bad values with their flag named.
 #[test]
 fn the_new_flags_are_checked() {
@@ -248,7 +242,7 @@ fn the_new_flags_are_checked() {
     ] {
         let mut all = vec!["train", "--data", data, "--steps", "1", "--batch", "8", "--backend", "cpu"];
         all.extend(args);
-        let out = lenet(&all);
+        let out = common::lenet(&all);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(err.contains(message), "{args:?}: {err}");

@@ -6,16 +6,14 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use common::stderr;
 use serde_json::json;
 
+/// `lenet ARGS`, which must succeed.
 fn lenet(args: &[&str]) -> Output {
-    let out = Command::new(common::lenet_exe()).args(args).output().expect("lenet runs");
-    assert!(out.status.success(), "lenet {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = common::lenet(args);
+    common::succeeded(&out);
     out
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn epoch_line(out: &Output) -> String {

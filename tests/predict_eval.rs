@@ -7,40 +7,15 @@ mod common;
 mod digit_renders;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 
-use digit_renders::{encode_png, render, render_letter, render_pair, Rng};
+use common::{lenet, p, text};
+use digit_renders::{encode_png, mnist_digit, mnist_test, render, render_letter, render_pair, Rng};
 use lenet::data::{resolve_data_dir_from, Candidate, DataSource};
 use lenet::image_input::one_digit::{energy, ink_blobs, logits, OneDigitCheck};
 use lenet::image_input::{decode_gray, prepare, Prepared};
 use lenet::train::eval::{evaluate_probabilities, mean_probabilities, softmax_rows};
-
-fn mnist_test() -> &'static (Vec<u8>, Vec<u8>) {
-    static TEST: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
-    TEST.get_or_init(|| {
-        let dir = lenet::data::default_data_dir();
-        let images = lenet::data::load_idx_images(&dir.join("t10k-images.idx3-ubyte.gz")).unwrap();
-        let labels = lenet::data::load_idx_labels(&dir.join("t10k-labels.idx1-ubyte.gz")).unwrap();
-        (images.pixels, labels)
-    })
-}
-
-fn mnist_digit(i: usize) -> &'static [u8] {
-    &mnist_test().0[i * 784..(i + 1) * 784]
-}
-
-fn lenet(args: &[&str]) -> Output {
-    Command::new(common::lenet_exe()).args(args).output().expect("run lenet")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);

@@ -9,24 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn lenet(args: &[&str]) -> Output {
-    Command::new(common::lenet_exe()).args(args).output().expect("lenet runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn succeeded(out: &Output) -> &Output {
-    assert!(
-        out.status.success(),
-        "lenet failed: {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    out
-}
+use common::{last_json, lenet, p, succeeded, text};
 
 /// A failed run: non-zero exit, one `error:` line on stderr that contains `needle`, no panic.
 fn one_error_line(out: &Output, needle: &str) -> String {
@@ -37,16 +20,6 @@ fn one_error_line(out: &Output, needle: &str) -> String {
     assert_eq!(errors.len(), 1, "expected one error line:\n{err}");
     assert!(errors[0].contains(needle), "the error line does not say {needle:?}:\n{err}");
     errors[0].to_string()
-}
-
-fn last_json(out: &Output) -> serde_json::Value {
-    let stdout = text(&out.stdout);
-    let line = stdout.lines().last().expect("a JSON line");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 fn data(dir: &Path) -> PathBuf {

@@ -531,11 +531,6 @@ impl<B: Backend> Backend for Unshifted<B> {
     }
 }
 
-/// Runs `lenet` with `args`.
-fn lenet(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(common::lenet_exe()).args(args).output().expect("lenet runs")
-}
-
 /// Asserts one `error:` line naming `needle`, a non-zero exit and no panic.
 fn assert_clear_error(out: &std::process::Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
@@ -573,12 +568,12 @@ fn impossible_combinations_of_options_get_one_line() {
     ];
     for (extra, needle) in cases {
         let args: Vec<&str> = no_data.iter().chain(extra.iter()).copied().collect();
-        let out = lenet(&args);
+        let out = common::lenet(&args);
         assert_clear_error(&out, needle);
     }
     // Those that need the data or a checkpoint.
     let ckpt = d("run.st");
-    let out = lenet(&[
+    let out = common::lenet(&[
         "train",
         "--backend",
         "cpu",
@@ -608,7 +603,7 @@ fn impossible_combinations_of_options_get_one_line() {
     for (extra, needle) in cases {
         let args: Vec<&str> =
             ["train", "--backend", "cpu", "--steps", "1"].iter().chain(extra.iter()).copied().collect();
-        assert_clear_error(&lenet(&args), needle);
+        assert_clear_error(&common::lenet(&args), needle);
     }
 }
 
@@ -619,7 +614,7 @@ fn the_metrics_log_numbers_epochs_as_the_terminal_and_has_the_documented_columns
     let data = common::write_small_mnist(dir.path(), 320, 50);
     let metrics = dir.path().join("m.csv");
     let plot = dir.path().join("p.svg");
-    let out = lenet(&[
+    let out = common::lenet(&[
         "train",
         "--backend",
         "cpu",

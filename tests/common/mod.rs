@@ -152,3 +152,45 @@ pub fn write_small_mnist(dir: &std::path::Path, n_train: usize, n_test: usize) -
     }
     data
 }
+
+/// `lenet ARGS` run to its end: status, stdout and stderr.
+pub fn lenet(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(lenet_exe()).args(args).output().expect("lenet runs")
+}
+
+/// Bytes a command wrote, as text (invalid UTF-8 replaced).
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+pub fn stdout(out: &std::process::Output) -> String {
+    text(&out.stdout)
+}
+
+pub fn stderr(out: &std::process::Output) -> String {
+    text(&out.stderr)
+}
+
+/// `out`, after asserting that its run succeeded (its output shown when it did not).
+pub fn succeeded(out: &std::process::Output) -> &std::process::Output {
+    assert!(
+        out.status.success(),
+        "lenet failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+    out
+}
+
+/// The JSON document on the last line of stdout.
+pub fn last_json(out: &std::process::Output) -> serde_json::Value {
+    let text = stdout(out);
+    let line = text.lines().last().expect("stdout has a last line");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
+}
+
+/// A path as the `&str` a command line takes.
+pub fn p(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
+}

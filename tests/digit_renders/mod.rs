@@ -710,3 +710,19 @@ pub fn render_pair(first: &[u8], second: &[u8], gap: i32) -> Vec<u8> {
     c.draw(&b, x2, 20, [20.0; 3]);
     c.gray_png()
 }
+
+/// MNIST's test images and labels, from the shipped data (read once).
+pub fn mnist_test() -> &'static (Vec<u8>, Vec<u8>) {
+    static TEST: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+    TEST.get_or_init(|| {
+        let dir = lenet::data::default_data_dir();
+        let images = lenet::data::load_idx_images(&dir.join("t10k-images.idx3-ubyte.gz")).unwrap();
+        let labels = lenet::data::load_idx_labels(&dir.join("t10k-labels.idx1-ubyte.gz")).unwrap();
+        (images.pixels, labels)
+    })
+}
+
+/// Test image `i`, 28x28 bytes.
+pub fn mnist_digit(i: usize) -> &'static [u8] {
+    &mnist_test().0[i * 784..(i + 1) * 784]
+}
