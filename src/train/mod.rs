@@ -882,8 +882,10 @@ fn run_steps(
                 run.progress.phase(Some("evaluating on the test set"));
                 let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
                 run.progress.phase(None);
-                let scored = run.restored.as_ref().map_or_else(|| state.clone(), |(best, _)| best.clone());
-                log_evaluation(run, metrics, &mut line, "test", &scored, &eval)?;
+                // The row is the weights' own: at the restored best's step when it was restored.
+                let scored = run.restored.as_ref().map_or(&*state, |(best, _)| best);
+                let at = (scored.step, current_epoch(scored));
+                log_evaluation(run, metrics, &mut line, "test", at, &eval)?;
                 run.last_eval = Some(eval);
             }
             run.progress.end_epoch(&line);
@@ -936,7 +938,7 @@ fn evaluate_due(
     }));
     let eval = evaluate_logits(&backend.logits(data)?, &data.labels);
     run.progress.phase(None);
-    log_evaluation(run, metrics, line, kind, state, &eval)?;
+    log_evaluation(run, metrics, line, kind, (state.step, current_epoch(state)), &eval)?;
     if let Some(target) = cfg.until.filter(|&t| eval.accuracy >= t && run.reached.is_none()) {
         let point = run.point(state);
         let (seconds, train_seconds, counted_from_step) = match run.clock_now() {
@@ -1043,7 +1045,7 @@ fn log_evaluation(
     metrics: &mut MetricsWriter,
     line: &mut String,
     kind: &'static str,
-    state: &TrainState,
+    (step, epoch): (u64, u64),
     eval: &Evaluation,
 ) -> Result<()> {
     // The evaluations go on a line of their own under the epoch's, so each fits 80 columns
@@ -1056,8 +1058,8 @@ fn log_evaluation(
     ));
     let row = MetricRow {
         kind,
-        step: state.step,
-        epoch: current_epoch(state),
+        step,
+        epoch,
         seconds: run.seconds(),
         lr: None,
         loss: eval.loss,
