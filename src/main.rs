@@ -93,6 +93,9 @@ struct TrainArgs {
     data: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
+    /// The GPU kernels by name (v1, mixed, v3), for timing them against each other; hidden.
+    #[arg(long, value_name = "NAME", hide = true)]
+    kernels: Option<String>,
     /// Epochs to train (a resumed run's unfinished epoch counts as one) [default: 10; a resumed
     /// run with a cosine or onecycle schedule: to the schedule's end]
     #[arg(long)]
@@ -254,6 +257,9 @@ struct PredictArgs {
 struct BenchArgs {
     #[command(flatten)]
     device: DeviceArgs,
+    /// The GPU kernels by name (v1, mixed, v3), for timing them against each other; hidden.
+    #[arg(long, value_name = "NAME", hide = true)]
+    kernels: Option<String>,
     /// Images per training step the kernels are timed at.
     #[arg(long, default_value_t = 256)]
     batch: usize,
@@ -528,6 +534,9 @@ fn check_recipe_args(args: &TrainArgs) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<ExitCode> {
+    if let Some(name) = &args.kernels {
+        lenet::gpu::choose_kernels(name).context("--kernels")?;
+    }
     if args.epochs == Some(0) && args.steps.is_none() {
         bail!("--epochs 0 trains nothing; give at least 1 (or --steps N)");
     }
@@ -990,6 +999,9 @@ fn ensemble_probabilities(models: &[Params], pixels: &[u8]) -> Result<(Vec<f32>,
 }
 
 fn bench(args: BenchArgs) -> Result<ExitCode> {
+    if let Some(name) = &args.kernels {
+        lenet::gpu::choose_kernels(name).context("--kernels")?;
+    }
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
@@ -1038,9 +1050,14 @@ fn devices(args: DevicesArgs) -> Result<ExitCode> {
     let auto = auto_choice(&adapters, wanted.as_deref());
     let mut out = Output::new(args.json);
     // `*` marks the adapter `auto` trains on: none when it takes the CPU path.
+    let fallbacks = lenet::gpu::context::adapter_kernel_fallbacks()?;
     for (i, a) in adapters.iter().enumerate() {
         let mark = if auto.adapter == Some(i) { "*" } else { " " };
         out.line(format!("{mark} {i}: {a}"));
+        // Never silent: the kernels an adapter's limits leave out, and what runs instead.
+        if let Some(Some(why)) = fallbacks.get(i) {
+            out.line(format!("     kernels: {why}"));
+        }
     }
     match auto.adapter {
         Some(i) => out.line(format!("--backend auto uses {}: {}", adapters[i].name, auto.reason)),
@@ -1204,10 +1221,6 @@ directory, then in the source tree holding the executable, then in the one it wa
 .TP
 LENET_ADAPTER
 picks a GPU adapter by part of its name, as \-\-adapter does
-.TP
-LENET_KERNELS
-picks the GPU kernels: auto (the default: mixed on a GPU, v2 on a software adapter), v1, v2,
-mixed or v3
 .TP
 LENET_CPU_ISA
 the CPU path's instruction set: auto (the default: the widest the CPU has), avx2 or avx512

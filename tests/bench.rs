@@ -87,11 +87,9 @@ fn gpu_rows_all_present_validated_and_timed() {
     assert_eq!(step.gpu_kernels.len(), ops);
     assert_eq!(r.step_dispatches, Some(ops));
     assert!(r.table().contains(&ctx.adapter_info.name));
-    if std::env::var_os(lenet::gpu::v2::KERNELS_ENV).is_none() {
-        // Unset, the adapter's kind picks the kernels: v2 on lavapipe, mixed on a GPU.
-        let want = lenet::gpu::Variant::default_for(ctx.adapter_info.device_type);
-        assert_eq!(r.kernels, Some(want.to_string()), "on {}", ctx.adapter_info.name);
-    }
+    // Without --kernels, the adapter's kind picks the kernels.
+    let want = lenet::gpu::Variant::default_for(ctx.adapter_info.device_type);
+    assert_eq!(r.kernels, Some(want.to_string()), "on {}", ctx.adapter_info.name);
 }
 
 #[test]

@@ -46,7 +46,7 @@ fn chunk(opt: &Optimizer, n_data: usize, batch: usize, steps: usize, first: u64,
     }
 }
 
-/// With the kernels `LENET_KERNELS` names (or the adapter's default).
+/// With the adapter's default kernels.
 fn gpu_backend(data: &Dataset, state: &TrainState) -> Option<GpuBackend> {
     let ctx = gpu()?;
     let mut g = GpuBackend::new(ctx, data).unwrap();
@@ -284,8 +284,8 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(format!("{err:#}").contains("batch"), "{err:#}");
 }
 
-/// On an adapter that grants only WebGPU's default 16 KiB of workgroup memory, the second
-/// kernels (which need 32 KiB) are not built, the ops run the first ones, and a step still
+/// On an adapter that grants only WebGPU's default 16 KiB of workgroup memory, conv_v2.wgsl's
+/// kernels (which need 32 KiB) are not built, the ops run the naive ones, and a step still
 /// matches the CPU.
 #[test]
 fn with_webgpu_default_limits_the_first_kernels_run() {
@@ -301,9 +301,13 @@ fn with_webgpu_default_limits_the_first_kernels_run() {
     };
     assert_eq!(limits.max_compute_workgroup_storage_size, 16384);
     let ctx = lenet::gpu::GpuContext::with_limits(&adapter, limits).unwrap();
-    assert!(!ctx.kernels.has("conv_pool_backward") && ctx.kernels.has("conv_backward_weight"));
-    let ops = GpuOps::with_variant(ctx.clone(), Variant::V2).unwrap();
+    assert!(!ctx.kernels.has("conv_pool_backward") && ctx.kernels.has("conv_backward_weight_naive"));
+    let ops = GpuOps::with_variant(ctx.clone(), Variant::Mixed).unwrap();
     assert_eq!(ops.variant, Variant::V1);
+    // Never silent: which kernel could not run, and why.
+    let why = ops.fallback.as_deref().unwrap_or_default();
+    assert!(why.contains("conv_pool_backward") && why.contains("workgroup memory"), "{why}");
+    assert_eq!(ctx.kernel_fallback().as_deref(), Some(why));
 
     let data = dataset(40, 16);
     let opt = Optimizer::default();
@@ -315,4 +319,19 @@ fn with_webgpu_default_limits_the_first_kernels_run() {
     let ch = chunk(&opt, data.len(), BATCH, 1, 1, 17);
     assert_stats_close(&g.train_steps(&ch).unwrap(), &c.train_steps(&ch).unwrap(), tol);
     assert_grads_close(&g.gradients().unwrap(), &c.gradients().unwrap());
+}
+
+/// `--kernels` picks the kernels by name (hidden from the help); an unknown name is one `error:`
+/// line naming the choices, before any data is read.
+#[test]
+fn kernels_by_name_are_a_hidden_option_and_an_unknown_name_is_one_error_line() {
+    for cmd in ["train", "bench"] {
+        let out = common::lenet(&[cmd, "--kernels", "v2", "--backend", "cpu"]);
+        let err = common::stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        assert!(err.starts_with("error:") && err.contains("v1, mixed, v3"), "{cmd}: {err}");
+        assert_eq!(err.lines().count(), 1, "{cmd}: {err}");
+        let help = common::stdout(common::succeeded(&common::lenet(&[cmd, "--help"])));
+        assert!(!help.contains("--kernels"), "{cmd} --help shows --kernels");
+    }
 }

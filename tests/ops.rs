@@ -1,7 +1,9 @@
 //! Every op of the seam (`lenet::ops::Ops`), fused ones included, checked against the CPU
 //! reference on random inputs of several shapes, on every implementation: one test body
 //! (`lenet::opcheck::check`) over every case of `lenet::opcheck::test_cases`, run on the fast CPU
-//! path and on every choice of GPU kernels (the reference is what they are compared with).
+//! path, the GPU's naive kernels (its reference) and its default kernels (the reference is what
+//! they are compared with). The named alternatives (`lenet::gpu::alternatives`) get one
+//! whole-step check each (tests/gpu_training.rs), not one per op.
 //! A new op's cases go in that list and are checked here on every path. The GPU tests fail when
 //! LENET_REQUIRE_GPU=1 and there is no adapter, and say "skipped" otherwise.
 //!
@@ -76,32 +78,19 @@ fn fast() {
     check_all(&mut Fast::default());
 }
 
-/// The first kernels (`LENET_KERNELS=v1`).
+/// The naive kernels (`v1`), the GPU's reference.
 #[test]
-fn gpu_v1() {
+fn gpu_naive() {
     let Some(ctx) = common::gpu() else { return };
     check_all(&mut GpuOps::with_variant(ctx, Variant::V1).unwrap());
 }
 
-/// The second kernels (`LENET_KERNELS=v2`).
+/// The default kernels on the adapter.
 #[test]
-fn gpu_v2() {
+fn gpu_default() {
     let Some(ctx) = common::gpu() else { return };
-    check_all(&mut GpuOps::with_variant(ctx, Variant::V2).unwrap());
-}
-
-/// The second kernels' convolutions with the first ones' fully connected layers (the default).
-#[test]
-fn gpu_mixed() {
-    let Some(ctx) = common::gpu() else { return };
-    check_all(&mut GpuOps::with_variant(ctx, Variant::Mixed).unwrap());
-}
-
-/// The second kernels' convolutions with the third fully connected ones.
-#[test]
-fn gpu_v3() {
-    let Some(ctx) = common::gpu() else { return };
-    check_all(&mut GpuOps::with_variant(ctx, Variant::V3).unwrap());
+    let variant = Variant::default_for(ctx.adapter_info.device_type);
+    check_all(&mut GpuOps::with_variant(ctx, variant).unwrap());
 }
 
 // ---- The checks catch what they guard against. ----

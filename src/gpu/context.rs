@@ -144,6 +144,18 @@ fn enumerate() -> Vec<wgpu::Adapter> {
     pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
 }
 
+/// For each adapter of [`list_adapters`], why the kernels this process would run there cannot
+/// (its limits leave them out), or None.
+pub fn adapter_kernel_fallbacks() -> anyhow::Result<Vec<Option<String>>> {
+    enumerate()
+        .iter()
+        .map(|a| {
+            let variant = super::Variant::chosen_for(a.get_info().device_type);
+            Ok(super::variant::fallback_note(variant, &Kernels::left_out_by(&a.limits())?))
+        })
+        .collect()
+}
+
 /// Every adapter wgpu can see, in enumeration order.
 pub fn list_adapters() -> Vec<AdapterSummary> {
     enumerate().iter().map(|a| AdapterSummary::from_info(&a.get_info())).collect()
@@ -268,6 +280,13 @@ impl GpuContext {
         let r = r?;
         self.check_errors()?;
         Ok(r)
+    }
+
+    /// Why the kernels this process runs by default (see [`super::Variant::chosen_for`]) cannot
+    /// run on this device, and what runs instead; None when they can.
+    pub fn kernel_fallback(&self) -> Option<String> {
+        let variant = super::Variant::chosen_for(self.adapter_info.device_type);
+        super::variant::fallback_note(variant, &self.kernels.left_out)
     }
 
     /// Bytes one storage binding may span.

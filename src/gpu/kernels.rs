@@ -130,6 +130,32 @@ pub struct Kernels {
     kernels: HashMap<String, Kernel>,
     /// Group 1: the step uniform, bound with a dynamic offset.
     pub step_layout: wgpu::BindGroupLayout,
+    /// The entry points the device's limits leave out, each with why.
+    pub left_out: Vec<(String, String)>,
+}
+
+/// Why an entry point cannot run within `limits`, or None when it can.
+fn unfit(info: &EntryPoint, limits: &wgpu::Limits) -> Option<String> {
+    let invocations: u32 = info.workgroup_size.iter().product();
+    if info.workgroup_bytes > limits.max_compute_workgroup_storage_size {
+        Some(format!(
+            "needs {} bytes of workgroup memory, the device grants {}",
+            info.workgroup_bytes, limits.max_compute_workgroup_storage_size
+        ))
+    } else if invocations > limits.max_compute_invocations_per_workgroup {
+        Some(format!(
+            "needs {invocations} invocations per workgroup, the device grants {}",
+            limits.max_compute_invocations_per_workgroup
+        ))
+    } else if info.buffers.len() as u32 > limits.max_storage_buffers_per_shader_stage {
+        Some(format!(
+            "binds {} storage buffers, the device grants {} per shader stage",
+            info.buffers.len(),
+            limits.max_storage_buffers_per_shader_stage
+        ))
+    } else {
+        None
+    }
 }
 
 impl Kernels {
@@ -164,6 +190,7 @@ impl Kernels {
             }],
         });
         let mut kernels = HashMap::new();
+        let mut left_out = Vec::new();
         for &(file, text) in SHADERS {
             let source = shader_source(text);
             let entries = shader::reflect(file, &source)?;
@@ -172,11 +199,8 @@ impl Kernels {
                 source: wgpu::ShaderSource::Wgsl(source.into()),
             });
             for info in entries {
-                let invocations: u32 = info.workgroup_size.iter().product();
-                if info.workgroup_bytes > limits.max_compute_workgroup_storage_size
-                    || invocations > limits.max_compute_invocations_per_workgroup
-                    || info.buffers.len() as u32 > limits.max_storage_buffers_per_shader_stage
-                {
+                if let Some(why) = unfit(&info, limits) {
+                    left_out.push((info.name.clone(), why));
                     continue;
                 }
                 if let Some(step) = &info.step {
@@ -193,7 +217,20 @@ impl Kernels {
         if let Some(e) = pollster::block_on(scope.pop()) {
             bail!("building the compute pipelines failed: {e}");
         }
-        Ok(Kernels { kernels, step_layout })
+        Ok(Kernels { kernels, step_layout, left_out })
+    }
+
+    /// The entry points `limits` leave out, each with why (what [`Kernels::new`] skips).
+    pub fn left_out_by(limits: &wgpu::Limits) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for &(file, text) in SHADERS {
+            for info in shader::reflect(file, &shader_source(text))? {
+                if let Some(why) = unfit(&info, limits) {
+                    out.push((info.name, why));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The kernel of entry point `name`.

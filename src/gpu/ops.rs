@@ -14,8 +14,7 @@ use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
 use super::kernels::{pack_u8, pixel_lut, Binder, Dispatch, StepUniform, View};
-use super::v2::{self, Generation, Variant};
-use super::v3;
+use super::variant::{fallback_note, Variant};
 use crate::data::Dataset;
 use crate::opcase::{relu_mask_of, update_shapes, OpCase};
 use crate::ops::*;
@@ -78,6 +77,8 @@ pub struct GpuOps {
     pub(super) lut: GpuBuf<f32>,
     /// Which kernels run.
     pub variant: Variant,
+    /// Why the kernels asked for could not run on this device (the naive ones run instead).
+    pub fallback: Option<String>,
     /// Recorded and not yet run (one at a time), or the program being recorded.
     recorded: Vec<Dispatch>,
     /// While a program is recorded: the step uniforms its dispatches read.
@@ -90,21 +91,23 @@ pub struct GpuOps {
 }
 
 impl GpuOps {
-    /// The ops with the kernels `LENET_KERNELS` names (by default the adapter's kind picks).
+    /// The ops with the kernels `--kernels` chose (by default the adapter's kind picks).
     pub fn new(ctx: GpuContext) -> Result<Self> {
-        let variant = Variant::from_env_for(ctx.adapter_info.device_type)?;
+        let variant = Variant::chosen_for(ctx.adapter_info.device_type);
         Self::with_variant(ctx, variant)
     }
 
-    /// The ops with the given kernels; the second ones need more workgroup memory than WebGPU's
-    /// default limits: on a device without it, the first ones run.
+    /// The ops with the given kernels; on a device that cannot build one of them (conv_v2.wgsl
+    /// needs more workgroup memory than WebGPU's default limits), the naive ones run.
     pub fn with_variant(ctx: GpuContext, variant: Variant) -> Result<Self> {
         let lut = storage_init(&ctx, "pixel_lut", &pixel_lut())?;
-        let variant = if variant.kernels().all(|k| ctx.kernels.has(k)) { variant } else { Variant::V1 };
+        let fallback = fallback_note(variant, &ctx.kernels.left_out);
+        let variant = if fallback.is_none() { variant } else { Variant::V1 };
         Ok(GpuOps {
             ctx,
             lut,
             variant,
+            fallback,
             recorded: Vec::new(),
             program_step: None,
             current: None,
@@ -165,22 +168,6 @@ impl GpuOps {
     pub(super) fn push(&mut self, mut d: Dispatch) {
         d.case = self.current.clone();
         self.recorded.push(d);
-    }
-
-    /// The v2 conv backward takes this shape (its gradients come as partials).
-    fn conv_backward_v2(&self, s: &ConvShape, dinput: bool) -> bool {
-        self.variant.conv_v2() && v2::backward_fits(s, dinput)
-    }
-
-    /// The kernels of the output layer's fused step at this shape: the variant's fully connected
-    /// generation where its one-dispatch kernel takes the shape; else the first kernels' ops, one
-    /// after the other.
-    fn xent_kernels(&self, s: &LinearShape) -> Generation {
-        match self.variant.linear() {
-            Generation::Second if v2::xent_fits(s) => Generation::Second,
-            Generation::Third if v3::xent_fits(s) => Generation::Third,
-            _ => Generation::First,
-        }
     }
 
     /// Runs `f` with its dispatches tagged as the op call `case` (unless an outer call tags).
@@ -319,18 +306,7 @@ impl Ops for GpuOps {
     }
 
     fn grad_partials(&self, op: GradOp) -> usize {
-        match op {
-            GradOp::ConvFromPool(s, dinput) if self.conv_backward_v2(&s, dinput) => {
-                v2::conv_partials(s.batch)
-            }
-            GradOp::LinearXent(s) => match self.xent_kernels(&s) {
-                Generation::Second => v2::xent_partials(s.batch),
-                Generation::Third => v3::xent_partials(s.batch),
-                Generation::First => 1,
-            },
-            GradOp::Linear(s) if self.variant.linear() == Generation::Third => v3::linear_partials(s.batch),
-            _ => 1,
-        }
+        self.alternative_partials(op).unwrap_or(1)
     }
 
     fn upload_data(&mut self, label: &str, data: &Dataset) -> Result<DeviceData> {
@@ -360,7 +336,7 @@ impl Ops for GpuOps {
         self.tagged(case, |me| {
             check_lens!(g.input => b * data.rows * data.cols, g.labels => b);
             check_batch(g.batch)?;
-            me.gather_v1(g)
+            me.gather_naive(g)
         })
     }
 
@@ -368,7 +344,7 @@ impl Ops for GpuOps {
         let s = l.s;
         let case = OpCase::GatherConvReluPool { s, images: g.batch.data.len, max_shift: 2 };
         self.tagged(case, |me| {
-            if !(me.variant.conv_v2() && v2::forward_fits(&s, true)) {
+            if !me.runs_conv_v2_forward(&s, true) {
                 return gather_then_conv(me, g, l);
             }
             check_conv_forward(g.input, &l)?;
@@ -380,17 +356,17 @@ impl Ops for GpuOps {
                 s.batch
             );
             check_batch(g.batch)?;
-            me.conv_pool_forward_v2(v2::ConvInput::Gather(g), l)
+            me.gather_conv_pool_forward_v2(g, l)
         })
     }
 
     fn conv_relu_pool_forward(&mut self, input: &GpuBuf<f32>, l: ConvLayer<Self>) -> Result<()> {
         self.tagged(OpCase::ConvReluPool(l.s), |me| {
             check_conv_forward(input, &l)?;
-            if me.variant.conv_v2() && v2::forward_fits(&l.s, false) {
-                me.conv_pool_forward_v2(v2::ConvInput::Input(input), l)
+            if me.runs_conv_v2_forward(&l.s, false) {
+                me.conv_pool_forward_v2(input, l)
             } else {
-                me.conv_pool_forward_v1(input, l)
+                me.conv_pool_forward_naive(input, l)
             }
         })
     }
@@ -400,10 +376,10 @@ impl Ops for GpuOps {
         self.tagged(OpCase::Linear { s, relu: a.relu }, |me| {
             check_lens!(a.input => s.batch * s.in_features, a.weight => s.weight_len(), a.bias => s.out_features);
             check_lens!(a.out => s.batch * s.out_features);
-            match me.variant.linear() {
-                Generation::First => me.linear_forward_v1(a),
-                Generation::Second => me.linear_forward_v2(a),
-                Generation::Third => me.linear_forward_v3(a),
+            if me.runs_linear_v3() {
+                me.linear_forward_v3(a)
+            } else {
+                me.linear_forward_naive(a)
             }
         })
     }
@@ -413,7 +389,7 @@ impl Ops for GpuOps {
         self.tagged(OpCase::SoftmaxXent { batch, classes }, |me| {
             check_lens!(a.logits => batch * classes, a.dlogits => batch * classes, a.labels => batch);
             ensure!(a.losses.len >= batch && a.correct.len >= batch, "the loss buffers are too short");
-            me.softmax_xent_v1(a)
+            me.softmax_xent_naive(a)
         })
     }
 
@@ -421,8 +397,7 @@ impl Ops for GpuOps {
         let s = a.s;
         let case = OpCase::LinearXent { s, mask: relu_mask_of(&a.dinput) };
         self.tagged(case, |me| {
-            let kernels = me.xent_kernels(&s);
-            if kernels == Generation::First {
+            if !me.runs_xent_v3(&s) {
                 return linear_then_xent(me, a);
             }
             let parts = me.grad_partials(GradOp::LinearXent(s));
@@ -430,11 +405,7 @@ impl Ops for GpuOps {
             let logits = s.batch * s.out_features;
             check_lens!(a.bias => s.out_features, a.labels => s.batch, a.logits => logits, a.dlogits => logits);
             ensure!(a.losses.len >= s.batch && a.correct.len >= s.batch, "the loss buffers are too short");
-            if kernels == Generation::Third {
-                me.linear_xent_v3(a)
-            } else {
-                me.linear_xent_v2(a)
-            }
+            me.linear_xent_v3(a)
         })
     }
 
@@ -445,10 +416,10 @@ impl Ops for GpuOps {
             let parts = me.grad_partials(GradOp::Linear(s));
             check_linear_backward(a.input, a.weight, a.dweight, a.dbias, a.dinput.as_ref(), s, parts)?;
             check_lens!(a.dout => s.batch * s.out_features);
-            match me.variant.linear() {
-                Generation::First => me.linear_backward_v1(a),
-                Generation::Second => me.linear_backward_v2(a),
-                Generation::Third => me.linear_backward_v3(a),
+            if me.runs_linear_v3() {
+                me.linear_backward_v3(a)
+            } else {
+                me.linear_backward_naive(a)
             }
         })
     }
@@ -463,10 +434,10 @@ impl Ops for GpuOps {
             if let Some(dinput) = &a.dinput {
                 check_lens!(dinput => s.input_len());
             }
-            if me.conv_backward_v2(&s, dinput) {
+            if me.runs_conv_v2_backward(&s, dinput) {
                 me.conv_pool_backward_v2(a)
             } else {
-                me.conv_pool_backward_v1(a)
+                me.conv_pool_backward_naive(a)
             }
         })
     }

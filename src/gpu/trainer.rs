@@ -162,10 +162,10 @@ fn write_step_uniforms(ctx: &GpuContext, buffer: &wgpu::Buffer, values: &[StepUn
 }
 
 impl GpuBackend {
-    /// A backend on `ctx` that trains on `train` (uploaded once) with the kernels
-    /// `LENET_KERNELS` names.
+    /// A backend on `ctx` that trains on `train` (uploaded once) with the kernels `--kernels`
+    /// chose (by default the adapter's kind picks).
     pub fn new(ctx: GpuContext, train: &Dataset) -> Result<Self> {
-        let variant = super::Variant::from_env_for(ctx.adapter_info.device_type)?;
+        let variant = super::Variant::chosen_for(ctx.adapter_info.device_type);
         Self::with_variant(ctx, train, variant)
     }
 
@@ -201,6 +201,11 @@ impl GpuBackend {
 
     pub fn context(&self) -> &GpuContext {
         &self.ops.ctx
+    }
+
+    /// Why the kernels asked for could not run on its device (the naive ones run instead).
+    pub fn kernel_fallback(&self) -> Option<&str> {
+        self.ops.fallback.as_deref()
     }
 
     /// The kernels it runs.

@@ -1,19 +1,7 @@
-//! The second kernels (`LENET_KERNELS=v2`; shaders/conv_v2.wgsl and shaders/linear_v2.wgsl): one
-//! dispatch per layer and direction, register-blocked, the batch gather folded into the first
-//! convolution, each layer's weight and input gradients in one dispatch, the output layer's
-//! forward, loss and backward in one, and the batch sums of the weight gradients left as partials
-//! for the optimizer to add. A training step of LeNet-5 is 10 dispatches (the first kernels,
-//! `v1`, take 19). Shapes these kernels do not take fall back to the first ones (see
-//! [`GpuOps`]'s `Ops` methods). Their staging loops load several values before storing any, so
-//! that a round of staging waits on memory once.
-//!
-//! On a GPU the default, `mixed`, runs these convolutions with the first kernels' fully
-//! connected layers (15 dispatches a step): on the H100 the convolutions here were 1.1-3.7x
-//! faster than the first ones, while the fully connected kernels here, register-blocked for few
-//! fat workgroups (what lavapipe wants, where `v2` is the default), leave a large GPU nearly
-//! empty and wait on memory: 3-6x slower there. `v3` pairs these convolutions with fully
-//! connected kernels written for a large GPU ([`super::v3`]), in 10 dispatches; it waits for an
-//! H100 to time it against `mixed`.
+//! The named alternatives' kernel bindings (see [`super::variant`] for the table):
+//! shaders/conv_v2.wgsl's convolutions and shaders/linear_v3.wgsl's fully connected layers, and
+//! which shapes they take. [`GpuOps`]'s `Ops` methods ask the `*_v2`/`*_v3` predicates here
+//! whether the chosen alternative runs an op at its shape, else they run the naive kernels.
 
 use anyhow::Result;
 
@@ -21,113 +9,7 @@ use super::kernels::{grid_1d, Binder, StepUniform};
 use super::ops::{GpuBuf, GpuOps};
 use crate::ops::*;
 
-/// Which kernels the GPU runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Variant {
-    /// The first kernels: 19 dispatches a step.
-    V1,
-    /// The second: 10 dispatches a step.
-    V2,
-    /// The second kernels' convolutions with the first ones' fully connected layers: 15
-    /// dispatches a step. On the H100 the second FC kernels, register-blocked for few fat
-    /// workgroups, are latency-bound (BENCHMARKS.md), while its convolutions are the faster.
-    Mixed,
-    /// The second kernels' convolutions with the third fully connected kernels, shaped for a
-    /// large GPU (see [`super::v3`]): 10 dispatches a step.
-    V3,
-}
-
-/// A generation of kernels for one kind of layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Generation {
-    First,
-    Second,
-    Third,
-}
-
-/// The entry points of the second kernels.
-pub const KERNELS: [&str; 6] = [
-    "conv_pool_forward",
-    "gather_conv_pool_forward",
-    "conv_pool_backward",
-    "linear_forward_v2",
-    "linear_backward_v2",
-    "linear_xent_v2",
-];
-
-/// The environment variable that picks the kernels: `auto` (the default), `v1`, `v2`, `mixed` or
-/// `v3`.
-pub const KERNELS_ENV: &str = "LENET_KERNELS";
-
-impl Variant {
-    /// Every choice of kernels.
-    pub const ALL: [Variant; 4] = [Variant::V1, Variant::V2, Variant::Mixed, Variant::V3];
-
-    /// Whether the convolutions run the second kernels (where the shape fits them).
-    pub fn conv_v2(self) -> bool {
-        !matches!(self, Variant::V1)
-    }
-
-    /// Which generation of kernels the fully connected layers run (where the shape fits them).
-    pub fn linear(self) -> Generation {
-        match self {
-            Variant::V1 | Variant::Mixed => Generation::First,
-            Variant::V2 => Generation::Second,
-            Variant::V3 => Generation::Third,
-        }
-    }
-
-    /// The entry points this choice needs beyond the first kernels.
-    pub fn kernels(self) -> impl Iterator<Item = &'static str> {
-        let conv: &[&str] = if self.conv_v2() { &KERNELS } else { &[] };
-        let linear: &[&str] = if self.linear() == Generation::Third { &super::v3::KERNELS } else { &[] };
-        conv.iter().chain(linear).copied()
-    }
-
-    /// From `LENET_KERNELS` on an adapter of this kind: unset, empty or `auto`,
-    /// [`Variant::default_for`] it.
-    pub fn from_env_for(device_type: wgpu::DeviceType) -> Result<Self> {
-        match std::env::var(KERNELS_ENV) {
-            Ok(v) if !matches!(v.trim(), "" | "auto") => v.parse(),
-            _ => Ok(Self::default_for(device_type)),
-        }
-    }
-
-    /// The fastest measured on the adapter's kind (BENCHMARKS.md): `mixed` on a GPU (the H100),
-    /// `v2` on a software adapter such as lavapipe, whose two cores want few fat workgroups.
-    pub fn default_for(device_type: wgpu::DeviceType) -> Self {
-        if device_type == wgpu::DeviceType::Cpu {
-            Variant::V2
-        } else {
-            Variant::Mixed
-        }
-    }
-}
-
-impl std::str::FromStr for Variant {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim() {
-            "v1" => Ok(Variant::V1),
-            "v2" => Ok(Variant::V2),
-            "mixed" => Ok(Variant::Mixed),
-            "v3" => Ok(Variant::V3),
-            other => anyhow::bail!("{KERNELS_ENV}={other:?}: the kernels are auto, v1, v2, mixed or v3"),
-        }
-    }
-}
-
-impl std::fmt::Display for Variant {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Variant::V1 => "v1",
-            Variant::V2 => "v2",
-            Variant::Mixed => "mixed",
-            Variant::V3 => "v3",
-        })
-    }
-}
+// ---- conv_v2.wgsl ----
 
 /// The v2 conv kernels' workgroup arrays (`SM` f32s and `SM4` vec4s in conv_v2.wgsl): 32 KiB,
 /// which the device must grant (WebGPU's default is 16 KiB; lavapipe offers 32, an H100 48).
@@ -140,9 +22,6 @@ const BWD: usize = 256;
 const MAX_CIN: usize = 8;
 /// The weight gradient's most output channels (two groups of 8, in registers).
 const MAX_COUT_BWD: usize = 16;
-/// Images per output-layer workgroup (`XT` in linear_v2.wgsl) and its most classes (`CMAX`).
-const XT: usize = 32;
-const CMAX: usize = 16;
 /// How many weight-gradient partials the conv backward aims for: enough workgroups to fill a
 /// large GPU (an H100 has 132 SMs), few enough that the optimizer's sum stays short.
 const CONV_GROUPS: usize = 128;
@@ -191,23 +70,13 @@ pub fn backward_fits(s: &ConvShape, dinput: bool) -> bool {
 }
 
 /// Images per weight-gradient workgroup of the conv backward at this batch.
-pub fn images_per_group(batch: usize) -> usize {
+pub fn conv_images_per_group(batch: usize) -> usize {
     batch.div_ceil(CONV_GROUPS).max(1)
 }
 
 /// Partial sums the v2 conv backward writes.
 pub fn conv_partials(batch: usize) -> usize {
-    batch.div_ceil(images_per_group(batch)).max(1)
-}
-
-/// Whether the v2 output-layer kernel takes this shape.
-pub fn xent_fits(s: &LinearShape) -> bool {
-    s.out_features <= CMAX && s.out_features > 0
-}
-
-/// Partial sums the v2 output layer writes.
-pub fn xent_partials(batch: usize) -> usize {
-    batch.div_ceil(XT).max(1)
+    batch.div_ceil(conv_images_per_group(batch)).max(1)
 }
 
 /// The convolution's shape, the workgroups that compute input gradients (or forward images),
@@ -227,18 +96,60 @@ fn conv_params(
 }
 
 /// Where the first conv layer's input comes from.
-pub(super) enum ConvInput<'a> {
+enum ConvInput<'a> {
     /// A batch in a buffer.
     Input(&'a GpuBuf<f32>),
     /// Gathered from the data set (into `input`, kept for the backward pass, and `labels`).
     Gather(Gather<'a, GpuOps>),
 }
 
+/// Whether the chosen alternative runs an op at its shape ([`GpuOps`]'s `Ops` methods ask; where
+/// it does not, the naive kernels run).
+impl GpuOps {
+    pub(super) fn runs_conv_v2_forward(&self, s: &ConvShape, gather: bool) -> bool {
+        self.variant.alternative().conv_v2 && forward_fits(s, gather)
+    }
+
+    pub(super) fn runs_conv_v2_backward(&self, s: &ConvShape, dinput: bool) -> bool {
+        self.variant.alternative().conv_v2 && backward_fits(s, dinput)
+    }
+
+    pub(super) fn runs_linear_v3(&self) -> bool {
+        self.variant.alternative().linear_v3
+    }
+
+    pub(super) fn runs_xent_v3(&self, s: &LinearShape) -> bool {
+        self.runs_linear_v3() && xent_fits(s)
+    }
+
+    /// The partial sums the chosen alternative writes for `op`'s weight gradient, or None where
+    /// the naive kernels (one) run.
+    pub(super) fn alternative_partials(&self, op: GradOp) -> Option<usize> {
+        match op {
+            GradOp::ConvFromPool(s, dinput) if self.runs_conv_v2_backward(&s, dinput) => {
+                Some(conv_partials(s.batch))
+            }
+            GradOp::LinearXent(s) if self.runs_xent_v3(&s) => Some(xent_partials(s.batch)),
+            GradOp::Linear(s) if self.runs_linear_v3() => Some(linear_partials(s.batch)),
+            _ => None,
+        }
+    }
+}
+
 /// These functions only bind and record: [`GpuOps`]'s `Ops` methods have checked the buffers
 /// against the shapes and chosen the kernels.
 impl GpuOps {
+    /// The first conv layer with the batch gathered on the way in.
+    pub(super) fn gather_conv_pool_forward_v2(&mut self, g: Gather<Self>, l: ConvLayer<Self>) -> Result<()> {
+        self.conv_pool_forward_v2_from(ConvInput::Gather(g), l)
+    }
+
+    pub(super) fn conv_pool_forward_v2(&mut self, input: &GpuBuf<f32>, l: ConvLayer<Self>) -> Result<()> {
+        self.conv_pool_forward_v2_from(ConvInput::Input(input), l)
+    }
+
     /// conv + bias + ReLU + max-pool of a batch, one workgroup per image.
-    pub(super) fn conv_pool_forward_v2(&mut self, input: ConvInput, l: ConvLayer<Self>) -> Result<()> {
+    fn conv_pool_forward_v2_from(&mut self, input: ConvInput, l: ConvLayer<Self>) -> Result<()> {
         let s = l.s;
         let (kernel, b, data) = match input {
             ConvInput::Gather(GatherArgs { input: gathered, labels, batch }) => {
@@ -295,43 +206,56 @@ impl GpuOps {
             .buf("dweight", &a.dweight.view)
             .buf("dbias", &a.dbias.view);
         let workgroups = (tiles + conv_partials(s.batch)) as u64;
-        let d = conv_params(b, s, tiles, images_per_group(s.batch), (0, 0))
+        let d = conv_params(b, s, tiles, conv_images_per_group(s.batch), (0, 0))
             .grid(grid_1d(workgroups, 1, self.max_dim()))
             .build("conv_backward_from_pool")?;
         self.push(d);
         Ok(())
     }
+}
 
-    pub(super) fn linear_forward_v2(&mut self, a: LinearForward<Self>) -> Result<()> {
-        let s = a.s;
-        let d = self
-            .kernel("linear_forward_v2")?
-            .buf("rows", &a.input.view)
-            .buf("weight", &a.weight.view)
-            .buf("bias", &a.bias.view)
-            .buf("out", &a.out.view)
-            .linear_shape(s, a.relu)
-            .param("dinput_tiles", 0u32)
-            .param("scale", 0.0f32)
-            .grid((s.out_features.div_ceil(8) as u32, s.batch.div_ceil(64) as u32, 1))
-            .build("linear_forward")?;
-        self.push(d);
-        Ok(())
-    }
+// ---- linear_v3.wgsl ----
 
-    pub(super) fn linear_backward_v2(&mut self, a: LinearBackward<Self>) -> Result<()> {
-        let s = a.s;
-        let (b, tiles) = self.bind_linear_backward("linear_backward_v2", &a, (8, 64))?;
-        let w_tiles = (s.in_features + 1).div_ceil(64) * s.out_features.div_ceil(8);
-        let d = b
-            .buf("rows", &a.dout.view)
-            .param("scale", 0.0f32)
-            .grid(grid_1d((tiles + w_tiles) as u64, 1, self.max_dim()))
-            .build("linear_backward")?;
-        self.push(d);
-        Ok(())
-    }
+/// Tile sides in linear_v3.wgsl: images (`TB`), outputs or input features (`TN`), a dW tile's
+/// outputs (`TO`); the output layer's most classes (`CMAX`).
+const TB: usize = 8;
+const TN: usize = 16;
+const TO: usize = 8;
+const CMAX: usize = 16;
+/// A weight-gradient partial sums at least `MIN_GROUP` images; at most `MAX_PARTS` partials.
+const MIN_GROUP: usize = 64;
+const MAX_PARTS: usize = 16;
+/// The output layer's partials: at least `TB` images each, at most `MAX_XENT_PARTS` of them.
+const MAX_XENT_PARTS: usize = 64;
 
+/// Images per weight-gradient partial of a hidden layer at this batch.
+fn linear_images_per_group(batch: usize) -> usize {
+    batch.div_ceil(MAX_PARTS).max(MIN_GROUP)
+}
+
+/// Partial sums a hidden layer's backward writes.
+pub fn linear_partials(batch: usize) -> usize {
+    batch.div_ceil(linear_images_per_group(batch)).max(1)
+}
+
+/// Images per workgroup (and partial) of the output layer at this batch: a multiple of `TB`.
+fn xent_images_per_group(batch: usize) -> usize {
+    batch.div_ceil(MAX_XENT_PARTS).next_multiple_of(TB).max(TB)
+}
+
+/// Partial sums the output layer writes.
+pub fn xent_partials(batch: usize) -> usize {
+    batch.div_ceil(xent_images_per_group(batch)).max(1)
+}
+
+/// Whether the output-layer kernel takes this shape.
+pub fn xent_fits(s: &LinearShape) -> bool {
+    s.out_features <= CMAX && s.out_features > 0
+}
+
+/// These functions only bind and record: [`GpuOps`]'s `Ops` methods have checked the buffers
+/// against the shapes and chosen the kernels.
+impl GpuOps {
     /// A one-dispatch linear backward kernel (v2's or v3's) bound to the op's buffers, with the
     /// shape and `dinput_tiles`: the input gradient's tiles of (features, images) `tile`, which
     /// come first, when it is asked for. Returns the binder and that tile count.
@@ -367,17 +291,6 @@ impl GpuOps {
         Ok((b, tiles))
     }
 
-    /// The output layer's forward pass, loss and backward pass, one workgroup per `XT` images.
-    pub(super) fn linear_xent_v2(&mut self, a: LinearXent<Self>) -> Result<()> {
-        let d = self
-            .bind_linear_xent("linear_xent_v2", &a)?
-            .param("dinput_tiles", 0u32)
-            .grid((xent_partials(a.s.batch) as u32, 1, 1))
-            .build("linear_xent_forward_backward")?;
-        self.push(d);
-        Ok(())
-    }
-
     /// A one-dispatch output-layer kernel (v2's or v3's) bound to the op's buffers, with the
     /// shape, the loss gradient's scale and the step uniform.
     pub(super) fn bind_linear_xent(&self, kernel: &str, a: &LinearXent<Self>) -> Result<Binder<'_>> {
@@ -408,6 +321,52 @@ impl GpuOps {
             .param("scale", 1.0f32 / s.batch as f32)
             .step(self.step(StepUniform::default())))
     }
+
+    pub(super) fn linear_forward_v3(&mut self, a: LinearForward<Self>) -> Result<()> {
+        let s = a.s;
+        let d = self
+            .kernel("linear_forward_v3")?
+            .buf("input", &a.input.view)
+            .buf("weight", &a.weight.view)
+            .buf("bias", &a.bias.view)
+            .buf("out", &a.out.view)
+            .linear_shape(s, a.relu)
+            .param("dinput_tiles", 0u32)
+            .param("images_per_group", 0u32)
+            .param("scale", 0.0f32)
+            .grid((s.out_features.div_ceil(TN) as u32, s.batch.div_ceil(TB) as u32, 1))
+            .build("linear_forward")?;
+        self.push(d);
+        Ok(())
+    }
+
+    /// The input gradient's tiles and every partial's weight-gradient tiles in one dispatch.
+    pub(super) fn linear_backward_v3(&mut self, a: LinearBackward<Self>) -> Result<()> {
+        let s = a.s;
+        let (b, tiles) = self.bind_linear_backward("linear_backward_v3", &a, (TN, TB))?;
+        let w_tiles =
+            (s.in_features + 1).div_ceil(TN) * s.out_features.div_ceil(TO) * linear_partials(s.batch);
+        let d = b
+            .param("images_per_group", linear_images_per_group(s.batch))
+            .param("scale", 0.0f32)
+            .grid(grid_1d((tiles + w_tiles) as u64, 1, self.max_dim()))
+            .build("linear_backward")?;
+        self.push(d);
+        Ok(())
+    }
+
+    /// The output layer's forward pass, loss and backward pass, one workgroup per group of
+    /// images (and weight-gradient partial).
+    pub(super) fn linear_xent_v3(&mut self, a: LinearXent<Self>) -> Result<()> {
+        let d = self
+            .bind_linear_xent("linear_xent_v3", &a)?
+            .param("dinput_tiles", 0u32)
+            .param("images_per_group", xent_images_per_group(a.s.batch))
+            .grid(grid_1d(xent_partials(a.s.batch) as u64, 1, self.max_dim()))
+            .build("linear_xent_forward_backward")?;
+        self.push(d);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -415,23 +374,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_variant_parses_from_its_name_and_picks_its_kernels() {
-        for v in Variant::ALL {
-            assert_eq!(v.to_string().parse::<Variant>().unwrap(), v);
+    fn partials_cover_the_batch_within_their_caps() {
+        for batch in [1, 7, 8, 63, 64, 65, 256, 1000, 1024, 60_000] {
+            let (per, parts) = (linear_images_per_group(batch), linear_partials(batch));
+            assert!(parts <= MAX_PARTS && per >= MIN_GROUP, "batch {batch}");
+            assert!(parts * per >= batch && (parts - 1) * per < batch, "batch {batch}: {parts} x {per}");
+            let (per, parts) = (xent_images_per_group(batch), xent_partials(batch));
+            assert!(parts <= MAX_XENT_PARTS && per % TB == 0, "batch {batch}");
+            assert!(parts * per >= batch && (parts - 1) * per < batch, "batch {batch}: {parts} x {per}");
         }
-        let err = "v4".parse::<Variant>().unwrap_err().to_string();
-        assert!(err.contains("auto, v1, v2, mixed or v3"), "{err}");
-        // Unset, the kernels follow the adapter's kind.
-        assert_eq!(Variant::default_for(wgpu::DeviceType::Cpu), Variant::V2);
-        assert_eq!(Variant::default_for(wgpu::DeviceType::DiscreteGpu), Variant::Mixed);
-        assert_eq!(Variant::default_for(wgpu::DeviceType::IntegratedGpu), Variant::Mixed);
-        let kernels = |v: Variant| (v.conv_v2(), v.linear());
-        assert_eq!(kernels(Variant::V1), (false, Generation::First));
-        assert_eq!(kernels(Variant::V2), (true, Generation::Second));
-        assert_eq!(kernels(Variant::Mixed), (true, Generation::First));
-        assert_eq!(kernels(Variant::V3), (true, Generation::Third));
-        let v3: Vec<&str> = Variant::V3.kernels().collect();
-        assert!(v3.contains(&"linear_xent_v3") && v3.contains(&"conv_pool_backward"), "{v3:?}");
-        assert_eq!(Variant::V1.kernels().count(), 0);
+        // LeNet's batch 256: 4 partials for fc1 and fc2, 32 (8 images each) for fc3.
+        assert_eq!((linear_partials(256), xent_partials(256)), (4, 32));
     }
 }
