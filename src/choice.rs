@@ -70,13 +70,6 @@ fn notice(line: String) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// Never silent: when the GPU's kernels fall back to the naive ones, which and why.
-fn kernel_notice(fallback: Option<&str>) {
-    if let Some(why) = fallback {
-        notice(format!("kernels: {why}"));
-    }
-}
-
 /// The backend the user asked for, training on `train` (an empty set for evaluation only).
 /// `auto` follows [`auto_choice`] and falls back to the CPU, with a one-line notice on stderr,
 /// when it says so or when the GPU fails to start.
@@ -90,7 +83,6 @@ pub fn open_backend(
         BackendChoice::Cpu => cpu(),
         BackendChoice::Gpu => {
             let gpu = crate::gpu::GpuBackend::open(adapter, train).context("--backend gpu")?;
-            kernel_notice(gpu.kernel_fallback());
             Ok(Box::new(gpu))
         }
         BackendChoice::Auto => {
@@ -103,7 +95,6 @@ pub fn open_backend(
             match crate::gpu::GpuBackend::open(adapter, train) {
                 Ok(gpu) => {
                     notice(format!("backend: gpu on {}", gpu.adapter()));
-                    kernel_notice(gpu.kernel_fallback());
                     Ok(Box::new(gpu))
                 }
                 Err(e) => {
@@ -120,11 +111,7 @@ pub fn open_backend(
 pub fn bench_context(choice: BackendChoice, adapter: Option<&str>) -> Result<Option<crate::gpu::GpuContext>> {
     match choice {
         BackendChoice::Cpu => Ok(None),
-        BackendChoice::Gpu => {
-            let ctx = crate::gpu::GpuContext::new(adapter).context("--backend gpu")?;
-            kernel_notice(ctx.kernel_fallback().as_deref());
-            Ok(Some(ctx))
-        }
+        BackendChoice::Gpu => Ok(Some(crate::gpu::GpuContext::new(adapter).context("--backend gpu")?)),
         BackendChoice::Auto => {
             let wanted = wanted_adapter(adapter);
             let auto = auto_choice(&crate::gpu::list_adapters(), wanted.as_deref());
@@ -135,7 +122,6 @@ pub fn bench_context(choice: BackendChoice, adapter: Option<&str>) -> Result<Opt
             match crate::gpu::GpuContext::new(adapter) {
                 Ok(c) => {
                     notice(format!("backend: gpu on {}", c.adapter_info));
-                    kernel_notice(c.kernel_fallback().as_deref());
                     Ok(Some(c))
                 }
                 Err(e) => {

@@ -191,3 +191,56 @@ fn a_shader_error_is_an_err_not_a_panic() {
     assert!(pollster::block_on(scope.pop()).is_some());
     assert!(lenet::gpu::shader::reflect("broken.wgsl", src).is_err());
 }
+
+/// The conv backward case at `batch` without an input gradient (its outputs: the weight and
+/// bias gradients only).
+fn weight_gradient_case(batch: usize) -> OpCase {
+    cases("conv_backward_from_pool")
+        .into_iter()
+        .find(|c| matches!(c, OpCase::ConvBackwardFromPool { s, dinput: false } if s.batch == batch))
+        .unwrap_or_else(|| panic!("no weight-gradient case at batch {batch}"))
+}
+
+/// A dropped partial: the weight gradient of a batch without one group's images (the last
+/// `group` of them, as a kernel that drops its last partial sums) fails the check, at the
+/// training batches where conv_v2.wgsl sums 2 and 9 images a partial.
+#[test]
+fn a_dropped_partial_of_the_weight_gradient_is_caught() {
+    for (batch, group) in [(256, 2), (1100, 9)] {
+        let case = weight_gradient_case(batch);
+        let host = opcheck::inputs(&case, 1);
+        let want = opcheck::run(&mut Reference, &case, &host).unwrap();
+        let mut dropped = host.clone();
+        let dpooled = f32_out(&mut dropped, "dpooled");
+        let per_image = dpooled.len() / batch;
+        let n = dpooled.len();
+        dpooled[n - group * per_image..].iter_mut().for_each(|x| *x = 0.0);
+        let got = opcheck::run(&mut Reference, &case, &dropped).unwrap();
+        let r = opcheck::compare(&case, &host, &got, &want);
+        assert!(r.is_err(), "batch {batch}: a dropped partial of {group} images was not caught ({r:?})");
+    }
+}
+
+/// A wrong tap and a dropped staging round: a forward convolution whose weights are read one
+/// tap to the side, or whose first input channel was never staged for one image, fails the
+/// check.
+#[test]
+fn a_wrong_tap_or_a_dropped_staging_round_is_caught() {
+    let case = cases("conv_relu_pool_forward")
+        .into_iter()
+        .find(|c| matches!(c, OpCase::ConvReluPool(s) if s.batch == 256))
+        .unwrap();
+    let OpCase::ConvReluPool(s) = case else { unreachable!() };
+    let host = opcheck::inputs(&case, 1);
+    let want = opcheck::run(&mut Reference, &case, &host).unwrap();
+    let mut wrong_tap = host.clone();
+    f32_out(&mut wrong_tap, "weight").rotate_left(1);
+    let mut unstaged = host.clone();
+    let plane = s.height * s.width;
+    f32_out(&mut unstaged, "input")[..plane].iter_mut().for_each(|x| *x = 0.0);
+    for (fault, h) in [("a wrong tap", wrong_tap), ("a dropped staging round", unstaged)] {
+        let got = opcheck::run(&mut Reference, &case, &h).unwrap();
+        let r = opcheck::compare(&case, &host, &got, &want);
+        assert!(r.is_err(), "{fault} was not caught ({r:?})");
+    }
+}

@@ -6,6 +6,7 @@
 //! chunk, and the next chunk is recorded and submitted while the device runs the last.
 
 use std::collections::VecDeque;
+use std::io::Write as _;
 use std::sync::mpsc;
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -174,6 +175,11 @@ impl GpuBackend {
         check_images(train)?;
         ctx.clone().scoped(|| {
             let mut ops = GpuOps::with_variant(ctx.clone(), variant)?;
+            // Never silent: `train`, `eval` and `bench` say which kernels could not run and why,
+            // before their first step (a closed stderr is ignored).
+            if let Some(why) = &ops.fallback {
+                let _ = writeln!(std::io::stderr(), "kernels: {why}");
+            }
             let train = ops.upload_data("train", train)?;
             let lens: Vec<usize> = param_specs().iter().map(|s| s.len()).collect();
             let param_layout = FlatLayout::new(&lens, ctx.limits.min_storage_buffer_offset_alignment);
