@@ -1,10 +1,11 @@
-// Convolution layers, the second kernels of lenet (`LENET_KERNELS=v2`, the default): one
-// dispatch per layer and direction, register-blocked so that each read of workgroup memory
-// feeds several multiply-adds (weights and output gradients are read four channels at a time as
-// vec4), no integer division in an inner loop, and every sum in a fixed order (the same bits
-// on every run). NCHW, square kernels of side K <= 5, stride 1, zero padding; each conv is
-// followed by ReLU and a 2x2 max-pool (even Ho and Wo). They use up to 32 KiB of workgroup
-// memory; shapes (or adapters) they do not fit use conv.wgsl's kernels.
+// Convolution layers, the second kernels of lenet (src/gpu/alternatives.rs; in `mixed`, the
+// default, and `v3`): one dispatch per layer and direction, register-blocked so that each read
+// of workgroup memory feeds several multiply-adds (weights and output gradients are read four
+// channels at a time as vec4), no integer division in an inner loop, and every sum in a fixed
+// order (the same bits on every run). NCHW, square kernels of side K <= 5, stride 1, zero
+// padding; each conv is followed by ReLU and a 2x2 max-pool (even Ho and Wo). They use up to
+// 32 KiB of workgroup memory; shapes (or adapters) they do not fit use conv.wgsl's naive
+// kernels.
 //
 // Forward: one workgroup per image. The image's zero-padded input planes and the weights are
 // staged once; each invocation computes one pooled position for 8 output channels (the 2x2

@@ -1,4 +1,4 @@
-// Fully connected layers, the first kernels of lenet (`LENET_KERNELS=v1`): X [B, In],
+// Fully connected layers, the naive kernels of lenet (src/gpu/linear.rs): X [B, In],
 // W [Out, In] (PyTorch's layout), bias [Out], Y [B, Out]. 16x16 output tiles per workgroup,
 // operands staged through workgroup memory in 16-wide slices of the reduction axis. Each output
 // is summed in a fixed order: deterministic, no atomics. Then the output layer's softmax

@@ -1,4 +1,4 @@
-// Fully connected layers, the third kernels of lenet (`LENET_KERNELS=v3`): X [B, In],
+// Fully connected layers, the third kernels of lenet (src/gpu/alternatives.rs; `v3`): X [B, In],
 // W [Out, In] (PyTorch's layout), bias [Out]. Written from what the H100 showed of the first two
 // (BENCHMARKS.md): at LeNet's sizes a fully connected kernel waits on memory, so what counts is
 // how many workgroups run at once and how few global round trips each one makes in a row, not

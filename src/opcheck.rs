@@ -56,9 +56,6 @@ pub fn test_cases() -> Vec<OpCase> {
         // more than 16 (v2's backward falls back to the first kernels).
         conv(4, 3, 12, 10, 3, 1),
         conv(2, 2, 20, 8, 3, 1),
-        // A training batch, where conv_v2.wgsl's weight gradient sums 2 images a partial (in
-        // 128 partials), not one each.
-        conv(256, 6, 16, 14, 5, 0),
     ];
     let linears = [lin(1, 400, 120), lin(37, 400, 120), lin(13, 120, 84), lin(5, 84, 10), lin(17, 33, 19)];
     let mut cases = vec![
@@ -95,7 +92,11 @@ pub fn test_cases() -> Vec<OpCase> {
     cases.extend(
         convs.iter().flat_map(|&s| [true, false].map(|dinput| OpCase::ConvBackwardFromPool { s, dinput })),
     );
-    // conv_v2.wgsl's weight gradient at 9 images a partial (123 partials, the last part-filled).
+    // The training batch 256, where conv_v2.wgsl's weight gradient sums 2 images a partial (128
+    // partials) beside 256 input-gradient workgroups, and 1100, 9 images a partial (123, the
+    // last part-filled): every other case sums one image a partial.
+    let conv2 = conv(256, 6, 16, 14, 5, 0);
+    cases.extend([true, false].map(|dinput| OpCase::ConvBackwardFromPool { s: conv2, dinput }));
     cases.push(OpCase::ConvBackwardFromPool { s: conv(1100, 1, 6, 28, 5, 2), dinput: false });
     // Every optimizer with its defaults on those shapes, and the settings that take other
     // branches of its update.
