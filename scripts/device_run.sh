@@ -8,12 +8,12 @@
 # all of them inside one deadline (DEADLINE_S, 400 s by default), so that one hang cannot eat the
 # lease and the table is always printed:
 #   1. the card, the driver, `lenet devices`;
-#   2. `lenet bench --json` at batch 64, 256 and 1024 with `--kernels mixed` (the default) and
-#      `v3` (the candidate: 10 dispatches), and at 256 with `v1` (the naive kernels): every row
-#      validated against the CPU path, then timed;
+#   2. `lenet bench --json` at batch 64, 256 and 1024 with `mixed` (the default on a GPU) and
+#      `v3` (the candidate: 10 dispatches), and at 256 with `v2` and `v1`: every row validated
+#      against the CPU path, then timed;
 #   3. `lenet train --backend gpu --epochs 10 --json`, v3 and mixed alternating, three and two
-#      times (the first run pays the cold start: shader compilation, uploads), then v1 once,
-#      each with its process wall time;
+#      times (the first run pays the cold start: shader compilation, uploads), then v2 and v1
+#      once each, each with its process wall time;
 #   4. PyTorch on the same card: the recipe's 10 epochs timed, and the parity run (the same
 #      init, --no-shuffle, 20 steps, every tensor compared) of lenet's GPU path against it, and
 #      of lenet's CPU path against both;
@@ -62,23 +62,26 @@ run devices 30 "$L" devices --json
 # 2. Per-kernel figures, validated before they are timed.
 for b in 64 256 1024; do
     for k in mixed v3; do
-        run "bench_${k}_$b" 90 "$L" bench --kernels "$k" --backend gpu --batch "$b" --json
+        LENET_KERNELS=$k run "bench_${k}_$b" 90 "$L" bench --backend gpu --batch "$b" --json
     done
 done
-run bench_v1_256 90 "$L" bench --kernels v1 --backend gpu --batch 256 --json
+for k in v2 v1; do
+    LENET_KERNELS=$k run "bench_${k}_256" 90 "$L" bench --backend gpu --batch 256 --json
+done
 
 # 3. Training: the recipe's 10 epochs, process start to exit.
-run train_v3_cold 120 "$L" train --kernels v3 --backend gpu --epochs 10 --json
-run train_mixed 120 "$L" train --kernels mixed --backend gpu --epochs 10 --json
-run train_v3 120 "$L" train --kernels v3 --backend gpu --epochs 10 --json
-run train_mixed_again 120 "$L" train --kernels mixed --backend gpu --epochs 10 --json
-run train_v3_again 120 "$L" train --kernels v3 --backend gpu --epochs 10 --json
-run train_v1 180 "$L" train --kernels v1 --backend gpu --epochs 10 --json
+LENET_KERNELS=v3 run train_v3_cold 120 "$L" train --backend gpu --epochs 10 --json
+LENET_KERNELS=mixed run train_mixed 120 "$L" train --backend gpu --epochs 10 --json
+LENET_KERNELS=v3 run train_v3 120 "$L" train --backend gpu --epochs 10 --json
+LENET_KERNELS=mixed run train_mixed_again 120 "$L" train --backend gpu --epochs 10 --json
+LENET_KERNELS=v3 run train_v3_again 120 "$L" train --backend gpu --epochs 10 --json
+LENET_KERNELS=v2 run train_v2 120 "$L" train --backend gpu --epochs 10 --json
+LENET_KERNELS=v1 run train_v1 180 "$L" train --backend gpu --epochs 10 --json
 
 # 4. PyTorch on the same card: the recipe timed, and the parity run.
 run torch_recipe 120 python3 scripts/torch_reference.py --device cuda recipe --epochs 10 --seed 0
 init=tests/fixtures/parity_init.safetensors   # PyTorch's default initialisation, seed 0
-run parity_lenet 60 "$L" train --kernels v3 --backend gpu --init "$init" --no-shuffle \
+LENET_KERNELS=v3 run parity_lenet 60 "$L" train --backend gpu --init "$init" --no-shuffle \
     --steps 20 --save "$W/lenet20.safetensors" --json
 run parity_torch 120 python3 scripts/torch_reference.py --device cuda train --init "$init" \
     --steps 20 --save "$W/torch20.safetensors"
@@ -149,7 +152,8 @@ for name in [n for n in runs if n.startswith("bench_")]:
           f"failed validation: {bad or 'none'}")
     print(f"    {rows}")
 print("\ntraining, 10 epochs (process wall seconds; train_seconds and accuracy from --json):")
-for name in ["train_v3_cold", "train_mixed", "train_v3", "train_mixed_again", "train_v3_again", "train_v1"]:
+for name in ["train_v3_cold", "train_mixed", "train_v3", "train_mixed_again", "train_v3_again", "train_v2",
+             "train_v1"]:
     d = doc(name)
     rc, s = runs.get(name, (None, 0.0))
     if d:
