@@ -531,4 +531,36 @@ mod tests {
         }
         assert!(with_step >= 3, "gather, softmax_xent and the optimizers read the step uniform");
     }
+
+    /// What WebGPU's default limits leave out, and why (what `lenet devices` and the fallback
+    /// notice say): conv_v2.wgsl's 32 KiB kernels and the alternatives binding more than 8
+    /// storage buffers; never a naive kernel.
+    #[test]
+    fn default_limits_leave_out_only_alternatives_and_say_why() {
+        let out = Kernels::left_out_by(&wgpu::Limits::default()).unwrap();
+        let why = |name: &str| out.iter().find(|(n, _)| n == name).map(|(_, w)| w.as_str());
+        assert!(
+            why("conv_pool_backward").is_some_and(|w| w.contains("bytes of workgroup memory")),
+            "{out:?}"
+        );
+        assert!(why("linear_xent_v3").is_some_and(|w| w.contains("storage buffers")), "{out:?}");
+        let naive = [
+            "gather",
+            "conv_forward_naive",
+            "pool_forward",
+            "pool_backward",
+            "conv_backward_weight_naive",
+            "conv_backward_input_naive",
+            "linear_forward",
+            "linear_backward_weight",
+            "linear_backward_input",
+            "softmax_xent",
+        ];
+        for k in naive {
+            assert_eq!(why(k), None, "{k}");
+        }
+        for rule in crate::optim::RULES {
+            assert_eq!(why(&format!("update_{}", rule.name)), None, "{}", rule.name);
+        }
+    }
 }
