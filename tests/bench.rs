@@ -215,7 +215,15 @@ struct FakeSteps {
 
 impl FakeSteps {
     fn new(per_step: bool) -> Self {
-        FakeSteps { clock: 0.0, cold: COLD, warm: WARM, warm_after: 0.25, launch: 0.0, per_step, passes: Vec::new() }
+        FakeSteps {
+            clock: 0.0,
+            cold: COLD,
+            warm: WARM,
+            warm_after: 0.25,
+            launch: 0.0,
+            per_step,
+            passes: Vec::new(),
+        }
     }
 }
 

@@ -390,7 +390,8 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
                 max_passes: cfg.iters.max(3),
                 budget_s: cfg.budget_s * 2.0,
             };
-            let t = ctx.scoped(|| replay::measure_steps(&mut replay, &plan)).context("timing the GPU's step")?;
+            let t =
+                ctx.scoped(|| replay::measure_steps(&mut replay, &plan)).context("timing the GPU's step")?;
             fill_gpu(&mut step_row, t.per_step.median, t.per_step.min, t.per_step.max, t.per_step.samples);
             step_timing = Some(t);
         }
@@ -440,6 +441,7 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
         cpu: cpu_description(),
         timing: timing.into(),
         step_timing_method: step_method,
+        shader_loop_bounds: gpu.map(|c| c.loop_bounds),
         step_timing,
         kernels: gpu_backend.as_ref().map(|be| be.variant().to_string()),
         batch: b,

@@ -121,7 +121,12 @@ pub fn measure_steps(r: &mut dyn StepReplayer, plan: &StepPlan) -> Result<StepTi
     while passes < plan.max_passes.max(plan.min_passes) {
         match r.pass(&slots)? {
             PassTimes::PerStep(t) => {
-                ensure!(t.len() == slots.len(), "a pass of {} steps gave {} step times", slots.len(), t.len());
+                ensure!(
+                    t.len() == slots.len(),
+                    "a pass of {} steps gave {} step times",
+                    slots.len(),
+                    t.len()
+                );
                 samples.extend(t);
             }
             PassTimes::Whole(t) => {

@@ -77,6 +77,9 @@ pub struct Report {
     /// the spread of a step's time over the samples, passes, steps per pass, the warm-up.
     pub step_timing_method: Option<crate::gpu::timing::StepTimingMethod>,
     pub step_timing: Option<super::replay::StepTiming>,
+    /// Whether the GPU's kernels were compiled with naga's loop bounding ("bounded") or without
+    /// ("unbounded"); None for a CPU-only run.
+    pub shader_loop_bounds: Option<crate::gpu::shader::LoopBounds>,
     /// The GPU kernels' variant, or None for a CPU-only run.
     pub kernels: Option<String>,
     pub batch: usize,
@@ -113,8 +116,12 @@ impl Report {
             (Some(a), Some(k)) => {
                 let timing = if self.timing == "timestamps" { "timestamp queries" } else { "wall clock" };
                 lines.push(format!("GPU: {a}"));
+                let bounds = match self.shader_loop_bounds {
+                    Some(crate::gpu::shader::LoopBounds::Unbounded) => ", shader loops not bounded by naga",
+                    _ => "",
+                };
                 lines.push(format!(
-                    "     kernels {k}, {} dispatches a step, timed by {timing}",
+                    "     kernels {k}{bounds}, {} dispatches a step, timed by {timing}",
                     self.step_dispatches.unwrap_or(0)
                 ));
                 if let (Some(m), Some(t)) = (&self.step_timing_method, &self.step_timing) {

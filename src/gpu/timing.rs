@@ -256,16 +256,17 @@ impl StepPassTimer {
     /// it and waits.
     pub fn time(&self, record_step: &dyn Fn(&mut wgpu::ComputePass<'_>, usize)) -> anyhow::Result<PassTimes> {
         let ctx = &self.ctx;
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("bench_steps") });
+        let mut enc =
+            ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("bench_steps") });
         {
             let ends = match (&self.queries, self.method) {
-                (Some((set, _, _)), StepTimingMethod::PassTimestamps) => Some(wgpu::ComputePassTimestampWrites {
-                    query_set: set,
-                    beginning_of_pass_write_index: Some(0),
-                    end_of_pass_write_index: Some(1),
-                }),
+                (Some((set, _, _)), StepTimingMethod::PassTimestamps) => {
+                    Some(wgpu::ComputePassTimestampWrites {
+                        query_set: set,
+                        beginning_of_pass_write_index: Some(0),
+                        end_of_pass_write_index: Some(1),
+                    })
+                }
                 _ => None,
             };
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
