@@ -126,8 +126,8 @@ impl Report {
                 ));
                 if let (Some(m), Some(t)) = (&self.step_timing_method, &self.step_timing) {
                     lines.push(format!(
-                        "     step: {:.1} s warm-up ({} passes), then {} passes of {} consecutive steps, {m}",
-                        t.warmup_s, t.warmup_passes, t.passes, t.steps_per_pass
+                        "     step: {} passes of {} steps after a {:.1} s warm-up, timed by {m}",
+                        t.passes, t.steps_per_pass, t.warmup_s
                     ));
                 }
             }

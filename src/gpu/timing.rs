@@ -196,8 +196,8 @@ impl std::fmt::Display for StepTimingMethod {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             StepTimingMethod::BetweenSteps => "timestamps between steps",
-            StepTimingMethod::PassTimestamps => "timestamps around each pass / its steps",
-            StepTimingMethod::HostClock => "host clock per pass / its steps",
+            StepTimingMethod::PassTimestamps => "timestamps around each pass",
+            StepTimingMethod::HostClock => "the host clock around each pass",
         })
     }
 }
