@@ -696,6 +696,9 @@ fn conv2d_backward_weight(dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], 
         dbias.fill(0.0);
         return;
     }
+    if direct_conv1_weight_grad(dweight, dbias, dout, inp, &s, current_isa()) {
+        return;
+    }
     let block = reduction_block(s.batch);
     let blocks = s.batch.div_ceil(block);
     with_buffer(&PARTIALS, blocks * (wlen + cout), |partials| {
@@ -739,6 +742,153 @@ fn conv2d_backward_weight(dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], 
             });
         sum_partials(dweight, dbias, partials, wlen);
     });
+}
+
+/// conv1's weight and bias gradients without im2col on AVX-512, when the shape is
+/// [`direct_conv1`]'s: for
+/// each block of `block` images, one partial per tap, `acc[lane] = fma(dconv, input, acc)` over
+/// the block's images and rows with the output row's 28 pixels as 32 lanes (the last 4 zero in
+/// dconv's padded row), the lanes then summed in a fixed order; the blocks' partials summed in
+/// block order as the GEMM path's are. The im2col path built 25 shifted copies of every image
+/// (78 KB) for a GEMM of 6 x 25 outputs that streamed them once; here the taps read one 4.6 KB
+/// tile. Another summation order than the GEMM's: the same values to rounding, and the same
+/// bits for any thread count (the blocks depend on the batch only).
+fn direct_conv1_weight_grad(
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    s: &ConvShape,
+    isa: super::isa::Isa,
+) -> bool {
+    let fits = s.in_channels == 1
+        && s.kernel == 5
+        && s.padding == 2
+        && s.height == DIRECT_SIDE
+        && s.width == DIRECT_SIDE
+        && s.batch > 0
+        && s.out_channels > 0;
+    if !fits {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::isa::Isa;
+        // With AVX2's 16 registers the ten rows of lane accumulators spill, and the GEMM path
+        // was as fast (BENCHMARKS.md): AVX2 keeps it, and its bits.
+        if isa != Isa::Avx512 {
+            return false;
+        }
+        let (cout, img) = (s.out_channels, DIRECT_SIDE * DIRECT_SIDE);
+        let wlen = dweight.len();
+        let block = reduction_block(s.batch);
+        let blocks = s.batch.div_ceil(block);
+        with_buffer(&PARTIALS, blocks * (wlen + cout), |partials| {
+            partials
+                .par_chunks_mut(wlen + cout)
+                .zip(dout.par_chunks(block * cout * img))
+                .zip(inp.par_chunks(block * img))
+                .for_each(|((part, dout), inp)| {
+                    let (pw, pb) = part.split_at_mut(wlen);
+                    // SAFETY: AVX-512 was checked against the CPU when it was selected.
+                    unsafe { conv1_weight_grad_avx512(pw, pb, dout, inp, cout) }
+                });
+            sum_partials(dweight, dbias, partials, wlen);
+        });
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dweight, dbias, dout, inp, isa);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn conv1_weight_grad_avx512(pw: &mut [f32], pb: &mut [f32], dout: &[f32], inp: &[f32], cout: usize) {
+    conv1_weight_grad_block(pw, pb, dout, inp, cout);
+}
+
+/// One block's partial of [`direct_conv1_weight_grad`]: pw [cout, 25] and pb [cout], from
+/// dout [images, cout, 28, 28] and inp [images, 28, 28].
+#[inline(always)]
+fn conv1_weight_grad_block(pw: &mut [f32], pb: &mut [f32], dout: &[f32], inp: &[f32], cout: usize) {
+    const S: usize = DIRECT_SIDE;
+    const L: usize = DIRECT_LANES;
+    // Per tap (and per channel's bias) a row of lane accumulators, kept over the block's images.
+    let mut acc = vec![[0f32; L]; cout * 25];
+    let mut bias_acc = vec![[0f32; L]; cout];
+    let mut tile = [0f32; TILE_H * TILE_W];
+    // Two channels' dconv planes, each row padded to L lanes with zeros.
+    let mut dpad = [[[0f32; L]; S]; 2];
+    for (dimg, img) in dout.chunks_exact(cout * S * S).zip(inp.chunks_exact(S * S)) {
+        for (y, src) in img.chunks_exact(S).enumerate() {
+            let dst: &mut [f32; S] = (&mut tile[(y + 2) * TILE_W + 2..][..S]).try_into().unwrap();
+            *dst = src.try_into().unwrap();
+        }
+        // Channels in pairs, so that each tile row loaded feeds two channels' taps.
+        let mut co = 0;
+        while co < cout {
+            let g = (cout - co).min(2);
+            for (k, plane) in dpad.iter_mut().enumerate().take(g) {
+                let c = co + k;
+                for (row, d) in plane.iter_mut().zip(dimg[c * S * S..][..S * S].chunks_exact(S)) {
+                    let dst: &mut [f32; S] = (&mut row[..S]).try_into().unwrap();
+                    *dst = d.try_into().unwrap();
+                }
+                for row in plane.iter() {
+                    for (b, &d) in bias_acc[c].iter_mut().zip(row) {
+                        *b += d;
+                    }
+                }
+            }
+            if g == 2 {
+                conv1_weight_grad_taps::<2>(&mut acc[co * 25..][..50], &tile, &dpad);
+            } else {
+                conv1_weight_grad_taps::<1>(&mut acc[co * 25..][..25], &tile, &dpad);
+            }
+            co += g;
+        }
+    }
+    for (p, a) in pw.iter_mut().zip(&acc) {
+        *p = sum_fixed(a);
+    }
+    for (p, a) in pb.iter_mut().zip(&bias_acc) {
+        *p = sum_fixed(a);
+    }
+}
+
+/// The taps of G channels (acc: [G, 25] rows of lanes) over one image's tile and the channels'
+/// padded dconv planes: per tap row ky, its 5 x G taps held in registers over the plane's rows.
+#[inline(always)]
+fn conv1_weight_grad_taps<const G: usize>(
+    acc: &mut [[f32; DIRECT_LANES]],
+    tile: &[f32; TILE_H * TILE_W],
+    dpad: &[[[f32; DIRECT_LANES]; DIRECT_SIDE]; 2],
+) {
+    const L: usize = DIRECT_LANES;
+    for ky in 0..5 {
+        let mut a = [[[0f32; L]; 5]; G];
+        for (g, a) in a.iter_mut().enumerate() {
+            *a = acc[g * 25 + ky * 5..][..5].try_into().unwrap();
+        }
+        for y in 0..DIRECT_SIDE {
+            let row: &[f32; TILE_W] = tile[(y + ky) * TILE_W..][..TILE_W].try_into().unwrap();
+            for kx in 0..5 {
+                let x: &[f32; L] = row[kx..][..L].try_into().unwrap();
+                for (a, d) in a.iter_mut().zip(dpad) {
+                    let d = &d[y];
+                    for i in 0..L {
+                        a[kx][i] = d[i].mul_add(x[i], a[kx][i]);
+                    }
+                }
+            }
+        }
+        for (g, a) in a.iter().enumerate() {
+            acc[g * 25 + ky * 5..][..5].copy_from_slice(a);
+        }
+    }
 }
 
 /// dweight = sum of the weight parts of `partials` in block order; dbias likewise.
@@ -1138,6 +1288,81 @@ mod tests {
             let mut got = vec![0.0; s.output_len()];
             with_isa(isa, || conv_forward_block(&mut got, inp, weight, &bias, &s, true));
             assert_ne!(got, want);
+        }
+    }
+
+    /// conv1's weight and bias gradients in f64, and the sums of the terms' magnitudes.
+    fn conv1_weight_grad_f64(dout: &[f32], inp: &[f32], batch: usize) -> [Vec<f64>; 4] {
+        let (mut w, mut wa, mut b, mut ba) = (vec![0.0; 150], vec![0.0; 150], vec![0.0; 6], vec![0.0; 6]);
+        for n in 0..batch {
+            for co in 0..6 {
+                for y in 0..28 {
+                    for x in 0..28 {
+                        let g = dout[((n * 6 + co) * 28 + y) * 28 + x] as f64;
+                        b[co] += g;
+                        ba[co] += g.abs();
+                        for ky in 0..5 {
+                            for kx in 0..5 {
+                                let (sy, sx) = ((y + ky).wrapping_sub(2), (x + kx).wrapping_sub(2));
+                                if sy < 28 && sx < 28 {
+                                    let t = g * inp[(n * 28 + sy) * 28 + sx] as f64;
+                                    w[co * 25 + ky * 5 + kx] += t;
+                                    wa[co * 25 + ky * 5 + kx] += t.abs();
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        [w, wa, b, ba]
+    }
+
+    /// The direct conv1 weight gradient (AVX-512 only; AVX2 keeps the GEMM path) against an f64
+    /// sum, for a
+    /// partial block, one image and 8 blocks (batch 13, 1, 67). The tolerance is f32 summation's
+    /// bound, depth x u x the sum of |terms|, with depth the longest chain of additions: a lane's
+    /// FMAs over the block's rows (28 x block), the 32 lanes, the 8 blocks. Planted faults it
+    /// must see: the input read one column off, one channel's dconv scaled by 1.01.
+    #[test]
+    fn direct_conv1_weight_grad_is_the_sum_to_rounding() {
+        let u = f32::EPSILON as f64 / 2.0;
+        let run = |isa: Isa, dout: &[f32], inp: &[f32], batch: usize| {
+            let s = conv1(batch);
+            let (mut dw, mut db) = (vec![f32::NAN; 150], vec![f32::NAN; 6]);
+            assert!(direct_conv1_weight_grad(&mut dw, &mut db, dout, inp, &s, isa));
+            (dw, db)
+        };
+        let within = |got: &[f32], want: &[f64], mag: &[f64], depth: f64| {
+            got.iter().zip(want).zip(mag).all(|((&g, &w), &m)| (g as f64 - w).abs() <= depth * u * m + 1e-30)
+        };
+        let mut isas = isas();
+        if let Some(i) = isas.iter().position(|&i| i == Isa::Avx2) {
+            // AVX2 declines the direct path.
+            let s = conv1(2);
+            let (mut dw, mut db) = (vec![0.0; 150], vec![0.0; 6]);
+            let (dout, inp) = (values(s.output_len(), 8), values(s.input_len(), 9));
+            assert!(!direct_conv1_weight_grad(&mut dw, &mut db, &dout, &inp, &s, isas.remove(i)));
+        }
+        for isa in isas {
+            for batch in [13, 1, 67] {
+                let s = conv1(batch);
+                let (dout, inp) = (values(s.output_len(), 8), values(s.input_len(), 9));
+                let [w, wa, b, ba] = conv1_weight_grad_f64(&dout, &inp, batch);
+                let depth = (28 * reduction_block(batch) + 32 + 8) as f64;
+                let (dw, db) = run(isa, &dout, &inp, batch);
+                assert!(within(&dw, &w, &wa, depth), "{isa:?} batch {batch}: weight {dw:?} vs {w:?}");
+                assert!(within(&db, &b, &ba, depth), "{isa:?} batch {batch}: bias {db:?} vs {b:?}");
+                let shifted: Vec<f32> =
+                    (0..inp.len()).map(|i| if i % 28 == 27 { 0.0 } else { inp[i + 1] }).collect();
+                let mut scaled = dout.clone();
+                scaled[2 * 784..3 * 784].iter_mut().for_each(|g| *g *= 1.01);
+                for (dout, inp, what) in [(&dout, &shifted, "shifted"), (&scaled, &inp, "scaled")] {
+                    let (dw, db) = run(isa, dout, inp, batch);
+                    let ok = within(&dw, &w, &wa, depth) && within(&db, &b, &ba, depth);
+                    assert!(!ok, "{isa:?} batch {batch}: a {what} input passed");
+                }
+            }
         }
     }
 
