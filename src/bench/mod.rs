@@ -3,10 +3,12 @@
 //! The rows are the op calls of one training step at the benchmarked batch: on a GPU, the
 //! dispatches of the trainer's own recorded step, grouped by the op call that recorded them;
 //! without one, the calls [`crate::opcheck::step_cases`] sees the network make. Each row is
-//! first validated by [`crate::opcheck::check`] (the same op, same shape, against the CPU
-//! reference), then timed: the GPU row replays exactly the step's dispatches (N back-to-back in
-//! one compute pass, timestamp queries where offered), the CPU row runs the fast CPU op. The
-//! whole step closes the table, validated by its gradients ([`step::check_step`]).
+//! validated by [`crate::opcheck::check`] (the same op, same shape, against the CPU reference)
+//! before anything is timed; then the GPU row replays exactly the step's dispatches (N
+//! back-to-back in one compute pass, timestamp queries where offered) and the CPU row runs the
+//! fast CPU op. The whole step closes the table, validated by its gradients
+//! ([`step::check_step`]) and on the GPU timed as training runs it ([`replay`]), before the
+//! rows.
 
 pub mod peak;
 pub mod replay;
