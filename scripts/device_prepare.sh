@@ -9,6 +9,10 @@
 #                       working directory, and the binary through LENET_EXE.
 #   .gpu/*.deb          the Vulkan and GL loader packages (../shared/gpu/debs)
 #
+# GPU_TESTS_ONLY=1 carries only the integration tests whose source opens a GPU (names a
+# GpuContext, the `gpu` gate of tests/common or `--backend gpu`), when all of them would not fit:
+# the script ends with an error when the tree that travels is over 64 MiB.
+#
 # Then one device call, carrying [".gpu"]:  bash scripts/device_run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,13 +27,18 @@ mkdir -p .gpu/tests
 cargo build --release --bin lenet
 cp target/release/lenet .gpu/lenet
 cargo test --release --no-run --message-format=json \
-    | python3 -c '
-import json, shutil, sys
+    | GPU_TESTS_ONLY=${GPU_TESTS_ONLY:-0} python3 -c '
+import json, os, re, shutil, sys
+only_gpu = os.environ["GPU_TESTS_ONLY"] == "1"
+def opens_gpu(src):
+    return re.search(r"GpuContext|common::gpu\(\)|\"gpu\"", open(src).read()) is not None
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         # Integration tests by their name, unit tests (the library and the binary) as unit_KIND_NAME.
         kind = m["target"]["kind"]
+        if only_gpu and ("test" not in kind or not opens_gpu(m["target"]["src_path"])):
+            continue
         name = m["target"]["name"] if "test" in kind else "unit_" + kind[0] + "_" + m["target"]["name"]
         shutil.copy(m["executable"], ".gpu/tests/" + name)
 '
@@ -45,4 +54,9 @@ fi
 tar -tzf .gpu/bundle.tgz | tr '\n' ' '; echo
 du -sh .gpu
 size=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-echo "tracked files: $((size / 1048576)) MiB; with .gpu/: $(( (size + $(du -sb .gpu | cut -f1)) / 1048576 )) MiB of the 64 MiB that travel"
+total=$((size + $(du -sb .gpu | cut -f1)))
+echo "tracked files: $((size / 1048576)) MiB; with .gpu/: $((total / 1048576)) MiB of the 64 MiB that travel"
+if ((total > 64 * 1048576)); then
+    echo "error: the tree that travels is over 64 MiB: run again with GPU_TESTS_ONLY=1" >&2
+    exit 1
+fi

@@ -63,6 +63,7 @@ pub fn auto_choice(adapters: &[AdapterSummary], wanted: Option<&str>) -> AutoCho
 }
 
 pub use crate::gpu::context::wanted_adapter;
+pub use crate::gpu::shader::LoopBounds;
 
 /// A one-line notice on stderr. Notices never fail the run: a closed stderr (a terminal gone)
 /// is ignored. No brackets around the reason: adapter names carry their own.
@@ -70,19 +71,21 @@ fn notice(line: String) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// The backend the user asked for, training on `train` (an empty set for evaluation only).
-/// `auto` follows [`auto_choice`] and falls back to the CPU, with a one-line notice on stderr,
-/// when it says so or when the GPU fails to start.
+/// The backend the user asked for, training on `train` (an empty set for evaluation only), a
+/// GPU's kernels compiled with `loop_bounds`. `auto` follows [`auto_choice`] and falls back to
+/// the CPU, with a one-line notice on stderr, when it says so or when the GPU fails to start.
 pub fn open_backend(
     choice: BackendChoice,
     adapter: Option<&str>,
+    loop_bounds: LoopBounds,
     train: &Dataset,
 ) -> Result<Box<dyn Backend>> {
+    let gpu = || crate::gpu::GpuBackend::new(crate::gpu::GpuContext::open(adapter, loop_bounds)?, train);
     let cpu = || -> Result<Box<dyn Backend>> { Ok(Box::new(crate::cpu::CpuBackend::new(train)?)) };
     match choice {
         BackendChoice::Cpu => cpu(),
         BackendChoice::Gpu => {
-            let gpu = crate::gpu::GpuBackend::open(adapter, train).context("--backend gpu")?;
+            let gpu = gpu().context("--backend gpu")?;
             Ok(Box::new(gpu))
         }
         BackendChoice::Auto => {
@@ -92,7 +95,7 @@ pub fn open_backend(
                 notice(format!("backend: cpu, because {}", auto.reason));
                 return cpu();
             }
-            match crate::gpu::GpuBackend::open(adapter, train) {
+            match gpu() {
                 Ok(gpu) => {
                     notice(format!("backend: gpu on {}", gpu.adapter()));
                     Ok(Box::new(gpu))
@@ -106,12 +109,18 @@ pub fn open_backend(
     }
 }
 
-/// The device `lenet bench` times the GPU's kernels on (None: the CPU's figures only). `auto`
-/// follows [`auto_choice`], as `train` does.
-pub fn bench_context(choice: BackendChoice, adapter: Option<&str>) -> Result<Option<crate::gpu::GpuContext>> {
+/// The device `lenet bench` times the GPU's kernels on (None: the CPU's figures only), its
+/// kernels compiled with `loop_bounds`. `auto` follows [`auto_choice`], as `train` does.
+pub fn bench_context(
+    choice: BackendChoice,
+    adapter: Option<&str>,
+    loop_bounds: LoopBounds,
+) -> Result<Option<crate::gpu::GpuContext>> {
     match choice {
         BackendChoice::Cpu => Ok(None),
-        BackendChoice::Gpu => Ok(Some(crate::gpu::GpuContext::new(adapter).context("--backend gpu")?)),
+        BackendChoice::Gpu => {
+            Ok(Some(crate::gpu::GpuContext::open(adapter, loop_bounds).context("--backend gpu")?))
+        }
         BackendChoice::Auto => {
             let wanted = wanted_adapter(adapter);
             let auto = auto_choice(&crate::gpu::list_adapters(), wanted.as_deref());
@@ -119,7 +128,7 @@ pub fn bench_context(choice: BackendChoice, adapter: Option<&str>) -> Result<Opt
                 notice(format!("backend: cpu, because {}", auto.reason));
                 return Ok(None);
             }
-            match crate::gpu::GpuContext::new(adapter) {
+            match crate::gpu::GpuContext::open(adapter, loop_bounds) {
                 Ok(c) => {
                     notice(format!("backend: gpu on {}", c.adapter_info));
                     Ok(Some(c))

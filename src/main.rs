@@ -83,6 +83,25 @@ struct DeviceArgs {
     /// Pick the GPU adapter whose name contains this (case-insensitive); also LENET_ADAPTER.
     #[arg(long, env = "LENET_ADAPTER")]
     adapter: Option<String>,
+    /// Compile the GPU kernels with naga's loop bounding (on) or without it (off: our loops all
+    /// have fixed bounds; a counter per loop less). For measuring the difference.
+    #[arg(long, value_enum, value_name = "ON|OFF", default_value = "on")]
+    shader_loop_bounds: ShaderLoopBounds,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ShaderLoopBounds {
+    On,
+    Off,
+}
+
+impl From<ShaderLoopBounds> for lenet::choice::LoopBounds {
+    fn from(b: ShaderLoopBounds) -> Self {
+        match b {
+            ShaderLoopBounds::On => lenet::choice::LoopBounds::Bounded,
+            ShaderLoopBounds::Off => lenet::choice::LoopBounds::Unbounded,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -637,8 +656,16 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     }
     // Starting a GPU compiles its kernels: seconds, minutes on a software adapter.
     let mut backend = lenet::train::progress::during(false, "starting the backend", || {
-        open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &mnist.train)
+        open_backend(
+            args.device.backend.into(),
+            args.device.adapter.as_deref(),
+            args.device.shader_loop_bounds.into(),
+            &mnist.train,
+        )
     })?;
+    if args.device.shader_loop_bounds == ShaderLoopBounds::Off && backend.kind() == "gpu" {
+        notice("shaders: compiled without naga's loop bounding (--shader-loop-bounds off)");
+    }
     // Ctrl-C, SIGTERM and SIGHUP: finish the steps in flight, save, exit 128+signo.
     let stop = install_stop_handlers().context("cannot install the signal handlers")?;
     let cfg = TrainConfig {
@@ -769,8 +796,12 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         bail!("{}: the test set is empty; nothing to evaluate", data.path.display());
     }
     notice(data.header());
-    let mut backend =
-        open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &no_training_data())?;
+    let mut backend = open_backend(
+        args.device.backend.into(),
+        args.device.adapter.as_deref(),
+        args.device.shader_loop_bounds.into(),
+        &no_training_data(),
+    )?;
     let mut singles = Vec::with_capacity(models.len());
     let mut probabilities = Vec::with_capacity(models.len());
     for (params, path) in models.into_iter().zip(&args.weights) {
@@ -1008,7 +1039,11 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let ctx = bench_context(args.device.backend.into(), args.device.adapter.as_deref())?;
+    let ctx = bench_context(
+        args.device.backend.into(),
+        args.device.adapter.as_deref(),
+        args.device.shader_loop_bounds.into(),
+    )?;
     let mut cfg = lenet::bench::BenchConfig::new(args.batch, args.iters);
     // A slow adapter (lavapipe) stops each row after this much wall time (at least 3 samples).
     cfg.budget_s = 1.0;

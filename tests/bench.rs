@@ -6,10 +6,12 @@
 mod common;
 
 use lenet::backend::{Backend, Chunk, OpsBackend};
+use lenet::bench::replay::{measure_steps, PassTimes, Spread, StepPlan, StepReplayer};
 use lenet::bench::step::{check_step, StepResult};
 use lenet::bench::{run, BenchConfig, Report};
 use lenet::cpu::{Fast, Reference};
 use lenet::data::Dataset;
+use lenet::gpu::timing::deltas;
 use lenet::model::{Params, TrainState};
 use lenet::optim::{Adam, Optimizer};
 
@@ -17,6 +19,7 @@ fn tiny() -> BenchConfig {
     let mut cfg = BenchConfig::new(4, 3);
     cfg.calls_per_pass = 2;
     cfg.budget_s = 0.05;
+    cfg.warmup_s = 0.05;
     cfg
 }
 
@@ -87,6 +90,18 @@ fn gpu_rows_all_present_validated_and_timed() {
     assert_eq!(step.gpu_kernels.len(), ops);
     assert_eq!(r.step_dispatches, Some(ops));
     assert!(r.table().contains(&ctx.adapter_info.name));
+    // The step as training runs it: a warm-up, then at least 3 passes of 23 consecutive steps.
+    let t = r.step_timing.as_ref().expect("the GPU's step was timed");
+    assert!(t.warmup_s >= tiny().warmup_s && t.warmup_passes >= 1, "{t:?}");
+    assert!(t.passes >= 3 && t.steps_per_pass == 23, "{t:?}");
+    let per_pass = if t.per_step_timestamps { t.steps_per_pass } else { 1 };
+    assert_eq!(t.per_step.samples, t.passes * per_pass, "{t:?}");
+    assert_eq!(step.gpu_us, Some(t.per_step.median * 1e6));
+    assert!(r.step_timing_method.is_some());
+    for row in &r.rows {
+        let (lo, mid, hi) = (row.gpu_min_us.unwrap(), row.gpu_us.unwrap(), row.gpu_max_us.unwrap());
+        assert!(lo <= mid && mid <= hi, "{} {}: {lo} {mid} {hi}", row.layer, row.direction);
+    }
     // Without --kernels, the adapter's kind picks the kernels.
     let want = lenet::gpu::Variant::default_for(ctx.adapter_info.device_type);
     assert_eq!(r.kernels, Some(want.to_string()), "on {}", ctx.adapter_info.name);
@@ -181,4 +196,152 @@ fn the_step_check_passes_rounding_and_catches_wrong_gradients() {
         *p = 0.5 * (*p + *w) + 0.25 * lr as f32;
     }
     assert!(check_step(&bad, &want, lr, eps).is_err());
+}
+
+/// A GPU that is not there: each step takes `cold` seconds until `warm_after` seconds of its
+/// clock have passed (clocks that dropped while the CPU validated), then `warm`; the first step
+/// of every pass also pays `launch`. Records the slots each pass was asked for.
+struct FakeSteps {
+    clock: f64,
+    cold: f64,
+    warm: f64,
+    warm_after: f64,
+    launch: f64,
+    per_step: bool,
+    passes: Vec<Vec<u32>>,
+}
+
+impl FakeSteps {
+    fn new(per_step: bool) -> Self {
+        FakeSteps {
+            clock: 0.0,
+            cold: COLD,
+            warm: WARM,
+            warm_after: 0.25,
+            launch: 0.0,
+            per_step,
+            passes: Vec::new(),
+        }
+    }
+}
+
+impl StepReplayer for FakeSteps {
+    fn pass(&mut self, slots: &[u32]) -> anyhow::Result<PassTimes> {
+        self.passes.push(slots.to_vec());
+        let mut times = Vec::new();
+        for k in 0..slots.len() {
+            let t = if self.clock < self.warm_after { self.cold } else { self.warm };
+            let t = t + if k == 0 { self.launch } else { 0.0 };
+            self.clock += t;
+            times.push(t);
+        }
+        Ok(if self.per_step { PassTimes::PerStep(times) } else { PassTimes::Whole(times.iter().sum()) })
+    }
+
+    fn now(&self) -> f64 {
+        self.clock
+    }
+}
+
+/// Step times of the fake, in seconds (powers of two: the sums below are exact).
+const COLD: f64 = 0.0625;
+const WARM: f64 = 0.0078125;
+
+fn plan() -> StepPlan {
+    StepPlan { warmup_s: 0.5, steps_per_pass: 23, min_passes: 3, max_passes: 50, budget_s: 1.0 }
+}
+
+#[test]
+fn the_step_is_timed_after_a_warm_up_in_passes_of_consecutive_slots() {
+    for per_step in [true, false] {
+        let mut gpu = FakeSteps::new(per_step);
+        let t = measure_steps(&mut gpu, &plan()).unwrap();
+        // Warm-up: whole passes until 0.5 s. The first (4 cold steps, 19 warm) ends at 0.398 s,
+        // the second at 0.578 s.
+        assert_eq!(t.warmup_passes, 2, "{t:?}");
+        assert_eq!(t.warmup_s, 0.25 + 19.0 * WARM + 23.0 * WARM);
+        // Then passes of 0.18 s until the 1 s budget is spent: the sixth ends at 1.08 s.
+        assert_eq!(t.passes, 6, "{t:?}");
+        assert_eq!(gpu.passes.len(), 8);
+        let consecutive: Vec<u32> = (0..23).collect();
+        assert!(gpu.passes.iter().all(|p| *p == consecutive), "{:?}", gpu.passes);
+        assert_eq!(t.steps_per_pass, 23);
+        assert_eq!(t.per_step_timestamps, per_step);
+        assert_eq!(t.per_step.samples, if per_step { 6 * 23 } else { 6 });
+        // Every timed step is a warm one: the cold ones stayed in the warm-up.
+        for x in [t.per_step.min, t.per_step.median, t.per_step.max] {
+            assert!((x - WARM).abs() < 1e-12, "{t:?}");
+        }
+    }
+    // Planted fault: a warm-up shorter than the GPU's (one pass, where it needs 1.5 s). The cold
+    // steps land in the samples, and the checks above would see them.
+    let mut gpu = FakeSteps::new(true);
+    gpu.warm_after = 1.5;
+    let t = measure_steps(&mut gpu, &StepPlan { warmup_s: 0.0, ..plan() }).unwrap();
+    assert_eq!(t.per_step.max, COLD, "{t:?}");
+}
+
+#[test]
+fn at_least_the_minimum_passes_however_slow_and_at_most_the_maximum_however_fast() {
+    let mut slow = FakeSteps::new(true);
+    slow.warm = 1.0;
+    let t = measure_steps(&mut slow, &plan()).unwrap();
+    assert_eq!((t.warmup_passes, t.passes), (1, 3), "{t:?}");
+    let mut fast = FakeSteps::new(true);
+    fast.warm = 1e-6;
+    fast.warm_after = 0.0;
+    let t = measure_steps(&mut fast, &plan()).unwrap();
+    assert_eq!(t.passes, 50, "{t:?}");
+    assert!(t.warmup_s >= 0.5);
+}
+
+#[test]
+fn timestamps_between_steps_keep_a_slow_first_step_out_of_the_median_and_in_the_max() {
+    let mut gpu = FakeSteps::new(true);
+    gpu.warm_after = 0.0;
+    gpu.launch = 0.02;
+    let t = measure_steps(&mut gpu, &plan()).unwrap();
+    assert!((t.per_step.median - WARM).abs() < 1e-12, "{t:?}");
+    assert!((t.per_step.min - WARM).abs() < 1e-12);
+    assert!((t.per_step.max - (WARM + 0.02)).abs() < 1e-12);
+    // Timed by whole passes, the launch is spread over the pass's 23 steps.
+    let mut gpu = FakeSteps::new(false);
+    gpu.warm_after = 0.0;
+    gpu.launch = 0.023;
+    let t = measure_steps(&mut gpu, &plan()).unwrap();
+    assert!((t.per_step.median - (WARM + 0.001)).abs() < 1e-12, "{t:?}");
+}
+
+#[test]
+fn a_pass_with_the_wrong_number_of_step_times_is_an_error() {
+    struct Short;
+    impl StepReplayer for Short {
+        fn pass(&mut self, slots: &[u32]) -> anyhow::Result<PassTimes> {
+            Ok(PassTimes::PerStep(vec![0.01; slots.len() - 1]))
+        }
+        fn now(&self) -> f64 {
+            1.0
+        }
+    }
+    let e = measure_steps(&mut Short, &StepPlan { warmup_s: 0.0, ..plan() }).unwrap_err();
+    assert!(e.to_string().contains("a pass of 23 steps gave 22 step times"), "{e}");
+}
+
+#[test]
+fn spread_is_min_median_max_of_the_samples() {
+    let s = Spread::of(&[3.0, 1.0, 2.0]).unwrap();
+    assert_eq!((s.min, s.median, s.max, s.samples), (1.0, 2.0, 3.0, 3));
+    let s = Spread::of(&[4.0, 1.0, 2.0, 10.0]).unwrap();
+    assert_eq!((s.min, s.median, s.max), (1.0, 3.0, 10.0));
+    assert!(Spread::of(&[]).is_none());
+    assert!(Spread::of(&[1.0, f64::NAN]).is_none());
+    assert!(Spread::of(&[1.0, -1.0]).is_none());
+}
+
+#[test]
+fn timestamps_become_seconds_between_them() {
+    let s = deltas(&[100, 150, 150, 400], 0.5).unwrap();
+    assert_eq!(s, vec![25.0, 0.0, 125.0]);
+    assert!(deltas(&[100, 90], 1.0).unwrap_err().to_string().contains("backwards"));
+    assert!(deltas(&[7], 1.0).unwrap().is_empty());
 }

@@ -3,12 +3,15 @@
 //! The rows are the op calls of one training step at the benchmarked batch: on a GPU, the
 //! dispatches of the trainer's own recorded step, grouped by the op call that recorded them;
 //! without one, the calls [`crate::opcheck::step_cases`] sees the network make. Each row is
-//! first validated by [`crate::opcheck::check`] (the same op, same shape, against the CPU
-//! reference), then timed: the GPU row replays exactly the step's dispatches (N back-to-back in
-//! one compute pass, timestamp queries where offered), the CPU row runs the fast CPU op. The
-//! whole step closes the table, validated by its gradients ([`step::check_step`]).
+//! validated by [`crate::opcheck::check`] (the same op, same shape, against the CPU reference)
+//! before anything is timed; then the GPU row replays exactly the step's dispatches (N
+//! back-to-back in one compute pass, timestamp queries where offered) and the CPU row runs the
+//! fast CPU op. The whole step closes the table, validated by its gradients
+//! ([`step::check_step`]) and on the GPU timed as training runs it ([`replay`]), before the
+//! rows.
 
 pub mod peak;
+pub mod replay;
 pub mod report;
 pub mod step;
 
@@ -24,12 +27,13 @@ use crate::backend::{Backend, Chunk, OpsBackend};
 use crate::cpu::backend::cpu_description;
 use crate::cpu::{CpuBackend, Fast, Reference};
 use crate::data::Dataset;
-use crate::gpu::kernels::Dispatch;
-use crate::gpu::timing::{median, time_calls, PassTimer, TimingMethod};
+use crate::gpu::kernels::{Dispatch, STEP_STRIDE};
+use crate::gpu::timing::{median, time_calls, PassTimer, StepPassTimer, TimingMethod};
 use crate::gpu::{GpuBackend, GpuContext, GpuOps};
 use crate::model::{layer_shapes, LayerShape, Params, TrainState, LENET5};
 use crate::opcheck::{self, OpCase, Staged};
 use crate::optim::{Adam, Optimizer, OptimizerKind};
+use replay::{PassTimes, StepPlan, StepReplayer};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -44,11 +48,27 @@ pub struct BenchConfig {
     /// Time the CPU ops too.
     pub cpu: bool,
     pub seed: u64,
+    /// Seconds of continuous step replays before the GPU's step is timed.
+    pub warmup_s: f64,
+    /// Consecutive steps per timed pass of the GPU's step.
+    pub steps_per_pass: usize,
+    /// The GPU kernels to time (None: the trainer's default for the adapter).
+    pub kernels: Option<crate::gpu::Variant>,
 }
 
 impl BenchConfig {
     pub fn new(batch: usize, iters: usize) -> Self {
-        BenchConfig { batch, iters, calls_per_pass: 10, budget_s: 1.0, cpu: true, seed: 1 }
+        BenchConfig {
+            batch,
+            iters,
+            calls_per_pass: 10,
+            budget_s: 1.0,
+            cpu: true,
+            seed: 1,
+            warmup_s: replay::MIN_WARMUP_S,
+            steps_per_pass: replay::MIN_STEPS_PER_PASS,
+            kernels: None,
+        }
     }
 }
 
@@ -99,10 +119,17 @@ fn time_gpu(
         iters,
         budget_s,
     )?;
-    row.gpu_us = Some(m.seconds * 1e6);
-    row.gpu_rate = Some(rate(row.work, m.seconds));
-    row.gpu_calls = m.calls;
+    fill_gpu(row, m.seconds, m.min, m.max, m.calls);
     Ok(())
+}
+
+/// A row's GPU columns from its median, fastest and slowest time (seconds) and samples.
+fn fill_gpu(row: &mut Row, median: f64, min: f64, max: f64, calls: usize) {
+    row.gpu_us = Some(median * 1e6);
+    row.gpu_min_us = Some(min * 1e6);
+    row.gpu_max_us = Some(max * 1e6);
+    row.gpu_rate = Some(rate(row.work, median));
+    row.gpu_calls = calls;
 }
 
 fn rate(work: f64, seconds: f64) -> f64 {
@@ -124,6 +151,8 @@ fn new_row(case: &OpCase, batch: usize) -> Row {
         gpu_us: None,
         gpu_rate: None,
         gpu_calls: 0,
+        gpu_min_us: None,
+        gpu_max_us: None,
         cpu_us: None,
         cpu_rate: None,
         cpu_calls: 0,
@@ -211,30 +240,75 @@ fn record_check(row: &mut Row, result: Result<opcheck::Outcome>) {
     }
 }
 
-/// Runs every row: validation, GPU timing (if `gpu` is given), CPU timing, and the whole step.
-/// Errors only for set-up failures; a failed validation is in its row.
+/// The GPU trainer's recorded step, replayed in passes of consecutive steps as a chunk of
+/// training runs it (the k-th step at the k-th step-uniform slot).
+struct TrainerSteps<'a> {
+    timer: StepPassTimer,
+    dispatches: &'a [Dispatch],
+    clock: Instant,
+}
+
+impl StepReplayer for TrainerSteps<'_> {
+    fn pass(&mut self, slots: &[u32]) -> Result<PassTimes> {
+        let ds = self.dispatches;
+        self.timer.time(&|pass, k| {
+            let offset = slots[k] * STEP_STRIDE as u32;
+            for d in ds {
+                d.record(pass, offset);
+            }
+        })
+    }
+
+    fn now(&self) -> f64 {
+        self.clock.elapsed().as_secs_f64()
+    }
+}
+
+/// Runs every row in three phases, so that no timing follows a long single-threaded CPU
+/// computation: (1) every validation (each row's op against the CPU reference, the whole step
+/// against the reference's step); (2) the GPU's timing: the step as the trainer runs it
+/// ([`replay`]: a warm-up of continuous step replays, then passes of consecutive steps), then
+/// each row's dispatches; (3) the CPU's timing. Errors only for set-up failures; a failed
+/// validation is in its row.
 pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
     anyhow::ensure!(cfg.batch > 0 && cfg.iters > 0, "batch and iterations must be at least 1");
+    anyhow::ensure!(cfg.steps_per_pass > 0, "a timed pass needs at least one step");
     crate::cpu::isa::check()?;
     let b = cfg.batch;
-    let data = random_dataset(b, cfg.seed);
+    // A batch per step of a timed pass (the validation step reads the first).
+    let data = random_dataset(b * cfg.steps_per_pass, cfg.seed);
     let optimizer = Optimizer { kind: OptimizerKind::Adam(Adam::default()), lr: 1e-3 };
     let state = TrainState::new(Params::init(cfg.seed), optimizer, cfg.seed, b, false);
 
     // The rows: the GPU trainer's recorded step (after one real step), or the CPU's op calls.
     let mut gpu_backend = match gpu {
-        Some(ctx) => Some(GpuBackend::new(ctx.clone(), &data).context("the GPU trainer")?),
+        Some(ctx) => Some(
+            match cfg.kernels {
+                Some(v) => GpuBackend::with_variant(ctx.clone(), &data, v),
+                None => GpuBackend::new(ctx.clone(), &data),
+            }
+            .context("the GPU trainer")?,
+        ),
         None => None,
     };
-    // (loss, state after, gradients) of one step, before the rows' timing replays the step.
+    // (loss, state after, gradients) of one step, then a chunk of `steps_per_pass` steps: the
+    // program the timing replays, with a step uniform per step as training writes them.
     let gpu_step = match gpu_backend.as_mut() {
         Some(be) => {
             let (loss, after) = one_step(be, &state).context("a GPU training step")?;
-            Some((loss, after, be.gradients()?))
+            let grads = be.gradients()?;
+            let steps = (0..cfg.steps_per_pass as u64).map(|s| optimizer.step(2 + s, optimizer.lr, None));
+            let chunk = Chunk {
+                batch: b,
+                indices: (0..(b * cfg.steps_per_pass) as u32).collect(),
+                shifts: vec![0; 2 * b * cfg.steps_per_pass],
+                steps: steps.collect(),
+            };
+            be.train_steps(&chunk).context("a chunk of GPU training steps")?;
+            Some((loss, after, grads))
         }
         None => None,
     };
-    let timer = gpu.map(|ctx| PassTimer::new(ctx, true));
     let mut rows = Vec::new();
     let mut step_dispatches = None;
     // (case, dispatch range) per row.
@@ -257,42 +331,32 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
         None => opcheck::step_cases(Fast::default(), b, &optimizer)?.into_iter().map(|c| (c, 0..0)).collect(),
     };
 
-    // The ops that validate each row run the kernels the trainer records.
+    // (1) Validation. The ops that validate each row run the kernels the trainer records.
     let mut gpu_ops = match (gpu, gpu_backend.as_ref()) {
         (Some(ctx), Some(be)) => Some(GpuOps::with_variant(ctx.clone(), be.variant())?),
         _ => None,
     };
     for (case, range) in &groups {
         let mut row = new_row(case, b);
-        if let (Some(ops), Some(timer), Some(be)) = (gpu_ops.as_mut(), timer.as_ref(), gpu_backend.as_ref()) {
-            let (ds, _) = be.step_program().expect("the program the rows came from");
-            let ds = &ds[range.clone()];
-            row.gpu_kernels = ds.iter().map(|d| d.kernel.clone()).collect();
-            record_check(&mut row, opcheck::check(ops, case, cfg.seed));
-            // Time only what validated.
-            if !row.failed() {
-                time_gpu(&mut row, timer, ds, cfg.calls_per_pass, cfg.iters, cfg.budget_s)?;
+        match (gpu_ops.as_mut(), gpu_backend.as_ref()) {
+            (Some(ops), Some(be)) => {
+                let (ds, _) = be.step_program().expect("the program the rows came from");
+                row.gpu_kernels = ds[range.clone()].iter().map(|d| d.kernel.clone()).collect();
+                record_check(&mut row, opcheck::check(ops, case, cfg.seed));
             }
-        } else {
             // No GPU: the CPU op is the one validated.
-            record_check(&mut row, opcheck::check(&mut Fast::default(), case, cfg.seed));
-        }
-        if cfg.cpu {
-            let mut fast = Fast::default();
-            let mut staged = Staged::new(&mut fast, case, &opcheck::inputs(case, cfg.seed))?;
-            time_cpu(cfg, &mut || staged.exec(&mut fast))?.fill(&mut row);
+            _ => record_check(&mut row, opcheck::check(&mut Fast::default(), case, cfg.seed)),
         }
         rows.push(row);
     }
-
     // The whole training step: forward, backward and Adam.
     let step_case = OpCase::SoftmaxXent { batch: b, classes: 10 };
-    let mut row = new_row(&step_case, b);
-    row.layer = "step".into();
-    row.direction = "fwd+bwd+adam".into();
-    row.op = "train_step".into();
-    row.unit = Unit::GflopPerS;
-    row.work = step_flops(b);
+    let mut step_row = new_row(&step_case, b);
+    step_row.layer = "step".into();
+    step_row.direction = "fwd+bwd+adam".into();
+    step_row.op = "train_step".into();
+    step_row.unit = Unit::GflopPerS;
+    step_row.work = step_flops(b);
     // Validated against the reference's step: the GPU's, or without one the fast CPU path's.
     let mut cpu_be = CpuBackend::new(&data)?;
     let mut reference = OpsBackend::with_ops(Reference, "cpu", "reference".into(), &data)?;
@@ -305,15 +369,49 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
             step::StepResult { loss, grads: cpu_be.gradients()?, params: after.params }
         }
     };
-    record_check_ratio(&mut row, step::check_step(&got, &want, optimizer.lr, Adam::default().eps));
-    if let (Some(be), Some(timer)) = (gpu_backend.as_ref(), timer.as_ref()) {
+    record_check_ratio(&mut step_row, step::check_step(&got, &want, optimizer.lr, Adam::default().eps));
+
+    // (2) The GPU's timing: the step first, on a warm GPU, then each validated row.
+    let mut step_timing = None;
+    let mut step_method = None;
+    let timer = gpu.map(|ctx| PassTimer::new(ctx, true));
+    if let (Some(ctx), Some(be), Some(timer)) = (gpu, gpu_backend.as_ref(), timer.as_ref()) {
         let (ds, _) = be.step_program().expect("one step ran");
-        row.gpu_kernels = ds.iter().map(|d| d.kernel.clone()).collect();
-        if !row.failed() {
-            time_gpu(&mut row, timer, ds, cfg.calls_per_pass.div_ceil(5), cfg.iters, cfg.budget_s * 2.0)?;
+        step_row.gpu_kernels = ds.iter().map(|d| d.kernel.clone()).collect();
+        if !step_row.failed() {
+            let mut replay = TrainerSteps {
+                timer: StepPassTimer::new(ctx, cfg.steps_per_pass),
+                dispatches: ds,
+                clock: Instant::now(),
+            };
+            step_method = Some(replay.timer.method());
+            let plan = StepPlan {
+                warmup_s: cfg.warmup_s,
+                steps_per_pass: cfg.steps_per_pass,
+                min_passes: 3,
+                max_passes: cfg.iters.max(3),
+                budget_s: cfg.budget_s * 2.0,
+            };
+            let t =
+                ctx.scoped(|| replay::measure_steps(&mut replay, &plan)).context("timing the GPU's step")?;
+            fill_gpu(&mut step_row, t.per_step.median, t.per_step.min, t.per_step.max, t.per_step.samples);
+            step_timing = Some(t);
+        }
+        for ((_, range), row) in groups.iter().zip(rows.iter_mut()) {
+            // Time only what validated.
+            if !row.failed() {
+                time_gpu(row, timer, &ds[range.clone()], cfg.calls_per_pass, cfg.iters, cfg.budget_s)?;
+            }
         }
     }
+
+    // (3) The CPU's timing.
     if cfg.cpu {
+        for (case, row) in groups.iter().map(|(c, _)| c).zip(rows.iter_mut()) {
+            let mut fast = Fast::default();
+            let mut staged = Staged::new(&mut fast, case, &opcheck::inputs(case, cfg.seed))?;
+            time_cpu(cfg, &mut || staged.exec(&mut fast))?.fill(row);
+        }
         cpu_be.load_state(&state)?;
         let mut t = 0u64;
         let times = time_cpu(cfg, &mut || {
@@ -326,9 +424,9 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
             };
             cpu_be.train_steps(&chunk).map(|_| ())
         })?;
-        times.fill(&mut row);
+        times.fill(&mut step_row);
     }
-    rows.push(row);
+    rows.push(step_row);
     let cpu_peak = cfg.cpu.then(|| peak::measure(crate::cpu::isa::selected(), 0.25));
     let (cpu_images_per_s, gpu_images_per_s, dominant) = shares(&mut rows, b, cpu_peak.as_ref());
 
@@ -344,6 +442,9 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
         adapter_details: gpu.map(|c| c.adapter_info.details()),
         cpu: cpu_description(),
         timing: timing.into(),
+        step_timing_method: step_method,
+        shader_loop_bounds: gpu.map(|c| c.loop_bounds),
+        step_timing,
         kernels: gpu_backend.as_ref().map(|be| be.variant().to_string()),
         batch: b,
         iters: cfg.iters,

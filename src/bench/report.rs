@@ -36,6 +36,9 @@ pub struct Row {
     pub gpu_us: Option<f64>,
     pub gpu_rate: Option<f64>,
     pub gpu_calls: usize,
+    /// The fastest and slowest GPU sample, microseconds per call (the median is `gpu_us`).
+    pub gpu_min_us: Option<f64>,
+    pub gpu_max_us: Option<f64>,
     pub cpu_us: Option<f64>,
     pub cpu_rate: Option<f64>,
     pub cpu_calls: usize,
@@ -70,7 +73,14 @@ pub struct Report {
     pub cpu: String,
     /// "timestamps", "wall_clock", or "cpu_only".
     pub timing: String,
-    /// The GPU kernels' variant (`LENET_KERNELS`), or None for a CPU-only run.
+    /// How the step row's GPU time was taken (None without a timed GPU step), and what it found:
+    /// the spread of a step's time over the samples, passes, steps per pass, the warm-up.
+    pub step_timing_method: Option<crate::gpu::timing::StepTimingMethod>,
+    pub step_timing: Option<super::replay::StepTiming>,
+    /// Whether the GPU's kernels were compiled with naga's loop bounding ("bounded") or without
+    /// ("unbounded"); None for a CPU-only run.
+    pub shader_loop_bounds: Option<crate::gpu::shader::LoopBounds>,
+    /// The GPU kernels' variant, or None for a CPU-only run.
     pub kernels: Option<String>,
     pub batch: usize,
     pub iters: usize,
@@ -106,10 +116,20 @@ impl Report {
             (Some(a), Some(k)) => {
                 let timing = if self.timing == "timestamps" { "timestamp queries" } else { "wall clock" };
                 lines.push(format!("GPU: {a}"));
+                let bounds = match self.shader_loop_bounds {
+                    Some(crate::gpu::shader::LoopBounds::Unbounded) => ", shader loops not bounded by naga",
+                    _ => "",
+                };
                 lines.push(format!(
-                    "     kernels {k}, {} dispatches a step, timed by {timing}",
+                    "     kernels {k}{bounds}, {} dispatches a step, timed by {timing}",
                     self.step_dispatches.unwrap_or(0)
                 ));
+                if let (Some(m), Some(t)) = (&self.step_timing_method, &self.step_timing) {
+                    lines.push(format!(
+                        "     step: {} passes of {} steps after a {:.1} s warm-up, timed by {m}",
+                        t.passes, t.steps_per_pass, t.warmup_s
+                    ));
+                }
             }
             _ => lines.push("GPU: none (CPU only)".into()),
         }
@@ -178,8 +198,9 @@ impl Report {
         for r in &self.rows {
             let (us, rate, share) =
                 if gpu { (r.gpu_us, r.gpu_rate, r.gpu_share) } else { (r.cpu_us, r.cpu_rate, r.cpu_share) };
-            let range = match (gpu, r.cpu_min_us, r.cpu_max_us) {
-                (false, Some(lo), Some(hi)) => format!("{lo:.0}-{hi:.0}"),
+            let spread = if gpu { (r.gpu_min_us, r.gpu_max_us) } else { (r.cpu_min_us, r.cpu_max_us) };
+            let range = match spread {
+                (Some(lo), Some(hi)) => format!("{lo:.0}-{hi:.0}"),
                 _ => "-".into(),
             };
             let (flops, bytes) = match r.unit {

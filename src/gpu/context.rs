@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context as _};
 
 use super::kernels::Kernels;
+use super::shader::LoopBounds;
 
 /// The environment variable that picks an adapter by (case-insensitive) name substring.
 pub const ADAPTER_ENV: &str = "LENET_ADAPTER";
@@ -185,6 +186,8 @@ pub struct GpuContext {
     pub queue: wgpu::Queue,
     pub adapter_info: AdapterSummary,
     pub limits: wgpu::Limits,
+    /// Whether the kernels were compiled with naga's loop bounding.
+    pub loop_bounds: LoopBounds,
     pub kernels: Arc<Kernels>,
     errors: Arc<Mutex<Vec<String>>>,
 }
@@ -192,12 +195,18 @@ pub struct GpuContext {
 impl GpuContext {
     /// Opens the adapter named by `wanted` (substring, case-insensitive), else by the
     /// `LENET_ADAPTER` environment variable, else the best one by device type.
+    /// Its kernels are compiled with naga's loop bounding.
     pub fn new(wanted: Option<&str>) -> anyhow::Result<Self> {
-        Self::from_adapter(&find_adapter(wanted)?)
+        Self::open(wanted, LoopBounds::Bounded)
     }
 
-    /// Creates the device on `adapter` and compiles every kernel it can run.
-    pub fn from_adapter(adapter: &wgpu::Adapter) -> anyhow::Result<Self> {
+    /// As [`GpuContext::new`], compiling the kernels with `loop_bounds`.
+    pub fn open(wanted: Option<&str>, loop_bounds: LoopBounds) -> anyhow::Result<Self> {
+        Self::from_adapter(&find_adapter(wanted)?, loop_bounds)
+    }
+
+    /// Creates the device on `adapter` and compiles every kernel it can run, with `loop_bounds`.
+    pub fn from_adapter(adapter: &wgpu::Adapter, loop_bounds: LoopBounds) -> anyhow::Result<Self> {
         let have = adapter.limits();
         // WebGPU's defaults, raised to what the adapter offers where a bigger batch, a bigger
         // data set or a tighter packing of the parameter tensors needs it, and the workgroup
@@ -222,12 +231,21 @@ impl GpuContext {
                 .max(defaults.max_compute_invocations_per_workgroup),
             ..defaults
         };
-        Self::with_limits(adapter, limits)
+        Self::with_limits_and_bounds(adapter, limits, loop_bounds)
     }
 
     /// Creates the device on `adapter` with exactly `limits` (which it must offer) and compiles
     /// every kernel those limits allow.
     pub fn with_limits(adapter: &wgpu::Adapter, limits: wgpu::Limits) -> anyhow::Result<Self> {
+        Self::with_limits_and_bounds(adapter, limits, LoopBounds::Bounded)
+    }
+
+    /// As [`GpuContext::with_limits`], compiling the kernels with `loop_bounds`.
+    pub fn with_limits_and_bounds(
+        adapter: &wgpu::Adapter,
+        limits: wgpu::Limits,
+        loop_bounds: LoopBounds,
+    ) -> anyhow::Result<Self> {
         let info = AdapterSummary::from_info(&adapter.get_info());
         if limits.max_storage_buffers_per_shader_stage < 8 {
             bail!(
@@ -253,8 +271,8 @@ impl GpuContext {
                 v.push(e.to_string());
             }
         }));
-        let kernels = Arc::new(Kernels::new(&device, &limits)?);
-        Ok(GpuContext { device, queue, adapter_info: info, limits, kernels, errors })
+        let kernels = Arc::new(Kernels::new(&device, &limits, loop_bounds)?);
+        Ok(GpuContext { device, queue, adapter_info: info, limits, loop_bounds, kernels, errors })
     }
 
     /// Fails with the first error wgpu reported outside an error scope since the last call.

@@ -171,10 +171,14 @@ impl Kernels {
         Ok(n)
     }
 
-    /// Compiles every shader whose kernels fit `limits` (kernels that need more workgroup memory,
+    /// Compiles every shader (with naga's loop bounding or without) whose kernels fit `limits` (kernels that need more workgroup memory,
     /// invocations or storage buffers are left out: [`Kernels::has`] says which); a compile or
     /// validation failure is an `Err`, not a panic.
-    pub fn new(device: &wgpu::Device, limits: &wgpu::Limits) -> Result<Self> {
+    pub fn new(
+        device: &wgpu::Device,
+        limits: &wgpu::Limits,
+        loop_bounds: shader::LoopBounds,
+    ) -> Result<Self> {
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let step_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some("step"),
@@ -194,10 +198,7 @@ impl Kernels {
         for &(file, text) in SHADERS {
             let source = shader_source(text);
             let entries = shader::reflect(file, &source)?;
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(file),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
+            let module = shader::create_module(device, file, &source, loop_bounds);
             for info in entries {
                 if let Some(why) = unfit(&info, limits) {
                     left_out.push((info.name.clone(), why));

@@ -225,6 +225,71 @@ impl UniformLayout {
     }
 }
 
+/// Whether naga bounds every loop of a shader module. Bounded (wgpu's default) adds a counter
+/// to each loop that breaks out after 2^64 iterations, so that a loop the driver's compiler
+/// could prove infinite (undefined behaviour in SPIR-V and MSL) cannot let it drop the code
+/// around it; the counter costs registers and a compare per iteration in the hot loops.
+/// Unbounded leaves loops as written: sound only because every loop of our kernels counts a
+/// bound fixed by its uniform or a constant (the shaders say why each one ends).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoopBounds {
+    /// naga's loop bounding (`create_shader_module`).
+    #[default]
+    Bounded,
+    /// `create_shader_module_trusted` with `force_loop_bounding: false`, every other runtime
+    /// check kept.
+    Unbounded,
+}
+
+impl std::fmt::Display for LoopBounds {
+    /// As the command line spells it: `on` (bounded) or `off`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LoopBounds::Bounded => "on",
+            LoopBounds::Unbounded => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for LoopBounds {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "on" => Ok(LoopBounds::Bounded),
+            "off" => Ok(LoopBounds::Unbounded),
+            _ => bail!("shader loop bounds {s:?}: expected on or off"),
+        }
+    }
+}
+
+/// Compiles one WGSL file into a shader module, with naga's loop bounding or without.
+pub fn create_module(
+    device: &wgpu::Device,
+    file: &str,
+    source: &str,
+    bounds: LoopBounds,
+) -> wgpu::ShaderModule {
+    let desc =
+        wgpu::ShaderModuleDescriptor { label: Some(file), source: wgpu::ShaderSource::Wgsl(source.into()) };
+    match bounds {
+        LoopBounds::Bounded => device.create_shader_module(desc),
+        LoopBounds::Unbounded => {
+            let checks = wgpu::ShaderRuntimeChecks {
+                force_loop_bounding: false,
+                ..wgpu::ShaderRuntimeChecks::checked()
+            };
+            // SAFETY: the one check turned off is loop bounding, whose contract is that no loop
+            // runs forever. Every loop in shaders/ counts up to a bound read from its `params`
+            // uniform or a constant, with a step of at least 1 and no write to the counter in
+            // the body (each shader's comments say so loop by loop); bounds checks and the rest
+            // stay on.
+            unsafe { device.create_shader_module_trusted(desc, checks) }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +340,18 @@ mod tests {
         assert!(unknown.to_string().contains("no field \"m\" (it has n, scale, shift, _pad)"), "{unknown}");
         let kind = p.encode("scale", &[("n", 1.0f32.into())]).unwrap_err();
         assert!(kind.to_string().contains("is U32"), "{kind}");
+    }
+
+    #[test]
+    fn loop_bounds_read_as_on_and_off() {
+        assert_eq!("on".parse::<LoopBounds>().unwrap(), LoopBounds::Bounded);
+        assert_eq!("off".parse::<LoopBounds>().unwrap(), LoopBounds::Unbounded);
+        assert_eq!(LoopBounds::default(), LoopBounds::Bounded);
+        for b in [LoopBounds::Bounded, LoopBounds::Unbounded] {
+            assert_eq!(b.to_string().parse::<LoopBounds>().unwrap(), b);
+        }
+        let e = "yes".parse::<LoopBounds>().unwrap_err().to_string();
+        assert_eq!(e, "shader loop bounds \"yes\": expected on or off");
     }
 
     #[test]
