@@ -1,4 +1,4 @@
-//! Finite-difference checks of every backward op of the CPU reference (src/cpu/reference.rs),
+//! Finite-difference checks of every backward op of the CPU reference (src/reference.rs),
 //! of the whole network's gradient with respect to every parameter tensor (src/network.rs, on
 //! the reference ops and on the fast ones), of Adam and SGD against the torch formulas, and of
 //! the max-pool tie rule.
@@ -289,17 +289,35 @@ fn dense64(x: &[f64], w: &[f64], b: &[f64], relu: bool) -> Vec<f64> {
         .collect()
 }
 
-/// Mean softmax cross-entropy of LeNet-5 over the batch, in f64.
+/// Mean softmax cross-entropy of LeNet-5 over the batch, in f64. The layers are the layer
+/// table's ([`LENET5`], its shapes from [`layer_shapes`]): the topology is stated once, in
+/// network.rs; the arithmetic of each kind of layer is written here from its definition.
 fn loss64(p: &[Vec<f64>], images: &[f64], labels: &[u32]) -> f64 {
+    let shapes = layer_shapes(1);
     let mut total = 0.0;
     for (img, &label) in images.chunks(IMAGE_PIXELS).zip(labels) {
-        let a = conv_relu64(img, 1, 28, &p[0], &p[1], 6, 5, 2);
-        let a = pool64(&a, 6, 28);
-        let a = conv_relu64(&a, 6, 14, &p[2], &p[3], 16, 5, 0);
-        let a = pool64(&a, 16, 10);
-        let a = dense64(&a, &p[4], &p[5], true);
-        let a = dense64(&a, &p[6], &p[7], true);
-        let z = dense64(&a, &p[8], &p[9], false);
+        let mut a = img.to_vec();
+        for (l, (layer, shape)) in LENET5.iter().zip(&shapes).enumerate() {
+            let (w, b) = layer_params(l);
+            a = match (layer.kind, *shape) {
+                (LayerKind::ConvReluPool { .. }, LayerShape::Conv(s)) => {
+                    let conv = conv_relu64(
+                        &a,
+                        s.in_channels,
+                        s.height,
+                        &p[w],
+                        &p[b],
+                        s.out_channels,
+                        s.kernel,
+                        s.padding,
+                    );
+                    pool64(&conv, s.out_channels, s.out_height())
+                }
+                (LayerKind::Linear { relu, .. }, LayerShape::Linear(_)) => dense64(&a, &p[w], &p[b], relu),
+                (kind, shape) => panic!("{}: kind {kind:?} with shape {shape:?}", layer.name),
+            };
+        }
+        let z = a;
         let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
         total += lse - z[label as usize];
