@@ -59,6 +59,33 @@ fn check_against(opt: Optimizer, p0: &[f32], grads: &[Vec<f32>], expected: &[Vec
     assert!(p.iter().zip(p0).skip(1).step_by(5).all(|(a, b)| a != b), "{opt}: some parameters did not move");
 }
 
+/// torch.optim.AdamW in f64, written out, each step's parameters: p *= 1 - lr*wd; m = b1 m +
+/// (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
+/// With wd = 0 it is torch.optim.Adam.
+fn adamw_by_hand(
+    p0: &[f32],
+    grads: &[Vec<f32>],
+    (b1, b2, lr, eps): (f64, f64, f64, f64),
+    wd: f64,
+) -> Vec<Vec<f64>> {
+    let n = p0.len();
+    let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
+    let (mut m, mut v) = (vec![0.0f64; n], vec![0.0f64; n]);
+    let mut expected = Vec::new();
+    for (t, g) in grads.iter().enumerate() {
+        let t = t as i32 + 1;
+        for i in 0..n {
+            let g = g[i] as f64;
+            p[i] *= 1.0 - lr * wd;
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            p[i] -= lr * (m[i] / (1.0 - b1.powi(t))) / ((v[i] / (1.0 - b2.powi(t))).sqrt() + eps);
+        }
+        expected.push(p.clone());
+    }
+    expected
+}
+
 #[test]
 fn adam_matches_the_torch_formula() {
     let mut rng = common::rng(7);
@@ -67,24 +94,7 @@ fn adam_matches_the_torch_formula() {
     let p0 = common::uniform(&mut rng, n, -1.0, 1.0);
     let grads = grads(&mut rng, n, 4);
 
-    // torch.optim.Adam, written out: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
-    // p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
-    let (b1, b2, lr, eps) = (0.8f64, 0.99f64, 2e-3f64, 1e-6f64);
-    let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
-    let (mut m, mut v) = (vec![0.0f64; n], vec![0.0f64; n]);
-    let mut expected = Vec::new();
-    for (t, g) in grads.iter().enumerate() {
-        let t = t as i32 + 1;
-        for i in 0..n {
-            let g = g[i] as f64;
-            m[i] = b1 * m[i] + (1.0 - b1) * g;
-            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-            let mhat = m[i] / (1.0 - b1.powi(t));
-            let vhat = v[i] / (1.0 - b2.powi(t));
-            p[i] -= lr * mhat / (vhat.sqrt() + eps);
-        }
-        expected.push(p.clone());
-    }
+    let expected = adamw_by_hand(&p0, &grads, (0.8, 0.99, 2e-3, 1e-6), 0.0);
     // Each step moves a parameter by up to ~lr; f32 keeps it to ~1e-7 absolute.
     let p = run_against(opt, &p0, &grads, &expected, 1e-6);
     // The step actually moved the parameters that had a gradient, and only those.
@@ -130,23 +140,7 @@ fn adamw_matches_the_torch_formula() {
             Optimizer { kind: AdamW { beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay }.into(), lr: 2e-3 };
         let p0 = common::uniform(&mut rng, n, -1.0, 1.0);
         let grads = grads(&mut rng, n, 4);
-        // torch.optim.AdamW, written out: p *= 1 - lr*wd; m = b1 m + (1-b1) g;
-        // v = b2 v + (1-b2) g^2; p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
-        let (b1, b2, lr, eps) = (0.8f64, 0.99f64, 2e-3f64, 1e-6f64);
-        let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
-        let (mut m, mut v) = (vec![0.0f64; n], vec![0.0f64; n]);
-        let mut expected = Vec::new();
-        for (t, g) in grads.iter().enumerate() {
-            let t = t as i32 + 1;
-            for i in 0..n {
-                let g = g[i] as f64;
-                p[i] *= 1.0 - lr * weight_decay;
-                m[i] = b1 * m[i] + (1.0 - b1) * g;
-                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                p[i] -= lr * (m[i] / (1.0 - b1.powi(t))) / ((v[i] / (1.0 - b2.powi(t))).sqrt() + eps);
-            }
-            expected.push(p.clone());
-        }
+        let expected = adamw_by_hand(&p0, &grads, (0.8, 0.99, 2e-3, 1e-6), weight_decay);
         // Each step moves a parameter by up to ~lr; f32 keeps it to ~1e-7 absolute.
         check_against(opt, &p0, &grads, &expected, 1e-6);
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{last_json, lenet, p, succeeded, text};
+use common::{cpu_train, last_json, lenet, p, succeeded, text};
 
 /// A failed run: non-zero exit, one `error:` line on stderr that contains `needle`, no panic.
 fn one_error_line(out: &Output, needle: &str) -> String {
@@ -136,19 +136,7 @@ fn a_second_run_on_the_same_outputs_is_refused_naming_the_first_and_a_killed_one
     // SIGKILL: its lock goes with it, so the next run on the same files proceeds.
     first.kill().unwrap();
     first.wait().unwrap();
-    let out = lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        p(&data),
-        "--steps",
-        "2",
-        "--save",
-        p(&save),
-        "--metrics",
-        p(&metrics),
-    ]);
+    let out = lenet(&cpu_train(&data, &["--steps", "2", "--save", p(&save), "--metrics", p(&metrics)]));
     succeeded(&out);
     // No lock file is left behind by a run that ended.
     let left: Vec<String> = std::fs::read_dir(dir.path())
@@ -167,27 +155,16 @@ fn every_output_written_through_a_link_writes_its_target_and_keeps_the_link() {
     let runs = dir.path().join("runs");
     std::fs::create_dir(&runs).unwrap();
     let run1 = runs.join("run1.st");
-    succeeded(&lenet(&["train", "--backend", "cpu", "--data", p(&data), "--steps", "2", "--save", p(&run1)]));
+    succeeded(&lenet(&cpu_train(&data, &["--steps", "2", "--save", p(&run1)])));
     let links = ["latest.st", "log.csv", "curves.svg"].map(|n| dir.path().join(n));
     // One link to an existing file; two dangling ones, to files to be created.
     std::os::unix::fs::symlink("runs/run1.st", &links[0]).unwrap();
     std::os::unix::fs::symlink("runs/log.csv", &links[1]).unwrap();
     std::os::unix::fs::symlink("runs/curves.svg", &links[2]).unwrap();
-    let out = lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        p(&data),
-        "--steps",
-        "5",
-        "--save",
-        p(&links[0]),
-        "--metrics",
-        p(&links[1]),
-        "--plot",
-        p(&links[2]),
-    ]);
+    let out = lenet(&cpu_train(
+        &data,
+        &["--steps", "5", "--save", p(&links[0]), "--metrics", p(&links[1]), "--plot", p(&links[2])],
+    ));
     succeeded(&out);
     for link in &links {
         assert!(
@@ -214,38 +191,15 @@ fn outputs_with_250_byte_names_are_written() {
     let name = |ext: &str| dir.path().join(format!("{}.{ext}", "n".repeat(250 - 1 - ext.len())));
     let (save, metrics, plot) = (name("st"), name("csv"), name("svg"));
     assert_eq!(save.file_name().unwrap().len(), 250);
-    let out = lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        p(&data),
-        "--steps",
-        "3",
-        "--save",
-        p(&save),
-        "--metrics",
-        p(&metrics),
-        "--plot",
-        p(&plot),
-    ]);
+    let out = lenet(&cpu_train(
+        &data,
+        &["--steps", "3", "--save", p(&save), "--metrics", p(&metrics), "--plot", p(&plot)],
+    ));
     succeeded(&out);
     assert!(save.exists() && metrics.exists() && plot.exists());
     // Twice: the second run replaces each (the probe, the lock and the temporary file beside a
     // long name all fit).
-    succeeded(&lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        p(&data),
-        "--resume",
-        p(&save),
-        "--steps",
-        "1",
-        "--save",
-        p(&save),
-    ]));
+    succeeded(&lenet(&cpu_train(&data, &["--resume", p(&save), "--steps", "1", "--save", p(&save)])));
     assert_eq!(metadata(&save)["step"], "4");
 }
 
