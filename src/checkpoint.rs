@@ -181,11 +181,7 @@ fn read_epoch_sums(
     match (meta.get("epoch_loss_sum"), meta.get("epoch_correct")) {
         (None, None) => Ok(None),
         (Some(loss), Some(correct)) => {
-            let loss_sum = loss
-                .parse::<f64>()
-                .ok()
-                .filter(|x| x.is_finite() && *x >= 0.0)
-                .ok_or_else(|| format!("epoch_loss_sum = {loss:?} is not a finite number >= 0"))?;
+            let loss_sum = non_negative("epoch_loss_sum", loss, "")?;
             let images = step_in_epoch.saturating_mul(batch as u64);
             let correct = correct.parse::<u64>().ok().filter(|&c| c <= images).ok_or_else(|| {
                 format!("epoch_correct = {correct:?} is not a count of at most {images} images")
@@ -196,16 +192,18 @@ fn read_epoch_sums(
     }
 }
 
+/// The metadata value `v` of `key` as a finite number >= 0 (`unit`: " of seconds" or "", for the
+/// message).
+fn non_negative(key: &str, v: &str, unit: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("{key} = {v:?} is not a finite number{unit} >= 0")),
+    }
+}
+
 /// The inverse of [`run_notes_metadata`].
 fn read_run_notes(meta: &HashMap<String, String>) -> Result<(Option<RunClock>, Option<String>), String> {
-    let seconds = |key: &str| -> Result<Option<f64>, String> {
-        meta.get(key)
-            .map(|v| match v.parse::<f64>() {
-                Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-                _ => Err(format!("{key} = {v:?} is not a finite number of seconds >= 0")),
-            })
-            .transpose()
-    };
+    let seconds = |key: &str| meta.get(key).map(|v| non_negative(key, v, " of seconds")).transpose();
     let clock = match (seconds("train_seconds")?, seconds("run_seconds")?) {
         (Some(train_seconds), Some(run_seconds)) => Some(RunClock { train_seconds, run_seconds }),
         (None, None) => None,
@@ -224,14 +222,7 @@ fn read_recipe_metadata(
             .map(|v| v.parse::<u64>().map_err(|_| format!("{key} = {v:?} is not a non-negative integer")))
             .transpose()
     };
-    let float = |key: &str| -> Result<Option<f64>, String> {
-        meta.get(key)
-            .map(|v| match v.parse::<f64>() {
-                Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-                _ => Err(format!("{key} = {v:?} is not a finite number >= 0")),
-            })
-            .transpose()
-    };
+    let float = |key: &str| meta.get(key).map(|v| non_negative(key, v, "")).transpose();
     let schedule = match meta.get("lr_schedule") {
         None => LrSchedule::Constant,
         Some(name) => name.parse::<LrSchedule>().map_err(|e| e.to_string())?,
