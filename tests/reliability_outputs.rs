@@ -256,8 +256,7 @@ fn resuming_an_sgd_run_with_its_own_momentum_is_accepted_and_another_is_refused(
     let dir = tempfile::tempdir().unwrap();
     let data = data(dir.path());
     let run = dir.path().join("sgd.st");
-    let base = ["train", "--backend", "cpu", "--data", p(&data), "--steps", "2"];
-    let with = |extra: &[&str]| lenet(&base.iter().copied().chain(extra.iter().copied()).collect::<Vec<_>>());
+    let with = |extra: &[&str]| lenet(&cpu_train(&data, &[&["--steps", "2"], extra].concat()));
     succeeded(&with(&["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--save", p(&run)]));
     succeeded(&with(&["--resume", p(&run), "--momentum", "0.9", "--save", p(&run)]));
     succeeded(&with(&["--resume", p(&run), "--optimizer", "sgd", "--momentum", "0.9", "--save", p(&run)]));
@@ -276,8 +275,7 @@ fn until_on_a_resumed_run_reports_the_whole_runs_time_or_says_it_cannot() {
     let dir = tempfile::tempdir().unwrap();
     let data = data(dir.path());
     let run = dir.path().join("run.st");
-    let base = ["train", "--backend", "cpu", "--data", p(&data), "--batch", "20"];
-    let with = |extra: &[&str]| lenet(&base.iter().copied().chain(extra.iter().copied()).collect::<Vec<_>>());
+    let with = |extra: &[&str]| lenet(&cpu_train(&data, &[&["--batch", "20"], extra].concat()));
     // 3 epochs measuring time, without reaching 100%.
     succeeded(&with(&["--epochs", "3", "--until", "100", "--save", p(&run)]));
     let before: f64 = metadata(&run)["train_seconds"].as_str().expect("the clock is kept").parse().unwrap();
