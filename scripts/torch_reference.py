@@ -52,6 +52,7 @@ import argparse
 import gzip
 import json
 import os
+import re
 import struct
 import time
 
@@ -73,22 +74,51 @@ def sync():
         torch.cuda.synchronize()
 
 
+# The layer table: src/network.rs's LENET5, read from the source (the one statement of the
+# topology), as (name, kind, fields) rows in order. kind is "ConvReluPool" or "Linear".
+NETWORK_RS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "network.rs")
+LAYER_ROW = re.compile(r'name:\s*"(\w+)",\s*kind:\s*LayerKind::(ConvReluPool|Linear)\s*\{([^}]*)\}')
+
+
+def layer_table(path=NETWORK_RS):
+    with open(path) as f:
+        text = f.read()
+    start = text.index("pub const LENET5")
+    rows = []
+    for name, kind, fields in LAYER_ROW.findall(text[start:text.index("];", start)]):
+        values = dict(field.split(":") for field in fields.replace(" ", "").replace("\n", "").split(",") if field)
+        rows.append((name, kind, {k: v == "true" if v in ("true", "false") else int(v) for k, v in values.items()}))
+    if not rows:
+        raise SystemExit(f"error: no layer rows in {path}'s LENET5")
+    return rows
+
+
 class LeNet5(nn.Module):
+    """The network of src/network.rs's layer table: the same state_dict names, the layers built in
+    the table's order (so torch.manual_seed(s) initialises them as a hand-written module listing
+    them in that order would), conv layers as relu then 2x2 max-pool, linear ones flattening their
+    input (PyTorch's c*H*W + h*W + w order) with a ReLU where the row says so."""
+
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(400, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
+        self.table = layer_table()
+        for name, kind, f in self.table:
+            if kind == "ConvReluPool":
+                layer = nn.Conv2d(f["in_channels"], f["out_channels"], f["kernel"], padding=f["padding"])
+            else:
+                layer = nn.Linear(f["in_features"], f["out_features"])
+            self.add_module(name, layer)
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = x.flatten(1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
+        for name, kind, f in self.table:
+            layer = getattr(self, name)
+            if kind == "ConvReluPool":
+                x = F.max_pool2d(F.relu(layer(x)), 2)
+            else:
+                x = layer(x.flatten(1))
+                if f["relu"]:
+                    x = F.relu(x)
+        return x
 
 
 def idx(name):

@@ -16,24 +16,22 @@
 //! moment) is refused on load, naming the tensor ([`check_state_tensor`], the same check the
 //! training loop's backends run after each chunk).
 //!
-//! Writes are atomic: a temp file in the target's directory is written and fsynced, then renamed
-//! over the target, then the directory is fsynced. A failed save leaves an existing file as it was.
-//! A target that is a symbolic link is written through: the link stays, its file is replaced.
+//! Writes are atomic ([`write_atomic`]): a temp file in the target's directory is written and
+//! fsynced, then renamed over the target, then the directory is fsynced. A failed save leaves an
+//! existing file as it was. A target that is a symbolic link is written through: the link stays,
+//! its file is replaced.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
 
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
 use crate::augment::MAX_AUGMENT_SHIFT;
+use crate::files::{open_input, write_atomic};
 use crate::model::{param_specs, EpochSums, Params, RunClock, TrainState, ValidationRecord};
 use crate::optim::Optimizer;
-use crate::paths::{helper_stem, open_input, parent_dir, write_target};
 use crate::schedule::LrSchedule;
 
 /// The value of the `format` metadata key in files this crate writes.
@@ -183,11 +181,7 @@ fn read_epoch_sums(
     match (meta.get("epoch_loss_sum"), meta.get("epoch_correct")) {
         (None, None) => Ok(None),
         (Some(loss), Some(correct)) => {
-            let loss_sum = loss
-                .parse::<f64>()
-                .ok()
-                .filter(|x| x.is_finite() && *x >= 0.0)
-                .ok_or_else(|| format!("epoch_loss_sum = {loss:?} is not a finite number >= 0"))?;
+            let loss_sum = non_negative("epoch_loss_sum", loss, "")?;
             let images = step_in_epoch.saturating_mul(batch as u64);
             let correct = correct.parse::<u64>().ok().filter(|&c| c <= images).ok_or_else(|| {
                 format!("epoch_correct = {correct:?} is not a count of at most {images} images")
@@ -198,16 +192,18 @@ fn read_epoch_sums(
     }
 }
 
+/// The metadata value `v` of `key` as a finite number >= 0 (`unit`: " of seconds" or "", for the
+/// message).
+fn non_negative(key: &str, v: &str, unit: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("{key} = {v:?} is not a finite number{unit} >= 0")),
+    }
+}
+
 /// The inverse of [`run_notes_metadata`].
 fn read_run_notes(meta: &HashMap<String, String>) -> Result<(Option<RunClock>, Option<String>), String> {
-    let seconds = |key: &str| -> Result<Option<f64>, String> {
-        meta.get(key)
-            .map(|v| match v.parse::<f64>() {
-                Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-                _ => Err(format!("{key} = {v:?} is not a finite number of seconds >= 0")),
-            })
-            .transpose()
-    };
+    let seconds = |key: &str| meta.get(key).map(|v| non_negative(key, v, " of seconds")).transpose();
     let clock = match (seconds("train_seconds")?, seconds("run_seconds")?) {
         (Some(train_seconds), Some(run_seconds)) => Some(RunClock { train_seconds, run_seconds }),
         (None, None) => None,
@@ -226,14 +222,7 @@ fn read_recipe_metadata(
             .map(|v| v.parse::<u64>().map_err(|_| format!("{key} = {v:?} is not a non-negative integer")))
             .transpose()
     };
-    let float = |key: &str| -> Result<Option<f64>, String> {
-        meta.get(key)
-            .map(|v| match v.parse::<f64>() {
-                Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-                _ => Err(format!("{key} = {v:?} is not a finite number >= 0")),
-            })
-            .transpose()
-    };
+    let float = |key: &str| meta.get(key).map(|v| non_negative(key, v, "")).transpose();
     let schedule = match meta.get("lr_schedule") {
         None => LrSchedule::Constant,
         Some(name) => name.parse::<LrSchedule>().map_err(|e| e.to_string())?,
@@ -603,81 +592,4 @@ fn sort_metadata(bytes: &mut [u8]) -> io::Result<()> {
     text.resize(header_len, b' ');
     header.copy_from_slice(&text);
     Ok(())
-}
-
-/// Writes `bytes` to `path` through a temp file in the same directory, fsync and rename; on
-/// failure the temp file is removed and an existing `path` is untouched. A `path` that is a
-/// symbolic link writes the file it points to and stays a link.
-///
-/// The temp file is `.NAME.tmp-PID-N` (NAME shortened when long, see [`helper_stem`]). Ones a
-/// killed save of the same target left behind (their writer process is gone) are removed first;
-/// other files are never touched.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    if path.file_name().is_none() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"));
-    }
-    // A symbolic link is written through: its target is replaced (the temporary file beside the
-    // target, so that the rename stays within one file system) and the link stays a link.
-    let target = write_target(path)?;
-    let path = target.as_path();
-    let dir = parent_dir(path);
-    // A short stem: a name near the 255-byte limit still leaves room for the suffix.
-    let prefix = format!(".{}.tmp-", helper_stem(path));
-    remove_stale_temp_files(&dir, &prefix);
-    let tmp = dir.join(format!("{prefix}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
-    let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // Make the rename itself durable. Directories cannot be opened for fsync everywhere (Windows).
-    #[cfg(unix)]
-    File::open(&dir)?.sync_all()?;
-    Ok(())
-}
-
-/// Removes `dir/{prefix}PID-N` files whose writer is gone: a process that no longer exists, or
-/// this process (whose saves run one at a time, so any such file is a leftover of a failed one).
-/// A file whose writer may still be saving is kept. Errors are ignored: cleaning up is a courtesy
-/// and must never fail a save.
-fn remove_stale_temp_files(dir: &Path, prefix: &str) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
-    let started = SystemTime::now();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else { continue };
-        let Some((pid, counter)) = rest.split_once('-') else { continue };
-        let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), counter.parse::<u64>()) else { continue };
-        // Only regular files older than this save: never a directory, never one created since.
-        let Ok(meta) = entry.metadata() else { continue };
-        let older = meta.modified().is_ok_and(|m| m <= started);
-        if meta.is_file() && older && (pid == std::process::id() || !process_exists(pid)) {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
-}
-
-/// Whether a process with this id exists (unix: `kill(pid, 0)`; EPERM means it exists but is not
-/// ours). Where that cannot be asked, every writer is assumed alive.
-#[cfg(unix)]
-fn process_exists(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-#[cfg(not(unix))]
-fn process_exists(_pid: u32) -> bool {
-    true
 }

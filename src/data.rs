@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use byteorder::{BigEndian, ByteOrder};
 use flate2::read::MultiGzDecoder;
 
-use crate::model::IMAGE_SIDE;
-use crate::paths::open_input;
+use crate::files::open_input;
+
+/// Side of an MNIST image (one channel): the only size the files may hold, and the network's input.
+pub const IMAGE_SIDE: usize = 28;
 
 /// IDX magic of an unsigned-byte, 3-dimensional array (images).
 pub const IMAGES_MAGIC: u32 = 0x0000_0803;

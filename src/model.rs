@@ -1,83 +1,20 @@
-//! The parameters as values ([`Params`], in the layer table's `state_dict` order), their seeded
-//! initialisation, the epoch order, and the state a run carries from step to step.
+//! The epoch order and the state a run carries from step to step ([`TrainState`]: the parameters,
+//! the optimizer and its state, the position in the run).
 //!
-//! The network itself (the layer table [`LENET5`] and what derives from it) is described once,
-//! in [`crate::network`]; its names are re-exported here.
+//! The network itself (the layer table [`LENET5`] and what derives from it, the parameters as
+//! values with their seeded initialisation, [`Params`]) is described once, in
+//! [`crate::network`]; its names are re-exported here.
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
 pub use crate::network::{
-    layer_params, layer_shapes, param_count, param_specs, Layer, LayerKind, LayerShape, ParamSpec, CLASSES,
-    IMAGE_PIXELS, IMAGE_SIDE, LENET5,
+    layer_params, layer_shapes, param_count, param_specs, Layer, LayerKind, LayerShape, ParamSpec, Params,
+    CLASSES, IMAGE_PIXELS, IMAGE_SIDE, LENET5,
 };
 pub use crate::ops::{ConvShape, LinearShape};
 use crate::optim::Optimizer;
 use crate::schedule::LrSchedule;
-
-/// One value per parameter of the network: the weights themselves, their gradients, or an
-/// optimizer's moment. Tensors are in [`param_specs`] order, laid out as PyTorch lays them out.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Params {
-    pub tensors: Vec<Vec<f32>>,
-}
-
-impl Params {
-    pub fn zeros() -> Self {
-        Params { tensors: param_specs().iter().map(|s| vec![0.0; s.len()]).collect() }
-    }
-
-    /// PyTorch's default initialisation from a seeded ChaCha8 stream (stream 0 of `seed`).
-    pub fn init(seed: u64) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut params = Params::zeros();
-        for (tensor, spec) in params.tensors.iter_mut().zip(param_specs()) {
-            let bound = 1.0 / (spec.fan_in as f32).sqrt();
-            for x in tensor.iter_mut() {
-                *x = -bound + 2.0 * bound * unit_f32(&mut rng);
-            }
-        }
-        params
-    }
-
-    /// The tensor named `name` (a `state_dict` name).
-    pub fn get(&self, name: &str) -> Option<&[f32]> {
-        param_specs().iter().position(|s| s.name == name).map(|i| self.tensors[i].as_slice())
-    }
-
-    /// The tensors concatenated in `state_dict` order.
-    pub fn flatten(&self) -> Vec<f32> {
-        self.tensors.concat()
-    }
-
-    /// The inverse of [`Params::flatten`].
-    pub fn from_flat(flat: &[f32]) -> Self {
-        assert_eq!(flat.len(), param_count(), "flat parameter vector has the wrong length");
-        let mut params = Params::zeros();
-        let mut offset = 0;
-        for t in params.tensors.iter_mut() {
-            let n = t.len();
-            t.copy_from_slice(&flat[offset..offset + n]);
-            offset += n;
-        }
-        params
-    }
-
-    pub fn all_finite(&self) -> bool {
-        self.tensors.iter().flatten().all(|x| x.is_finite())
-    }
-
-    /// Whether every tensor has its spec's size.
-    pub fn has_lenet_shapes(&self) -> bool {
-        self.tensors.len() == param_specs().len()
-            && self.tensors.iter().zip(param_specs()).all(|(t, s)| t.len() == s.len())
-    }
-}
-
-/// A uniform draw in [0, 1) with 24 random bits, exactly representable in f32.
-fn unit_f32(rng: &mut ChaCha8Rng) -> f32 {
-    (rng.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
-}
 
 /// A uniform integer in 0..n without modulo bias (rejection sampling).
 fn below(rng: &mut ChaCha8Rng, n: u32) -> u32 {

@@ -20,75 +20,16 @@
 
 use anyhow::Result;
 
-use crate::cpu::reference;
 use crate::data::Dataset;
 use crate::optim::OptStep;
+use crate::reference;
+pub use crate::reference::{ConvShape, LinearShape};
 
 /// What a buffer can hold.
 pub trait Elem: bytemuck::Pod + Default + PartialEq + std::fmt::Debug + Send + Sync + 'static {}
 impl Elem for f32 {}
 impl Elem for u32 {}
 impl Elem for i32 {}
-
-/// The shape of a 2-D convolution over a batch, NCHW, square kernel, stride 1, zero padding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvShape {
-    pub batch: usize,
-    pub in_channels: usize,
-    pub out_channels: usize,
-    /// Input height and width.
-    pub height: usize,
-    pub width: usize,
-    pub kernel: usize,
-    pub padding: usize,
-}
-
-impl ConvShape {
-    pub fn out_height(&self) -> usize {
-        self.height + 2 * self.padding + 1 - self.kernel
-    }
-    pub fn out_width(&self) -> usize {
-        self.width + 2 * self.padding + 1 - self.kernel
-    }
-    pub fn input_len(&self) -> usize {
-        self.batch * self.in_channels * self.height * self.width
-    }
-    pub fn output_len(&self) -> usize {
-        self.batch * self.out_channels * self.out_height() * self.out_width()
-    }
-    /// Elements of the 2x2 max-pool of the output.
-    pub fn pooled_len(&self) -> usize {
-        self.output_len() / 4
-    }
-    pub fn weight_len(&self) -> usize {
-        self.out_channels * self.in_channels * self.kernel * self.kernel
-    }
-    /// Multiply-accumulates of the forward pass.
-    pub fn macs(&self) -> usize {
-        self.output_len() * self.in_channels * self.kernel * self.kernel
-    }
-    /// The same convolution at another batch size.
-    pub fn with_batch(self, batch: usize) -> Self {
-        ConvShape { batch, ..self }
-    }
-}
-
-/// The shape of a fully connected layer over a batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinearShape {
-    pub batch: usize,
-    pub in_features: usize,
-    pub out_features: usize,
-}
-
-impl LinearShape {
-    pub fn weight_len(&self) -> usize {
-        self.in_features * self.out_features
-    }
-    pub fn macs(&self) -> usize {
-        self.batch * self.weight_len()
-    }
-}
 
 /// Which op writes a weight gradient, for [`Ops::grad_partials`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

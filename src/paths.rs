@@ -2,15 +2,14 @@
 //! another output, `--save` only ever replaces a LeNet-5 checkpoint, and every output's directory
 //! is shown writable by creating and removing a file there (not discovered after hours).
 //!
-//! Also [`open_input`]: opening an input never hangs (a FIFO without a writer) and a pipe is read
-//! as a stream instead of looking empty; [`lock_outputs`]: a run's outputs are locked for its
-//! lifetime, so two runs never write the same file; [`write_target`]: an output that is a
-//! symbolic link is written through; [`helper_stem`]: the files made beside an output fit the
-//! file system's name limit whatever the output's name.
+//! Also [`lock_outputs`]: a run's outputs are locked for its lifetime, so two runs never write
+//! the same file. How one file is opened and written safely is [`crate::files`]' job.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+
+use crate::files::{canonical_target, helper_stem, inode, parent_dir, write_target};
 
 /// The kinds of file a run writes; each is checked for what an existing file there must be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,42 +214,6 @@ fn probe_directory(dir: &Path, path: &Path) -> io::Result<()> {
     fs::remove_file(&probe)
 }
 
-/// File names this many bytes long or shorter are used whole in the names of the helper files
-/// beside an output (probe, temporary file, lock), whose own additions are under 40 bytes.
-const HELPER_STEM_MAX: usize = 64;
-
-/// The part of `path`'s file name that the helper files beside it carry: the name itself when it
-/// is short; else its first bytes (cut at a character) and a hash of the whole name, so that a
-/// name near the file system's 255-byte limit still leaves room for `.NAME.tmp-PID-N`, and two
-/// long names with the same beginning still get different helpers.
-pub fn helper_stem(path: &Path) -> String {
-    let raw = path.file_name().unwrap_or_default();
-    let name = raw.to_string_lossy();
-    if name.len() <= HELPER_STEM_MAX && !name.contains('\u{fffd}') {
-        return name.into_owned();
-    }
-    let mut cut = HELPER_STEM_MAX - 17;
-    while !name.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    // FNV-1a over the name's bytes: stable across runs and versions (std's hasher is not).
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in raw.as_encoded_bytes() {
-        hash = (hash ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{}~{hash:016x}", &name[..cut])
-}
-
-/// The file that writing `path` must replace: `path` itself, or, when it is a symbolic link (to
-/// an existing file or a dangling one), the file it points to. Writing through a link writes its
-/// target and keeps the link, as `cp` and editors do.
-pub fn write_target(path: &Path) -> io::Result<PathBuf> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => canonical_target(path),
-        _ => Ok(path.to_path_buf()),
-    }
-}
-
 /// Advisory locks on a run's outputs, held for its lifetime: a second run that would write any
 /// of the same files is refused. Each lock is `flock` (through std's `File::try_lock`) on a
 /// small file beside the output's target (`.NAME.lock`, holding the owner's pid for the message),
@@ -362,14 +325,6 @@ pub fn display_lossless(path: &Path) -> String {
     out
 }
 
-/// The directory a path's file lives in ("." for a bare file name).
-pub fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
 /// What makes two paths the same file: the canonical path (a file that does not exist yet: its
 /// directory's canonical path and its name) and, for an existing file, its device and inode,
 /// which also catch hard links.
@@ -387,40 +342,6 @@ impl FileId {
 
 fn file_id(path: &Path) -> io::Result<FileId> {
     Ok(FileId { canonical: canonical_target(path)?, inode: inode(path) })
-}
-
-/// The canonical path `path` names, existing or not: a dangling symbolic link is followed to the
-/// file it would create.
-pub fn canonical_target(path: &Path) -> io::Result<PathBuf> {
-    let mut path = path.to_path_buf();
-    // Links to links: as many as the kernel follows (Linux's MAXSYMLINKS is 40).
-    for _ in 0..40 {
-        if let Ok(c) = fs::canonicalize(&path) {
-            return Ok(c);
-        }
-        match fs::read_link(&path) {
-            Ok(target) => path = parent_dir(&path).join(target),
-            Err(_) => {
-                let name = path
-                    .file_name()
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?
-                    .to_owned();
-                return Ok(fs::canonicalize(parent_dir(&path))?.join(name));
-            }
-        }
-    }
-    Err(io::Error::other("too many levels of symbolic links"))
-}
-
-#[cfg(unix)]
-fn inode(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-#[cfg(not(unix))]
-fn inode(_path: &Path) -> Option<(u64, u64)> {
-    None
 }
 
 fn file_type_name(meta: &fs::Metadata) -> &'static str {
@@ -443,59 +364,6 @@ fn file_type_name(meta: &fs::Metadata) -> &'static str {
     }
     let _ = meta;
     "a special file"
-}
-
-/// An opened input and, for a regular file, its length. Anything else (a FIFO, a pipe such as a
-/// shell's process substitution, a character device) has no length and is read as a stream.
-pub struct InputFile {
-    pub file: File,
-    pub len: Option<u64>,
-}
-
-/// Opens an input without ever blocking in `open` (a FIFO that nobody writes to opens at once and
-/// then reads as empty). A directory is an error.
-pub fn open_input(path: &Path) -> io::Result<InputFile> {
-    let file = open_nonblocking(path)?;
-    let meta = file.metadata()?;
-    if meta.is_dir() {
-        return Err(io::Error::other("is a directory"));
-    }
-    if meta.is_file() {
-        return Ok(InputFile { file, len: Some(meta.len()) });
-    }
-    set_blocking(&file)?;
-    Ok(InputFile { file, len: None })
-}
-
-#[cfg(unix)]
-fn open_nonblocking(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)
-}
-
-#[cfg(not(unix))]
-fn open_nonblocking(path: &Path) -> io::Result<File> {
-    File::open(path)
-}
-
-/// Back to blocking reads, so a stream's reader waits for its writer's data.
-#[cfg(unix)]
-fn set_blocking(file: &File) -> io::Result<()> {
-    use std::os::unix::io::AsRawFd;
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor this function's caller owns, with integer arguments only.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn set_blocking(_file: &File) -> io::Result<()> {
-    Ok(())
 }
 
 #[cfg(test)]

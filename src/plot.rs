@@ -30,7 +30,7 @@ const PANEL: (u32, u32) = (500, 450);
 /// Draws the curves of `history` and writes them atomically, like checkpoints.
 pub fn write_training_svg(path: &Path, history: &[MetricRow]) -> Result<()> {
     let svg = training_svg(history).map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
-    crate::checkpoint::write_atomic(path, svg.as_bytes())
+    crate::files::write_atomic(path, svg.as_bytes())
         .map_err(|e| anyhow!("{}: cannot write the plot: {e}", path.display()))
 }
 

@@ -12,7 +12,7 @@ use lenet::bench::{run, BenchConfig, Report};
 use lenet::cpu::{Fast, Reference};
 use lenet::data::Dataset;
 use lenet::gpu::timing::deltas;
-use lenet::model::{Params, TrainState};
+use lenet::model::{param_specs, LayerKind, Params, TrainState, LENET5};
 use lenet::optim::{Adam, Optimizer};
 
 fn tiny() -> BenchConfig {
@@ -23,20 +23,33 @@ fn tiny() -> BenchConfig {
     cfg
 }
 
-/// Layer and direction of every op call of a training step, in order, then the whole step.
-const EXPECTED: [(&str, &str); 11] = [
-    ("conv1", "gather+fwd+relu+pool"),
-    ("conv2", "forward+relu+pool"),
-    ("fc1", "forward+relu"),
-    ("fc2", "forward+relu"),
-    ("fc3", "fwd+xent+bwd"),
-    ("fc2", "backward"),
-    ("fc1", "backward"),
-    ("conv2", "backward from pool"),
-    ("conv1", "backward from pool"),
-    ("all", "adam update"),
-    ("step", "fwd+bwd+adam"),
-];
+/// Layer and direction of every op call of a training step, in order, then the whole step: the
+/// layers of the network's table ([`LENET5`]) forward, the output layer's fused step, the others
+/// backward in reverse, the update.
+fn expected_rows() -> Vec<(String, String)> {
+    let last = LENET5.len() - 1;
+    let mut rows = Vec::new();
+    for (i, layer) in LENET5.iter().enumerate() {
+        let direction = match layer.kind {
+            LayerKind::ConvReluPool { .. } if i == 0 => "gather+fwd+relu+pool",
+            LayerKind::ConvReluPool { .. } => "forward+relu+pool",
+            LayerKind::Linear { .. } if i == last => "fwd+xent+bwd",
+            LayerKind::Linear { relu: true, .. } => "forward+relu",
+            LayerKind::Linear { relu: false, .. } => "forward",
+        };
+        rows.push((layer.name.to_string(), direction.to_string()));
+    }
+    for layer in LENET5[..last].iter().rev() {
+        let direction = match layer.kind {
+            LayerKind::ConvReluPool { .. } => "backward from pool",
+            LayerKind::Linear { .. } => "backward",
+        };
+        rows.push((layer.name.to_string(), direction.to_string()));
+    }
+    rows.push(("all".into(), "adam update".into()));
+    rows.push(("step".into(), "fwd+bwd+adam".into()));
+    rows
+}
 
 fn positive(x: Option<f64>) -> bool {
     x.is_some_and(|v| v.is_finite() && v > 0.0)
@@ -44,8 +57,8 @@ fn positive(x: Option<f64>) -> bool {
 
 fn check_rows(r: &Report, gpu: bool) {
     let table = r.table();
-    let got: Vec<(&str, &str)> = r.rows.iter().map(|x| (x.layer.as_str(), x.direction.as_str())).collect();
-    assert_eq!(got, EXPECTED, "\n{table}");
+    let got: Vec<(String, String)> = r.rows.iter().map(|x| (x.layer.clone(), x.direction.clone())).collect();
+    assert_eq!(got, expected_rows(), "\n{table}");
     for row in &r.rows {
         assert_eq!(row.validated, "ok", "{} {}\n{table}", row.layer, row.direction);
         assert!(
@@ -121,7 +134,7 @@ fn cli_bench_cpu_json_is_all_of_stdout_and_the_table_goes_to_stderr() {
     assert_eq!(v["timing"], "cpu_only");
     assert!(v["adapter"].is_null());
     let rows = v["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), EXPECTED.len());
+    assert_eq!(rows.len(), expected_rows().len());
     assert!(rows.iter().all(|r| r["validated"] == "ok"));
     assert!(stderr.contains("conv2") && stderr.contains("CPU us") && !stderr.contains("GPU us"));
 }
@@ -175,7 +188,7 @@ fn the_step_check_passes_rounding_and_catches_wrong_gradients() {
     type Plant = fn(f32) -> f32;
     let faults: [(&str, Plant); 4] =
         [("flipped sign", |g| -g), ("zeroed", |_| 0.0), ("halved", |g| 0.5 * g), ("1% scale", |g| 1.01 * g)];
-    for tensor in [0, 2, 4, 9] {
+    for tensor in 0..param_specs().len() {
         for (name, f) in faults {
             let mut bad = got.clone();
             for (j, g) in bad.grads.tensors[tensor].iter_mut().enumerate() {
@@ -191,11 +204,13 @@ fn the_step_check_passes_rounding_and_catches_wrong_gradients() {
         }
     }
     // A wrong update with the right gradient (half the step) is caught by the parameters.
-    let mut bad = got.clone();
-    for (p, w) in bad.params.tensors[2].iter_mut().zip(&want.params.tensors[2]) {
-        *p = 0.5 * (*p + *w) + 0.25 * lr as f32;
+    for tensor in 0..param_specs().len() {
+        let mut bad = got.clone();
+        for (p, w) in bad.params.tensors[tensor].iter_mut().zip(&want.params.tensors[tensor]) {
+            *p = 0.5 * (*p + *w) + 0.25 * lr as f32;
+        }
+        assert!(check_step(&bad, &want, lr, eps).is_err(), "tensor {tensor}: half the update passed");
     }
-    assert!(check_step(&bad, &want, lr, eps).is_err());
 }
 
 /// A GPU that is not there: each step takes `cold` seconds until `warm_after` seconds of its

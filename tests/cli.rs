@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{last_json, lenet, p, stderr, stdout, succeeded};
+use common::{cpu_train, last_json, lenet, p, stderr, stdout, succeeded};
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lenet-cli-{}-{name}", std::process::id()));
@@ -221,17 +221,7 @@ fn a_resumed_run_keeps_its_settings_and_needs_optimizer_state() {
     let out = lenet(&["train", "--backend", "cpu", "--data", p(&data), "--resume", p(&ckpt), "--no-shuffle"]);
     assert_clear_error(&out, "--no-shuffle");
     // Resuming a step count that no longer fits the counter is an error, not 0 steps.
-    let out = lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        p(&data),
-        "--resume",
-        p(&ckpt),
-        "--steps",
-        "18446744073709551615",
-    ]);
+    let out = lenet(&cpu_train(&data, &["--resume", p(&ckpt), "--steps", "18446744073709551615"]));
     assert_clear_error(&out, "overflows");
     let weights = dir.join("weights.safetensors");
     lenet::checkpoint::save_weights(&weights, &lenet::model::Params::init(1)).unwrap();
@@ -352,19 +342,7 @@ fn an_unwritable_output_fails_before_training() {
         let _ = std::fs::remove_file(ro.join("probe"));
     }
     for (option, path) in &cases {
-        let out = lenet(&[
-            "train",
-            "--backend",
-            "cpu",
-            "--data",
-            p(&data),
-            "--steps",
-            "40",
-            "--batch",
-            "32",
-            option,
-            path,
-        ]);
+        let out = lenet(&cpu_train(&data, &["--steps", "40", "--batch", "32", option, path]));
         assert_clear_error(&out, option);
         assert!(stderr(&out).contains(path.as_str()), "{}", stderr(&out));
         assert!(
@@ -437,18 +415,7 @@ fn gpu_training_waits_on_the_host_a_handful_of_times_per_epoch() {
     assert!(submits <= bound, "{submits} submits for 2 epochs (bound {bound}): {report}");
     assert!(waits > 0 && submits > 0, "the GPU backend must count its waits: {report}");
     // The GPU's checkpoint resumes on the CPU path: the two backends share the format.
-    let out = lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        p(&data),
-        "--resume",
-        p(&ckpt),
-        "--steps",
-        "3",
-        "--json",
-    ]);
+    let out = lenet(&cpu_train(&data, &["--resume", p(&ckpt), "--steps", "3", "--json"]));
     assert_eq!(last_json(succeeded(&out))["steps"], 3);
 }
 
@@ -457,21 +424,10 @@ fn predict_and_plot_work_from_a_trained_checkpoint() {
     let dir = temp_dir("predict");
     let data = small_mnist(&dir, 2000, 100);
     let (ckpt, svg) = (dir.join("w.safetensors"), dir.join("curves.svg"));
-    succeeded(&lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        p(&data),
-        "--epochs",
-        "2",
-        "--batch",
-        "50",
-        "--save",
-        p(&ckpt),
-        "--plot",
-        p(&svg),
-    ]));
+    succeeded(&lenet(&cpu_train(
+        &data,
+        &["--epochs", "2", "--batch", "50", "--save", p(&ckpt), "--plot", p(&svg)],
+    )));
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.contains("loss") && plot.contains("accuracy"), "not a plot");
     assert!(plot.matches("<polyline").count() >= 2, "no curves drawn");
@@ -839,20 +795,8 @@ fn weights_from_a_fifo_or_a_pipe_never_hang_and_are_read_as_streams() {
     // Nobody writes to the FIFO: opening it must not block, and it reads as empty.
     for args in [
         vec!["eval", "--backend", "cpu", "--data", p(&data), "--weights", p(&fifo)],
-        vec![
-            "train",
-            "--backend",
-            "cpu",
-            "--data",
-            p(&data),
-            "--steps",
-            "1",
-            "--batch",
-            "8",
-            "--init",
-            p(&fifo),
-        ],
-        vec!["train", "--backend", "cpu", "--data", p(&data), "--steps", "1", "--resume", p(&fifo)],
+        cpu_train(&data, &["--steps", "1", "--batch", "8", "--init", p(&fifo)]),
+        cpu_train(&data, &["--steps", "1", "--resume", p(&fifo)]),
     ] {
         let child = spawn_lenet(&args);
         let out = wait_with_timeout(child, 60, &format!("{args:?}"));
@@ -903,8 +847,7 @@ fn a_run_without_an_evaluation_says_so() {
     // A test set of zero images: training works, and no accuracy is made up.
     let dir = temp_dir("no-eval");
     let data = small_mnist(&dir, 128, 0);
-    let out =
-        lenet(&["train", "--backend", "cpu", "--data", p(&data), "--steps", "4", "--batch", "32", "--json"]);
+    let out = lenet(&cpu_train(&data, &["--steps", "4", "--batch", "32", "--json"]));
     let report = last_json(succeeded(&out));
     assert!(report["test_accuracy"].is_null() && report["test_loss"].is_null(), "{report}");
     // Under --json the summary is on stderr.
@@ -1023,8 +966,7 @@ fn json_is_the_only_thing_on_stdout_in_every_subcommand() {
     let ckpt = dir.join("w.safetensors");
     lenet::checkpoint::save_weights(&ckpt, &lenet::model::Params::init(5)).unwrap();
 
-    let out =
-        lenet(&["train", "--backend", "cpu", "--data", p(&data), "--steps", "8", "--batch", "32", "--json"]);
+    let out = lenet(&cpu_train(&data, &["--steps", "8", "--batch", "32", "--json"]));
     let train = only_json(succeeded(&out));
     assert_eq!(
         (train["backend"].as_str(), train["steps"].as_u64(), train["batch"].as_u64()),

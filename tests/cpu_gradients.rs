@@ -1,7 +1,7 @@
-//! Finite-difference checks of every backward op of the CPU reference (src/cpu/reference.rs),
+//! Finite-difference checks of every backward op of the CPU reference (src/reference.rs),
 //! of the whole network's gradient with respect to every parameter tensor (src/network.rs, on
-//! the reference ops and on the fast ones), of Adam and SGD against the torch formulas, and of
-//! the max-pool tie rule.
+//! the reference ops and on the fast ones), and of the max-pool tie rule. The optimizers against
+//! the torch formulas are in tests/optimizers.rs.
 //!
 //! Per-op checks are in f32. The objective is L = sum(out * R) for a fixed random R, accumulated
 //! in f64. Convolution, linear, max-pool and ReLU are linear (or piecewise linear) in the
@@ -24,7 +24,7 @@ use lenet::cpu::{fast, reference as ops, Fast, Reference};
 use lenet::data::Dataset;
 use lenet::model::*;
 use lenet::ops::{ConvLayerArgs, Ops};
-use lenet::optim::{Adam, Optimizer, OptimizerKind, Sgd};
+use lenet::optim::Optimizer;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
@@ -289,17 +289,35 @@ fn dense64(x: &[f64], w: &[f64], b: &[f64], relu: bool) -> Vec<f64> {
         .collect()
 }
 
-/// Mean softmax cross-entropy of LeNet-5 over the batch, in f64.
+/// Mean softmax cross-entropy of LeNet-5 over the batch, in f64. The layers are the layer
+/// table's ([`LENET5`], its shapes from [`layer_shapes`]): the topology is stated once, in
+/// network.rs; the arithmetic of each kind of layer is written here from its definition.
 fn loss64(p: &[Vec<f64>], images: &[f64], labels: &[u32]) -> f64 {
+    let shapes = layer_shapes(1);
     let mut total = 0.0;
     for (img, &label) in images.chunks(IMAGE_PIXELS).zip(labels) {
-        let a = conv_relu64(img, 1, 28, &p[0], &p[1], 6, 5, 2);
-        let a = pool64(&a, 6, 28);
-        let a = conv_relu64(&a, 6, 14, &p[2], &p[3], 16, 5, 0);
-        let a = pool64(&a, 16, 10);
-        let a = dense64(&a, &p[4], &p[5], true);
-        let a = dense64(&a, &p[6], &p[7], true);
-        let z = dense64(&a, &p[8], &p[9], false);
+        let mut a = img.to_vec();
+        for (l, (layer, shape)) in LENET5.iter().zip(&shapes).enumerate() {
+            let (w, b) = layer_params(l);
+            a = match (layer.kind, *shape) {
+                (LayerKind::ConvReluPool { .. }, LayerShape::Conv(s)) => {
+                    let conv = conv_relu64(
+                        &a,
+                        s.in_channels,
+                        s.height,
+                        &p[w],
+                        &p[b],
+                        s.out_channels,
+                        s.kernel,
+                        s.padding,
+                    );
+                    pool64(&conv, s.out_channels, s.out_height())
+                }
+                (LayerKind::Linear { relu, .. }, LayerShape::Linear(_)) => dense64(&a, &p[w], &p[b], relu),
+                (kind, shape) => panic!("{}: kind {kind:?} with shape {shape:?}", layer.name),
+            };
+        }
+        let z = a;
         let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
         total += lse - z[label as usize];
@@ -389,109 +407,6 @@ fn network_gradient_matches_f64_finite_differences_for_every_parameter_tensor() 
                 p64[t][i] = orig;
                 let num = (plus - minus) / (2.0 * h);
                 check(&format!("{name} {}[{i}]", spec.name), g[i], num, 1e-4 * scale + 1e-7, 2e-3);
-            }
-        }
-    }
-}
-
-// ---- The optimizers against the torch formulas, computed by hand in f64. ----
-
-/// Gradients of mixed sizes, including zeros and ones small enough for eps to matter.
-fn mixed_grads(rng: &mut ChaCha8Rng, n: usize, steps: usize) -> Vec<Vec<f32>> {
-    (0..steps)
-        .map(|_| {
-            (0..n)
-                .map(|i| match i % 5 {
-                    0 => 0.0,
-                    1 => 1e-6 * (unit(rng) - 0.5),
-                    _ => 2.0 * unit(rng) - 1.0,
-                })
-                .collect()
-        })
-        .collect()
-}
-
-#[test]
-fn adam_matches_the_torch_formula() {
-    let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let n = 50;
-    let opt = Optimizer { kind: OptimizerKind::Adam(Adam { beta1: 0.8, beta2: 0.99, eps: 1e-6 }), lr: 2e-3 };
-    let p0 = uniform(&mut rng, n, -1.0, 1.0);
-    let grads = mixed_grads(&mut rng, n, 4);
-
-    // torch.optim.Adam, written out: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
-    // p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
-    let (b1, b2, lr, eps) = (0.8f64, 0.99f64, 2e-3f64, 1e-6f64);
-    let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
-    let (mut m, mut v) = (vec![0.0f64; n], vec![0.0f64; n]);
-    let mut expected = Vec::new();
-    for (t, g) in grads.iter().enumerate() {
-        let t = t as i32 + 1;
-        for i in 0..n {
-            let g = g[i] as f64;
-            m[i] = b1 * m[i] + (1.0 - b1) * g;
-            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-            let mhat = m[i] / (1.0 - b1.powi(t));
-            let vhat = v[i] / (1.0 - b2.powi(t));
-            p[i] -= lr * mhat / (vhat.sqrt() + eps);
-        }
-        expected.push(p.clone());
-    }
-
-    let mut p = p0.clone();
-    let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
-    for (t, g) in grads.iter().enumerate() {
-        let s = opt.step(t as u64 + 1, opt.lr, None);
-        ops::optimizer_update(&mut p, g, &mut [&mut m, &mut v], &s);
-        for i in 0..n {
-            // Each step moves a parameter by up to ~lr; f32 keeps it to ~1e-7 absolute.
-            let want = expected[t][i];
-            assert!((p[i] as f64 - want).abs() <= 1e-6, "step {}: p[{i}] {} expected {want}", t + 1, p[i]);
-        }
-    }
-    // The step actually moved the parameters that had a gradient.
-    assert!(p.iter().zip(&p0).enumerate().all(|(i, (a, b))| (i % 5 == 0) == (a == b)));
-}
-
-#[test]
-fn sgd_matches_the_torch_formula() {
-    let mut rng = ChaCha8Rng::seed_from_u64(8);
-    let n = 50;
-    for (momentum, nesterov, wd) in [(0.9, false, 0.0), (0.9, true, 5e-4), (0.0, false, 1e-2)] {
-        let opt =
-            Optimizer { kind: OptimizerKind::Sgd(Sgd { momentum, nesterov, weight_decay: wd }), lr: 0.05 };
-        let p0 = uniform(&mut rng, n, -1.0, 1.0);
-        let grads = mixed_grads(&mut rng, n, 4);
-        // torch.optim.SGD, written out (dampening 0): g += wd p; buf = g on the first step,
-        // then momentum buf + g; g = nesterov ? g + momentum buf : buf; p -= lr g.
-        let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
-        let mut buf: Vec<Option<f64>> = vec![None; n];
-        let mut want = Vec::new();
-        for g in &grads {
-            for i in 0..n {
-                let mut g = g[i] as f64 + wd * p[i];
-                if momentum != 0.0 {
-                    let b = buf[i].map_or(g, |b| momentum * b + g);
-                    buf[i] = Some(b);
-                    g = if nesterov { g + momentum * b } else { b };
-                }
-                p[i] -= 0.05 * g;
-            }
-            want.push(p.clone());
-        }
-        let mut p = p0.clone();
-        let mut b = vec![0.0; n];
-        for (t, g) in grads.iter().enumerate() {
-            let s = opt.step(t as u64 + 1, opt.lr, None);
-            ops::optimizer_update(&mut p, g, &mut [&mut b], &s);
-            for i in 0..n {
-                let w = want[t][i];
-                assert!(
-                    (p[i] as f64 - w).abs() <= 1e-6,
-                    "({momentum}, {nesterov}, {wd}) step {}: p[{i}] {} expected {w}",
-                    t + 1,
-                    p[i]
-                );
             }
         }
     }

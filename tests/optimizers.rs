@@ -1,5 +1,4 @@
-//! The optimizers added as descriptors (AdamW, RMSprop) against PyTorch's formulas written out in
-//! f64, the fast CPU path against the reference bit for bit for every optimizer, and their state
+//! Every optimizer (Adam, SGD, AdamW, RMSprop) against PyTorch's formulas written out in f64, the fast CPU path against the reference bit for bit for every optimizer, and their state
 //! in checkpoints under `<optimizer>.<state>.<parameter>`. Step-by-step parity with PyTorch
 //! itself is in tests/torch_parity.rs (its fixtures have AdamW and RMSprop runs).
 
@@ -9,11 +8,11 @@ use lenet::checkpoint::{load_checkpoint, save_checkpoint};
 use lenet::cpu::{reference, Fast, Reference};
 use lenet::model::{Params, TrainState};
 use lenet::ops::{Ops, Update, UpdateArgs};
-use lenet::optim::{AdamW, Optimizer, OptimizerKind, RmsProp, RULES};
+use lenet::optim::{Adam, AdamW, Optimizer, OptimizerKind, RmsProp, Sgd, RULES};
 use rand_chacha::ChaCha8Rng;
 
 /// Gradients of `steps` steps over `n` elements: every fifth exactly zero, some tiny, the rest
-/// of order 1 (as cpu_gradients.rs's Adam test draws them).
+/// of order 1.
 fn grads(rng: &mut ChaCha8Rng, n: usize, steps: usize) -> Vec<Vec<f32>> {
     (0..steps)
         .map(|_| {
@@ -31,8 +30,8 @@ fn grads(rng: &mut ChaCha8Rng, n: usize, steps: usize) -> Vec<Vec<f32>> {
 }
 
 /// Runs `opt` for every step of `grads` from `p0` through the reference and checks each step's
-/// parameters against `expected` (f64), within `tol`.
-fn check_against(opt: Optimizer, p0: &[f32], grads: &[Vec<f32>], expected: &[Vec<f64>], tol: f64) {
+/// parameters against `expected` (f64), within `tol`; returns the last step's parameters.
+fn run_against(opt: Optimizer, p0: &[f32], grads: &[Vec<f32>], expected: &[Vec<f64>], tol: f64) -> Vec<f32> {
     let n = p0.len();
     let mut p = p0.to_vec();
     let mut states: Vec<Vec<f32>> = vec![vec![0.0; n]; opt.descriptor().states.len()];
@@ -50,9 +49,86 @@ fn check_against(opt: Optimizer, p0: &[f32], grads: &[Vec<f32>], expected: &[Vec
             );
         }
     }
-    // Every element moved (weight decay moves those without a gradient too, RMSprop's tiny
-    // gradients are divided by their own tiny root mean square).
+    p
+}
+
+/// [`run_against`], and every element moved (weight decay moves those without a gradient too,
+/// RMSprop's tiny gradients are divided by their own tiny root mean square).
+fn check_against(opt: Optimizer, p0: &[f32], grads: &[Vec<f32>], expected: &[Vec<f64>], tol: f64) {
+    let p = run_against(opt, p0, grads, expected, tol);
     assert!(p.iter().zip(p0).skip(1).step_by(5).all(|(a, b)| a != b), "{opt}: some parameters did not move");
+}
+
+/// torch.optim.AdamW in f64, written out, each step's parameters: p *= 1 - lr*wd; m = b1 m +
+/// (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
+/// With wd = 0 it is torch.optim.Adam.
+fn adamw_by_hand(
+    p0: &[f32],
+    grads: &[Vec<f32>],
+    (b1, b2, lr, eps): (f64, f64, f64, f64),
+    wd: f64,
+) -> Vec<Vec<f64>> {
+    let n = p0.len();
+    let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
+    let (mut m, mut v) = (vec![0.0f64; n], vec![0.0f64; n]);
+    let mut expected = Vec::new();
+    for (t, g) in grads.iter().enumerate() {
+        let t = t as i32 + 1;
+        for i in 0..n {
+            let g = g[i] as f64;
+            p[i] *= 1.0 - lr * wd;
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            p[i] -= lr * (m[i] / (1.0 - b1.powi(t))) / ((v[i] / (1.0 - b2.powi(t))).sqrt() + eps);
+        }
+        expected.push(p.clone());
+    }
+    expected
+}
+
+#[test]
+fn adam_matches_the_torch_formula() {
+    let mut rng = common::rng(7);
+    let n = 50;
+    let opt = Optimizer { kind: OptimizerKind::Adam(Adam { beta1: 0.8, beta2: 0.99, eps: 1e-6 }), lr: 2e-3 };
+    let p0 = common::uniform(&mut rng, n, -1.0, 1.0);
+    let grads = grads(&mut rng, n, 4);
+
+    let expected = adamw_by_hand(&p0, &grads, (0.8, 0.99, 2e-3, 1e-6), 0.0);
+    // Each step moves a parameter by up to ~lr; f32 keeps it to ~1e-7 absolute.
+    let p = run_against(opt, &p0, &grads, &expected, 1e-6);
+    // The step actually moved the parameters that had a gradient, and only those.
+    assert!(p.iter().zip(&p0).enumerate().all(|(i, (a, b))| (i % 5 == 0) == (a == b)));
+}
+
+#[test]
+fn sgd_matches_the_torch_formula() {
+    let mut rng = common::rng(8);
+    let n = 50;
+    for (momentum, nesterov, wd) in [(0.9, false, 0.0), (0.9, true, 5e-4), (0.0, false, 1e-2)] {
+        let opt =
+            Optimizer { kind: OptimizerKind::Sgd(Sgd { momentum, nesterov, weight_decay: wd }), lr: 0.05 };
+        let p0 = common::uniform(&mut rng, n, -1.0, 1.0);
+        let grads = grads(&mut rng, n, 4);
+        // torch.optim.SGD, written out (dampening 0): g += wd p; buf = g on the first step,
+        // then momentum buf + g; g = nesterov ? g + momentum buf : buf; p -= lr g.
+        let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
+        let mut buf: Vec<Option<f64>> = vec![None; n];
+        let mut want = Vec::new();
+        for g in &grads {
+            for i in 0..n {
+                let mut g = g[i] as f64 + wd * p[i];
+                if momentum != 0.0 {
+                    let b = buf[i].map_or(g, |b| momentum * b + g);
+                    buf[i] = Some(b);
+                    g = if nesterov { g + momentum * b } else { b };
+                }
+                p[i] -= 0.05 * g;
+            }
+            want.push(p.clone());
+        }
+        run_against(opt, &p0, &grads, &want, 1e-6);
+    }
 }
 
 #[test]
@@ -64,23 +140,7 @@ fn adamw_matches_the_torch_formula() {
             Optimizer { kind: AdamW { beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay }.into(), lr: 2e-3 };
         let p0 = common::uniform(&mut rng, n, -1.0, 1.0);
         let grads = grads(&mut rng, n, 4);
-        // torch.optim.AdamW, written out: p *= 1 - lr*wd; m = b1 m + (1-b1) g;
-        // v = b2 v + (1-b2) g^2; p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
-        let (b1, b2, lr, eps) = (0.8f64, 0.99f64, 2e-3f64, 1e-6f64);
-        let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
-        let (mut m, mut v) = (vec![0.0f64; n], vec![0.0f64; n]);
-        let mut expected = Vec::new();
-        for (t, g) in grads.iter().enumerate() {
-            let t = t as i32 + 1;
-            for i in 0..n {
-                let g = g[i] as f64;
-                p[i] *= 1.0 - lr * weight_decay;
-                m[i] = b1 * m[i] + (1.0 - b1) * g;
-                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                p[i] -= lr * (m[i] / (1.0 - b1.powi(t))) / ((v[i] / (1.0 - b2.powi(t))).sqrt() + eps);
-            }
-            expected.push(p.clone());
-        }
+        let expected = adamw_by_hand(&p0, &grads, (0.8, 0.99, 2e-3, 1e-6), weight_decay);
         // Each step moves a parameter by up to ~lr; f32 keeps it to ~1e-7 absolute.
         check_against(opt, &p0, &grads, &expected, 1e-6);
     }

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::stderr;
+use common::{p, stderr};
 use serde_json::json;
 
 /// `lenet ARGS`, which must succeed.
@@ -102,32 +102,20 @@ fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON document")
 }
 
+/// A run that holds out 1,280 of `data`'s 6,400 images for validation, at batch 64 (80 steps
+/// an epoch), with `--json`, then `extra`.
+fn validated_run(data: &Path, extra: &[&str]) -> Output {
+    lenet(&[&common::cpu_train(data, &["--batch", "64", "--val", "1280", "--json"]), extra].concat())
+}
+
 #[test]
 fn with_save_best_the_test_set_and_save_get_the_best_weights() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::write_small_mnist(dir.path(), 6400, 500);
     let (best, last) = (dir.path().join("best.st"), dir.path().join("save.st"));
     // A learning rate high enough that validation accuracy peaks before the last epoch.
-    let out = lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--batch",
-        "64",
-        "--val",
-        "1280",
-        "--epochs",
-        "6",
-        "--lr",
-        "0.03",
-        "--data",
-        data.to_str().unwrap(),
-        "--save-best",
-        best.to_str().unwrap(),
-        "--save",
-        last.to_str().unwrap(),
-        "--json",
-    ]);
+    let out =
+        validated_run(&data, &["--epochs", "6", "--lr", "0.03", "--save-best", p(&best), "--save", p(&last)]);
     let report = json(&out);
     let (steps, best_step) = (report["steps"].as_u64().unwrap(), report["best_val_step"].as_u64().unwrap());
     assert!(best_step < steps, "this recipe's best is its last step, so it proves nothing: {report}");
@@ -158,22 +146,7 @@ fn monitor_and_min_delta_decide_what_counts_as_an_improvement() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::write_small_mnist(dir.path(), 6400, 100);
     let run = |extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--backend",
-            "cpu",
-            "--batch",
-            "64",
-            "--val",
-            "1280",
-            "--epochs",
-            "4",
-            "--json",
-            "--data",
-            data.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let out = lenet(&args);
+        let out = validated_run(&data, &[&["--epochs", "4"], extra].concat());
         (json(&out), stderr(&out))
     };
     // Without a minimum change, the first epochs of a run improve on each other: no stop.

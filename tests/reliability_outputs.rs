@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{last_json, lenet, p, succeeded, text};
+use common::{cpu_train, last_json, lenet, p, succeeded, text};
 
 /// A failed run: non-zero exit, one `error:` line on stderr that contains `needle`, no panic.
 fn one_error_line(out: &Output, needle: &str) -> String {
@@ -136,19 +136,7 @@ fn a_second_run_on_the_same_outputs_is_refused_naming_the_first_and_a_killed_one
     // SIGKILL: its lock goes with it, so the next run on the same files proceeds.
     first.kill().unwrap();
     first.wait().unwrap();
-    let out = lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        p(&data),
-        "--steps",
-        "2",
-        "--save",
-        p(&save),
-        "--metrics",
-        p(&metrics),
-    ]);
+    let out = lenet(&cpu_train(&data, &["--steps", "2", "--save", p(&save), "--metrics", p(&metrics)]));
     succeeded(&out);
     // No lock file is left behind by a run that ended.
     let left: Vec<String> = std::fs::read_dir(dir.path())
@@ -167,27 +155,16 @@ fn every_output_written_through_a_link_writes_its_target_and_keeps_the_link() {
     let runs = dir.path().join("runs");
     std::fs::create_dir(&runs).unwrap();
     let run1 = runs.join("run1.st");
-    succeeded(&lenet(&["train", "--backend", "cpu", "--data", p(&data), "--steps", "2", "--save", p(&run1)]));
+    succeeded(&lenet(&cpu_train(&data, &["--steps", "2", "--save", p(&run1)])));
     let links = ["latest.st", "log.csv", "curves.svg"].map(|n| dir.path().join(n));
     // One link to an existing file; two dangling ones, to files to be created.
     std::os::unix::fs::symlink("runs/run1.st", &links[0]).unwrap();
     std::os::unix::fs::symlink("runs/log.csv", &links[1]).unwrap();
     std::os::unix::fs::symlink("runs/curves.svg", &links[2]).unwrap();
-    let out = lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        p(&data),
-        "--steps",
-        "5",
-        "--save",
-        p(&links[0]),
-        "--metrics",
-        p(&links[1]),
-        "--plot",
-        p(&links[2]),
-    ]);
+    let out = lenet(&cpu_train(
+        &data,
+        &["--steps", "5", "--save", p(&links[0]), "--metrics", p(&links[1]), "--plot", p(&links[2])],
+    ));
     succeeded(&out);
     for link in &links {
         assert!(
@@ -214,38 +191,15 @@ fn outputs_with_250_byte_names_are_written() {
     let name = |ext: &str| dir.path().join(format!("{}.{ext}", "n".repeat(250 - 1 - ext.len())));
     let (save, metrics, plot) = (name("st"), name("csv"), name("svg"));
     assert_eq!(save.file_name().unwrap().len(), 250);
-    let out = lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        p(&data),
-        "--steps",
-        "3",
-        "--save",
-        p(&save),
-        "--metrics",
-        p(&metrics),
-        "--plot",
-        p(&plot),
-    ]);
+    let out = lenet(&cpu_train(
+        &data,
+        &["--steps", "3", "--save", p(&save), "--metrics", p(&metrics), "--plot", p(&plot)],
+    ));
     succeeded(&out);
     assert!(save.exists() && metrics.exists() && plot.exists());
     // Twice: the second run replaces each (the probe, the lock and the temporary file beside a
     // long name all fit).
-    succeeded(&lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        p(&data),
-        "--resume",
-        p(&save),
-        "--steps",
-        "1",
-        "--save",
-        p(&save),
-    ]));
+    succeeded(&lenet(&cpu_train(&data, &["--resume", p(&save), "--steps", "1", "--save", p(&save)])));
     assert_eq!(metadata(&save)["step"], "4");
 }
 
@@ -302,8 +256,7 @@ fn resuming_an_sgd_run_with_its_own_momentum_is_accepted_and_another_is_refused(
     let dir = tempfile::tempdir().unwrap();
     let data = data(dir.path());
     let run = dir.path().join("sgd.st");
-    let base = ["train", "--backend", "cpu", "--data", p(&data), "--steps", "2"];
-    let with = |extra: &[&str]| lenet(&base.iter().copied().chain(extra.iter().copied()).collect::<Vec<_>>());
+    let with = |extra: &[&str]| lenet(&cpu_train(&data, &[&["--steps", "2"], extra].concat()));
     succeeded(&with(&["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--save", p(&run)]));
     succeeded(&with(&["--resume", p(&run), "--momentum", "0.9", "--save", p(&run)]));
     succeeded(&with(&["--resume", p(&run), "--optimizer", "sgd", "--momentum", "0.9", "--save", p(&run)]));
@@ -322,8 +275,7 @@ fn until_on_a_resumed_run_reports_the_whole_runs_time_or_says_it_cannot() {
     let dir = tempfile::tempdir().unwrap();
     let data = data(dir.path());
     let run = dir.path().join("run.st");
-    let base = ["train", "--backend", "cpu", "--data", p(&data), "--batch", "20"];
-    let with = |extra: &[&str]| lenet(&base.iter().copied().chain(extra.iter().copied()).collect::<Vec<_>>());
+    let with = |extra: &[&str]| lenet(&cpu_train(&data, &[&["--batch", "20"], extra].concat()));
     // 3 epochs measuring time, without reaching 100%.
     succeeded(&with(&["--epochs", "3", "--until", "100", "--save", p(&run)]));
     let before: f64 = metadata(&run)["train_seconds"].as_str().expect("the clock is kept").parse().unwrap();

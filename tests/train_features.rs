@@ -614,27 +614,25 @@ fn the_metrics_log_numbers_epochs_as_the_terminal_and_has_the_documented_columns
     let data = common::write_small_mnist(dir.path(), 320, 50);
     let metrics = dir.path().join("m.csv");
     let plot = dir.path().join("p.svg");
-    let out = common::lenet(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--data",
-        data.to_str().unwrap(),
-        "--batch",
-        "32",
-        "--epochs",
-        "2",
-        "--val",
-        "64",
-        "--lr",
-        "2e-3",
-        "--lr-schedule",
-        "cosine",
-        "--metrics",
-        metrics.to_str().unwrap(),
-        "--plot",
-        plot.to_str().unwrap(),
-    ]);
+    let out = common::lenet(&common::cpu_train(
+        &data,
+        &[
+            "--batch",
+            "32",
+            "--epochs",
+            "2",
+            "--val",
+            "64",
+            "--lr",
+            "2e-3",
+            "--lr-schedule",
+            "cosine",
+            "--metrics",
+            metrics.to_str().unwrap(),
+            "--plot",
+            plot.to_str().unwrap(),
+        ],
+    ));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(&metrics).unwrap();
     let header = text.lines().next().unwrap();

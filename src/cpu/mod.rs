@@ -6,11 +6,31 @@
 pub mod backend;
 pub mod fast;
 pub mod isa;
-pub mod reference;
 
+/// The reference functions, the specification, live beside the op seam ([`crate::reference`]);
+/// the CPU path names them here too.
+pub use crate::reference;
 pub use backend::CpuBackend;
 pub use fast::Fast;
-pub use reference::Reference;
+
+use anyhow::Result;
+
+use crate::data::Dataset;
+use crate::ops::{Elem, Gather, Ops};
+
+/// The CPU reference as an [`Ops`] implementation: the trait's own definitions of the ops (its
+/// default methods, which call [`crate::reference`]'s functions) on host buffers. Slow and simple: the
+/// specification the others are tested against.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reference;
+
+impl Ops for Reference {
+    host_buffers!();
+
+    fn name(&self) -> String {
+        "reference".into()
+    }
+}
 
 /// Softmax probabilities of the network with `params` for each 28x28 image (u8 pixels).
 pub fn probabilities(params: &crate::model::Params, images: &[&[u8]]) -> anyhow::Result<Vec<Vec<f32>>> {
@@ -88,7 +108,7 @@ macro_rules! host_buffers {
         fn gather(&mut self, g: Gather<Self>) -> Result<()> {
             use rayon::prelude::*;
             let b = g.batch;
-            $crate::cpu::reference::check_batch(b.data, b.indices, b.shifts)?;
+            $crate::reference::check_batch(b.data, b.indices, b.shifts)?;
             // Fixed blocks of images in parallel: each pixel is converted on its own, so any
             // split gives the same values.
             const IMAGES: usize = 16;
@@ -98,7 +118,7 @@ macro_rules! host_buffers {
                 "gather: the buffers do not match the batch"
             );
             if pixels == 0 {
-                $crate::cpu::reference::gather_batch(g.input, g.labels, b.data, b.indices, b.shifts);
+                $crate::reference::gather_batch(g.input, g.labels, b.data, b.indices, b.shifts);
                 return Ok(());
             }
             g.input
@@ -107,7 +127,7 @@ macro_rules! host_buffers {
                 .zip(b.indices.par_chunks(IMAGES))
                 .zip(b.shifts.par_chunks(2 * IMAGES))
                 .for_each(|(((input, labels), indices), shifts)| {
-                    $crate::cpu::reference::gather_batch(input, labels, b.data, indices, shifts)
+                    $crate::reference::gather_batch(input, labels, b.data, indices, shifts)
                 });
             Ok(())
         }

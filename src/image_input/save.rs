@@ -14,8 +14,8 @@ use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::files::{canonical_target, inode};
 use crate::model::{IMAGE_PIXELS, IMAGE_SIDE};
-use crate::paths::canonical_target;
 
 /// The header of every PGM written here.
 pub const PGM_HEADER: &[u8] = b"P5\n28 28\n255\n";
@@ -109,7 +109,7 @@ impl PreparedOutputs {
     /// Writes input `index`'s prepared image to its target, atomically.
     pub fn write(&self, index: usize, pixels: &[u8; IMAGE_PIXELS]) -> Result<&Path, SaveError> {
         let target = &self.targets[index];
-        crate::checkpoint::write_atomic(target, &pgm_bytes(pixels))
+        crate::files::write_atomic(target, &pgm_bytes(pixels))
             .map_err(|e| SaveError { path: target.clone(), problem: format!("cannot write: {e}") })?;
         Ok(target)
     }
@@ -132,15 +132,4 @@ fn is_prepared_pgm(path: &Path) -> bool {
         }
         _ => false,
     }
-}
-
-#[cfg(unix)]
-fn inode(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-#[cfg(not(unix))]
-fn inode(_path: &Path) -> Option<(u64, u64)> {
-    None
 }

@@ -4,7 +4,9 @@
 
 use anyhow::Result;
 
-use super::{check_range, float, Flags, Meta, Naming, Rule, Scalars, Scale, State, MAX_STATES};
+use super::{
+    check_range, float, settings_as_metadata, Flags, Meta, Naming, Rule, Scalars, Scale, State, MAX_STATES,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Adam {
@@ -44,17 +46,7 @@ impl Rule for Adam {
         format!("betas {}/{}, eps {}", self.beta1, self.beta2, self.eps)
     }
 
-    fn metadata(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("beta1", self.beta1.to_string()),
-            ("beta2", self.beta2.to_string()),
-            ("eps", self.eps.to_string()),
-        ]
-    }
-
-    fn from_metadata(get: Meta) -> Result<Self> {
-        Ok(Adam { beta1: float(get, "beta1")?, beta2: float(get, "beta2")?, eps: float(get, "eps")? })
-    }
+    settings_as_metadata!(Adam { beta1: float, beta2: float, eps: float });
 
     /// [step_size = lr/(1-b1^t), sqrt(1-b2^t), 1-b1, b2, 1-b2, eps]
     fn scalars(&self, t: u64, lr: f64, cycled: Option<f64>) -> Scalars {

@@ -5,7 +5,9 @@
 use anyhow::Result;
 
 use super::adam::positive;
-use super::{check_range, float, Adam, Flags, Meta, Naming, Rule, Scalars, State, MAX_STATES};
+use super::{
+    check_range, float, settings_as_metadata, Adam, Flags, Meta, Naming, Rule, Scalars, State, MAX_STATES,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
@@ -49,16 +51,7 @@ impl Rule for AdamW {
         format!("{}, weight decay {}", self.adam().describe(), self.weight_decay)
     }
 
-    fn metadata(&self) -> Vec<(&'static str, String)> {
-        let mut m = self.adam().metadata();
-        m.push(("weight_decay", self.weight_decay.to_string()));
-        m
-    }
-
-    fn from_metadata(get: Meta) -> Result<Self> {
-        let Adam { beta1, beta2, eps } = Adam::from_metadata(get)?;
-        Ok(AdamW { beta1, beta2, eps, weight_decay: float(get, "weight_decay")? })
-    }
+    settings_as_metadata!(AdamW { beta1: float, beta2: float, eps: float, weight_decay: float });
 
     /// Adam's six, then decay = 1 - lr*weight_decay (a Python float, rounded once).
     fn scalars(&self, t: u64, lr: f64, cycled: Option<f64>) -> Scalars {

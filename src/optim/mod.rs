@@ -366,6 +366,22 @@ pub fn float(get: Meta, key: &str) -> Result<f64> {
     }
 }
 
+/// [`Rule::metadata`] and [`Rule::from_metadata`] for settings that are the type's fields, each
+/// stored under its own name and read back by its parser ([`float`] or [`boolean`]): one list,
+/// so the two directions cannot disagree on a key.
+macro_rules! settings_as_metadata {
+    ($ty:ident { $($field:ident: $parse:ident),* $(,)? }) => {
+        fn metadata(&self) -> Vec<(&'static str, String)> {
+            vec![$((stringify!($field), self.$field.to_string())),*]
+        }
+
+        fn from_metadata(get: Meta) -> Result<Self> {
+            Ok($ty { $($field: $parse(get, stringify!($field))?),* })
+        }
+    };
+}
+pub(crate) use settings_as_metadata;
+
 /// A true/false metadata value.
 pub fn boolean(get: Meta, key: &str) -> Result<bool> {
     match get(key).as_deref() {

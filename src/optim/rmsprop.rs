@@ -9,7 +9,10 @@
 use anyhow::Result;
 
 use super::adam::positive;
-use super::{boolean, check_range, float, Flags, Meta, Naming, Rule, Scalars, Scale, State, MAX_STATES};
+use super::{
+    boolean, check_range, float, settings_as_metadata, Flags, Meta, Naming, Rule, Scalars, Scale, State,
+    MAX_STATES,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RmsProp {
@@ -68,25 +71,13 @@ impl Rule for RmsProp {
         )
     }
 
-    fn metadata(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("alpha", self.alpha.to_string()),
-            ("eps", self.eps.to_string()),
-            ("weight_decay", self.weight_decay.to_string()),
-            ("momentum", self.momentum.to_string()),
-            ("centered", self.centered.to_string()),
-        ]
-    }
-
-    fn from_metadata(get: Meta) -> Result<Self> {
-        Ok(RmsProp {
-            alpha: float(get, "alpha")?,
-            eps: float(get, "eps")?,
-            weight_decay: float(get, "weight_decay")?,
-            momentum: float(get, "momentum")?,
-            centered: boolean(get, "centered")?,
-        })
-    }
+    settings_as_metadata!(RmsProp {
+        alpha: float,
+        eps: float,
+        weight_decay: float,
+        momentum: float,
+        centered: boolean
+    });
 
     /// [lr, alpha, 1-alpha, eps, weight_decay, momentum, centered (1 or 0)]
     fn scalars(&self, _t: u64, lr: f64, cycled: Option<f64>) -> Scalars {

@@ -4,7 +4,10 @@
 
 use anyhow::{bail, Result};
 
-use super::{boolean, check_range, float, Flags, Meta, Naming, Rule, Scalars, Scale, State, MAX_STATES};
+use super::{
+    boolean, check_range, float, settings_as_metadata, Flags, Meta, Naming, Rule, Scalars, Scale, State,
+    MAX_STATES,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct Sgd {
@@ -48,21 +51,7 @@ impl Rule for Sgd {
         )
     }
 
-    fn metadata(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("momentum", self.momentum.to_string()),
-            ("nesterov", self.nesterov.to_string()),
-            ("weight_decay", self.weight_decay.to_string()),
-        ]
-    }
-
-    fn from_metadata(get: Meta) -> Result<Self> {
-        Ok(Sgd {
-            momentum: float(get, "momentum")?,
-            nesterov: boolean(get, "nesterov")?,
-            weight_decay: float(get, "weight_decay")?,
-        })
-    }
+    settings_as_metadata!(Sgd { momentum: float, nesterov: boolean, weight_decay: float });
 
     /// [lr, momentum, weight_decay, nesterov (1 or 0)]
     fn scalars(&self, _t: u64, lr: f64, cycled: Option<f64>) -> Scalars {

@@ -972,7 +972,7 @@ fn evaluate_due(
         metrics.sync()?;
         // The checkpoint names itself as the best's file, and so does every later one of the
         // run: a resumed run can say where its best is.
-        let file = crate::paths::canonical_target(path).ok().and_then(|p| p.to_str().map(str::to_string));
+        let file = crate::files::canonical_target(path).ok().and_then(|p| p.to_str().map(str::to_string));
         let before = std::mem::replace(&mut state.best_file, file);
         run.progress.phase(Some("saving the best checkpoint"));
         let saved = save_trained(backend, state, run, path);

@@ -194,3 +194,10 @@ pub fn last_json(out: &std::process::Output) -> serde_json::Value {
 pub fn p(path: &std::path::Path) -> &str {
     path.to_str().unwrap()
 }
+
+/// The arguments of `lenet train` on the CPU path reading `data`, then `more`.
+pub fn cpu_train<'a>(data: &'a std::path::Path, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["train", "--backend", "cpu", "--data", p(data)];
+    args.extend_from_slice(more);
+    args
+}

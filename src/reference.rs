@@ -1,4 +1,5 @@
-//! The CPU reference: one plain function per op and direction, every shape an argument.
+//! The CPU reference: one plain function per op and direction, every shape an argument (the
+//! shapes, [`ConvShape`] and [`LinearShape`], are defined here and named by the op seam too).
 //!
 //! Layouts are PyTorch's: activations NCHW (or [batch, features]), convolution weights
 //! [out_channels, in_channels, k, k], linear weights [out_features, in_features]. Each function
@@ -9,8 +10,67 @@
 use anyhow::{ensure, Result};
 
 use crate::data::Dataset;
-use crate::ops::*;
 use crate::optim::{self, OptStep};
+
+/// The shape of a 2-D convolution over a batch, NCHW, square kernel, stride 1, zero padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Input height and width.
+    pub height: usize,
+    pub width: usize,
+    pub kernel: usize,
+    pub padding: usize,
+}
+
+impl ConvShape {
+    pub fn out_height(&self) -> usize {
+        self.height + 2 * self.padding + 1 - self.kernel
+    }
+    pub fn out_width(&self) -> usize {
+        self.width + 2 * self.padding + 1 - self.kernel
+    }
+    pub fn input_len(&self) -> usize {
+        self.batch * self.in_channels * self.height * self.width
+    }
+    pub fn output_len(&self) -> usize {
+        self.batch * self.out_channels * self.out_height() * self.out_width()
+    }
+    /// Elements of the 2x2 max-pool of the output.
+    pub fn pooled_len(&self) -> usize {
+        self.output_len() / 4
+    }
+    pub fn weight_len(&self) -> usize {
+        self.out_channels * self.in_channels * self.kernel * self.kernel
+    }
+    /// Multiply-accumulates of the forward pass.
+    pub fn macs(&self) -> usize {
+        self.output_len() * self.in_channels * self.kernel * self.kernel
+    }
+    /// The same convolution at another batch size.
+    pub fn with_batch(self, batch: usize) -> Self {
+        ConvShape { batch, ..self }
+    }
+}
+
+/// The shape of a fully connected layer over a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearShape {
+    pub batch: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl LinearShape {
+    pub fn weight_len(&self) -> usize {
+        self.in_features * self.out_features
+    }
+    pub fn macs(&self) -> usize {
+        self.batch * self.weight_len()
+    }
+}
 
 /// Every tap of the convolution that reads inside the input, as the flat indices (output,
 /// input, weight) of out[b,co,y,x], inp[b,ci,y+ky-pad,x+kx-pad] and weight[co,ci,ky,kx], in the
@@ -441,18 +501,4 @@ pub fn check_batch(data: &Dataset, indices: &[u32], shifts: &[i32]) -> Result<()
         anyhow::bail!("sample index {bad} is out of range: the data set has {n} images");
     }
     Ok(())
-}
-
-/// The CPU reference as an [`Ops`] implementation: the trait's own definitions of the ops (its
-/// default methods, which call the functions above) on host buffers. Slow and simple: the
-/// specification the others are tested against.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Reference;
-
-impl Ops for Reference {
-    super::host_buffers!();
-
-    fn name(&self) -> String {
-        "reference".into()
-    }
 }
