@@ -43,9 +43,10 @@ impl Dataset {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
-    pub fn image(&self, i: usize) -> &[u8] {
+    /// The pixels of image `i` (row-major), or `None` past the last image.
+    pub fn image(&self, i: usize) -> Option<&[u8]> {
         let n = self.rows * self.cols;
-        &self.images[i * n..(i + 1) * n]
+        self.images.get(i.checked_mul(n)?..i.checked_add(1)?.checked_mul(n)?)
     }
 }
 

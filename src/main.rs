@@ -24,6 +24,7 @@ use lenet::paths::{check_run_paths, lock_outputs, InputPath, OutputKind, OutputP
 use lenet::schedule::LrSchedule;
 use lenet::signals::install_stop_handlers;
 use lenet::train::eval::{evaluate_probabilities, mean_probabilities, softmax_rows};
+use lenet::train::progress::ProgressDisplay;
 use lenet::train::{error_line, evaluate_logits, split_validation, Evaluation, StopReason, TrainConfig};
 
 #[derive(Parser)]
@@ -327,6 +328,8 @@ fn main() -> ExitCode {
         }));
     }
     let cli = Cli::parse();
+    // The library reads no environment: the instruction set of the CPU path is chosen here.
+    lenet::cpu::isa::select(std::env::var(lenet::cpu::isa::ISA_ENV).ok().as_deref());
     let result = match cli.command {
         Command::Train(args) => train(*args),
         Command::Eval(args) => eval(args),
@@ -627,9 +630,12 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         let _ = writeln!(std::io::stderr(), "{}", resumed_line(path, &state, mnist.train.len()));
     }
     // Starting a GPU compiles its kernels: seconds, minutes on a software adapter.
-    let mut backend = lenet::train::progress::during(false, "starting the backend", || {
+    let (mut backend, choice) = lenet::train::progress::during(false, "starting the backend", || {
         open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &mnist.train)
     })?;
+    if let Some(line) = choice {
+        notice(line);
+    }
     // Ctrl-C, SIGTERM and SIGHUP: finish the steps in flight, save, exit 128+signo.
     let stop = install_stop_handlers().context("cannot install the signal handlers")?;
     let cfg = TrainConfig {
@@ -647,8 +653,16 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         plain_progress: false,
         chunk_steps: None,
     };
-    let report =
-        lenet::train::train(backend.as_mut(), &mut state, &mnist, validation.as_ref(), &cfg, &stop.flag)?;
+    let mut display = ProgressDisplay::new(cfg.plain_progress);
+    let report = lenet::train::train_with_events(
+        backend.as_mut(),
+        &mut state,
+        &mnist,
+        validation.as_ref(),
+        &cfg,
+        &stop.flag,
+        &mut |event| display.on_event(event),
+    )?;
     if let Some(path) = &args.plot {
         // The log covers a resumed run's earlier parts too; this invocation's history does not.
         let history = match &args.metrics {
@@ -760,15 +774,18 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         bail!("{}: the test set is empty; nothing to evaluate", data.path.display());
     }
     notice(data.header());
-    let mut backend =
+    let (mut backend, choice) =
         open_backend(args.device.backend.into(), args.device.adapter.as_deref(), &no_training_data())?;
+    if let Some(line) = choice {
+        notice(line);
+    }
     let mut singles = Vec::with_capacity(models.len());
     let mut probabilities = Vec::with_capacity(models.len());
     for (params, path) in models.into_iter().zip(&args.weights) {
         let state = TrainState::new(params, Optimizer::default(), 0, 1, false);
         backend.load_state(&state)?;
         let logits = backend.logits(&test)?;
-        let single = evaluate_logits(&logits, &test.labels);
+        let single = evaluate_logits(&logits, &test.labels)?;
         if !single.loss.is_finite() {
             bail!(
                 "{}: the weights are finite but give a loss of {} on the test set (values too large \
@@ -996,7 +1013,10 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let ctx = bench_context(args.device.backend.into(), args.device.adapter.as_deref())?;
+    let (ctx, choice) = bench_context(args.device.backend.into(), args.device.adapter.as_deref())?;
+    if let Some(line) = choice {
+        notice(line);
+    }
     let mut cfg = lenet::bench::BenchConfig::new(args.batch, args.iters);
     // A slow adapter (lavapipe) stops each row after this much wall time (at least 3 samples).
     cfg.budget_s = 1.0;

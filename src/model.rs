@@ -51,8 +51,10 @@ impl Params {
     }
 
     /// The inverse of [`Params::flatten`].
-    pub fn from_flat(flat: &[f32]) -> Self {
-        assert_eq!(flat.len(), param_count(), "flat parameter vector has the wrong length");
+    pub fn from_flat(flat: &[f32]) -> Result<Self, crate::Error> {
+        if flat.len() != param_count() {
+            return Err(crate::Error::ParamCount { got: flat.len(), expected: param_count() });
+        }
         let mut params = Params::zeros();
         let mut offset = 0;
         for t in params.tensors.iter_mut() {
@@ -60,7 +62,7 @@ impl Params {
             t.copy_from_slice(&flat[offset..offset + n]);
             offset += n;
         }
-        params
+        Ok(params)
     }
 
     pub fn all_finite(&self) -> bool {

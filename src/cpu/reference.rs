@@ -330,7 +330,7 @@ pub fn gather_batch(input: &mut [f32], labels: &mut [u32], data: &Dataset, indic
     let batch = indices.len();
     assert!(input.len() == batch * pixels && labels.len() == batch && shifts.len() == 2 * batch);
     for (b, &i) in indices.iter().enumerate() {
-        let image = data.image(i as usize);
+        let image = &data.images[i as usize * pixels..][..pixels];
         let (dx, dy) = (shifts[2 * b] as i64, shifts[2 * b + 1] as i64);
         let out = &mut input[b * pixels..][..pixels];
         out.fill(0.0);
