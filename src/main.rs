@@ -1,6 +1,7 @@
 //! `lenet`: the command line. Parsing and printing only; the work is in the library.
 //! How it writes (stdout, stderr, `--json`, a closed pipe) is in [`cli_output`].
 
+mod cli;
 mod cli_output;
 
 use std::io::Write;
@@ -12,11 +13,12 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum, ValueHint};
 
 use cli_output::{notice, Output};
 
+use cli::resolve_data_dir;
 use lenet::augment::MAX_AUGMENT_SHIFT;
 use lenet::backend::no_training_data;
 use lenet::checkpoint::load_checkpoint;
 use lenet::choice::{auto_choice, bench_context, open_backend};
-use lenet::data::{find_split, load_split, resolve_data_dir, Mnist, Split, SplitFiles};
+use lenet::data::{find_split, load_split, Mnist, Split, SplitFiles};
 use lenet::gpu::context::wanted_adapter;
 use lenet::model::{Monitor, Params, TrainState};
 use lenet::optim::{self, Optimizer};
@@ -54,6 +56,8 @@ enum Command {
     Completions(CompletionsArgs),
     /// Print the manual page, every subcommand and option in one page (`lenet man > lenet.1`).
     Man,
+    /// Get the MNIST data (`lenet data fetch`).
+    Data(cli::fetch::DataArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -88,8 +92,8 @@ struct DeviceArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Directory with the four MNIST IDX files (raw or .gz) [default: LENET_DATA, else the source
-    /// tree's data/mnist]
+    /// Directory with the four MNIST IDX files (raw or .gz) [default: LENET_DATA, else the user
+    /// cache's (`lenet data fetch`), else the source tree's data/mnist]
     #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     data: Option<PathBuf>,
     #[command(flatten)]
@@ -221,7 +225,7 @@ struct EvalArgs {
     #[arg(long, value_name = "FILE", required = true, value_hint = ValueHint::FilePath)]
     weights: Vec<PathBuf>,
     /// Directory with the MNIST test files, t10k-* (raw or .gz) [default: LENET_DATA, else the
-    /// source tree's data/mnist]
+    /// user cache's (`lenet data fetch`), else the source tree's data/mnist]
     #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     data: Option<PathBuf>,
     #[command(flatten)]
@@ -338,6 +342,7 @@ fn main() -> ExitCode {
         Command::Devices(args) => devices(args),
         Command::Completions(args) => completions(args),
         Command::Man => man(),
+        Command::Data(args) => cli::fetch::data(args),
     };
     match result {
         Ok(code) => code,
@@ -1219,8 +1224,9 @@ train stopped by SIGHUP, Ctrl\-C (SIGINT) or SIGTERM, after saving to \-\-save
 .SH ENVIRONMENT
 .TP
 LENET_DATA
-the MNIST directory of train and eval when \-\-data is not given (else data/mnist in the current
-directory, then in the source tree holding the executable, then in the one it was built from)
+the MNIST directory of train and eval when \-\-data is not given (else the user cache's
+lenet\-wgpu/mnist, where \fBlenet data fetch\fR puts it, then data/mnist in the current
+directory, in the source tree holding the executable, then in the one it was built from)
 .TP
 LENET_ADAPTER
 picks a GPU adapter by part of its name, as \-\-adapter does
