@@ -33,7 +33,7 @@ fn run() -> Result<(), lenet::Error> {
     if let Some(why) = trainer.device_choice() {
         println!("{why}");
     }
-    // Three epochs reach about 98.8% on the test set; `steps` stops sooner.
+    // Three epochs, or `steps` steps when given.
     let run = TrainConfig { epochs: 3, steps, ..TrainConfig::default() };
     // Set this flag from another thread (a Ctrl-C handler, a UI) to stop between steps.
     let stop = AtomicBool::new(false);
