@@ -6,8 +6,6 @@
 //! captures `eprintln!` itself, which would hide a print, and runs other tests beside it, whose
 //! lines would land in the files.
 
-#[path = "common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::os::fd::AsRawFd;
