@@ -9,7 +9,7 @@ pub struct Evaluation {
     pub loss: f64,
     pub correct: usize,
     pub count: usize,
-    /// confusion[label][predicted]
+    /// confusion\[label\]\[predicted\]
     pub confusion: Vec<Vec<u32>>,
 }
 
