@@ -105,6 +105,10 @@ impl Trainer {
             return Err(Error::BatchZero);
         }
         state.optimizer.validate()?;
+        let max = crate::augment::MAX_AUGMENT_SHIFT;
+        if state.augment_shift > max {
+            return Err(Error::AugmentShift { shift: state.augment_shift, max });
+        }
         let validation = match state.validation {
             0 => None,
             n if n >= mnist.train.len() => {
@@ -159,7 +163,9 @@ impl Trainer {
             config,
             stop,
             &mut on_event,
-        )?;
+        )
+        // The loop's own refusals are typed: they come back as themselves, not as `Error::Run`.
+        .map_err(|e| e.downcast::<Error>().unwrap_or_else(Error::Run))?;
         Ok(report)
     }
 

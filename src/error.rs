@@ -64,6 +64,25 @@ pub enum Error {
         /// The training set's images.
         images: usize,
     },
+    /// A validation set of another size than the run holds out.
+    #[error("the run holds out {held} validation images, but {given} were given to validate on")]
+    ValidationMismatch {
+        /// The images the run holds out.
+        held: usize,
+        /// The images given.
+        given: usize,
+    },
+    /// Early stopping (`patience`) or keeping the best checkpoint without a validation set.
+    #[error("early stopping and keeping the best checkpoint watch a validation set, and the run has none")]
+    NeedsValidation,
+    /// A shift larger than a 28x28 image can move.
+    #[error("a shift of {shift} pixels is more than a 28x28 image can move (at most {max})")]
+    AugmentShift {
+        /// The shift asked for.
+        shift: u32,
+        /// The largest.
+        max: u32,
+    },
     /// The checkpoint holds weights only, where a training state was needed.
     #[error("{}: holds weights only, no optimiser state to resume", path.display())]
     WeightsOnly {

@@ -36,6 +36,13 @@ fn bad_input_is_an_error_naming_the_values_not_a_panic() {
     assert_eq!(err.to_string(), "a batch of 300 images is larger than the training set (256 images)");
     let err = trainer(32, 256).err().unwrap();
     assert!(matches!(err, Error::ValidationTooLarge { held: 256, images: 256 }), "{err}");
+    let config = TrainerConfig { augment_shift: 28, ..TrainerConfig::default() };
+    let err = Trainer::new(&Device::Cpu, &config, common::small_mnist(64, 10)).err().unwrap();
+    assert!(matches!(err, Error::AugmentShift { shift: 28, max: 27 }), "{err}");
+    // Early stopping needs a validation set: the loop's refusal, typed.
+    let patience = TrainConfig { patience: Some(2), ..TrainConfig::default() };
+    let err = trainer(32, 0).unwrap().train(&patience, &AtomicBool::new(false), |_| {}).unwrap_err();
+    assert!(matches!(err, Error::NeedsValidation), "{err}");
     // The batch is checked against what validation leaves.
     let err = trainer(200, 100).err().unwrap();
     assert!(matches!(err, Error::BatchTooLarge { batch: 200, images: 156 }), "{err}");

@@ -496,13 +496,10 @@ pub fn train_with_events(
     }
     let held_out = validation.map_or(0, Dataset::len);
     if held_out != state.validation {
-        bail!(
-            "the run holds out {} validation images, but {held_out} were given to validate on",
-            state.validation
-        );
+        return Err(crate::Error::ValidationMismatch { held: state.validation, given: held_out }.into());
     }
     if (cfg.patience.is_some() || cfg.save_best.is_some()) && validation.is_none() {
-        bail!("--patience and --save-best need a validation set (--val N)");
+        return Err(crate::Error::NeedsValidation.into());
     }
     state.optimizer.validate()?;
     let steps_per_epoch = (n / batch) as u64;
