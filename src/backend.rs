@@ -202,7 +202,7 @@ impl<O: Ops> OpsBackend<O> {
     }
 }
 
-/// Bytes of a step's buffers at `batch` ([`StepBuffers`]: every layer's outputs, pooling
+/// Bytes of a step's buffers at `batch` (`StepBuffers`: every layer's outputs, pooling
 /// indices and output gradients, the input and the per-image values), for the message when they
 /// do not fit.
 pub fn step_buffer_bytes(batch: usize) -> u64 {

@@ -2,8 +2,6 @@
 //! ([`open_backend`]), `bench` ([`bench_context`]) and `devices` ([`auto_choice`], to show it)
 //! all ask it.
 
-use std::io::Write as _;
-
 use anyhow::{Context as _, Result};
 
 use crate::backend::Backend;
@@ -65,44 +63,39 @@ pub fn auto_choice(adapters: &[AdapterSummary], wanted: Option<&str>) -> AutoCho
 pub use crate::gpu::context::wanted_adapter;
 pub use crate::gpu::shader::LoopBounds;
 
-/// A one-line notice on stderr. Notices never fail the run: a closed stderr (a terminal gone)
-/// is ignored. No brackets around the reason: adapter names carry their own.
-fn notice(line: String) {
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// The backend the user asked for, training on `train` (an empty set for evaluation only), a
-/// GPU's kernels compiled with `loop_bounds`. `auto` follows [`auto_choice`] and falls back to
-/// the CPU, with a one-line notice on stderr, when it says so or when the GPU fails to start.
+/// The backend the user asked for, training on `train` (an empty set for evaluation only), and,
+/// for `auto`, the one line that says what it chose and why (`backend: gpu on NAME`, `backend:
+/// cpu, because ...`): the caller decides whether to print it. A GPU's kernels are compiled
+/// with `loop_bounds`. `auto` follows [`auto_choice`] and falls back to the CPU when it says so
+/// or when the GPU fails to start.
 pub fn open_backend(
     choice: BackendChoice,
     adapter: Option<&str>,
     loop_bounds: LoopBounds,
     train: &Dataset,
-) -> Result<Box<dyn Backend>> {
+) -> Result<(Box<dyn Backend>, Option<String>)> {
     let gpu = || crate::gpu::GpuBackend::new(crate::gpu::GpuContext::open(adapter, loop_bounds)?, train);
     let cpu = || -> Result<Box<dyn Backend>> { Ok(Box::new(crate::cpu::CpuBackend::new(train)?)) };
     match choice {
-        BackendChoice::Cpu => cpu(),
+        BackendChoice::Cpu => Ok((cpu()?, None)),
         BackendChoice::Gpu => {
             let gpu = gpu().context("--backend gpu")?;
-            Ok(Box::new(gpu))
+            Ok((Box::new(gpu), None))
         }
         BackendChoice::Auto => {
             let wanted = wanted_adapter(adapter);
             let auto = auto_choice(&crate::gpu::list_adapters(), wanted.as_deref());
             if auto.adapter.is_none() {
-                notice(format!("backend: cpu, because {}", auto.reason));
-                return cpu();
+                return Ok((cpu()?, Some(format!("backend: cpu, because {}", auto.reason))));
             }
             match gpu() {
                 Ok(gpu) => {
-                    notice(format!("backend: gpu on {}", gpu.adapter()));
-                    Ok(Box::new(gpu))
+                    let line = format!("backend: gpu on {}", gpu.adapter());
+                    Ok((Box::new(gpu), Some(line)))
                 }
                 Err(e) => {
-                    notice(format!("backend: cpu, because the GPU failed to start: {e:#}"));
-                    cpu()
+                    let line = format!("backend: cpu, because the GPU failed to start: {e:#}");
+                    Ok((cpu()?, Some(line)))
                 }
             }
         }
@@ -110,33 +103,30 @@ pub fn open_backend(
 }
 
 /// The device `lenet bench` times the GPU's kernels on (None: the CPU's figures only), its
-/// kernels compiled with `loop_bounds`. `auto` follows [`auto_choice`], as `train` does.
+/// kernels compiled with `loop_bounds`, and for `auto` the line saying what it chose, as
+/// [`open_backend`]'s. `auto` follows [`auto_choice`], as `train` does.
 pub fn bench_context(
     choice: BackendChoice,
     adapter: Option<&str>,
     loop_bounds: LoopBounds,
-) -> Result<Option<crate::gpu::GpuContext>> {
+) -> Result<(Option<crate::gpu::GpuContext>, Option<String>)> {
     match choice {
-        BackendChoice::Cpu => Ok(None),
+        BackendChoice::Cpu => Ok((None, None)),
         BackendChoice::Gpu => {
-            Ok(Some(crate::gpu::GpuContext::open(adapter, loop_bounds).context("--backend gpu")?))
+            Ok((Some(crate::gpu::GpuContext::open(adapter, loop_bounds).context("--backend gpu")?), None))
         }
         BackendChoice::Auto => {
             let wanted = wanted_adapter(adapter);
             let auto = auto_choice(&crate::gpu::list_adapters(), wanted.as_deref());
             if auto.adapter.is_none() {
-                notice(format!("backend: cpu, because {}", auto.reason));
-                return Ok(None);
+                return Ok((None, Some(format!("backend: cpu, because {}", auto.reason))));
             }
             match crate::gpu::GpuContext::open(adapter, loop_bounds) {
                 Ok(c) => {
-                    notice(format!("backend: gpu on {}", c.adapter_info));
-                    Ok(Some(c))
+                    let line = format!("backend: gpu on {}", c.adapter_info);
+                    Ok((Some(c), Some(line)))
                 }
-                Err(e) => {
-                    notice(format!("backend: cpu, because there is no usable GPU: {e:#}"));
-                    Ok(None)
-                }
+                Err(e) => Ok((None, Some(format!("backend: cpu, because there is no usable GPU: {e:#}")))),
             }
         }
     }

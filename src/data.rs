@@ -45,9 +45,10 @@ impl Dataset {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
-    pub fn image(&self, i: usize) -> &[u8] {
+    /// The pixels of image `i` (row-major), or `None` past the last image.
+    pub fn image(&self, i: usize) -> Option<&[u8]> {
         let n = self.rows * self.cols;
-        &self.images[i * n..(i + 1) * n]
+        self.images.get(i.checked_mul(n)?..i.checked_add(1)?.checked_mul(n)?)
     }
 }
 
@@ -76,8 +77,9 @@ pub enum DataError {
     NamedDirNotFound { dir: PathBuf, from: &'static str },
     #[error(
         "no MNIST data directory: --data is not given, {DATA_ENV} is not set, and none of the \
-         default places exists: {}; give --data DIR or set {DATA_ENV}=DIR, DIR holding the four \
-         MNIST IDX files (raw or .gz; lenet-wgpu's source tree ships them in data/mnist)",
+         default places exists: {}; run `lenet data fetch` to download MNIST into the user cache, \
+         or give --data DIR or set {DATA_ENV}=DIR, DIR holding the four MNIST IDX files (raw or \
+         .gz; lenet-wgpu's source tree ships them in data/mnist)",
         looked.join(", ")
     )]
     NoDataDir { looked: Vec<String> },
@@ -88,6 +90,8 @@ pub enum DataError {
     FileNotFound { dir: PathBuf, name: &'static str, alt: &'static str },
     #[error("{}: cannot read: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
+    #[error("{}: not MNIST's file: {detail}", path.display())]
+    NotMnist { path: PathBuf, detail: String },
     #[error("{}: file is empty", path.display())]
     Empty { path: PathBuf },
     #[error("{}: corrupt or truncated gzip data: {detail}", path.display())]
@@ -271,14 +275,11 @@ pub struct Candidate {
 }
 
 /// The data directory of a run, by the one rule every subcommand follows: `--data DIR` (`option`),
-/// else `LENET_DATA`, else the first of [`default_candidates`] that exists. A directory named by
-/// the user that does not exist is an error naming where the name came from; when nothing names
-/// one and no default exists, the error says where it looked and how to get the data.
-pub fn resolve_data_dir(option: Option<&Path>) -> Result<DataDir, DataError> {
-    resolve_data_dir_from(option, std::env::var_os(DATA_ENV), &default_candidates())
-}
-
-/// [`resolve_data_dir`] with the environment's value and the default's candidates given.
+/// else `LENET_DATA` (`env`, its value: the command line reads it, the library reads no
+/// environment), else the first of `candidates` that exists (the user cache's MNIST, see
+/// [`cache_candidate`], then [`default_candidates`]). A directory named by the user that does not
+/// exist is an error naming where the name came from; when nothing names one and no default
+/// exists, the error says where it looked and how to get the data.
 pub fn resolve_data_dir_from(
     option: Option<&Path>,
     env: Option<std::ffi::OsString>,
@@ -313,7 +314,8 @@ pub fn resolve_data_dir_from(
 /// 3. `data/mnist` of the source tree `lenet` was built from, when it still exists on this
 ///    machine (an installed binary; the header then names it, so it is never read silently).
 ///
-/// (A user cache directory, filled by a future `lenet data fetch`, goes after these.)
+/// (The command line looks in the user cache, where `lenet data fetch` puts MNIST, before these:
+/// see [`cache_candidate`].)
 pub fn default_candidates() -> Vec<Candidate> {
     let mut candidates = vec![Candidate {
         path: PathBuf::from("data/mnist"),
@@ -336,6 +338,19 @@ pub fn default_candidates() -> Vec<Candidate> {
     candidates
 }
 
+/// Where `lenet data fetch` puts MNIST in the user cache directory `cache` (`~/.cache` on Linux).
+pub fn cache_data_dir(cache: &Path) -> PathBuf {
+    cache.join("lenet-wgpu").join("mnist")
+}
+
+/// The user cache's MNIST ([`cache_data_dir`] of `cache`) as a default data directory: only when
+/// it holds both splits' files (a fetch that was cut short leaves no directory that looks ready).
+pub fn cache_candidate(cache: &Path) -> Option<Candidate> {
+    let path = cache_data_dir(cache);
+    let complete = find_split(&path, Split::Train).is_ok() && find_split(&path, Split::Test).is_ok();
+    complete.then(|| Candidate { path, what: "the user cache (lenet data fetch)".into() })
+}
+
 /// The default data directory (see [`default_candidates`]): the first candidate that exists, else
 /// the source tree's path (which then does not exist either).
 pub fn default_data_dir() -> PathBuf {
@@ -343,6 +358,109 @@ pub fn default_data_dir() -> PathBuf {
     match candidates.iter().find(|c| c.path.is_dir()) {
         Some(c) => c.path.clone(),
         None => candidates.last().map(|c| c.path.clone()).unwrap_or_default(),
+    }
+}
+
+/// One of the four MNIST files as LeCun's site published them: its name (the name every mirror
+/// serves it under, with `.gz`), and the length and SHA-256 of its decompressed contents. The
+/// digest is of the contents, not of the gzip stream, so a copy that was recompressed (as this
+/// repository's data/mnist was) verifies too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MnistFile {
+    /// `train-images-idx3-ubyte`: the mirrors' name, without `.gz`.
+    pub name: &'static str,
+    /// The decompressed length in bytes.
+    pub bytes: u64,
+    /// The SHA-256 of the decompressed contents, in lowercase hex.
+    pub sha256: &'static str,
+}
+
+/// The four MNIST files, training images first. The digests were computed from the contents of
+/// this repository's data/mnist (`zcat FILE | sha256sum`), which are MNIST's published contents.
+pub const MNIST_FILES: [MnistFile; 4] = [
+    MnistFile {
+        name: "train-images-idx3-ubyte",
+        bytes: 47_040_016,
+        sha256: "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    },
+    MnistFile {
+        name: "train-labels-idx1-ubyte",
+        bytes: 60_008,
+        sha256: "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    },
+    MnistFile {
+        name: "t10k-images-idx3-ubyte",
+        bytes: 7_840_016,
+        sha256: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    },
+    MnistFile {
+        name: "t10k-labels-idx1-ubyte",
+        bytes: 10_008,
+        sha256: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    },
+];
+
+/// Why a file is not the MNIST file it should be.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The contents cannot be read: a gzip stream that is corrupt or cut short.
+    #[error("corrupt or truncated data: {0}")]
+    Gzip(io::Error),
+    /// The contents are not the published ones.
+    #[error(
+        "{got} decompressed bytes with SHA-256 {digest}, expected {expected} bytes with SHA-256 {sha256}"
+    )]
+    Digest {
+        /// The decompressed length.
+        got: u64,
+        /// Its SHA-256.
+        digest: String,
+        /// The published length.
+        expected: u64,
+        /// The published SHA-256.
+        sha256: &'static str,
+    },
+}
+
+impl MnistFile {
+    /// Checks that `gzipped`, a gzip stream, decompresses to this file's published contents.
+    pub fn verify_gzip(&self, gzipped: impl Read) -> Result<(), VerifyError> {
+        self.verify(MultiGzDecoder::new(BufReader::new(gzipped)))
+    }
+
+    /// Checks the file at `path`: gzip when its name ends in `.gz`, else raw.
+    pub fn verify_path(&self, path: &Path) -> Result<(), DataError> {
+        let io = |source| DataError::Io { path: path.to_owned(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let result = match path.extension().is_some_and(|e| e == "gz") {
+            true => self.verify_gzip(file),
+            false => self.verify(BufReader::new(file)),
+        };
+        result.map_err(|e| DataError::NotMnist { path: path.to_owned(), detail: e.to_string() })
+    }
+
+    /// Checks that `contents` are this file's published contents.
+    pub fn verify(&self, mut contents: impl Read) -> Result<(), VerifyError> {
+        use sha2::{Digest, Sha256};
+        let decoder = &mut contents;
+        let mut hasher = Sha256::new();
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = match decoder.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VerifyError::Gzip(e)),
+            };
+            hasher.update(&buf[..n]);
+            got += n as u64;
+        }
+        let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if got != self.bytes || digest != self.sha256 {
+            return Err(VerifyError::Digest { got, digest, expected: self.bytes, sha256: self.sha256 });
+        }
+        Ok(())
     }
 }
 

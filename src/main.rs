@@ -1,6 +1,7 @@
 //! `lenet`: the command line. Parsing and printing only; the work is in the library.
 //! How it writes (stdout, stderr, `--json`, a closed pipe) is in [`cli_output`].
 
+mod cli;
 mod cli_output;
 
 use std::io::Write;
@@ -12,11 +13,12 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum, ValueHint};
 
 use cli_output::{notice, Output};
 
+use cli::resolve_data_dir;
 use lenet::augment::MAX_AUGMENT_SHIFT;
 use lenet::backend::no_training_data;
 use lenet::checkpoint::load_checkpoint;
 use lenet::choice::{auto_choice, bench_context, open_backend};
-use lenet::data::{find_split, load_split, resolve_data_dir, Mnist, Split, SplitFiles};
+use lenet::data::{find_split, load_split, Mnist, Split, SplitFiles};
 use lenet::gpu::context::wanted_adapter;
 use lenet::model::{Monitor, Params, TrainState};
 use lenet::optim::{self, Optimizer};
@@ -24,6 +26,7 @@ use lenet::paths::{check_run_paths, lock_outputs, InputPath, OutputKind, OutputP
 use lenet::schedule::LrSchedule;
 use lenet::signals::install_stop_handlers;
 use lenet::train::eval::{evaluate_probabilities, mean_probabilities, softmax_rows};
+use lenet::train::progress::ProgressDisplay;
 use lenet::train::{error_line, evaluate_logits, split_validation, Evaluation, StopReason, TrainConfig};
 
 #[derive(Parser)]
@@ -53,6 +56,8 @@ enum Command {
     Completions(CompletionsArgs),
     /// Print the manual page, every subcommand and option in one page (`lenet man > lenet.1`).
     Man,
+    /// Get the MNIST data (`lenet data fetch`).
+    Data(cli::fetch::DataArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -106,8 +111,8 @@ impl From<ShaderLoopBounds> for lenet::choice::LoopBounds {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Directory with the four MNIST IDX files (raw or .gz) [default: LENET_DATA, else the source
-    /// tree's data/mnist]
+    /// Directory with the four MNIST IDX files (raw or .gz) [default: LENET_DATA, else the user
+    /// cache's (`lenet data fetch`), else the source tree's data/mnist]
     #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     data: Option<PathBuf>,
     #[command(flatten)]
@@ -242,7 +247,7 @@ struct EvalArgs {
     #[arg(long, value_name = "FILE", required = true, value_hint = ValueHint::FilePath)]
     weights: Vec<PathBuf>,
     /// Directory with the MNIST test files, t10k-* (raw or .gz) [default: LENET_DATA, else the
-    /// source tree's data/mnist]
+    /// user cache's (`lenet data fetch`), else the source tree's data/mnist]
     #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     data: Option<PathBuf>,
     #[command(flatten)]
@@ -352,6 +357,8 @@ fn main() -> ExitCode {
         }));
     }
     let cli = Cli::parse();
+    // The library reads no environment: the instruction set of the CPU path is chosen here.
+    lenet::cpu::isa::select(std::env::var(lenet::cpu::isa::ISA_ENV).ok().as_deref());
     let result = match cli.command {
         Command::Train(args) => train(*args),
         Command::Eval(args) => eval(args),
@@ -360,6 +367,7 @@ fn main() -> ExitCode {
         Command::Devices(args) => devices(args),
         Command::Completions(args) => completions(args),
         Command::Man => man(),
+        Command::Data(args) => cli::fetch::data(args),
     };
     match result {
         Ok(code) => code,
@@ -655,7 +663,7 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         let _ = writeln!(std::io::stderr(), "{}", resumed_line(path, &state, mnist.train.len()));
     }
     // Starting a GPU compiles its kernels: seconds, minutes on a software adapter.
-    let mut backend = lenet::train::progress::during(false, "starting the backend", || {
+    let (mut backend, choice) = lenet::train::progress::during(false, "starting the backend", || {
         open_backend(
             args.device.backend.into(),
             args.device.adapter.as_deref(),
@@ -663,6 +671,9 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
             &mnist.train,
         )
     })?;
+    if let Some(line) = choice {
+        notice(line);
+    }
     if args.device.shader_loop_bounds == ShaderLoopBounds::Off && backend.kind() == "gpu" {
         notice("shaders: compiled without naga's loop bounding (--shader-loop-bounds off)");
     }
@@ -683,8 +694,16 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         plain_progress: false,
         chunk_steps: None,
     };
-    let report =
-        lenet::train::train(backend.as_mut(), &mut state, &mnist, validation.as_ref(), &cfg, &stop.flag)?;
+    let mut display = ProgressDisplay::new(cfg.plain_progress);
+    let report = lenet::train::train_with_events(
+        backend.as_mut(),
+        &mut state,
+        &mnist,
+        validation.as_ref(),
+        &cfg,
+        &stop.flag,
+        &mut |event| display.on_event(event),
+    )?;
     if let Some(path) = &args.plot {
         // The log covers a resumed run's earlier parts too; this invocation's history does not.
         let history = match &args.metrics {
@@ -796,19 +815,22 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         bail!("{}: the test set is empty; nothing to evaluate", data.path.display());
     }
     notice(data.header());
-    let mut backend = open_backend(
+    let (mut backend, choice) = open_backend(
         args.device.backend.into(),
         args.device.adapter.as_deref(),
         args.device.shader_loop_bounds.into(),
         &no_training_data(),
     )?;
+    if let Some(line) = choice {
+        notice(line);
+    }
     let mut singles = Vec::with_capacity(models.len());
     let mut probabilities = Vec::with_capacity(models.len());
     for (params, path) in models.into_iter().zip(&args.weights) {
         let state = TrainState::new(params, Optimizer::default(), 0, 1, false);
         backend.load_state(&state)?;
         let logits = backend.logits(&test)?;
-        let single = evaluate_logits(&logits, &test.labels);
+        let single = evaluate_logits(&logits, &test.labels)?;
         if !single.loss.is_finite() {
             bail!(
                 "{}: the weights are finite but give a loss of {} on the test set (values too large \
@@ -1039,11 +1061,14 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let ctx = bench_context(
+    let (ctx, choice) = bench_context(
         args.device.backend.into(),
         args.device.adapter.as_deref(),
         args.device.shader_loop_bounds.into(),
     )?;
+    if let Some(line) = choice {
+        notice(line);
+    }
     let mut cfg = lenet::bench::BenchConfig::new(args.batch, args.iters);
     // A slow adapter (lavapipe) stops each row after this much wall time (at least 3 samples).
     cfg.budget_s = 1.0;
@@ -1251,8 +1276,9 @@ train stopped by SIGHUP, Ctrl\-C (SIGINT) or SIGTERM, after saving to \-\-save
 .SH ENVIRONMENT
 .TP
 LENET_DATA
-the MNIST directory of train and eval when \-\-data is not given (else data/mnist in the current
-directory, then in the source tree holding the executable, then in the one it was built from)
+the MNIST directory of train and eval when \-\-data is not given (else the user cache's
+lenet\-wgpu/mnist, where \fBlenet data fetch\fR puts it, then data/mnist in the current
+directory, in the source tree holding the executable, then in the one it was built from)
 .TP
 LENET_ADAPTER
 picks a GPU adapter by part of its name, as \-\-adapter does

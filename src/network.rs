@@ -182,6 +182,15 @@ pub struct Params {
     pub tensors: Vec<Vec<f32>>,
 }
 
+/// A flat parameter vector of the wrong length ([`Params::from_flat`]); the front API's
+/// `Error::ParamCount`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{got} parameters given, a LeNet-5 has {expected}")]
+pub struct WrongParamCount {
+    pub got: usize,
+    pub expected: usize,
+}
+
 impl Params {
     pub fn zeros() -> Self {
         Params { tensors: param_specs().iter().map(|s| vec![0.0; s.len()]).collect() }
@@ -211,8 +220,10 @@ impl Params {
     }
 
     /// The inverse of [`Params::flatten`].
-    pub fn from_flat(flat: &[f32]) -> Self {
-        assert_eq!(flat.len(), param_count(), "flat parameter vector has the wrong length");
+    pub fn from_flat(flat: &[f32]) -> Result<Self, WrongParamCount> {
+        if flat.len() != param_count() {
+            return Err(WrongParamCount { got: flat.len(), expected: param_count() });
+        }
         let mut params = Params::zeros();
         let mut offset = 0;
         for t in params.tensors.iter_mut() {
@@ -220,7 +231,7 @@ impl Params {
             t.copy_from_slice(&flat[offset..offset + n]);
             offset += n;
         }
-        params
+        Ok(params)
     }
 
     pub fn all_finite(&self) -> bool {

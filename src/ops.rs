@@ -53,9 +53,9 @@ pub type I32<O> = <O as Ops>::Buf<i32>;
 /// The batch a training step reads: which samples, and how each image is shifted.
 pub struct Batch<'a, D, U, I> {
     pub data: &'a D,
-    /// Sample indices into `data` [B].
+    /// Sample indices into `data` \[B\].
     pub indices: &'a U,
-    /// Per image (dx, dy) [2B]: the image is translated by whole pixels, zero-filled
+    /// Per image (dx, dy) \[2B\]: the image is translated by whole pixels, zero-filled
     /// (`input[y][x] = image[y - dy][x - dx]`).
     pub shifts: &'a I,
     pub batch: usize,
@@ -66,7 +66,7 @@ pub type BatchRef<'a, O> = Batch<'a, <O as Ops>::Data, U32<O>, I32<O>>;
 pub struct GatherArgs<'a, F, U, D, I> {
     /// [B, rows * cols]
     pub input: &'a mut F,
-    /// [B]
+    /// \[B\]
     pub labels: &'a mut U,
     pub batch: &'a Batch<'a, D, U, I>,
 }
@@ -76,7 +76,7 @@ pub type Gather<'a, O> = GatherArgs<'a, F32<O>, U32<O>, <O as Ops>::Data, I32<O>
 pub struct ConvLayerArgs<'a, F, U> {
     /// [Cout, Cin, K, K]
     pub weight: &'a F,
-    /// [Cout]
+    /// \[Cout\]
     pub bias: &'a F,
     /// ReLU(conv + bias) [B, Cout, Ho, Wo]: the backward pass's ReLU mask.
     pub conv: &'a mut F,
@@ -93,13 +93,13 @@ pub type ConvLayer<'a, O> = ConvLayerArgs<'a, F32<O>, U32<O>>;
 pub struct SoftmaxXentArgs<'a, F, U> {
     /// [B, C]
     pub logits: &'a F,
-    /// [B], each below C
+    /// \[B\], each below C
     pub labels: &'a U,
     /// (softmax - onehot) / B [B, C]
     pub dlogits: &'a mut F,
-    /// -log softmax(logits)[label] [B]
+    /// -log softmax(logits)\[label\] \[B\]
     pub losses: &'a mut F,
-    /// 1 where the first largest logit is the label [B]
+    /// 1 where the first largest logit is the label \[B\]
     pub correct: &'a mut U,
     pub batch: usize,
     pub classes: usize,
@@ -114,7 +114,7 @@ pub struct InputGradArgs<'a, F> {
 }
 pub type InputGrad<'a, O> = InputGradArgs<'a, F32<O>>;
 
-/// [`Ops::linear_forward`]'s tensors: input [B, In], weight [Out, In], bias [Out], out [B, Out].
+/// [`Ops::linear_forward`]'s tensors: input [B, In], weight [Out, In], bias \[Out\], out [B, Out].
 pub struct LinearForwardArgs<'a, F> {
     pub input: &'a F,
     pub weight: &'a F,
@@ -226,12 +226,12 @@ pub trait Ops {
         1
     }
 
-    /// input[b] = the image `indices[b]` of the data set as pixels / 255, translated by
-    /// `shifts[b]` (zero where it reads outside the image); labels[b] = its label.
+    /// input\[b\] = the image `indices[b]` of the data set as pixels / 255, translated by
+    /// `shifts[b]` (zero where it reads outside the image); labels\[b\] = its label.
     fn gather(&mut self, g: Gather<Self>) -> Result<()>;
 
     /// conv (stride 1, zero padding) + bias, ReLU, then 2x2 max-pool with its argmax:
-    /// conv[b,co,y,x] = max(0, bias[co] + sum_{ci,ky,kx} weight[co,ci,ky,kx] * input[b,ci,y+ky-p,x+kx-p]).
+    /// conv\[b,co,y,x\] = max(0, bias\[co\] + sum_{ci,ky,kx} weight\[co,ci,ky,kx\] * input[b,ci,y+ky-p,x+kx-p]).
     ///
     /// input: [B, Cin, H, W]; Ho and Wo even
     fn conv_relu_pool_forward(&mut self, input: &F32<Self>, l: ConvLayer<Self>) -> Result<()> {
@@ -251,7 +251,7 @@ pub trait Ops {
         gather_then_conv(self, g, l)
     }
 
-    /// out[b,o] = bias[o] + sum_i input[b,i] * weight[o,i], then ReLU if `relu`.
+    /// out\[b,o\] = bias\[o\] + sum_i input\[b,i\] * weight\[o,i\], then ReLU if `relu`.
     fn linear_forward(&mut self, a: LinearForward<Self>) -> Result<()> {
         let s = a.s;
         let [input, weight, bias] = host(self, [a.input, a.weight, a.bias])?;
@@ -261,7 +261,7 @@ pub trait Ops {
     }
 
     /// Softmax cross-entropy of each image and its gradient with respect to the logits, for a
-    /// loss that is the mean over the batch: dlogits[b,c] = (softmax(logits[b])[c] - [c == label]) / B.
+    /// loss that is the mean over the batch: dlogits\[b,c\] = (softmax(logits\[b\])\[c\] - [c == label]) / B.
     fn softmax_xent(&mut self, a: SoftmaxXent<Self>) -> Result<()> {
         let ([logits], [labels]) = (host(self, [a.logits])?, host(self, [a.labels])?);
         let (batch, classes) = (a.batch, a.classes);
@@ -281,8 +281,8 @@ pub trait Ops {
         linear_then_xent(self, a)
     }
 
-    /// A fully connected layer's backward pass: dweight[o,i] = sum_b dout[b,o] * input[b,i],
-    /// dbias[o] = sum_b dout[b,o], and, when asked, dinput = dout · weight (zero where the
+    /// A fully connected layer's backward pass: dweight\[o,i\] = sum_b dout\[b,o\] * input\[b,i\],
+    /// dbias\[o\] = sum_b dout\[b,o\], and, when asked, dinput = dout · weight (zero where the
     /// ReLU mask is not positive).
     fn linear_backward(&mut self, a: LinearBackward<Self>) -> Result<()> {
         let s = a.s;
@@ -306,9 +306,9 @@ pub trait Ops {
 
     /// The backward pass of conv + bias + ReLU + 2x2 max-pool, fed by the pooled gradient:
     /// each pooled gradient goes to its window's argmax where the conv output there is
-    /// positive (ReLU), giving dconv; then dweight[co,ci,ky,kx] = sum_{b,y,x} dconv[b,co,y,x] *
-    /// input[b,ci,y+ky-p,x+kx-p], dbias[co] = sum dconv[b,co,..], and, when asked,
-    /// dinput[b,ci,iy,ix] = sum over the outputs reading input[b,ci,iy,ix] of dconv * weight.
+    /// positive (ReLU), giving dconv; then dweight\[co,ci,ky,kx\] = sum_{b,y,x} dconv\[b,co,y,x\] *
+    /// input[b,ci,y+ky-p,x+kx-p], dbias\[co\] = sum dconv[b,co,..], and, when asked,
+    /// dinput\[b,ci,iy,ix\] = sum over the outputs reading input\[b,ci,iy,ix\] of dconv * weight.
     fn conv_backward_from_pool(&mut self, a: ConvBackward<Self>) -> Result<()> {
         let s = a.s;
         let [dpooled, conv, input, weight] = host(self, [a.dpooled, a.conv, a.input, a.weight])?;

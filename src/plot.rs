@@ -1,5 +1,5 @@
 //! `--plot`: a run's curves as an SVG, three panels side by side: the loss, the accuracy and the
-//! learning rate, against the step. Training figures are means over at least [`SMOOTHING`] steps
+//! learning rate, against the step. Training figures are means over at least `SMOOTHING` steps
 //! (every point, the last included); each evaluation (validation and test) is a point. The loss
 //! is drawn on a logarithmic axis: a trained LeNet-5's loss falls by two orders of magnitude, and
 //! on a linear axis everything after the first epoch is a flat line at the bottom.
@@ -127,7 +127,7 @@ fn log_tick_label(value: f64) -> String {
 }
 
 /// The accuracy axis (in %): from just below the lowest evaluation and the lowest training
-/// point after the first [`ACCURACY_WARMUP`] of the steps (at most [`ACCURACY_FLOOR_AT_MOST`]),
+/// point after the first `ACCURACY_WARMUP` of the steps (at most `ACCURACY_FLOOR_AT_MOST`),
 /// rounded down to a whole percent, up to 100.
 pub fn accuracy_axis(train: &[(f64, f64)], evals: &[(f64, f64)]) -> (f64, f64) {
     let (first, last) = train

@@ -107,10 +107,10 @@ fn out_channel(s: ConvShape, o: usize) -> usize {
     (o / (s.out_height() * s.out_width())) % s.out_channels
 }
 
-/// out[b,co,y,x] = bias[co] + sum_{ci,ky,kx} weight[co,ci,ky,kx] * inp[b,ci,y+ky-pad,x+kx-pad]
+/// out\[b,co,y,x\] = bias\[co\] + sum_{ci,ky,kx} weight\[co,ci,ky,kx\] * inp[b,ci,y+ky-pad,x+kx-pad]
 /// (zero outside the input), summed in that order.
 ///
-/// inp: [B, Cin, H, W], weight: [Cout, Cin, K, K], bias: [Cout], out: [B, Cout, Ho, Wo]
+/// inp: [B, Cin, H, W], weight: [Cout, Cin, K, K], bias: \[Cout\], out: [B, Cout, Ho, Wo]
 pub fn conv2d_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: ConvShape) {
     assert_eq!(inp.len(), s.input_len());
     assert_eq!(weight.len(), s.weight_len());
@@ -122,7 +122,7 @@ pub fn conv2d_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32]
     for_each_tap(s, |o, i, w| out[o] += weight[w] * inp[i]);
 }
 
-/// dinp[b,ci,iy,ix] = sum over the outputs that read inp[b,ci,iy,ix] of dout * weight.
+/// dinp\[b,ci,iy,ix\] = sum over the outputs that read inp\[b,ci,iy,ix\] of dout * weight.
 ///
 /// dout: [B, Cout, Ho, Wo], weight: [Cout, Cin, K, K], dinp: [B, Cin, H, W]
 pub fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: ConvShape) {
@@ -133,10 +133,10 @@ pub fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: 
     for_each_tap(s, |o, i, w| dinp[i] += dout[o] * weight[w]);
 }
 
-/// dweight[co,ci,ky,kx] = sum_{b,y,x} dout[b,co,y,x] * inp[b,ci,y+ky-pad,x+kx-pad];
-/// dbias[co] = sum_{b,y,x} dout[b,co,y,x].
+/// dweight\[co,ci,ky,kx\] = sum_{b,y,x} dout\[b,co,y,x\] * inp[b,ci,y+ky-pad,x+kx-pad];
+/// dbias\[co\] = sum_{b,y,x} dout\[b,co,y,x\].
 ///
-/// dout: [B, Cout, Ho, Wo], inp: [B, Cin, H, W], dweight: [Cout, Cin, K, K], dbias: [Cout]
+/// dout: [B, Cout, Ho, Wo], inp: [B, Cin, H, W], dweight: [Cout, Cin, K, K], dbias: \[Cout\]
 pub fn conv2d_backward_weight(
     dweight: &mut [f32],
     dbias: &mut [f32],
@@ -205,9 +205,9 @@ pub fn maxpool2x2_backward(dinp: &mut [f32], dout: &[f32], argmax: &[u32]) {
     }
 }
 
-/// out[b,o] = bias[o] + sum_i inp[b,i] * weight[o,i]
+/// out\[b,o\] = bias\[o\] + sum_i inp\[b,i\] * weight\[o,i\]
 ///
-/// inp: [B, In], weight: [Out, In], bias: [Out], out: [B, Out]
+/// inp: [B, In], weight: [Out, In], bias: \[Out\], out: [B, Out]
 pub fn linear_forward(
     out: &mut [f32],
     inp: &[f32],
@@ -230,7 +230,7 @@ pub fn linear_forward(
     }
 }
 
-/// dinp = dout · weight: dinp[b,i] = sum_o dout[b,o] * weight[o,i]
+/// dinp = dout · weight: dinp\[b,i\] = sum_o dout\[b,o\] * weight\[o,i\]
 ///
 /// dout: [B, Out], weight: [Out, In], dinp: [B, In]
 pub fn linear_backward_input(
@@ -255,9 +255,9 @@ pub fn linear_backward_input(
     }
 }
 
-/// dweight = doutᵀ · inp: dweight[o,i] = sum_b dout[b,o] * inp[b,i]; dbias[o] = sum_b dout[b,o]
+/// dweight = doutᵀ · inp: dweight\[o,i\] = sum_b dout\[b,o\] * inp\[b,i\]; dbias\[o\] = sum_b dout\[b,o\]
 ///
-/// dout: [B, Out], inp: [B, In], dweight: [Out, In], dbias: [Out]
+/// dout: [B, Out], inp: [B, In], dweight: [Out, In], dbias: \[Out\]
 pub fn linear_backward_weight(
     dweight: &mut [f32],
     dbias: &mut [f32],
@@ -306,10 +306,10 @@ pub fn relu_backward(dinp: &mut [f32], dout: &[f32], out: &[f32]) {
 }
 
 /// Softmax cross-entropy of each image and the gradient of the batch-mean loss with respect to
-/// the logits: losses[b] = -log softmax(logits[b])[label[b]], correct[b] = 1 when the first
-/// largest logit is the label, dlogits[b,c] = (softmax(logits[b])[c] - [c == label]) / B.
+/// the logits: losses\[b\] = -log softmax(logits\[b\])[label\[b\]], correct\[b\] = 1 when the first
+/// largest logit is the label, dlogits\[b,c\] = (softmax(logits\[b\])\[c\] - [c == label]) / B.
 ///
-/// logits and dlogits: [B, C], labels, losses and correct: [B], labels below C
+/// logits and dlogits: [B, C], labels, losses and correct: \[B\], labels below C
 pub fn softmax_xent(
     dlogits: &mut [f32],
     losses: &mut [f32],
@@ -379,18 +379,18 @@ pub fn optimizer_update(param: &mut [f32], grad: &[f32], states: &mut [&mut [f32
     optim::update_span(step, param, grad, n, 0, states);
 }
 
-/// The batch the indices pick from `data`: input[b] = image indices[b] as pixels / 255,
-/// translated by (dx, dy) = (shifts[2b], shifts[2b+1]) (input[y][x] = image[y - dy][x - dx],
-/// zero outside); labels[b] = its label.
+/// The batch the indices pick from `data`: input\[b\] = image indices\[b\] as pixels / 255,
+/// translated by (dx, dy) = (shifts\[2b\], shifts[2b+1]) (input\[y\]\[x\] = image[y - dy][x - dx],
+/// zero outside); labels\[b\] = its label.
 ///
-/// input: [B, rows*cols], labels: [B], indices: [B], shifts: [2B]
+/// input: [B, rows*cols], labels: \[B\], indices: \[B\], shifts: \[2B\]
 pub fn gather_batch(input: &mut [f32], labels: &mut [u32], data: &Dataset, indices: &[u32], shifts: &[i32]) {
     let (rows, cols) = (data.rows as i64, data.cols as i64);
     let pixels = data.rows * data.cols;
     let batch = indices.len();
     assert!(input.len() == batch * pixels && labels.len() == batch && shifts.len() == 2 * batch);
     for (b, &i) in indices.iter().enumerate() {
-        let image = data.image(i as usize);
+        let image = &data.images[i as usize * pixels..][..pixels];
         let (dx, dy) = (shifts[2 * b] as i64, shifts[2 * b + 1] as i64);
         let out = &mut input[b * pixels..][..pixels];
         out.fill(0.0);

@@ -23,7 +23,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The `--lr-schedule` choices.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum LrSchedule {
     /// The same learning rate at every step.
     #[default]
@@ -32,7 +33,7 @@ pub enum LrSchedule {
     Cosine,
     /// OneCycleLR(max_lr = --lr, total_steps = the run's steps): up from lr/25 for 30% of the
     /// steps, then down to lr/25/1e4; the momentum the other way, 0.95 to 0.85 and back.
-    #[value(name = "onecycle")]
+    #[cfg_attr(feature = "cli", value(name = "onecycle"))]
     OneCycle,
 }
 

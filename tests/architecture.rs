@@ -21,7 +21,8 @@ const LAYERS: &[&[&str]] = &[
     &["paths", "backend"],
     &["cpu", "gpu"],
     &["choice", "train", "opcheck", "image_input"],
-    &["bench", "plot"],
+    &["bench", "plot", "error"],
+    &["api"],
 ];
 
 fn layer(module: &str) -> Option<usize> {

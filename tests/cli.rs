@@ -439,7 +439,7 @@ fn predict_and_plot_work_from_a_trained_checkpoint() {
     let mut files = Vec::new();
     let mut expected = Vec::new();
     for i in 0..5 {
-        let pixels = mnist.test.image(i);
+        let pixels = mnist.test.image(i).unwrap();
         let path = dir.join(format!("digit{i}.pgm"));
         let mut pgm = b"P5\n28 28\n255\n".to_vec();
         pgm.extend_from_slice(pixels);
@@ -1018,7 +1018,7 @@ fn json_is_the_only_thing_on_stdout_in_every_subcommand() {
     // predict: one object per image, in order; a readable digit, a blank image, a missing file.
     let digit = dir.join("digit.pgm");
     let mnist = lenet::data::load_mnist(&data).unwrap();
-    std::fs::write(&digit, [b"P5\n28 28\n255\n".as_slice(), mnist.test.image(0)].concat()).unwrap();
+    std::fs::write(&digit, [b"P5\n28 28\n255\n".as_slice(), mnist.test.image(0).unwrap()].concat()).unwrap();
     let blank = dir.join("blank.pgm");
     std::fs::write(&blank, [b"P5\n28 28\n255\n".as_slice(), &[0u8; 784]].concat()).unwrap();
     let missing = dir.join("missing.png");
@@ -1065,7 +1065,7 @@ fn a_closed_stdout_ends_quietly_in_every_subcommand() {
     let bench = ["bench", "--backend", "cpu", "--batch", "4", "--iters", "3"];
     let digit = dir.join("digit.pgm");
     let mnist = lenet::data::load_mnist(&data).unwrap();
-    std::fs::write(&digit, [b"P5\n28 28\n255\n".as_slice(), mnist.test.image(0)].concat()).unwrap();
+    std::fs::write(&digit, [b"P5\n28 28\n255\n".as_slice(), mnist.test.image(0).unwrap()].concat()).unwrap();
     let predict = ["predict", "--weights", p(&ckpt), p(&digit)];
     let runs: Vec<Vec<&str>> = vec![
         train.to_vec(),

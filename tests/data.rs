@@ -70,7 +70,7 @@ fn shipped_mnist_loads() {
         assert_eq!(*d.images.iter().max().unwrap(), 255);
         assert_eq!(*d.images.iter().min().unwrap(), 0);
         // The corner pixel of every image is background.
-        assert!((0..d.len()).all(|i| d.image(i)[0] == 0));
+        assert!((0..d.len()).all(|i| d.image(i).unwrap()[0] == 0));
     }
     // The first training label of MNIST is a 5, the first test label a 7.
     assert_eq!(m.train.labels[0], 5);
@@ -92,7 +92,7 @@ fn small_valid_files_load_raw_and_gzipped() {
         assert_eq!(d.len(), 3);
         assert_eq!(d.labels, vec![0, 9, 4]);
         assert_eq!(d.images, img[16..]);
-        assert_eq!(d.image(2)[5], ((2 * 784 + 5) % 251) as u8);
+        assert_eq!(d.image(2).unwrap()[5], ((2 * 784 + 5) % 251) as u8);
     }
 }
 

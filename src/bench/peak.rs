@@ -26,7 +26,7 @@ pub struct Peak {
 const TRIALS: usize = 5;
 
 /// Measures the peak of `isa`, spending about `seconds` on each of the two measurements (the
-/// best of [`TRIALS`] trials each).
+/// best of `TRIALS` trials each).
 pub fn measure(isa: Isa, seconds: f64) -> Peak {
     let lanes = isa.lanes();
     // Calibrate: iterations that take about `seconds / TRIALS` on one thread.

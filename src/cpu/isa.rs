@@ -102,11 +102,18 @@ pub fn parse(value: Option<&str>) -> Result<Isa> {
 
 static SELECTED: OnceLock<Result<Isa, String>> = OnceLock::new();
 
+/// Chooses the instruction set for this process from `value` (`LENET_CPU_ISA`'s, which the
+/// command line reads and passes here; the library reads no environment): `avx2`, `avx512` or
+/// `auto`/`None` (the widest the CPU has). A bad value is kept, and [`check`] reports it when
+/// the CPU path starts. Only the first choice counts (the ops must not change kernels mid-run):
+/// `false` when one was made before.
+pub fn select(value: Option<&str>) -> bool {
+    SELECTED.set(parse(value).map_err(|e| format!("{e:#}"))).is_ok()
+}
+
+/// The choice [`select`] made, else the detected instruction set.
 fn from_env() -> &'static Result<Isa, String> {
-    SELECTED.get_or_init(|| {
-        let v = std::env::var(ISA_ENV).ok();
-        parse(v.as_deref()).map_err(|e| format!("{e:#}"))
-    })
+    SELECTED.get_or_init(|| Ok(detected()))
 }
 
 /// The instruction set of this process (`LENET_CPU_ISA`, read once), or the error that names a

@@ -96,15 +96,12 @@ fn backend_rank(b: wgpu::Backend) -> u32 {
     }
 }
 
-/// The adapter name asked for: `given` (`--adapter`), else `LENET_ADAPTER`. A value that is
-/// empty or only blanks is not a name (`LENET_ADAPTER=` in a script, `--adapter ''`): it means
-/// "not given", not "any adapter". The one rule `train`, `eval`, `bench` and `devices` all follow.
+/// The adapter name asked for (`--adapter`, which the command line also takes from
+/// `LENET_ADAPTER`; the library reads no environment). A value that is empty or only blanks is
+/// not a name (`LENET_ADAPTER=` in a script, `--adapter ''`): it means "not given", not "any
+/// adapter". The one rule `train`, `eval`, `bench` and `devices` all follow.
 pub fn wanted_adapter(given: Option<&str>) -> Option<String> {
-    let named = |s: &str| !s.trim().is_empty();
-    match given {
-        Some(g) if named(g) => Some(g.to_string()),
-        _ => std::env::var(ADAPTER_ENV).ok().filter(|s| named(s)),
-    }
+    given.filter(|g| !g.trim().is_empty()).map(str::to_string)
 }
 
 /// Picks an adapter: by case-insensitive name substring when `wanted` is given (the first match in

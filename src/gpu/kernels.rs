@@ -497,7 +497,7 @@ pub fn grid_1d(n: u64, per_group: u32, max_dim: u32) -> (u32, u32, u32) {
     }
 }
 
-/// lut[v] = v / 255 in f32, exactly as the CPU path converts pixels.
+/// lut\[v\] = v / 255 in f32, exactly as the CPU path converts pixels.
 pub fn pixel_lut() -> Vec<f32> {
     (0..256).map(|v| v as f32 / 255.0).collect()
 }

@@ -7,7 +7,7 @@
 //! - [`decode`]: PNG, JPEG and Netpbm bytes to 8-bit luminance, with limits checked before allocating.
 //! - [`resample`]: area-averaging (downscale) and bilinear (upscale) resampling of any rectangle,
 //!   in memory bounded by the output.
-//! - [`prepare`]: background removal, polarity, contrast, the ink's box, stroke width, and the
+//! - `prepare`: background removal, polarity, contrast, the ink's box, stroke width, and the
 //!   20x20 box centred by mass in 28x28.
 //! - [`save`]: `--save-prepared`: the 28x28 images written as PGM, never over an input.
 //!

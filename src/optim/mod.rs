@@ -3,7 +3,7 @@
 //! command-line flags it reads, its state tensors, the scalars of one step, and its element
 //! update. Its twin on the GPU is one WGSL function in `shaders/optim.wgsl` of the same name,
 //! which the one generic update kernel calls (src/gpu/kernels.rs writes an entry point per
-//! optimizer of [`RULES`]). Everything else derives from the list in [`optimizers!`]: the
+//! optimizer of [`RULES`]). Everything else derives from the list in \[`optimizers!`\]: the
 //! checkpoint's state names (`<optimizer>.<state>.<parameter>`), the `--optimizer` values, the op
 //! checks and the bench's rows.
 //!

@@ -9,13 +9,19 @@ pub struct Evaluation {
     pub loss: f64,
     pub correct: usize,
     pub count: usize,
-    /// confusion[label][predicted]
+    /// confusion\[label\]\[predicted\]
     pub confusion: Vec<Vec<u32>>,
 }
 
-/// Scores logits [N, 10] against labels: prediction is the first largest logit.
-pub fn evaluate_logits(logits: &[f32], labels: &[u8]) -> Evaluation {
-    assert_eq!(logits.len(), labels.len() * CLASSES);
+/// Scores logits [N, 10] against labels: prediction is the first largest logit. Logits that are
+/// not ten per label, or a label outside 0-9, are an error.
+pub fn evaluate_logits(logits: &[f32], labels: &[u8]) -> Result<Evaluation, crate::Error> {
+    if Some(logits.len()) != labels.len().checked_mul(CLASSES) {
+        return Err(crate::Error::LogitsShape { logits: logits.len(), labels: labels.len() });
+    }
+    if let Some((index, &label)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= CLASSES) {
+        return Err(crate::Error::LabelOutOfRange { index, label });
+    }
     let mut confusion = vec![vec![0u32; CLASSES]; CLASSES];
     let mut loss = 0.0f64;
     for (row, &label) in logits.chunks_exact(CLASSES).zip(labels) {
@@ -27,13 +33,13 @@ pub fn evaluate_logits(logits: &[f32], labels: &[u8]) -> Evaluation {
     }
     let correct = (0..CLASSES).map(|c| confusion[c][c] as usize).sum();
     let count = labels.len().max(1);
-    Evaluation {
+    Ok(Evaluation {
         accuracy: correct as f64 / count as f64,
         loss: loss / count as f64,
         correct,
         count: labels.len(),
         confusion,
-    }
+    })
 }
 
 /// Index of the first largest value.

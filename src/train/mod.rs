@@ -1,16 +1,17 @@
 //! The training loop both backends share: batching, the learning-rate schedule, the shift
-//! augmentation, validation and early stopping, checkpoints, and the errors of a run. Progress
-//! (the live bar or one line an epoch) is in [`progress`], the `--metrics` log in [`metrics`],
-//! scoring logits in [`eval`].
+//! augmentation, validation and early stopping, checkpoints, and the errors of a run. The loop
+//! prints nothing: it reports what happens as [`TrainEvent`]s to the caller's callback (the
+//! command line's live bar or epoch lines are one such callback, in `progress`). The
+//! `--metrics` log is in [`metrics`], scoring logits in [`eval`].
 
 pub mod eval;
 pub mod metrics;
+#[cfg(feature = "cli")]
 pub mod progress;
 
 pub use eval::{argmax, evaluate_logits, Evaluation};
 pub use metrics::MetricRow;
 use metrics::MetricsWriter;
-use progress::Progress;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -54,7 +55,8 @@ pub struct TrainConfig {
     /// Stop at the first evaluation whose accuracy (validation, or test without a validation
     /// set) reaches this fraction.
     pub until: Option<f64>,
-    /// Force the plain, line-per-epoch progress even on a terminal.
+    /// For a caller's progress display: lines rather than a live bar. The loop itself prints
+    /// nothing whatever this says (the command line's display reads it).
     pub plain_progress: bool,
     /// Steps per chunk, fixed (tests of chunking's invariance). `None`, the default: sized by
     /// the measured step time (see [`ChunkSizer`]).
@@ -104,6 +106,32 @@ pub enum StopReason {
     Patience,
     /// `--until`: an evaluation reached the accuracy asked for.
     Until,
+}
+
+/// What a run reports as it goes, to the callback given to [`train_with_events`]. The loop
+/// itself prints nothing; the command line turns these into its bar and epoch lines.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TrainEvent<'a> {
+    /// The run starts from `state` and will end at step `target_step` (unless stopped early).
+    Started { state: &'a TrainState, steps_per_epoch: u64, batch: usize, target_step: u64 },
+    /// Epoch `epoch` (0-based) starts, `done` steps into it; `before` sums those steps, when known.
+    EpochStarted { epoch: u64, done: u64, before: Option<EpochSums> },
+    /// A chunk of steps finished: `step` is the run's step counter, `done` the steps of the
+    /// epoch, `epoch_steps` this invocation's steps of the epoch so far, `rows` the chunk's own
+    /// steps (as the metrics log has them).
+    Steps { step: u64, done: u64, epoch_steps: &'a [StepStats], images_per_s: f64, rows: &'a [MetricRow] },
+    /// The run does something other than steps (`Some("evaluating on the test set")`), or is
+    /// back to steps (`None`).
+    Phase(Option<&'a str>),
+    /// An evaluation finished: `row.kind` is "val" or "test".
+    Evaluated { row: &'a MetricRow, evaluation: &'a Evaluation },
+    /// A checkpoint holding step `step` was written to `path` (`best`: the best one so far).
+    CheckpointSaved { path: &'a Path, step: u64, best: bool },
+    /// An epoch (or the run inside one) ended: `line` sums it up, as the command line prints it.
+    EpochEnded { line: &'a str },
+    /// The loop is over (the final save and the report follow).
+    Finished,
 }
 
 /// A moment of a run: its step (counted from the run's first step, resumed parts included), the
@@ -436,6 +464,7 @@ fn target_step(state: &TrainState, cfg: &TrainConfig, steps_per_epoch: u64) -> R
 /// Nothing trained is lost: an error after the first step (an evaluation, the metrics file, a
 /// periodic checkpoint) first saves the trained state to `cfg.save`, then is returned. Only a
 /// diverged state, or one the backend failed in the middle of computing, is never saved.
+/// Reports nothing as it goes: [`train_with_events`] does.
 pub fn train(
     backend: &mut dyn Backend,
     state: &mut TrainState,
@@ -444,23 +473,33 @@ pub fn train(
     cfg: &TrainConfig,
     interrupt: &AtomicBool,
 ) -> Result<TrainReport> {
+    train_with_events(backend, state, mnist, validation, cfg, interrupt, &mut |_| {})
+}
+
+/// [`train`], reporting each [`TrainEvent`] to `on_event` as it happens.
+pub fn train_with_events(
+    backend: &mut dyn Backend,
+    state: &mut TrainState,
+    mnist: &Mnist,
+    validation: Option<&Dataset>,
+    cfg: &TrainConfig,
+    interrupt: &AtomicBool,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<TrainReport> {
     let n = mnist.train.len();
     let batch = state.batch;
     if batch == 0 {
-        bail!("--batch must be at least 1");
+        return Err(crate::Error::BatchZero.into());
     }
     if batch > n {
-        bail!("--batch {batch} is larger than the training set ({n} images)");
+        return Err(crate::Error::BatchTooLarge { batch, images: n }.into());
     }
     let held_out = validation.map_or(0, Dataset::len);
     if held_out != state.validation {
-        bail!(
-            "the run holds out {} validation images, but {held_out} were given to validate on",
-            state.validation
-        );
+        return Err(crate::Error::ValidationMismatch { held: state.validation, given: held_out }.into());
     }
     if (cfg.patience.is_some() || cfg.save_best.is_some()) && validation.is_none() {
-        bail!("--patience and --save-best need a validation set (--val N)");
+        return Err(crate::Error::NeedsValidation.into());
     }
     state.optimizer.validate()?;
     let steps_per_epoch = (n / batch) as u64;
@@ -503,8 +542,10 @@ pub fn train(
     // the whole run as if it had never stopped; its clock continues from the log's last row.
     let resume_at = (start_step > 0).then_some(start_step);
     let (mut metrics, seconds_before) = MetricsWriter::open(cfg.metrics.as_ref(), resume_at)?;
+    on_event(&TrainEvent::Started { state, steps_per_epoch, batch, target_step });
     let mut run = Run {
-        progress: Progress::new(cfg.plain_progress, steps_per_epoch, batch, state, target_step),
+        on_event,
+        last_epoch: last_epoch(state, steps_per_epoch, target_step),
         history: Vec::new(),
         train_time: Duration::ZERO,
         started: Instant::now(),
@@ -541,7 +582,7 @@ pub fn train(
                 metrics.sync()?;
                 Ok(())
             });
-    run.progress.finish();
+    (run.on_event)(&TrainEvent::Finished);
     match outcome {
         Err(Failure::Untrusted(e)) => return Err(e),
         Err(Failure::Saveable(e)) => {
@@ -582,7 +623,7 @@ pub fn train(
     // An interrupted run is scored on the test set as it stands (not logged: a resumed run
     // continues the log, and the whole run has no evaluation here).
     if interrupted && (validation.is_some() || run.last_eval.is_none()) && !mnist.test.is_empty() {
-        run.last_eval = Some(evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels));
+        run.last_eval = Some(evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels)?);
     }
     let steps = last_step - start_step;
     // The loss of the last epoch, or of the last 50 steps when the run was shorter.
@@ -637,15 +678,18 @@ fn save_trained(backend: &mut dyn Backend, state: &mut TrainState, run: &Run, pa
     state.clock = run.clock_now();
     state.epoch_sums = match state.step_in_epoch {
         0 => None,
-        _ => run.epoch_before.map(|before| progress::epoch_sums(before, &run.recent)),
+        _ => run.epoch_before.map(|before| epoch_sums(before, &run.recent)),
     };
     save_checkpoint(path, state)?;
     Ok(())
 }
 
 /// What the loop accumulates for the report.
-struct Run {
-    progress: Progress,
+struct Run<'e> {
+    /// The caller's callback.
+    on_event: &'e mut dyn FnMut(&TrainEvent),
+    /// The last epoch the run reaches, counted from 1 (the `L` of "epoch E/L").
+    last_epoch: u64,
     history: Vec<MetricRow>,
     train_time: Duration,
     /// When this invocation started, and the run's seconds before it (a resumed log's clock).
@@ -678,7 +722,7 @@ struct Run {
     start_step: u64,
 }
 
-impl Run {
+impl Run<'_> {
     /// Wall-clock seconds since the run started.
     fn seconds(&self) -> f64 {
         self.seconds_before + self.started.elapsed().as_secs_f64()
@@ -729,7 +773,7 @@ fn run_steps(
     validation: Option<&Dataset>,
     cfg: &TrainConfig,
     interrupt: &AtomicBool,
-    run: &mut Run,
+    run: &mut Run<'_>,
     metrics: &mut MetricsWriter,
     target_step: u64,
 ) -> Result<(), Failure> {
@@ -771,7 +815,11 @@ fn run_steps(
                     run.recent.clear();
                     run.epoch_before = Some(EpochSums::default());
                 }
-                run.progress.start_epoch(state.epoch, state.step_in_epoch, run.epoch_before);
+                (run.on_event)(&TrainEvent::EpochStarted {
+                    epoch: state.epoch,
+                    done: state.step_in_epoch,
+                    before: run.epoch_before,
+                });
                 (epoch_order(n, state.seed, state.epoch, state.shuffle), 0, Duration::ZERO)
             });
             let first = pos as usize * batch;
@@ -843,6 +891,7 @@ fn run_steps(
         // The chunk's steps ran one after another between the last chunk's end and now: each
         // row gets its share of that time.
         let chunk_end = run.seconds();
+        let first_row = run.history.len();
         for (i, (s, lr)) in stats.iter().zip(&lrs).enumerate() {
             let share = (i + 1) as f64 / k as f64;
             let row = MetricRow {
@@ -860,14 +909,19 @@ fn run_steps(
         last_row_seconds = chunk_end;
         run.recent.extend_from_slice(&stats);
         let done = if epoch_done { steps_per_epoch } else { state.step_in_epoch };
-        run.progress.update(state.step, done, &run.recent, *epoch_images as f64 / epoch_time.as_secs_f64());
+        (run.on_event)(&TrainEvent::Steps {
+            step: state.step,
+            done,
+            epoch_steps: &run.recent,
+            images_per_s: *epoch_images as f64 / epoch_time.as_secs_f64(),
+            rows: &run.history[first_row..],
+        });
         let last = state.step >= target_step;
         let mut ending = last;
         if epoch_done || (last && in_flight.is_empty()) {
             let (_, images, time) = epoch.take().expect("the epoch was started above");
             let due = epoch_done && cfg.eval_every > 0 && state.epoch.is_multiple_of(cfg.eval_every);
-            let mut line =
-                epoch_summary(state, steps_per_epoch, run.progress.last_epoch(), run, images, time);
+            let mut line = epoch_summary(state, steps_per_epoch, run.last_epoch, run, images, time);
             if due || last {
                 evaluate_due(backend, state, mnist, validation, cfg, run, metrics, &mut line, last)?;
             }
@@ -879,16 +933,16 @@ fn run_steps(
                 if run.stop != Some(StopReason::Signal) {
                     restore_best(backend, state, cfg, run)?;
                 }
-                run.progress.phase(Some("evaluating on the test set"));
-                let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels);
-                run.progress.phase(None);
+                (run.on_event)(&TrainEvent::Phase(Some("evaluating on the test set")));
+                let eval = evaluate_logits(&backend.logits(&mnist.test)?, &mnist.test.labels)?;
+                (run.on_event)(&TrainEvent::Phase(None));
                 // The row is the weights' own: at the restored best's step when it was restored.
                 let scored = run.restored.as_ref().map_or(&*state, |(best, _)| best);
                 let at = (scored.step, current_epoch(scored));
                 log_evaluation(run, metrics, &mut line, "test", at, &eval)?;
                 run.last_eval = Some(eval);
             }
-            run.progress.end_epoch(&line);
+            (run.on_event)(&TrainEvent::EpochEnded { line: &line });
             metrics.flush()?;
             last_row_seconds = run.seconds();
             // Evaluating is not training time.
@@ -899,9 +953,10 @@ fn run_steps(
         let checkpoint_due = cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every);
         if let (true, false, Some(path)) = (checkpoint_due, ending, &cfg.save) {
             metrics.sync()?;
-            run.progress.phase(Some("saving a checkpoint"));
+            (run.on_event)(&TrainEvent::Phase(Some("saving a checkpoint")));
             save_trained(backend, state, run, path)?;
-            run.progress.phase(None);
+            (run.on_event)(&TrainEvent::Phase(None));
+            (run.on_event)(&TrainEvent::CheckpointSaved { path, step: state.step, best: false });
             run.last_saved = Some(state.step);
             clock = Instant::now();
             last_row_seconds = run.seconds();
@@ -920,7 +975,7 @@ fn evaluate_due(
     mnist: &Mnist,
     validation: Option<&Dataset>,
     cfg: &TrainConfig,
-    run: &mut Run,
+    run: &mut Run<'_>,
     metrics: &mut MetricsWriter,
     line: &mut String,
     last: bool,
@@ -931,13 +986,13 @@ fn evaluate_due(
         None if mnist.test.is_empty() => return Ok(()),
         None => ("test", &mnist.test),
     };
-    run.progress.phase(Some(if kind == "val" {
+    (run.on_event)(&TrainEvent::Phase(Some(if kind == "val" {
         "evaluating on the validation set"
     } else {
         "evaluating on the test set"
-    }));
-    let eval = evaluate_logits(&backend.logits(data)?, &data.labels);
-    run.progress.phase(None);
+    })));
+    let eval = evaluate_logits(&backend.logits(data)?, &data.labels)?;
+    (run.on_event)(&TrainEvent::Phase(None));
     log_evaluation(run, metrics, line, kind, (state.step, current_epoch(state)), &eval)?;
     if let Some(target) = cfg.until.filter(|&t| eval.accuracy >= t && run.reached.is_none()) {
         let point = run.point(state);
@@ -974,13 +1029,14 @@ fn evaluate_due(
         // run: a resumed run can say where its best is.
         let file = crate::files::canonical_target(path).ok().and_then(|p| p.to_str().map(str::to_string));
         let before = std::mem::replace(&mut state.best_file, file);
-        run.progress.phase(Some("saving the best checkpoint"));
+        (run.on_event)(&TrainEvent::Phase(Some("saving the best checkpoint")));
         let saved = save_trained(backend, state, run, path);
-        run.progress.phase(None);
+        (run.on_event)(&TrainEvent::Phase(None));
         if let Err(e) = saved {
             state.best_file = before;
             return Err(e.into());
         }
+        (run.on_event)(&TrainEvent::CheckpointSaved { path, step: state.step, best: true });
         run.best_written = Some(state.step);
     } else if best {
         // A new best that no file holds: the file an earlier invocation wrote holds an older one.
@@ -1003,7 +1059,7 @@ fn restore_best(
     backend: &mut dyn Backend,
     state: &TrainState,
     cfg: &TrainConfig,
-    run: &mut Run,
+    run: &mut Run<'_>,
 ) -> Result<()> {
     let Some(given) = &cfg.save_best else { return Ok(()) };
     let Some((_, best_step)) = state.record.best(cfg.best_monitor()) else { return Ok(()) };
@@ -1041,7 +1097,7 @@ fn restore_best(
 
 /// An evaluation's row in the log and the history, and its part of the epoch's line.
 fn log_evaluation(
-    run: &mut Run,
+    run: &mut Run<'_>,
     metrics: &mut MetricsWriter,
     line: &mut String,
     kind: &'static str,
@@ -1066,6 +1122,7 @@ fn log_evaluation(
         accuracy: eval.accuracy,
     };
     metrics.write(&row)?;
+    (run.on_event)(&TrainEvent::Evaluated { row: &row, evaluation: eval });
     run.history.push(row);
     Ok(())
 }
@@ -1121,11 +1178,11 @@ fn epoch_summary(
     // sums of the steps before it, they cover this invocation's steps only, and say which.
     let (steps, loss, accuracy) = match run.epoch_before {
         Some(before) => {
-            let (loss, accuracy) = progress::epoch_means_after(done - ours, before, &run.recent, state.batch);
+            let (loss, accuracy) = epoch_means_after(done - ours, before, &run.recent, state.batch);
             (format!("{done}/{steps_per_epoch} steps"), loss, accuracy)
         }
         None => {
-            let (loss, accuracy) = progress::epoch_means(&run.recent, state.batch);
+            let (loss, accuracy) = epoch_means(&run.recent, state.batch);
             (format!("steps {}-{done} of {steps_per_epoch}", done - ours + 1), loss, accuracy)
         }
     };
@@ -1135,4 +1192,46 @@ fn epoch_summary(
         100.0 * accuracy,
         images as f64 / time.as_secs_f64().max(1e-9),
     )
+}
+
+/// Mean loss and accuracy over `steps` of `batch` images each: the bar's running figures and
+/// the epoch line's, so that the two agree. NaN for no steps.
+pub fn epoch_means(steps: &[StepStats], batch: usize) -> (f64, f64) {
+    epoch_means_after(0, EpochSums::default(), steps, batch)
+}
+
+/// [`epoch_means`] of an epoch whose first `before_steps` steps summed to `before` (a resumed
+/// run's): the same additions in the same order as over all the epoch's steps at once, so the
+/// figures are the same bits as an uninterrupted run's.
+pub fn epoch_means_after(
+    before_steps: u64,
+    before: EpochSums,
+    steps: &[StepStats],
+    batch: usize,
+) -> (f64, f64) {
+    let sums = epoch_sums(before, steps);
+    let count = before_steps + steps.len() as u64;
+    if count == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    (sums.loss_sum / count as f64, sums.correct as f64 / (count * batch as u64) as f64)
+}
+
+/// `before` with `steps` added, in order.
+pub fn epoch_sums(before: EpochSums, steps: &[StepStats]) -> EpochSums {
+    EpochSums {
+        loss_sum: steps.iter().fold(before.loss_sum, |sum, s| sum + s.loss as f64),
+        correct: before.correct + steps.iter().map(|s| s.correct as u64).sum::<u64>(),
+    }
+}
+
+/// The epoch, counted from 1, in which a run from `state` to `target_step` takes its last step.
+pub fn last_epoch(state: &TrainState, steps_per_epoch: u64, target_step: u64) -> u64 {
+    let remaining = target_step.saturating_sub(state.step);
+    let left_in_epoch = steps_per_epoch.saturating_sub(state.step_in_epoch);
+    if remaining <= left_in_epoch || steps_per_epoch == 0 {
+        state.epoch + 1
+    } else {
+        (state.epoch + 1).saturating_add((remaining - left_in_epoch).div_ceil(steps_per_epoch))
+    }
 }

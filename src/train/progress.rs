@@ -8,7 +8,7 @@
 //!
 //! `epoch E/L` counts epochs from 1, as the epoch lines and the `--metrics` file do, up to the
 //! last epoch this run reaches. `loss` and `acc` are the means over the epoch's steps so far, so
-//! the bar's last figures are the epoch line's `loss` and `train acc` ([`epoch_means`] computes
+//! the bar's last figures are the epoch line's `loss` and `train acc` ([`epoch_means`](super::epoch_means) computes
 //! both). `120/234` counts what this run does in the epoch: a run that stops inside an epoch
 //! (`--steps 12`) shows `7/12`, not `7/234`. The two times are the run's: wall time since it
 //! started, and the time left to its last step at the pace so far (evaluations included).
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::{epoch_means_after, last_epoch, TrainEvent};
 use crate::backend::StepStats;
 use crate::model::{EpochSums, TrainState};
 
@@ -50,37 +51,6 @@ pub fn live_bar(plain: bool, stderr_is_terminal: bool) -> bool {
 /// hidden bar would also swallow the epoch lines printed through it.
 fn stderr_is_terminal() -> bool {
     !ProgressDrawTarget::stderr().is_hidden()
-}
-
-/// Mean loss and accuracy over `steps` of `batch` images each: the bar's running figures and
-/// the epoch line's, so that the two agree. NaN for no steps.
-pub fn epoch_means(steps: &[StepStats], batch: usize) -> (f64, f64) {
-    epoch_means_after(0, EpochSums::default(), steps, batch)
-}
-
-/// [`epoch_means`] of an epoch whose first `before_steps` steps summed to `before` (a resumed
-/// run's): the same additions in the same order as over all the epoch's steps at once, so the
-/// figures are the same bits as an uninterrupted run's.
-pub fn epoch_means_after(
-    before_steps: u64,
-    before: EpochSums,
-    steps: &[StepStats],
-    batch: usize,
-) -> (f64, f64) {
-    let sums = epoch_sums(before, steps);
-    let count = before_steps + steps.len() as u64;
-    if count == 0 {
-        return (f64::NAN, f64::NAN);
-    }
-    (sums.loss_sum / count as f64, sums.correct as f64 / (count * batch as u64) as f64)
-}
-
-/// `before` with `steps` added, in order.
-pub fn epoch_sums(before: EpochSums, steps: &[StepStats]) -> EpochSums {
-    EpochSums {
-        loss_sum: steps.iter().fold(before.loss_sum, |sum, s| sum + s.loss as f64),
-        correct: before.correct + steps.iter().map(|s| s.correct as u64).sum::<u64>(),
-    }
 }
 
 /// What the bar shows at one moment.
@@ -292,6 +262,38 @@ impl Shared {
 }
 
 /// A live bar on a terminal, plain lines anywhere else; a ticker thread keeps either alive.
+/// The command line's [`TrainEvent`] callback: the live bar on a terminal, else a line an epoch.
+pub struct ProgressDisplay {
+    plain: bool,
+    progress: Option<Progress>,
+}
+
+impl ProgressDisplay {
+    /// `plain`: lines even on a terminal.
+    pub fn new(plain: bool) -> Self {
+        ProgressDisplay { plain, progress: None }
+    }
+
+    /// Shows `event`: a run's start opens the bar (or the plain lines), its end closes it.
+    pub fn on_event(&mut self, event: &TrainEvent) {
+        if let TrainEvent::Started { state, steps_per_epoch, batch, target_step } = event {
+            self.progress = Some(Progress::new(self.plain, *steps_per_epoch, *batch, state, *target_step));
+            return;
+        }
+        let Some(progress) = self.progress.as_mut() else { return };
+        match event {
+            TrainEvent::EpochStarted { epoch, done, before } => progress.start_epoch(*epoch, *done, *before),
+            TrainEvent::Steps { step, done, epoch_steps, images_per_s, .. } => {
+                progress.update(*step, *done, epoch_steps, *images_per_s)
+            }
+            TrainEvent::Phase(phase) => progress.phase(*phase),
+            TrainEvent::EpochEnded { line } => progress.end_epoch(line),
+            TrainEvent::Finished => progress.finish(),
+            _ => {}
+        }
+    }
+}
+
 pub(crate) struct Progress {
     shared: Arc<Shared>,
     ticker: Option<JoinHandle<()>>,
@@ -385,11 +387,6 @@ impl Progress {
             target_step,
             before: (0, EpochSums::default()),
         }
-    }
-
-    /// The last epoch the run reaches, counted from 1 (the `L` of "epoch E/L").
-    pub(crate) fn last_epoch(&self) -> u64 {
-        self.shared.lock().last_epoch
     }
 
     /// An epoch starts, `done` steps into it; `before` sums those steps, when they are known.
@@ -550,20 +547,10 @@ fn epoch_end(done: u64, steps_per_epoch: u64, remaining: u64) -> u64 {
     steps_per_epoch.min(done.saturating_add(remaining))
 }
 
-/// The epoch, counted from 1, in which a run from `state` to `target_step` takes its last step.
-fn last_epoch(state: &TrainState, steps_per_epoch: u64, target_step: u64) -> u64 {
-    let remaining = target_step.saturating_sub(state.step);
-    let left_in_epoch = steps_per_epoch.saturating_sub(state.step_in_epoch);
-    if remaining <= left_in_epoch || steps_per_epoch == 0 {
-        state.epoch + 1
-    } else {
-        (state.epoch + 1).saturating_add((remaining - left_in_epoch).div_ceil(steps_per_epoch))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::epoch_means;
 
     #[test]
     fn the_bar_is_decided_by_stderr_alone() {
