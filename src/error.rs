@@ -97,7 +97,7 @@ pub enum Error {
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// Anything else: a device that failed, a training run that diverged, an output that could
     /// not be written. The message is the whole chain of causes on one line.
-    #[error("{}", crate::train::error_line(.0))]
+    #[error("{}", error_line(.0))]
     Run(#[from] anyhow::Error),
 }
 
@@ -108,4 +108,22 @@ impl From<crate::network::WrongParamCount> for Error {
     fn from(e: crate::network::WrongParamCount) -> Self {
         Error::ParamCount { got: e.got, expected: e.expected }
     }
+}
+
+/// An error and its causes on one line, each cause once: typed errors already end with their
+/// source's message, so a cause the line already ends with is not repeated, and multi-line
+/// reports (wgpu's) are folded.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        if msg.is_empty() || line.ends_with(&msg) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&msg);
+    }
+    line
 }

@@ -15,12 +15,12 @@ pub struct Evaluation {
 
 /// Scores logits [N, 10] against labels: prediction is the first largest logit. Logits that are
 /// not ten per label, or a label outside 0-9, are an error.
-pub fn evaluate_logits(logits: &[f32], labels: &[u8]) -> Result<Evaluation, crate::Error> {
+pub fn evaluate_logits(logits: &[f32], labels: &[u8]) -> Result<Evaluation, crate::error::Error> {
     if Some(logits.len()) != labels.len().checked_mul(CLASSES) {
-        return Err(crate::Error::LogitsShape { logits: logits.len(), labels: labels.len() });
+        return Err(crate::error::Error::LogitsShape { logits: logits.len(), labels: labels.len() });
     }
     if let Some((index, &label)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= CLASSES) {
-        return Err(crate::Error::LabelOutOfRange { index, label });
+        return Err(crate::error::Error::LabelOutOfRange { index, label });
     }
     let mut confusion = vec![vec![0u32; CLASSES]; CLASSES];
     let mut loss = 0.0f64;

@@ -346,23 +346,7 @@ pub enum TrainError {
     SaveAlsoFailed { cause: String, step: u64, save_error: String },
 }
 
-/// An error and its causes on one line, each cause once: typed errors already end with their
-/// source's message, so a cause the line already ends with is not repeated, and multi-line
-/// reports (wgpu's) are folded.
-pub fn error_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let msg = cause.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
-        if msg.is_empty() || line.ends_with(&msg) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&msg);
-    }
-    line
-}
+pub use crate::error::error_line;
 
 /// The work one chunk of steps should take, at the pace measured so far. Two chunks are in
 /// flight at most, so a stop signal waits for about twice this: about 1 s of steps, whatever the
@@ -489,17 +473,19 @@ pub fn train_with_events(
     let n = mnist.train.len();
     let batch = state.batch;
     if batch == 0 {
-        return Err(crate::Error::BatchZero.into());
+        return Err(crate::error::Error::BatchZero.into());
     }
     if batch > n {
-        return Err(crate::Error::BatchTooLarge { batch, images: n }.into());
+        return Err(crate::error::Error::BatchTooLarge { batch, images: n }.into());
     }
     let held_out = validation.map_or(0, Dataset::len);
     if held_out != state.validation {
-        return Err(crate::Error::ValidationMismatch { held: state.validation, given: held_out }.into());
+        return Err(
+            crate::error::Error::ValidationMismatch { held: state.validation, given: held_out }.into()
+        );
     }
     if (cfg.patience.is_some() || cfg.save_best.is_some()) && validation.is_none() {
-        return Err(crate::Error::NeedsValidation.into());
+        return Err(crate::error::Error::NeedsValidation.into());
     }
     state.optimizer.validate()?;
     let steps_per_epoch = (n / batch) as u64;
