@@ -3,7 +3,7 @@
 //!
 //! Layouts are PyTorch's: activations NCHW (or [batch, features]), convolution weights
 //! [out_channels, in_channels, k, k], linear weights [out_features, in_features]. Each function
-//! overwrites its outputs completely. The ops of [`Ops`], fused ones included, are compositions
+//! overwrites its outputs completely. The ops of [`Ops`](crate::ops::Ops), fused ones included, are compositions
 //! of these (the trait's default methods call the ones at the end of this file), and the fast
 //! CPU path and the GPU kernels in `shaders/` are tested against them (tests/ops.rs).
 
@@ -415,7 +415,7 @@ pub fn conv_grad_from_pool(dconv: &mut [f32], dpooled: &[f32], argmax: &[u32], c
     relu_backward(dconv, &masked, conv);
 }
 
-/// [`Ops::conv_relu_pool_forward`]: conv + bias, ReLU, 2x2 max-pool with its argmax.
+/// [`Ops::conv_relu_pool_forward`](crate::ops::Ops::conv_relu_pool_forward): conv + bias, ReLU, 2x2 max-pool with its argmax.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_relu_pool_forward(
     conv: &mut [f32],
@@ -432,7 +432,7 @@ pub fn conv_relu_pool_forward(
     maxpool2x2_forward(pooled, argmax, conv, s.batch, s.out_channels, s.out_height(), s.out_width());
 }
 
-/// [`Ops::linear_forward`]: a fully connected layer, then ReLU if `relu`.
+/// [`Ops::linear_forward`](crate::ops::Ops::linear_forward): a fully connected layer, then ReLU if `relu`.
 pub fn linear_layer_forward(
     out: &mut [f32],
     input: &[f32],
@@ -448,7 +448,7 @@ pub fn linear_layer_forward(
     }
 }
 
-/// [`Ops::linear_backward`]: the weight and bias gradients and, when `dinput` is given, the
+/// [`Ops::linear_backward`](crate::ops::Ops::linear_backward): the weight and bias gradients and, when `dinput` is given, the
 /// input gradient with the ReLU mask (the forward output that fed this layer) applied.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_layer_backward(
@@ -471,7 +471,7 @@ pub fn linear_layer_backward(
     }
 }
 
-/// [`Ops::conv_backward_from_pool`]: the pooled gradient through the pool and the ReLU, then
+/// [`Ops::conv_backward_from_pool`](crate::ops::Ops::conv_backward_from_pool): the pooled gradient through the pool and the ReLU, then
 /// the convolution's weight, bias and (when asked) input gradients.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_relu_pool_backward(
