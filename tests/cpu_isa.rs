@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::{p, succeeded, text};
+use common::{cpu_train, p, succeeded, text};
 use lenet::cpu::isa::{detected, Isa, ISA_ENV};
 
 fn lenet(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -41,19 +41,7 @@ fn a_bad_or_unsupported_isa_is_one_error_line_and_a_failed_exit() {
     }
     for value in &bad {
         let save = dir.join("w.safetensors");
-        let train = [
-            "train",
-            "--backend",
-            "cpu",
-            "--data",
-            p(&data),
-            "--steps",
-            "1",
-            "--batch",
-            "16",
-            "--save",
-            p(&save),
-        ];
+        let train = cpu_train(&data, &["--steps", "1", "--batch", "16", "--save", p(&save)]);
         let bench = ["bench", "--backend", "cpu", "--batch", "2", "--iters", "1"];
         for args in [&train[..], &bench[..]] {
             let out = lenet(args, &[(ISA_ENV, value)]);
@@ -77,19 +65,7 @@ fn checkpoints_are_the_same_bytes_on_any_thread_count_for_each_isa() {
         let mut first: Option<Vec<u8>> = None;
         for threads in ["1", "2", "3"] {
             let save = dir.join(format!("{name}-{threads}.safetensors"));
-            let args = [
-                "train",
-                "--backend",
-                "cpu",
-                "--data",
-                p(&data),
-                "--steps",
-                "6",
-                "--batch",
-                "40",
-                "--save",
-                p(&save),
-            ];
+            let args = cpu_train(&data, &["--steps", "6", "--batch", "40", "--save", p(&save)]);
             let out = lenet(&args, &[(ISA_ENV, name), ("RAYON_NUM_THREADS", threads)]);
             let err = text(&succeeded(&out).stdout) + &text(&out.stderr);
             let said =
