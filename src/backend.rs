@@ -58,6 +58,12 @@ pub trait Backend {
     fn kind(&self) -> &'static str;
     /// The adapter's name (GPU) or a description of the processor (CPU).
     fn adapter(&self) -> String;
+    /// Why the kernels asked for cannot run on this device, and what runs instead (the GPU's
+    /// naive kernels); None when they run, and always on the CPU. The caller says it: the library
+    /// prints nothing.
+    fn kernel_fallback(&self) -> Option<&str> {
+        None
+    }
     /// Takes the parameters and the optimizer's state from `state` (at start and on resume).
     /// Waits for chunks in flight.
     fn load_state(&mut self, state: &TrainState) -> Result<()>;

@@ -674,6 +674,10 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     if let Some(line) = choice {
         notice(line);
     }
+    // Never silent: which kernels could not run here, and what runs instead.
+    if let Some(why) = backend.kernel_fallback() {
+        notice(format!("kernels: {why}"));
+    }
     if args.device.shader_loop_bounds == ShaderLoopBounds::Off && backend.kind() == "gpu" {
         notice("shaders: compiled without naga's loop bounding (--shader-loop-bounds off)");
     }
@@ -823,6 +827,9 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     )?;
     if let Some(line) = choice {
         notice(line);
+    }
+    if let Some(why) = backend.kernel_fallback() {
+        notice(format!("kernels: {why}"));
     }
     let mut singles = Vec::with_capacity(models.len());
     let mut probabilities = Vec::with_capacity(models.len());
@@ -1068,6 +1075,9 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     )?;
     if let Some(line) = choice {
         notice(line);
+    }
+    if let Some(why) = ctx.as_ref().and_then(|c| c.kernel_fallback()) {
+        notice(format!("kernels: {why}"));
     }
     let mut cfg = lenet::bench::BenchConfig::new(args.batch, args.iters);
     // A slow adapter (lavapipe) stops each row after this much wall time (at least 3 samples).

@@ -6,7 +6,6 @@
 //! chunk, and the next chunk is recorded and submitted while the device runs the last.
 
 use std::collections::VecDeque;
-use std::io::Write as _;
 use std::sync::mpsc;
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -174,12 +173,9 @@ impl GpuBackend {
     pub fn with_variant(ctx: GpuContext, train: &Dataset, variant: super::Variant) -> Result<Self> {
         check_images(train)?;
         ctx.clone().scoped(|| {
+            // Never silent: [`Backend::kernel_fallback`] says which kernels could not run and why
+            // (`train`, `eval` and `bench` print it before their first step).
             let mut ops = GpuOps::with_variant(ctx.clone(), variant)?;
-            // Never silent: `train`, `eval` and `bench` say which kernels could not run and why,
-            // before their first step (a closed stderr is ignored).
-            if let Some(why) = &ops.fallback {
-                let _ = writeln!(std::io::stderr(), "kernels: {why}");
-            }
             let train = ops.upload_data("train", train)?;
             let lens: Vec<usize> = param_specs().iter().map(|s| s.len()).collect();
             let param_layout = FlatLayout::new(&lens, ctx.limits.min_storage_buffer_offset_alignment);
@@ -207,11 +203,6 @@ impl GpuBackend {
 
     pub fn context(&self) -> &GpuContext {
         &self.ops.ctx
-    }
-
-    /// Why the kernels asked for could not run on its device (the naive ones run instead).
-    pub fn kernel_fallback(&self) -> Option<&str> {
-        self.ops.fallback.as_deref()
     }
 
     /// The kernels it runs.
@@ -472,6 +463,10 @@ impl Backend for GpuBackend {
 
     fn adapter(&self) -> String {
         self.ops.ctx.adapter_info.name.clone()
+    }
+
+    fn kernel_fallback(&self) -> Option<&str> {
+        self.ops.fallback.as_deref()
     }
 
     fn sync_counts(&self) -> SyncCounts {
