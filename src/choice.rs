@@ -62,19 +62,21 @@ pub fn auto_choice(adapters: &[AdapterSummary], wanted: Option<&str>) -> AutoCho
 
 pub use crate::gpu::context::wanted_adapter;
 pub use crate::gpu::shader::LoopBounds;
+pub use crate::gpu::GpuOptions;
 
 /// The backend the user asked for, training on `train` (an empty set for evaluation only), and,
 /// for `auto`, the one line that says what it chose and why (`backend: gpu on NAME`, `backend:
-/// cpu, because ...`): the caller decides whether to print it. A GPU's kernels are compiled
-/// with `loop_bounds`. `auto` follows [`auto_choice`] and falls back to the CPU when it says so
+/// cpu, because ...`): the caller decides whether to print it. A GPU is opened with `gpu`
+/// (how its kernels are compiled, which run; a [`LoopBounds`] alone will do). `auto` follows [`auto_choice`] and falls back to the CPU when it says so
 /// or when the GPU fails to start.
 pub fn open_backend(
     choice: BackendChoice,
     adapter: Option<&str>,
-    loop_bounds: LoopBounds,
+    gpu: impl Into<GpuOptions>,
     train: &Dataset,
 ) -> Result<(Box<dyn Backend>, Option<String>)> {
-    let gpu = || crate::gpu::GpuBackend::new(crate::gpu::GpuContext::open(adapter, loop_bounds)?, train);
+    let options = gpu.into();
+    let gpu = || crate::gpu::GpuBackend::new(crate::gpu::GpuContext::open(adapter, options)?, train);
     let cpu = || -> Result<Box<dyn Backend>> { Ok(Box::new(crate::cpu::CpuBackend::new(train)?)) };
     match choice {
         BackendChoice::Cpu => Ok((cpu()?, None)),
@@ -102,18 +104,19 @@ pub fn open_backend(
     }
 }
 
-/// The device `lenet bench` times the GPU's kernels on (None: the CPU's figures only), its
-/// kernels compiled with `loop_bounds`, and for `auto` the line saying what it chose, as
+/// The device `lenet bench` times the GPU's kernels on (None: the CPU's figures only), opened
+/// with `gpu`, and for `auto` the line saying what it chose, as
 /// [`open_backend`]'s. `auto` follows [`auto_choice`], as `train` does.
 pub fn bench_context(
     choice: BackendChoice,
     adapter: Option<&str>,
-    loop_bounds: LoopBounds,
+    gpu: impl Into<GpuOptions>,
 ) -> Result<(Option<crate::gpu::GpuContext>, Option<String>)> {
+    let options = gpu.into();
     match choice {
         BackendChoice::Cpu => Ok((None, None)),
         BackendChoice::Gpu => {
-            Ok((Some(crate::gpu::GpuContext::open(adapter, loop_bounds).context("--backend gpu")?), None))
+            Ok((Some(crate::gpu::GpuContext::open(adapter, options).context("--backend gpu")?), None))
         }
         BackendChoice::Auto => {
             let wanted = wanted_adapter(adapter);
@@ -121,7 +124,7 @@ pub fn bench_context(
             if auto.adapter.is_none() {
                 return Ok((None, Some(format!("backend: cpu, because {}", auto.reason))));
             }
-            match crate::gpu::GpuContext::open(adapter, loop_bounds) {
+            match crate::gpu::GpuContext::open(adapter, options) {
                 Ok(c) => {
                     let line = format!("backend: gpu on {}", c.adapter_info);
                     Ok((Some(c), Some(line)))

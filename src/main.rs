@@ -100,6 +100,13 @@ enum ShaderLoopBounds {
     Off,
 }
 
+/// The GPU options of `train` and `bench`: `--shader-loop-bounds` and the hidden `--kernels`
+/// (an unknown name is refused here, before any work).
+fn gpu_options(device: &DeviceArgs, kernels: Option<&str>) -> Result<lenet::choice::GpuOptions> {
+    let kernels = kernels.map(|name| name.parse::<lenet::gpu::Variant>().context("--kernels")).transpose()?;
+    Ok(lenet::choice::GpuOptions { loop_bounds: device.shader_loop_bounds.into(), kernels })
+}
+
 impl From<ShaderLoopBounds> for lenet::choice::LoopBounds {
     fn from(b: ShaderLoopBounds) -> Self {
         match b {
@@ -561,9 +568,7 @@ fn check_recipe_args(args: &TrainArgs) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<ExitCode> {
-    if let Some(name) = &args.kernels {
-        lenet::gpu::choose_kernels(name).context("--kernels")?;
-    }
+    let gpu = gpu_options(&args.device, args.kernels.as_deref())?;
     if args.epochs == Some(0) && args.steps.is_none() {
         bail!("--epochs 0 trains nothing; give at least 1 (or --steps N)");
     }
@@ -664,12 +669,7 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     }
     // Starting a GPU compiles its kernels: seconds, minutes on a software adapter.
     let (mut backend, choice) = lenet::train::progress::during(false, "starting the backend", || {
-        open_backend(
-            args.device.backend.into(),
-            args.device.adapter.as_deref(),
-            args.device.shader_loop_bounds.into(),
-            &mnist.train,
-        )
+        open_backend(args.device.backend.into(), args.device.adapter.as_deref(), gpu, &mnist.train)
     })?;
     if let Some(line) = choice {
         notice(line);
@@ -822,7 +822,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     let (mut backend, choice) = open_backend(
         args.device.backend.into(),
         args.device.adapter.as_deref(),
-        args.device.shader_loop_bounds.into(),
+        lenet::choice::LoopBounds::from(args.device.shader_loop_bounds),
         &no_training_data(),
     )?;
     if let Some(line) = choice {
@@ -1059,20 +1059,14 @@ fn ensemble_probabilities(models: &[Params], pixels: &[u8]) -> Result<(Vec<f32>,
 }
 
 fn bench(args: BenchArgs) -> Result<ExitCode> {
-    if let Some(name) = &args.kernels {
-        lenet::gpu::choose_kernels(name).context("--kernels")?;
-    }
+    let gpu = gpu_options(&args.device, args.kernels.as_deref())?;
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let (ctx, choice) = bench_context(
-        args.device.backend.into(),
-        args.device.adapter.as_deref(),
-        args.device.shader_loop_bounds.into(),
-    )?;
+    let (ctx, choice) = bench_context(args.device.backend.into(), args.device.adapter.as_deref(), gpu)?;
     if let Some(line) = choice {
         notice(line);
     }

@@ -330,3 +330,22 @@ fn kernels_by_name_are_a_hidden_option_and_an_unknown_name_is_one_error_line() {
         assert!(!help.contains("--kernels"), "{cmd} --help shows --kernels");
     }
 }
+
+/// The kernels travel with each context (`GpuOptions`, what `--kernels` fills in), not in a
+/// process-wide setting: two contexts of one process run the kernels each was opened with, and
+/// a context opened without a choice runs its adapter's default.
+#[test]
+fn each_context_runs_the_kernels_its_options_name() {
+    let Some(shared) = gpu() else { return };
+    let name = shared.adapter_info.name.clone();
+    let data = dataset(8, 1);
+    for v in [Variant::V3, Variant::V1] {
+        let options = lenet::gpu::GpuOptions { kernels: Some(v), ..Default::default() };
+        let ctx = lenet::gpu::GpuContext::open(Some(&name), options).unwrap();
+        assert_eq!(ctx.variant(), v);
+        assert_eq!(GpuBackend::new(ctx, &data).unwrap().variant(), v);
+    }
+    let default = Variant::default_for(shared.adapter_info.device_type);
+    assert_eq!(shared.variant(), default);
+    assert_eq!(GpuBackend::new(shared, &data).unwrap().variant(), default);
+}

@@ -142,13 +142,13 @@ fn enumerate() -> Vec<wgpu::Adapter> {
     pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
 }
 
-/// For each adapter of [`list_adapters`], why the kernels this process would run there cannot
-/// (its limits leave them out), or None.
+/// For each adapter of [`list_adapters`], why its default kernels cannot run there (its limits
+/// leave them out), or None.
 pub fn adapter_kernel_fallbacks() -> anyhow::Result<Vec<Option<String>>> {
     enumerate()
         .iter()
         .map(|a| {
-            let variant = super::Variant::chosen_for(a.get_info().device_type);
+            let variant = super::Variant::default_for(a.get_info().device_type);
             Ok(super::variant::fallback_note(variant, &Kernels::left_out_by(&a.limits())?))
         })
         .collect()
@@ -176,6 +176,23 @@ pub fn find_adapter(wanted: Option<&str>) -> anyhow::Result<wgpu::Adapter> {
     Ok(adapters.swap_remove(i))
 }
 
+/// How a device's kernels are built and which run: what `--shader-loop-bounds` and the hidden
+/// `--kernels` ask for, carried by the context rather than held in a global, so that two
+/// contexts in one process may differ.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// Whether the kernels are compiled with naga's loop bounding.
+    pub loop_bounds: LoopBounds,
+    /// The kernels to run (None: [`super::Variant::default_for`] the adapter's kind).
+    pub kernels: Option<super::Variant>,
+}
+
+impl From<LoopBounds> for GpuOptions {
+    fn from(loop_bounds: LoopBounds) -> Self {
+        GpuOptions { loop_bounds, kernels: None }
+    }
+}
+
 /// The device, its queue, what it is, and the compiled kernels. Cheap to clone (handles).
 #[derive(Clone)]
 pub struct GpuContext {
@@ -185,6 +202,8 @@ pub struct GpuContext {
     pub limits: wgpu::Limits,
     /// Whether the kernels were compiled with naga's loop bounding.
     pub loop_bounds: LoopBounds,
+    /// The kernels `--kernels` asked for (None: the adapter's default).
+    pub chosen_kernels: Option<super::Variant>,
     pub kernels: Arc<Kernels>,
     errors: Arc<Mutex<Vec<String>>>,
 }
@@ -194,16 +213,16 @@ impl GpuContext {
     /// `LENET_ADAPTER` environment variable, else the best one by device type.
     /// Its kernels are compiled with naga's loop bounding.
     pub fn new(wanted: Option<&str>) -> anyhow::Result<Self> {
-        Self::open(wanted, LoopBounds::Bounded)
+        Self::open(wanted, GpuOptions::default())
     }
 
-    /// As [`GpuContext::new`], compiling the kernels with `loop_bounds`.
-    pub fn open(wanted: Option<&str>, loop_bounds: LoopBounds) -> anyhow::Result<Self> {
-        Self::from_adapter(&find_adapter(wanted)?, loop_bounds)
+    /// As [`GpuContext::new`], with `options` (a [`LoopBounds`] alone will do).
+    pub fn open(wanted: Option<&str>, options: impl Into<GpuOptions>) -> anyhow::Result<Self> {
+        Self::from_adapter(&find_adapter(wanted)?, options)
     }
 
-    /// Creates the device on `adapter` and compiles every kernel it can run, with `loop_bounds`.
-    pub fn from_adapter(adapter: &wgpu::Adapter, loop_bounds: LoopBounds) -> anyhow::Result<Self> {
+    /// Creates the device on `adapter` and compiles every kernel it can run, with `options`.
+    pub fn from_adapter(adapter: &wgpu::Adapter, options: impl Into<GpuOptions>) -> anyhow::Result<Self> {
         let have = adapter.limits();
         // WebGPU's defaults, raised to what the adapter offers where a bigger batch, a bigger
         // data set or a tighter packing of the parameter tensors needs it, and the workgroup
@@ -228,21 +247,22 @@ impl GpuContext {
                 .max(defaults.max_compute_invocations_per_workgroup),
             ..defaults
         };
-        Self::with_limits_and_bounds(adapter, limits, loop_bounds)
+        Self::with_limits_and_options(adapter, limits, options.into())
     }
 
     /// Creates the device on `adapter` with exactly `limits` (which it must offer) and compiles
     /// every kernel those limits allow.
     pub fn with_limits(adapter: &wgpu::Adapter, limits: wgpu::Limits) -> anyhow::Result<Self> {
-        Self::with_limits_and_bounds(adapter, limits, LoopBounds::Bounded)
+        Self::with_limits_and_options(adapter, limits, GpuOptions::default())
     }
 
-    /// As [`GpuContext::with_limits`], compiling the kernels with `loop_bounds`.
-    pub fn with_limits_and_bounds(
+    /// As [`GpuContext::with_limits`], with `options`.
+    pub fn with_limits_and_options(
         adapter: &wgpu::Adapter,
         limits: wgpu::Limits,
-        loop_bounds: LoopBounds,
+        options: GpuOptions,
     ) -> anyhow::Result<Self> {
+        let GpuOptions { loop_bounds, kernels: chosen_kernels } = options;
         let info = AdapterSummary::from_info(&adapter.get_info());
         if limits.max_storage_buffers_per_shader_stage < 8 {
             bail!(
@@ -269,7 +289,16 @@ impl GpuContext {
             }
         }));
         let kernels = Arc::new(Kernels::new(&device, &limits, loop_bounds)?);
-        Ok(GpuContext { device, queue, adapter_info: info, limits, loop_bounds, kernels, errors })
+        Ok(GpuContext {
+            device,
+            queue,
+            adapter_info: info,
+            limits,
+            loop_bounds,
+            chosen_kernels,
+            kernels,
+            errors,
+        })
     }
 
     /// Fails with the first error wgpu reported outside an error scope since the last call.
@@ -297,11 +326,15 @@ impl GpuContext {
         Ok(r)
     }
 
-    /// Why the kernels this process runs by default (see [`super::Variant::chosen_for`]) cannot
-    /// run on this device, and what runs instead; None when they can.
+    /// The kernels this context runs: those `--kernels` chose, else the adapter kind's default.
+    pub fn variant(&self) -> super::Variant {
+        self.chosen_kernels.unwrap_or_else(|| super::Variant::default_for(self.adapter_info.device_type))
+    }
+
+    /// Why [`GpuContext::variant`]'s kernels cannot run on this device, and what runs instead;
+    /// None when they can.
     pub fn kernel_fallback(&self) -> Option<String> {
-        let variant = super::Variant::chosen_for(self.adapter_info.device_type);
-        super::variant::fallback_note(variant, &self.kernels.left_out)
+        super::variant::fallback_note(self.variant(), &self.kernels.left_out)
     }
 
     /// Bytes one storage binding may span.

@@ -17,7 +17,7 @@ pub mod timing;
 pub mod trainer;
 pub mod variant;
 
-pub use context::{list_adapters, AdapterSummary, GpuContext};
+pub use context::{list_adapters, AdapterSummary, GpuContext, GpuOptions};
 pub use ops::GpuOps;
 pub use trainer::GpuBackend;
-pub use variant::{choose_kernels, Variant};
+pub use variant::Variant;

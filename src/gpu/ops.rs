@@ -91,9 +91,9 @@ pub struct GpuOps {
 }
 
 impl GpuOps {
-    /// The ops with the kernels `--kernels` chose (by default the adapter's kind picks).
+    /// The ops with the context's kernels ([`GpuContext::variant`]).
     pub fn new(ctx: GpuContext) -> Result<Self> {
-        let variant = Variant::chosen_for(ctx.adapter_info.device_type);
+        let variant = ctx.variant();
         Self::with_variant(ctx, variant)
     }
 

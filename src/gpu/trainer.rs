@@ -162,10 +162,10 @@ fn write_step_uniforms(ctx: &GpuContext, buffer: &wgpu::Buffer, values: &[StepUn
 }
 
 impl GpuBackend {
-    /// A backend on `ctx` that trains on `train` (uploaded once) with the kernels `--kernels`
-    /// chose (by default the adapter's kind picks).
+    /// A backend on `ctx` that trains on `train` (uploaded once) with the context's kernels
+    /// ([`GpuContext::variant`]).
     pub fn new(ctx: GpuContext, train: &Dataset) -> Result<Self> {
-        let variant = super::Variant::chosen_for(ctx.adapter_info.device_type);
+        let variant = ctx.variant();
         Self::with_variant(ctx, train, variant)
     }
 

@@ -1,7 +1,7 @@
 //! Which kernels the GPU runs: the production kernels and the named alternatives, in ONE table
 //! ([`ALTERNATIVES`]), for the bench and the device script to time against each other until the
 //! H100 has measured them (`lenet train --kernels NAME`, `lenet bench --kernels NAME`, hidden
-//! options):
+//! options that reach the device through [`super::GpuOptions`]: nothing here is global):
 //!
 //! - `v1`: the naive kernels only (src/gpu/conv.rs, linear.rs, optim.rs), the GPU reference;
 //! - `mixed`: the register-blocked convolutions of shaders/conv_v2.wgsl (one dispatch per
@@ -15,8 +15,6 @@
 //! linear_v2.wgsl) and conv.wgsl's tiled convolutions are gone: on the H100 the first were 3-6x
 //! slower than the naive fully connected kernels and the second 1.1-3.7x slower than
 //! conv_v2.wgsl's (BENCHMARKS.md).
-
-use std::sync::OnceLock;
 
 use anyhow::{bail, Result};
 
@@ -77,19 +75,6 @@ pub const ALTERNATIVES: [Alternative; 3] = [
     },
 ];
 
-/// The kernels `--kernels` chose for this process (none: each adapter's default).
-static CHOSEN: OnceLock<Variant> = OnceLock::new();
-
-/// Runs the kernels `name` names on every GPU this process opens (`lenet train --kernels`,
-/// `lenet bench --kernels`); fails with one line for an unknown name or a second choice.
-pub fn choose_kernels(name: &str) -> Result<Variant> {
-    let v: Variant = name.parse()?;
-    if CHOSEN.set(v).is_err() && CHOSEN.get() != Some(&v) {
-        bail!("the kernels were already chosen ({})", CHOSEN.get().map_or("?", |c| c.alternative().name));
-    }
-    Ok(v)
-}
-
 impl Variant {
     /// Every choice of kernels.
     pub const ALL: [Variant; 3] = [Variant::V1, Variant::Mixed, Variant::V3];
@@ -102,11 +87,6 @@ impl Variant {
     /// The entry points this choice needs beyond the naive kernels.
     pub fn kernels(self) -> impl Iterator<Item = &'static str> {
         self.alternative().entry_points.iter().copied()
-    }
-
-    /// The kernels `--kernels` chose, else [`Variant::default_for`] the adapter's kind.
-    pub fn chosen_for(device_type: wgpu::DeviceType) -> Self {
-        CHOSEN.get().copied().unwrap_or_else(|| Self::default_for(device_type))
     }
 
     /// The fastest measured (BENCHMARKS.md): `mixed`, on every kind of adapter.
