@@ -128,8 +128,9 @@ struct StepBuffers<O: Ops> {
 }
 
 impl<O: Ops> StepBuffers<O> {
-    fn new(ops: &mut O, batch: usize) -> Result<Self> {
-        Self::alloc(ops, batch).with_context(|| {
+    /// For training steps, or for the forward pass only.
+    fn new(ops: &mut O, batch: usize, training: bool) -> Result<Self> {
+        Self::alloc(ops, batch, training).with_context(|| {
             format!(
                 "a step at batch {batch} needs {:.2} GB for its activations and their gradients",
                 step_buffer_bytes(batch) as f64 / 1e9
@@ -137,9 +138,11 @@ impl<O: Ops> StepBuffers<O> {
         })
     }
 
-    fn alloc(ops: &mut O, batch: usize) -> Result<Self> {
+    fn alloc(ops: &mut O, batch: usize, training: bool) -> Result<Self> {
+        let acts =
+            if training { Activations::for_training(ops, batch)? } else { Activations::new(ops, batch)? };
         Ok(StepBuffers {
-            acts: Activations::new(ops, batch)?,
+            acts,
             indices: ops.alloc("indices", batch)?,
             shifts: ops.alloc("shifts", 2 * batch)?,
             losses: ops.alloc("losses", batch)?,
@@ -268,7 +271,7 @@ impl<O: Ops> Backend for OpsBackend<O> {
             bail!("sample index {bad} is out of range: the training set has {} images", self.train_len);
         }
         if self.step.as_ref().is_none_or(|s| s.acts.batch != b) {
-            self.step = Some(StepBuffers::new(&mut self.ops, b)?);
+            self.step = Some(StepBuffers::new(&mut self.ops, b, true)?);
         }
         let w = self.weights.as_mut().context("no parameters loaded")?;
         if self.grads_batch != b {
@@ -309,7 +312,7 @@ impl<O: Ops> Backend for OpsBackend<O> {
         for start in (0..data.len()).step_by(EVAL_BATCH) {
             let b = EVAL_BATCH.min(data.len() - start);
             if bufs.as_ref().is_none_or(|s| s.acts.batch != b) {
-                bufs = Some(StepBuffers::new(&mut self.ops, b)?);
+                bufs = Some(StepBuffers::new(&mut self.ops, b, false)?);
             }
             let sb = bufs.as_mut().expect("made above");
             let indices: Vec<u32> = (start as u32..(start + b) as u32).collect();

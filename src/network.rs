@@ -282,34 +282,70 @@ pub struct Activations<O: Ops> {
 }
 
 impl<O: Ops> Activations<O> {
-    /// Buffers for `batch` images, named `<layer>.<tensor>` (and `d<layer>.<tensor>`).
+    /// Buffers for `batch` images, named `<layer>.<tensor>` (and `d<layer>.<tensor>`), for the
+    /// forward pass ([`forward`]): each its own allocation.
     pub fn new(ops: &mut O, batch: usize) -> Result<Self> {
+        Self::alloc(ops, batch, false)
+    }
+
+    /// The same for training steps ([`train_step`]): the head's activations are packed in one
+    /// allocation where the implementation's fused head binds them so ([`Ops::packs_head`]).
+    pub fn for_training(ops: &mut O, batch: usize) -> Result<Self> {
+        Self::alloc(ops, batch, true)
+    }
+
+    fn alloc(ops: &mut O, batch: usize, training: bool) -> Result<Self> {
         let shapes = layer_shapes(batch);
-        let pixels = IMAGE_PIXELS;
-        let mut layers = Vec::new();
-        let mut grads = Vec::new();
-        for (layer, shape) in LENET5.iter().zip(&shapes) {
+        let packed_from =
+            head_shape(&shapes).filter(|s| training && ops.packs_head(s)).map(|_| LENET5.len() - 4);
+        // The f32 tensors, each with whether it is the head's: the input, each layer's outputs,
+        // then each layer's output gradient (the head's: from the layer before it, whose
+        // pooled output is the head's input).
+        let in_head = |layer: usize| packed_from.is_some_and(|first| layer >= first);
+        let mut f32s = vec![("input".to_string(), batch * IMAGE_PIXELS, false)];
+        let mut argmaxes = Vec::new();
+        for (i, (layer, shape)) in LENET5.iter().zip(&shapes).enumerate() {
             let name = layer.name;
-            layers.push(match shape {
-                LayerShape::Conv(s) => LayerActs::Conv {
-                    conv: ops.alloc(&format!("{name}.conv"), s.output_len())?,
-                    pooled: ops.alloc(&format!("{name}.pooled"), s.pooled_len())?,
-                    argmax: ops.alloc(&format!("{name}.argmax"), s.pooled_len())?,
-                },
-                LayerShape::Linear(s) => {
-                    LayerActs::Linear { out: ops.alloc(&format!("{name}.out"), s.batch * s.out_features)? }
+            match shape {
+                LayerShape::Conv(s) => {
+                    f32s.push((format!("{name}.conv"), s.output_len(), false));
+                    f32s.push((format!("{name}.pooled"), s.pooled_len(), in_head(i)));
+                    argmaxes.push(ops.alloc(&format!("{name}.argmax"), s.pooled_len())?);
                 }
-            });
-            grads.push(ops.alloc(&format!("d{name}.out"), shape.output_len())?);
+                LayerShape::Linear(s) => {
+                    f32s.push((format!("{name}.out"), s.batch * s.out_features, in_head(i)))
+                }
+            }
         }
-        Ok(Activations {
-            batch,
-            shapes,
-            input: ops.alloc("input", batch * pixels)?,
-            labels: ops.alloc("labels", batch)?,
-            layers,
-            grads,
-        })
+        for (i, (layer, shape)) in LENET5.iter().zip(&shapes).enumerate() {
+            f32s.push((format!("d{}.out", layer.name), shape.output_len(), in_head(i)));
+        }
+        let head: Vec<(String, usize)> =
+            f32s.iter().filter(|t| t.2).map(|(n, l, _)| (n.clone(), *l)).collect();
+        let mut head = ops.alloc_packed::<f32>("head_activations", &head)?.into_iter();
+        let mut bufs = Vec::with_capacity(f32s.len());
+        for (name, len, packed) in &f32s {
+            bufs.push(if *packed {
+                head.next().expect("one buffer per tensor")
+            } else {
+                ops.alloc(name, *len)?
+            });
+        }
+        let (mut f, mut argmaxes) = (bufs.into_iter(), argmaxes.into_iter());
+        let mut next = || f.next().expect("one buffer per tensor");
+        let input = next();
+        let layers = shapes
+            .iter()
+            .map(|shape| match shape {
+                LayerShape::Conv(_) => {
+                    let (conv, pooled) = (next(), next());
+                    LayerActs::Conv { conv, pooled, argmax: argmaxes.next().expect("one per conv layer") }
+                }
+                LayerShape::Linear(_) => LayerActs::Linear { out: next() },
+            })
+            .collect();
+        let grads = shapes.iter().map(|_| next()).collect();
+        Ok(Activations { batch, shapes, input, labels: ops.alloc("labels", batch)?, layers, grads })
     }
 
     /// The logits of the last forward pass: [B, 10].
@@ -332,21 +368,24 @@ impl<O: Ops> Weights<O> {
     /// Uploads `params` and `moments`, with zeroed gradients of the partial counts `ops`
     /// writes at `batch`.
     pub fn upload(ops: &mut O, params: &Params, moments: &[Params], batch: usize) -> Result<Self> {
-        let specs = param_specs();
-        let mut w =
-            Weights { params: Vec::new(), grads: Self::alloc_grads(ops, batch)?, moments: Vec::new() };
-        for (spec, tensor) in specs.iter().zip(&params.tensors) {
-            w.params.push(ops.upload(&spec.name, tensor)?);
-        }
-        for (k, m) in moments.iter().enumerate() {
-            let tensors = specs
+        // Each set of tensors packed together ([`Ops::upload_packed`]), as the GPU backend's
+        // flat buffers hold them.
+        let upload = |ops: &mut O, prefix: &str, p: &Params| {
+            let named: Vec<(String, &[f32])> = param_specs()
                 .iter()
-                .zip(&m.tensors)
-                .map(|(spec, t)| ops.upload(&format!("moment{k}.{}", spec.name), t))
-                .collect::<Result<Vec<_>>>()?;
-            w.moments.push(tensors);
-        }
-        Ok(w)
+                .zip(&p.tensors)
+                .map(|(s, t)| (format!("{prefix}{}", s.name), &t[..]))
+                .collect();
+            ops.upload_packed(prefix, &named)
+        };
+        let grads = Self::alloc_grads(ops, batch)?;
+        let params = upload(ops, "", params)?;
+        let moments = moments
+            .iter()
+            .enumerate()
+            .map(|(k, m)| upload(ops, &format!("moment{k}."), m))
+            .collect::<Result<_>>()?;
+        Ok(Weights { params, grads, moments })
     }
 }
 
@@ -354,11 +393,12 @@ impl<O: Ops> Weights<O> {
     /// Zeroed gradient buffers with the partial counts `ops` writes at `batch`.
     pub fn alloc_grads(ops: &mut O, batch: usize) -> Result<Vec<O::Buf<f32>>> {
         let partials = grad_partials(ops, batch);
-        param_specs()
+        let lens: Vec<(String, usize)> = param_specs()
             .iter()
             .zip(partials)
-            .map(|(spec, p)| ops.alloc(&format!("d{}", spec.name), p * spec.len()))
-            .collect()
+            .map(|(spec, p)| (format!("d{}", spec.name), p * spec.len()))
+            .collect();
+        ops.alloc_packed("grads", &lens)
     }
 }
 
@@ -366,11 +406,15 @@ impl<O: Ops> Weights<O> {
 pub fn grad_partials<O: Ops>(ops: &O, batch: usize) -> Vec<usize> {
     let shapes = layer_shapes(batch);
     let last = shapes.len() - 1;
+    let head = head_shape(&shapes);
     let mut out = Vec::new();
     for (i, shape) in shapes.iter().enumerate() {
         let op = match *shape {
             // The first layer's input is the image: no gradient for it.
             LayerShape::Conv(s) => GradOp::ConvFromPool(s, i > 0),
+            LayerShape::Linear(_) if head.is_some() && i + 3 > last => {
+                GradOp::Head { head: head.expect("checked"), layer: i + 3 - shapes.len() }
+            }
             LayerShape::Linear(s) if i == last => GradOp::LinearXent(s),
             LayerShape::Linear(s) => GradOp::Linear(s),
         };
@@ -397,6 +441,9 @@ pub fn forward<O: Ops>(
 }
 
 /// One optimizer step on a batch: the forward pass, the loss, the backward pass and the update.
+/// A network that ends in a three-layer head after a conv layer (LeNet-5) runs the head's whole
+/// step as one fused op ([`Ops::head_forward_backward`], the same ops in the same order where an
+/// implementation does not fuse them); any other runs layer by layer.
 pub fn train_step<O: Ops>(
     ops: &mut O,
     w: &mut Weights<O>,
@@ -405,10 +452,89 @@ pub fn train_step<O: Ops>(
     out: StepOut<O>,
     opt: &OptStep,
 ) -> Result<()> {
-    let last = LENET5.len() - 1;
-    forward_layers(ops, &w.params, acts, batch, last)?;
+    let trunk = match head_shape(&acts.shapes) {
+        Some(s) => {
+            let first = LENET5.len() - 3;
+            forward_layers(ops, &w.params, acts, batch, first)?;
+            head_step(ops, w, acts, out, first, s)?;
+            first
+        }
+        None => {
+            let last = LENET5.len() - 1;
+            forward_layers(ops, &w.params, acts, batch, last)?;
+            output_layer_step(ops, w, acts, out, last)?;
+            last
+        }
+    };
+    backward_layers(ops, w, acts, trunk)?;
+    let (params, grads, moments) = (&mut w.params[..], &w.grads[..], &mut w.moments[..]);
+    ops.update(UpdateArgs { params, grads, moments, step: opt })
+}
 
-    // The output layer: logits, loss and its own backward pass in one op.
+/// The head's shape when the network ends in three fully connected layers (ReLU, ReLU, none)
+/// after a conv layer, as LeNet-5 does.
+pub fn head_shape(shapes: &[LayerShape]) -> Option<HeadShape> {
+    let n = shapes.len();
+    if n < 4 || !matches!(shapes[n - 4], LayerShape::Conv(_)) {
+        return None;
+    }
+    let relus = LENET5[n - 3..].iter().map(|l| matches!(l.kind, LayerKind::Linear { relu: true, .. }));
+    if !relus.eq([true, true, false]) {
+        return None;
+    }
+    let mut features = [0; 4];
+    for (k, shape) in shapes[n - 3..].iter().enumerate() {
+        let LayerShape::Linear(s) = shape else { return None };
+        features[k] = s.in_features;
+        features[k + 1] = s.out_features;
+    }
+    let LayerShape::Linear(s) = shapes[n - 1] else { return None };
+    Some(HeadShape { batch: s.batch, features })
+}
+
+/// The head (layers `first..first + 3`): forward, loss and backward in one op.
+fn head_step<O: Ops>(
+    ops: &mut O,
+    w: &mut Weights<O>,
+    acts: &mut Activations<O>,
+    out: StepOut<O>,
+    first: usize,
+    s: HeadShape,
+) -> Result<()> {
+    let (before, rest) = acts.layers.split_at_mut(first);
+    let (dbefore, drest) = acts.grads.split_at_mut(first);
+    let input = before.last().expect("a conv layer before the head").output();
+    let dinput = dbefore.last_mut().expect("a conv layer before the head");
+    let (params, grads) = (&w.params[2 * first..], &mut w.grads[2 * first..]);
+    let mut layers =
+        rest.iter_mut().zip(drest).zip(params.chunks_exact(2)).zip(grads.chunks_exact_mut(2)).map(
+            |(((a, dout), p), g)| {
+                let LayerActs::Linear { out } = a else { unreachable!("the head is fully connected") };
+                let (dweight, dbias) = g.split_at_mut(1);
+                HeadLayerArgs {
+                    weight: &p[0],
+                    bias: &p[1],
+                    out,
+                    dout,
+                    dweight: &mut dweight[0],
+                    dbias: &mut dbias[0],
+                }
+            },
+        );
+    let mut next = || layers.next().expect("three head layers");
+    let layers = [next(), next(), next()];
+    let (labels, losses, correct) = (&acts.labels, out.losses, out.correct);
+    ops.head_forward_backward(HeadArgs { input, layers, labels, losses, correct, dinput, s })
+}
+
+/// The output layer (`last`): logits, loss and its own backward pass in one op.
+fn output_layer_step<O: Ops>(
+    ops: &mut O,
+    w: &mut Weights<O>,
+    acts: &mut Activations<O>,
+    out: StepOut<O>,
+    last: usize,
+) -> Result<()> {
     let LayerShape::Linear(s) = acts.shapes[last] else { bail!("the last layer must be fully connected") };
     let (wi, bi) = layer_params(last);
     let (before, rest) = acts.layers.split_at_mut(last);
@@ -428,10 +554,17 @@ pub fn train_step<O: Ops>(
         dbias,
         dinput: input_grad(dbefore, before, last),
         s,
-    })?;
+    })
+}
 
-    // Every other layer, in reverse.
-    for i in (0..last).rev() {
+/// The backward pass of layers `0..upto`, in reverse.
+fn backward_layers<O: Ops>(
+    ops: &mut O,
+    w: &mut Weights<O>,
+    acts: &mut Activations<O>,
+    upto: usize,
+) -> Result<()> {
+    for i in (0..upto).rev() {
         let (wi, _) = layer_params(i);
         let (dbefore, dthis) = acts.grads.split_at_mut(i);
         let before = &acts.layers[..i];
@@ -463,8 +596,7 @@ pub fn train_step<O: Ops>(
         }
     }
 
-    let (params, grads, moments) = (&mut w.params[..], &w.grads[..], &mut w.moments[..]);
-    ops.update(UpdateArgs { params, grads, moments, step: opt })
+    Ok(())
 }
 
 /// Runs layers 0..n forward; the first gathers the batch into `acts.input` (fused with a

@@ -43,6 +43,8 @@ pub enum OpCase {
     },
     /// One step of an optimizer: the tensors' sizes, their gradients' partial counts, and the
     /// step (which optimizer, its scalars).
+    /// The fully connected head's whole step ([`crate::ops::Ops::head_forward_backward`]).
+    Head(HeadShape),
     Update {
         lens: Vec<usize>,
         partials: Vec<usize>,
@@ -75,6 +77,7 @@ impl OpCase {
             OpCase::LinearXent { .. } => ("linear_xent_forward_backward", "fwd+xent+bwd"),
             OpCase::LinearBackward { .. } => ("linear_backward", "backward"),
             OpCase::ConvBackwardFromPool { .. } => ("conv_backward_from_pool", "backward from pool"),
+            OpCase::Head(_) => ("head_forward_backward", "fwd+xent+bwd, 3 layers"),
             OpCase::Update { .. } => ("update", "update"),
         }
     }
@@ -91,6 +94,8 @@ impl OpCase {
                 2.0 * s.macs() as f64 * if mask.is_some() { 2.0 } else { 1.0 }
             }
             OpCase::ConvBackwardFromPool { s, dinput } => conv_fwd(s) * if *dinput { 2.0 } else { 1.0 },
+            // Each layer forward, its weight gradient and its input gradient.
+            OpCase::Head(h) => h.layers().iter().map(|s| 6.0 * s.macs() as f64).sum(),
             _ => return None,
         })
     }
@@ -111,6 +116,11 @@ impl OpCase {
                 s.batch * (s.in_features + s.out_features) + s.weight_len()
             }
             OpCase::ConvBackwardFromPool { s, .. } => 2 * s.input_len() + s.output_len() + 2 * s.pooled_len(),
+            OpCase::Head(h) => h
+                .layers()
+                .iter()
+                .map(|s| 3 * s.batch * (s.in_features + s.out_features) + 2 * s.weight_len())
+                .sum(),
         } as f64
     }
 }

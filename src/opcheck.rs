@@ -98,6 +98,12 @@ pub fn test_cases() -> Vec<OpCase> {
     let conv2 = conv(256, 6, 16, 14, 5, 0);
     cases.extend([true, false].map(|dinput| OpCase::ConvBackwardFromPool { s: conv2, dinput }));
     cases.push(OpCase::ConvBackwardFromPool { s: conv(1100, 1, 6, 28, 5, 2), dinput: false });
+    // The fused head: LeNet-5's at the batches of issue 22 (1100: 64 workgroups of 18 images,
+    // the last two empty), a small odd one, and one wider than head.wgsl holds (run layer by
+    // layer).
+    let head = |batch, features| OpCase::Head(HeadShape { batch, features });
+    cases.extend([1, 13, 67, 256, 1100].map(|b| head(b, [400, 120, 84, 10])));
+    cases.extend([head(5, [33, 20, 12, 7]), head(3, [500, 16, 8, 4])]);
     // Every optimizer with its defaults on those shapes, and the settings that take other
     // branches of its update.
     let shapes = [
@@ -272,6 +278,14 @@ pub fn inputs(case: &OpCase, seed: u64) -> Host {
             h.f32s.push(("input", input));
             h.f32s.push(("weight", weight));
         }
+        OpCase::Head(hs) => {
+            h.f32s.push(("input", relu_like(rng, hs.batch * hs.features[0])));
+            for (k, s) in hs.layers().iter().enumerate() {
+                h.f32s.push((HEAD_PARAMS[2 * k], weights(rng, s.weight_len(), s.in_features)));
+                h.f32s.push((HEAD_PARAMS[2 * k + 1], weights(rng, s.out_features, s.in_features)));
+            }
+            h.u32s.push(("labels", (0..hs.batch).map(|_| below(rng, hs.features[3] as u32)).collect()));
+        }
         OpCase::Update { lens, partials, step } => {
             let total: usize = lens.iter().sum();
             let grads: usize = lens.iter().zip(partials).map(|(n, p)| n * p).sum();
@@ -292,6 +306,13 @@ pub fn inputs(case: &OpCase, seed: u64) -> Host {
     }
     h
 }
+
+/// The head case's parameters, in [`HeadArgs`] order.
+const HEAD_PARAMS: [&str; 6] = ["w1", "b1", "w2", "b2", "w3", "b3"];
+/// The head case's activation outputs and their gradients' (after its input, packed with it).
+const HEAD_ACTS: [&str; 7] = ["out1", "out2", "logits", "dout1", "dout2", "dlogits", "dinput"];
+/// The head case's weight gradients.
+const HEAD_GRADS: [&str; 6] = ["dw1", "db1", "dw2", "db2", "dw3", "db3"];
 
 /// Splits a flat host vector into the tensors of `lens` (each `parts` times as long).
 fn split<'a>(flat: &'a [f32], lens: &[usize], parts: &[usize]) -> Vec<&'a [f32]> {
@@ -322,8 +343,8 @@ pub struct Staged<O: Ops> {
     outs: Vec<(&'static str, O::Buf<f32>)>,
     outs_u32: Vec<(&'static str, O::Buf<u32>)>,
     data: Option<O::Data>,
-    /// Partial counts of the gradient outputs (dweight, dbias).
-    partials: usize,
+    /// Partial counts of the gradient outputs that have more than one.
+    partials: Vec<(&'static str, usize)>,
     /// The optimizer cases' tensors, one buffer per tensor: the parameters, their gradients,
     /// and the optimizer's states.
     params: Vec<O::Buf<f32>>,
@@ -346,13 +367,17 @@ impl<O: Ops> Staged<O> {
             outs: Vec::new(),
             outs_u32: Vec::new(),
             data: None,
-            partials: 1,
+            partials: Vec::new(),
             params: Vec::new(),
             grads: Vec::new(),
             moments: Vec::new(),
         };
-        for (n, v) in &host.f32s {
-            s.ins.push((n, ops.upload(n, v)?));
+        if let OpCase::Head(hs) = case {
+            s.stage_head(ops, hs, host)?;
+        } else {
+            for (n, v) in &host.f32s {
+                s.ins.push((n, ops.upload(n, v)?));
+            }
         }
         for (n, v) in &host.u32s {
             s.ins_u32.push((n, ops.upload(n, v)?));
@@ -368,9 +393,10 @@ impl<O: Ops> Staged<O> {
             Ok(())
         };
         let grads = |s: &mut Self, ops: &mut O, op: GradOp, w: usize, b: usize| -> Result<()> {
-            s.partials = ops.grad_partials(op);
-            s.outs.push(("dweight", ops.upload("dweight", &vec![f32::NAN; w * s.partials])?));
-            s.outs.push(("dbias", ops.upload("dbias", &vec![f32::NAN; b * s.partials])?));
+            let p = ops.grad_partials(op);
+            s.partials.extend([("dweight", p), ("dbias", p)]);
+            s.outs.push(("dweight", ops.upload("dweight", &vec![f32::NAN; w * p])?));
+            s.outs.push(("dbias", ops.upload("dbias", &vec![f32::NAN; b * p])?));
             Ok(())
         };
         let mut outs_u32 = Vec::new();
@@ -419,6 +445,8 @@ impl<O: Ops> Staged<O> {
                 }
                 grads(&mut s, ops, GradOp::ConvFromPool(*c, *dinput), c.weight_len(), c.out_channels)?;
             }
+            // Staged above, packed as the network packs them.
+            OpCase::Head(hs) => outs_u32.push(("correct", hs.batch)),
             OpCase::Update { lens, partials, .. } => {
                 let ones = vec![1; lens.len()];
                 let mut upload = |name: &'static str, parts: &[usize]| -> Result<Vec<O::Buf<f32>>> {
@@ -435,6 +463,42 @@ impl<O: Ops> Staged<O> {
             s.outs_u32.push((name, ops.upload(name, &vec![u32::MAX; len])?));
         }
         Ok(s)
+    }
+
+    /// The head case's f32 tensors, packed as the network packs them ([`Ops::upload_packed`]):
+    /// the parameters together, the input with the activation outputs (NaN-filled), the weight
+    /// gradients together; and the losses.
+    fn stage_head(&mut self, ops: &mut O, hs: &HeadShape, host: &Host) -> Result<()> {
+        let params: Vec<(String, &[f32])> = HEAD_PARAMS.iter().map(|n| (n.to_string(), host.f(n))).collect();
+        self.ins.extend(HEAD_PARAMS.into_iter().zip(ops.upload_packed("params", &params)?));
+        let [s1, s2, s3] = hs.layers();
+        let lens = [s1.batch * s1.out_features, s2.batch * s2.out_features, s3.batch * s3.out_features];
+        let act_lens = [lens[0], lens[1], lens[2], lens[0], lens[1], lens[2], hs.batch * hs.features[0]];
+        let nans: Vec<Vec<f32>> = act_lens.iter().map(|&n| vec![f32::NAN; n]).collect();
+        let mut acts: Vec<(String, &[f32])> = vec![("input".into(), host.f("input"))];
+        acts.extend(HEAD_ACTS.iter().zip(&nans).map(|(n, v)| (n.to_string(), &v[..])));
+        // Packed only for a fused head: the per-layer kernels may not read and write ranges of
+        // one buffer in one dispatch.
+        let mut bufs = if ops.packs_head(hs) {
+            ops.upload_packed("acts", &acts)?
+        } else {
+            acts.iter().map(|(n, v)| ops.upload(n, v)).collect::<Result<_>>()?
+        }
+        .into_iter();
+        self.ins.push(("input", bufs.next().expect("the input")));
+        self.outs.extend(HEAD_ACTS.into_iter().zip(bufs));
+        let mut grads = Vec::new();
+        for (k, s) in hs.layers().iter().enumerate() {
+            let p = ops.grad_partials(GradOp::Head { head: *hs, layer: k });
+            grads.push(vec![f32::NAN; p * s.weight_len()]);
+            grads.push(vec![f32::NAN; p * s.out_features]);
+            self.partials.extend([(HEAD_GRADS[2 * k], p), (HEAD_GRADS[2 * k + 1], p)]);
+        }
+        let named: Vec<(String, &[f32])> =
+            HEAD_GRADS.iter().zip(&grads).map(|(n, v)| (n.to_string(), &v[..])).collect();
+        self.outs.extend(HEAD_GRADS.into_iter().zip(ops.upload_packed("grads", &named)?));
+        self.outs.push(("losses", ops.upload("losses", &vec![f32::NAN; hs.batch])?));
+        Ok(())
     }
 
     /// Runs the op once.
@@ -521,6 +585,36 @@ impl<O: Ops> Staged<O> {
                     s: *s,
                 })
             }
+            OpCase::Head(hs) => {
+                let [correct] = outs_mut(outs_u32, ["correct"]);
+                let names = [
+                    "out1", "out2", "logits", "dout1", "dout2", "dlogits", "dinput", "dw1", "db1", "dw2",
+                    "db2", "dw3", "db3", "losses",
+                ];
+                let [out1, out2, logits, dout1, dout2, dlogits, dinput, dw1, db1, dw2, db2, dw3, db3, losses] =
+                    outs_mut(outs, names);
+                let layer = |weight, bias, out, dout, dweight, dbias| HeadLayerArgs {
+                    weight,
+                    bias,
+                    out,
+                    dout,
+                    dweight,
+                    dbias,
+                };
+                ops.head_forward_backward(HeadArgs {
+                    input: f("input"),
+                    layers: [
+                        layer(f("w1"), f("b1"), out1, dout1, dw1, db1),
+                        layer(f("w2"), f("b2"), out2, dout2, dw2, db2),
+                        layer(f("w3"), f("b3"), logits, dlogits, dw3, db3),
+                    ],
+                    labels: u("labels"),
+                    losses,
+                    correct,
+                    dinput,
+                    s: *hs,
+                })
+            }
             OpCase::Update { step, .. } => {
                 let (params, grads, moments) = (&mut self.params[..], &self.grads[..], &mut self.moments[..]);
                 ops.update(UpdateArgs { params, grads, moments, step })
@@ -533,8 +627,8 @@ impl<O: Ops> Staged<O> {
         let mut h = Host::default();
         for (n, b) in &self.outs {
             let mut v = ops.read(b)?;
-            if (*n == "dweight" || *n == "dbias") && self.partials > 1 {
-                v = sum_partials(&v, self.partials);
+            if let Some(&(_, p)) = self.partials.iter().find(|(name, _)| name == n) {
+                v = sum_partials(&v, p);
             }
             h.f32s.push((n, v));
         }
@@ -615,6 +709,9 @@ pub fn check<O: Ops>(ops: &mut O, case: &OpCase, seed: u64) -> Result<Outcome> {
 
 /// Compares `got` with the reference's `want` for `case`'s inputs `host`.
 pub fn compare(case: &OpCase, host: &Host, got: &Host, want: &Host) -> Result<Outcome> {
+    if let OpCase::Head(hs) = case {
+        return compare_head(hs, host, got);
+    }
     let mut worst = Outcome { worst_ratio: 0.0, worst_at: String::new() };
     let bounds = bounds(case, host, want);
     for (name, w) in &want.f32s {
@@ -649,6 +746,79 @@ pub fn compare(case: &OpCase, host: &Host, got: &Host, want: &Host) -> Result<Ou
         }
     }
     Ok(worst)
+}
+
+/// The fused head, stage by stage: each layer's forward, the loss with the last layer's
+/// backward, and each other layer's backward, checked as the op of its own that computes it
+/// (with that op's tolerance) against the reference run on that stage's inputs as `got`
+/// computed them. So a fault anywhere in the chain is caught where it arises, and no tolerance
+/// has to cover a whole chain's rounding.
+fn compare_head(hs: &HeadShape, host: &Host, got: &Host) -> Result<Outcome> {
+    let [s1, s2, s3] = hs.layers();
+    let f = |h: &Host, n: &str| h.f(n).to_vec();
+    let stage = |case: OpCase, ins: Vec<(&'static str, Vec<f32>)>, u32s, outs: &[(&'static str, &str)]| {
+        let sub_host = Host { f32s: ins, u32s, ..Host::default() };
+        let want = run(&mut Reference, &case, &sub_host).context("running the reference")?;
+        let mut sub_got = Host::default();
+        for &(name, from) in outs {
+            match got.f32s.iter().find(|(n, _)| *n == from) {
+                Some((_, v)) => sub_got.f32s.push((name, v.clone())),
+                None => sub_got.u32s.push((name, got.u(from).to_vec())),
+            }
+        }
+        compare(&case, &sub_host, &sub_got, &want)
+            .with_context(|| format!("the head's {} stage", case.direction()))
+    };
+    let labels = vec![("labels", host.u("labels").to_vec())];
+    let outcomes = [
+        stage(
+            OpCase::Linear { s: s1, relu: true },
+            vec![("input", f(host, "input")), ("weight", f(host, "w1")), ("bias", f(host, "b1"))],
+            vec![],
+            &[("out", "out1")],
+        )?,
+        stage(
+            OpCase::Linear { s: s2, relu: true },
+            vec![("input", f(got, "out1")), ("weight", f(host, "w2")), ("bias", f(host, "b2"))],
+            vec![],
+            &[("out", "out2")],
+        )?,
+        stage(
+            OpCase::LinearXent { s: s3, mask: Some(true) },
+            vec![("input", f(got, "out2")), ("weight", f(host, "w3")), ("bias", f(host, "b3"))],
+            labels,
+            &[
+                ("logits", "logits"),
+                ("dlogits", "dlogits"),
+                ("losses", "losses"),
+                ("correct", "correct"),
+                ("dinput", "dout2"),
+                ("dweight", "dw3"),
+                ("dbias", "db3"),
+            ],
+        )?,
+        stage(
+            OpCase::LinearBackward { s: s2, mask: Some(true) },
+            vec![("dout", f(got, "dout2")), ("input", f(got, "out1")), ("weight", f(host, "w2"))],
+            vec![],
+            &[("dinput", "dout1"), ("dweight", "dw2"), ("dbias", "db2")],
+        )?,
+        // The head's input gradient is unmasked: the conv layer below applies its own ReLU.
+        stage(
+            OpCase::LinearBackward { s: s1, mask: Some(false) },
+            vec![("dout", f(got, "dout1")), ("input", f(host, "input")), ("weight", f(host, "w1"))],
+            vec![],
+            &[("dinput", "dinput"), ("dweight", "dw1"), ("dbias", "db1")],
+        )?,
+    ];
+    let worst = Outcome { worst_ratio: 0.0, worst_at: String::new() };
+    Ok(outcomes.into_iter().fold(worst, |a, b| {
+        if b.worst_ratio > a.worst_ratio || a.worst_at.is_empty() {
+            b
+        } else {
+            a
+        }
+    }))
 }
 
 /// Whether a differing argmax or correct flag is a tie within rounding: the two candidates'
@@ -765,7 +935,8 @@ fn bounds(case: &OpCase, host: &Host, want: &Host) -> Vec<(&'static str, Vec<f64
         vec![("dlogits", d), ("losses", l)]
     };
     match case {
-        OpCase::Gather { .. } => {}
+        // Checked stage by stage (compare_head).
+        OpCase::Gather { .. } | OpCase::Head(_) => {}
         OpCase::ConvReluPool(s) | OpCase::GatherConvReluPool { s, .. } => {
             let input = match case {
                 OpCase::ConvReluPool(_) => host.f("input").to_vec(),
@@ -1006,6 +1177,12 @@ impl<O: Ops> Ops for Trace<O> {
         self.inner.conv_backward_from_pool(a)
     }
 
+    /// Traced layer by layer (the ops the head is defined as), so that the CPU's bench has a row
+    /// per layer; `O`'s own fused head, if it has one, is not called.
+    fn head_forward_backward(&mut self, a: Head<Self>) -> Result<()> {
+        head_by_layers(self, a)
+    }
+
     fn update(&mut self, a: Update<Self>) -> Result<()> {
         let (lens, partials) = update_shapes(a.params, a.grads, |b| self.inner.len(b));
         self.calls.push(OpCase::Update { lens, partials, step: *a.step });
@@ -1023,7 +1200,7 @@ pub fn step_cases<O: Ops>(ops: O, batch: usize, optimizer: &Optimizer) -> Result
     let data = Dataset { images: vec![0; batch * 784], labels: vec![0; batch], rows: 28, cols: 28 };
     let dev = t.upload_data("train", &data)?;
     let mut w = Weights::upload(&mut t, &state.params, &state.moments, batch)?;
-    let mut acts = Activations::new(&mut t, batch)?;
+    let mut acts = Activations::for_training(&mut t, batch)?;
     let indices: Vec<u32> = (0..batch as u32).collect();
     let indices = t.upload("indices", &indices)?;
     let shifts = t.alloc("shifts", 2 * batch)?;

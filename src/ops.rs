@@ -38,6 +38,31 @@ pub enum GradOp {
     ConvFromPool(ConvShape, bool),
     Linear(LinearShape),
     LinearXent(LinearShape),
+    /// Layer `layer` (0, 1 or 2) of a fully connected head ([`Ops::head_forward_backward`]).
+    Head {
+        head: HeadShape,
+        layer: usize,
+    },
+}
+
+/// The shape of a fully connected head of three layers (LeNet-5's fc1 -> fc2 -> fc3): ReLU after
+/// the first two, softmax cross-entropy after the last. `features` are the first layer's inputs,
+/// then each layer's outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadShape {
+    pub batch: usize,
+    pub features: [usize; 4],
+}
+
+impl HeadShape {
+    /// Layer `i`'s shape.
+    pub fn layer(&self, i: usize) -> LinearShape {
+        LinearShape { batch: self.batch, in_features: self.features[i], out_features: self.features[i + 1] }
+    }
+
+    pub fn layers(&self) -> [LinearShape; 3] {
+        [0, 1, 2].map(|i| self.layer(i))
+    }
 }
 
 /// The buffers of an [`Ops`] implementation, by element type.
@@ -180,6 +205,36 @@ pub struct ConvBackwardArgs<'a, F, U> {
 }
 pub type ConvBackward<'a, O> = ConvBackwardArgs<'a, F32<O>, U32<O>>;
 
+/// One layer of [`HeadArgs`]: its parameters, its output, the loss's gradient with respect to
+/// that output, and its weight gradients (each `partials` x its size, see [`GradOp::Head`]).
+pub struct HeadLayerArgs<'a, F> {
+    pub weight: &'a F,
+    pub bias: &'a F,
+    /// [B, Out]: after its ReLU (the last layer's: the logits).
+    pub out: &'a mut F,
+    /// [B, Out]: zero where its ReLU's output is (the last layer's: the logits' gradient).
+    pub dout: &'a mut F,
+    pub dweight: &'a mut F,
+    pub dbias: &'a mut F,
+}
+pub type HeadLayer<'a, O> = HeadLayerArgs<'a, F32<O>>;
+
+/// [`Ops::head_forward_backward`]'s tensors.
+pub struct HeadArgs<'a, F, U> {
+    /// [B, In]: the head's input (a conv layer's pooled output).
+    pub input: &'a F,
+    pub layers: [HeadLayerArgs<'a, F>; 3],
+    /// \[B\]
+    pub labels: &'a U,
+    pub losses: &'a mut F,
+    pub correct: &'a mut U,
+    /// [B, In]: the loss's gradient with respect to `input`, unmasked (the conv layer that
+    /// produced it applies its own ReLU).
+    pub dinput: &'a mut F,
+    pub s: HeadShape,
+}
+pub type Head<'a, O> = HeadArgs<'a, F32<O>, U32<O>>;
+
 /// An optimizer step's tensors, one buffer per parameter tensor each.
 pub struct UpdateArgs<'a, F, S> {
     pub params: &'a mut [F],
@@ -219,6 +274,37 @@ pub trait Ops {
     /// Elements in the buffer.
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
     fn upload_data(&mut self, label: &str, data: &Dataset) -> Result<Self::Data>;
+
+    /// Zero-filled buffers of the given lengths, which an implementation may place in one
+    /// allocation (the GPU does, so that one binding of a fused kernel reaches them all).
+    fn alloc_packed<T: Elem>(&mut self, label: &str, lens: &[(String, usize)]) -> Result<Vec<Self::Buf<T>>> {
+        let _ = label;
+        lens.iter().map(|(name, len)| self.alloc(name, *len)).collect()
+    }
+
+    /// Whether [`Ops::head_forward_backward`] runs as one kernel that binds the head's
+    /// activations (its input, each layer's output and output gradient, its input gradient) as
+    /// one buffer at this shape: then they must come from one [`Ops::alloc_packed`], and
+    /// otherwise they must not (a kernel may not read and write ranges of one buffer in one
+    /// dispatch, as the per-layer kernels would).
+    fn packs_head(&self, s: &HeadShape) -> bool {
+        let _ = s;
+        false
+    }
+
+    /// Buffers holding `tensors`, packed as [`Ops::alloc_packed`] packs them.
+    fn upload_packed<T: Elem>(
+        &mut self,
+        label: &str,
+        tensors: &[(String, &[T])],
+    ) -> Result<Vec<Self::Buf<T>>> {
+        let lens: Vec<(String, usize)> = tensors.iter().map(|(n, t)| (n.clone(), t.len())).collect();
+        let mut bufs = self.alloc_packed(label, &lens)?;
+        for (buf, (_, t)) in bufs.iter_mut().zip(tensors) {
+            self.write(buf, t)?;
+        }
+        Ok(bufs)
+    }
 
     /// How many partial sums the op writes for a weight gradient (and its bias's).
     fn grad_partials(&self, op: GradOp) -> usize {
@@ -334,6 +420,14 @@ pub trait Ops {
         self.write(a.dbias, &dbias)
     }
 
+    /// The fully connected head's whole step, fused: each layer forward (ReLU after the first
+    /// two), the softmax cross-entropy of the logits, and each layer backward, down to the
+    /// gradient with respect to the head's input. Defined as those ops in that order
+    /// ([`head_by_layers`]).
+    fn head_forward_backward(&mut self, a: Head<Self>) -> Result<()> {
+        head_by_layers(self, a)
+    }
+
     /// One optimizer step over every tensor, by whichever optimizer `a.step` belongs to, exactly
     /// as PyTorch's (see [`crate::optim`]); each gradient is the in-order sum of its partials.
     fn update(&mut self, a: Update<Self>) -> Result<()> {
@@ -376,6 +470,62 @@ pub fn linear_then_xent<O: Ops + ?Sized>(ops: &mut O, a: LinearXent<O>) -> Resul
     ops.softmax_xent(xent)?;
     let (dweight, dbias, dinput) = (a.dweight, a.dbias, a.dinput);
     ops.linear_backward(LinearBackwardArgs { dout: dlogits, input, weight, dweight, dbias, dinput, s })
+}
+
+/// [`Ops::head_forward_backward`] as the per-layer ops, in the order the network calls them one
+/// by one (the CPU's bits are those of that order).
+pub fn head_by_layers<O: Ops + ?Sized>(ops: &mut O, a: Head<O>) -> Result<()> {
+    let HeadArgs { input, layers: [l1, l2, l3], labels, losses, correct, dinput, s } = a;
+    let [s1, s2, s3] = s.layers();
+    let (w1, b1, w2, b2) = (l1.weight, l1.bias, l2.weight, l2.bias);
+    ops.linear_forward(LinearForwardArgs {
+        input,
+        weight: w1,
+        bias: b1,
+        out: &mut *l1.out,
+        s: s1,
+        relu: true,
+    })?;
+    ops.linear_forward(LinearForwardArgs {
+        input: &*l1.out,
+        weight: w2,
+        bias: b2,
+        out: &mut *l2.out,
+        s: s2,
+        relu: true,
+    })?;
+    ops.linear_xent_forward_backward(LinearXentArgs {
+        input: &*l2.out,
+        weight: l3.weight,
+        bias: l3.bias,
+        labels,
+        logits: l3.out,
+        dlogits: l3.dout,
+        losses,
+        correct,
+        dweight: l3.dweight,
+        dbias: l3.dbias,
+        dinput: Some(InputGradArgs { dinput: &mut *l2.dout, relu_mask: Some(&*l2.out) }),
+        s: s3,
+    })?;
+    ops.linear_backward(LinearBackwardArgs {
+        dout: &*l2.dout,
+        input: &*l1.out,
+        weight: w2,
+        dweight: l2.dweight,
+        dbias: l2.dbias,
+        dinput: Some(InputGradArgs { dinput: &mut *l1.dout, relu_mask: Some(&*l1.out) }),
+        s: s2,
+    })?;
+    ops.linear_backward(LinearBackwardArgs {
+        dout: &*l1.dout,
+        input,
+        weight: w1,
+        dweight: l1.dweight,
+        dbias: l1.dbias,
+        dinput: Some(InputGradArgs { dinput, relu_mask: None }),
+        s: s1,
+    })
 }
 
 /// An optimizer step on host copies: `update(param, summed-gradient partials, moments)` per

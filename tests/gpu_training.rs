@@ -349,3 +349,22 @@ fn each_context_runs_the_kernels_its_options_name() {
     assert_eq!(shared.variant(), default);
     assert_eq!(GpuBackend::new(shared, &data).unwrap().variant(), default);
 }
+
+/// The recorded step of each choice of kernels: how many dispatches, and that the fused head is
+/// one of the fused family's (and of no other's).
+#[test]
+fn each_choice_of_kernels_records_its_dispatches() {
+    let data = dataset(16, 2);
+    let opt = Optimizer::default();
+    let start = TrainState::new(Params::init(SEED), opt, SEED, BATCH, false);
+    for (variant, dispatches) in
+        [(Variant::V1, 21), (Variant::Mixed, 15), (Variant::V3, 10), (Variant::Fused, 6)]
+    {
+        let Some(mut g) = gpu_backend_with(&data, &start, variant) else { return };
+        g.train_steps(&chunk(&opt, data.len(), BATCH, 1, 1, 3)).unwrap();
+        let (ds, _) = g.step_program().expect("a recorded step");
+        let kernels: Vec<&str> = ds.iter().map(|d| d.kernel.as_str()).collect();
+        assert_eq!(kernels.len(), dispatches, "{variant}: {kernels:?}");
+        assert_eq!(kernels.contains(&"head_step"), variant == Variant::Fused, "{variant}: {kernels:?}");
+    }
+}

@@ -59,6 +59,7 @@ fn every_op_has_cases() {
         "linear_xent_forward_backward",
         "linear_backward",
         "conv_backward_from_pool",
+        "head_forward_backward",
         "update",
     ] {
         assert!(ops.contains(&op), "{op} has no test case");
@@ -91,6 +92,13 @@ fn gpu_default() {
     let Some(ctx) = common::gpu() else { return };
     let variant = Variant::default_for(ctx.adapter_info.device_type);
     check_all(&mut GpuOps::with_variant(ctx, variant).unwrap());
+}
+
+/// The fused family (until it is the default).
+#[test]
+fn gpu_fused() {
+    let Some(ctx) = common::gpu() else { return };
+    check_all(&mut GpuOps::with_variant(ctx, Variant::Fused).unwrap());
 }
 
 // ---- The checks catch what they guard against. ----
@@ -243,4 +251,42 @@ fn a_wrong_tap_or_a_dropped_staging_round_is_caught() {
         let r = opcheck::compare(&case, &host, &got, &want);
         assert!(r.is_err(), "{fault} was not caught ({r:?})");
     }
+}
+
+/// The fused head's own faults, each caught at its stage: a dropped partial (the last
+/// workgroup's images missing from fc1's weight gradient), a dropped staging round (a round of
+/// four images left with the previous round's fc1 outputs) and a wrong tap (the input gradient
+/// read one weight to the side).
+#[test]
+fn the_heads_dropped_partial_stale_round_and_wrong_tap_are_caught() {
+    let case = cases("head_forward_backward")
+        .into_iter()
+        .find(|c| matches!(c, OpCase::Head(h) if h.batch == 67))
+        .expect("LeNet-5's head at batch 67");
+    let OpCase::Head(hs) = case else { unreachable!() };
+    let [f0, f1] = [hs.features[0], hs.features[1]];
+    let host = opcheck::inputs(&case, 1);
+    let want = opcheck::run(&mut Reference, &case, &host).unwrap();
+    let input = f32_out(&mut host.clone(), "input").clone();
+    let dout1 = f32_out(&mut want.clone(), "dout1").clone();
+
+    let mut dropped = want.clone();
+    let dw1 = f32_out(&mut dropped, "dw1");
+    for b in hs.batch - 3..hs.batch {
+        for o in 0..f1 {
+            for k in 0..f0 {
+                dw1[o * f0 + k] -= dout1[b * f1 + o] * input[b * f0 + k];
+            }
+        }
+    }
+    let mut stale = want.clone();
+    f32_out(&mut stale, "out1").copy_within(0..4 * f1, 4 * f1);
+    let mut wrong_tap = want.clone();
+    f32_out(&mut wrong_tap, "dinput").chunks_mut(f0).for_each(|row| row.rotate_left(1));
+    for (fault, got) in [("a dropped partial", dropped), ("a stale round", stale), ("a wrong tap", wrong_tap)]
+    {
+        let r = opcheck::compare(&case, &host, &got, &want);
+        assert!(r.is_err(), "{fault} was not caught ({r:?})");
+    }
+    opcheck::compare(&case, &host, &want, &want).expect("the reference against itself");
 }

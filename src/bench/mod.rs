@@ -93,6 +93,10 @@ fn layer_of(case: &OpCase, batch: usize) -> String {
             find(LayerShape::Linear(*s))
         }
         OpCase::SoftmaxXent { .. } => Some("loss".to_string()),
+        OpCase::Head(h) => {
+            let (first, last) = (find(LayerShape::Linear(h.layer(0))), find(LayerShape::Linear(h.layer(2))));
+            first.zip(last).map(|(a, b)| format!("{a}-{b}"))
+        }
         OpCase::Update { .. } => Some("all".to_string()),
     };
     name.unwrap_or_else(|| "?".into())

@@ -114,6 +114,14 @@ impl GpuOps {
         self.variant.alternative().conv_v2 && backward_fits(s, dinput)
     }
 
+    /// The fused head where the variant has it and the head fits head.wgsl, with room for the
+    /// packed activations in one binding (64 KiB an image is more than LeNet-5's 43 KB).
+    pub(super) fn runs_fused_head(&self, s: &HeadShape) -> bool {
+        self.variant.alternative().fused_head
+            && super::linear::head_fits(s)
+            && (s.batch as u64) * 65536 <= self.ctx.max_binding()
+    }
+
     pub(super) fn runs_linear_v3(&self) -> bool {
         self.variant.alternative().linear_v3
     }

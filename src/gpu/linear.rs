@@ -1,15 +1,16 @@
 //! The fully connected layers' kernels (shaders/linear.wgsl): the naive, shape-generic kernels,
 //! the GPU's reference and the fallback for every shape and adapter: 16x16 output tiles staged
 //! through workgroup memory, the weight and input gradients as kernels of their own, and the
-//! softmax cross-entropy on its own. Every sum in a fixed order.
+//! softmax cross-entropy on its own. Every sum in a fixed order. And the fused family's head
+//! (shaders/head.wgsl): the three layers' whole step in one dispatch.
 //!
 //! These functions only bind and record: [`GpuOps`]'s `Ops` methods have checked the buffers
 //! against the shapes and chosen the kernels.
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 use super::kernels::{grid_1d, StepUniform};
-use super::ops::GpuOps;
+use super::ops::{GpuBuf, GpuOps};
 use crate::ops::*;
 
 impl GpuOps {
@@ -75,6 +76,96 @@ impl GpuOps {
                 .build(op)?;
             self.push(d);
         }
+        Ok(())
+    }
+}
+
+/// The largest features head.wgsl's workgroup memory holds: the head's input, fc1's and fc2's
+/// outputs, and the classes.
+const HEAD_MAX: [usize; 4] = [400, 128, 96, 16];
+
+/// Images per round of head.wgsl (its vec4s).
+const HEAD_ROUND: usize = 4;
+
+/// At most this many workgroups, hence weight-gradient partials: past it, each takes more rounds
+/// (64 partials of fc1's 48,000 weights are 12 MB for the update to read).
+const HEAD_MAX_GROUPS: usize = 64;
+
+/// Whether head.wgsl takes the head `s`.
+pub(super) fn head_fits(s: &HeadShape) -> bool {
+    s.batch > 0 && s.features.iter().zip(HEAD_MAX).all(|(&f, max)| (1..=max).contains(&f))
+}
+
+/// head.wgsl's workgroups at `batch`, one weight-gradient partial each, and the images each takes.
+pub(super) fn head_groups(batch: usize) -> (usize, usize) {
+    let groups = batch.div_ceil(HEAD_ROUND).clamp(1, HEAD_MAX_GROUPS);
+    (groups, batch.div_ceil(groups))
+}
+
+impl GpuOps {
+    /// The head's whole step in one dispatch (head.wgsl). Its tensors must come packed: the
+    /// parameters in one buffer, the activations (input, outputs, output gradients, input
+    /// gradient) in another, the gradients in a third, as the trainer and the op checks lay
+    /// them out ([`Ops::alloc_packed`]).
+    pub(super) fn head_fused(&mut self, a: Head<Self>) -> Result<()> {
+        let s = a.s;
+        let [l1, l2, l3] = &a.layers;
+        let params = [l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias];
+        let acts = [a.input, &*a.dinput, &*l1.out, &*l2.out, &*l3.out, &*l1.dout, &*l2.dout, &*l3.dout];
+        let grads = [&*l1.dweight, &*l1.dbias, &*l2.dweight, &*l2.dbias, &*l3.dweight, &*l3.dbias];
+        for (what, group) in
+            [("parameters", &params[..]), ("activations", &acts[..]), ("gradients", &grads[..])]
+        {
+            ensure!(
+                group.iter().all(|b| b.view.buffer == group[0].view.buffer),
+                "the fused head needs its {what} packed in one buffer ({} is apart)",
+                group.iter().find(|b| b.view.buffer != group[0].view.buffer).map_or("?", |b| &b.view.label)
+            );
+        }
+        let acts_whole = a.input.whole();
+        self.ctx.check_binding("the fused head's activations", acts_whole.size)?;
+        let (groups, group_images) = head_groups(s.batch);
+        let at = |b: &GpuBuf<f32>| b.first();
+        let d = self
+            .kernel("head_step")?
+            .buf("param", &l1.weight.whole())
+            .buf("acts", &acts_whole)
+            .buf("grad", &l1.dweight.whole())
+            .buf("labels", &a.labels.whole())
+            .buf("losses", &a.losses.whole())
+            .buf("correct", &a.correct.whole())
+            .param("batch", s.batch)
+            .param("f0", s.features[0])
+            .param("f1", s.features[1])
+            .param("f2", s.features[2])
+            .param("f3", s.features[3])
+            .param("group_images", group_images)
+            .param("scale", 1.0f32 / s.batch as f32)
+            .param("labels_at", a.labels.first())
+            .param("input_at", at(a.input))
+            .param("dinput_at", at(a.dinput))
+            .param("out1_at", at(l1.out))
+            .param("out2_at", at(l2.out))
+            .param("out3_at", at(l3.out))
+            .param("dout1_at", at(l1.dout))
+            .param("dout2_at", at(l2.dout))
+            .param("dout3_at", at(l3.dout))
+            .param("w1_at", at(l1.weight))
+            .param("b1_at", at(l1.bias))
+            .param("w2_at", at(l2.weight))
+            .param("b2_at", at(l2.bias))
+            .param("w3_at", at(l3.weight))
+            .param("b3_at", at(l3.bias))
+            .param("dw1_at", at(l1.dweight))
+            .param("db1_at", at(l1.dbias))
+            .param("dw2_at", at(l2.dweight))
+            .param("db2_at", at(l2.dbias))
+            .param("dw3_at", at(l3.dweight))
+            .param("db3_at", at(l3.dbias))
+            .step(self.step(StepUniform::default()))
+            .grid((groups as u32, 1, 1))
+            .build("head_forward_backward")?;
+        self.push(d);
         Ok(())
     }
 }

@@ -306,7 +306,33 @@ impl Ops for GpuOps {
     }
 
     fn grad_partials(&self, op: GradOp) -> usize {
-        self.alternative_partials(op).unwrap_or(1)
+        match op {
+            GradOp::Head { head, .. } if self.runs_fused_head(&head) => {
+                super::linear::head_groups(head.batch).0
+            }
+            // Unfused, the head runs layer by layer.
+            GradOp::Head { head, layer: 2 } => self.grad_partials(GradOp::LinearXent(head.layer(2))),
+            GradOp::Head { head, layer } => self.grad_partials(GradOp::Linear(head.layer(layer))),
+            op => self.alternative_partials(op).unwrap_or(1),
+        }
+    }
+
+    /// One buffer holding them all, each tensor at an offset the device can bind (beyond the
+    /// device's largest binding: one buffer each, which the fused kernels refuse).
+    fn alloc_packed<T: Elem>(&mut self, label: &str, lens: &[(String, usize)]) -> Result<Vec<GpuBuf<T>>> {
+        let align = (self.ctx.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+        let mut offsets = Vec::with_capacity(lens.len());
+        let mut at = 0usize;
+        for (_, n) in lens {
+            at = at.next_multiple_of(align);
+            offsets.push(at);
+            at += n.max(&1);
+        }
+        if (at * 4) as u64 > self.ctx.max_binding() {
+            return lens.iter().map(|(name, n)| self.alloc(name, *n)).collect();
+        }
+        let buffer = storage::<T>(&self.ctx, label, at)?.view.buffer;
+        Ok(lens.iter().zip(offsets).map(|((name, n), o)| GpuBuf::range(&buffer, o, *n, name)).collect())
     }
 
     fn upload_data(&mut self, label: &str, data: &Dataset) -> Result<DeviceData> {
@@ -439,6 +465,30 @@ impl Ops for GpuOps {
             } else {
                 me.conv_pool_backward_naive(a)
             }
+        })
+    }
+
+    fn packs_head(&self, s: &HeadShape) -> bool {
+        self.runs_fused_head(s)
+    }
+
+    fn head_forward_backward(&mut self, a: Head<Self>) -> Result<()> {
+        let s = a.s;
+        self.tagged(OpCase::Head(s), |me| {
+            if !me.runs_fused_head(&s) {
+                return head_by_layers(me, a);
+            }
+            let parts = me.grad_partials(GradOp::Head { head: s, layer: 0 });
+            let [l1, l2, l3] = &a.layers;
+            for (l, ls) in [l1, l2, l3].into_iter().zip(s.layers()) {
+                check_lens!(l.weight => ls.weight_len(), l.bias => ls.out_features);
+                check_lens!(l.out => ls.batch * ls.out_features, l.dout => ls.batch * ls.out_features);
+                check_lens!(l.dweight => parts * ls.weight_len(), l.dbias => parts * ls.out_features);
+            }
+            let input = s.batch * s.features[0];
+            check_lens!(a.input => input, a.dinput => input, a.labels => s.batch);
+            ensure!(a.losses.len >= s.batch && a.correct.len >= s.batch, "the loss buffers are too short");
+            me.head_fused(a)
         })
     }
 

@@ -385,7 +385,7 @@ impl GpuBackend {
         let mut weights = self.weights();
         let train = &self.train;
         let ((), dispatches) = self.ops.record_program(&step_group, |ops| {
-            let mut acts = Activations::new(ops, batch)?;
+            let mut acts = Activations::for_training(ops, batch)?;
             let batch_ref = Batch { data: train, indices: &indices, shifts: &shifts, batch };
             let out = StepOut { losses: &mut losses, correct: &mut correct };
             network::train_step(ops, &mut weights, &mut acts, &batch_ref, out, opt)

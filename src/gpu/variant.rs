@@ -30,6 +30,9 @@ pub enum Variant {
     /// conv_v2.wgsl's convolutions with linear_v3.wgsl's fully connected kernels, shaped for a
     /// large GPU: 10 dispatches a step.
     V3,
+    /// The fused family (issue 22, in progress): conv_v2.wgsl's convolutions and the whole fully
+    /// connected head in one dispatch (head.wgsl): 6 dispatches a step.
+    Fused,
 }
 
 /// What an alternative runs beyond the naive kernels.
@@ -40,6 +43,8 @@ pub struct Alternative {
     pub conv_v2: bool,
     /// linear_v3.wgsl's fully connected kernels (the output layer's where the shape fits).
     pub linear_v3: bool,
+    /// head.wgsl's fused head (where the shape fits it).
+    pub fused_head: bool,
     /// The entry points it needs beyond the naive kernels.
     pub entry_points: &'static [&'static str],
 }
@@ -55,15 +60,26 @@ const CONV_V2_LINEAR_V3: [&str; 6] = [
     "linear_backward_v3",
     "linear_xent_v3",
 ];
+/// The entry points of conv_v2.wgsl and head.wgsl.
+const CONV_V2_HEAD: [&str; 4] =
+    ["conv_pool_forward", "gather_conv_pool_forward", "conv_pool_backward", "head_step"];
 
 /// The one table of kernel choices.
-pub const ALTERNATIVES: [Alternative; 3] = [
-    Alternative { variant: Variant::V1, name: "v1", conv_v2: false, linear_v3: false, entry_points: &[] },
+pub const ALTERNATIVES: [Alternative; 4] = [
+    Alternative {
+        variant: Variant::V1,
+        name: "v1",
+        conv_v2: false,
+        linear_v3: false,
+        fused_head: false,
+        entry_points: &[],
+    },
     Alternative {
         variant: Variant::Mixed,
         name: "mixed",
         conv_v2: true,
         linear_v3: false,
+        fused_head: false,
         entry_points: &CONV_V2,
     },
     Alternative {
@@ -71,13 +87,22 @@ pub const ALTERNATIVES: [Alternative; 3] = [
         name: "v3",
         conv_v2: true,
         linear_v3: true,
+        fused_head: false,
         entry_points: &CONV_V2_LINEAR_V3,
+    },
+    Alternative {
+        variant: Variant::Fused,
+        name: "fused",
+        conv_v2: true,
+        linear_v3: false,
+        fused_head: true,
+        entry_points: &CONV_V2_HEAD,
     },
 ];
 
 impl Variant {
     /// Every choice of kernels.
-    pub const ALL: [Variant; 3] = [Variant::V1, Variant::Mixed, Variant::V3];
+    pub const ALL: [Variant; 4] = [Variant::V1, Variant::Mixed, Variant::V3, Variant::Fused];
 
     /// Its row of [`ALTERNATIVES`].
     pub fn alternative(self) -> &'static Alternative {
@@ -142,7 +167,7 @@ mod tests {
             assert_eq!(v.alternative().variant, v);
         }
         let err = "v2".parse::<Variant>().unwrap_err().to_string();
-        assert!(err.contains("v1, mixed, v3"), "{err}");
+        assert!(err.contains("v1, mixed, v3, fused"), "{err}");
         assert_eq!(Variant::V1.kernels().count(), 0);
         let left_out =
             vec![("conv_pool_backward".to_string(), "needs 32992 bytes of workgroup memory".to_string())];
