@@ -283,69 +283,83 @@ pub struct Activations<O: Ops> {
 
 impl<O: Ops> Activations<O> {
     /// Buffers for `batch` images, named `<layer>.<tensor>` (and `d<layer>.<tensor>`), for the
-    /// forward pass ([`forward`]): each its own allocation.
+    /// forward pass ([`forward`]): the trunk's outputs packed in one allocation where the
+    /// implementation's fused trunk binds them so ([`Ops::fuses`]), the rest each its own.
     pub fn new(ops: &mut O, batch: usize) -> Result<Self> {
         Self::alloc(ops, batch, false)
     }
 
-    /// The same for training steps ([`train_step`]): the head's activations are packed in one
-    /// allocation where the implementation's fused head binds them so ([`Ops::packs_head`]).
+    /// The same for training steps ([`train_step`]), packed as the implementation's fused ops
+    /// bind them ([`Ops::fuses`]): all of them for a fused trunk and head, the head's for a
+    /// fused head alone.
     pub fn for_training(ops: &mut O, batch: usize) -> Result<Self> {
         Self::alloc(ops, batch, true)
     }
 
     fn alloc(ops: &mut O, batch: usize, training: bool) -> Result<Self> {
         let shapes = layer_shapes(batch);
-        let packed_from =
-            head_shape(&shapes).filter(|s| training && ops.packs_head(s)).map(|_| LENET5.len() - 4);
-        // The f32 tensors, each with whether it is the head's: the input, each layer's outputs,
-        // then each layer's output gradient (the head's: from the layer before it, whose
-        // pooled output is the head's input).
-        let in_head = |layer: usize| packed_from.is_some_and(|first| layer >= first);
-        let mut f32s = vec![("input".to_string(), batch * IMAGE_PIXELS, false)];
-        let mut argmaxes = Vec::new();
+        // Which tensors are packed together: every one for a fully fused step; the head's (its
+        // input, the pooled output of the layer before it, and from that layer on each output
+        // and output gradient) for a fused head alone; none otherwise.
+        let all = training && fused_step(ops, &shapes).is_some();
+        let head_from = head_shape(&shapes)
+            .filter(|s| training && !all && ops.fuses(Fusion::Head(*s)))
+            .map(|_| LENET5.len() - 4);
+        // The forward pass with a fused trunk: the trunk's outputs and every u32 (the layers
+        // after it, run one by one, only read the trunk's last output).
+        let trunk = !training && trunk_shape(&shapes).is_some_and(|t| ops.fuses(Fusion::Trunk(t)));
+        let packed = |layer: Option<usize>| all || layer.zip(head_from).is_some_and(|(l, first)| l >= first);
+        let in_trunk = |layer: usize| trunk && layer < 2;
+        let mut f32s = vec![("input".to_string(), batch * IMAGE_PIXELS, packed(None) || trunk)];
+        let mut u32s = vec![("labels".to_string(), batch)];
         for (i, (layer, shape)) in LENET5.iter().zip(&shapes).enumerate() {
             let name = layer.name;
             match shape {
                 LayerShape::Conv(s) => {
-                    f32s.push((format!("{name}.conv"), s.output_len(), false));
-                    f32s.push((format!("{name}.pooled"), s.pooled_len(), in_head(i)));
-                    argmaxes.push(ops.alloc(&format!("{name}.argmax"), s.pooled_len())?);
+                    f32s.push((format!("{name}.conv"), s.output_len(), all || in_trunk(i)));
+                    f32s.push((format!("{name}.pooled"), s.pooled_len(), packed(Some(i)) || in_trunk(i)));
+                    u32s.push((format!("{name}.argmax"), s.pooled_len()));
                 }
                 LayerShape::Linear(s) => {
-                    f32s.push((format!("{name}.out"), s.batch * s.out_features, in_head(i)))
+                    f32s.push((format!("{name}.out"), s.batch * s.out_features, packed(Some(i))))
                 }
             }
         }
         for (i, (layer, shape)) in LENET5.iter().zip(&shapes).enumerate() {
-            f32s.push((format!("d{}.out", layer.name), shape.output_len(), in_head(i)));
+            f32s.push((format!("d{}.out", layer.name), shape.output_len(), packed(Some(i))));
         }
-        let head: Vec<(String, usize)> =
+        let group: Vec<(String, usize)> =
             f32s.iter().filter(|t| t.2).map(|(n, l, _)| (n.clone(), *l)).collect();
-        let mut head = ops.alloc_packed::<f32>("head_activations", &head)?.into_iter();
+        let mut group = ops.alloc_packed::<f32>("activations", &group)?.into_iter();
         let mut bufs = Vec::with_capacity(f32s.len());
         for (name, len, packed) in &f32s {
             bufs.push(if *packed {
-                head.next().expect("one buffer per tensor")
+                group.next().expect("one buffer per tensor")
             } else {
                 ops.alloc(name, *len)?
             });
         }
-        let (mut f, mut argmaxes) = (bufs.into_iter(), argmaxes.into_iter());
+        let ints: Vec<O::Buf<u32>> = if all || trunk {
+            ops.alloc_packed("activations_u32", &u32s)?
+        } else {
+            u32s.iter().map(|(name, len)| ops.alloc(name, *len)).collect::<Result<_>>()?
+        };
+        let (mut f, mut ints) = (bufs.into_iter(), ints.into_iter());
         let mut next = || f.next().expect("one buffer per tensor");
         let input = next();
+        let labels = ints.next().expect("the labels");
         let layers = shapes
             .iter()
             .map(|shape| match shape {
                 LayerShape::Conv(_) => {
                     let (conv, pooled) = (next(), next());
-                    LayerActs::Conv { conv, pooled, argmax: argmaxes.next().expect("one per conv layer") }
+                    LayerActs::Conv { conv, pooled, argmax: ints.next().expect("one per conv layer") }
                 }
                 LayerShape::Linear(_) => LayerActs::Linear { out: next() },
             })
             .collect();
         let grads = shapes.iter().map(|_| next()).collect();
-        Ok(Activations { batch, shapes, input, labels: ops.alloc("labels", batch)?, layers, grads })
+        Ok(Activations { batch, shapes, input, labels, layers, grads })
     }
 
     /// The logits of the last forward pass: [B, 10].
@@ -407,9 +421,13 @@ pub fn grad_partials<O: Ops>(ops: &O, batch: usize) -> Vec<usize> {
     let shapes = layer_shapes(batch);
     let last = shapes.len() - 1;
     let head = head_shape(&shapes);
+    let trunk = fused_step(ops, &shapes).map(|(t, _)| t);
     let mut out = Vec::new();
     for (i, shape) in shapes.iter().enumerate() {
         let op = match *shape {
+            LayerShape::Conv(_) if trunk.is_some() => {
+                GradOp::Trunk { trunk: trunk.expect("checked"), layer: i }
+            }
             // The first layer's input is the image: no gradient for it.
             LayerShape::Conv(s) => GradOp::ConvFromPool(s, i > 0),
             LayerShape::Linear(_) if head.is_some() && i + 3 > last => {
@@ -437,7 +455,12 @@ pub fn forward<O: Ops>(
     acts: &mut Activations<O>,
     batch: &BatchRef<O>,
 ) -> Result<()> {
-    forward_layers(ops, params, acts, batch, LENET5.len())
+    // A fused trunk runs as one op; the layers after it one by one.
+    let trunk = trunk_shape(&acts.shapes).filter(|t| ops.fuses(Fusion::Trunk(*t)));
+    if let Some(t) = trunk {
+        trunk_forward_step(ops, params, acts, batch, t)?;
+    }
+    forward_layers(ops, params, acts, batch, if trunk.is_some() { 2 } else { 0 }, LENET5.len())
 }
 
 /// One optimizer step on a batch: the forward pass, the loss, the backward pass and the update.
@@ -452,16 +475,23 @@ pub fn train_step<O: Ops>(
     out: StepOut<O>,
     opt: &OptStep,
 ) -> Result<()> {
+    if let Some((t, h)) = fused_step(ops, &acts.shapes) {
+        trunk_forward_step(ops, &w.params, acts, batch, t)?;
+        head_step(ops, w, acts, out, 2, h)?;
+        trunk_backward_step(ops, w, acts, t)?;
+        let (params, grads, moments) = (&mut w.params[..], &w.grads[..], &mut w.moments[..]);
+        return ops.update(UpdateArgs { params, grads, moments, step: opt });
+    }
     let trunk = match head_shape(&acts.shapes) {
         Some(s) => {
             let first = LENET5.len() - 3;
-            forward_layers(ops, &w.params, acts, batch, first)?;
+            forward_layers(ops, &w.params, acts, batch, 0, first)?;
             head_step(ops, w, acts, out, first, s)?;
             first
         }
         None => {
             let last = LENET5.len() - 1;
-            forward_layers(ops, &w.params, acts, batch, last)?;
+            forward_layers(ops, &w.params, acts, batch, 0, last)?;
             output_layer_step(ops, w, acts, out, last)?;
             last
         }
@@ -469,6 +499,74 @@ pub fn train_step<O: Ops>(
     backward_layers(ops, w, acts, trunk)?;
     let (params, grads, moments) = (&mut w.params[..], &w.grads[..], &mut w.moments[..]);
     ops.update(UpdateArgs { params, grads, moments, step: opt })
+}
+
+/// The trunk's and the head's shapes when the network is a trunk of two conv layers and a
+/// three-layer head (LeNet-5) and `ops` runs both fused ([`Ops::fuses`]).
+pub fn fused_step<O: Ops>(ops: &O, shapes: &[LayerShape]) -> Option<(TrunkShape, HeadShape)> {
+    let (trunk, head) = (trunk_shape(shapes)?, head_shape(shapes)?);
+    (shapes.len() == 5 && ops.fuses(Fusion::Trunk(trunk)) && ops.fuses(Fusion::Head(head)))
+        .then_some((trunk, head))
+}
+
+/// The trunk's shape when the network starts with exactly two conv layers (LeNet-5).
+pub fn trunk_shape(shapes: &[LayerShape]) -> Option<TrunkShape> {
+    match shapes {
+        [LayerShape::Conv(conv1), LayerShape::Conv(conv2), rest @ ..]
+            if !matches!(rest.first(), Some(LayerShape::Conv(_))) =>
+        {
+            Some(TrunkShape { conv1: *conv1, conv2: *conv2 })
+        }
+        _ => None,
+    }
+}
+
+/// The trunk (layers 0 and 1) forward, gathering the batch, in one op.
+fn trunk_forward_step<O: Ops>(
+    ops: &mut O,
+    params: &[O::Buf<f32>],
+    acts: &mut Activations<O>,
+    batch: &BatchRef<O>,
+    s: TrunkShape,
+) -> Result<()> {
+    let [LayerActs::Conv { conv: c1, pooled: p1, argmax: a1 }, LayerActs::Conv { conv: c2, pooled: p2, argmax: a2 }, ..] =
+        &mut acts.layers[..]
+    else {
+        unreachable!("a trunk of two conv layers")
+    };
+    let gather = GatherArgs { input: &mut acts.input, labels: &mut acts.labels, batch };
+    let conv1 =
+        ConvLayerArgs { weight: &params[0], bias: &params[1], conv: c1, pooled: p1, argmax: a1, s: s.conv1 };
+    let conv2 =
+        ConvLayerArgs { weight: &params[2], bias: &params[3], conv: c2, pooled: p2, argmax: a2, s: s.conv2 };
+    ops.trunk_forward(TrunkForwardArgs { gather, conv1, conv2, s })
+}
+
+/// The trunk backward, from the head's input gradient, in one op.
+fn trunk_backward_step<O: Ops>(
+    ops: &mut O,
+    w: &mut Weights<O>,
+    acts: &mut Activations<O>,
+    s: TrunkShape,
+) -> Result<()> {
+    let [LayerActs::Conv { conv: c1, pooled: p1, argmax: a1 }, LayerActs::Conv { conv: c2, argmax: a2, .. }, ..] =
+        &acts.layers[..]
+    else {
+        unreachable!("a trunk of two conv layers")
+    };
+    let [dpooled1, dpooled, ..] = &mut acts.grads[..] else { unreachable!("a gradient per layer") };
+    let [dw1, db1, dw2, db2, ..] = &mut w.grads[..] else { unreachable!("a gradient per tensor") };
+    let conv2 =
+        TrunkLayerArgs { conv: c2, argmax: a2, input: p1, weight: &w.params[2], dweight: dw2, dbias: db2 };
+    let conv1 = TrunkLayerArgs {
+        conv: c1,
+        argmax: a1,
+        input: &acts.input,
+        weight: &w.params[0],
+        dweight: dw1,
+        dbias: db1,
+    };
+    ops.trunk_backward(TrunkBackwardArgs { dpooled, conv2, dpooled1, conv1, s })
 }
 
 /// The head's shape when the network ends in three fully connected layers (ReLU, ReLU, none)
@@ -599,16 +697,17 @@ fn backward_layers<O: Ops>(
     Ok(())
 }
 
-/// Runs layers 0..n forward; the first gathers the batch into `acts.input` (fused with a
+/// Runs layers from..n forward; the first gathers the batch into `acts.input` (fused with a
 /// first conv layer).
 fn forward_layers<O: Ops>(
     ops: &mut O,
     params: &[O::Buf<f32>],
     acts: &mut Activations<O>,
     batch: &BatchRef<O>,
+    from: usize,
     n: usize,
 ) -> Result<()> {
-    for (i, layer) in LENET5.iter().enumerate().take(n) {
+    for (i, layer) in LENET5.iter().enumerate().take(n).skip(from) {
         let (wi, bi) = layer_params(i);
         let (weight, bias) = (&params[wi], &params[bi]);
         let (before, rest) = acts.layers.split_at_mut(i);

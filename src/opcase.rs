@@ -45,6 +45,15 @@ pub enum OpCase {
     /// step (which optimizer, its scalars).
     /// The fully connected head's whole step ([`crate::ops::Ops::head_forward_backward`]).
     Head(HeadShape),
+    /// The convolutional trunk forward, gathering from a data set of `images` shifted by up to
+    /// `max_shift` pixels ([`crate::ops::Ops::trunk_forward`]).
+    TrunkForward {
+        s: TrunkShape,
+        images: usize,
+        max_shift: i32,
+    },
+    /// The convolutional trunk backward ([`crate::ops::Ops::trunk_backward`]).
+    TrunkBackward(TrunkShape),
     Update {
         lens: Vec<usize>,
         partials: Vec<usize>,
@@ -77,7 +86,9 @@ impl OpCase {
             OpCase::LinearXent { .. } => ("linear_xent_forward_backward", "fwd+xent+bwd"),
             OpCase::LinearBackward { .. } => ("linear_backward", "backward"),
             OpCase::ConvBackwardFromPool { .. } => ("conv_backward_from_pool", "backward from pool"),
-            OpCase::Head(_) => ("head_forward_backward", "fwd+xent+bwd, 3 layers"),
+            OpCase::Head(_) => ("head_forward_backward", "fwd+xent+bwd, x3"),
+            OpCase::TrunkForward { .. } => ("trunk_forward", "gather+fwd+pool, x2"),
+            OpCase::TrunkBackward(_) => ("trunk_backward", "bwd from pool, x2"),
             OpCase::Update { .. } => ("update", "update"),
         }
     }
@@ -96,6 +107,9 @@ impl OpCase {
             OpCase::ConvBackwardFromPool { s, dinput } => conv_fwd(s) * if *dinput { 2.0 } else { 1.0 },
             // Each layer forward, its weight gradient and its input gradient.
             OpCase::Head(h) => h.layers().iter().map(|s| 6.0 * s.macs() as f64).sum(),
+            OpCase::TrunkForward { s, .. } => conv_fwd(&s.conv1) + conv_fwd(&s.conv2),
+            // conv1's weight gradient, conv2's and its input gradient.
+            OpCase::TrunkBackward(s) => conv_fwd(&s.conv1) + 2.0 * conv_fwd(&s.conv2),
             _ => return None,
         })
     }
@@ -116,6 +130,14 @@ impl OpCase {
                 s.batch * (s.in_features + s.out_features) + s.weight_len()
             }
             OpCase::ConvBackwardFromPool { s, .. } => 2 * s.input_len() + s.output_len() + 2 * s.pooled_len(),
+            OpCase::TrunkForward { s, .. } => [s.conv1, s.conv2]
+                .iter()
+                .map(|c| c.input_len() + c.weight_len() + c.output_len() + 2 * c.pooled_len())
+                .sum(),
+            OpCase::TrunkBackward(s) => [s.conv1, s.conv2]
+                .iter()
+                .map(|c| 2 * c.input_len() + c.output_len() + 2 * c.pooled_len())
+                .sum(),
             OpCase::Head(h) => h
                 .layers()
                 .iter()

@@ -104,6 +104,14 @@ pub fn test_cases() -> Vec<OpCase> {
     let head = |batch, features| OpCase::Head(HeadShape { batch, features });
     cases.extend([1, 13, 67, 256, 1100].map(|b| head(b, [400, 120, 84, 10])));
     cases.extend([head(5, [33, 20, 12, 7]), head(3, [500, 16, 8, 4])]);
+    // The fused trunk: LeNet-5's at those batches, and a smaller one (run layer by layer).
+    let trunk =
+        |batch| TrunkShape { conv1: conv(batch, 1, 6, 28, 5, 2), conv2: conv(batch, 6, 16, 14, 5, 0) };
+    let small = TrunkShape { conv1: conv(3, 1, 4, 12, 3, 1), conv2: conv(3, 4, 6, 6, 3, 0) };
+    for s in [1, 13, 67, 256].map(trunk).into_iter().chain([small]) {
+        cases.push(OpCase::TrunkForward { s, images: s.conv1.batch + 7, max_shift: 2 });
+    }
+    cases.extend([1, 13, 67, 256, 1100].map(trunk).into_iter().chain([small]).map(OpCase::TrunkBackward));
     // Every optimizer with its defaults on those shapes, and the settings that take other
     // branches of its update.
     let shapes = [
@@ -286,6 +294,48 @@ pub fn inputs(case: &OpCase, seed: u64) -> Host {
             }
             h.u32s.push(("labels", (0..hs.batch).map(|_| below(rng, hs.features[3] as u32)).collect()));
         }
+        OpCase::TrunkForward { s, images, max_shift } => {
+            h.data = Some(random_dataset(rng, *images, s.conv1.height));
+            let (i, sh) = batch_picks(rng, s.conv1.batch, *images, *max_shift);
+            h.u32s.push(("indices", i));
+            h.i32s.push(("shifts", sh));
+            for (k, c) in [s.conv1, s.conv2].iter().enumerate() {
+                let fan = c.in_channels * c.kernel * c.kernel;
+                h.f32s.push((TRUNK_PARAMS[2 * k], weights(rng, c.weight_len(), fan)));
+                h.f32s.push((TRUNK_PARAMS[2 * k + 1], weights(rng, c.out_channels, fan)));
+            }
+        }
+        OpCase::TrunkBackward(s) => {
+            // A valid forward pass of both layers on an image-like input, and a pooled gradient.
+            let mut input = uniform(rng, s.conv1.input_len(), -1.0, 1.0);
+            input.iter_mut().for_each(|x| *x = x.max(0.0));
+            h.f32s.push(("input", input.clone()));
+            let mut layer_input = input;
+            for (k, c) in [s.conv1, s.conv2].into_iter().enumerate() {
+                let fan = c.in_channels * c.kernel * c.kernel;
+                let (weight, bias) = (weights(rng, c.weight_len(), fan), weights(rng, c.out_channels, fan));
+                let (mut conv, mut pooled, mut argmax) =
+                    (vec![0.0; c.output_len()], vec![0.0; c.pooled_len()], vec![0; c.pooled_len()]);
+                r::conv_relu_pool_forward(
+                    &mut conv,
+                    &mut pooled,
+                    &mut argmax,
+                    &layer_input,
+                    &weight,
+                    &bias,
+                    c,
+                );
+                h.f32s.push((TRUNK_PARAMS[2 * k], weight));
+                h.f32s.push((["conv1", "conv2"][k], conv));
+                h.u32s.push((["argmax1", "argmax2"][k], argmax));
+                if k == 0 {
+                    h.f32s.push(("pooled1", pooled.clone()));
+                }
+                layer_input = pooled;
+            }
+            let scale = 1.0 / s.conv1.batch as f32;
+            h.f32s.push(("dpooled", uniform(rng, s.conv2.pooled_len(), -scale, scale)));
+        }
         OpCase::Update { lens, partials, step } => {
             let total: usize = lens.iter().sum();
             let grads: usize = lens.iter().zip(partials).map(|(n, p)| n * p).sum();
@@ -306,6 +356,15 @@ pub fn inputs(case: &OpCase, seed: u64) -> Host {
     }
     h
 }
+
+/// The trunk cases' parameters (the backward case reads the weights only).
+const TRUNK_PARAMS: [&str; 4] = ["w1", "b1", "w2", "b2"];
+/// The trunk forward case's f32 and u32 outputs.
+const TRUNK_OUTS: [&str; 5] = ["input", "conv1", "pooled1", "conv2", "pooled2"];
+const TRUNK_OUTS_U32: [&str; 3] = ["labels", "argmax1", "argmax2"];
+/// The trunk backward case's f32 inputs packed with its input gradient, and its gradients.
+const TRUNK_ACTS: [&str; 5] = ["dpooled", "conv1", "input", "conv2", "pooled1"];
+const TRUNK_GRADS: [&str; 4] = ["dw1", "db1", "dw2", "db2"];
 
 /// The head case's parameters, in [`HeadArgs`] order.
 const HEAD_PARAMS: [&str; 6] = ["w1", "b1", "w2", "b2", "w3", "b3"];
@@ -372,15 +431,20 @@ impl<O: Ops> Staged<O> {
             grads: Vec::new(),
             moments: Vec::new(),
         };
-        if let OpCase::Head(hs) = case {
-            s.stage_head(ops, hs, host)?;
-        } else {
-            for (n, v) in &host.f32s {
-                s.ins.push((n, ops.upload(n, v)?));
+        match case {
+            OpCase::Head(hs) => s.stage_head(ops, hs, host)?,
+            OpCase::TrunkForward { s: t, .. } => s.stage_trunk_forward(ops, t, host)?,
+            OpCase::TrunkBackward(t) => s.stage_trunk_backward(ops, t, host)?,
+            _ => {
+                for (n, v) in &host.f32s {
+                    s.ins.push((n, ops.upload(n, v)?));
+                }
             }
         }
-        for (n, v) in &host.u32s {
-            s.ins_u32.push((n, ops.upload(n, v)?));
+        if !matches!(case, OpCase::TrunkBackward(_)) {
+            for (n, v) in &host.u32s {
+                s.ins_u32.push((n, ops.upload(n, v)?));
+            }
         }
         for (n, v) in &host.i32s {
             s.ins_i32.push((n, ops.upload(n, v)?));
@@ -447,6 +511,7 @@ impl<O: Ops> Staged<O> {
             }
             // Staged above, packed as the network packs them.
             OpCase::Head(hs) => outs_u32.push(("correct", hs.batch)),
+            OpCase::TrunkForward { .. } | OpCase::TrunkBackward(_) => {}
             OpCase::Update { lens, partials, .. } => {
                 let ones = vec![1; lens.len()];
                 let mut upload = |name: &'static str, parts: &[usize]| -> Result<Vec<O::Buf<f32>>> {
@@ -477,14 +542,7 @@ impl<O: Ops> Staged<O> {
         let nans: Vec<Vec<f32>> = act_lens.iter().map(|&n| vec![f32::NAN; n]).collect();
         let mut acts: Vec<(String, &[f32])> = vec![("input".into(), host.f("input"))];
         acts.extend(HEAD_ACTS.iter().zip(&nans).map(|(n, v)| (n.to_string(), &v[..])));
-        // Packed only for a fused head: the per-layer kernels may not read and write ranges of
-        // one buffer in one dispatch.
-        let mut bufs = if ops.packs_head(hs) {
-            ops.upload_packed("acts", &acts)?
-        } else {
-            acts.iter().map(|(n, v)| ops.upload(n, v)).collect::<Result<_>>()?
-        }
-        .into_iter();
+        let mut bufs = group(ops, ops.fuses(Fusion::Head(*hs)), "acts", &acts)?.into_iter();
         self.ins.push(("input", bufs.next().expect("the input")));
         self.outs.extend(HEAD_ACTS.into_iter().zip(bufs));
         let mut grads = Vec::new();
@@ -498,6 +556,56 @@ impl<O: Ops> Staged<O> {
             HEAD_GRADS.iter().zip(&grads).map(|(n, v)| (n.to_string(), &v[..])).collect();
         self.outs.extend(HEAD_GRADS.into_iter().zip(ops.upload_packed("grads", &named)?));
         self.outs.push(("losses", ops.upload("losses", &vec![f32::NAN; hs.batch])?));
+        Ok(())
+    }
+
+    /// The trunk forward case's tensors, packed as the network packs them: the parameters, the
+    /// f32 outputs (NaN-filled) and the u32 outputs (u32::MAX-filled).
+    fn stage_trunk_forward(&mut self, ops: &mut O, t: &TrunkShape, host: &Host) -> Result<()> {
+        let fused = ops.fuses(Fusion::Trunk(*t));
+        let params: Vec<(String, &[f32])> = TRUNK_PARAMS.iter().map(|n| (n.to_string(), host.f(n))).collect();
+        self.ins.extend(TRUNK_PARAMS.into_iter().zip(ops.upload_packed("params", &params)?));
+        let (c1, c2) = (t.conv1, t.conv2);
+        let lens = [c1.input_len(), c1.output_len(), c1.pooled_len(), c2.output_len(), c2.pooled_len()];
+        let nans: Vec<Vec<f32>> = lens.iter().map(|&n| vec![f32::NAN; n]).collect();
+        let named: Vec<(String, &[f32])> =
+            TRUNK_OUTS.iter().zip(&nans).map(|(n, v)| (n.to_string(), &v[..])).collect();
+        self.outs.extend(TRUNK_OUTS.into_iter().zip(group(ops, fused, "acts", &named)?));
+        let lens = [c1.batch, c1.pooled_len(), c2.pooled_len()];
+        let maxes: Vec<Vec<u32>> = lens.iter().map(|&n| vec![u32::MAX; n]).collect();
+        let named: Vec<(String, &[u32])> =
+            TRUNK_OUTS_U32.iter().zip(&maxes).map(|(n, v)| (n.to_string(), &v[..])).collect();
+        self.outs_u32.extend(TRUNK_OUTS_U32.into_iter().zip(group(ops, fused, "acts_u32", &named)?));
+        Ok(())
+    }
+
+    /// The trunk backward case's tensors, packed as the network packs them: the activations
+    /// with the input gradient (NaN-filled), the argmaxes, the weights, the gradients.
+    fn stage_trunk_backward(&mut self, ops: &mut O, t: &TrunkShape, host: &Host) -> Result<()> {
+        let fused = ops.fuses(Fusion::Trunk(*t));
+        let nan = vec![f32::NAN; t.conv1.pooled_len()];
+        let mut acts: Vec<(String, &[f32])> = TRUNK_ACTS.iter().map(|n| (n.to_string(), host.f(n))).collect();
+        acts.push(("dpooled1".into(), &nan));
+        let mut bufs = group(ops, fused, "acts", &acts)?;
+        self.outs.push(("dpooled1", bufs.pop().expect("the input gradient")));
+        self.ins.extend(TRUNK_ACTS.into_iter().zip(bufs));
+        let argmaxes: Vec<(String, &[u32])> =
+            ["argmax1", "argmax2"].iter().map(|n| (n.to_string(), host.u(n))).collect();
+        self.ins_u32
+            .extend(["argmax1", "argmax2"].into_iter().zip(group(ops, fused, "acts_u32", &argmaxes)?));
+        let weights: Vec<(String, &[f32])> =
+            ["w1", "w2"].iter().map(|n| (n.to_string(), host.f(n))).collect();
+        self.ins.extend(["w1", "w2"].into_iter().zip(ops.upload_packed("params", &weights)?));
+        let mut grads = Vec::new();
+        for (k, c) in [t.conv1, t.conv2].iter().enumerate() {
+            let p = ops.grad_partials(GradOp::Trunk { trunk: *t, layer: k });
+            grads.push(vec![f32::NAN; p * c.weight_len()]);
+            grads.push(vec![f32::NAN; p * c.out_channels]);
+            self.partials.extend([(TRUNK_GRADS[2 * k], p), (TRUNK_GRADS[2 * k + 1], p)]);
+        }
+        let named: Vec<(String, &[f32])> =
+            TRUNK_GRADS.iter().zip(&grads).map(|(n, v)| (n.to_string(), &v[..])).collect();
+        self.outs.extend(TRUNK_GRADS.into_iter().zip(ops.upload_packed("grads", &named)?));
         Ok(())
     }
 
@@ -585,6 +693,49 @@ impl<O: Ops> Staged<O> {
                     s: *s,
                 })
             }
+            OpCase::TrunkForward { s, .. } => {
+                let [input, conv1, pooled1, conv2, pooled2] = outs_mut(outs, TRUNK_OUTS);
+                let [labels, argmax1, argmax2] = outs_mut(outs_u32, TRUNK_OUTS_U32);
+                let (w1, b1, w2, b2) = (f("w1"), f("b1"), f("w2"), f("b2"));
+                let conv1 = ConvLayerArgs {
+                    weight: w1,
+                    bias: b1,
+                    conv: conv1,
+                    pooled: pooled1,
+                    argmax: argmax1,
+                    s: s.conv1,
+                };
+                let conv2 = ConvLayerArgs {
+                    weight: w2,
+                    bias: b2,
+                    conv: conv2,
+                    pooled: pooled2,
+                    argmax: argmax2,
+                    s: s.conv2,
+                };
+                let gather = GatherArgs { input, labels, batch: &batch_ref(s.conv1.batch) };
+                ops.trunk_forward(TrunkForwardArgs { gather, conv1, conv2, s: *s })
+            }
+            OpCase::TrunkBackward(s) => {
+                let [dpooled1, dw1, db1, dw2, db2] = outs_mut(outs, ["dpooled1", "dw1", "db1", "dw2", "db2"]);
+                let conv2 = TrunkLayerArgs {
+                    conv: f("conv2"),
+                    argmax: u("argmax2"),
+                    input: f("pooled1"),
+                    weight: f("w2"),
+                    dweight: dw2,
+                    dbias: db2,
+                };
+                let conv1 = TrunkLayerArgs {
+                    conv: f("conv1"),
+                    argmax: u("argmax1"),
+                    input: f("input"),
+                    weight: f("w1"),
+                    dweight: dw1,
+                    dbias: db1,
+                };
+                ops.trunk_backward(TrunkBackwardArgs { dpooled: f("dpooled"), conv2, dpooled1, conv1, s: *s })
+            }
             OpCase::Head(hs) => {
                 let [correct] = outs_mut(outs_u32, ["correct"]);
                 let names = [
@@ -661,6 +812,22 @@ pub fn sum_partials(v: &[f32], parts: usize) -> Vec<f32> {
     out
 }
 
+/// A group of a fused case's tensors: packed in one allocation where the implementation's fused
+/// kernel binds them so, else one upload each (the per-layer kernels may not read and write
+/// ranges of one buffer in one dispatch).
+fn group<O: Ops, T: Elem>(
+    ops: &mut O,
+    fused: bool,
+    label: &str,
+    tensors: &[(String, &[T])],
+) -> Result<Vec<O::Buf<T>>> {
+    if fused {
+        ops.upload_packed(label, tensors)
+    } else {
+        tensors.iter().map(|(n, v)| ops.upload(n, v)).collect()
+    }
+}
+
 /// Mutable references to several distinct outputs by name.
 fn outs_mut<'a, B, const N: usize>(list: &'a mut [(&'static str, B)], names: [&str; N]) -> [&'a mut B; N] {
     outs_opt(list, names).map(|b| b.expect("output staged"))
@@ -709,8 +876,13 @@ pub fn check<O: Ops>(ops: &mut O, case: &OpCase, seed: u64) -> Result<Outcome> {
 
 /// Compares `got` with the reference's `want` for `case`'s inputs `host`.
 pub fn compare(case: &OpCase, host: &Host, got: &Host, want: &Host) -> Result<Outcome> {
-    if let OpCase::Head(hs) = case {
-        return compare_head(hs, host, got);
+    match case {
+        OpCase::Head(hs) => return compare_head(hs, host, got),
+        OpCase::TrunkForward { s, images, max_shift } => {
+            return compare_trunk_forward(s, *images, *max_shift, host, got)
+        }
+        OpCase::TrunkBackward(s) => return compare_trunk_backward(s, host, got),
+        _ => {}
     }
     let mut worst = Outcome { worst_ratio: 0.0, worst_at: String::new() };
     let bounds = bounds(case, host, want);
@@ -756,18 +928,8 @@ pub fn compare(case: &OpCase, host: &Host, got: &Host, want: &Host) -> Result<Ou
 fn compare_head(hs: &HeadShape, host: &Host, got: &Host) -> Result<Outcome> {
     let [s1, s2, s3] = hs.layers();
     let f = |h: &Host, n: &str| h.f(n).to_vec();
-    let stage = |case: OpCase, ins: Vec<(&'static str, Vec<f32>)>, u32s, outs: &[(&'static str, &str)]| {
-        let sub_host = Host { f32s: ins, u32s, ..Host::default() };
-        let want = run(&mut Reference, &case, &sub_host).context("running the reference")?;
-        let mut sub_got = Host::default();
-        for &(name, from) in outs {
-            match got.f32s.iter().find(|(n, _)| *n == from) {
-                Some((_, v)) => sub_got.f32s.push((name, v.clone())),
-                None => sub_got.u32s.push((name, got.u(from).to_vec())),
-            }
-        }
-        compare(&case, &sub_host, &sub_got, &want)
-            .with_context(|| format!("the head's {} stage", case.direction()))
+    let stage = |case: OpCase, f32s, u32s, outs: &[(&'static str, &str)]| {
+        compare_stage("head", case, Host { f32s, u32s, ..Host::default() }, got, outs)
     };
     let labels = vec![("labels", host.u("labels").to_vec())];
     let outcomes = [
@@ -811,14 +973,125 @@ fn compare_head(hs: &HeadShape, host: &Host, got: &Host) -> Result<Outcome> {
             &[("dinput", "dinput"), ("dweight", "dw1"), ("dbias", "db1")],
         )?,
     ];
+    Ok(worst_of(outcomes))
+}
+
+/// One stage of a fused op: `case` run by the reference on `sub_host` (the stage's inputs, as
+/// the implementation computed them where an earlier stage made them), compared with the
+/// implementation's outputs `outs` (the stage's name for each, and its name in `got`).
+fn compare_stage(
+    fused: &str,
+    case: OpCase,
+    sub_host: Host,
+    got: &Host,
+    outs: &[(&'static str, &str)],
+) -> Result<Outcome> {
+    let want = run(&mut Reference, &case, &sub_host).context("running the reference")?;
+    let mut sub_got = Host::default();
+    for &(name, from) in outs {
+        match got.f32s.iter().find(|(n, _)| *n == from) {
+            Some((_, v)) => sub_got.f32s.push((name, v.clone())),
+            None => sub_got.u32s.push((name, got.u(from).to_vec())),
+        }
+    }
+    compare(&case, &sub_host, &sub_got, &want)
+        .with_context(|| format!("the {fused}'s {} stage", case.direction()))
+}
+
+/// The stages' worst outcome.
+fn worst_of(outcomes: impl IntoIterator<Item = Outcome>) -> Outcome {
     let worst = Outcome { worst_ratio: 0.0, worst_at: String::new() };
-    Ok(outcomes.into_iter().fold(worst, |a, b| {
+    outcomes.into_iter().fold(worst, |a, b| {
         if b.worst_ratio > a.worst_ratio || a.worst_at.is_empty() {
             b
         } else {
             a
         }
-    }))
+    })
+}
+
+/// The fused trunk forward, stage by stage as [`compare_head`]: the gather and conv1, then
+/// conv2 on conv1's pooled output as computed.
+fn compare_trunk_forward(
+    t: &TrunkShape,
+    images: usize,
+    max_shift: i32,
+    host: &Host,
+    got: &Host,
+) -> Result<Outcome> {
+    let f = |h: &Host, n: &str| h.f(n).to_vec();
+    let first = Host {
+        f32s: vec![("weight", f(host, "w1")), ("bias", f(host, "b1"))],
+        u32s: vec![("indices", host.u("indices").to_vec())],
+        i32s: host.i32s.clone(),
+        data: host.data.clone(),
+    };
+    let outs = [
+        ("input", "input"),
+        ("conv", "conv1"),
+        ("pooled", "pooled1"),
+        ("labels", "labels"),
+        ("argmax", "argmax1"),
+    ];
+    let gathered = compare_stage(
+        "trunk",
+        OpCase::GatherConvReluPool { s: t.conv1, images, max_shift },
+        first,
+        got,
+        &outs,
+    )?;
+    let second = Host {
+        f32s: vec![("input", f(got, "pooled1")), ("weight", f(host, "w2")), ("bias", f(host, "b2"))],
+        ..Host::default()
+    };
+    let outs = [("conv", "conv2"), ("pooled", "pooled2"), ("argmax", "argmax2")];
+    // conv2's argmax indexes the batch's conv2 output from image 0: the reference's, as given.
+    let conv2 = compare_stage("trunk", OpCase::ConvReluPool(t.conv2), second, got, &outs)?;
+    Ok(worst_of([gathered, conv2]))
+}
+
+/// The fused trunk backward, stage by stage as [`compare_head`]: conv2's backward with its
+/// input gradient, then conv1's from that gradient as computed.
+fn compare_trunk_backward(t: &TrunkShape, host: &Host, got: &Host) -> Result<Outcome> {
+    let f = |h: &Host, n: &str| h.f(n).to_vec();
+    let u = |n: &str| vec![("argmax", host.u(n).to_vec())];
+    let second = Host {
+        f32s: vec![
+            ("dpooled", f(host, "dpooled")),
+            ("conv", f(host, "conv2")),
+            ("input", f(host, "pooled1")),
+            ("weight", f(host, "w2")),
+        ],
+        u32s: u("argmax2"),
+        ..Host::default()
+    };
+    let outs = [("dinput", "dpooled1"), ("dweight", "dw2"), ("dbias", "db2")];
+    let conv2 = compare_stage(
+        "trunk",
+        OpCase::ConvBackwardFromPool { s: t.conv2, dinput: true },
+        second,
+        got,
+        &outs,
+    )?;
+    let first = Host {
+        f32s: vec![
+            ("dpooled", f(got, "dpooled1")),
+            ("conv", f(host, "conv1")),
+            ("input", f(host, "input")),
+            ("weight", f(host, "w1")),
+        ],
+        u32s: u("argmax1"),
+        ..Host::default()
+    };
+    let outs = [("dweight", "dw1"), ("dbias", "db1")];
+    let conv1 = compare_stage(
+        "trunk",
+        OpCase::ConvBackwardFromPool { s: t.conv1, dinput: false },
+        first,
+        got,
+        &outs,
+    )?;
+    Ok(worst_of([conv2, conv1]))
 }
 
 /// Whether a differing argmax or correct flag is a tie within rounding: the two candidates'
@@ -936,7 +1209,7 @@ fn bounds(case: &OpCase, host: &Host, want: &Host) -> Vec<(&'static str, Vec<f64
     };
     match case {
         // Checked stage by stage (compare_head).
-        OpCase::Gather { .. } | OpCase::Head(_) => {}
+        OpCase::Gather { .. } | OpCase::Head(_) | OpCase::TrunkForward { .. } | OpCase::TrunkBackward(_) => {}
         OpCase::ConvReluPool(s) | OpCase::GatherConvReluPool { s, .. } => {
             let input = match case {
                 OpCase::ConvReluPool(_) => host.f("input").to_vec(),
@@ -1181,6 +1454,16 @@ impl<O: Ops> Ops for Trace<O> {
     /// per layer; `O`'s own fused head, if it has one, is not called.
     fn head_forward_backward(&mut self, a: Head<Self>) -> Result<()> {
         head_by_layers(self, a)
+    }
+
+    /// Layer by layer, as the head.
+    fn trunk_forward(&mut self, a: TrunkForward<Self>) -> Result<()> {
+        trunk_forward_by_layers(self, a)
+    }
+
+    /// Layer by layer, as the head.
+    fn trunk_backward(&mut self, a: TrunkBackward<Self>) -> Result<()> {
+        trunk_backward_by_layers(self, a)
     }
 
     fn update(&mut self, a: Update<Self>) -> Result<()> {

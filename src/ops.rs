@@ -43,6 +43,34 @@ pub enum GradOp {
         head: HeadShape,
         layer: usize,
     },
+    /// Layer `layer` (0 or 1) of a convolutional trunk ([`Ops::trunk_backward`]).
+    Trunk {
+        trunk: TrunkShape,
+        layer: usize,
+    },
+}
+
+/// The shape of a convolutional trunk of two conv + ReLU + 2x2 max-pool layers, the first on
+/// the gathered batch (LeNet-5's conv1 -> conv2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrunkShape {
+    pub conv1: ConvShape,
+    pub conv2: ConvShape,
+}
+
+impl TrunkShape {
+    /// Layer `i`'s shape.
+    pub fn layer(&self, i: usize) -> ConvShape {
+        [self.conv1, self.conv2][i]
+    }
+}
+
+/// A fused op whose implementation may bind a whole group of tensors as one buffer
+/// ([`Ops::fuses`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fusion {
+    Head(HeadShape),
+    Trunk(TrunkShape),
 }
 
 /// The shape of a fully connected head of three layers (LeNet-5's fc1 -> fc2 -> fc3): ReLU after
@@ -235,6 +263,40 @@ pub struct HeadArgs<'a, F, U> {
 }
 pub type Head<'a, O> = HeadArgs<'a, F32<O>, U32<O>>;
 
+/// [`Ops::trunk_forward`]'s tensors: the batch, gathered on the way in (`gather.input` keeps
+/// it for the backward pass), through both layers (conv2's input is conv1's pooled output).
+pub struct TrunkForwardArgs<'a, F, U, D, I> {
+    pub gather: GatherArgs<'a, F, U, D, I>,
+    pub conv1: ConvLayerArgs<'a, F, U>,
+    pub conv2: ConvLayerArgs<'a, F, U>,
+    pub s: TrunkShape,
+}
+pub type TrunkForward<'a, O> = TrunkForwardArgs<'a, F32<O>, U32<O>, <O as Ops>::Data, I32<O>>;
+
+/// One layer of [`TrunkBackwardArgs`]: its forward tensors and its weight gradients (each
+/// `partials` x its size, see [`GradOp::Trunk`]).
+pub struct TrunkLayerArgs<'a, F, U> {
+    /// The forward pass's `conv` and `argmax`, and the layer's input.
+    pub conv: &'a F,
+    pub argmax: &'a U,
+    pub input: &'a F,
+    pub weight: &'a F,
+    pub dweight: &'a mut F,
+    pub dbias: &'a mut F,
+}
+
+/// [`Ops::trunk_backward`]'s tensors.
+pub struct TrunkBackwardArgs<'a, F, U> {
+    /// The gradient of conv2's pooled output (the head's input gradient).
+    pub dpooled: &'a F,
+    pub conv2: TrunkLayerArgs<'a, F, U>,
+    /// The gradient of conv1's pooled output (conv2's input gradient).
+    pub dpooled1: &'a mut F,
+    pub conv1: TrunkLayerArgs<'a, F, U>,
+    pub s: TrunkShape,
+}
+pub type TrunkBackward<'a, O> = TrunkBackwardArgs<'a, F32<O>, U32<O>>;
+
 /// An optimizer step's tensors, one buffer per parameter tensor each.
 pub struct UpdateArgs<'a, F, S> {
     pub params: &'a mut [F],
@@ -282,13 +344,14 @@ pub trait Ops {
         lens.iter().map(|(name, len)| self.alloc(name, *len)).collect()
     }
 
-    /// Whether [`Ops::head_forward_backward`] runs as one kernel that binds the head's
-    /// activations (its input, each layer's output and output gradient, its input gradient) as
-    /// one buffer at this shape: then they must come from one [`Ops::alloc_packed`], and
-    /// otherwise they must not (a kernel may not read and write ranges of one buffer in one
-    /// dispatch, as the per-layer kernels would).
-    fn packs_head(&self, s: &HeadShape) -> bool {
-        let _ = s;
+    /// Whether the implementation runs a fused op as one kernel that binds its group of tensors
+    /// as one buffer at this shape: the head's activations (its input, each layer's output and
+    /// output gradient, its input gradient), or every activation of a training step for a
+    /// trunk (which runs fused only with a fused head). Those tensors must then come from one
+    /// [`Ops::alloc_packed`], and otherwise must not: a kernel may not read and write ranges of
+    /// one buffer in one dispatch, as the per-layer kernels would.
+    fn fuses(&self, op: Fusion) -> bool {
+        let _ = op;
         false
     }
 
@@ -420,6 +483,19 @@ pub trait Ops {
         self.write(a.dbias, &dbias)
     }
 
+    /// The convolutional trunk forward, fused: the gather and both conv layers. Defined as
+    /// [`Ops::gather_conv_relu_pool_forward`] then [`Ops::conv_relu_pool_forward`]
+    /// ([`trunk_forward_by_layers`]).
+    fn trunk_forward(&mut self, a: TrunkForward<Self>) -> Result<()> {
+        trunk_forward_by_layers(self, a)
+    }
+
+    /// The convolutional trunk backward, fused: [`Ops::conv_backward_from_pool`] of conv2 (with
+    /// its input gradient, `dpooled1`) then of conv1 ([`trunk_backward_by_layers`]).
+    fn trunk_backward(&mut self, a: TrunkBackward<Self>) -> Result<()> {
+        trunk_backward_by_layers(self, a)
+    }
+
     /// The fully connected head's whole step, fused: each layer forward (ReLU after the first
     /// two), the softmax cross-entropy of the logits, and each layer backward, down to the
     /// gradient with respect to the head's input. Defined as those ops in that order
@@ -470,6 +546,44 @@ pub fn linear_then_xent<O: Ops + ?Sized>(ops: &mut O, a: LinearXent<O>) -> Resul
     ops.softmax_xent(xent)?;
     let (dweight, dbias, dinput) = (a.dweight, a.dbias, a.dinput);
     ops.linear_backward(LinearBackwardArgs { dout: dlogits, input, weight, dweight, dbias, dinput, s })
+}
+
+/// [`Ops::trunk_forward`] as the per-layer ops, in the network's order.
+pub fn trunk_forward_by_layers<O: Ops + ?Sized>(ops: &mut O, a: TrunkForward<O>) -> Result<()> {
+    let TrunkForwardArgs { gather, conv1, conv2, .. } = a;
+    let ConvLayerArgs { weight, bias, conv, pooled, argmax, s } = conv1;
+    ops.gather_conv_relu_pool_forward(
+        gather,
+        ConvLayerArgs { weight, bias, conv, pooled: &mut *pooled, argmax, s },
+    )?;
+    ops.conv_relu_pool_forward(pooled, conv2)
+}
+
+/// [`Ops::trunk_backward`] as the per-layer ops, in the network's order.
+pub fn trunk_backward_by_layers<O: Ops + ?Sized>(ops: &mut O, a: TrunkBackward<O>) -> Result<()> {
+    let TrunkBackwardArgs { dpooled, conv2: l2, dpooled1, conv1: l1, s } = a;
+    ops.conv_backward_from_pool(ConvBackwardArgs {
+        dpooled,
+        conv: l2.conv,
+        argmax: l2.argmax,
+        input: l2.input,
+        weight: l2.weight,
+        dweight: l2.dweight,
+        dbias: l2.dbias,
+        dinput: Some(&mut *dpooled1),
+        s: s.conv2,
+    })?;
+    ops.conv_backward_from_pool(ConvBackwardArgs {
+        dpooled: dpooled1,
+        conv: l1.conv,
+        argmax: l1.argmax,
+        input: l1.input,
+        weight: l1.weight,
+        dweight: l1.dweight,
+        dbias: l1.dbias,
+        dinput: None,
+        s: s.conv1,
+    })
 }
 
 /// [`Ops::head_forward_backward`] as the per-layer ops, in the order the network calls them one

@@ -285,16 +285,18 @@ fn bad_inputs_are_errors_not_panics() {
 }
 
 /// On a device created with exactly WebGPU's default limits (16 KiB of workgroup memory, 8
-/// storage buffers per stage, 256 invocations), conv_v2.wgsl's kernels (which need 32 KiB) are
-/// not built, the ops run the naive ones and say why, and a step still matches the CPU.
+/// storage buffers per stage, 256 invocations), the fused family runs whole (no kernel falls
+/// back) and a step matches the CPU; conv_v2.wgsl's kernels (which need 32 KiB) are not built,
+/// so `mixed` runs the naive ones and says why.
 #[test]
-fn with_webgpu_default_limits_the_naive_kernels_run() {
+fn with_webgpu_default_limits_the_family_runs_whole() {
     if gpu().is_none() {
         return;
     }
     let adapter = lenet::gpu::context::find_adapter(None).unwrap();
     let limits = wgpu::Limits::default();
     assert_eq!(limits.max_compute_workgroup_storage_size, 16384);
+    assert_eq!(limits.max_storage_buffers_per_shader_stage, 8);
     let ctx = lenet::gpu::GpuContext::with_limits(&adapter, limits).unwrap();
     assert!(!ctx.kernels.has("conv_pool_backward") && ctx.kernels.has("conv_backward_weight_naive"));
     let ops = GpuOps::with_variant(ctx.clone(), Variant::Mixed).unwrap();
@@ -302,18 +304,24 @@ fn with_webgpu_default_limits_the_naive_kernels_run() {
     // Never silent: which kernel could not run, and why.
     let why = ops.fallback.as_deref().unwrap_or_default();
     assert!(why.contains("conv_pool_backward") && why.contains("workgroup memory"), "{why}");
-    assert_eq!(ctx.kernel_fallback().as_deref(), Some(why));
 
+    assert_eq!(ctx.variant(), Variant::Fused);
+    assert_eq!(ctx.kernel_fallback(), None);
+    for k in ["trunk_forward", "head_step", "trunk_backward"] {
+        assert!(ctx.kernels.has(k), "{k} was left out under the default limits");
+    }
     let data = dataset(40, 16);
     let opt = Optimizer::default();
     let start = TrainState::new(Params::init(SEED), opt, SEED, BATCH, false);
     let mut g = GpuBackend::new(ctx, &data).unwrap();
-    assert_eq!(g.variant(), Variant::V1);
+    assert_eq!(g.variant(), Variant::Fused);
     g.load_state(&start).unwrap();
     let mut c = cpu_backend(&data, &start);
     let ch = chunk(&opt, data.len(), BATCH, 1, 1, 17);
     assert_stats_close(&g.train_steps(&ch).unwrap(), &c.train_steps(&ch).unwrap(), tol);
     assert_grads_close(&g.gradients().unwrap(), &c.gradients().unwrap());
+    let kernels: Vec<&str> = g.step_program().unwrap().0.iter().map(|d| d.kernel.as_str()).collect();
+    assert_eq!(kernels, ["trunk_forward", "head_step", "trunk_backward", "update_adam"]);
 }
 
 /// `--kernels` picks the kernels by name (hidden from the help); an unknown name is one `error:`
@@ -351,14 +359,15 @@ fn each_context_runs_the_kernels_its_options_name() {
 }
 
 /// The recorded step of each choice of kernels: how many dispatches, and that the fused head is
-/// one of the fused family's (and of no other's).
+/// one of the fused family's (and of no other's): the family's step is its trunk forward, its
+/// head, its trunk backward and the update.
 #[test]
 fn each_choice_of_kernels_records_its_dispatches() {
     let data = dataset(16, 2);
     let opt = Optimizer::default();
     let start = TrainState::new(Params::init(SEED), opt, SEED, BATCH, false);
     for (variant, dispatches) in
-        [(Variant::V1, 21), (Variant::Mixed, 15), (Variant::V3, 10), (Variant::Fused, 6)]
+        [(Variant::V1, 21), (Variant::Mixed, 15), (Variant::V3, 10), (Variant::Fused, 4)]
     {
         let Some(mut g) = gpu_backend_with(&data, &start, variant) else { return };
         g.train_steps(&chunk(&opt, data.len(), BATCH, 1, 1, 3)).unwrap();

@@ -60,6 +60,8 @@ fn every_op_has_cases() {
         "linear_backward",
         "conv_backward_from_pool",
         "head_forward_backward",
+        "trunk_forward",
+        "trunk_backward",
         "update",
     ] {
         assert!(ops.contains(&op), "{op} has no test case");
@@ -86,19 +88,12 @@ fn gpu_naive() {
     check_all(&mut GpuOps::with_variant(ctx, Variant::V1).unwrap());
 }
 
-/// The default kernels on the adapter.
+/// The default kernels on the adapter (the fused family).
 #[test]
 fn gpu_default() {
     let Some(ctx) = common::gpu() else { return };
     let variant = Variant::default_for(ctx.adapter_info.device_type);
     check_all(&mut GpuOps::with_variant(ctx, variant).unwrap());
-}
-
-/// The fused family (until it is the default).
-#[test]
-fn gpu_fused() {
-    let Some(ctx) = common::gpu() else { return };
-    check_all(&mut GpuOps::with_variant(ctx, Variant::Fused).unwrap());
 }
 
 // ---- The checks catch what they guard against. ----
@@ -289,4 +284,22 @@ fn the_heads_dropped_partial_stale_round_and_wrong_tap_are_caught() {
         assert!(r.is_err(), "{fault} was not caught ({r:?})");
     }
     opcheck::compare(&case, &host, &want, &want).expect("the reference against itself");
+}
+
+/// The fused trunk's forward pass with each split of conv2's channels over workgroups (on a CPU
+/// adapter it runs one workgroup an image unless told otherwise).
+#[test]
+fn gpu_fused_trunk_forward_with_each_split() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut ops = GpuOps::with_variant(ctx, Variant::Fused).unwrap();
+    let mut failures = Vec::new();
+    for splits in [2, 4] {
+        ops.trunk_splits = Some(splits);
+        for case in cases("trunk_forward") {
+            if let Err(e) = opcheck::check(&mut ops, &case, 1) {
+                failures.push(format!("{splits} splits, {case:?}: {e:#}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

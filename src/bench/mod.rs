@@ -93,6 +93,10 @@ fn layer_of(case: &OpCase, batch: usize) -> String {
             find(LayerShape::Linear(*s))
         }
         OpCase::SoftmaxXent { .. } => Some("loss".to_string()),
+        OpCase::TrunkForward { s, .. } | OpCase::TrunkBackward(s) => {
+            let (first, last) = (find(LayerShape::Conv(s.conv1)), find(LayerShape::Conv(s.conv2)));
+            first.zip(last).map(|(a, b)| format!("{a}-{b}"))
+        }
         OpCase::Head(h) => {
             let (first, last) = (find(LayerShape::Linear(h.layer(0))), find(LayerShape::Linear(h.layer(2))));
             first.zip(last).map(|(a, b)| format!("{a}-{b}"))

@@ -122,6 +122,14 @@ impl GpuOps {
             && (s.batch as u64) * 65536 <= self.ctx.max_binding()
     }
 
+    /// The fused trunk where the variant has it and the trunk is LeNet-5's, with room for the
+    /// packed activations in one binding.
+    pub(super) fn runs_fused_trunk(&self, t: &TrunkShape) -> bool {
+        self.variant.alternative().fused_trunk
+            && super::conv::trunk_fits(t)
+            && (t.conv1.batch as u64) * 65536 <= self.ctx.max_binding()
+    }
+
     pub(super) fn runs_linear_v3(&self) -> bool {
         self.variant.alternative().linear_v3
     }

@@ -3,15 +3,17 @@
 //! adapter: one invocation per output element for the forward pass, then the 2x2 max-pool as a
 //! kernel of its own; the backward pass routes the pooled gradient through the pool and the ReLU
 //! (`pool_backward`), then one workgroup per weight element and one invocation per input
-//! element. Every sum in the CPU reference's order.
+//! element. Every sum in the CPU reference's order. And the fused family's trunk
+//! (shaders/trunk.wgsl): the gather and both layers forward in one dispatch, both backward in
+//! another.
 //!
 //! These functions only bind and record: [`GpuOps`]'s `Ops` methods have checked the buffers
 //! against the shapes and chosen the kernels.
 
 use anyhow::Result;
 
-use super::kernels::{grid_1d, StepUniform};
-use super::ops::{GpuBuf, GpuOps};
+use super::kernels::{grid_1d, Binder, StepUniform};
+use super::ops::{ensure_packed, GpuBuf, GpuOps};
 use crate::ops::*;
 
 impl GpuOps {
@@ -102,5 +104,178 @@ impl GpuOps {
             self.push(d);
         }
         Ok(())
+    }
+}
+
+/// What shaders/trunk.wgsl takes: LeNet-5's trunk (1 -> 6 channels, 5x5, padding 2, on 28x28
+/// images; 6 -> 16, 5x5, no padding), at any batch.
+pub(super) fn trunk_fits(t: &TrunkShape) -> bool {
+    let conv = |cin, cout, side, padding| ConvShape {
+        batch: t.conv1.batch,
+        in_channels: cin,
+        out_channels: cout,
+        height: side,
+        width: side,
+        kernel: 5,
+        padding,
+    };
+    t.conv1.batch > 0
+        && t.conv2.batch == t.conv1.batch
+        && t.conv1 == conv(1, 6, 28, 2)
+        && t.conv2 == conv(6, 16, 14, 0)
+}
+
+/// Workgroups per image of trunk_forward: enough for 256 workgroups at small batches (two per
+/// multiprocessor of a 132-SM card, each recomputing conv1 for its share of conv2's 16
+/// channels), one on a CPU adapter, where a recomputed conv1 is simply more work.
+pub(super) fn trunk_splits(batch: usize, cpu: bool) -> usize {
+    if cpu {
+        return 1;
+    }
+    [4, 2, 1].into_iter().find(|&s| batch * s <= 256 || s == 1).expect("1 is always taken")
+}
+
+impl GpuOps {
+    /// The trunk's forward pass in one dispatch (trunk.wgsl's trunk_forward).
+    pub(super) fn trunk_forward_fused(&mut self, a: TrunkForward<Self>) -> Result<()> {
+        let TrunkForwardArgs { gather, conv1, conv2, s } = a;
+        let batch = gather.batch;
+        let f32s = [&*gather.input, &*conv1.conv, &*conv1.pooled, &*conv2.conv, &*conv2.pooled];
+        ensure_packed("activations", &f32s)?;
+        ensure_packed("indices", &[&*gather.labels, &*conv1.argmax, &*conv2.argmax])?;
+        ensure_packed("parameters", &[conv1.weight, conv1.bias, conv2.weight, conv2.bias])?;
+        let splits = self.trunk_splits.unwrap_or_else(|| trunk_splits(s.conv1.batch, self.on_cpu()));
+        let d = self
+            .kernel("trunk_forward")?
+            .buf("images", &batch.data.images.view)
+            .buf("labels", &batch.data.labels.view)
+            .buf("indices", &batch.indices.view)
+            .buf("shifts", &batch.shifts.view)
+            .buf("lut", &self.lut.view)
+            .buf("param", &conv1.weight.whole())
+            .buf("acts", &gather.input.whole())
+            .buf("acts_u32", &gather.labels.whole())
+            .trunk_offsets(TrunkOffsets {
+                rows: batch.data.rows,
+                cols: batch.data.cols,
+                splits,
+                input: gather.input.first(),
+                conv1: conv1.conv.first(),
+                pooled1: conv1.pooled.first(),
+                conv2: conv2.conv.first(),
+                pooled2: conv2.pooled.first(),
+                labels: gather.labels.first(),
+                argmax1: conv1.argmax.first(),
+                argmax2: conv2.argmax.first(),
+                w1: conv1.weight.first(),
+                b1: conv1.bias.first(),
+                w2: conv2.weight.first(),
+                b2: conv2.bias.first(),
+                ..TrunkOffsets::new(s.conv1.batch)
+            })
+            .step(self.step(StepUniform::default()))
+            .grid(grid_1d((s.conv1.batch * splits) as u64, 1, self.max_dim()))
+            .build("trunk_forward")?;
+        self.push(d);
+        Ok(())
+    }
+
+    /// The trunk's backward pass in one dispatch (trunk.wgsl's trunk_backward), one weight
+    /// gradient partial per image.
+    pub(super) fn trunk_backward_fused(&mut self, a: TrunkBackward<Self>) -> Result<()> {
+        let TrunkBackwardArgs { dpooled, conv2, dpooled1, conv1, s } = a;
+        let f32s = [dpooled, &*dpooled1, conv1.conv, conv1.input, conv2.conv, conv2.input];
+        ensure_packed("activations", &f32s)?;
+        ensure_packed("indices", &[conv1.argmax, conv2.argmax])?;
+        ensure_packed("parameters", &[conv1.weight, conv2.weight])?;
+        ensure_packed("gradients", &[&*conv1.dweight, &*conv1.dbias, &*conv2.dweight, &*conv2.dbias])?;
+        let d = self
+            .kernel("trunk_backward")?
+            .buf("param", &conv1.weight.whole())
+            .buf("acts", &dpooled.whole())
+            .buf("acts_u32", &conv1.argmax.whole())
+            .buf("grad", &conv1.dweight.whole())
+            .trunk_offsets(TrunkOffsets {
+                input: conv1.input.first(),
+                conv1: conv1.conv.first(),
+                pooled1: conv2.input.first(),
+                conv2: conv2.conv.first(),
+                dpooled2: dpooled.first(),
+                dpooled1: dpooled1.first(),
+                argmax1: conv1.argmax.first(),
+                argmax2: conv2.argmax.first(),
+                w1: conv1.weight.first(),
+                w2: conv2.weight.first(),
+                dw1: conv1.dweight.first(),
+                db1: conv1.dbias.first(),
+                dw2: conv2.dweight.first(),
+                db2: conv2.dbias.first(),
+                ..TrunkOffsets::new(s.conv1.batch)
+            })
+            .grid(grid_1d(s.conv1.batch as u64, 1, self.max_dim()))
+            .build("trunk_backward")?;
+        self.push(d);
+        Ok(())
+    }
+}
+
+/// trunk.wgsl's `Params`: the batch, the images' sides, the forward pass's splits, and where
+/// each tensor starts in its packed buffer (what a pass does not read stays 0).
+#[derive(Default)]
+struct TrunkOffsets {
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    splits: usize,
+    input: usize,
+    conv1: usize,
+    pooled1: usize,
+    conv2: usize,
+    pooled2: usize,
+    dpooled2: usize,
+    dpooled1: usize,
+    labels: usize,
+    argmax1: usize,
+    argmax2: usize,
+    w1: usize,
+    b1: usize,
+    w2: usize,
+    b2: usize,
+    dw1: usize,
+    db1: usize,
+    dw2: usize,
+    db2: usize,
+}
+
+impl TrunkOffsets {
+    fn new(batch: usize) -> Self {
+        TrunkOffsets { batch, splits: 1, ..Default::default() }
+    }
+}
+
+impl Binder<'_> {
+    fn trunk_offsets(self, o: TrunkOffsets) -> Self {
+        self.param("batch", o.batch)
+            .param("rows", o.rows)
+            .param("cols", o.cols)
+            .param("splits", o.splits)
+            .param("input_at", o.input)
+            .param("conv1_at", o.conv1)
+            .param("pooled1_at", o.pooled1)
+            .param("conv2_at", o.conv2)
+            .param("pooled2_at", o.pooled2)
+            .param("dpooled2_at", o.dpooled2)
+            .param("dpooled1_at", o.dpooled1)
+            .param("labels_at", o.labels)
+            .param("argmax1_at", o.argmax1)
+            .param("argmax2_at", o.argmax2)
+            .param("w1_at", o.w1)
+            .param("b1_at", o.b1)
+            .param("w2_at", o.w2)
+            .param("b2_at", o.b2)
+            .param("dw1_at", o.dw1)
+            .param("db1_at", o.db1)
+            .param("dw2_at", o.dw2)
+            .param("db2_at", o.db2)
     }
 }

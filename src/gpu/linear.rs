@@ -7,10 +7,10 @@
 //! These functions only bind and record: [`GpuOps`]'s `Ops` methods have checked the buffers
 //! against the shapes and chosen the kernels.
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 
 use super::kernels::{grid_1d, StepUniform};
-use super::ops::{GpuBuf, GpuOps};
+use super::ops::{ensure_packed, GpuBuf, GpuOps};
 use crate::ops::*;
 
 impl GpuOps {
@@ -113,15 +113,9 @@ impl GpuOps {
         let params = [l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias];
         let acts = [a.input, &*a.dinput, &*l1.out, &*l2.out, &*l3.out, &*l1.dout, &*l2.dout, &*l3.dout];
         let grads = [&*l1.dweight, &*l1.dbias, &*l2.dweight, &*l2.dbias, &*l3.dweight, &*l3.dbias];
-        for (what, group) in
-            [("parameters", &params[..]), ("activations", &acts[..]), ("gradients", &grads[..])]
-        {
-            ensure!(
-                group.iter().all(|b| b.view.buffer == group[0].view.buffer),
-                "the fused head needs its {what} packed in one buffer ({} is apart)",
-                group.iter().find(|b| b.view.buffer != group[0].view.buffer).map_or("?", |b| &b.view.label)
-            );
-        }
+        ensure_packed("parameters", &params)?;
+        ensure_packed("activations", &acts)?;
+        ensure_packed("gradients", &grads)?;
         let acts_whole = a.input.whole();
         self.ctx.check_binding("the fused head's activations", acts_whole.size)?;
         let (groups, group_images) = head_groups(s.batch);

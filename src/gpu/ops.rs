@@ -77,6 +77,9 @@ pub struct GpuOps {
     pub(super) lut: GpuBuf<f32>,
     /// Which kernels run.
     pub variant: Variant,
+    /// Workgroups per image of the fused trunk's forward pass (None: by the batch and the
+    /// adapter, see `conv::trunk_splits`); tests set it to check each.
+    pub trunk_splits: Option<usize>,
     /// Why the kernels asked for could not run on this device (the naive ones run instead).
     pub fallback: Option<String>,
     /// Recorded and not yet run (one at a time), or the program being recorded.
@@ -107,6 +110,7 @@ impl GpuOps {
             ctx,
             lut,
             variant,
+            trunk_splits: None,
             fallback,
             recorded: Vec::new(),
             program_step: None,
@@ -183,6 +187,11 @@ impl GpuOps {
         r
     }
 
+    /// Whether the adapter is a CPU (lavapipe, WARP).
+    pub(super) fn on_cpu(&self) -> bool {
+        self.ctx.adapter_info.device_type == wgpu::DeviceType::Cpu
+    }
+
     pub(super) fn max_dim(&self) -> u32 {
         self.ctx.limits.max_compute_workgroups_per_dimension
     }
@@ -196,6 +205,16 @@ impl GpuOps {
     pub(super) fn scratch(&self, label: &str, len: usize) -> Result<GpuBuf<f32>> {
         storage(&self.ctx, label, len)
     }
+}
+
+/// A fused kernel binds each group of its tensors as one buffer: they must be ranges of one
+/// (as [`Ops::alloc_packed`] makes them; the network and the op checks pack what
+/// [`Ops::fuses`] says).
+pub(super) fn ensure_packed<T>(what: &str, group: &[&GpuBuf<T>]) -> Result<()> {
+    if let Some(apart) = group.iter().find(|b| b.view.buffer != group[0].view.buffer) {
+        bail!("the fused kernel needs its {what} packed in one buffer ({} is apart)", apart.view.label);
+    }
+    Ok(())
 }
 
 fn check_len<T>(what: &str, buf: &GpuBuf<T>, len: usize) -> Result<()> {
@@ -313,6 +332,11 @@ impl Ops for GpuOps {
             // Unfused, the head runs layer by layer.
             GradOp::Head { head, layer: 2 } => self.grad_partials(GradOp::LinearXent(head.layer(2))),
             GradOp::Head { head, layer } => self.grad_partials(GradOp::Linear(head.layer(layer))),
+            // One partial per image; unfused, the trunk runs layer by layer.
+            GradOp::Trunk { trunk, .. } if self.runs_fused_trunk(&trunk) => trunk.conv1.batch,
+            GradOp::Trunk { trunk, layer } => {
+                self.grad_partials(GradOp::ConvFromPool(trunk.layer(layer), layer > 0))
+            }
             op => self.alternative_partials(op).unwrap_or(1),
         }
     }
@@ -468,8 +492,47 @@ impl Ops for GpuOps {
         })
     }
 
-    fn packs_head(&self, s: &HeadShape) -> bool {
-        self.runs_fused_head(s)
+    fn fuses(&self, op: Fusion) -> bool {
+        match op {
+            Fusion::Head(s) => self.runs_fused_head(&s),
+            Fusion::Trunk(t) => self.runs_fused_trunk(&t),
+        }
+    }
+
+    fn trunk_forward(&mut self, a: TrunkForward<Self>) -> Result<()> {
+        let (s, images) = (a.s, a.gather.batch.data.len);
+        self.tagged(OpCase::TrunkForward { s, images, max_shift: 2 }, |me| {
+            if !me.runs_fused_trunk(&s) {
+                return trunk_forward_by_layers(me, a);
+            }
+            let g = &a.gather;
+            check_batch(g.batch)?;
+            let d = g.batch.data;
+            ensure!(
+                d.rows == 28 && d.cols == 28 && g.batch.batch == s.conv1.batch,
+                "the batch does not fit the trunk"
+            );
+            check_lens!(g.input => s.conv1.input_len(), g.labels => s.conv1.batch);
+            check_conv_forward(g.input, &a.conv1)?;
+            check_conv_forward(&*a.conv1.pooled, &a.conv2)?;
+            me.trunk_forward_fused(a)
+        })
+    }
+
+    fn trunk_backward(&mut self, a: TrunkBackward<Self>) -> Result<()> {
+        let s = a.s;
+        self.tagged(OpCase::TrunkBackward(s), |me| {
+            if !me.runs_fused_trunk(&s) {
+                return trunk_backward_by_layers(me, a);
+            }
+            let parts = me.grad_partials(GradOp::Trunk { trunk: s, layer: 0 });
+            for (l, c) in [(&a.conv1, s.conv1), (&a.conv2, s.conv2)] {
+                check_lens!(l.conv => c.output_len(), l.argmax => c.pooled_len(), l.input => c.input_len());
+                check_lens!(l.weight => c.weight_len(), l.dweight => parts * c.weight_len(), l.dbias => parts * c.out_channels);
+            }
+            check_lens!(a.dpooled => s.conv2.pooled_len(), a.dpooled1 => s.conv1.pooled_len());
+            me.trunk_backward_fused(a)
+        })
     }
 
     fn head_forward_backward(&mut self, a: Head<Self>) -> Result<()> {

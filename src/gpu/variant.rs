@@ -30,8 +30,9 @@ pub enum Variant {
     /// conv_v2.wgsl's convolutions with linear_v3.wgsl's fully connected kernels, shaped for a
     /// large GPU: 10 dispatches a step.
     V3,
-    /// The fused family (issue 22, in progress): conv_v2.wgsl's convolutions and the whole fully
-    /// connected head in one dispatch (head.wgsl): 6 dispatches a step.
+    /// The fused family: the trunk forward (gather, conv1, conv2), the head's whole step and the
+    /// trunk backward, one dispatch each (trunk.wgsl, head.wgsl), then the update: 4 dispatches
+    /// a step, inside WebGPU's default limits.
     Fused,
 }
 
@@ -45,6 +46,8 @@ pub struct Alternative {
     pub linear_v3: bool,
     /// head.wgsl's fused head (where the shape fits it).
     pub fused_head: bool,
+    /// trunk.wgsl's fused trunk (LeNet-5's, with the fused head).
+    pub fused_trunk: bool,
     /// The entry points it needs beyond the naive kernels.
     pub entry_points: &'static [&'static str],
 }
@@ -60,9 +63,8 @@ const CONV_V2_LINEAR_V3: [&str; 6] = [
     "linear_backward_v3",
     "linear_xent_v3",
 ];
-/// The entry points of conv_v2.wgsl and head.wgsl.
-const CONV_V2_HEAD: [&str; 4] =
-    ["conv_pool_forward", "gather_conv_pool_forward", "conv_pool_backward", "head_step"];
+/// The fused family's entry points (trunk.wgsl, head.wgsl).
+const FUSED: [&str; 3] = ["trunk_forward", "head_step", "trunk_backward"];
 
 /// The one table of kernel choices.
 pub const ALTERNATIVES: [Alternative; 4] = [
@@ -72,6 +74,7 @@ pub const ALTERNATIVES: [Alternative; 4] = [
         conv_v2: false,
         linear_v3: false,
         fused_head: false,
+        fused_trunk: false,
         entry_points: &[],
     },
     Alternative {
@@ -80,6 +83,7 @@ pub const ALTERNATIVES: [Alternative; 4] = [
         conv_v2: true,
         linear_v3: false,
         fused_head: false,
+        fused_trunk: false,
         entry_points: &CONV_V2,
     },
     Alternative {
@@ -88,15 +92,17 @@ pub const ALTERNATIVES: [Alternative; 4] = [
         conv_v2: true,
         linear_v3: true,
         fused_head: false,
+        fused_trunk: false,
         entry_points: &CONV_V2_LINEAR_V3,
     },
     Alternative {
         variant: Variant::Fused,
         name: "fused",
-        conv_v2: true,
+        conv_v2: false,
         linear_v3: false,
         fused_head: true,
-        entry_points: &CONV_V2_HEAD,
+        fused_trunk: true,
+        entry_points: &FUSED,
     },
 ];
 
@@ -114,10 +120,13 @@ impl Variant {
         self.alternative().entry_points.iter().copied()
     }
 
-    /// The fastest measured (BENCHMARKS.md): `mixed`, on every kind of adapter.
+    /// The fused family, on every kind of adapter: 4 dispatches a step inside WebGPU's default
+    /// limits, against `mixed`'s 15 (which needs 32 KiB of workgroup memory). On lavapipe it is
+    /// the faster (BENCHMARKS.md); the H100 has not measured it yet (scripts/device_run.sh
+    /// times it against `mixed` and `v3`, whose rows stay until it has).
     pub fn default_for(device_type: wgpu::DeviceType) -> Self {
         let _ = device_type;
-        Variant::Mixed
+        Variant::Fused
     }
 }
 
