@@ -293,7 +293,7 @@ fn gpu_fused_trunk_forward_with_each_split() {
     let Some(ctx) = common::gpu() else { return };
     let mut ops = GpuOps::with_variant(ctx, Variant::Fused).unwrap();
     let mut failures = Vec::new();
-    for splits in [2, 4] {
+    for splits in [2, 4, 8] {
         ops.trunk_splits = Some(splits);
         for case in cases("trunk_forward") {
             if let Err(e) = opcheck::check(&mut ops, &case, 1) {
@@ -302,4 +302,44 @@ fn gpu_fused_trunk_forward_with_each_split() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The fused trunk's own faults, each caught at its stage: a dropped partial (the last image's
+/// share of the weight gradients), a stale staging round (an image's gather left with the image
+/// before it) and a wrong tap (conv2's weights read one tap to the side).
+#[test]
+fn the_trunks_dropped_partial_stale_round_and_wrong_tap_are_caught() {
+    let find = |op: &str, batch: usize| {
+        cases(op)
+            .into_iter()
+            .find(|c| match c {
+                OpCase::TrunkForward { s, .. } | OpCase::TrunkBackward(s) => s.conv1.batch == batch,
+                _ => false,
+            })
+            .expect("LeNet-5's trunk at batch 13")
+    };
+    let faulty = |case: &OpCase, plant: &dyn Fn(&mut Host)| {
+        let host = opcheck::inputs(case, 1);
+        let want = opcheck::run(&mut Reference, case, &host).unwrap();
+        let mut planted = host.clone();
+        plant(&mut planted);
+        let got = opcheck::run(&mut Reference, case, &planted).unwrap();
+        opcheck::compare(case, &host, &want, &want).expect("the reference against itself");
+        opcheck::compare(case, &host, &got, &want)
+    };
+    let backward = find("trunk_backward", 13);
+    let r = faulty(&backward, &|h| {
+        let d = f32_out(h, "dpooled");
+        let n = d.len();
+        d[n - n / 13..].iter_mut().for_each(|x| *x = 0.0);
+    });
+    assert!(r.is_err(), "a dropped partial was not caught ({r:?})");
+    let forward = find("trunk_forward", 13);
+    let r = faulty(&forward, &|h| {
+        let indices = &mut h.u32s.iter_mut().find(|(n, _)| *n == "indices").unwrap().1;
+        indices[1] = indices[0];
+    });
+    assert!(r.is_err(), "a stale staging round was not caught ({r:?})");
+    let r = faulty(&forward, &|h| f32_out(h, "w2").rotate_left(1));
+    assert!(r.is_err(), "a wrong tap was not caught ({r:?})");
 }

@@ -125,14 +125,15 @@ pub(super) fn trunk_fits(t: &TrunkShape) -> bool {
         && t.conv2 == conv(6, 16, 14, 0)
 }
 
-/// Workgroups per image of trunk_forward: enough for 256 workgroups at small batches (two per
-/// multiprocessor of a 132-SM card, each recomputing conv1 for its share of conv2's 16
-/// channels), one on a CPU adapter, where a recomputed conv1 is simply more work.
+/// Workgroups per image of trunk_forward: the fewest (1, 2, 4 or 8, each taking that share of
+/// conv2's 16 channels and recomputing conv1, which costs half of conv2) that give a batch at
+/// least 264 workgroups, two per multiprocessor of a 132-SM card; one on a CPU adapter, where a
+/// recomputed conv1 is only more work.
 pub(super) fn trunk_splits(batch: usize, cpu: bool) -> usize {
     if cpu {
         return 1;
     }
-    [4, 2, 1].into_iter().find(|&s| batch * s <= 256 || s == 1).expect("1 is always taken")
+    [1, 2, 4, 8].into_iter().find(|&s| batch * s >= 264).unwrap_or(8)
 }
 
 impl GpuOps {
@@ -277,5 +278,18 @@ impl Binder<'_> {
             .param("db1_at", o.db1)
             .param("dw2_at", o.dw2)
             .param("db2_at", o.db2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trunk_splits;
+
+    #[test]
+    fn the_forward_pass_splits_images_until_a_large_gpu_has_two_workgroups_per_multiprocessor() {
+        let splits: Vec<usize> =
+            [1, 33, 64, 66, 132, 264, 1100].iter().map(|&b| trunk_splits(b, false)).collect();
+        assert_eq!(splits, [8, 8, 8, 4, 2, 1, 1]);
+        assert_eq!(trunk_splits(1, true), 1);
     }
 }
