@@ -23,8 +23,8 @@
 # Prints a short table last; $OUT/results.tgz holds every output, $OUT/summary.txt the table.
 #
 # The kernel choices are named by the hidden `--kernels NAME` option of train and bench
-# (FAMILY=NAME names the family's entry; "mixed", today's default, until the 4-dispatch family
-# of issue 22 is in the table). `--shader-loop-bounds off`
+# (FAMILY=NAME names the family's entry: "fused", the 4-dispatch family of issue 22 and the
+# default). `--shader-loop-bounds off`
 # compiles the kernels without naga's loop bounding. KERNELS_OPTION=0 leaves `--kernels` out (a
 # build that does not have it yet: every configuration then runs the default kernels).
 #
@@ -37,7 +37,7 @@ mkdir -p "$OUT"
 W=$(mktemp -d)
 start=$(date +%s)
 deadline=$((start + ${DEADLINE_S:-360}))
-FAMILY=${FAMILY:-mixed}
+FAMILY=${FAMILY:-fused}
 DRY_RUN=${DRY_RUN:-0}
 
 if [[ $DRY_RUN == 1 ]]; then

@@ -73,9 +73,9 @@ const POOLED1: u32 = 1176u;
 const CONV2: u32 = 1600u;
 const POOLED2: u32 = 400u;
 
-// The forward pass's: the image zero-padded to 32 x 32, conv1's weights and biases, pooled1
-// (9,424 bytes).
-var<workgroup> xpad: array<f32, 1024>;
+// The forward pass's: the image zero-padded to 32 x 32 for conv1, then conv2's weights and
+// biases for conv2 (`stage`); conv1's weights and biases; pooled1 (14,992 bytes).
+var<workgroup> stage: array<f32, 2416>;
 var<workgroup> w1s: array<f32, 156>;
 var<workgroup> p1: array<f32, POOLED1>;
 // The backward pass's: conv2's output gradient, then the padded image again; and pooled1's
@@ -154,7 +154,7 @@ fn trunk_forward(
                 acts[params.input_at + image * S0 * S0 + u32(y) * S0 + u32(x)] = v;
             }
         }
-        xpad[i] = v;
+        stage[i] = v;
     }
     if lead && lid == 0u {
         acts_u32[params.labels_at + image] = labels[sample];
@@ -175,7 +175,7 @@ fn trunk_forward(
         for (var ky = 0u; ky < K; ky++) {
             for (var kx = 0u; kx < K; kx++) {
                 let at = (y0 + ky) * PAD + x0 + kx;
-                a += w1s[(c * K + ky) * K + kx] * vec4<f32>(xpad[at], xpad[at + 1u], xpad[at + PAD], xpad[at + PAD + 1u]);
+                a += w1s[(c * K + ky) * K + kx] * vec4<f32>(stage[at], stage[at + 1u], stage[at + PAD], stage[at + PAD + 1u]);
             }
         }
         let v = max(a + w1s[150u + c], vec4<f32>(0.0));
@@ -184,6 +184,24 @@ fn trunk_forward(
             let k0 = ((image * C1 + c) * S0 + y0) * S0 + x0;
             let p = image * POOLED1 + j;
             store_window(v, params.conv1_at, k0, S0, params.pooled1_at + p, params.argmax1_at + p);
+        }
+    }
+    workgroupBarrier();
+    // conv2's weights and biases where the image was: four loads go out before their stores.
+    for (var i = lid; i < 2416u; i += 4u * WG) {
+        var v = vec4<f32>(0.0);
+        for (var q = 0u; q < 4u; q++) {
+            let e = i + q * WG;
+            if e < 2400u {
+                v[q] = param[params.w2_at + e];
+            } else if e < 2416u {
+                v[q] = param[params.b2_at + e - 2400u];
+            }
+        }
+        for (var q = 0u; q < 4u; q++) {
+            if i + q * WG < 2416u {
+                stage[i + q * WG] = v[q];
+            }
         }
     }
     workgroupBarrier();
@@ -196,15 +214,15 @@ fn trunk_forward(
         var a = vec4<f32>(0.0);
         for (var ci = 0u; ci < C1; ci++) {
             for (var ky = 0u; ky < K; ky++) {
-                let row = params.w2_at + ((c * C1 + ci) * K + ky) * K;
+                let row = ((c * C1 + ci) * K + ky) * K;
                 let at = ci * S1 * S1 + (y0 + ky) * S1 + x0;
                 for (var kx = 0u; kx < K; kx++) {
                     let i = at + kx;
-                    a += param[row + kx] * vec4<f32>(p1[i], p1[i + 1u], p1[i + S1], p1[i + S1 + 1u]);
+                    a += stage[row + kx] * vec4<f32>(p1[i], p1[i + 1u], p1[i + S1], p1[i + S1 + 1u]);
                 }
             }
         }
-        let v = max(a + param[params.b2_at + c], vec4<f32>(0.0));
+        let v = max(a + stage[2400u + c], vec4<f32>(0.0));
         let k0 = ((image * C2 + c) * O2 + y0) * O2 + x0;
         let p = image * POOLED2 + c * S2 * S2 + j % (S2 * S2);
         store_window(v, params.conv2_at, k0, O2, params.pooled2_at + p, params.argmax2_at + p);
@@ -270,17 +288,18 @@ fn trunk_backward(
         let ci = j / (S1 * S1);
         let iy = (j % (S1 * S1)) / S1;
         let ix = j % S1;
+        // The taps that reach an output: ky in [max(0, iy - 9), min(4, iy)], likewise kx.
+        let ky0 = select(0u, iy - (O2 - 1u), iy >= O2);
+        let ky1 = min(K - 1u, iy);
+        let kx0 = select(0u, ix - (O2 - 1u), ix >= O2);
+        let kx1 = min(K - 1u, ix);
         var g = 0.0;
         for (var c = 0u; c < C2; c++) {
-            for (var ky = 0u; ky < K; ky++) {
-                if iy >= ky && iy - ky < O2 {
-                    let row = params.w2_at + ((c * C1 + ci) * K + ky) * K;
-                    let d = c * O2 * O2 + (iy - ky) * O2;
-                    for (var kx = 0u; kx < K; kx++) {
-                        if ix >= kx && ix - kx < O2 {
-                            g += scratch[d + ix - kx] * param[row + kx];
-                        }
-                    }
+            for (var ky = ky0; ky <= ky1; ky++) {
+                let row = params.w2_at + ((c * C1 + ci) * K + ky) * K;
+                let d = c * O2 * O2 + (iy - ky) * O2 + ix;
+                for (var kx = kx0; kx <= kx1; kx++) {
+                    g += scratch[d - kx] * param[row + kx];
                 }
             }
         }
