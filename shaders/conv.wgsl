@@ -42,12 +42,8 @@ fn out_w() -> u32 {
 // The fallback forward (any kernel size): one invocation per output element,
 // conv = ReLU(bias + sum_{ci,ky,kx} w * in), summed in the CPU reference's order.
 @compute @workgroup_size(256)
-fn conv_forward_naive(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = flat_index(wid, nwg, lid, 256u);
+fn conv_forward_naive(inv: Invocation) {
+    let i = invocation_index(inv, 256u);
     let ho = out_h();
     let wo = out_w();
     if i >= params.batch * params.cout * ho * wo {
@@ -87,12 +83,8 @@ fn conv_forward_naive(
 // The fallback input gradient: one invocation per input element, the sum over the outputs
 // reading it of dconv * weight.
 @compute @workgroup_size(256)
-fn conv_backward_input_naive(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = flat_index(wid, nwg, lid, 256u);
+fn conv_backward_input_naive(inv: Invocation) {
+    let i = invocation_index(inv, 256u);
     if i >= params.batch * params.cin * params.height * params.width {
         return;
     }
@@ -133,12 +125,9 @@ var<workgroup> partial_sums: array<f32, 256>;
 // The fallback weight gradient: one workgroup per weight element (and one per bias element after
 // them), 256 invocations each striding over (b, y, x), then a fixed-order tree reduction.
 @compute @workgroup_size(256)
-fn conv_backward_weight_naive(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let g = wid.x + wid.y * nwg.x;
+fn conv_backward_weight_naive(inv: Invocation) {
+    let g = workgroup_index(inv);
+    let lid = inv.lid;
     let k = params.k;
     let n_weights = params.cout * params.cin * k * k;
     if g >= n_weights + params.cout {
@@ -194,12 +183,8 @@ fn conv_backward_weight_naive(
 // the conv output of the window's first maximum in row-major order (strict '>' keeps the first
 // on ties).
 @compute @workgroup_size(256)
-fn pool_forward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let o = flat_index(wid, nwg, lid, 256u);
+fn pool_forward(inv: Invocation) {
+    let o = invocation_index(inv, 256u);
     let h = out_h();
     let w = out_w();
     let ho = h / 2u;
@@ -230,12 +215,8 @@ fn pool_forward(
 // (no scatter), dconv[i] = dpooled[o] if saved_argmax[o] == i for the window o containing i and
 // saved_conv[i] > 0 (the ReLU before the pool), else 0.
 @compute @workgroup_size(256)
-fn pool_backward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = flat_index(wid, nwg, lid, 256u);
+fn pool_backward(inv: Invocation) {
+    let i = invocation_index(inv, 256u);
     let h = out_h();
     let w = out_w();
     if i >= params.batch * params.cout * h * w {

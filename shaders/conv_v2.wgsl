@@ -308,36 +308,28 @@ fn conv_pool_image(b: u32, lid: u32) {
 
 // conv + bias + ReLU + 2x2 max-pool over `input`, one workgroup per image.
 @compute @workgroup_size(64)
-fn conv_pool_forward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let b = wid.x + wid.y * nwg.x;
+fn conv_pool_forward(inv: Invocation) {
+    let b = workgroup_index(inv);
     if b >= params.batch {
         return;
     }
-    stage_input(b, lid, FWD);
-    stage_weights(lid);
+    stage_input(b, inv.lid, FWD);
+    stage_weights(inv.lid);
     workgroupBarrier();
-    conv_pool_image(b, lid);
+    conv_pool_image(b, inv.lid);
 }
 
 // The same over the step's batch gathered from the data set (one input channel).
 @compute @workgroup_size(64)
-fn gather_conv_pool_forward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let b = wid.x + wid.y * nwg.x;
+fn gather_conv_pool_forward(inv: Invocation) {
+    let b = workgroup_index(inv);
     if b >= params.batch {
         return;
     }
-    stage_gathered(b, lid);
-    stage_weights(lid);
+    stage_gathered(b, inv.lid);
+    stage_weights(inv.lid);
     workgroupBarrier();
-    conv_pool_image(b, lid);
+    conv_pool_image(b, inv.lid);
 }
 
 // ---- Backward ----
@@ -587,18 +579,14 @@ fn weight_gradient(group: u32, lid: u32) {
 // The backward pass of conv + bias + ReLU + max-pool: workgroups 0..groups compute images'
 // input gradients, the rest groups' weight and bias partials.
 @compute @workgroup_size(256)
-fn conv_pool_backward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let id = wid.x + wid.y * nwg.x;
+fn conv_pool_backward(inv: Invocation) {
+    let id = workgroup_index(inv);
     if id < params.groups {
-        input_gradient(id, lid);
+        input_gradient(id, inv.lid);
     } else {
         let group = id - params.groups;
         if group * params.images_per_group < params.batch {
-            weight_gradient(group, lid);
+            weight_gradient(group, inv.lid);
         }
     }
 }

@@ -34,12 +34,8 @@ fn gathered_pixel(b: u32, y: u32, x: u32) -> f32 {
 
 // One invocation per pixel of the batch.
 @compute @workgroup_size(256)
-fn gather(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = flat_index(wid, nwg, lid, 256u);
+fn gather(inv: Invocation) {
+    let i = invocation_index(inv, 256u);
     let pixels = params.rows * params.cols;
     if i >= params.batch * pixels {
         return;

@@ -145,12 +145,8 @@ fn linear_backward_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
 // largest logit is the label (written at the step's statistics slot; the host adds them up in a
 // fixed order), and the gradient of the batch-mean loss: dlogits = (softmax - onehot) * scale.
 @compute @workgroup_size(64)
-fn softmax_xent(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let b = flat_index(wid, nwg, lid, 64u);
+fn softmax_xent(inv: Invocation) {
+    let b = invocation_index(inv, 64u);
     if b >= params.batch {
         return;
     }

@@ -294,16 +294,12 @@ fn dweight_tile(tile: u32, lid: u32) {
 }
 
 @compute @workgroup_size(128)
-fn linear_backward_v3(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let id = wid.x + wid.y * nwg.x;
+fn linear_backward_v3(inv: Invocation) {
+    let id = workgroup_index(inv);
     if id < params.dinput_tiles {
-        dinput_tile(id, lid);
+        dinput_tile(id, inv.lid);
     } else {
-        dweight_tile(id - params.dinput_tiles, lid);
+        dweight_tile(id - params.dinput_tiles, inv.lid);
     }
 }
 
@@ -315,14 +311,11 @@ fn linear_backward_v3(
 // (the first 8 images write it, the next add to it: the same invocation owns an element each
 // time, so the group's sum runs over its images in order).
 @compute @workgroup_size(128)
-fn linear_xent_v3(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
+fn linear_xent_v3(inv: Invocation) {
     let n_in = params.in_features;
     let n_out = params.out_features;
-    let group = wid.x + wid.y * nwg.x;
+    let group = workgroup_index(inv);
+    let lid = inv.lid;
     let g0 = group * params.images_per_group;
     if g0 >= params.batch {
         return;

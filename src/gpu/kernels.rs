@@ -81,12 +81,8 @@ fn update_kernels() -> String {
     const KERNEL: &str = "
 // TORCH
 @compute @workgroup_size(256)
-fn update_NAME(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let e = flat_index(wid, nwg, lid, 256u);
+fn update_NAME(inv: Invocation) {
+    let e = invocation_index(inv, 256u);
     if e >= params.elements {
         return;
     }
