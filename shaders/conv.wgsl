@@ -13,23 +13,7 @@ struct Params {
     pad: u32,
 }
 
-@group(0) @binding(0) var<storage, read> input: array<f32>;
-@group(0) @binding(1) var<storage, read> weight: array<f32>;
-@group(0) @binding(2) var<storage, read> bias: array<f32>;
-// ReLU(conv + bias) [B, Cout, Ho, Wo]
-@group(0) @binding(3) var<storage, read_write> conv: array<f32>;
-@group(0) @binding(4) var<storage, read_write> pooled: array<f32>;
-@group(0) @binding(5) var<storage, read_write> argmax: array<u32>;
-// The backward pass's inputs: the pooled gradient, and the forward pass's argmax and conv.
-@group(0) @binding(6) var<storage, read> dpooled: array<f32>;
-@group(0) @binding(7) var<storage, read> saved_argmax: array<u32>;
-@group(0) @binding(8) var<storage, read> saved_conv: array<f32>;
-// The conv-output gradient, for the fallbacks (pool_backward writes it).
-@group(0) @binding(9) var<storage, read_write> dconv: array<f32>;
-@group(0) @binding(10) var<storage, read_write> dinput: array<f32>;
-@group(0) @binding(11) var<storage, read_write> dweight: array<f32>;
-@group(0) @binding(12) var<storage, read_write> dbias: array<f32>;
-@group(0) @binding(13) var<uniform> params: Params;
+// #include tensors.wgsl
 
 fn out_h() -> u32 {
     return params.height + 2u * params.pad + 1u - params.k;

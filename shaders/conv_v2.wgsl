@@ -41,28 +41,7 @@ struct Params {
 const FWD: u32 = 64u;
 const BWD: u32 = 256u;
 
-@group(0) @binding(0) var<storage, read> input: array<f32>;
-@group(0) @binding(1) var<storage, read> weight: array<f32>;
-@group(0) @binding(2) var<storage, read> bias: array<f32>;
-@group(0) @binding(3) var<storage, read_write> conv: array<f32>;
-@group(0) @binding(4) var<storage, read_write> pooled: array<f32>;
-@group(0) @binding(5) var<storage, read_write> argmax: array<u32>;
-// The gathering forward pass: the data set and the step's batch.
-@group(0) @binding(6) var<storage, read> images: array<u32>;
-@group(0) @binding(7) var<storage, read> labels: array<u32>;
-@group(0) @binding(8) var<storage, read> indices: array<u32>;
-@group(0) @binding(9) var<storage, read> shifts: array<i32>;
-@group(0) @binding(10) var<storage, read> lut: array<f32>;
-@group(0) @binding(11) var<storage, read_write> gathered: array<f32>;
-@group(0) @binding(12) var<storage, read_write> batch_labels: array<u32>;
-// The backward pass.
-@group(0) @binding(13) var<storage, read> dpooled: array<f32>;
-@group(0) @binding(14) var<storage, read> saved_argmax: array<u32>;
-@group(0) @binding(15) var<storage, read> saved_conv: array<f32>;
-@group(0) @binding(16) var<storage, read_write> dinput: array<f32>;
-@group(0) @binding(17) var<storage, read_write> dweight: array<f32>;
-@group(0) @binding(18) var<storage, read_write> dbias: array<f32>;
-@group(0) @binding(19) var<uniform> params: Params;
+// #include tensors.wgsl
 
 // 32 KiB in all: per-invocation values (inputs, gradients) in `sm`, values every invocation reads
 // four channels at a time in `sm4`.

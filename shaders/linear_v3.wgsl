@@ -52,20 +52,7 @@ const BS: u32 = 64u;
 // The output layer's most classes.
 const CMAX: u32 = 16u;
 
-@group(0) @binding(0) var<storage, read> input: array<f32>;
-@group(0) @binding(1) var<storage, read> weight: array<f32>;
-@group(0) @binding(2) var<storage, read> bias: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<storage, read> dout: array<f32>;
-@group(0) @binding(5) var<storage, read> relu_mask: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dinput: array<f32>;
-@group(0) @binding(7) var<storage, read_write> dweight: array<f32>;
-@group(0) @binding(8) var<storage, read_write> dbias: array<f32>;
-@group(0) @binding(9) var<storage, read> labels: array<u32>;
-@group(0) @binding(10) var<storage, read_write> dlogits: array<f32>;
-@group(0) @binding(11) var<storage, read_write> losses: array<f32>;
-@group(0) @binding(12) var<storage, read_write> correct: array<u32>;
-@group(0) @binding(13) var<uniform> params: Params;
+// #include tensors.wgsl
 
 // 12.9 KiB in all (within WebGPU's default 16): a [TB][KP] slice of the rows, a [TN][KP] slice of
 // the other operand (or a dW round's [BS][TN] inputs and [BS][TO] output gradients in xs and ws),

@@ -26,7 +26,7 @@ impl GpuOps {
             .buf("indices", &batch.indices.view)
             .buf("shifts", &batch.shifts.view)
             .buf("lut", &self.lut.view)
-            .buf("input", &input.view)
+            .buf("gathered", &input.view)
             .buf("batch_labels", &labels.view)
             .param("batch", b)
             .param("rows", data.rows)

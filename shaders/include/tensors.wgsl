@@ -1,0 +1,59 @@
+// The tensors the layer kernels bind, declared once: a shader file with the line
+// `// #include tensors.wgsl` is compiled after these (src/gpu/kernels.rs). A kernel's bind group
+// holds only the bindings it uses (read from the WGSL, src/gpu/shader.rs), and Rust code binds
+// them by name, so each file uses any of them and each number is fixed here, once. Every file
+// that includes this defines its own `Params`.
+//
+// Numbers: reads first, then writes in the order a kernel that writes several lists them (a
+// dispatch is labelled after the first buffer it writes: `conv` before `gathered`, `dinput`
+// before `dweight`, `dlogits` before `losses`).
+
+// The data set resident on the device and the step's batch: u8 pixels packed four to a u32
+// (little-endian; image i starts at byte i * pixels), the class labels (the data set's when
+// gathering, the batch's for the loss), the samples of every step of a chunk (this step's at
+// step.index_offset), their shifts (dx, dy) in whole pixels, and lut[v] = v / 255 as the CPU
+// computes it.
+@group(0) @binding(0) var<storage, read> images: array<u32>;
+@group(0) @binding(1) var<storage, read> labels: array<u32>;
+@group(0) @binding(2) var<storage, read> indices: array<u32>;
+@group(0) @binding(3) var<storage, read> shifts: array<i32>;
+@group(0) @binding(4) var<storage, read> lut: array<f32>;
+
+// A layer's input and parameters.
+@group(0) @binding(5) var<storage, read> input: array<f32>;
+@group(0) @binding(6) var<storage, read> weight: array<f32>;
+@group(0) @binding(7) var<storage, read> bias: array<f32>;
+
+// The backward pass's inputs: a conv layer's pooled gradient with its forward argmax and conv
+// output; a fully connected layer's output gradient and the forward output of the layer that
+// produced its `input` (for that ReLU's backward); the output layer's logits.
+@group(0) @binding(8) var<storage, read> dpooled: array<f32>;
+@group(0) @binding(9) var<storage, read> saved_argmax: array<u32>;
+@group(0) @binding(10) var<storage, read> saved_conv: array<f32>;
+@group(0) @binding(11) var<storage, read> dout: array<f32>;
+@group(0) @binding(12) var<storage, read> relu_mask: array<f32>;
+@group(0) @binding(13) var<storage, read> logits: array<f32>;
+
+// Forward outputs: a conv layer's ReLU(conv + bias) [B, Cout, Ho, Wo], its 2x2 max-pool and the
+// pool's argmax; a fully connected layer's output [B, Out]; the gathered batch [B, rows, cols]
+// and its labels.
+@group(0) @binding(14) var<storage, read_write> conv: array<f32>;
+@group(0) @binding(15) var<storage, read_write> pooled: array<f32>;
+@group(0) @binding(16) var<storage, read_write> argmax: array<u32>;
+@group(0) @binding(17) var<storage, read_write> out: array<f32>;
+@group(0) @binding(18) var<storage, read_write> gathered: array<f32>;
+@group(0) @binding(19) var<storage, read_write> batch_labels: array<u32>;
+
+// Gradients: a conv output's (the naive kernels route the pooled one through it), then the
+// layer's input, weight and bias gradients (or partial sums of them), then the output layer's
+// logit gradients, per-image losses and correct flags (at step.stats_offset).
+@group(0) @binding(20) var<storage, read_write> dconv: array<f32>;
+@group(0) @binding(21) var<storage, read_write> dinput: array<f32>;
+@group(0) @binding(22) var<storage, read_write> dweight: array<f32>;
+@group(0) @binding(23) var<storage, read_write> dbias: array<f32>;
+@group(0) @binding(24) var<storage, read_write> dlogits: array<f32>;
+@group(0) @binding(25) var<storage, read_write> losses: array<f32>;
+@group(0) @binding(26) var<storage, read_write> correct: array<u32>;
+
+// The including file's shape and settings.
+@group(0) @binding(27) var<uniform> params: Params;
