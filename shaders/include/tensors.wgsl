@@ -1,12 +1,12 @@
-// The tensors the layer kernels bind, declared once: a shader file with the line
+// The tensors the kernels bind, declared once: a shader file with the line
 // `// #include tensors.wgsl` is compiled after these (src/gpu/kernels.rs). A kernel's bind group
 // holds only the bindings it uses (read from the WGSL, src/gpu/shader.rs), and Rust code binds
 // them by name, so each file uses any of them and each number is fixed here, once. Every file
 // that includes this defines its own `Params`.
 //
-// Numbers: reads first, then writes in the order a kernel that writes several lists them (a
-// dispatch is labelled after the first buffer it writes: `conv` before `gathered`, `dinput`
-// before `dweight`, `dlogits` before `losses`).
+// Numbers: a dispatch is labelled after the first buffer it writes (by number), so the buffers
+// a kernel writes keep the order that names its work: `conv` before `gathered`, `dinput` before
+// `dweight`, `dlogits` before `losses`, `param` before the states.
 
 // The data set resident on the device and the step's batch: u8 pixels packed four to a u32
 // (little-endian; image i starts at byte i * pixels), the class labels (the data set's when
@@ -57,3 +57,25 @@
 
 // The including file's shape and settings.
 @group(0) @binding(27) var<uniform> params: Params;
+
+// The optimizers' tensor list (where each tensor lives: the dispatch's elements start..start+len
+// are its elements, its parameters at param_offset in `param` and the state buffers, its
+// gradient's partials at grad_offset, each len long), the summed gradients, the parameters and
+// the optimizer's states in its order (Adam: m, v; SGD: the momentum buffer; ...).
+struct Tensor {
+    start: u32,
+    len: u32,
+    param_offset: u32,
+    grad_offset: u32,
+    partials: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(28) var<storage, read> tensors: array<Tensor>;
+@group(0) @binding(29) var<storage, read> grad: array<f32>;
+@group(0) @binding(30) var<storage, read_write> param: array<f32>;
+@group(0) @binding(31) var<storage, read_write> state0: array<f32>;
+@group(0) @binding(32) var<storage, read_write> state1: array<f32>;
+@group(0) @binding(33) var<storage, read_write> state2: array<f32>;
