@@ -23,6 +23,13 @@ fn out_w() -> u32 {
     return params.width + 2u * params.pad + 1u - params.k;
 }
 
+// Where flat element i of a [planes, rows, cols] tensor (NCHW: plane = b * C + c) stands:
+// (x, y, plane).
+fn position(i: u32, rows: u32, cols: u32) -> vec3<u32> {
+    let t = i / cols;
+    return vec3<u32>(i % cols, t % rows, t / rows);
+}
+
 // The fallback forward (any kernel size): one invocation per output element,
 // conv = ReLU(bias + sum_{ci,ky,kx} w * in), summed in the CPU reference's order.
 @compute @workgroup_size(256)
@@ -33,12 +40,11 @@ fn conv_forward_naive(inv: Invocation) {
     if i >= params.batch * params.cout * ho * wo {
         return;
     }
-    let x = i32(i % wo);
-    var t = i / wo;
-    let y = i32(t % ho);
-    t = t / ho;
-    let co = t % params.cout;
-    let b = t / params.cout;
+    let at = position(i, ho, wo);
+    let x = i32(at.x);
+    let y = i32(at.y);
+    let co = at.z % params.cout;
+    let b = at.z / params.cout;
     let k = params.k;
     let pad = i32(params.pad);
     let h = i32(params.height);
@@ -74,12 +80,11 @@ fn conv_backward_input_naive(inv: Invocation) {
     }
     let ho = out_h();
     let wo = out_w();
-    let ix = i32(i % params.width);
-    var t = i / params.width;
-    let iy = i32(t % params.height);
-    t = t / params.height;
-    let ci = t % params.cin;
-    let b = t / params.cin;
+    let at = position(i, params.height, params.width);
+    let ix = i32(at.x);
+    let iy = i32(at.y);
+    let ci = at.z % params.cin;
+    let b = at.z / params.cin;
     let k = params.k;
     let pad = i32(params.pad);
     var acc = 0.0;
@@ -176,11 +181,8 @@ fn pool_forward(inv: Invocation) {
     if o >= params.batch * params.cout * ho * wo {
         return;
     }
-    let x = o % wo;
-    let t = o / wo;
-    let y = t % ho;
-    let plane = t / ho;
-    let first = (plane * h + 2u * y) * w + 2u * x;
+    let at = position(o, ho, wo);
+    let first = (at.z * h + 2u * at.y) * w + 2u * at.x;
     var best = first;
     var best_v = conv[first];
     for (var k = 1u; k < 4u; k++) {
@@ -206,11 +208,8 @@ fn pool_backward(inv: Invocation) {
     if i >= params.batch * params.cout * h * w {
         return;
     }
-    let ix = i % w;
-    let t = i / w;
-    let iy = t % h;
-    let plane = t / h;
-    let o = (plane * (h / 2u) + iy / 2u) * (w / 2u) + ix / 2u;
+    let at = position(i, h, w);
+    let o = (at.z * (h / 2u) + at.y / 2u) * (w / 2u) + at.x / 2u;
     var g = 0.0;
     if saved_argmax[o] == i && saved_conv[i] > 0.0 {
         g = dpooled[o];

@@ -1,8 +1,8 @@
-// The tensors the kernels bind, declared once: a shader file with the line
-// `// #include tensors.wgsl` is compiled after these (src/gpu/kernels.rs). A kernel's bind group
-// holds only the bindings it uses (read from the WGSL, src/gpu/shader.rs), and Rust code binds
-// them by name, so each file uses any of them and each number is fixed here, once. Every file
-// that includes this defines its own `Params`.
+// The tensors the kernels bind, declared once: src/gpu/kernels.rs compiles these before each
+// shader file that has the line `// #include tensors.wgsl`. A kernel's bind group holds only the
+// bindings it uses (read from the WGSL, src/gpu/shader.rs) and Rust code binds them by name, so a
+// file uses any of them, and each name, type and number is written here once. Every file that
+// includes this defines its own `Params`.
 //
 // Numbers: a dispatch is labelled after the first buffer it writes (by number), so the buffers
 // a kernel writes keep the order that names its work: `conv` before `gathered`, `dinput` before

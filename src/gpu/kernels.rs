@@ -538,6 +538,38 @@ mod tests {
         assert!(with_step >= 3, "gather, softmax_xent and the optimizers read the step uniform");
     }
 
+    /// A dispatch is labelled after the first buffer its kernel writes, by binding number
+    /// (`Binder::build`): shaders/include/tensors.wgsl's numbers keep, for each kernel that
+    /// writes several, the buffer that names its work first.
+    #[test]
+    fn each_kernel_writes_first_the_buffer_that_labels_it() {
+        let mut first_written = HashMap::new();
+        for &(file, text) in SHADERS {
+            for e in shader::reflect(file, &shader_source(text)).unwrap() {
+                let first = e.buffers.iter().find(|b| b.access == Access::ReadWrite).map(|b| b.name.clone());
+                first_written.insert(e.name, first.unwrap_or_default());
+            }
+        }
+        let expected = [
+            ("gather", "gathered"),
+            ("gather_conv_pool_forward", "conv"),
+            // conv is read_write in the table: the pool is labelled as the conv it reads.
+            ("pool_forward", "conv"),
+            ("conv_backward_weight_naive", "dconv"),
+            ("conv_pool_backward", "dinput"),
+            ("linear_backward_weight", "dweight"),
+            ("linear_backward_v3", "dinput"),
+            ("linear_xent_v3", "out"),
+            ("softmax_xent", "dlogits"),
+        ];
+        for (kernel, buffer) in expected {
+            assert_eq!(first_written[kernel], buffer, "{kernel}");
+        }
+        for rule in crate::optim::RULES {
+            assert_eq!(first_written[&format!("update_{}", rule.name)], "param", "{}", rule.name);
+        }
+    }
+
     /// What WebGPU's default limits leave out, and why (what `lenet devices` and the fallback
     /// notice say): conv_v2.wgsl's 32 KiB kernels and the alternatives binding more than 8
     /// storage buffers; never a naive kernel.
