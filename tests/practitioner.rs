@@ -29,7 +29,7 @@ const RUN: [&str; 8] = ["train", "--backend", "cpu", "--batch", "64", "--no-shuf
 
 fn run(data: &Path, extra: &[&str]) -> Output {
     let mut args: Vec<&str> = RUN.to_vec();
-    args.extend_from_slice(&["--data", p(&data)]);
+    args.extend_from_slice(&["--data", p(data)]);
     args.extend_from_slice(extra);
     lenet(&args)
 }
