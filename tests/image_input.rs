@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{lenet, p, text};
+use common::{assert_file_error, lenet, p, text};
 use digit_renders::{
     encode_png, fine_pen, mnist_digit, mnist_test, redraw, render, thicken, Canvas, Rng, Shape, STYLES,
 };
@@ -408,17 +408,17 @@ fn bad_files_are_one_line_errors() {
     ];
     for (name, bytes, needle) in cases {
         let p = write(dir.path(), name, &bytes);
-        common::assert_file_error(&load_image(&p).unwrap_err(), &p, needle);
+        assert_file_error(&load_image(&p).unwrap_err(), &p, needle);
     }
     // A flipped bit in the image data fails the CRC, even after the last row was decoded.
     let mut crc = good.clone();
     let n = crc.len();
     crc[n - 20] ^= 0x10;
     let p = write(dir.path(), "crc.png", &crc);
-    common::assert_file_error(&load_image(&p).unwrap_err(), &p, "corrupt PNG");
+    assert_file_error(&load_image(&p).unwrap_err(), &p, "corrupt PNG");
     let missing = dir.path().join("missing.png");
-    common::assert_file_error(&load_image(&missing).unwrap_err(), &missing, "cannot read image");
-    common::assert_file_error(&load_image(dir.path()).unwrap_err(), dir.path(), "is a directory");
+    assert_file_error(&load_image(&missing).unwrap_err(), &missing, "cannot read image");
+    assert_file_error(&load_image(dir.path()).unwrap_err(), dir.path(), "is a directory");
 }
 
 /// `rgb` (or gray, one byte a pixel) as a JPEG at quality 100.
@@ -543,7 +543,7 @@ fn bad_jpeg_files_are_one_line_errors() {
     ];
     for (name, bytes, needle) in cases {
         let p = write(dir.path(), name, &bytes);
-        common::assert_file_error(&load_image(&p).unwrap_err(), &p, needle);
+        assert_file_error(&load_image(&p).unwrap_err(), &p, needle);
     }
 }
 
@@ -596,7 +596,7 @@ mod streams {
         let start = Instant::now();
         let err = read_image_bytes(&fifo, 1 << 20, Duration::from_millis(300)).unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
-        common::assert_file_error(&err, &fifo, "no data arrived within 0.3 s");
+        assert_file_error(&err, &fifo, "no data arrived within 0.3 s");
     }
 
     #[test]
@@ -626,7 +626,7 @@ mod streams {
             if ok {
                 assert_eq!(got.unwrap(), png);
             } else {
-                common::assert_file_error(&got.unwrap_err(), &fifo, "too large");
+                assert_file_error(&got.unwrap_err(), &fifo, "too large");
             }
             writer.join().unwrap();
         }
@@ -636,10 +636,10 @@ mod streams {
     fn character_devices_are_streams_never_endless() {
         // /dev/null: empty, said so. /dev/zero: endless, but no image: refused at once.
         let null = Path::new("/dev/null");
-        common::assert_file_error(&load_gray(null).unwrap_err(), null, "empty");
+        assert_file_error(&load_gray(null).unwrap_err(), null, "empty");
         let zero = Path::new("/dev/zero");
         let start = Instant::now();
-        common::assert_file_error(&load_gray(zero).unwrap_err(), zero, "not a PNG, JPEG or Netpbm");
+        assert_file_error(&load_gray(zero).unwrap_err(), zero, "not a PNG, JPEG or Netpbm");
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 

@@ -22,14 +22,14 @@ pub const SHADERS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/shaders
 /// The optimizers' shader file: their WGSL functions, to which the update kernels are appended.
 const OPTIM: &str = include_str!("../../shaders/optim.wgsl");
 
-/// The layer kernels' bindings, declared once: compiled before each file that has the line
+/// Every kernel's bindings, declared once: compiled before each file that has the line
 /// [`INCLUDE_TENSORS`] (WGSL declarations need not come before their use).
 const TENSORS: &str = include_str!("../../shaders/include/tensors.wgsl");
 
 /// The line with which a shader file asks for shaders/include/tensors.wgsl.
-pub const INCLUDE_TENSORS: &str = "// #include tensors.wgsl";
+const INCLUDE_TENSORS: &str = "// #include tensors.wgsl";
 
-/// A shader file as it is compiled: the prelude, the layer tensors' bindings if the file includes
+/// A shader file as it is compiled: the prelude, the bindings (tensors.wgsl) if the file includes
 /// them, then the file (for optim.wgsl, then the update kernels written from the optimizers'
 /// list).
 pub fn shader_source(file_text: &str) -> String {
