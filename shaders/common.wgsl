@@ -28,3 +28,21 @@ struct Step {
 fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, size: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * size + lid;
 }
+
+// Where an invocation of a one-dimensional workgroup stands in a grid that may spread over x and
+// y: the entry points' one argument, `fn name(inv: Invocation)`.
+struct Invocation {
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+}
+
+// The workgroup's flat index over the grid (a workgroup per image, tile or group).
+fn workgroup_index(inv: Invocation) -> u32 {
+    return inv.wid.x + inv.wid.y * inv.nwg.x;
+}
+
+// The invocation's flat index over the grid, workgroups of `size` (an element per invocation).
+fn invocation_index(inv: Invocation, size: u32) -> u32 {
+    return flat_index(inv.wid, inv.nwg, inv.lid, size);
+}

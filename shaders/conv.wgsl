@@ -13,23 +13,7 @@ struct Params {
     pad: u32,
 }
 
-@group(0) @binding(0) var<storage, read> input: array<f32>;
-@group(0) @binding(1) var<storage, read> weight: array<f32>;
-@group(0) @binding(2) var<storage, read> bias: array<f32>;
-// ReLU(conv + bias) [B, Cout, Ho, Wo]
-@group(0) @binding(3) var<storage, read_write> conv: array<f32>;
-@group(0) @binding(4) var<storage, read_write> pooled: array<f32>;
-@group(0) @binding(5) var<storage, read_write> argmax: array<u32>;
-// The backward pass's inputs: the pooled gradient, and the forward pass's argmax and conv.
-@group(0) @binding(6) var<storage, read> dpooled: array<f32>;
-@group(0) @binding(7) var<storage, read> saved_argmax: array<u32>;
-@group(0) @binding(8) var<storage, read> saved_conv: array<f32>;
-// The conv-output gradient, for the fallbacks (pool_backward writes it).
-@group(0) @binding(9) var<storage, read_write> dconv: array<f32>;
-@group(0) @binding(10) var<storage, read_write> dinput: array<f32>;
-@group(0) @binding(11) var<storage, read_write> dweight: array<f32>;
-@group(0) @binding(12) var<storage, read_write> dbias: array<f32>;
-@group(0) @binding(13) var<uniform> params: Params;
+// #include tensors.wgsl
 
 fn out_h() -> u32 {
     return params.height + 2u * params.pad + 1u - params.k;
@@ -39,26 +23,28 @@ fn out_w() -> u32 {
     return params.width + 2u * params.pad + 1u - params.k;
 }
 
+// Where flat element i of a [planes, rows, cols] tensor (NCHW: plane = b * C + c) stands:
+// (x, y, plane).
+fn position(i: u32, rows: u32, cols: u32) -> vec3<u32> {
+    let t = i / cols;
+    return vec3<u32>(i % cols, t % rows, t / rows);
+}
+
 // The fallback forward (any kernel size): one invocation per output element,
 // conv = ReLU(bias + sum_{ci,ky,kx} w * in), summed in the CPU reference's order.
 @compute @workgroup_size(256)
-fn conv_forward_naive(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = flat_index(wid, nwg, lid, 256u);
+fn conv_forward_naive(inv: Invocation) {
+    let i = invocation_index(inv, 256u);
     let ho = out_h();
     let wo = out_w();
     if i >= params.batch * params.cout * ho * wo {
         return;
     }
-    let x = i32(i % wo);
-    var t = i / wo;
-    let y = i32(t % ho);
-    t = t / ho;
-    let co = t % params.cout;
-    let b = t / params.cout;
+    let at = position(i, ho, wo);
+    let x = i32(at.x);
+    let y = i32(at.y);
+    let co = at.z % params.cout;
+    let b = at.z / params.cout;
     let k = params.k;
     let pad = i32(params.pad);
     let h = i32(params.height);
@@ -87,23 +73,18 @@ fn conv_forward_naive(
 // The fallback input gradient: one invocation per input element, the sum over the outputs
 // reading it of dconv * weight.
 @compute @workgroup_size(256)
-fn conv_backward_input_naive(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = flat_index(wid, nwg, lid, 256u);
+fn conv_backward_input_naive(inv: Invocation) {
+    let i = invocation_index(inv, 256u);
     if i >= params.batch * params.cin * params.height * params.width {
         return;
     }
     let ho = out_h();
     let wo = out_w();
-    let ix = i32(i % params.width);
-    var t = i / params.width;
-    let iy = i32(t % params.height);
-    t = t / params.height;
-    let ci = t % params.cin;
-    let b = t / params.cin;
+    let at = position(i, params.height, params.width);
+    let ix = i32(at.x);
+    let iy = i32(at.y);
+    let ci = at.z % params.cin;
+    let b = at.z / params.cin;
     let k = params.k;
     let pad = i32(params.pad);
     var acc = 0.0;
@@ -133,12 +114,9 @@ var<workgroup> partial_sums: array<f32, 256>;
 // The fallback weight gradient: one workgroup per weight element (and one per bias element after
 // them), 256 invocations each striding over (b, y, x), then a fixed-order tree reduction.
 @compute @workgroup_size(256)
-fn conv_backward_weight_naive(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let g = wid.x + wid.y * nwg.x;
+fn conv_backward_weight_naive(inv: Invocation) {
+    let g = workgroup_index(inv);
+    let lid = inv.lid;
     let k = params.k;
     let n_weights = params.cout * params.cin * k * k;
     if g >= n_weights + params.cout {
@@ -194,12 +172,8 @@ fn conv_backward_weight_naive(
 // the conv output of the window's first maximum in row-major order (strict '>' keeps the first
 // on ties).
 @compute @workgroup_size(256)
-fn pool_forward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let o = flat_index(wid, nwg, lid, 256u);
+fn pool_forward(inv: Invocation) {
+    let o = invocation_index(inv, 256u);
     let h = out_h();
     let w = out_w();
     let ho = h / 2u;
@@ -207,11 +181,8 @@ fn pool_forward(
     if o >= params.batch * params.cout * ho * wo {
         return;
     }
-    let x = o % wo;
-    let t = o / wo;
-    let y = t % ho;
-    let plane = t / ho;
-    let first = (plane * h + 2u * y) * w + 2u * x;
+    let at = position(o, ho, wo);
+    let first = (at.z * h + 2u * at.y) * w + 2u * at.x;
     var best = first;
     var best_v = conv[first];
     for (var k = 1u; k < 4u; k++) {
@@ -230,22 +201,15 @@ fn pool_forward(
 // (no scatter), dconv[i] = dpooled[o] if saved_argmax[o] == i for the window o containing i and
 // saved_conv[i] > 0 (the ReLU before the pool), else 0.
 @compute @workgroup_size(256)
-fn pool_backward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = flat_index(wid, nwg, lid, 256u);
+fn pool_backward(inv: Invocation) {
+    let i = invocation_index(inv, 256u);
     let h = out_h();
     let w = out_w();
     if i >= params.batch * params.cout * h * w {
         return;
     }
-    let ix = i % w;
-    let t = i / w;
-    let iy = t % h;
-    let plane = t / h;
-    let o = (plane * (h / 2u) + iy / 2u) * (w / 2u) + ix / 2u;
+    let at = position(i, h, w);
+    let o = (at.z * (h / 2u) + at.y / 2u) * (w / 2u) + at.x / 2u;
     var g = 0.0;
     if saved_argmax[o] == i && saved_conv[i] > 0.0 {
         g = dpooled[o];

@@ -41,28 +41,7 @@ struct Params {
 const FWD: u32 = 64u;
 const BWD: u32 = 256u;
 
-@group(0) @binding(0) var<storage, read> input: array<f32>;
-@group(0) @binding(1) var<storage, read> weight: array<f32>;
-@group(0) @binding(2) var<storage, read> bias: array<f32>;
-@group(0) @binding(3) var<storage, read_write> conv: array<f32>;
-@group(0) @binding(4) var<storage, read_write> pooled: array<f32>;
-@group(0) @binding(5) var<storage, read_write> argmax: array<u32>;
-// The gathering forward pass: the data set and the step's batch.
-@group(0) @binding(6) var<storage, read> images: array<u32>;
-@group(0) @binding(7) var<storage, read> labels: array<u32>;
-@group(0) @binding(8) var<storage, read> indices: array<u32>;
-@group(0) @binding(9) var<storage, read> shifts: array<i32>;
-@group(0) @binding(10) var<storage, read> lut: array<f32>;
-@group(0) @binding(11) var<storage, read_write> gathered: array<f32>;
-@group(0) @binding(12) var<storage, read_write> batch_labels: array<u32>;
-// The backward pass.
-@group(0) @binding(13) var<storage, read> dpooled: array<f32>;
-@group(0) @binding(14) var<storage, read> saved_argmax: array<u32>;
-@group(0) @binding(15) var<storage, read> saved_conv: array<f32>;
-@group(0) @binding(16) var<storage, read_write> dinput: array<f32>;
-@group(0) @binding(17) var<storage, read_write> dweight: array<f32>;
-@group(0) @binding(18) var<storage, read_write> dbias: array<f32>;
-@group(0) @binding(19) var<uniform> params: Params;
+// #include tensors.wgsl
 
 // 32 KiB in all: per-invocation values (inputs, gradients) in `sm`, values every invocation reads
 // four channels at a time in `sm4`.
@@ -308,36 +287,28 @@ fn conv_pool_image(b: u32, lid: u32) {
 
 // conv + bias + ReLU + 2x2 max-pool over `input`, one workgroup per image.
 @compute @workgroup_size(64)
-fn conv_pool_forward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let b = wid.x + wid.y * nwg.x;
+fn conv_pool_forward(inv: Invocation) {
+    let b = workgroup_index(inv);
     if b >= params.batch {
         return;
     }
-    stage_input(b, lid, FWD);
-    stage_weights(lid);
+    stage_input(b, inv.lid, FWD);
+    stage_weights(inv.lid);
     workgroupBarrier();
-    conv_pool_image(b, lid);
+    conv_pool_image(b, inv.lid);
 }
 
 // The same over the step's batch gathered from the data set (one input channel).
 @compute @workgroup_size(64)
-fn gather_conv_pool_forward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let b = wid.x + wid.y * nwg.x;
+fn gather_conv_pool_forward(inv: Invocation) {
+    let b = workgroup_index(inv);
     if b >= params.batch {
         return;
     }
-    stage_gathered(b, lid);
-    stage_weights(lid);
+    stage_gathered(b, inv.lid);
+    stage_weights(inv.lid);
     workgroupBarrier();
-    conv_pool_image(b, lid);
+    conv_pool_image(b, inv.lid);
 }
 
 // ---- Backward ----
@@ -587,18 +558,14 @@ fn weight_gradient(group: u32, lid: u32) {
 // The backward pass of conv + bias + ReLU + max-pool: workgroups 0..groups compute images'
 // input gradients, the rest groups' weight and bias partials.
 @compute @workgroup_size(256)
-fn conv_pool_backward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let id = wid.x + wid.y * nwg.x;
+fn conv_pool_backward(inv: Invocation) {
+    let id = workgroup_index(inv);
     if id < params.groups {
-        input_gradient(id, lid);
+        input_gradient(id, inv.lid);
     } else {
         let group = id - params.groups;
         if group * params.images_per_group < params.batch {
-            weight_gradient(group, lid);
+            weight_gradient(group, inv.lid);
         }
     }
 }

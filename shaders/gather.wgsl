@@ -1,6 +1,6 @@
 // The batch, gathered from the data set resident on the device: u8 pixels packed four to a u32
 // (little-endian; image i starts at byte i * pixels), picked through the step's index buffer and
-// translated by whole pixels (zero-filled): input[b][y][x] = lut[image[y - dy][x - dx]], where
+// translated by whole pixels (zero-filled): gathered[b][y][x] = lut[image[y - dy][x - dx]], where
 // lut[v] = v / 255 as the CPU computes it (bit-exact) and (dx, dy) = shifts[2b], shifts[2b + 1].
 
 struct Params {
@@ -10,14 +10,7 @@ struct Params {
     _pad: u32,
 }
 
-@group(0) @binding(0) var<storage, read> images: array<u32>;
-@group(0) @binding(1) var<storage, read> labels: array<u32>;
-@group(0) @binding(2) var<storage, read> indices: array<u32>;
-@group(0) @binding(3) var<storage, read> shifts: array<i32>;
-@group(0) @binding(4) var<storage, read> lut: array<f32>;
-@group(0) @binding(5) var<storage, read_write> input: array<f32>;
-@group(0) @binding(6) var<storage, read_write> batch_labels: array<u32>;
-@group(0) @binding(7) var<uniform> params: Params;
+// #include tensors.wgsl
 
 // The pixel (y, x) of batch image b after its shift, as pixels / 255.
 fn gathered_pixel(b: u32, y: u32, x: u32) -> f32 {
@@ -34,19 +27,15 @@ fn gathered_pixel(b: u32, y: u32, x: u32) -> f32 {
 
 // One invocation per pixel of the batch.
 @compute @workgroup_size(256)
-fn gather(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = flat_index(wid, nwg, lid, 256u);
+fn gather(inv: Invocation) {
+    let i = invocation_index(inv, 256u);
     let pixels = params.rows * params.cols;
     if i >= params.batch * pixels {
         return;
     }
     let b = i / pixels;
     let p = i % pixels;
-    input[i] = gathered_pixel(b, p / params.cols, p % params.cols);
+    gathered[i] = gathered_pixel(b, p / params.cols, p % params.cols);
     if p == 0u {
         batch_labels[b] = labels[indices[step.index_offset + b]];
     }

@@ -16,23 +16,7 @@ struct Params {
 
 const T: u32 = 16u;
 
-@group(0) @binding(0) var<storage, read> input: array<f32>;
-@group(0) @binding(1) var<storage, read> weight: array<f32>;
-@group(0) @binding(2) var<storage, read> bias: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<storage, read> dout: array<f32>;
-// The forward output of the layer that produced `input`, for its ReLU's backward.
-@group(0) @binding(5) var<storage, read> relu_mask: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dinput: array<f32>;
-@group(0) @binding(7) var<storage, read_write> dweight: array<f32>;
-@group(0) @binding(8) var<storage, read_write> dbias: array<f32>;
-// The output layer's softmax cross-entropy (out_features is the number of classes).
-@group(0) @binding(9) var<storage, read> logits: array<f32>;
-@group(0) @binding(10) var<storage, read> labels: array<u32>;
-@group(0) @binding(11) var<storage, read_write> dlogits: array<f32>;
-@group(0) @binding(12) var<storage, read_write> losses: array<f32>;
-@group(0) @binding(13) var<storage, read_write> correct: array<u32>;
-@group(0) @binding(14) var<uniform> params: Params;
+// #include tensors.wgsl
 
 var<workgroup> ta: array<array<f32, 16>, 16>;
 var<workgroup> tb: array<array<f32, 16>, 16>;
@@ -145,12 +129,8 @@ fn linear_backward_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
 // largest logit is the label (written at the step's statistics slot; the host adds them up in a
 // fixed order), and the gradient of the batch-mean loss: dlogits = (softmax - onehot) * scale.
 @compute @workgroup_size(64)
-fn softmax_xent(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let b = flat_index(wid, nwg, lid, 64u);
+fn softmax_xent(inv: Invocation) {
+    let b = invocation_index(inv, 64u);
     if b >= params.batch {
         return;
     }

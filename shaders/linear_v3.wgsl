@@ -52,20 +52,7 @@ const BS: u32 = 64u;
 // The output layer's most classes.
 const CMAX: u32 = 16u;
 
-@group(0) @binding(0) var<storage, read> input: array<f32>;
-@group(0) @binding(1) var<storage, read> weight: array<f32>;
-@group(0) @binding(2) var<storage, read> bias: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<storage, read> dout: array<f32>;
-@group(0) @binding(5) var<storage, read> relu_mask: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dinput: array<f32>;
-@group(0) @binding(7) var<storage, read_write> dweight: array<f32>;
-@group(0) @binding(8) var<storage, read_write> dbias: array<f32>;
-@group(0) @binding(9) var<storage, read> labels: array<u32>;
-@group(0) @binding(10) var<storage, read_write> dlogits: array<f32>;
-@group(0) @binding(11) var<storage, read_write> losses: array<f32>;
-@group(0) @binding(12) var<storage, read_write> correct: array<u32>;
-@group(0) @binding(13) var<uniform> params: Params;
+// #include tensors.wgsl
 
 // 12.9 KiB in all (within WebGPU's default 16): a [TB][KP] slice of the rows, a [TN][KP] slice of
 // the other operand (or a dW round's [BS][TN] inputs and [BS][TO] output gradients in xs and ws),
@@ -294,16 +281,12 @@ fn dweight_tile(tile: u32, lid: u32) {
 }
 
 @compute @workgroup_size(128)
-fn linear_backward_v3(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let id = wid.x + wid.y * nwg.x;
+fn linear_backward_v3(inv: Invocation) {
+    let id = workgroup_index(inv);
     if id < params.dinput_tiles {
-        dinput_tile(id, lid);
+        dinput_tile(id, inv.lid);
     } else {
-        dweight_tile(id - params.dinput_tiles, lid);
+        dweight_tile(id - params.dinput_tiles, inv.lid);
     }
 }
 
@@ -315,14 +298,11 @@ fn linear_backward_v3(
 // (the first 8 images write it, the next add to it: the same invocation owns an element each
 // time, so the group's sum runs over its images in order).
 @compute @workgroup_size(128)
-fn linear_xent_v3(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
+fn linear_xent_v3(inv: Invocation) {
     let n_in = params.in_features;
     let n_out = params.out_features;
-    let group = wid.x + wid.y * nwg.x;
+    let group = workgroup_index(inv);
+    let lid = inv.lid;
     let g0 = group * params.images_per_group;
     if g0 >= params.batch {
         return;

@@ -17,27 +17,7 @@ struct Params {
     _pad1: u32,
 }
 
-// Where one tensor lives: the dispatch's elements start..start+len are its elements.
-struct Tensor {
-    start: u32,
-    len: u32,
-    // offset of its parameters (and moments) in `param` (and the moment buffers)
-    param_offset: u32,
-    grad_offset: u32,
-    partials: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-@group(0) @binding(0) var<storage, read> tensors: array<Tensor>;
-@group(0) @binding(1) var<storage, read> grad: array<f32>;
-@group(0) @binding(2) var<storage, read_write> param: array<f32>;
-// The optimizer's states, in its order (Adam: m, v; SGD: the momentum buffer; ...).
-@group(0) @binding(3) var<storage, read_write> state0: array<f32>;
-@group(0) @binding(4) var<storage, read_write> state1: array<f32>;
-@group(0) @binding(5) var<storage, read_write> state2: array<f32>;
-@group(0) @binding(6) var<uniform> params: Params;
+// #include tensors.wgsl
 
 // The step's optimizer scalars, in the optimizer's order.
 fn step_scalars() -> array<f32, 8> {

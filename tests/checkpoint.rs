@@ -1,12 +1,13 @@
 //! safetensors checkpoints: exact round trips, weights-only files, every kind of bad file, and
 //! atomic writes.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use lenet::checkpoint::{
-    load_checkpoint, save_checkpoint, save_weights, CheckpointError, FORMAT_TAG, META_KEYS,
-};
+use common::assert_file_error;
+use lenet::checkpoint::{load_checkpoint, save_checkpoint, save_weights, FORMAT_TAG, META_KEYS};
 use lenet::model::{param_specs, Params, TrainState};
 use lenet::optim::{Adam, Optimizer, OptimizerKind, Sgd};
 use safetensors::tensor::{Dtype, TensorView};
@@ -35,13 +36,6 @@ fn state() -> TrainState {
 
 fn bits(p: &Params) -> Vec<u32> {
     p.flatten().iter().map(|x| x.to_bits()).collect()
-}
-
-fn assert_error(err: &CheckpointError, path: &Path, needle: &str) {
-    let msg = err.to_string();
-    assert!(msg.starts_with(&path.display().to_string()), "message does not name the file: {msg}");
-    assert!(msg.contains(needle), "message {msg:?} does not mention {needle:?}");
-    assert!(!msg.contains('\n'), "message is not one line: {msg:?}");
 }
 
 /// Tensor (name, dtype, shape, bytes) list of a full checkpoint, to build variants from.
@@ -186,12 +180,12 @@ fn missing_tensor() {
     let mut raw = raw_tensors(false);
     raw.retain(|t| t.0 != "fc2.bias");
     write_raw(&path, &raw, None);
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "missing tensor fc2.bias");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "missing tensor fc2.bias");
     // One Adam moment missing.
     let mut raw = raw_tensors(true);
     raw.retain(|t| t.0 != "adam.v.conv2.weight");
     write_raw(&path, &raw, Some(good_meta()));
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "missing tensor adam.v.conv2.weight");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "missing tensor adam.v.conv2.weight");
 }
 
 #[test]
@@ -202,7 +196,7 @@ fn wrong_shape() {
     // Same element count, PyTorch's transpose of fc1.
     raw[4].2 = vec![400, 120];
     write_raw(&path, &raw, None);
-    assert_error(
+    assert_file_error(
         &load_checkpoint(&path).unwrap_err(),
         &path,
         "tensor fc1.weight has shape [400, 120], expected [120, 400]",
@@ -218,7 +212,7 @@ fn wrong_dtype() {
         raw[1].1 = dtype;
         raw[1].3 = vec![0u8; 6 * size];
         write_raw(&path, &raw, None);
-        assert_error(
+        assert_file_error(
             &load_checkpoint(&path).unwrap_err(),
             &path,
             &format!("tensor conv1.bias has dtype {name}, expected F32"),
@@ -234,7 +228,7 @@ fn unexpected_tensor() {
         let mut raw = raw_tensors(false);
         raw.push((extra.into(), Dtype::F32, vec![1], vec![0; 4]));
         write_raw(&path, &raw, None);
-        assert_error(&load_checkpoint(&path).unwrap_err(), &path, &format!("unexpected tensor {extra}"));
+        assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, &format!("unexpected tensor {extra}"));
     }
 }
 
@@ -245,7 +239,7 @@ fn non_finite_weights() {
     let mut raw = raw_tensors(false);
     raw[2].3[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
     write_raw(&path, &raw, None);
-    assert_error(
+    assert_file_error(
         &load_checkpoint(&path).unwrap_err(),
         &path,
         "tensor conv2.weight holds a non-finite value NaN at index 2",
@@ -254,7 +248,7 @@ fn non_finite_weights() {
     let mut p = Params::init(1);
     p.tensors[3][0] = f32::INFINITY;
     let out = dir.path().join("nan.safetensors");
-    assert_error(&save_weights(&out, &p).unwrap_err(), &out, "conv2.bias");
+    assert_file_error(&save_weights(&out, &p).unwrap_err(), &out, "conv2.bias");
     assert!(!out.exists());
 }
 
@@ -266,21 +260,21 @@ fn bad_optimizer_metadata() {
     let mut m = good_meta();
     m.remove("step");
     write_raw(&path, &raw, Some(m));
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "step is missing");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "step is missing");
     write_raw(&path, &raw, None);
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "format tag missing");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "format tag missing");
     let mut m = good_meta();
     m.insert("lr".into(), "fast".into());
     write_raw(&path, &raw, Some(m));
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "lr = \"fast\"");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "lr = \"fast\"");
     let mut m = good_meta();
     m.insert("epoch".into(), "-1".into());
     write_raw(&path, &raw, Some(m));
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "epoch");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "epoch");
     let mut m = good_meta();
     m.insert("shuffle".into(), "yes".into());
     write_raw(&path, &raw, Some(m));
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "shuffle");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "shuffle");
     // Settings the command line refuses are refused here too: a resumed run would train with
     // them (lr <= 0 climbs the loss; beta = 1 never updates the moments and divides by zero).
     for (key, value) in [
@@ -296,15 +290,15 @@ fn bad_optimizer_metadata() {
         m.insert(key.into(), value.into());
         write_raw(&path, &raw, Some(m));
         let err = load_checkpoint(&path).unwrap_err();
-        assert_error(&err, &path, &format!("{key} = "));
-        assert_error(&err, &path, "must be");
+        assert_file_error(&err, &path, &format!("{key} = "));
+        assert_file_error(&err, &path, "must be");
     }
     // A position no run can reach: more epochs or steps into an epoch than steps in all.
     for (key, value) in [("epoch", "31"), ("step_in_epoch", "31")] {
         let mut m = good_meta();
         m.insert(key.into(), value.into());
         write_raw(&path, &raw, Some(m));
-        assert_error(&load_checkpoint(&path).unwrap_err(), &path, "cannot both be reached");
+        assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "cannot both be reached");
     }
     // And the good metadata loads, with the edges of the ranges.
     write_raw(&path, &raw, Some(good_meta()));
@@ -320,14 +314,14 @@ fn not_a_safetensors_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.safetensors");
     std::fs::write(&path, b"PK\x03\x04 this is a zip, say a torch.save pickle").unwrap();
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
     std::fs::write(&path, b"abc").unwrap();
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
     // Valid header length and JSON, data cut short.
     save_weights(&path, &Params::init(3)).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
 }
 
 #[test]
@@ -335,9 +329,9 @@ fn empty_and_missing_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.safetensors");
     std::fs::write(&path, b"").unwrap();
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "empty");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "empty");
     let missing = dir.path().join("missing.safetensors");
-    assert_error(&load_checkpoint(&missing).unwrap_err(), &missing, "cannot read");
+    assert_file_error(&load_checkpoint(&missing).unwrap_err(), &missing, "cannot read");
     // A directory is not a checkpoint either.
     assert!(load_checkpoint(dir.path()).is_err());
 }
@@ -355,7 +349,7 @@ fn huge_data_offsets_are_an_error_not_an_overflow() {
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend(header.as_bytes());
     std::fs::write(&path, &bytes).unwrap();
-    assert_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
+    assert_file_error(&load_checkpoint(&path).unwrap_err(), &path, "not a safetensors file");
 }
 
 #[test]
@@ -367,19 +361,19 @@ fn failed_save_leaves_previous_file_untouched() {
 
     // Target directory missing.
     let missing = dir.path().join("no/such/dir/ck.safetensors");
-    assert_error(&save_weights(&missing, &Params::init(1)).unwrap_err(), &missing, "cannot write");
+    assert_file_error(&save_weights(&missing, &Params::init(1)).unwrap_err(), &missing, "cannot write");
 
     // The target path is a directory: the rename fails after the temp file was written.
     let occupied = dir.path().join("occupied");
     std::fs::create_dir(&occupied).unwrap();
     std::fs::write(occupied.join("keep"), b"x").unwrap();
-    assert_error(&save_weights(&occupied, &Params::init(1)).unwrap_err(), &occupied, "cannot write");
+    assert_file_error(&save_weights(&occupied, &Params::init(1)).unwrap_err(), &occupied, "cannot write");
 
     // A target whose parent is a regular file: no temp file can be created (as root too).
     let file = dir.path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
     let under_file = file.join("ck.safetensors");
-    assert_error(&save_weights(&under_file, &Params::init(2)).unwrap_err(), &under_file, "cannot write");
+    assert_file_error(&save_weights(&under_file, &Params::init(2)).unwrap_err(), &under_file, "cannot write");
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
 
     assert_eq!(std::fs::read(&path).unwrap(), before);

@@ -62,6 +62,28 @@ fn check(what: &str, analytic: f32, numeric: f64, abs: f64, rel: f64) {
     );
 }
 
+/// Checks a layer's analytic gradients `grads` (input, weight, bias) against central differences
+/// of `loss(input, weight, bias)` at every element of each of `args`, in that order, with a step
+/// of 0.1 (the layers are linear in each argument); `what` prefixes each element's name.
+fn check_layer_gradients(
+    what: &str,
+    args: [&[f32]; 3],
+    grads: [&[f32]; 3],
+    mut loss: impl FnMut(&[f32], &[f32], &[f32]) -> f64,
+) {
+    for (k, name) in ["dinp", "dweight", "dbias"].into_iter().enumerate() {
+        let mut perturbed = args[k].to_vec();
+        for i in 0..perturbed.len() {
+            let n = central_diff(&mut perturbed, i, 0.1, |x| {
+                let mut at = args;
+                at[k] = x;
+                loss(at[0], at[1], at[2])
+            });
+            check(&format!("{what}{name}[{i}]"), grads[k][i], n, 2e-5, 2e-4);
+        }
+    }
+}
+
 /// Up to `count` distinct random indices below `n` (all of them if n <= count).
 fn sample(rng: &mut ChaCha8Rng, n: usize, count: usize) -> Vec<usize> {
     if n <= count {
@@ -83,12 +105,12 @@ fn conv2d_backward_matches_finite_differences() {
     for padding in [0, 2] {
         let s =
             ConvShape { batch: 2, in_channels: 3, out_channels: 4, height: 8, width: 7, kernel: 5, padding };
-        let mut inp = uniform(&mut rng, s.input_len(), -1.0, 1.0);
-        let mut w = uniform(&mut rng, s.weight_len(), -0.5, 0.5);
-        let mut b = uniform(&mut rng, s.out_channels, -0.5, 0.5);
+        let inp = uniform(&mut rng, s.input_len(), -1.0, 1.0);
+        let w = uniform(&mut rng, s.weight_len(), -0.5, 0.5);
+        let b = uniform(&mut rng, s.out_channels, -0.5, 0.5);
         let r = uniform(&mut rng, s.output_len(), -1.0, 1.0);
         let mut out = vec![0.0; s.output_len()];
-        let mut loss = |inp: &[f32], w: &[f32], b: &[f32]| {
+        let loss = |inp: &[f32], w: &[f32], b: &[f32]| {
             ops::conv2d_forward(&mut out, inp, w, b, s);
             weighted_sum(&out, &r)
         };
@@ -99,21 +121,7 @@ fn conv2d_backward_matches_finite_differences() {
         ops::conv2d_backward_weight(&mut dw, &mut db, &r, &inp, s);
 
         // Every input element, corners and padded borders included.
-        for i in 0..inp.len() {
-            let (w2, b2) = (w.clone(), b.clone());
-            let n = central_diff(&mut inp, i, 0.1, |x| loss(x, &w2, &b2));
-            check(&format!("pad {padding} dinp[{i}]"), dinp[i], n, 2e-5, 2e-4);
-        }
-        for i in 0..w.len() {
-            let (inp2, b2) = (inp.clone(), b.clone());
-            let n = central_diff(&mut w, i, 0.1, |x| loss(&inp2, x, &b2));
-            check(&format!("pad {padding} dweight[{i}]"), dw[i], n, 2e-5, 2e-4);
-        }
-        for i in 0..b.len() {
-            let (inp2, w2) = (inp.clone(), w.clone());
-            let n = central_diff(&mut b, i, 0.1, |x| loss(&inp2, &w2, x));
-            check(&format!("pad {padding} dbias[{i}]"), db[i], n, 2e-5, 2e-4);
-        }
+        check_layer_gradients(&format!("pad {padding} "), [&inp, &w, &b], [&dinp, &dw, &db], loss);
     }
 }
 
@@ -146,12 +154,12 @@ fn maxpool_backward_matches_finite_differences() {
 fn linear_backward_matches_finite_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (batch, fin, fout) = (3, 7, 5);
-    let mut x = uniform(&mut rng, batch * fin, -1.0, 1.0);
-    let mut w = uniform(&mut rng, fout * fin, -0.5, 0.5);
-    let mut b = uniform(&mut rng, fout, -0.5, 0.5);
+    let x = uniform(&mut rng, batch * fin, -1.0, 1.0);
+    let w = uniform(&mut rng, fout * fin, -0.5, 0.5);
+    let b = uniform(&mut rng, fout, -0.5, 0.5);
     let r = uniform(&mut rng, batch * fout, -1.0, 1.0);
     let mut out = vec![0.0; batch * fout];
-    let mut loss = |x: &[f32], w: &[f32], b: &[f32]| {
+    let loss = |x: &[f32], w: &[f32], b: &[f32]| {
         ops::linear_forward(&mut out, x, w, b, batch, fin, fout);
         weighted_sum(&out, &r)
     };
@@ -159,21 +167,7 @@ fn linear_backward_matches_finite_differences() {
     ops::linear_backward_input(&mut dx, &r, &w, batch, fin, fout);
     let (mut dw, mut db) = (vec![0.0; fout * fin], vec![0.0; fout]);
     ops::linear_backward_weight(&mut dw, &mut db, &r, &x, batch, fin, fout);
-    for i in 0..x.len() {
-        let (w2, b2) = (w.clone(), b.clone());
-        let n = central_diff(&mut x, i, 0.1, |v| loss(v, &w2, &b2));
-        check(&format!("linear dinp[{i}]"), dx[i], n, 2e-5, 2e-4);
-    }
-    for i in 0..w.len() {
-        let (x2, b2) = (x.clone(), b.clone());
-        let n = central_diff(&mut w, i, 0.1, |v| loss(&x2, v, &b2));
-        check(&format!("linear dweight[{i}]"), dw[i], n, 2e-5, 2e-4);
-    }
-    for i in 0..b.len() {
-        let (x2, w2) = (x.clone(), w.clone());
-        let n = central_diff(&mut b, i, 0.1, |v| loss(&x2, &w2, v));
-        check(&format!("linear dbias[{i}]"), db[i], n, 2e-5, 2e-4);
-    }
+    check_layer_gradients("linear ", [&x, &w, &b], [&dx, &dw, &db], loss);
 }
 
 #[test]
@@ -325,6 +319,13 @@ fn loss64(p: &[Vec<f64>], images: &[f64], labels: &[u32]) -> f64 {
     total / labels.len() as f64
 }
 
+/// `batch` 28x28 images of random pixels, each with a random label.
+fn random_images(rng: &mut ChaCha8Rng, batch: usize) -> Dataset {
+    let images: Vec<u8> = (0..batch * IMAGE_PIXELS).map(|_| rng.next_u32() as u8).collect();
+    let labels: Vec<u8> = (0..batch).map(|_| (rng.next_u32() % 10) as u8).collect();
+    Dataset { images, labels, rows: 28, cols: 28 }
+}
+
 /// The gradients of one step of `backend` on `pixels`/`labels` from `params`, and its loss.
 fn step_gradients<B: Backend + ?Sized>(
     backend: &mut B,
@@ -351,9 +352,7 @@ fn step_gradients<B: Backend + ?Sized>(
 fn a_training_step_is_bit_identical_on_any_thread_count() {
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let batch = 37;
-    let pixels: Vec<u8> = (0..batch * IMAGE_PIXELS).map(|_| rng.next_u32() as u8).collect();
-    let labels: Vec<u8> = (0..batch).map(|_| (rng.next_u32() % 10) as u8).collect();
-    let data = Dataset { images: pixels, labels, rows: 28, cols: 28 };
+    let data = random_images(&mut rng, batch);
     let params = Params::init(9);
     let run = || {
         let mut fast = OpsBackend::with_ops(Fast::default(), "cpu", "fast".into(), &data).unwrap();
@@ -372,13 +371,11 @@ fn a_training_step_is_bit_identical_on_any_thread_count() {
 fn network_gradient_matches_f64_finite_differences_for_every_parameter_tensor() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let batch = 3;
-    let pixels: Vec<u8> = (0..batch * IMAGE_PIXELS).map(|_| rng.next_u32() as u8).collect();
-    let labels: Vec<u8> = (0..batch).map(|_| (rng.next_u32() % 10) as u8).collect();
-    let data = Dataset { images: pixels.clone(), labels: labels.clone(), rows: 28, cols: 28 };
-    let labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+    let data = random_images(&mut rng, batch);
+    let labels: Vec<u32> = data.labels.iter().map(|&l| l as u32).collect();
     let params = Params::init(42);
 
-    let images: Vec<f64> = pixels.iter().map(|&x| (x as f32 / 255.0) as f64).collect();
+    let images: Vec<f64> = data.images.iter().map(|&x| (x as f32 / 255.0) as f64).collect();
     let mut p64: Vec<Vec<f64>> =
         params.tensors.iter().map(|t| t.iter().map(|&x| x as f64).collect()).collect();
     let l0 = loss64(&p64, &images, &labels);

@@ -1,8 +1,11 @@
 //! IDX loading: the shipped MNIST, and every kind of bad file, raw and gzipped.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use common::assert_file_error;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use lenet::data::{default_data_dir, load_dataset, load_idx_images, load_idx_labels, load_mnist, DataError};
@@ -41,13 +44,6 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 /// magic) and returns both paths.
 fn both(dir: &Path, name: &str, bytes: &[u8]) -> [PathBuf; 2] {
     [write(dir, &format!("{name}.raw"), bytes), write(dir, &format!("{name}.gzdata"), &gzip(bytes))]
-}
-
-fn assert_names_file(err: &DataError, path: &Path, needle: &str) {
-    let msg = err.to_string();
-    assert!(msg.starts_with(&path.display().to_string()), "message does not name the file: {msg}");
-    assert!(msg.contains(needle), "message {msg:?} does not mention {needle:?}");
-    assert!(!msg.contains('\n'), "message is not one line: {msg:?}");
 }
 
 #[test]
@@ -114,12 +110,12 @@ fn load_mnist_finds_raw_gz_and_hyphenated_names() {
 fn missing_file_and_directory_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let err = load_mnist(dir.path()).unwrap_err();
-    assert_names_file(&err, dir.path(), "train-images.idx3-ubyte");
+    assert_file_error(&err, dir.path(), "train-images.idx3-ubyte");
     let nowhere = dir.path().join("nowhere");
     let err = load_mnist(&nowhere).unwrap_err();
-    assert_names_file(&err, &nowhere, "not found");
+    assert_file_error(&err, &nowhere, "not found");
     let err = load_idx_labels(&nowhere).unwrap_err();
-    assert_names_file(&err, &nowhere, "cannot read");
+    assert_file_error(&err, &nowhere, "cannot read");
 }
 
 #[test]
@@ -127,17 +123,17 @@ fn truncated_file() {
     let dir = tempfile::tempdir().unwrap();
     let img = images_idx(4, 28, 28, |i| i as u8);
     for p in both(dir.path(), "img", &img[..img.len() - 100]) {
-        assert_names_file(&load_idx_images(&p).unwrap_err(), &p, "truncated");
+        assert_file_error(&load_idx_images(&p).unwrap_err(), &p, "truncated");
     }
     // A header cut short.
     for p in both(dir.path(), "hdr", &img[..10]) {
-        assert_names_file(&load_idx_images(&p).unwrap_err(), &p, "header truncated");
+        assert_file_error(&load_idx_images(&p).unwrap_err(), &p, "header truncated");
     }
     let lab = labels_idx(&[1, 2, 3, 4]);
     for p in both(dir.path(), "lab", &lab[..lab.len() - 1]) {
         let err = load_idx_labels(&p).unwrap_err();
         assert!(matches!(err, DataError::Truncated { found: 3, .. }), "{err}");
-        assert_names_file(&err, &p, "4 items");
+        assert_file_error(&err, &p, "4 items");
     }
 }
 
@@ -149,13 +145,13 @@ fn trailing_bytes() {
     for p in both(dir.path(), "lab", &lab) {
         let err = load_idx_labels(&p).unwrap_err();
         assert!(matches!(err, DataError::TrailingBytes { extra: 2, .. }), "{err}");
-        assert_names_file(&err, &p, "2 trailing bytes");
+        assert_file_error(&err, &p, "2 trailing bytes");
     }
     // Garbage after a complete gzip stream is an error too.
     let mut gz = gzip(&labels_idx(&[1, 2, 3]));
     gz.extend(b"garbage");
     let p = write(dir.path(), "after.gz", &gz);
-    assert_names_file(&load_idx_labels(&p).unwrap_err(), &p, "gzip");
+    assert_file_error(&load_idx_labels(&p).unwrap_err(), &p, "gzip");
 }
 
 #[test]
@@ -164,11 +160,11 @@ fn wrong_magic() {
     let mut img = images_idx(1, 28, 28, |_| 0);
     img[3] = 0x02;
     for p in both(dir.path(), "img", &img) {
-        assert_names_file(&load_idx_images(&p).unwrap_err(), &p, "bad magic number 0x00000802");
+        assert_file_error(&load_idx_images(&p).unwrap_err(), &p, "bad magic number 0x00000802");
     }
     // A label file given as images says so.
     for p in both(dir.path(), "lab", &labels_idx(&[1])) {
-        assert_names_file(&load_idx_images(&p).unwrap_err(), &p, "looks like a label file");
+        assert_file_error(&load_idx_images(&p).unwrap_err(), &p, "looks like a label file");
     }
 }
 
@@ -179,7 +175,7 @@ fn count_mismatch_between_images_and_labels() {
     let lp = write(dir.path(), "lab", &gzip(&labels_idx(&[1, 2])));
     let err = load_dataset(&ip, &lp).unwrap_err();
     assert!(matches!(err, DataError::CountMismatch { images: 3, labels: 2, .. }));
-    assert_names_file(&err, &lp, "2 labels");
+    assert_file_error(&err, &lp, "2 labels");
     assert!(err.to_string().contains(&ip.display().to_string()));
 }
 
@@ -203,39 +199,39 @@ fn corrupt_gzip() {
         *b ^= 0xa5;
     }
     let p = write(dir.path(), "bad.gz", &bad);
-    assert_names_file(&load_idx_images(&p).unwrap_err(), &p, "gzip");
+    assert_file_error(&load_idx_images(&p).unwrap_err(), &p, "gzip");
     // A wrong CRC with intact data.
     let mut crc = gz.clone();
     let n = crc.len();
     crc[n - 8] ^= 1;
     let p = write(dir.path(), "crc.gz", &crc);
-    assert_names_file(&load_idx_images(&p).unwrap_err(), &p, "gzip");
+    assert_file_error(&load_idx_images(&p).unwrap_err(), &p, "gzip");
     // A stream cut short.
     let p = write(dir.path(), "cut.gz", &gz[..gz.len() / 3]);
     let err = load_idx_images(&p).unwrap_err();
     assert!(matches!(err, DataError::Gzip { .. } | DataError::Truncated { .. }), "{err}");
-    assert_names_file(&err, &p, "");
+    assert_file_error(&err, &p, "");
     // Just the gzip magic.
     let p = write(dir.path(), "magic.gz", &[0x1f, 0x8b]);
-    assert_names_file(&load_idx_images(&p).unwrap_err(), &p, "gzip");
+    assert_file_error(&load_idx_images(&p).unwrap_err(), &p, "gzip");
 }
 
 #[test]
 fn empty_file() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "empty", &[]);
-    assert_names_file(&load_idx_images(&p).unwrap_err(), &p, "empty");
-    assert_names_file(&load_idx_labels(&p).unwrap_err(), &p, "empty");
+    assert_file_error(&load_idx_images(&p).unwrap_err(), &p, "empty");
+    assert_file_error(&load_idx_labels(&p).unwrap_err(), &p, "empty");
     // A gzip stream of nothing.
     let p = write(dir.path(), "empty.gz", &gzip(&[]));
-    assert_names_file(&load_idx_labels(&p).unwrap_err(), &p, "decompresses to nothing");
+    assert_file_error(&load_idx_labels(&p).unwrap_err(), &p, "decompresses to nothing");
 }
 
 #[test]
 fn wrong_dimensions() {
     let dir = tempfile::tempdir().unwrap();
     for p in both(dir.path(), "img", &images_idx(2, 32, 32, |_| 0)) {
-        assert_names_file(
+        assert_file_error(
             &load_idx_images(&p).unwrap_err(),
             &p,
             "images are 32x32, this network needs 28x28",
@@ -257,7 +253,7 @@ fn huge_header_claims_allocate_nothing() {
     let mut lab = labels_idx(&[]);
     lab[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
     for p in both(dir.path(), "lab", &lab) {
-        assert_names_file(&load_idx_labels(&p).unwrap_err(), &p, "truncated");
+        assert_file_error(&load_idx_labels(&p).unwrap_err(), &p, "truncated");
     }
 }
 
@@ -278,14 +274,14 @@ fn a_fifo_without_a_writer_is_an_error_not_a_hang() {
     assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let path = fifo.clone();
     let err = within(30, "opening a FIFO", move || load_idx_images(&path)).unwrap_err();
-    assert_names_file(&err, &fifo, "empty");
+    assert_file_error(&err, &fifo, "empty");
     // In a data directory it is found (not reported missing) and refused the same way.
     write(dir.path(), "train-labels.idx1-ubyte", &labels_idx(&[1]));
     write(dir.path(), "t10k-images.idx3-ubyte", &images_idx(1, 28, 28, |i| i as u8));
     write(dir.path(), "t10k-labels.idx1-ubyte", &labels_idx(&[2]));
     let dir_path = dir.path().to_path_buf();
     let err = within(30, "load_mnist with a FIFO", move || load_mnist(&dir_path)).unwrap_err();
-    assert_names_file(&err, &fifo, "empty");
+    assert_file_error(&err, &fifo, "empty");
 }
 
 /// A pipe that is written while it is read (a process substitution, `--data` files from a
@@ -318,7 +314,7 @@ fn a_pipe_is_read_as_a_stream() {
         drop(reader);
         match (result, expect) {
             (Ok(img), Ok(())) => assert_eq!(img.pixels, images[16..]),
-            (Err(e), Err(needle)) => assert_names_file(&e, &path, needle),
+            (Err(e), Err(needle)) => assert_file_error(&e, &path, needle),
             (r, e) => panic!("{r:?}, expected {e:?}"),
         }
     }
@@ -331,5 +327,5 @@ fn the_test_split_loads_without_the_training_files() {
     write(dir.path(), "t10k-labels.idx1-ubyte", &labels_idx(&[3, 4]));
     let test = lenet::data::load_mnist_test(dir.path()).unwrap();
     assert_eq!(test.labels, vec![3, 4]);
-    assert_names_file(&load_mnist(dir.path()).unwrap_err(), dir.path(), "train-images");
+    assert_file_error(&load_mnist(dir.path()).unwrap_err(), dir.path(), "train-images");
 }

@@ -10,16 +10,14 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{lenet, p, text};
+use common::{assert_file_error, lenet, p, text};
 use digit_renders::{
     encode_png, fine_pen, mnist_digit, mnist_test, redraw, render, thicken, Canvas, Rng, Shape, STYLES,
 };
 use lenet::image_input::prepare::{BOX_SIDE, STROKE_RANGE};
 use lenet::image_input::read::read_image_bytes;
 use lenet::image_input::resample::{resample, AxisMap};
-use lenet::image_input::{
-    decode_gray, load_gray, load_image, prepare, GrayImage, ImageError, Polarity, Prepared,
-};
+use lenet::image_input::{decode_gray, load_gray, load_image, prepare, GrayImage, Polarity, Prepared};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -387,13 +385,6 @@ fn netpbm_of_every_kind_decodes() {
     assert_eq!(decode_gray(Path::new("x"), b"P2 1 1 600 300").unwrap().pixels, vec![128]);
 }
 
-fn assert_one_line_error(err: &ImageError, path: &Path, needle: &str) {
-    let msg = err.to_string();
-    assert!(msg.starts_with(&path.display().to_string()), "message does not name the file: {msg}");
-    assert!(msg.contains(needle), "message {msg:?} does not mention {needle:?}");
-    assert!(!msg.contains('\n'), "{msg:?}");
-}
-
 #[test]
 fn bad_files_are_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -417,17 +408,17 @@ fn bad_files_are_one_line_errors() {
     ];
     for (name, bytes, needle) in cases {
         let p = write(dir.path(), name, &bytes);
-        assert_one_line_error(&load_image(&p).unwrap_err(), &p, needle);
+        assert_file_error(&load_image(&p).unwrap_err(), &p, needle);
     }
     // A flipped bit in the image data fails the CRC, even after the last row was decoded.
     let mut crc = good.clone();
     let n = crc.len();
     crc[n - 20] ^= 0x10;
     let p = write(dir.path(), "crc.png", &crc);
-    assert_one_line_error(&load_image(&p).unwrap_err(), &p, "corrupt PNG");
+    assert_file_error(&load_image(&p).unwrap_err(), &p, "corrupt PNG");
     let missing = dir.path().join("missing.png");
-    assert_one_line_error(&load_image(&missing).unwrap_err(), &missing, "cannot read image");
-    assert_one_line_error(&load_image(dir.path()).unwrap_err(), dir.path(), "is a directory");
+    assert_file_error(&load_image(&missing).unwrap_err(), &missing, "cannot read image");
+    assert_file_error(&load_image(dir.path()).unwrap_err(), dir.path(), "is a directory");
 }
 
 /// `rgb` (or gray, one byte a pixel) as a JPEG at quality 100.
@@ -552,7 +543,7 @@ fn bad_jpeg_files_are_one_line_errors() {
     ];
     for (name, bytes, needle) in cases {
         let p = write(dir.path(), name, &bytes);
-        assert_one_line_error(&load_image(&p).unwrap_err(), &p, needle);
+        assert_file_error(&load_image(&p).unwrap_err(), &p, needle);
     }
 }
 
@@ -605,7 +596,7 @@ mod streams {
         let start = Instant::now();
         let err = read_image_bytes(&fifo, 1 << 20, Duration::from_millis(300)).unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
-        assert_one_line_error(&err, &fifo, "no data arrived within 0.3 s");
+        assert_file_error(&err, &fifo, "no data arrived within 0.3 s");
     }
 
     #[test]
@@ -635,7 +626,7 @@ mod streams {
             if ok {
                 assert_eq!(got.unwrap(), png);
             } else {
-                assert_one_line_error(&got.unwrap_err(), &fifo, "too large");
+                assert_file_error(&got.unwrap_err(), &fifo, "too large");
             }
             writer.join().unwrap();
         }
@@ -645,10 +636,10 @@ mod streams {
     fn character_devices_are_streams_never_endless() {
         // /dev/null: empty, said so. /dev/zero: endless, but no image: refused at once.
         let null = Path::new("/dev/null");
-        assert_one_line_error(&load_gray(null).unwrap_err(), null, "empty");
+        assert_file_error(&load_gray(null).unwrap_err(), null, "empty");
         let zero = Path::new("/dev/zero");
         let start = Instant::now();
-        assert_one_line_error(&load_gray(zero).unwrap_err(), zero, "not a PNG, JPEG or Netpbm");
+        assert_file_error(&load_gray(zero).unwrap_err(), zero, "not a PNG, JPEG or Netpbm");
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 

@@ -29,7 +29,7 @@ const RUN: [&str; 8] = ["train", "--backend", "cpu", "--batch", "64", "--no-shuf
 
 fn run(data: &Path, extra: &[&str]) -> Output {
     let mut args: Vec<&str> = RUN.to_vec();
-    args.extend_from_slice(&["--data", data.to_str().unwrap()]);
+    args.extend_from_slice(&["--data", p(data)]);
     args.extend_from_slice(extra);
     lenet(&args)
 }
@@ -40,8 +40,8 @@ fn a_resumed_epoch_line_is_the_uninterrupted_runs() {
     let data = common::write_small_mnist(dir.path(), 6400, 100);
     let ckpt = dir.path().join("run.safetensors");
     let whole = run(&data, &["--steps", "30"]);
-    run(&data, &["--steps", "20", "--save", ckpt.to_str().unwrap()]);
-    let resumed = run(&data, &["--resume", ckpt.to_str().unwrap(), "--steps", "10"]);
+    run(&data, &["--steps", "20", "--save", p(&ckpt)]);
+    let resumed = run(&data, &["--resume", p(&ckpt), "--steps", "10"]);
     let said = stderr(&resumed);
     assert!(
         said.contains(&format!("resumed from {} at step 20 (epoch 1, 20 of 100 steps)", ckpt.display())),
@@ -57,7 +57,7 @@ fn a_checkpoint_without_the_epochs_sums_says_which_steps_the_line_covers() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::write_small_mnist(dir.path(), 6400, 100);
     let ckpt = dir.path().join("run.safetensors");
-    run(&data, &["--steps", "20", "--save", ckpt.to_str().unwrap()]);
+    run(&data, &["--steps", "20", "--save", p(&ckpt)]);
     // The checkpoint as a version from before the sums were kept wrote it.
     let bytes = std::fs::read(&ckpt).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -68,7 +68,7 @@ fn a_checkpoint_without_the_epochs_sums_says_which_steps_the_line_covers() {
         st.tensors().into_iter().map(|(n, v)| (n.to_string(), v)).collect();
     let old = dir.path().join("old.safetensors");
     safetensors::serialize_to_file(tensors, Some(meta), &old).unwrap();
-    let resumed = run(&data, &["--resume", old.to_str().unwrap(), "--steps", "10"]);
+    let resumed = run(&data, &["--resume", p(&old), "--steps", "10"]);
     let line = epoch_line(&resumed);
     assert!(line.starts_with("epoch 1/1 (steps 21-30 of 100)  loss "), "{line}");
 }
@@ -84,7 +84,7 @@ fn the_bar_counts_the_steps_of_the_run_on_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::write_small_mnist(dir.path(), 6400, 100);
     let mut command = format!("{:?}", common::lenet_exe());
-    for arg in RUN.iter().chain(&["--steps", "12", "--data", data.to_str().unwrap()]) {
+    for arg in RUN.iter().chain(&["--steps", "12", "--data", p(&data)]) {
         command += &format!(" {arg:?}");
     }
     let out = Command::new("script")
@@ -127,16 +127,8 @@ fn with_save_best_the_test_set_and_save_get_the_best_weights() {
     let (saved, kept) = (load(&last), load(&best));
     assert_eq!(saved.step, best_step);
     assert_eq!(saved.params, kept.params);
-    let eval = json(&lenet(&[
-        "eval",
-        "--backend",
-        "cpu",
-        "--data",
-        data.to_str().unwrap(),
-        "--weights",
-        last.to_str().unwrap(),
-        "--json",
-    ]));
+    let eval =
+        json(&lenet(&["eval", "--backend", "cpu", "--data", p(&data), "--weights", p(&last), "--json"]));
     assert_eq!(eval["accuracy"], report["test_accuracy"], "{eval} vs {report}");
     assert_eq!(eval["loss"], report["test_loss"]);
 }
@@ -181,7 +173,7 @@ fn monitor_and_min_delta_decide_what_counts_as_an_improvement() {
         (vec!["--patience", "1", "--min-delta", "NaN"], "--min-delta"),
         (vec!["--monitor", "val_loss"], "give one of them"),
     ] {
-        let mut all = vec!["train", "--backend", "cpu", "--val", "1280", "--data", data.to_str().unwrap()];
+        let mut all = vec!["train", "--backend", "cpu", "--val", "1280", "--data", p(&data)];
         all.extend(args);
         let out = Command::new(common::lenet_exe()).args(&all).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -197,7 +189,7 @@ fn a_stop_signal_in_a_log_leaves_no_blank_line() {
     let ckpt = dir.path().join("run.safetensors");
     let mut child = Command::new(common::lenet_exe())
         .args(["train", "--backend", "cpu", "--batch", "32", "--epochs", "50", "--eval-every", "0"])
-        .args(["--checkpoint-every", "20", "--save", ckpt.to_str().unwrap()])
+        .args(["--checkpoint-every", "20", "--save", p(&ckpt)])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Result};
@@ -14,7 +14,7 @@ use lenet::cpu::CpuBackend;
 use lenet::data::{Dataset, Mnist};
 use lenet::model::{Params, TrainState};
 use lenet::optim::Optimizer;
-use lenet::train::{error_line, train, TrainConfig};
+use lenet::train::{error_line, train, TrainConfig, TrainReport};
 
 /// 128 training images at batch 32: 4 steps an epoch.
 fn config(steps: u64, save: &Path) -> TrainConfig {
@@ -83,30 +83,39 @@ fn faulty(mnist: &Mnist, fail_logits: bool, fail_steps_after: Option<u64>) -> Fa
     Faulty { inner: CpuBackend::new(&mnist.train).unwrap(), fail_logits, fail_steps_after, steps: 0 }
 }
 
-/// The state an uninterrupted run reaches after `steps` steps.
-fn clean_run(mnist: &Mnist, steps: u64, dir: &Path) -> TrainState {
+/// A test's directory, its data (128 training images, 50 test images) and its `--save` file.
+fn setup() -> (tempfile::TempDir, Mnist, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let save = dir.path().join("run.safetensors");
+    (dir, common::small_mnist(128, 50), save)
+}
+
+/// Asserts that `save` holds the state an uninterrupted run reaches after `steps` steps (run
+/// here, its checkpoint in `dir`).
+#[track_caller]
+fn assert_saved_after(steps: u64, save: &Path, mnist: &Mnist, dir: &Path) {
+    let saved = load_checkpoint(save).expect("the state was saved").into_train_state().unwrap();
     let path = dir.join(format!("clean-{steps}.safetensors"));
-    let mut backend = CpuBackend::new(&mnist.train).unwrap();
+    run(&mut CpuBackend::new(&mnist.train).unwrap(), mnist, &config(steps, &path)).unwrap();
+    let clean = load_checkpoint(&path).unwrap().into_train_state().unwrap();
+    assert_eq!(saved, clean, "the saved state is the one after step {steps}");
+}
+
+/// A run of `backend` from the same fresh state each time (seed 3, batch 32) with `cfg`.
+fn run(backend: &mut dyn Backend, mnist: &Mnist, cfg: &TrainConfig) -> Result<TrainReport> {
     let mut state = TrainState::new(Params::init(3), Optimizer::default(), 3, 32, true);
-    train(&mut backend, &mut state, mnist, None, &config(steps, &path), &AtomicBool::new(false)).unwrap();
-    load_checkpoint(&path).unwrap().into_train_state().unwrap()
+    train(backend, &mut state, mnist, None, cfg, &AtomicBool::new(false))
 }
 
 #[test]
 fn a_failed_evaluation_saves_the_trained_state_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let mnist = common::small_mnist(128, 50);
-    let save = dir.path().join("run.safetensors");
+    let (dir, mnist, save) = setup();
     let mut backend = faulty(&mnist, true, None);
-    let mut state = TrainState::new(Params::init(3), Optimizer::default(), 3, 32, true);
     // The evaluation after the first epoch (step 4) fails; 8 steps were asked for.
-    let err = train(&mut backend, &mut state, &mnist, None, &config(8, &save), &AtomicBool::new(false))
-        .unwrap_err();
-    let line = error_line(&err);
+    let line = error_line(&run(&mut backend, &mnist, &config(8, &save)).unwrap_err());
     assert!(line.contains("evaluation failed") && line.contains("saved to"), "{line}");
     assert!(!line.contains('\n'));
-    let saved = load_checkpoint(&save).expect("the state was saved").into_train_state().unwrap();
-    assert_eq!(saved, clean_run(&mnist, 4, dir.path()), "the saved state is the one after step 4");
+    assert_saved_after(4, &save, &mnist, dir.path());
 }
 
 #[cfg(target_os = "linux")]
@@ -114,46 +123,33 @@ fn a_failed_evaluation_saves_the_trained_state_first() {
 fn a_metrics_file_that_cannot_be_written_saves_the_trained_state_first() {
     // /dev/full: every write fails with "no space left on device", as on a full disk. The rows
     // are buffered; the first flush (the end of the first epoch, step 4) fails.
-    let dir = tempfile::tempdir().unwrap();
-    let mnist = common::small_mnist(128, 50);
-    let save = dir.path().join("run.safetensors");
+    let (dir, mnist, save) = setup();
     let mut cfg = config(8, &save);
     cfg.metrics = Some("/dev/full".into());
     let mut backend = CpuBackend::new(&mnist.train).unwrap();
-    let mut state = TrainState::new(Params::init(3), Optimizer::default(), 3, 32, true);
-    let err = train(&mut backend, &mut state, &mnist, None, &cfg, &AtomicBool::new(false)).unwrap_err();
-    let line = error_line(&err);
+    let line = error_line(&run(&mut backend, &mnist, &cfg).unwrap_err());
     assert!(line.contains("/dev/full") && line.contains("saved to"), "{line}");
-    let saved = load_checkpoint(&save).expect("the state was saved").into_train_state().unwrap();
-    assert_eq!(saved, clean_run(&mnist, 4, dir.path()));
+    assert_saved_after(4, &save, &mnist, dir.path());
 }
 
 #[test]
 fn a_backend_failing_mid_chunk_keeps_the_last_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let mnist = common::small_mnist(128, 50);
-    let save = dir.path().join("run.safetensors");
+    let (dir, mnist, save) = setup();
     let mut cfg = config(12, &save);
     cfg.checkpoint_every = 4;
     let mut backend = faulty(&mnist, false, Some(4));
-    let mut state = TrainState::new(Params::init(3), Optimizer::default(), 3, 32, true);
-    let err = train(&mut backend, &mut state, &mnist, None, &cfg, &AtomicBool::new(false)).unwrap_err();
-    let line = error_line(&err);
+    let line = error_line(&run(&mut backend, &mnist, &cfg).unwrap_err());
     assert!(line.contains("device lost") && line.contains("step 4) is kept"), "{line}");
     // What the backend held after half a chunk is not saved: the checkpoint is still step 4's.
-    let saved = load_checkpoint(&save).unwrap().into_train_state().unwrap();
-    assert_eq!(saved, clean_run(&mnist, 4, dir.path()));
+    assert_saved_after(4, &save, &mnist, dir.path());
 }
 
 #[test]
 fn an_error_before_the_first_step_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mnist = common::small_mnist(128, 50);
-    let save = dir.path().join("run.safetensors");
+    let (dir, mnist, save) = setup();
     let mut cfg = config(8, &save);
     cfg.metrics = Some(dir.path().join("no-such-dir").join("m.csv"));
     let mut backend = CpuBackend::new(&mnist.train).unwrap();
-    let mut state = TrainState::new(Params::init(3), Optimizer::default(), 3, 32, true);
-    assert!(train(&mut backend, &mut state, &mnist, None, &cfg, &AtomicBool::new(false)).is_err());
+    assert!(run(&mut backend, &mnist, &cfg).is_err());
     assert!(!save.exists(), "nothing was trained, so nothing is saved");
 }

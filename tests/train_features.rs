@@ -628,9 +628,9 @@ fn the_metrics_log_numbers_epochs_as_the_terminal_and_has_the_documented_columns
             "--lr-schedule",
             "cosine",
             "--metrics",
-            metrics.to_str().unwrap(),
+            common::p(&metrics),
             "--plot",
-            plot.to_str().unwrap(),
+            common::p(&plot),
         ],
     ));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

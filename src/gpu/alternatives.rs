@@ -168,19 +168,13 @@ impl GpuOps {
     fn conv_pool_forward_v2_from(&mut self, input: ConvInput, l: ConvLayer<Self>) -> Result<()> {
         let s = l.s;
         let (kernel, b, data) = match input {
-            ConvInput::Gather(GatherArgs { input: gathered, labels, batch }) => {
-                let d = batch.data;
-                let b = self
-                    .kernel("gather_conv_pool_forward")?
-                    .buf("images", &d.images.view)
-                    .buf("labels", &d.labels.view)
-                    .buf("indices", &batch.indices.view)
-                    .buf("shifts", &batch.shifts.view)
-                    .buf("lut", &self.lut.view)
-                    .buf("gathered", &gathered.view)
-                    .buf("batch_labels", &labels.view)
-                    .step(self.step(StepUniform::default()));
-                ("gather_conv_pool_forward", b, (d.rows, d.cols))
+            ConvInput::Gather(g) => {
+                let d = g.batch.data;
+                (
+                    "gather_conv_pool_forward",
+                    self.bind_gather("gather_conv_pool_forward", &g)?,
+                    (d.rows, d.cols),
+                )
             }
             ConvInput::Input(input) => {
                 ("conv_pool_forward", self.kernel("conv_pool_forward")?.buf("input", &input.view), (0, 0))
@@ -341,12 +335,7 @@ impl GpuOps {
     pub(super) fn linear_forward_v3(&mut self, a: LinearForward<Self>) -> Result<()> {
         let s = a.s;
         let d = self
-            .kernel("linear_forward_v3")?
-            .buf("input", &a.input.view)
-            .buf("weight", &a.weight.view)
-            .buf("bias", &a.bias.view)
-            .buf("out", &a.out.view)
-            .linear_shape(s, a.relu)
+            .bind_linear_forward("linear_forward_v3", &a)?
             .param("dinput_tiles", 0u32)
             .param("images_per_group", 0u32)
             .param("scale", 0.0f32)

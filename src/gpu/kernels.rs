@@ -22,13 +22,22 @@ pub const SHADERS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/shaders
 /// The optimizers' shader file: their WGSL functions, to which the update kernels are appended.
 const OPTIM: &str = include_str!("../../shaders/optim.wgsl");
 
-/// A shader file as it is compiled: the prelude, then the file (for optim.wgsl, then the update
-/// kernels written from the optimizers' list).
+/// Every kernel's bindings, declared once: compiled before each file that has the line
+/// [`INCLUDE_TENSORS`] (WGSL declarations need not come before their use).
+const TENSORS: &str = include_str!("../../shaders/include/tensors.wgsl");
+
+/// The line with which a shader file asks for shaders/include/tensors.wgsl.
+const INCLUDE_TENSORS: &str = "// #include tensors.wgsl";
+
+/// A shader file as it is compiled: the prelude, the bindings (tensors.wgsl) if the file includes
+/// them, then the file (for optim.wgsl, then the update kernels written from the optimizers'
+/// list).
 pub fn shader_source(file_text: &str) -> String {
+    let tensors = if file_text.lines().any(|line| line == INCLUDE_TENSORS) { TENSORS } else { "" };
     if file_text == OPTIM {
-        format!("{PRELUDE}\n{file_text}{}", update_kernels())
+        format!("{PRELUDE}\n{tensors}\n{file_text}{}", update_kernels())
     } else {
-        format!("{PRELUDE}\n{file_text}")
+        format!("{PRELUDE}\n{tensors}\n{file_text}")
     }
 }
 
@@ -81,12 +90,8 @@ fn update_kernels() -> String {
     const KERNEL: &str = "
 // TORCH
 @compute @workgroup_size(256)
-fn update_NAME(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let e = flat_index(wid, nwg, lid, 256u);
+fn update_NAME(inv: Invocation) {
+    let e = invocation_index(inv, 256u);
     if e >= params.elements {
         return;
     }
@@ -531,6 +536,38 @@ mod tests {
             }
         }
         assert!(with_step >= 3, "gather, softmax_xent and the optimizers read the step uniform");
+    }
+
+    /// A dispatch is labelled after the first buffer its kernel writes, by binding number
+    /// (`Binder::build`): shaders/include/tensors.wgsl's numbers keep, for each kernel that
+    /// writes several, the buffer that names its work first.
+    #[test]
+    fn each_kernel_writes_first_the_buffer_that_labels_it() {
+        let mut first_written = HashMap::new();
+        for &(file, text) in SHADERS {
+            for e in shader::reflect(file, &shader_source(text)).unwrap() {
+                let first = e.buffers.iter().find(|b| b.access == Access::ReadWrite).map(|b| b.name.clone());
+                first_written.insert(e.name, first.unwrap_or_default());
+            }
+        }
+        let expected = [
+            ("gather", "gathered"),
+            ("gather_conv_pool_forward", "conv"),
+            // conv is read_write in the table: the pool is labelled as the conv it reads.
+            ("pool_forward", "conv"),
+            ("conv_backward_weight_naive", "dconv"),
+            ("conv_pool_backward", "dinput"),
+            ("linear_backward_weight", "dweight"),
+            ("linear_backward_v3", "dinput"),
+            ("linear_xent_v3", "out"),
+            ("softmax_xent", "dlogits"),
+        ];
+        for (kernel, buffer) in expected {
+            assert_eq!(first_written[kernel], buffer, "{kernel}");
+        }
+        for rule in crate::optim::RULES {
+            assert_eq!(first_written[&format!("update_{}", rule.name)], "param", "{}", rule.name);
+        }
     }
 
     /// What WebGPU's default limits leave out, and why (what `lenet devices` and the fallback

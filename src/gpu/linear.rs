@@ -9,7 +9,7 @@
 
 use anyhow::Result;
 
-use super::kernels::{grid_1d, StepUniform};
+use super::kernels::{grid_1d, Binder, StepUniform};
 use super::ops::{ensure_packed, GpuBuf, GpuOps};
 use crate::ops::*;
 
@@ -17,17 +17,24 @@ impl GpuOps {
     pub(super) fn linear_forward_naive(&mut self, a: LinearForward<Self>) -> Result<()> {
         let s = a.s;
         let d = self
-            .kernel("linear_forward")?
-            .buf("input", &a.input.view)
-            .buf("weight", &a.weight.view)
-            .buf("bias", &a.bias.view)
-            .buf("out", &a.out.view)
-            .linear_shape(s, a.relu)
+            .bind_linear_forward("linear_forward", &a)?
             .param("scale", 0.0f32)
             .grid(((s.out_features as u32).div_ceil(16), (s.batch as u32).div_ceil(16), 1))
             .build("linear_forward")?;
         self.push(d);
         Ok(())
+    }
+
+    /// A forward kernel (the naive one, or linear_v3.wgsl's) bound to the layer's tensors and
+    /// shape.
+    pub(super) fn bind_linear_forward(&self, kernel: &str, a: &LinearForward<Self>) -> Result<Binder<'_>> {
+        Ok(self
+            .kernel(kernel)?
+            .buf("input", &a.input.view)
+            .buf("weight", &a.weight.view)
+            .buf("bias", &a.bias.view)
+            .buf("out", &a.out.view)
+            .linear_shape(a.s, a.relu))
     }
 
     pub(super) fn softmax_xent_naive(&mut self, a: SoftmaxXent<Self>) -> Result<()> {

@@ -190,6 +190,16 @@ pub fn last_json(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
 
+/// Asserts that a file's error `err` reads as one line that starts with the file's `path` and
+/// mentions `needle` (each error about a file names it, on one line).
+#[track_caller]
+pub fn assert_file_error(err: &impl std::fmt::Display, path: &std::path::Path, needle: &str) {
+    let msg = err.to_string();
+    assert!(msg.starts_with(&path.display().to_string()), "message does not name the file: {msg}");
+    assert!(msg.contains(needle), "message {msg:?} does not mention {needle:?}");
+    assert!(!msg.contains('\n'), "message is not one line: {msg:?}");
+}
+
 /// A path as the `&str` a command line takes.
 pub fn p(path: &std::path::Path) -> &str {
     path.to_str().unwrap()
