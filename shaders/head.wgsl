@@ -11,8 +11,8 @@
 // partials of the weight gradients, reading back what it wrote (storageBarrier orders that).
 //
 // The tensors come packed, so that the kernel binds six storage buffers (WebGPU's default limit
-// is eight): the parameters in `param`, the activations in `acts`, the gradients in `grad`,
-// each tensor at an offset the host passes in `params`.
+// is eight): the parameters in `weights`, the activations in `acts`, the gradients in `grads`
+// (shaders/include/tensors.wgsl), each tensor at an offset the host passes in `params`.
 //
 // Every loop runs over a bound fixed by `params` (a feature count, the group's images, a round's
 // four images) or by a constant, with a counter that only grows: each terminates.
@@ -49,29 +49,21 @@ struct Params {
     db3_at: u32,
 }
 
-@group(0) @binding(0) var<storage, read> param: array<f32>;
-@group(0) @binding(1) var<storage, read_write> acts: array<f32>;
-@group(0) @binding(2) var<storage, read_write> grad: array<f32>;
-@group(0) @binding(3) var<storage, read> labels: array<u32>;
-@group(0) @binding(4) var<storage, read_write> losses: array<f32>;
-@group(0) @binding(5) var<storage, read_write> correct: array<u32>;
-@group(0) @binding(6) var<uniform> params: Params;
+// #include tensors.wgsl
 
-// The largest features the workgroup memory below holds (src/gpu/linear.rs checks a
-// shape against them): 4 x (400 + 2 x 128 + 2 x 96 + 16) floats = 13,696 bytes.
-const F0: u32 = 400u;
-const F1: u32 = 128u;
-const F2: u32 = 96u;
-const F3: u32 = 16u;
 const WG: u32 = 256u;
 
-// [feature][image of the round]: one vec4 per feature, the four images side by side.
-var<workgroup> x: array<vec4<f32>, F0>;
-var<workgroup> h1: array<vec4<f32>, F1>;
-var<workgroup> h2: array<vec4<f32>, F2>;
-var<workgroup> z: array<vec4<f32>, F3>;
-var<workgroup> d2: array<vec4<f32>, F2>;
-var<workgroup> d1: array<vec4<f32>, F1>;
+// The round's activations in workgroup memory: one vec4 per feature (the four images side by
+// side), in regions at these offsets for the largest features they hold (src/gpu/linear.rs
+// checks a shape against them): the inputs (400), fc1's outputs (128), fc2's (96), the logits
+// then their gradient (16), fc2's output gradient, fc1's: 864 vec4s, 13,824 bytes.
+const X: u32 = 0u;
+const H1: u32 = 400u;
+const H2: u32 = 528u;
+const Z: u32 = 624u;
+const D2: u32 = 640u;
+const D1: u32 = 736u;
+var<workgroup> wg: array<vec4<f32>, 864>;
 
 // The vec4 of feature k of the round's images from [B, n] at `at`, images b0..b0+3 (zero past
 // the group's end).
@@ -92,8 +84,39 @@ fn store4(at: u32, n: u32, k: u32, b0: u32, end: u32, v: vec4<f32>) {
     if b0 + 3u < end { acts[at + (b0 + 3u) * n + k] = v.w; }
 }
 
-fn relu4(v: vec4<f32>) -> vec4<f32> {
-    return max(v, vec4<f32>(0.0));
+// Output `o` of a layer for the round's images: bias[o] + sum_k weight[o, k] * in[k] (then
+// ReLU), its inputs at `in_at` in workgroup memory; two running sums (even and odd k) halve the
+// chain of dependent adds.
+fn dense(o: u32, in_at: u32, n_in: u32, w_at: u32, b_at: u32, relu: bool) -> vec4<f32> {
+    let row = w_at + o * n_in;
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var k = 0u;
+    for (; k + 1u < n_in; k += 2u) {
+        a0 += weights[row + k] * wg[in_at + k];
+        a1 += weights[row + k + 1u] * wg[in_at + k + 1u];
+    }
+    if k < n_in {
+        a0 += weights[row + k] * wg[in_at + k];
+    }
+    let a = a0 + a1 + weights[b_at + o];
+    return select(a, max(a, vec4<f32>(0.0)), relu);
+}
+
+// Input `i`'s gradient for the round's images: sum_o weight[o, i] * dout[o], the output
+// gradients at `d_at` in workgroup memory (the layer's weights transposed).
+fn dense_t(i: u32, d_at: u32, n_out: u32, n_in: u32, w_at: u32) -> vec4<f32> {
+    var g0 = vec4<f32>(0.0);
+    var g1 = vec4<f32>(0.0);
+    var o = 0u;
+    for (; o + 1u < n_out; o += 2u) {
+        g0 += weights[w_at + o * n_in + i] * wg[d_at + o];
+        g1 += weights[w_at + (o + 1u) * n_in + i] * wg[d_at + o + 1u];
+    }
+    if o < n_out {
+        g0 += weights[w_at + o * n_in + i] * wg[d_at + o];
+    }
+    return g0 + g1;
 }
 
 // Zero where the ReLU's output h is not positive.
@@ -101,29 +124,29 @@ fn mask4(g: vec4<f32>, h: vec4<f32>) -> vec4<f32> {
     return select(vec4<f32>(0.0), g, h > vec4<f32>(0.0));
 }
 
-// Softmax cross-entropy of image b (round slot r, its logits in z[..][r]): the loss, whether the
-// first largest logit is the label, and the logits' gradient (p - onehot) / B, into z.
+// Softmax cross-entropy of image b (round slot r, its logits at Z): the loss, whether the
+// first largest logit is the label, and the logits' gradient (p - onehot) / B, in their place.
 fn xent(b: u32, r: u32) {
     let classes = params.f3;
     let label = labels[params.labels_at + b];
-    var mx = z[0][r];
+    var mx = wg[Z][r];
     var arg = 0u;
     for (var c = 1u; c < classes; c++) {
-        if z[c][r] > mx {
-            mx = z[c][r];
+        if wg[Z + c][r] > mx {
+            mx = wg[Z + c][r];
             arg = c;
         }
     }
     var sum = 0.0;
     for (var c = 0u; c < classes; c++) {
-        sum += exp(z[c][r] - mx);
+        sum += exp(wg[Z + c][r] - mx);
     }
-    losses[step.stats_offset + b] = log(sum) - (z[label][r] - mx);
+    losses[step.stats_offset + b] = log(sum) - (wg[Z + label][r] - mx);
     correct[step.stats_offset + b] = select(0u, 1u, arg == label);
     for (var c = 0u; c < classes; c++) {
-        let p = exp(z[c][r] - mx) / sum;
+        let p = exp(wg[Z + c][r] - mx) / sum;
         let g = (p - select(0.0, 1.0, c == label)) * params.scale;
-        z[c][r] = g;
+        wg[Z + c][r] = g;
         acts[params.dout3_at + b * classes + c] = g;
     }
 }
@@ -152,13 +175,13 @@ fn weight_partials(
             for (var b = first; b < end; b++) {
                 acc += acts[dout_at + b * n_out + o] * acts[input_at + b * n_in + k];
             }
-            grad[dw_at + part * weights + e] = acc;
+            grads[dw_at + part * weights + e] = acc;
         } else {
             let o = e - weights;
             for (var b = first; b < end; b++) {
                 acc += acts[dout_at + b * n_out + o];
             }
-            grad[db_at + part * n_out + o] = acc;
+            grads[db_at + part * n_out + o] = acc;
         }
     }
 }
@@ -175,55 +198,25 @@ fn head_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     for (var b0 = first; b0 < end; b0 += 4u) {
         // The round's inputs: four loads go out before the stores that wait on them.
         for (var k = lid; k < f0; k += WG) {
-            x[k] = load4(params.input_at, f0, k, b0, end);
+            wg[X + k] = load4(params.input_at, f0, k, b0, end);
         }
         workgroupBarrier();
-        // fc1 + ReLU: one output of the four images per thread, two running sums (even and
-        // odd inputs) to halve the chain of dependent adds.
+        // Each layer forward, one output of the four images per thread.
         if lid < f1 {
-            let row = params.w1_at + lid * f0;
-            var a0 = vec4<f32>(0.0);
-            var a1 = vec4<f32>(0.0);
-            var k = 0u;
-            for (; k + 1u < f0; k += 2u) {
-                a0 += param[row + k] * x[k];
-                a1 += param[row + k + 1u] * x[k + 1u];
-            }
-            if k < f0 {
-                a0 += param[row + k] * x[k];
-            }
-            let h = relu4(a0 + a1 + param[params.b1_at + lid]);
-            h1[lid] = h;
+            let h = dense(lid, X, f0, params.w1_at, params.b1_at, true);
+            wg[H1 + lid] = h;
             store4(params.out1_at, f1, lid, b0, end, h);
         }
         workgroupBarrier();
-        // fc2 + ReLU.
         if lid < f2 {
-            let row = params.w2_at + lid * f1;
-            var a0 = vec4<f32>(0.0);
-            var a1 = vec4<f32>(0.0);
-            var k = 0u;
-            for (; k + 1u < f1; k += 2u) {
-                a0 += param[row + k] * h1[k];
-                a1 += param[row + k + 1u] * h1[k + 1u];
-            }
-            if k < f1 {
-                a0 += param[row + k] * h1[k];
-            }
-            let h = relu4(a0 + a1 + param[params.b2_at + lid]);
-            h2[lid] = h;
+            let h = dense(lid, H1, f1, params.w2_at, params.b2_at, true);
+            wg[H2 + lid] = h;
             store4(params.out2_at, f2, lid, b0, end, h);
         }
         workgroupBarrier();
-        // fc3: the logits.
         if lid < f3 {
-            let row = params.w3_at + lid * f2;
-            var a = vec4<f32>(0.0);
-            for (var k = 0u; k < f2; k++) {
-                a += param[row + k] * h2[k];
-            }
-            let logits = a + param[params.b3_at + lid];
-            z[lid] = logits;
+            let logits = dense(lid, H2, f2, params.w3_at, params.b3_at, false);
+            wg[Z + lid] = logits;
             store4(params.out3_at, f3, lid, b0, end, logits);
         }
         workgroupBarrier();
@@ -232,43 +225,25 @@ fn head_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
             xent(b0 + lid, lid);
         }
         workgroupBarrier();
-        // fc2's output gradient: fc3's weights transposed, masked by fc2's ReLU.
+        // Each layer's output gradient: the next layer's weights transposed, masked by the
+        // layer's ReLU.
         if lid < f2 {
-            var g = vec4<f32>(0.0);
-            for (var c = 0u; c < f3; c++) {
-                g += param[params.w3_at + c * f2 + lid] * z[c];
-            }
-            let d = mask4(g, h2[lid]);
-            d2[lid] = d;
+            let d = mask4(dense_t(lid, Z, f3, f2, params.w3_at), wg[H2 + lid]);
+            wg[D2 + lid] = d;
             store4(params.dout2_at, f2, lid, b0, end, d);
         }
         workgroupBarrier();
-        // fc1's output gradient.
         if lid < f1 {
-            var g = vec4<f32>(0.0);
-            for (var j = 0u; j < f2; j++) {
-                g += param[params.w2_at + j * f1 + lid] * d2[j];
-            }
-            let d = mask4(g, h1[lid]);
-            d1[lid] = d;
+            let d = mask4(dense_t(lid, D2, f2, f1, params.w2_at), wg[H1 + lid]);
+            wg[D1 + lid] = d;
             store4(params.dout1_at, f1, lid, b0, end, d);
         }
         workgroupBarrier();
         // The head's input gradient (unmasked: the conv layer below applies its own ReLU).
         for (var k = lid; k < f0; k += WG) {
-            var g0 = vec4<f32>(0.0);
-            var g1 = vec4<f32>(0.0);
-            var o = 0u;
-            for (; o + 1u < f1; o += 2u) {
-                g0 += param[params.w1_at + o * f0 + k] * d1[o];
-                g1 += param[params.w1_at + (o + 1u) * f0 + k] * d1[o + 1u];
-            }
-            if o < f1 {
-                g0 += param[params.w1_at + o * f0 + k] * d1[o];
-            }
-            store4(params.dinput_at, f0, k, b0, end, g0 + g1);
+            store4(params.dinput_at, f0, k, b0, end, dense_t(k, D1, f1, f0, params.w1_at));
         }
-        // The next round overwrites x, h1, ..., d1.
+        // The next round overwrites the workgroup's activations.
         workgroupBarrier();
     }
     // This workgroup's partials, from what it wrote above.

@@ -15,8 +15,9 @@
 // The shapes are LeNet-5's, fixed below (src/gpu/conv.rs checks a call's against them): every
 // loop runs to a constant or a `params` bound with a counter that only grows, so each
 // terminates. The activations come packed in `acts` (f32) and `acts_u32` (the labels and the
-// argmaxes), the parameters in `param`, the gradients in `grad`, each tensor at an offset the
-// host passes in `params`: the forward pass binds eight storage buffers, the backward four.
+// argmaxes), the parameters in `weights`, the gradients in `grads` (shaders/include/
+// tensors.wgsl), each tensor at an offset the host passes in `params`: the forward pass binds
+// eight storage buffers, the backward four.
 
 struct Params {
     batch: u32,
@@ -45,16 +46,7 @@ struct Params {
     db2_at: u32,
 }
 
-@group(0) @binding(0) var<storage, read> images: array<u32>;
-@group(0) @binding(1) var<storage, read> labels: array<u32>;
-@group(0) @binding(2) var<storage, read> indices: array<u32>;
-@group(0) @binding(3) var<storage, read> shifts: array<i32>;
-@group(0) @binding(4) var<storage, read> lut: array<f32>;
-@group(0) @binding(5) var<storage, read> param: array<f32>;
-@group(0) @binding(6) var<storage, read_write> acts: array<f32>;
-@group(0) @binding(7) var<storage, read_write> acts_u32: array<u32>;
-@group(0) @binding(8) var<storage, read_write> grad: array<f32>;
-@group(0) @binding(9) var<uniform> params: Params;
+// #include tensors.wgsl
 
 // conv1: 1 -> C1 channels, 5x5, padding 2, on S0 x S0; pooled to S1 x S1. conv2: C1 -> C2, 5x5,
 // no padding, on S1 x S1 (output O2 x O2); pooled to S2 x S2.
@@ -160,9 +152,9 @@ fn trunk_forward(
         acts_u32[params.labels_at + image] = labels[sample];
     }
     if lid < 150u {
-        w1s[lid] = param[params.w1_at + lid];
+        w1s[lid] = weights[params.w1_at + lid];
     } else if lid < 156u {
-        w1s[lid] = param[params.b1_at + lid - 150u];
+        w1s[lid] = weights[params.b1_at + lid - 150u];
     }
     workgroupBarrier();
     // conv1 + bias + ReLU + pool: one pooled output (a window of four conv outputs, side by side
@@ -193,9 +185,9 @@ fn trunk_forward(
         for (var q = 0u; q < 4u; q++) {
             let e = i + q * WG;
             if e < 2400u {
-                v[q] = param[params.w2_at + e];
+                v[q] = weights[params.w2_at + e];
             } else if e < 2416u {
-                v[q] = param[params.b2_at + e - 2400u];
+                v[q] = weights[params.b2_at + e - 2400u];
             }
         }
         for (var q = 0u; q < 4u; q++) {
@@ -271,13 +263,13 @@ fn trunk_backward(
                     acc += scratch[d + x] * p1[at + x];
                 }
             }
-            grad[params.dw2_at + image * C2 * C1 * K * K + e] = acc;
+            grads[params.dw2_at + image * C2 * C1 * K * K + e] = acc;
         } else {
             let c = e - C2 * C1 * K * K;
             for (var i = 0u; i < O2 * O2; i++) {
                 acc += scratch[c * O2 * O2 + i];
             }
-            grad[params.db2_at + image * C2 + c] = acc;
+            grads[params.db2_at + image * C2 + c] = acc;
         }
     }
     workgroupBarrier();
@@ -299,7 +291,7 @@ fn trunk_backward(
                 let row = params.w2_at + ((c * C1 + ci) * K + ky) * K;
                 let d = c * O2 * O2 + (iy - ky) * O2 + ix;
                 for (var kx = kx0; kx <= kx1; kx++) {
-                    g += scratch[d - kx] * param[row + kx];
+                    g += scratch[d - kx] * weights[row + kx];
                 }
             }
         }
@@ -332,13 +324,13 @@ fn trunk_backward(
                 let at = u32(p1[c * S1 * S1 + r]);
                 acc += dp1[c * S1 * S1 + r] * scratch[(at / S0 + ky) * PAD + at % S0 + kx];
             }
-            grad[params.dw1_at + image * C1 * K * K + lid] = acc;
+            grads[params.dw1_at + image * C1 * K * K + lid] = acc;
         } else {
             let c = lid - C1 * K * K;
             for (var r = 0u; r < S1 * S1; r++) {
                 acc += dp1[c * S1 * S1 + r];
             }
-            grad[params.db1_at + image * C1 + c] = acc;
+            grads[params.db1_at + image * C1 + c] = acc;
         }
     }
 }

@@ -44,19 +44,28 @@
 @group(0) @binding(18) var<storage, read_write> gathered: array<f32>;
 @group(0) @binding(19) var<storage, read_write> batch_labels: array<u32>;
 
+// The fused family's packed tensors (src/gpu/conv.rs, linear.rs): the parameters, a step's
+// activations (the f32 ones, then the labels and argmaxes), the gradients' partial sums, each
+// tensor at the offset its kernel's `Params` gives. Before the other gradients: the family's
+// dispatches are labelled after their activations.
+@group(0) @binding(20) var<storage, read> weights: array<f32>;
+@group(0) @binding(21) var<storage, read_write> acts: array<f32>;
+@group(0) @binding(22) var<storage, read_write> acts_u32: array<u32>;
+@group(0) @binding(23) var<storage, read_write> grads: array<f32>;
+
 // Gradients: a conv output's (the naive kernels route the pooled one through it), then the
 // layer's input, weight and bias gradients (or partial sums of them), then the output layer's
 // logit gradients, per-image losses and correct flags (at step.stats_offset).
-@group(0) @binding(20) var<storage, read_write> dconv: array<f32>;
-@group(0) @binding(21) var<storage, read_write> dinput: array<f32>;
-@group(0) @binding(22) var<storage, read_write> dweight: array<f32>;
-@group(0) @binding(23) var<storage, read_write> dbias: array<f32>;
-@group(0) @binding(24) var<storage, read_write> dlogits: array<f32>;
-@group(0) @binding(25) var<storage, read_write> losses: array<f32>;
-@group(0) @binding(26) var<storage, read_write> correct: array<u32>;
+@group(0) @binding(24) var<storage, read_write> dconv: array<f32>;
+@group(0) @binding(25) var<storage, read_write> dinput: array<f32>;
+@group(0) @binding(26) var<storage, read_write> dweight: array<f32>;
+@group(0) @binding(27) var<storage, read_write> dbias: array<f32>;
+@group(0) @binding(28) var<storage, read_write> dlogits: array<f32>;
+@group(0) @binding(29) var<storage, read_write> losses: array<f32>;
+@group(0) @binding(30) var<storage, read_write> correct: array<u32>;
 
 // The including file's shape and settings.
-@group(0) @binding(27) var<uniform> params: Params;
+@group(0) @binding(31) var<uniform> params: Params;
 
 // The optimizers' tensor list (where each tensor lives: the dispatch's elements start..start+len
 // are its elements, its parameters at param_offset in `param` and the state buffers, its
@@ -73,9 +82,9 @@ struct Tensor {
     _pad2: u32,
 }
 
-@group(0) @binding(28) var<storage, read> tensors: array<Tensor>;
-@group(0) @binding(29) var<storage, read> grad: array<f32>;
-@group(0) @binding(30) var<storage, read_write> param: array<f32>;
-@group(0) @binding(31) var<storage, read_write> state0: array<f32>;
-@group(0) @binding(32) var<storage, read_write> state1: array<f32>;
-@group(0) @binding(33) var<storage, read_write> state2: array<f32>;
+@group(0) @binding(32) var<storage, read> tensors: array<Tensor>;
+@group(0) @binding(33) var<storage, read> grad: array<f32>;
+@group(0) @binding(34) var<storage, read_write> param: array<f32>;
+@group(0) @binding(35) var<storage, read_write> state0: array<f32>;
+@group(0) @binding(36) var<storage, read_write> state1: array<f32>;
+@group(0) @binding(37) var<storage, read_write> state2: array<f32>;

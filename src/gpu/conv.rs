@@ -152,7 +152,7 @@ impl GpuOps {
             .buf("indices", &batch.indices.view)
             .buf("shifts", &batch.shifts.view)
             .buf("lut", &self.lut.view)
-            .buf("param", &conv1.weight.whole())
+            .buf("weights", &conv1.weight.whole())
             .buf("acts", &gather.input.whole())
             .buf("acts_u32", &gather.labels.whole())
             .trunk_offsets(TrunkOffsets {
@@ -191,10 +191,10 @@ impl GpuOps {
         ensure_packed("gradients", &[&*conv1.dweight, &*conv1.dbias, &*conv2.dweight, &*conv2.dbias])?;
         let d = self
             .kernel("trunk_backward")?
-            .buf("param", &conv1.weight.whole())
+            .buf("weights", &conv1.weight.whole())
             .buf("acts", &dpooled.whole())
             .buf("acts_u32", &conv1.argmax.whole())
-            .buf("grad", &conv1.dweight.whole())
+            .buf("grads", &conv1.dweight.whole())
             .trunk_offsets(TrunkOffsets {
                 input: conv1.input.first(),
                 conv1: conv1.conv.first(),

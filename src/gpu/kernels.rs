@@ -561,6 +561,9 @@ mod tests {
             ("linear_backward_v3", "dinput"),
             ("linear_xent_v3", "out"),
             ("softmax_xent", "dlogits"),
+            ("trunk_forward", "acts"),
+            ("head_step", "acts"),
+            ("trunk_backward", "acts"),
         ];
         for (kernel, buffer) in expected {
             assert_eq!(first_written[kernel], buffer, "{kernel}");

@@ -129,9 +129,9 @@ impl GpuOps {
         let at = |b: &GpuBuf<f32>| b.first();
         let d = self
             .kernel("head_step")?
-            .buf("param", &l1.weight.whole())
+            .buf("weights", &l1.weight.whole())
             .buf("acts", &acts_whole)
-            .buf("grad", &l1.dweight.whole())
+            .buf("grads", &l1.dweight.whole())
             .buf("labels", &a.labels.whole())
             .buf("losses", &a.losses.whole())
             .buf("correct", &a.correct.whole())
