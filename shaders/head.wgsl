@@ -6,9 +6,9 @@
 // a time (a round): the four images' activations stay in workgroup memory from one layer to the
 // next, and each thread keeps one output of all four in a vec4, so a weight read from memory
 // serves four images. What the backward pass and the tests need is also written out: each
-// layer's output and output gradient, and the input gradient. After its last round the
-// workgroup sums its own images' outer products (dout x input, in image order) into its
-// partials of the weight gradients, reading back what it wrote (storageBarrier orders that).
+// layer's output and output gradient, and the input gradient. At the end of each round the
+// workgroup adds the round's outer products (dout x input over its four images, from workgroup
+// memory) to its partials of the weight gradients.
 //
 // The tensors come packed, so that the kernel binds six storage buffers (WebGPU's default limit
 // is eight): the parameters in `weights`, the activations in `acts`, the gradients in `grads`
@@ -151,38 +151,28 @@ fn xent(b: u32, r: u32) {
     }
 }
 
-// One layer's weight-gradient partial over the group's images [first, end): for each element
-// of dweight [n_out, n_in] then dbias [n_out] owned by this thread, the sum over the images in
-// order of dout[b, o] * input[b, k] (of dout[b, o] for the bias).
-fn weight_partials(
-    lid: u32,
-    part: u32,
-    first: u32,
-    end: u32,
-    n_in: u32,
-    n_out: u32,
-    dout_at: u32,
-    input_at: u32,
-    dw_at: u32,
-    db_at: u32,
-) {
+// One layer's weight-gradient partial, this round's share, from workgroup memory: for each
+// element of dweight [n_out, n_in] then dbias [n_out] that this thread owns, the round's images'
+// dout[o] . input[k] (their dout[o] summed, for the bias), the lanes of images past the group's
+// end masked out. The group's first round stores it, each later one adds to it (in round
+// order), and a workgroup without images stores zeros (`round`: 0, 1, or 2 for none).
+fn round_partials(lid: u32, part: u32, round: u32, valid: vec4<f32>, n_in: u32, n_out: u32, d_at: u32, in_at: u32, dw_at: u32, db_at: u32) {
     let weights = n_out * n_in;
     for (var e = lid; e < weights + n_out; e += WG) {
-        var acc = 0.0;
+        var at = db_at + part * n_out + e - weights;
+        var v = 0.0;
         if e < weights {
-            let o = e / n_in;
-            let k = e % n_in;
-            for (var b = first; b < end; b++) {
-                acc += acts[dout_at + b * n_out + o] * acts[input_at + b * n_in + k];
+            at = dw_at + part * weights + e;
+            if round < 2u {
+                v = dot(wg[d_at + e / n_in] * valid, wg[in_at + e % n_in]);
             }
-            grads[dw_at + part * weights + e] = acc;
-        } else {
-            let o = e - weights;
-            for (var b = first; b < end; b++) {
-                acc += acts[dout_at + b * n_out + o];
-            }
-            grads[db_at + part * n_out + o] = acc;
+        } else if round < 2u {
+            v = dot(wg[d_at + e - weights], valid);
         }
+        if round == 1u {
+            v += grads[at];
+        }
+        grads[at] = v;
     }
 }
 
@@ -243,12 +233,20 @@ fn head_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         for (var k = lid; k < f0; k += WG) {
             store4(params.dinput_at, f0, k, b0, end, dense_t(k, D1, f1, f0, params.w1_at));
         }
+        workgroupBarrier();
+        // This round's share of the weight gradients (what it leaves in workgroup memory).
+        let valid = select(vec4<f32>(0.0), vec4<f32>(1.0), b0 + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(end));
+        let round = select(1u, 0u, b0 == first);
+        round_partials(lid, part, round, valid, f0, f1, D1, X, params.dw1_at, params.db1_at);
+        round_partials(lid, part, round, valid, f1, f2, D2, H1, params.dw2_at, params.db2_at);
+        round_partials(lid, part, round, valid, f2, f3, Z, H2, params.dw3_at, params.db3_at);
         // The next round overwrites the workgroup's activations.
         workgroupBarrier();
     }
-    // This workgroup's partials, from what it wrote above.
-    storageBarrier();
-    weight_partials(lid, part, first, end, f0, f1, params.dout1_at, params.input_at, params.dw1_at, params.db1_at);
-    weight_partials(lid, part, first, end, f1, f2, params.dout2_at, params.out1_at, params.dw2_at, params.db2_at);
-    weight_partials(lid, part, first, end, f2, f3, params.dout3_at, params.out2_at, params.dw3_at, params.db3_at);
+    if first == end {
+        let none = vec4<f32>(0.0);
+        round_partials(lid, part, 2u, none, f0, f1, D1, X, params.dw1_at, params.db1_at);
+        round_partials(lid, part, 2u, none, f1, f2, D2, H1, params.dw2_at, params.db2_at);
+        round_partials(lid, part, 2u, none, f2, f3, Z, H2, params.dw3_at, params.db3_at);
+    }
 }
