@@ -768,6 +768,8 @@ const HORIZONTAL_KC: usize = 1024;
 /// of a vector of W (16 on AVX-512, 8 on AVX2) accumulates the pixels at l modulo W with FMAs,
 /// from zero, in order; the lanes are then summed in a fixed tree ([`reduce_lanes`]) and the
 /// pass's sum added to the destination (or stored, for the first pass when not accumulating).
+/// That order is the `gemm` crate's (0.19) choice for this shape: if an upgrade changes it,
+/// `direct_conv1_weight_is_the_gemm_path_bit_for_bit` fails and says so.
 ///
 /// Why: im2col wrote 25 copies of every image (78 KB) for this product. Here the input under a
 /// tap (ky, kx) at a run of pixels is one contiguous load from a copy of the image shifted by kx
