@@ -3,12 +3,13 @@
 //! implementation the CPU backend trains with (tests/ops.rs checks it against the reference).
 //!
 //! How: convolutions as im2col + GEMM over blocks of 8 images (the `gemm` crate's AVX-512 or
-//! AVX2 microkernels, as [`super::isa`] selects: `LENET_CPU_ISA`), except conv1's forward, a
-//! direct FMA kernel in the GEMM's order (the same bits); im2col rows copied as fixed-size
-//! arrays, the padding written in place, with a
+//! AVX2 microkernels, as [`super::isa`] selects: `LENET_CPU_ISA`), except conv1's forward and
+//! its weight gradient, direct FMA kernels in the GEMM's order (the same bits); im2col rows
+//! copied as fixed-size arrays, the padding written in place, with a
 //! patch-contiguous (transposed) im2col for the weight gradient when it pays; linear layers as
 //! GEMMs over row blocks; max-pool with selects instead of branches; ReLU fused into the layer
-//! before it (and into the pool's backward); rayon over the batch.
+//! before it (and into the pool's backward); the optimizer's element update as one vectorised
+//! pass; rayon over the batch.
 //!
 //! Determinism: every output element is computed by one task with a reduction order that
 //! depends only on the shapes, never on the thread count or on scheduling. Work is split into
@@ -161,6 +162,25 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
     for (d, &s) in d.iter_mut().zip(s) {
         *d = s;
     }
+}
+
+/// [`sum_fixed`] of the concatenation of `parts`, each a whole number of 16 values (so that the
+/// accumulators see the same values in the same order), without copying them together.
+fn sum_fixed_images<'a>(parts: impl Iterator<Item = &'a [f32]>) -> f32 {
+    let mut acc = [0f32; 16];
+    for part in parts {
+        assert!(part.len().is_multiple_of(16), "sum_fixed_images: a part of {} values", part.len());
+        for c in part.chunks_exact(16) {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += v;
+            }
+        }
+    }
+    let mut total = std::iter::empty::<f32>().sum::<f32>();
+    for a in acc {
+        total += a;
+    }
+    total
 }
 
 /// Sum with 16 independent accumulators, combined in a fixed order: vectorisable (a plain f32
@@ -464,7 +484,7 @@ fn conv_relu_pool_forward(inp: &[f32], l: ConvLayer<Fast>) -> Result<()> {
                 out.chunks(out_len).zip(pooled.chunks_mut(out_len / 4)).zip(argmax.chunks_mut(out_len / 4));
             for (j, ((out, pooled), argmax)) in images.enumerate() {
                 let base = (blk * CONV_BLOCK + j) * out_len;
-                maxpool_image(pooled, argmax, out, base, wo);
+                maxpool_image_isa(pooled, argmax, out, base, wo, isa);
             }
         });
     Ok(())
@@ -689,7 +709,7 @@ fn conv2d_backward_weight(dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], 
     assert_eq!(dbias.len(), s.out_channels);
     assert_eq!(dout.len(), s.output_len());
     assert_eq!(inp.len(), s.input_len());
-    let ConvDims { hw, ckk, in_len, out_len } = conv_dims(&s);
+    let ConvDims { hw, in_len, out_len, .. } = conv_dims(&s);
     let (wlen, cout) = (dweight.len(), s.out_channels);
     if s.batch == 0 || hw == 0 || in_len == 0 || cout == 0 {
         dweight.fill(0.0);
@@ -710,27 +730,18 @@ fn conv2d_backward_weight(dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], 
                 for (i, (dout, inp)) in dout.chunks(sub * out_len).zip(inp.chunks(sub * in_len)).enumerate() {
                     let nb = dout.len() / out_len;
                     let ld = nb * hw;
+                    if direct_conv1_weight(pw, i > 0, dout, inp, &s, super::isa::selected()) {
+                        // The bias: each channel's sum over the block's images as sum_fixed
+                        // folds the gathered row (images of 784 = 49 x 16 values leave no
+                        // remainder, so image by image is the same order).
+                        for (co, b) in pb.iter_mut().enumerate() {
+                            *b += sum_fixed_images(dout.chunks(out_len).map(|img| &img[co * hw..][..hw]));
+                        }
+                        continue;
+                    }
                     with_buffer(&GATHER, cout * ld, |d| {
                         gather_channels(d, dout, cout, hw);
-                        with_buffer(&COL, ckk * ld, |col| {
-                            // dweight[cout, ckk] += dout[cout, nb*hw] · colᵀ[nb*hw, ckk]. The
-                            // GEMM reads colᵀ best with each patch contiguous, but for one input
-                            // channel the patches are so short (K floats) that building them costs
-                            // more than it saves: then build col as the forward pass does.
-                            let ct = if s.in_channels > 1 {
-                                for j in 0..nb {
-                                    im2col_t(&mut col[j * hw * ckk..], &inp[j * in_len..], &s);
-                                }
-                                View { data: col, rs: ckk, cs: 1 }
-                            } else {
-                                for j in 0..nb {
-                                    im2col(&mut col[j * hw..], ld, &inp[j * in_len..], &s);
-                                }
-                                View { data: col, rs: 1, cs: ld }
-                            };
-                            let dv = View { data: d, rs: ld, cs: 1 };
-                            matmul(pw, ckk, i > 0, dv, ct, cout, ckk, ld);
-                        });
+                        weight_block_gemm(pw, i > 0, d, inp, &s);
                         for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
                             *b += sum_fixed(row);
                         }
@@ -738,6 +749,243 @@ fn conv2d_backward_weight(dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], 
                 }
             });
         sum_partials(dweight, dbias, partials, wlen);
+    });
+}
+
+/// Positions of the reduction per pass of the `gemm` crate's "horizontal" kernels, which it uses
+/// for small products whose operands are contiguous along the reduction (conv1's weight
+/// gradient: 6 x 25 outputs, a reduction over the block's pixels): each pass is summed from zero
+/// and then added to the destination.
+const HORIZONTAL_KC: usize = 1024;
+
+/// conv1's weight gradient for one block of images without im2col: `dweight[co, tap]` (+)= the
+/// sum over the block's pixels of dout[co, pixel] times the input under that tap, in the order
+/// the im2col + GEMM path sums it, so the same bits (a unit test compares them on each
+/// instruction set). False (nothing done) for another shape or the generic instruction set.
+///
+/// The GEMM's order (the `gemm` crate's horizontal kernels, see [`HORIZONTAL_KC`]): the
+/// reduction runs over the block's pixels (image by image) in passes of 1024; in a pass, lane l
+/// of a vector of W (16 on AVX-512, 8 on AVX2) accumulates the pixels at l modulo W with FMAs,
+/// from zero, in order; the lanes are then summed in a fixed tree ([`reduce_lanes`]) and the
+/// pass's sum added to the destination (or stored, for the first pass when not accumulating).
+/// That order is the `gemm` crate's (0.19) choice for this shape: if an upgrade changes it,
+/// `direct_conv1_weight_is_the_gemm_path_bit_for_bit` fails and says so.
+///
+/// Why: im2col wrote 25 copies of every image (78 KB) for this product. Here the input under a
+/// tap (ky, kx) at a run of pixels is one contiguous load from a copy of the image shifted by kx
+/// and bordered by 2 zero rows (5 copies, not 25).
+fn direct_conv1_weight(
+    dweight: &mut [f32],
+    accumulate: bool,
+    dout: &[f32],
+    inp: &[f32],
+    s: &ConvShape,
+    isa: super::isa::Isa,
+) -> bool {
+    let fits = s.in_channels == 1
+        && s.kernel == 5
+        && s.padding == 2
+        && s.height == DIRECT_SIDE
+        && s.width == DIRECT_SIDE;
+    if !fits {
+        return false;
+    }
+    let cout = s.out_channels;
+    const HW: usize = DIRECT_SIDE * DIRECT_SIDE;
+    let nb = inp.len() / HW;
+    assert!(inp.len() == nb * HW && dout.len() == nb * cout * HW && dweight.len() == cout * 25);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::isa::Isa;
+        with_buffer(&PAD, nb * SHIFTED_LEN, |shifted| {
+            for (img, dst) in inp.chunks_exact(HW).zip(shifted.chunks_exact_mut(SHIFTED_LEN)) {
+                shifted_copies(dst, img);
+            }
+            // SAFETY: the instruction set was checked against the CPU when it was selected.
+            match isa {
+                Isa::Avx512 => unsafe { conv1_weight_avx512(dweight, accumulate, dout, shifted, cout) },
+                Isa::Avx2 => unsafe { conv1_weight_avx2(dweight, accumulate, dout, shifted, cout) },
+                Isa::Generic => return false,
+            }
+            true
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dweight, accumulate, dout, isa);
+        false
+    }
+}
+
+/// Rows of one shifted copy: the image's 28 and 2 zero rows above and below.
+const SHIFTED_ROWS: usize = DIRECT_SIDE + 4;
+/// One image's 5 shifted copies.
+const SHIFTED_LEN: usize = 5 * SHIFTED_ROWS * DIRECT_SIDE;
+
+/// copy kx (0..5) of `img`: copy[(y + 2) * 28 + x] = img[y][x + kx - 2], zero outside the image;
+/// so the input under tap (ky, kx) at output pixel p = y * 28 + x is copy kx at p + ky * 28.
+fn shifted_copies(dst: &mut [f32], img: &[f32]) {
+    const S: usize = DIRECT_SIDE;
+    dst.fill(0.0);
+    for (kx, copy) in dst.chunks_exact_mut(SHIFTED_ROWS * S).enumerate() {
+        for (y, src) in img.chunks_exact(S).enumerate() {
+            let row = &mut copy[(y + 2) * S..][..S];
+            // x + kx - 2 inside 0..28 for x in lo..hi.
+            let (lo, hi) = (2usize.saturating_sub(kx), (S + 2 - kx).min(S));
+            row[lo..hi].copy_from_slice(&src[lo + kx - 2..hi + kx - 2]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn conv1_weight_avx512(
+    dweight: &mut [f32],
+    accumulate: bool,
+    dout: &[f32],
+    shifted: &[f32],
+    cout: usize,
+) {
+    // 3 channels x 5 taps: 15 accumulators of 16 lanes, with 3 + 5 loads, in 32 registers.
+    conv1_weight::<16, 3>(dweight, accumulate, dout, shifted, cout);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn conv1_weight_avx2(
+    dweight: &mut [f32],
+    accumulate: bool,
+    dout: &[f32],
+    shifted: &[f32],
+    cout: usize,
+) {
+    // 2 channels x 5 taps: 10 accumulators of 8 lanes, in 16 registers.
+    conv1_weight::<8, 2>(dweight, accumulate, dout, shifted, cout);
+}
+
+/// The body of [`direct_conv1_weight`] for W lanes, channels in groups of G (a tap row's 5 taps
+/// at once, so each load of dout serves 5 FMAs and each shifted load G).
+#[inline(always)]
+fn conv1_weight<const W: usize, const G: usize>(
+    dweight: &mut [f32],
+    accumulate: bool,
+    dout: &[f32],
+    shifted: &[f32],
+    cout: usize,
+) {
+    const HW: usize = DIRECT_SIDE * DIRECT_SIDE;
+    const { assert!(HW.is_multiple_of(W) && HORIZONTAL_KC.is_multiple_of(W)) };
+    let total = shifted.len() / SHIFTED_LEN * HW;
+    let mut first = !accumulate;
+    for start in (0..total).step_by(HORIZONTAL_KC) {
+        let end = (start + HORIZONTAL_KC).min(total);
+        let mut co = 0;
+        while co < cout {
+            let g = if cout - co >= G { G } else { 1 };
+            for ky in 0..5 {
+                let mut sums = [[0f32; 5]; G];
+                if g == G {
+                    conv1_weight_pass::<W, G>(&mut sums, dout, shifted, cout, co, ky, start, end);
+                } else {
+                    let one: &mut [[f32; 5]; 1] = (&mut sums[..1]).try_into().unwrap();
+                    conv1_weight_pass::<W, 1>(one, dout, shifted, cout, co, ky, start, end);
+                }
+                for (c, sums) in sums.iter().enumerate().take(g) {
+                    let dst = &mut dweight[(co + c) * 25 + ky * 5..][..5];
+                    for (d, &v) in dst.iter_mut().zip(sums) {
+                        *d = if first { v } else { v + *d };
+                    }
+                }
+            }
+            co += g;
+        }
+        first = false;
+    }
+}
+
+/// One pass (pixels start..end of the block) for channels co..co + G and tap row ky: the lane
+/// sums, reduced.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn conv1_weight_pass<const W: usize, const G: usize>(
+    sums: &mut [[f32; 5]; G],
+    dout: &[f32],
+    shifted: &[f32],
+    cout: usize,
+    co: usize,
+    ky: usize,
+    start: usize,
+    end: usize,
+) {
+    const HW: usize = DIRECT_SIDE * DIRECT_SIDE;
+    let copy_len = SHIFTED_ROWS * DIRECT_SIDE;
+    let mut acc = [[[0f32; W]; 5]; G];
+    let mut k = start;
+    while k < end {
+        // The run of pixels of one image inside this pass.
+        let (j, p0) = (k / HW, k % HW);
+        let p1 = (p0 + end - k).min(HW);
+        let img = &shifted[j * SHIFTED_LEN..][..SHIFTED_LEN];
+        for p in (p0..p1).step_by(W) {
+            let d: [&[f32; W]; G] =
+                std::array::from_fn(|c| dout[(j * cout + co + c) * HW + p..][..W].try_into().unwrap());
+            for kx in 0..5 {
+                let x: &[f32; W] = img[kx * copy_len + ky * DIRECT_SIDE + p..][..W].try_into().unwrap();
+                for (acc, d) in acc.iter_mut().zip(&d) {
+                    for ((a, &x), &d) in acc[kx].iter_mut().zip(x).zip(*d) {
+                        *a = x.mul_add(d, *a);
+                    }
+                }
+            }
+        }
+        k += p1 - p0;
+    }
+    for (sums, acc) in sums.iter_mut().zip(&acc) {
+        for (s, lanes) in sums.iter_mut().zip(acc) {
+            *s = reduce_lanes(lanes);
+        }
+    }
+}
+
+/// The `gemm` crate's horizontal sum of one vector's lanes (its `reduce_sum`): the upper half
+/// added to the lower while more than 4 lanes remain, then (a0 + a2) + (a1 + a3).
+#[inline(always)]
+fn reduce_lanes<const W: usize>(lanes: &[f32; W]) -> f32 {
+    let mut v = *lanes;
+    let mut n = W;
+    while n > 4 {
+        n /= 2;
+        for i in 0..n {
+            v[i] += v[i + n];
+        }
+    }
+    (v[0] + v[2]) + (v[1] + v[3])
+}
+
+/// A block's weight gradient by im2col + GEMM: dweight[cout, ckk] (+)= d[cout, nb*hw] ·
+/// colᵀ[nb*hw, ckk], where `d` is the block's output gradient gathered by channel and `inp` its
+/// nb input images.
+fn weight_block_gemm(dweight: &mut [f32], accumulate: bool, d: &[f32], inp: &[f32], s: &ConvShape) {
+    let ConvDims { hw, ckk, in_len, .. } = conv_dims(s);
+    let nb = inp.len() / in_len;
+    let ld = nb * hw;
+    with_buffer(&COL, ckk * ld, |col| {
+        // The GEMM reads colᵀ best with each patch contiguous, but for one input channel the
+        // patches are so short (K floats) that building them costs more than it saves: then
+        // build col as the forward pass does.
+        let ct = if s.in_channels > 1 {
+            for j in 0..nb {
+                im2col_t(&mut col[j * hw * ckk..], &inp[j * in_len..], s);
+            }
+            View { data: col, rs: ckk, cs: 1 }
+        } else {
+            for j in 0..nb {
+                im2col(&mut col[j * hw..], ld, &inp[j * in_len..], s);
+            }
+            View { data: col, rs: 1, cs: ld }
+        };
+        let dv = View { data: d, rs: ld, cs: 1 };
+        matmul(dweight, ckk, accumulate, dv, ct, s.out_channels, ckk, ld);
     });
 }
 
@@ -771,32 +1019,76 @@ fn pad_planes(padded: &mut [f32], inp: &[f32], channels: usize, h: usize, w: usi
     }
 }
 
+/// [`maxpool_image`] compiled for the instruction set, so that its compares and selects
+/// vectorise (16 or 8 outputs at once instead of SSE2's 4); LeNet's widths (28, 10) as constants.
+/// The same selects, so the same values and indices.
+fn maxpool_image_isa(
+    out: &mut [f32],
+    argmax: &mut [u32],
+    inp: &[f32],
+    base: usize,
+    width: usize,
+    isa: super::isa::Isa,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::isa::Isa;
+        #[target_feature(enable = "avx512f,avx2")]
+        fn avx512(out: &mut [f32], argmax: &mut [u32], inp: &[f32], base: usize, width: usize) {
+            maxpool_widths(out, argmax, inp, base, width);
+        }
+        #[target_feature(enable = "avx2")]
+        fn avx2(out: &mut [f32], argmax: &mut [u32], inp: &[f32], base: usize, width: usize) {
+            maxpool_widths(out, argmax, inp, base, width);
+        }
+        // SAFETY: the instruction set was checked against the CPU when it was selected.
+        match isa {
+            Isa::Avx512 => return unsafe { avx512(out, argmax, inp, base, width) },
+            Isa::Avx2 => return unsafe { avx2(out, argmax, inp, base, width) },
+            Isa::Generic => {}
+        }
+    }
+    let _ = isa;
+    maxpool_widths(out, argmax, inp, base, width);
+}
+
+#[inline(always)]
+fn maxpool_widths(out: &mut [f32], argmax: &mut [u32], inp: &[f32], base: usize, width: usize) {
+    match width {
+        28 => maxpool_image(out, argmax, inp, base, 28),
+        10 => maxpool_image(out, argmax, inp, base, 10),
+        _ => maxpool_image(out, argmax, inp, base, width),
+    }
+}
+
 /// Max-pools one image (all its channels) of width `width`; `base` is the image's offset in the
 /// batch, added to the argmax indices.
+#[inline(always)]
 fn maxpool_image(out: &mut [f32], argmax: &mut [u32], inp: &[f32], base: usize, width: usize) {
     let wo = width / 2;
     for (row, (out, argmax)) in out.chunks_exact_mut(wo).zip(argmax.chunks_exact_mut(wo)).enumerate() {
         // Output row `row` of plane p = row / ho reads input rows 2*row and 2*row + 1 of
         // the image seen as one tall plane (H is even, so planes do not mix).
         let top_at = 2 * row * width;
-        let top = &inp[top_at..][..width];
-        let bottom = &inp[top_at + width..][..width];
-        let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
-        for (x, ((t, u), (o, a))) in pairs.zip(out.iter_mut().zip(argmax.iter_mut())).enumerate() {
+        let top = &inp[top_at..][..2 * wo];
+        let bottom = &inp[top_at + width..][..2 * wo];
+        let first = (base + top_at) as u32;
+        for x in 0..wo {
             // The first maximum in row-major order, with selects instead of branches
             // (random data makes the branches unpredictable).
-            let (mut m, mut off) = (t[0], 0);
-            if t[1] > m {
-                (m, off) = (t[1], 1);
+            let (t0, t1, u0, u1) = (top[2 * x], top[2 * x + 1], bottom[2 * x], bottom[2 * x + 1]);
+            let (mut m, mut off) = (t0, 0u32);
+            if t1 > m {
+                (m, off) = (t1, 1);
             }
-            if u[0] > m {
-                (m, off) = (u[0], width);
+            if u0 > m {
+                (m, off) = (u0, width as u32);
             }
-            if u[1] > m {
-                (m, off) = (u[1], width + 1);
+            if u1 > m {
+                (m, off) = (u1, width as u32 + 1);
             }
-            *o = m;
-            *a = (base + top_at + 2 * x + off) as u32;
+            out[x] = m;
+            argmax[x] = first.wrapping_add(2 * x as u32 + off);
         }
     }
 }
@@ -987,6 +1279,123 @@ fn update_blocks<'a>(
 /// Elements per task of the optimizer updates.
 const UPDATE_BLOCK: usize = 8192;
 
+/// One block of an optimizer step whose gradient is one tensor (no partials to sum, as the fast
+/// path's backward ops leave it), as one vectorised pass compiled for the instruction set:
+/// `step`'s [`optim::Rule::element`] on every element, the reference's operations in its order
+/// (elementwise, no fused multiply-adds: the same bits as [`optim::update_span`]). False (nothing
+/// done) for an optimizer not listed here or on the generic instruction set: the caller then
+/// takes [`optim::update_span`] (the same bits, scalar), so a new optimizer works before it is
+/// listed.
+///
+/// Why: [`optim::update_span`] sums each element's partials in a loop of unknown length and
+/// reaches the element function through a pointer, so the compiler keeps it scalar and SSE2:
+/// Adam's update of LeNet's 61,706 parameters cost 150-600 us, several times a streamed pass.
+fn streamed_update(
+    step: &optim::OptStep,
+    isa: super::isa::Isa,
+    param: &mut [f32],
+    grad: &[f32],
+    states: &mut [&mut [f32]],
+) -> bool {
+    use optim::{Adam, AdamW, RmsProp, Rule, Sgd};
+    let k = &step.scalars;
+    let lens = grad.len() == param.len() && states.iter().all(|s| s.len() == param.len());
+    assert!(lens, "streamed_update: the slices do not match");
+    if states.len() != step.moments() {
+        return false;
+    }
+    match step.optimizer {
+        Adam::NAME => span_for_isa::<Adam>(isa, k, param, grad, states),
+        AdamW::NAME => span_for_isa::<AdamW>(isa, k, param, grad, states),
+        Sgd::NAME => span_for_isa::<Sgd>(isa, k, param, grad, states),
+        RmsProp::NAME => span_for_isa::<RmsProp>(isa, k, param, grad, states),
+        _ => false,
+    }
+}
+
+fn span_for_isa<R: optim::Rule>(
+    isa: super::isa::Isa,
+    k: &optim::Scalars,
+    param: &mut [f32],
+    grad: &[f32],
+    states: &mut [&mut [f32]],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::isa::Isa;
+        // SAFETY: the instruction set was checked against the CPU when it was selected.
+        match isa {
+            Isa::Avx512 => unsafe { span_avx512::<R>(k, param, grad, states) },
+            Isa::Avx2 => unsafe { span_avx2::<R>(k, param, grad, states) },
+            Isa::Generic => return false,
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, k, param, grad, states);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn span_avx512<R: optim::Rule>(
+    k: &optim::Scalars,
+    param: &mut [f32],
+    grad: &[f32],
+    states: &mut [&mut [f32]],
+) {
+    span_body::<R>(k, param, grad, states);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn span_avx2<R: optim::Rule>(
+    k: &optim::Scalars,
+    param: &mut [f32],
+    grad: &[f32],
+    states: &mut [&mut [f32]],
+) {
+    span_body::<R>(k, param, grad, states);
+}
+
+/// The element loop, one per state count, every slice zipped (no bounds checks, so it
+/// vectorises once the element function is inlined).
+#[inline(always)]
+fn span_body<R: optim::Rule>(k: &optim::Scalars, param: &mut [f32], grad: &[f32], states: &mut [&mut [f32]]) {
+    match states {
+        [] => {
+            for (p, &g) in param.iter_mut().zip(grad) {
+                R::element(k, p, g, &mut [0.0; optim::MAX_STATES]);
+            }
+        }
+        [a] => {
+            for ((p, &g), a) in param.iter_mut().zip(grad).zip(a.iter_mut()) {
+                let mut s = [*a, 0.0, 0.0];
+                R::element(k, p, g, &mut s);
+                *a = s[0];
+            }
+        }
+        [a, b] => {
+            for (((p, &g), a), b) in param.iter_mut().zip(grad).zip(a.iter_mut()).zip(b.iter_mut()) {
+                let mut s = [*a, *b, 0.0];
+                R::element(k, p, g, &mut s);
+                (*a, *b) = (s[0], s[1]);
+            }
+        }
+        [a, b, c] => {
+            let states = a.iter_mut().zip(b.iter_mut()).zip(c.iter_mut());
+            for ((p, &g), ((a, b), c)) in param.iter_mut().zip(grad).zip(states) {
+                let mut s = [*a, *b, *c];
+                R::element(k, p, g, &mut s);
+                (*a, *b, *c) = (s[0], s[1], s[2]);
+            }
+        }
+        _ => unreachable!("at most {} states", optim::MAX_STATES),
+    }
+}
+
 /// The fast CPU path as an [`Ops`] implementation: im2col + GEMM convolutions, the layers'
 /// ReLU and max-pool fused in, threads over the batch (see the module docs).
 #[derive(Debug, Default)]
@@ -1056,7 +1465,14 @@ impl Ops for Fast {
 
     fn update(&mut self, a: Update<Self>) -> Result<()> {
         let step = a.step;
+        let isa = super::isa::selected();
         update_blocks(a.params, a.grads, a.moments)?.into_par_iter().for_each(|mut b| {
+            if b.grad.len() == b.n {
+                let grad = &b.grad[b.first..][..b.param.len()];
+                if streamed_update(step, isa, b.param, grad, &mut b.moments) {
+                    return;
+                }
+            }
             optim::update_span(step, b.param, b.grad, b.n, b.first, &mut b.moments);
         });
         Ok(())
@@ -1138,6 +1554,159 @@ mod tests {
             let mut got = vec![0.0; s.output_len()];
             with_isa(isa, || conv_forward_block(&mut got, inp, weight, &bias, &s, true));
             assert_ne!(got, want);
+        }
+    }
+
+    /// conv1's weight gradient for a block of images (the GEMM path: gathered by channel, im2col,
+    /// GEMM), on this thread's instruction set.
+    fn conv1_weight_by_gemm(dweight: &mut [f32], accumulate: bool, dout: &[f32], inp: &[f32], s: &ConvShape) {
+        let hw = 28 * 28;
+        let mut d = vec![0.0; dout.len()];
+        gather_channels(&mut d, dout, s.out_channels, hw);
+        weight_block_gemm(dweight, accumulate, &d, inp, s);
+    }
+
+    /// The direct conv1 weight gradient gives the im2col + GEMM path's bits on each instruction
+    /// set: a whole block (several passes of 1024 pixels, one ending inside an image), a partial
+    /// block and one image, storing and accumulating.
+    #[test]
+    fn direct_conv1_weight_is_the_gemm_path_bit_for_bit() {
+        for isa in isas() {
+            for batch in [CONV_BLOCK, 5, 1] {
+                let s = conv1(batch);
+                let (inp, dout) = (values(s.input_len(), 21), params(s.output_len(), 22));
+                for accumulate in [false, true] {
+                    let before = params(s.weight_len(), 23);
+                    let mut direct = before.clone();
+                    assert!(direct_conv1_weight(&mut direct, accumulate, &dout, &inp, &s, isa));
+                    let mut gemm = before.clone();
+                    with_isa(isa, || conv1_weight_by_gemm(&mut gemm, accumulate, &dout, &inp, &s));
+                    let same = direct.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa:?} batch {batch} accumulate {accumulate}");
+                }
+            }
+        }
+    }
+
+    /// Planted faults the bit comparison above must see: the input read one column off, one
+    /// output gradient 1% off, and the reduction summed in one pass instead of passes of 1024
+    /// (the order alone: the GEMM over each image separately, then added).
+    #[test]
+    fn direct_conv1_weight_comparison_catches_planted_faults() {
+        let Some(&isa) = isas().first() else { return };
+        let s = conv1(CONV_BLOCK);
+        let (inp, dout) = (values(s.input_len(), 24), params(s.output_len(), 25));
+        let mut want = vec![0.0; s.weight_len()];
+        assert!(direct_conv1_weight(&mut want, false, &dout, &inp, &s, isa));
+        let shifted: Vec<f32> = (0..inp.len()).map(|i| if i % 28 == 27 { 0.0 } else { inp[i + 1] }).collect();
+        let mut scaled = dout.clone();
+        scaled[1000] *= 1.01;
+        for (inp, dout) in [(&shifted, &dout), (&inp, &scaled)] {
+            let mut got = vec![0.0; s.weight_len()];
+            with_isa(isa, || conv1_weight_by_gemm(&mut got, false, dout, inp, &s));
+            assert_ne!(got, want);
+        }
+        let mut per_image = vec![0.0; s.weight_len()];
+        let one = conv1(1);
+        for (j, (inp, dout)) in inp.chunks(one.input_len()).zip(dout.chunks(one.output_len())).enumerate() {
+            with_isa(isa, || conv1_weight_by_gemm(&mut per_image, j > 0, dout, inp, &one));
+        }
+        assert_ne!(per_image, want);
+    }
+
+    /// The max-pool compiled per instruction set gives the scalar loop's maxima and indices (the
+    /// first maximum in row-major order on ties: ReLU outputs have many zeros), for LeNet's two
+    /// widths and another; a planted fault (one index off by one) is seen.
+    #[test]
+    fn maxpool_per_isa_is_the_scalar_loop() {
+        for isa in isas() {
+            for (width, channels) in [(28, 6), (10, 16), (6, 2)] {
+                let len = channels * width * width;
+                // Rounded to a coarse grid and clamped at zero: many ties.
+                let inp: Vec<f32> = values(len, 41).iter().map(|v| (v * 4.0).round().max(0.0)).collect();
+                let base = 3 * len;
+                let (mut want, mut want_at) = (vec![0.0; len / 4], vec![0u32; len / 4]);
+                maxpool_image(&mut want, &mut want_at, &inp, base, width);
+                let (mut got, mut got_at) = (vec![f32::NAN; len / 4], vec![0u32; len / 4]);
+                maxpool_image_isa(&mut got, &mut got_at, &inp, base, width, isa);
+                assert!(got == want && got_at == want_at, "{isa:?} width {width}");
+                got_at[5] += 1;
+                assert_ne!(got_at, want_at);
+            }
+        }
+    }
+
+    /// Every optimizer's settings the update branches on: each one's defaults, SGD with
+    /// momentum, Nesterov and weight decay, RMSprop centered with momentum and weight decay.
+    fn optimizer_kinds() -> Vec<optim::OptimizerKind> {
+        let mut kinds: Vec<optim::OptimizerKind> = optim::RULES.iter().map(|d| d.default_kind()).collect();
+        kinds.push(optim::Sgd { momentum: 0.9, nesterov: true, weight_decay: 5e-4 }.into());
+        kinds.push(
+            optim::RmsProp { alpha: 0.9, eps: 1e-7, weight_decay: 1e-3, momentum: 0.5, centered: true }
+                .into(),
+        );
+        kinds
+    }
+
+    /// Runs [`streamed_update`] (`true`) or [`optim::update_span`] on copies of the same
+    /// parameters, gradient and states; the parameters and states after (None when
+    /// [`streamed_update`] does not list the optimizer).
+    fn one_update(step: &optim::OptStep, isa: Isa, streamed: bool, grad: &[f32]) -> Option<Vec<Vec<f32>>> {
+        // 1,000 elements: not a whole number of 16- or 8-lane vectors, so the tails run too.
+        let n = grad.len();
+        let mut param = params(n, 11);
+        // States as a run leaves them: non-negative where the optimizer keeps squares.
+        let mut states: Vec<Vec<f32>> = (0..step.moments())
+            .map(|i| values(n, 12 + i as u32).iter().map(|v| v.abs() * 1e-2).collect())
+            .collect();
+        let mut refs: Vec<&mut [f32]> = states.iter_mut().map(|s| s.as_mut_slice()).collect();
+        if streamed {
+            if !streamed_update(step, isa, &mut param, grad, &mut refs) {
+                return None;
+            }
+        } else {
+            optim::update_span(step, &mut param, grad, n, 0, &mut refs);
+        }
+        Some(std::iter::once(param).chain(states).collect())
+    }
+
+    /// The vectorised optimizer pass gives [`optim::update_span`]'s bits for every optimizer it
+    /// lists (today's four, each with the settings its element function branches on), on each
+    /// instruction set.
+    #[test]
+    fn streamed_update_is_update_span_bit_for_bit() {
+        let grad = params(1000, 10);
+        for isa in isas() {
+            let mut streamed = Vec::new();
+            for kind in optimizer_kinds() {
+                let step = optim::Optimizer { kind, lr: 1e-2 }.step(7, 1e-2, None);
+                let want = one_update(&step, isa, false, &grad).unwrap();
+                let Some(got) = one_update(&step, isa, true, &grad) else { continue };
+                let bits =
+                    |t: &Vec<Vec<f32>>| -> Vec<u32> { t.iter().flatten().map(|v| v.to_bits()).collect() };
+                assert!(bits(&got) == bits(&want), "{isa:?} {kind:?}");
+                streamed.push(step.optimizer);
+            }
+            for name in ["adam", "sgd", "adamw", "rmsprop"] {
+                assert!(streamed.contains(&name), "{isa:?}: {name} not streamed");
+            }
+        }
+    }
+
+    /// Planted faults the comparison above must see: one element's gradient 1% off, and the
+    /// gradient read one element late.
+    #[test]
+    fn streamed_update_comparison_catches_planted_faults() {
+        let Some(&isa) = isas().first() else { return };
+        let grad = params(1000, 10);
+        let mut scaled = grad.clone();
+        scaled[999] *= 1.01;
+        let mut late = grad.clone();
+        late.rotate_left(1);
+        let step = optim::Optimizer::default().step(7, 1e-3, None);
+        let want = one_update(&step, isa, false, &grad);
+        for grad in [scaled, late] {
+            assert_ne!(one_update(&step, isa, true, &grad), want);
         }
     }
 
