@@ -104,11 +104,12 @@ pub fn test_cases() -> Vec<OpCase> {
     let head = |batch, features| OpCase::Head(HeadShape { batch, features });
     cases.extend([1, 13, 67, 256, 1100].map(|b| head(b, [400, 120, 84, 10])));
     cases.extend([head(5, [33, 20, 12, 7]), head(3, [500, 16, 8, 4])]);
-    // The fused trunk: LeNet-5's at those batches, and a smaller one (run layer by layer).
+    // The fused trunk: LeNet-5's at those batches (1100: 1,100 workgroups of one image), and a
+    // smaller one (run layer by layer).
     let trunk =
         |batch| TrunkShape { conv1: conv(batch, 1, 6, 28, 5, 2), conv2: conv(batch, 6, 16, 14, 5, 0) };
     let small = TrunkShape { conv1: conv(3, 1, 4, 12, 3, 1), conv2: conv(3, 4, 6, 6, 3, 0) };
-    for s in [1, 13, 67, 256].map(trunk).into_iter().chain([small]) {
+    for s in [1, 13, 67, 256, 1100].map(trunk).into_iter().chain([small]) {
         cases.push(OpCase::TrunkForward { s, images: s.conv1.batch + 7, max_shift: 2 });
     }
     cases.extend([1, 13, 67, 256, 1100].map(trunk).into_iter().chain([small]).map(OpCase::TrunkBackward));
