@@ -3,6 +3,9 @@
 //! H100 has measured them (`lenet train --kernels NAME`, `lenet bench --kernels NAME`, hidden
 //! options that reach the device through [`super::GpuOptions`]: nothing here is global):
 //!
+//! - `fused`, the default: the family, a step in 4 dispatches (the trunk forward and backward of
+//!   shaders/trunk.wgsl, the head of shaders/head.wgsl, the update), inside WebGPU's default
+//!   limits, bound in src/gpu/conv.rs and linear.rs;
 //! - `v1`: the naive kernels only (src/gpu/conv.rs, linear.rs, optim.rs), the GPU reference;
 //! - `mixed`: the register-blocked convolutions of shaders/conv_v2.wgsl (one dispatch per
 //!   layer and direction, the gather folded into the first, weight gradients as partials) with
@@ -10,8 +13,8 @@
 //! - `v3`: those convolutions with the fully connected kernels of shaders/linear_v3.wgsl, shaped
 //!   for a large GPU (small tiles, many workgroups, weight gradients as partials): 10 dispatches.
 //!
-//! Their bindings are in [`super::alternatives`]. An op whose shape an alternative's kernels do
-//! not take runs the naive kernels. The second generation's fully connected kernels (`v2`,
+//! The alternatives' bindings are in [`super::alternatives`]. An op whose shape a choice's kernels
+//! do not take runs the naive kernels. The second generation's fully connected kernels (`v2`,
 //! linear_v2.wgsl) and conv.wgsl's tiled convolutions are gone: on the H100 the first were 3-6x
 //! slower than the naive fully connected kernels and the second 1.1-3.7x slower than
 //! conv_v2.wgsl's (BENCHMARKS.md).
@@ -121,9 +124,11 @@ impl Variant {
     }
 
     /// The fused family, on every kind of adapter: 4 dispatches a step inside WebGPU's default
-    /// limits, against `mixed`'s 15 (which needs 32 KiB of workgroup memory). On lavapipe it is
-    /// the faster (BENCHMARKS.md); the H100 has not measured it yet (scripts/device_run.sh
-    /// times it against `mixed` and `v3`, whose rows stay until it has).
+    /// limits, against `mixed`'s 15 (which needs 32 KiB of workgroup memory, and falls back to
+    /// the naive kernels' 21 without it). It is designed for the H100's measured costs (a few
+    /// microseconds a dispatch), which has not run it yet: scripts/device_run.sh times it
+    /// against `mixed` and `v3`, whose rows stay until it has. On lavapipe it is 1.3x slower a
+    /// step than `mixed` (BENCHMARKS.md), and `--backend auto` takes the CPU path there.
     pub fn default_for(device_type: wgpu::DeviceType) -> Self {
         let _ = device_type;
         Variant::Fused
