@@ -19,34 +19,20 @@
 
 struct Params {
     batch: u32,
-    f0: u32,
-    f1: u32,
-    f2: u32,
-    f3: u32,
     group_images: u32,
     // the loss gradient's factor, 1/B from the host
     scale: f32,
     labels_at: u32,
-    input_at: u32,
-    dinput_at: u32,
-    out1_at: u32,
-    out2_at: u32,
-    out3_at: u32,
-    dout1_at: u32,
-    dout2_at: u32,
-    dout3_at: u32,
-    w1_at: u32,
-    b1_at: u32,
-    w2_at: u32,
-    b2_at: u32,
-    w3_at: u32,
-    b3_at: u32,
-    dw1_at: u32,
-    db1_at: u32,
-    dw2_at: u32,
-    db2_at: u32,
-    dw3_at: u32,
-    db3_at: u32,
+    // the feature counts: the input's, then fc1's, fc2's and fc3's outputs
+    features: vec4<u32>,
+    // where each tensor starts in its packed buffer: the activations (the input, then fc1's,
+    // fc2's and fc3's outputs), their gradients in the same order, then each layer's (fc1, fc2,
+    // fc3) weight, bias, weight gradient, bias gradient
+    acts_at: vec4<u32>,
+    dacts_at: vec4<u32>,
+    fc1_at: vec4<u32>,
+    fc2_at: vec4<u32>,
+    fc3_at: vec4<u32>,
 }
 
 // #include tensors.wgsl
@@ -127,7 +113,7 @@ fn mask4(g: vec4<f32>, h: vec4<f32>) -> vec4<f32> {
 // Softmax cross-entropy of image b (round slot r, its logits at Z): the loss, whether the
 // first largest logit is the label, and the logits' gradient (p - onehot) / B, in their place.
 fn xent(b: u32, r: u32) {
-    let classes = params.f3;
+    let classes = params.features.w;
     let label = labels[params.labels_at + b];
     var mx = wg[Z][r];
     var arg = 0u;
@@ -147,7 +133,7 @@ fn xent(b: u32, r: u32) {
         let p = exp(wg[Z + c][r] - mx) / sum;
         let g = (p - select(0.0, 1.0, c == label)) * params.scale;
         wg[Z + c][r] = g;
-        acts[params.dout3_at + b * classes + c] = g;
+        acts[params.dacts_at.w + b * classes + c] = g;
     }
 }
 
@@ -178,36 +164,36 @@ fn round_partials(lid: u32, part: u32, round: u32, valid: vec4<f32>, n_in: u32, 
 
 @compute @workgroup_size(256)
 fn head_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let f0 = params.f0;
-    let f1 = params.f1;
-    let f2 = params.f2;
-    let f3 = params.f3;
+    let f0 = params.features.x;
+    let f1 = params.features.y;
+    let f2 = params.features.z;
+    let f3 = params.features.w;
     let part = wid.x;
     let first = min(part * params.group_images, params.batch);
     let end = min(first + params.group_images, params.batch);
     for (var b0 = first; b0 < end; b0 += 4u) {
         // The round's inputs: four loads go out before the stores that wait on them.
         for (var k = lid; k < f0; k += WG) {
-            wg[X + k] = load4(params.input_at, f0, k, b0, end);
+            wg[X + k] = load4(params.acts_at.x, f0, k, b0, end);
         }
         workgroupBarrier();
         // Each layer forward, one output of the four images per thread.
         if lid < f1 {
-            let h = dense(lid, X, f0, params.w1_at, params.b1_at, true);
+            let h = dense(lid, X, f0, params.fc1_at.x, params.fc1_at.y, true);
             wg[H1 + lid] = h;
-            store4(params.out1_at, f1, lid, b0, end, h);
+            store4(params.acts_at.y, f1, lid, b0, end, h);
         }
         workgroupBarrier();
         if lid < f2 {
-            let h = dense(lid, H1, f1, params.w2_at, params.b2_at, true);
+            let h = dense(lid, H1, f1, params.fc2_at.x, params.fc2_at.y, true);
             wg[H2 + lid] = h;
-            store4(params.out2_at, f2, lid, b0, end, h);
+            store4(params.acts_at.z, f2, lid, b0, end, h);
         }
         workgroupBarrier();
         if lid < f3 {
-            let logits = dense(lid, H2, f2, params.w3_at, params.b3_at, false);
+            let logits = dense(lid, H2, f2, params.fc3_at.x, params.fc3_at.y, false);
             wg[Z + lid] = logits;
-            store4(params.out3_at, f3, lid, b0, end, logits);
+            store4(params.acts_at.w, f3, lid, b0, end, logits);
         }
         workgroupBarrier();
         // The loss, and the logits' gradient in place of the logits.
@@ -218,35 +204,35 @@ fn head_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         // Each layer's output gradient: the next layer's weights transposed, masked by the
         // layer's ReLU.
         if lid < f2 {
-            let d = mask4(dense_t(lid, Z, f3, f2, params.w3_at), wg[H2 + lid]);
+            let d = mask4(dense_t(lid, Z, f3, f2, params.fc3_at.x), wg[H2 + lid]);
             wg[D2 + lid] = d;
-            store4(params.dout2_at, f2, lid, b0, end, d);
+            store4(params.dacts_at.z, f2, lid, b0, end, d);
         }
         workgroupBarrier();
         if lid < f1 {
-            let d = mask4(dense_t(lid, D2, f2, f1, params.w2_at), wg[H1 + lid]);
+            let d = mask4(dense_t(lid, D2, f2, f1, params.fc2_at.x), wg[H1 + lid]);
             wg[D1 + lid] = d;
-            store4(params.dout1_at, f1, lid, b0, end, d);
+            store4(params.dacts_at.y, f1, lid, b0, end, d);
         }
         workgroupBarrier();
         // The head's input gradient (unmasked: the conv layer below applies its own ReLU).
         for (var k = lid; k < f0; k += WG) {
-            store4(params.dinput_at, f0, k, b0, end, dense_t(k, D1, f1, f0, params.w1_at));
+            store4(params.dacts_at.x, f0, k, b0, end, dense_t(k, D1, f1, f0, params.fc1_at.x));
         }
         workgroupBarrier();
         // This round's share of the weight gradients (what it leaves in workgroup memory).
         let valid = select(vec4<f32>(0.0), vec4<f32>(1.0), b0 + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(end));
         let round = select(1u, 0u, b0 == first);
-        round_partials(lid, part, round, valid, f0, f1, D1, X, params.dw1_at, params.db1_at);
-        round_partials(lid, part, round, valid, f1, f2, D2, H1, params.dw2_at, params.db2_at);
-        round_partials(lid, part, round, valid, f2, f3, Z, H2, params.dw3_at, params.db3_at);
+        round_partials(lid, part, round, valid, f0, f1, D1, X, params.fc1_at.z, params.fc1_at.w);
+        round_partials(lid, part, round, valid, f1, f2, D2, H1, params.fc2_at.z, params.fc2_at.w);
+        round_partials(lid, part, round, valid, f2, f3, Z, H2, params.fc3_at.z, params.fc3_at.w);
         // The next round overwrites the workgroup's activations.
         workgroupBarrier();
     }
     if first == end {
         let none = vec4<f32>(0.0);
-        round_partials(lid, part, 2u, none, f0, f1, D1, X, params.dw1_at, params.db1_at);
-        round_partials(lid, part, 2u, none, f1, f2, D2, H1, params.dw2_at, params.db2_at);
-        round_partials(lid, part, 2u, none, f2, f3, Z, H2, params.dw3_at, params.db3_at);
+        round_partials(lid, part, 2u, none, f0, f1, D1, X, params.fc1_at.z, params.fc1_at.w);
+        round_partials(lid, part, 2u, none, f1, f2, D2, H1, params.fc2_at.z, params.fc2_at.w);
+        round_partials(lid, part, 2u, none, f2, f3, Z, H2, params.fc3_at.z, params.fc3_at.w);
     }
 }

@@ -26,24 +26,15 @@ struct Params {
     cols: u32,
     // Workgroups per image in the forward pass (a divisor of C2).
     splits: u32,
+    // Where each tensor starts in its packed buffer: the gathered images and their labels, then
+    // per layer (conv1, conv2) its ReLU output, pooled output, pooled output's argmax and
+    // gradient, and its weight, bias, weight gradient, bias gradient.
     input_at: u32,
-    conv1_at: u32,
-    pooled1_at: u32,
-    conv2_at: u32,
-    pooled2_at: u32,
-    dpooled2_at: u32,
-    dpooled1_at: u32,
     labels_at: u32,
-    argmax1_at: u32,
-    argmax2_at: u32,
-    w1_at: u32,
-    b1_at: u32,
-    w2_at: u32,
-    b2_at: u32,
-    dw1_at: u32,
-    db1_at: u32,
-    dw2_at: u32,
-    db2_at: u32,
+    conv1_at: vec4<u32>,
+    conv2_at: vec4<u32>,
+    params1_at: vec4<u32>,
+    params2_at: vec4<u32>,
 }
 
 // #include tensors.wgsl
@@ -152,9 +143,9 @@ fn trunk_forward(
         acts_u32[params.labels_at + image] = labels[sample];
     }
     if lid < 150u {
-        w1s[lid] = weights[params.w1_at + lid];
+        w1s[lid] = weights[params.params1_at.x + lid];
     } else if lid < 156u {
-        w1s[lid] = weights[params.b1_at + lid - 150u];
+        w1s[lid] = weights[params.params1_at.y + lid - 150u];
     }
     workgroupBarrier();
     // conv1 + bias + ReLU + pool: one pooled output (a window of four conv outputs, side by side
@@ -175,7 +166,7 @@ fn trunk_forward(
         if lead {
             let k0 = ((image * C1 + c) * S0 + y0) * S0 + x0;
             let p = image * POOLED1 + j;
-            store_window(v, params.conv1_at, k0, S0, params.pooled1_at + p, params.argmax1_at + p);
+            store_window(v, params.conv1_at.x, k0, S0, params.conv1_at.y + p, params.conv1_at.z + p);
         }
     }
     workgroupBarrier();
@@ -185,9 +176,9 @@ fn trunk_forward(
         for (var q = 0u; q < 4u; q++) {
             let e = i + q * WG;
             if e < 2400u {
-                v[q] = weights[params.w2_at + e];
+                v[q] = weights[params.params2_at.x + e];
             } else if e < 2416u {
-                v[q] = weights[params.b2_at + e - 2400u];
+                v[q] = weights[params.params2_at.y + e - 2400u];
             }
         }
         for (var q = 0u; q < 4u; q++) {
@@ -217,7 +208,7 @@ fn trunk_forward(
         let v = max(a + stage[2400u + c], vec4<f32>(0.0));
         let k0 = ((image * C2 + c) * O2 + y0) * O2 + x0;
         let p = image * POOLED2 + c * S2 * S2 + j % (S2 * S2);
-        store_window(v, params.conv2_at, k0, O2, params.pooled2_at + p, params.argmax2_at + p);
+        store_window(v, params.conv2_at.x, k0, O2, params.conv2_at.y + p, params.conv2_at.z + p);
     }
 }
 
@@ -235,15 +226,15 @@ fn trunk_backward(
         scratch[i] = 0.0;
     }
     for (var i = lid; i < POOLED1; i += WG) {
-        p1[i] = acts[params.pooled1_at + image * POOLED1 + i];
+        p1[i] = acts[params.conv1_at.y + image * POOLED1 + i];
     }
     workgroupBarrier();
     // conv2's output gradient: each pooled gradient to its window's argmax, where the ReLU
     // output there is positive.
     for (var i = lid; i < POOLED2; i += WG) {
-        let arg = acts_u32[params.argmax2_at + image * POOLED2 + i];
-        let g = acts[params.dpooled2_at + image * POOLED2 + i];
-        if acts[params.conv2_at + arg] > 0.0 {
+        let arg = acts_u32[params.conv2_at.z + image * POOLED2 + i];
+        let g = acts[params.conv2_at.w + image * POOLED2 + i];
+        if acts[params.conv2_at.x + arg] > 0.0 {
             scratch[arg - image * CONV2] = g;
         }
     }
@@ -263,13 +254,13 @@ fn trunk_backward(
                     acc += scratch[d + x] * p1[at + x];
                 }
             }
-            grads[params.dw2_at + image * C2 * C1 * K * K + e] = acc;
+            grads[params.params2_at.z + image * C2 * C1 * K * K + e] = acc;
         } else {
             let c = e - C2 * C1 * K * K;
             for (var i = 0u; i < O2 * O2; i++) {
                 acc += scratch[c * O2 * O2 + i];
             }
-            grads[params.db2_at + image * C2 + c] = acc;
+            grads[params.params2_at.w + image * C2 + c] = acc;
         }
     }
     workgroupBarrier();
@@ -288,16 +279,16 @@ fn trunk_backward(
         var g = 0.0;
         for (var c = 0u; c < C2; c++) {
             for (var ky = ky0; ky <= ky1; ky++) {
-                let row = params.w2_at + ((c * C1 + ci) * K + ky) * K;
+                let row = params.params2_at.x + ((c * C1 + ci) * K + ky) * K;
                 let d = c * O2 * O2 + (iy - ky) * O2 + ix;
                 for (var kx = kx0; kx <= kx1; kx++) {
                     g += scratch[d - kx] * weights[row + kx];
                 }
             }
         }
-        acts[params.dpooled1_at + image * POOLED1 + j] = g;
-        let arg = acts_u32[params.argmax1_at + image * POOLED1 + j];
-        dp1[j] = select(0.0, g, acts[params.conv1_at + arg] > 0.0);
+        acts[params.conv1_at.w + image * POOLED1 + j] = g;
+        let arg = acts_u32[params.conv1_at.z + image * POOLED1 + j];
+        dp1[j] = select(0.0, g, acts[params.conv1_at.x + arg] > 0.0);
         p1[j] = f32(arg - (image * C1 + ci) * S0 * S0);
     }
     workgroupBarrier();
@@ -324,13 +315,13 @@ fn trunk_backward(
                 let at = u32(p1[c * S1 * S1 + r]);
                 acc += dp1[c * S1 * S1 + r] * scratch[(at / S0 + ky) * PAD + at % S0 + kx];
             }
-            grads[params.dw1_at + image * C1 * K * K + lid] = acc;
+            grads[params.params1_at.z + image * C1 * K * K + lid] = acc;
         } else {
             let c = lid - C1 * K * K;
             for (var r = 0u; r < S1 * S1; r++) {
                 acc += dp1[c * S1 * S1 + r];
             }
-            grads[params.db1_at + image * C1 + c] = acc;
+            grads[params.params1_at.w + image * C1 + c] = acc;
         }
     }
 }

@@ -92,6 +92,12 @@ fn assert_stats_close(gpu: &[StepStats], cpu: &[StepStats], loss_tol: impl Fn(f3
     }
 }
 
+/// Adam's defaults and the state they start from at SEED.
+fn adam_start() -> (Optimizer, TrainState) {
+    let opt = Optimizer::default();
+    (opt, TrainState::new(Params::init(SEED), opt, SEED, BATCH, false))
+}
+
 #[test]
 fn one_training_step_matches_cpu_at_several_batch_sizes() {
     let data = dataset(80, 1);
@@ -236,8 +242,7 @@ fn the_replayed_program_equals_the_ops_called_one_at_a_time() {
 #[test]
 fn a_chunk_costs_one_submit_and_one_host_wait() {
     let data = dataset(32, 11);
-    let opt = Optimizer::default();
-    let start = TrainState::new(Params::init(SEED), opt, SEED, BATCH, false);
+    let (opt, start) = adam_start();
     let Some(mut g) = gpu_backend(&data, &start) else { return };
     // The first chunk records the program; then each chunk is one submit and one wait.
     g.train_steps(&chunk(&opt, data.len(), BATCH, 2, 1, 1)).unwrap();
@@ -260,8 +265,7 @@ fn a_chunk_costs_one_submit_and_one_host_wait() {
 #[test]
 fn bad_inputs_are_errors_not_panics() {
     let data = dataset(16, 12);
-    let opt = Optimizer::default();
-    let start = TrainState::new(Params::init(SEED), opt, SEED, BATCH, false);
+    let (opt, start) = adam_start();
     let Some(mut g) = gpu_backend(&data, &start) else { return };
     let mut past = chunk(&opt, data.len(), BATCH, 1, 1, 1);
     past.indices[3] = 16;
@@ -311,8 +315,7 @@ fn with_webgpu_default_limits_the_family_runs_whole() {
         assert!(ctx.kernels.has(k), "{k} was left out under the default limits");
     }
     let data = dataset(40, 16);
-    let opt = Optimizer::default();
-    let start = TrainState::new(Params::init(SEED), opt, SEED, BATCH, false);
+    let (opt, start) = adam_start();
     let mut g = GpuBackend::new(ctx, &data).unwrap();
     assert_eq!(g.variant(), Variant::Fused);
     g.load_state(&start).unwrap();
@@ -364,8 +367,7 @@ fn each_context_runs_the_kernels_its_options_name() {
 #[test]
 fn each_choice_of_kernels_records_its_dispatches() {
     let data = dataset(16, 2);
-    let opt = Optimizer::default();
-    let start = TrainState::new(Params::init(SEED), opt, SEED, BATCH, false);
+    let (opt, start) = adam_start();
     for (variant, dispatches) in
         [(Variant::V1, 21), (Variant::Mixed, 15), (Variant::V3, 10), (Variant::Fused, 4)]
     {

@@ -160,17 +160,11 @@ impl GpuOps {
                 cols: batch.data.cols,
                 splits,
                 input: gather.input.first(),
-                conv1: conv1.conv.first(),
-                pooled1: conv1.pooled.first(),
-                conv2: conv2.conv.first(),
-                pooled2: conv2.pooled.first(),
                 labels: gather.labels.first(),
-                argmax1: conv1.argmax.first(),
-                argmax2: conv2.argmax.first(),
-                w1: conv1.weight.first(),
-                b1: conv1.bias.first(),
-                w2: conv2.weight.first(),
-                b2: conv2.bias.first(),
+                conv1: [conv1.conv.first(), conv1.pooled.first(), conv1.argmax.first(), 0],
+                conv2: [conv2.conv.first(), conv2.pooled.first(), conv2.argmax.first(), 0],
+                params1: [conv1.weight.first(), conv1.bias.first(), 0, 0],
+                params2: [conv2.weight.first(), conv2.bias.first(), 0, 0],
                 ..TrunkOffsets::new(s.conv1.batch)
             })
             .step(self.step(StepUniform::default()))
@@ -197,19 +191,10 @@ impl GpuOps {
             .buf("grads", &conv1.dweight.whole())
             .trunk_offsets(TrunkOffsets {
                 input: conv1.input.first(),
-                conv1: conv1.conv.first(),
-                pooled1: conv2.input.first(),
-                conv2: conv2.conv.first(),
-                dpooled2: dpooled.first(),
-                dpooled1: dpooled1.first(),
-                argmax1: conv1.argmax.first(),
-                argmax2: conv2.argmax.first(),
-                w1: conv1.weight.first(),
-                w2: conv2.weight.first(),
-                dw1: conv1.dweight.first(),
-                db1: conv1.dbias.first(),
-                dw2: conv2.dweight.first(),
-                db2: conv2.dbias.first(),
+                conv1: [conv1.conv.first(), conv2.input.first(), conv1.argmax.first(), dpooled1.first()],
+                conv2: [conv2.conv.first(), 0, conv2.argmax.first(), dpooled.first()],
+                params1: [conv1.weight.first(), 0, conv1.dweight.first(), conv1.dbias.first()],
+                params2: [conv2.weight.first(), 0, conv2.dweight.first(), conv2.dbias.first()],
                 ..TrunkOffsets::new(s.conv1.batch)
             })
             .grid(grid_1d(s.conv1.batch as u64, 1, self.max_dim()))
@@ -220,7 +205,8 @@ impl GpuOps {
 }
 
 /// trunk.wgsl's `Params`: the batch, the images' sides, the forward pass's splits, and where
-/// each tensor starts in its packed buffer (what a pass does not read stays 0).
+/// each tensor starts in its packed buffer (what a pass does not read stays 0): per layer its
+/// ReLU output, pooled output, argmax, pooled gradient, and its weight, bias and their gradients.
 #[derive(Default)]
 struct TrunkOffsets {
     batch: usize,
@@ -228,23 +214,11 @@ struct TrunkOffsets {
     cols: usize,
     splits: usize,
     input: usize,
-    conv1: usize,
-    pooled1: usize,
-    conv2: usize,
-    pooled2: usize,
-    dpooled2: usize,
-    dpooled1: usize,
     labels: usize,
-    argmax1: usize,
-    argmax2: usize,
-    w1: usize,
-    b1: usize,
-    w2: usize,
-    b2: usize,
-    dw1: usize,
-    db1: usize,
-    dw2: usize,
-    db2: usize,
+    conv1: [usize; 4],
+    conv2: [usize; 4],
+    params1: [usize; 4],
+    params2: [usize; 4],
 }
 
 impl TrunkOffsets {
@@ -260,23 +234,11 @@ impl Binder<'_> {
             .param("cols", o.cols)
             .param("splits", o.splits)
             .param("input_at", o.input)
-            .param("conv1_at", o.conv1)
-            .param("pooled1_at", o.pooled1)
-            .param("conv2_at", o.conv2)
-            .param("pooled2_at", o.pooled2)
-            .param("dpooled2_at", o.dpooled2)
-            .param("dpooled1_at", o.dpooled1)
             .param("labels_at", o.labels)
-            .param("argmax1_at", o.argmax1)
-            .param("argmax2_at", o.argmax2)
-            .param("w1_at", o.w1)
-            .param("b1_at", o.b1)
-            .param("w2_at", o.w2)
-            .param("b2_at", o.b2)
-            .param("dw1_at", o.dw1)
-            .param("db1_at", o.db1)
-            .param("dw2_at", o.dw2)
-            .param("db2_at", o.db2)
+            .param("conv1_at", o.conv1)
+            .param("conv2_at", o.conv2)
+            .param("params1_at", o.params1)
+            .param("params2_at", o.params2)
     }
 }
 

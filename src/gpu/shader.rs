@@ -28,6 +28,8 @@ pub enum Scalar {
     U32,
     I32,
     F32,
+    /// `vec4<u32>`: four offsets that belong together (one layer's tensors).
+    U32x4,
 }
 
 /// One field of a uniform struct.
@@ -128,7 +130,7 @@ fn uniform_layout(
     binding: u32,
 ) -> Result<UniformLayout> {
     let TypeInner::Struct { members, span } = &module.types[ty].inner else {
-        bail!("a uniform must be a struct of scalars");
+        bail!("a uniform must be a struct of scalars and vec4<u32>s");
     };
     let mut fields = Vec::new();
     for m in members {
@@ -139,7 +141,12 @@ fn uniform_layout(
                 ScalarKind::Float => Scalar::F32,
                 _ => bail!("field {:?} is not u32, i32 or f32", m.name),
             },
-            _ => bail!("field {:?} is not a 32-bit scalar", m.name),
+            TypeInner::Vector { size: naga::VectorSize::Quad, scalar }
+                if scalar.width == 4 && scalar.kind == ScalarKind::Uint =>
+            {
+                Scalar::U32x4
+            }
+            _ => bail!("field {:?} is not a 32-bit scalar or a vec4<u32>", m.name),
         };
         fields.push(Field { name: m.name.clone().unwrap_or_default(), offset: m.offset, kind });
     }
@@ -152,6 +159,7 @@ pub enum Value {
     U32(u32),
     I32(i32),
     F32(f32),
+    U32x4([u32; 4]),
 }
 
 impl From<u32> for Value {
@@ -163,6 +171,14 @@ impl From<u32> for Value {
 impl From<usize> for Value {
     fn from(x: usize) -> Self {
         Value::U32(u32::try_from(x).expect("a shape that fits in u32 (checked against the device limits)"))
+    }
+}
+
+impl From<[usize; 4]> for Value {
+    fn from(x: [usize; 4]) -> Self {
+        Value::U32x4(x.map(|x| {
+            u32::try_from(x).expect("an offset that fits in u32 (checked against the device limits)")
+        }))
     }
 }
 
@@ -197,13 +213,14 @@ impl UniformLayout {
             if values[..i].iter().any(|(n, _)| n == name) {
                 bail!("kernel {kernel}: params field {name:?} given twice");
             }
-            let word = match (f.kind, value) {
-                (Scalar::U32, Value::U32(x)) => x.to_le_bytes(),
-                (Scalar::I32, Value::I32(x)) => x.to_le_bytes(),
-                (Scalar::F32, Value::F32(x)) => x.to_le_bytes(),
+            let words: Vec<u8> = match (f.kind, value) {
+                (Scalar::U32, Value::U32(x)) => x.to_le_bytes().into(),
+                (Scalar::I32, Value::I32(x)) => x.to_le_bytes().into(),
+                (Scalar::F32, Value::F32(x)) => x.to_le_bytes().into(),
+                (Scalar::U32x4, Value::U32x4(x)) => x.iter().flat_map(|x| x.to_le_bytes()).collect(),
                 (kind, v) => bail!("kernel {kernel}: params field {name:?} is {kind:?}, given {v:?}"),
             };
-            bytes[f.offset as usize..][..4].copy_from_slice(&word);
+            bytes[f.offset as usize..][..words.len()].copy_from_slice(&words);
         }
         if let Some(f) =
             self.fields.iter().find(|f| !f.name.starts_with('_') && !values.iter().any(|(n, _)| *n == f.name))
@@ -322,6 +339,24 @@ mod tests {
         assert!(e.step.is_some());
         assert!(eps[1].params.is_none() && eps[1].step.is_none());
         assert_eq!(eps[1].buffers[0].name, "unused_here");
+    }
+
+    #[test]
+    fn a_vec4_field_takes_four_offsets_in_order_at_its_alignment() {
+        let src = "
+            struct Params { n: u32, at: vec4<u32> }
+            @group(0) @binding(0) var<storage, read_write> y: array<u32>;
+            @group(0) @binding(2) var<uniform> params: Params;
+            @compute @workgroup_size(1) fn f() { y[params.n] = params.at.w; }
+        ";
+        let eps = reflect("test.wgsl", src).unwrap();
+        let p = eps[0].params.as_ref().unwrap();
+        assert_eq!(p.size, 32);
+        let bytes = p.encode("f", &[("n", 1u32.into()), ("at", [5usize, 6, 7, 8].into())]).unwrap();
+        let words: Vec<u32> = bytes.chunks(4).map(|w| u32::from_le_bytes(w.try_into().unwrap())).collect();
+        assert_eq!(words, [1, 0, 0, 0, 5, 6, 7, 8]);
+        let kind = p.encode("f", &[("n", 1u32.into()), ("at", 5u32.into())]).unwrap_err();
+        assert!(kind.to_string().contains("is U32x4"), "{kind}");
     }
 
     #[test]
