@@ -105,6 +105,13 @@ fn dense_t(i: u32, d_at: u32, n_out: u32, n_in: u32, w_at: u32) -> vec4<f32> {
     return g0 + g1;
 }
 
+// Feature `o` of the round's images, kept for the next layer (at `wg_at` in workgroup memory)
+// and written out (to [B, n] at `at`).
+fn keep(o: u32, wg_at: u32, at: u32, n: u32, b0: u32, end: u32, v: vec4<f32>) {
+    wg[wg_at + o] = v;
+    store4(at, n, o, b0, end, v);
+}
+
 // Zero where the ReLU's output h is not positive.
 fn mask4(g: vec4<f32>, h: vec4<f32>) -> vec4<f32> {
     return select(vec4<f32>(0.0), g, h > vec4<f32>(0.0));
@@ -163,12 +170,13 @@ fn round_partials(lid: u32, part: u32, round: u32, valid: vec4<f32>, n_in: u32, 
 }
 
 @compute @workgroup_size(256)
-fn head_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn head_step(inv: Invocation) {
+    let lid = inv.lid;
     let f0 = params.features.x;
     let f1 = params.features.y;
     let f2 = params.features.z;
     let f3 = params.features.w;
-    let part = wid.x;
+    let part = workgroup_index(inv);
     let first = min(part * params.group_images, params.batch);
     let end = min(first + params.group_images, params.batch);
     for (var b0 = first; b0 < end; b0 += 4u) {
@@ -179,21 +187,15 @@ fn head_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         workgroupBarrier();
         // Each layer forward, one output of the four images per thread.
         if lid < f1 {
-            let h = dense(lid, X, f0, params.fc1_at.x, params.fc1_at.y, true);
-            wg[H1 + lid] = h;
-            store4(params.acts_at.y, f1, lid, b0, end, h);
+            keep(lid, H1, params.acts_at.y, f1, b0, end, dense(lid, X, f0, params.fc1_at.x, params.fc1_at.y, true));
         }
         workgroupBarrier();
         if lid < f2 {
-            let h = dense(lid, H1, f1, params.fc2_at.x, params.fc2_at.y, true);
-            wg[H2 + lid] = h;
-            store4(params.acts_at.z, f2, lid, b0, end, h);
+            keep(lid, H2, params.acts_at.z, f2, b0, end, dense(lid, H1, f1, params.fc2_at.x, params.fc2_at.y, true));
         }
         workgroupBarrier();
         if lid < f3 {
-            let logits = dense(lid, H2, f2, params.fc3_at.x, params.fc3_at.y, false);
-            wg[Z + lid] = logits;
-            store4(params.acts_at.w, f3, lid, b0, end, logits);
+            keep(lid, Z, params.acts_at.w, f3, b0, end, dense(lid, H2, f2, params.fc3_at.x, params.fc3_at.y, false));
         }
         workgroupBarrier();
         // The loss, and the logits' gradient in place of the logits.
@@ -204,15 +206,11 @@ fn head_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         // Each layer's output gradient: the next layer's weights transposed, masked by the
         // layer's ReLU.
         if lid < f2 {
-            let d = mask4(dense_t(lid, Z, f3, f2, params.fc3_at.x), wg[H2 + lid]);
-            wg[D2 + lid] = d;
-            store4(params.dacts_at.z, f2, lid, b0, end, d);
+            keep(lid, D2, params.dacts_at.z, f2, b0, end, mask4(dense_t(lid, Z, f3, f2, params.fc3_at.x), wg[H2 + lid]));
         }
         workgroupBarrier();
         if lid < f1 {
-            let d = mask4(dense_t(lid, D2, f2, f1, params.fc2_at.x), wg[H1 + lid]);
-            wg[D1 + lid] = d;
-            store4(params.dacts_at.y, f1, lid, b0, end, d);
+            keep(lid, D1, params.dacts_at.y, f1, b0, end, mask4(dense_t(lid, D2, f2, f1, params.fc2_at.x), wg[H1 + lid]));
         }
         workgroupBarrier();
         // The head's input gradient (unmasked: the conv layer below applies its own ReLU).

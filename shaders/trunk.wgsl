@@ -110,12 +110,9 @@ fn store_window(v: vec4<f32>, conv_at: u32, k0: u32, side: u32, pooled_at: u32, 
 }
 
 @compute @workgroup_size(256)
-fn trunk_forward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let group = wid.x + wid.y * nwg.x;
+fn trunk_forward(inv: Invocation) {
+    let lid = inv.lid;
+    let group = workgroup_index(inv);
     let image = group / params.splits;
     let split = group % params.splits;
     if image >= params.batch {
@@ -213,12 +210,9 @@ fn trunk_forward(
 }
 
 @compute @workgroup_size(256)
-fn trunk_backward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let image = wid.x + wid.y * nwg.x;
+fn trunk_backward(inv: Invocation) {
+    let lid = inv.lid;
+    let image = workgroup_index(inv);
     if image >= params.batch {
         return;
     }

@@ -1451,21 +1451,9 @@ impl<O: Ops> Ops for Trace<O> {
         self.inner.conv_backward_from_pool(a)
     }
 
-    /// Traced layer by layer (the ops the head is defined as), so that the CPU's bench has a row
-    /// per layer; `O`'s own fused head, if it has one, is not called.
-    fn head_forward_backward(&mut self, a: Head<Self>) -> Result<()> {
-        head_by_layers(self, a)
-    }
-
-    /// Layer by layer, as the head.
-    fn trunk_forward(&mut self, a: TrunkForward<Self>) -> Result<()> {
-        trunk_forward_by_layers(self, a)
-    }
-
-    /// Layer by layer, as the head.
-    fn trunk_backward(&mut self, a: TrunkBackward<Self>) -> Result<()> {
-        trunk_backward_by_layers(self, a)
-    }
+    // The fused ops are not overridden: their definitions (`head_by_layers`, ...) call the
+    // per-layer ops through this trace, so the CPU's bench has a row per layer, and `O`'s own
+    // fused kernels, if it has any, are not called.
 
     fn update(&mut self, a: Update<Self>) -> Result<()> {
         let (lens, partials) = update_shapes(a.params, a.grads, |b| self.inner.len(b));

@@ -224,26 +224,43 @@ fn a_dropped_partial_of_the_weight_gradient_is_caught() {
     }
 }
 
+/// The reference run on `case`'s inputs with `plant` applied, compared with its run on the
+/// inputs as drawn (which passes against itself).
+fn planted_inputs(case: &OpCase, plant: &dyn Fn(&mut Host)) -> anyhow::Result<opcheck::Outcome> {
+    let host = opcheck::inputs(case, 1);
+    let want = opcheck::run(&mut Reference, case, &host).unwrap();
+    let mut planted = host.clone();
+    plant(&mut planted);
+    let got = opcheck::run(&mut Reference, case, &planted).unwrap();
+    opcheck::compare(case, &host, &want, &want).expect("the reference against itself");
+    opcheck::compare(case, &host, &got, &want)
+}
+
+/// The case of `op` at batch `batch`.
+fn case_at(op: &str, batch: usize) -> OpCase {
+    let batch_of = |c: &OpCase| match c {
+        OpCase::ConvReluPool(s) => s.batch,
+        OpCase::Head(h) => h.batch,
+        OpCase::TrunkForward { s, .. } | OpCase::TrunkBackward(s) => s.conv1.batch,
+        _ => 0,
+    };
+    cases(op)
+        .into_iter()
+        .find(|c| batch_of(c) == batch)
+        .unwrap_or_else(|| panic!("no {op} case at batch {batch}"))
+}
+
 /// A wrong tap and a dropped staging round: a forward convolution whose weights are read one
 /// tap to the side, or whose first input channel was never staged for one image, fails the
 /// check.
 #[test]
 fn a_wrong_tap_or_a_dropped_staging_round_is_caught() {
-    let case = cases("conv_relu_pool_forward")
-        .into_iter()
-        .find(|c| matches!(c, OpCase::ConvReluPool(s) if s.batch == 37))
-        .unwrap();
+    let case = case_at("conv_relu_pool_forward", 37);
     let OpCase::ConvReluPool(s) = case else { unreachable!() };
-    let host = opcheck::inputs(&case, 1);
-    let want = opcheck::run(&mut Reference, &case, &host).unwrap();
-    let mut wrong_tap = host.clone();
-    f32_out(&mut wrong_tap, "weight").rotate_left(1);
-    let mut unstaged = host.clone();
     let plane = s.height * s.width;
-    f32_out(&mut unstaged, "input")[..plane].iter_mut().for_each(|x| *x = 0.0);
-    for (fault, h) in [("a wrong tap", wrong_tap), ("a dropped staging round", unstaged)] {
-        let got = opcheck::run(&mut Reference, &case, &h).unwrap();
-        let r = opcheck::compare(&case, &host, &got, &want);
+    let wrong_tap = planted_inputs(&case, &|h| f32_out(h, "weight").rotate_left(1));
+    let unstaged = planted_inputs(&case, &|h| f32_out(h, "input")[..plane].iter_mut().for_each(|x| *x = 0.0));
+    for (fault, r) in [("a wrong tap", wrong_tap), ("a dropped staging round", unstaged)] {
         assert!(r.is_err(), "{fault} was not caught ({r:?})");
     }
 }
@@ -254,10 +271,7 @@ fn a_wrong_tap_or_a_dropped_staging_round_is_caught() {
 /// read one weight to the side).
 #[test]
 fn the_heads_dropped_partial_stale_round_and_wrong_tap_are_caught() {
-    let case = cases("head_forward_backward")
-        .into_iter()
-        .find(|c| matches!(c, OpCase::Head(h) if h.batch == 67))
-        .expect("LeNet-5's head at batch 67");
+    let case = case_at("head_forward_backward", 67);
     let OpCase::Head(hs) = case else { unreachable!() };
     let [f0, f1] = [hs.features[0], hs.features[1]];
     let host = opcheck::inputs(&case, 1);
@@ -309,37 +323,19 @@ fn gpu_fused_trunk_forward_with_each_split() {
 /// before it) and a wrong tap (conv2's weights read one tap to the side).
 #[test]
 fn the_trunks_dropped_partial_stale_round_and_wrong_tap_are_caught() {
-    let find = |op: &str, batch: usize| {
-        cases(op)
-            .into_iter()
-            .find(|c| match c {
-                OpCase::TrunkForward { s, .. } | OpCase::TrunkBackward(s) => s.conv1.batch == batch,
-                _ => false,
-            })
-            .expect("LeNet-5's trunk at batch 13")
-    };
-    let faulty = |case: &OpCase, plant: &dyn Fn(&mut Host)| {
-        let host = opcheck::inputs(case, 1);
-        let want = opcheck::run(&mut Reference, case, &host).unwrap();
-        let mut planted = host.clone();
-        plant(&mut planted);
-        let got = opcheck::run(&mut Reference, case, &planted).unwrap();
-        opcheck::compare(case, &host, &want, &want).expect("the reference against itself");
-        opcheck::compare(case, &host, &got, &want)
-    };
-    let backward = find("trunk_backward", 13);
-    let r = faulty(&backward, &|h| {
+    let backward = case_at("trunk_backward", 13);
+    let r = planted_inputs(&backward, &|h| {
         let d = f32_out(h, "dpooled");
         let n = d.len();
         d[n - n / 13..].iter_mut().for_each(|x| *x = 0.0);
     });
     assert!(r.is_err(), "a dropped partial was not caught ({r:?})");
-    let forward = find("trunk_forward", 13);
-    let r = faulty(&forward, &|h| {
+    let forward = case_at("trunk_forward", 13);
+    let r = planted_inputs(&forward, &|h| {
         let indices = &mut h.u32s.iter_mut().find(|(n, _)| *n == "indices").unwrap().1;
         indices[1] = indices[0];
     });
     assert!(r.is_err(), "a stale staging round was not caught ({r:?})");
-    let r = faulty(&forward, &|h| f32_out(h, "w2").rotate_left(1));
+    let r = planted_inputs(&forward, &|h| f32_out(h, "w2").rotate_left(1));
     assert!(r.is_err(), "a wrong tap was not caught ({r:?})");
 }
