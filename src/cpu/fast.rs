@@ -501,6 +501,12 @@ const DIRECT_LANES: usize = 32;
 const TILE_H: usize = DIRECT_SIDE + 4;
 const TILE_W: usize = DIRECT_LANES + 4;
 
+/// Whether the direct conv1 kernels take the shape: LeNet-5's conv1 (one input channel, 5x5,
+/// padding 2, on 28x28 images).
+fn direct_fits(s: &ConvShape) -> bool {
+    s.in_channels == 1 && s.kernel == 5 && s.padding == 2 && s.height == DIRECT_SIDE && s.width == DIRECT_SIDE
+}
+
 /// conv1's convolution and ReLU without im2col, for a block of whole images, when the shape is
 /// the one the kernel is written for and the instruction set has FMA; false (nothing done)
 /// otherwise.
@@ -519,12 +525,7 @@ fn direct_conv1(
     s: &ConvShape,
     isa: super::isa::Isa,
 ) -> bool {
-    let fits = s.in_channels == 1
-        && s.kernel == 5
-        && s.padding == 2
-        && s.height == DIRECT_SIDE
-        && s.width == DIRECT_SIDE;
-    if !fits {
+    if !direct_fits(s) {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
@@ -782,12 +783,7 @@ fn direct_conv1_weight(
     s: &ConvShape,
     isa: super::isa::Isa,
 ) -> bool {
-    let fits = s.in_channels == 1
-        && s.kernel == 5
-        && s.padding == 2
-        && s.height == DIRECT_SIDE
-        && s.width == DIRECT_SIDE;
-    if !fits {
+    if !direct_fits(s) {
         return false;
     }
     let cout = s.out_channels;
