@@ -475,28 +475,25 @@ pub fn train_step<O: Ops>(
     out: StepOut<O>,
     opt: &OptStep,
 ) -> Result<()> {
-    if let Some((t, h)) = fused_step(ops, &acts.shapes) {
-        trunk_forward_step(ops, &w.params, acts, batch, t)?;
-        head_step(ops, w, acts, out, 2, h)?;
-        trunk_backward_step(ops, w, acts, t)?;
-        let (params, grads, moments) = (&mut w.params[..], &w.grads[..], &mut w.moments[..]);
-        return ops.update(UpdateArgs { params, grads, moments, step: opt });
-    }
-    let trunk = match head_shape(&acts.shapes) {
-        Some(s) => {
-            let first = LENET5.len() - 3;
-            forward_layers(ops, &w.params, acts, batch, 0, first)?;
-            head_step(ops, w, acts, out, first, s)?;
-            first
+    // The head's first layer, and the output layer (a network without a three-layer head).
+    let (first, last) = (LENET5.len() - 3, LENET5.len() - 1);
+    match (fused_step(ops, &acts.shapes), head_shape(&acts.shapes)) {
+        (Some((t, h)), _) => {
+            trunk_forward_step(ops, &w.params, acts, batch, t)?;
+            head_step(ops, w, acts, out, first, h)?;
+            trunk_backward_step(ops, w, acts, t)?;
         }
-        None => {
-            let last = LENET5.len() - 1;
+        (None, Some(h)) => {
+            forward_layers(ops, &w.params, acts, batch, 0, first)?;
+            head_step(ops, w, acts, out, first, h)?;
+            backward_layers(ops, w, acts, first)?;
+        }
+        (None, None) => {
             forward_layers(ops, &w.params, acts, batch, 0, last)?;
             output_layer_step(ops, w, acts, out, last)?;
-            last
+            backward_layers(ops, w, acts, last)?;
         }
-    };
-    backward_layers(ops, w, acts, trunk)?;
+    }
     let (params, grads, moments) = (&mut w.params[..], &w.grads[..], &mut w.moments[..]);
     ops.update(UpdateArgs { params, grads, moments, step: opt })
 }

@@ -245,7 +245,6 @@ pub struct HeadLayerArgs<'a, F> {
     pub dweight: &'a mut F,
     pub dbias: &'a mut F,
 }
-pub type HeadLayer<'a, O> = HeadLayerArgs<'a, F32<O>>;
 
 /// [`Ops::head_forward_backward`]'s tensors.
 pub struct HeadArgs<'a, F, U> {

@@ -114,12 +114,18 @@ impl GpuOps {
         self.variant.alternative().conv_v2 && backward_fits(s, dinput)
     }
 
+    /// Whether a step's packed activations at `batch` fit one binding, as the fused kernels bind
+    /// them (64 KiB an image is more than LeNet-5's 43 KB).
+    fn packed_activations_fit(&self, batch: usize) -> bool {
+        (batch as u64) * 65536 <= self.ctx.max_binding()
+    }
+
     /// The fused head where the variant has it and the head fits head.wgsl, with room for the
-    /// packed activations in one binding (64 KiB an image is more than LeNet-5's 43 KB).
+    /// packed activations in one binding.
     pub(super) fn runs_fused_head(&self, s: &HeadShape) -> bool {
         self.variant.alternative().fused_head
             && super::linear::head_fits(s)
-            && (s.batch as u64) * 65536 <= self.ctx.max_binding()
+            && self.packed_activations_fit(s.batch)
     }
 
     /// The fused trunk where the variant has it and the trunk is LeNet-5's, with room for the
@@ -127,7 +133,7 @@ impl GpuOps {
     pub(super) fn runs_fused_trunk(&self, t: &TrunkShape) -> bool {
         self.variant.alternative().fused_trunk
             && super::conv::trunk_fits(t)
-            && (t.conv1.batch as u64) * 65536 <= self.ctx.max_binding()
+            && self.packed_activations_fit(t.conv1.batch)
     }
 
     pub(super) fn runs_linear_v3(&self) -> bool {
