@@ -339,3 +339,57 @@ fn the_trunks_dropped_partial_stale_round_and_wrong_tap_are_caught() {
     let r = planted_inputs(&forward, &|h| f32_out(h, "w2").rotate_left(1));
     assert!(r.is_err(), "a wrong tap was not caught ({r:?})");
 }
+
+/// A fused kernel binds each group of its tensors as one buffer: handed a group whose tensors
+/// are separate buffers (one upload each), the fused head refuses with a line naming the group,
+/// rather than reading one buffer at the others' offsets.
+#[test]
+fn the_fused_head_refuses_tensors_that_are_not_packed() {
+    use lenet::ops::{HeadArgs, HeadLayerArgs};
+    let Some(ctx) = common::gpu() else { return };
+    let mut ops = GpuOps::with_variant(ctx, Variant::Fused).unwrap();
+    let OpCase::Head(s) = case_at("head_forward_backward", 13) else { unreachable!() };
+    assert!(ops.fuses(lenet::ops::Fusion::Head(s)));
+    let parts = ops.grad_partials(lenet::ops::GradOp::Head { head: s, layer: 0 });
+    let mut alloc = |n: usize| ops.alloc::<f32>("separate", n).unwrap();
+    let input = alloc(s.batch * s.features[0]);
+    let mut dinput = alloc(s.batch * s.features[0]);
+    let mut bufs: Vec<[_; 6]> = s
+        .layers()
+        .iter()
+        .map(|l| {
+            let out = l.batch * l.out_features;
+            [
+                alloc(l.weight_len()),
+                alloc(l.out_features),
+                alloc(out),
+                alloc(out),
+                alloc(parts * l.weight_len()),
+                alloc(parts * l.out_features),
+            ]
+        })
+        .collect();
+    let mut losses = alloc(s.batch);
+    let labels = ops.alloc::<u32>("labels", s.batch).unwrap();
+    let mut correct = ops.alloc::<u32>("correct", s.batch).unwrap();
+    let mut layers = bufs.iter_mut().map(|[weight, bias, out, dout, dweight, dbias]| HeadLayerArgs {
+        weight: &*weight,
+        bias: &*bias,
+        out,
+        dout,
+        dweight,
+        dbias,
+    });
+    let layers = [layers.next().unwrap(), layers.next().unwrap(), layers.next().unwrap()];
+    let a = HeadArgs {
+        input: &input,
+        layers,
+        labels: &labels,
+        losses: &mut losses,
+        correct: &mut correct,
+        dinput: &mut dinput,
+        s,
+    };
+    let err = format!("{:#}", ops.head_forward_backward(a).unwrap_err());
+    assert!(err.contains("packed in one buffer"), "{err}");
+}
