@@ -472,17 +472,11 @@ def rejected_word_position(key, which):
 SCHEDULE_FIXTURES = [
     # (schedule, lr, total_steps, optimizer): the odd, the tiny and a full ten-epoch run.
     ("constant", 1e-3, 5, "adam"),
-    ("cosine", 3e-3, 2340, "adam"),
-    ("cosine", 3e-3, 1, "adam"),
-    ("cosine", 3e-3, 2, "adam"),
+    *[("cosine", 3e-3, steps, "adam") for steps in (2340, 1, 2)],
     ("cosine", 1e-3, 7, "adam"),
     ("cosine", 0.1, 469, "sgd"),
     ("onecycle", 3e-3, 2340, "adam"),
-    ("onecycle", 4e-3, 1, "adam"),
-    ("onecycle", 4e-3, 2, "adam"),
-    ("onecycle", 4e-3, 3, "adam"),
-    ("onecycle", 4e-3, 7, "adam"),
-    ("onecycle", 4e-3, 10, "adam"),
+    *[("onecycle", 4e-3, steps, "adam") for steps in (1, 2, 3, 7, 10)],
     ("onecycle", 0.05, 469, "sgd"),
 ]
 

@@ -24,8 +24,16 @@ use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use naga::{Module, ShaderStage};
 
+/// One entry point of a validated module, with its overrides resolved.
+struct Entry<'a> {
+    module: &'a Module,
+    info: &'a ModuleInfo,
+    stage: ShaderStage,
+    name: &'a str,
+}
+
 /// A backend's translation of one entry point; Err is the writer's message.
-type Translate = fn(&Module, &ModuleInfo, ShaderStage, &str) -> Result<(), String>;
+type Translate = fn(&Entry) -> Result<(), String>;
 
 struct Target {
     name: &'static str,
@@ -75,21 +83,24 @@ const RESTRICT: naga::proc::BoundsCheckPolicies = naga::proc::BoundsCheckPolicie
     binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
 };
 
-fn to_spirv(module: &Module, info: &ModuleInfo, stage: ShaderStage, entry: &str) -> Result<(), String> {
+fn to_spirv(entry: &Entry) -> Result<(), String> {
     let options = spv::Options { bounds_check_policies: RESTRICT, ..Default::default() };
-    let pipeline = spv::PipelineOptions { shader_stage: stage, entry_point: entry.into() };
-    let words = spv::write_vec(module, info, &options, Some(&pipeline)).map_err(|e| e.to_string())?;
+    let pipeline = spv::PipelineOptions { shader_stage: entry.stage, entry_point: entry.name.into() };
+    let words =
+        spv::write_vec(entry.module, entry.info, &options, Some(&pipeline)).map_err(|e| e.to_string())?;
     if words.first() != Some(&0x0723_0203) {
         return Err("no SPIR-V magic number".into());
     }
     Ok(())
 }
 
-fn to_msl(module: &Module, info: &ModuleInfo, stage: ShaderStage, entry: &str) -> Result<(), String> {
+fn to_msl(entry: &Entry) -> Result<(), String> {
     let options =
         msl::Options { lang_version: (2, 1), bounds_check_policies: RESTRICT, ..Default::default() };
-    let pipeline = msl::PipelineOptions { entry_point: Some((stage, entry.into())), ..Default::default() };
-    let (_, translation) = msl::write_string(module, info, &options, &pipeline).map_err(|e| e.to_string())?;
+    let pipeline =
+        msl::PipelineOptions { entry_point: Some((entry.stage, entry.name.into())), ..Default::default() };
+    let (_, translation) =
+        msl::write_string(entry.module, entry.info, &options, &pipeline).map_err(|e| e.to_string())?;
     // A writer that cannot express one entry point reports it here rather than failing.
     for name in translation.entry_point_names {
         name.map_err(|e| e.to_string())?;
@@ -97,18 +108,12 @@ fn to_msl(module: &Module, info: &ModuleInfo, stage: ShaderStage, entry: &str) -
     Ok(())
 }
 
-fn to_hlsl(
-    shader_model: hlsl::ShaderModel,
-    module: &Module,
-    info: &ModuleInfo,
-    stage: ShaderStage,
-    entry: &str,
-) -> Result<(), String> {
+fn to_hlsl(shader_model: hlsl::ShaderModel, entry: &Entry) -> Result<(), String> {
     let options = hlsl::Options { shader_model, ..Default::default() };
-    let pipeline = hlsl::PipelineOptions { entry_point: Some((stage, entry.into())) };
+    let pipeline = hlsl::PipelineOptions { entry_point: Some((entry.stage, entry.name.into())) };
     let mut source = String::new();
     let reflection = hlsl::Writer::new(&mut source, &options, &pipeline)
-        .write(module, info, None)
+        .write(entry.module, entry.info, None)
         .map_err(|e| e.to_string())?;
     for name in reflection.entry_point_names {
         name.map_err(|e| e.to_string())?;
@@ -116,36 +121,31 @@ fn to_hlsl(
     Ok(())
 }
 
-fn to_hlsl_5_1(module: &Module, info: &ModuleInfo, stage: ShaderStage, entry: &str) -> Result<(), String> {
-    to_hlsl(hlsl::ShaderModel::V5_1, module, info, stage, entry)
+fn to_hlsl_5_1(entry: &Entry) -> Result<(), String> {
+    to_hlsl(hlsl::ShaderModel::V5_1, entry)
 }
 
-fn to_hlsl_6_0(module: &Module, info: &ModuleInfo, stage: ShaderStage, entry: &str) -> Result<(), String> {
-    to_hlsl(hlsl::ShaderModel::V6_0, module, info, stage, entry)
+fn to_hlsl_6_0(entry: &Entry) -> Result<(), String> {
+    to_hlsl(hlsl::ShaderModel::V6_0, entry)
 }
 
-fn to_glsl(
-    version: glsl::Version,
-    module: &Module,
-    info: &ModuleInfo,
-    stage: ShaderStage,
-    entry: &str,
-) -> Result<(), String> {
+fn to_glsl(version: glsl::Version, entry: &Entry) -> Result<(), String> {
     let options = glsl::Options { version, ..Default::default() };
-    let pipeline = glsl::PipelineOptions { shader_stage: stage, entry_point: entry.into(), multiview: None };
+    let pipeline =
+        glsl::PipelineOptions { shader_stage: entry.stage, entry_point: entry.name.into(), multiview: None };
     let mut source = String::new();
-    glsl::Writer::new(&mut source, module, info, &options, &pipeline, RESTRICT)
+    glsl::Writer::new(&mut source, entry.module, entry.info, &options, &pipeline, RESTRICT)
         .and_then(|mut writer| writer.write())
         .map_err(|e| e.to_string())?;
     Ok(())
 }
 
-fn to_glsl_es(module: &Module, info: &ModuleInfo, stage: ShaderStage, entry: &str) -> Result<(), String> {
-    to_glsl(glsl::Version::new_gles(310), module, info, stage, entry)
+fn to_glsl_es(entry: &Entry) -> Result<(), String> {
+    to_glsl(glsl::Version::new_gles(310), entry)
 }
 
-fn to_glsl_core(module: &Module, info: &ModuleInfo, stage: ShaderStage, entry: &str) -> Result<(), String> {
-    to_glsl(glsl::Version::Desktop(430), module, info, stage, entry)
+fn to_glsl_core(entry: &Entry) -> Result<(), String> {
+    to_glsl(glsl::Version::Desktop(430), entry)
 }
 
 /// Every problem of one shader on every target, one line each (empty: it translates everywhere).
@@ -181,7 +181,12 @@ fn problems(name: &str, source: &str) -> Vec<String> {
                 &naga::back::PipelineConstants::default(),
             );
             let result = match resolved {
-                Ok((module, info)) => (target.translate)(&module, &info, entry.stage, &entry.name),
+                Ok((module, info)) => (target.translate)(&Entry {
+                    module: &module,
+                    info: &info,
+                    stage: entry.stage,
+                    name: &entry.name,
+                }),
                 Err(e) => Err(format!("pipeline constants: {e}")),
             };
             if let Err(e) = result {

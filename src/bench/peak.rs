@@ -85,42 +85,39 @@ fn fma_loop(isa: Isa, iters: u64) -> f32 {
 }
 
 // The x86 loops in intrinsics: written as array loops, the compiler turned the accumulators
-// into memory traffic instead of registers.
+// into memory traffic instead of registers. One macro writes both widths.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn fma_loop_avx512(iters: u64) -> f32 {
-    use std::arch::x86_64::*;
-    let m = _mm512_set1_ps(std::hint::black_box(0.999));
-    let c = _mm512_set1_ps(std::hint::black_box(1e-3));
-    let mut acc = [_mm512_set1_ps(0.5); CHAINS];
-    for _ in 0..iters {
-        for a in acc.iter_mut() {
-            *a = _mm512_fmadd_ps(*a, m, c);
+macro_rules! fma_loop_x86 {
+    ($name:ident, $features:literal, $set1:ident, $fmadd:ident, $sum:expr) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name(iters: u64) -> f32 {
+            use std::arch::x86_64::*;
+            let m = $set1(std::hint::black_box(0.999));
+            let c = $set1(std::hint::black_box(1e-3));
+            let mut acc = [$set1(0.5); CHAINS];
+            for _ in 0..iters {
+                for a in acc.iter_mut() {
+                    *a = $fmadd(*a, m, c);
+                }
+            }
+            acc.iter().map(|&a| $sum(a)).sum()
         }
-    }
-    acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fma_loop_avx2(iters: u64) -> f32 {
-    use std::arch::x86_64::*;
-    let m = _mm256_set1_ps(std::hint::black_box(0.999));
-    let c = _mm256_set1_ps(std::hint::black_box(1e-3));
-    let mut acc = [_mm256_set1_ps(0.5); CHAINS];
-    for _ in 0..iters {
-        for a in acc.iter_mut() {
-            *a = _mm256_fmadd_ps(*a, m, c);
-        }
-    }
-    let mut lanes = [0f32; 8];
-    let mut total = 0.0;
-    for a in acc {
-        _mm256_storeu_ps(lanes.as_mut_ptr(), a);
-        total += lanes.iter().sum::<f32>();
-    }
-    total
-}
+fma_loop_x86!(
+    fma_loop_avx512,
+    "avx512f,avx2,fma",
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    |a| _mm512_reduce_add_ps(a)
+);
+#[cfg(target_arch = "x86_64")]
+fma_loop_x86!(fma_loop_avx2, "avx2,fma", _mm256_set1_ps, _mm256_fmadd_ps, |a: __m256| {
+    let lanes: [f32; 8] = std::mem::transmute(a);
+    lanes.iter().sum::<f32>()
+});
 
 /// The portable loop (4 lanes' worth of scalar FMAs; what the compiler makes of it).
 fn fma_loop_lanes<const L: usize>(iters: u64) -> f32 {
