@@ -3,8 +3,9 @@
 //! implementation the CPU backend trains with (tests/ops.rs checks it against the reference).
 //!
 //! How: convolutions as im2col + GEMM over blocks of 8 images (the `gemm` crate's AVX-512 or
-//! AVX2 microkernels, as [`super::isa`] selects: `LENET_CPU_ISA`), except conv1's forward and
-//! its weight gradient, direct FMA kernels in the GEMM's order (the same bits); im2col rows
+//! AVX2 microkernels, as [`super::isa`] selects: `LENET_CPU_ISA`), except the forward pass and
+//! the weight gradient of conv1 and of conv2, direct FMA kernels in the GEMM's order (the same
+//! bits); im2col rows
 //! copied as fixed-size arrays, the padding written in place, with a
 //! patch-contiguous (transposed) im2col for the weight gradient when it pays; linear layers as
 //! GEMMs over row blocks; max-pool with selects instead of branches; ReLU fused into the layer
@@ -477,7 +478,9 @@ fn conv_relu_pool_forward(inp: &[f32], l: ConvLayer<Fast>) -> Result<()> {
         .zip(argmax.par_chunks_mut(CONV_BLOCK * out_len / 4))
         .enumerate()
         .for_each(|(blk, (((out, inp), pooled), argmax))| {
-            if !direct_conv1(out, inp, weight, bias, &s, isa) {
+            if !direct_conv1(out, inp, weight, bias, &s, isa)
+                && !direct_conv2(out, inp, weight, bias, &s, isa)
+            {
                 conv_forward_block(out, inp, weight, bias, &s, true);
             }
             let images =
@@ -626,6 +629,152 @@ fn direct_conv1_channels<const G: usize>(
     }
 }
 
+/// Output channels of the direct valid convolution: one 16-lane vector per output pixel.
+const DIRECT2_COUT: usize = 16;
+
+/// Whether [`direct_conv2`] takes the shape: 5x5 without padding, 16 output channels (LeNet-5's
+/// conv2, and any input size and channel count).
+fn direct2_fits(s: &ConvShape) -> bool {
+    s.kernel == 5 && s.padding == 0 && s.out_channels == DIRECT2_COUT && s.height >= 5 && s.width >= 5
+}
+
+/// conv2's convolution and ReLU without im2col, for a block of whole images, when the shape is
+/// the one the kernel is written for and the instruction set has FMA; false (nothing done)
+/// otherwise.
+///
+/// Why: im2col wrote 150 copies' worth of every 14x14 image (60 KB) for a GEMM whose other side
+/// is only 16 wide. Here an output pixel's 16 channels are one vector (two on AVX2): each tap is
+/// one load of its 16 weights and one broadcast FMA per pixel of a run of P pixels, the image
+/// read in place. Each output is `acc = fma(x, w, acc)` over the taps (ci, ky, kx) in row-major
+/// order from acc = 0, the GEMM's order: the same bits as the GEMM path on both instruction
+/// sets (tests check it bit for bit).
+fn direct_conv2(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    s: &ConvShape,
+    isa: super::isa::Isa,
+) -> bool {
+    if !direct2_fits(s) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::isa::Isa;
+        let ckk = s.in_channels * 25;
+        // The weights tap-major: wt[tap] holds the tap's weight for each output channel.
+        let mut wt = vec![[0f32; DIRECT2_COUT]; ckk];
+        for (co, w) in weight.chunks_exact(ckk).enumerate() {
+            for (t, &w) in wt.iter_mut().zip(w) {
+                t[co] = w;
+            }
+        }
+        // SAFETY: the instruction set was checked against the CPU when it was selected.
+        match isa {
+            // 10 pixels x 1 vector: 10 accumulators of the 32 registers.
+            Isa::Avx512 => unsafe { direct_conv2_avx512(out, inp, &wt, bias, s) },
+            // 5 pixels x 2 vectors: 10 accumulators of the 16 registers.
+            Isa::Avx2 => unsafe { direct_conv2_avx2(out, inp, &wt, bias, s) },
+            Isa::Generic => return false,
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (out, inp, weight, bias, isa);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn direct_conv2_avx512(
+    out: &mut [f32],
+    inp: &[f32],
+    wt: &[[f32; DIRECT2_COUT]],
+    bias: &[f32],
+    s: &ConvShape,
+) {
+    direct_conv2_block::<10>(out, inp, wt, bias, s);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn direct_conv2_avx2(
+    out: &mut [f32],
+    inp: &[f32],
+    wt: &[[f32; DIRECT2_COUT]],
+    bias: &[f32],
+    s: &ConvShape,
+) {
+    direct_conv2_block::<5>(out, inp, wt, bias, s);
+}
+
+/// The body of [`direct_conv2`], compiled once per instruction set: each output row in runs of
+/// P pixels (the rest one at a time), then the bias and ReLU on the way to the NCHW output.
+#[inline(always)]
+fn direct_conv2_block<const P: usize>(
+    out: &mut [f32],
+    inp: &[f32],
+    wt: &[[f32; DIRECT2_COUT]],
+    bias: &[f32],
+    s: &ConvShape,
+) {
+    let (ho, wo) = (s.out_height(), s.out_width());
+    let hw = ho * wo;
+    let mut pixels = vec![[0f32; DIRECT2_COUT]; hw];
+    for (out, img) in
+        out.chunks_exact_mut(DIRECT2_COUT * hw).zip(inp.chunks_exact(s.in_channels * s.height * s.width))
+    {
+        for y in 0..ho {
+            let mut x = 0;
+            while x < wo {
+                let dst = &mut pixels[y * wo + x..];
+                if wo - x >= P {
+                    direct_conv2_run::<P>(dst, img, wt, s, y, x);
+                    x += P;
+                } else {
+                    direct_conv2_run::<1>(dst, img, wt, s, y, x);
+                    x += 1;
+                }
+            }
+        }
+        for (co, (out, &b)) in out.chunks_exact_mut(hw).zip(bias).enumerate() {
+            for (o, px) in out.iter_mut().zip(&pixels) {
+                *o = (px[co] + b).max(0.0);
+            }
+        }
+    }
+}
+
+/// Output pixels (y, x..x + P) of one image, every output channel, into `dst[..P]`.
+#[inline(always)]
+fn direct_conv2_run<const P: usize>(
+    dst: &mut [[f32; DIRECT2_COUT]],
+    img: &[f32],
+    wt: &[[f32; DIRECT2_COUT]],
+    s: &ConvShape,
+    y: usize,
+    x: usize,
+) {
+    let (h, w) = (s.height, s.width);
+    let mut acc = [[0f32; DIRECT2_COUT]; P];
+    for (plane, wt) in img.chunks_exact(h * w).zip(wt.chunks_exact(25)) {
+        for (ky, wt) in wt.chunks_exact(5).enumerate() {
+            let row = &plane[(y + ky) * w + x..][..P + 4];
+            for (kx, wv) in wt.iter().enumerate() {
+                for (acc, &v) in acc.iter_mut().zip(&row[kx..]) {
+                    for (a, &wv) in acc.iter_mut().zip(wv) {
+                        *a = v.mul_add(wv, *a);
+                    }
+                }
+            }
+        }
+    }
+    dst[..P].copy_from_slice(&acc);
+}
+
 /// The convolution of one block of images (whole images), optionally with ReLU.
 fn conv_forward_block(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s: &ConvShape, relu: bool) {
     let ConvDims { hw, ckk, in_len, out_len } = conv_dims(s);
@@ -742,7 +891,9 @@ fn conv2d_backward_weight(dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], 
                     }
                     with_buffer(&GATHER, cout * ld, |d| {
                         gather_channels(d, dout, cout, hw);
-                        weight_block_gemm(pw, i > 0, d, inp, &s);
+                        if !direct_conv2_weight(pw, i > 0, d, inp, &s, super::isa::selected()) {
+                            weight_block_gemm(pw, i > 0, d, inp, &s);
+                        }
                         for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
                             *b += sum_fixed(row);
                         }
@@ -983,6 +1134,251 @@ fn weight_block_gemm(dweight: &mut [f32], accumulate: bool, d: &[f32], inp: &[f3
         let dv = View { data: d, rs: ld, cs: 1 };
         matmul(dweight, ckk, accumulate, dv, ct, s.out_channels, ckk, ld);
     });
+}
+
+/// conv2's weight gradient for one block of images without im2col: `dweight[co, tap]` (+)= the
+/// sum over the block's pixels of `d[co, pixel]` (the output gradient gathered by channel, as
+/// [`gather_channels`] lays it out) times the input under that tap, in the order the GEMM path
+/// sums it: passes of [`super::isa::gemm_pass`] pixels, each from zero in order with FMAs and
+/// then added to the destination (or stored, for the first pass when not accumulating). The
+/// same bits as [`weight_block_gemm`] (a unit test compares them on each instruction set). False
+/// (nothing done) for another shape or the generic instruction set.
+///
+/// Why: im2col wrote every image 25 times over (60 KB) for this product. Here a tap's 16
+/// channels are one vector (two on AVX2), the output gradient is transposed once to a vector a
+/// pixel, and each pixel's input under a run of taps is read in place.
+fn direct_conv2_weight(
+    dweight: &mut [f32],
+    accumulate: bool,
+    d: &[f32],
+    inp: &[f32],
+    s: &ConvShape,
+    isa: super::isa::Isa,
+) -> bool {
+    if !direct2_fits(s) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::isa::Isa;
+        let ConvDims { hw, ckk, in_len, .. } = conv_dims(s);
+        let (ho, wo, w) = (s.out_height(), s.out_width(), s.width);
+        let nb = inp.len() / in_len;
+        let ld = nb * hw;
+        // dt[pixel] holds the pixel's output gradient for each output channel.
+        let mut dt = vec![[0f32; DIRECT2_COUT]; ld];
+        for (co, row) in d.chunks_exact(ld).enumerate() {
+            for (t, &v) in dt.iter_mut().zip(row) {
+                t[co] = v;
+            }
+        }
+        // at[pixel]: where the pixel's window starts in the block's input.
+        let at: Vec<usize> = (0..nb)
+            .flat_map(|j| (0..ho).flat_map(move |y| (0..wo).map(move |x| j * in_len + y * w + x)))
+            .collect();
+        let job = Conv2Weight {
+            dweight,
+            accumulate,
+            dt: &dt,
+            at: &at,
+            inp,
+            s,
+            pass: super::isa::gemm_pass(isa, ckk, DIRECT2_COUT, ld),
+        };
+        // SAFETY: the instruction set was checked against the CPU when it was selected.
+        match isa {
+            // 2 tap rows (10 taps) x 1 vector: 10 accumulators of the 32 registers.
+            Isa::Avx512 => unsafe { conv2_weight_avx512(job) },
+            // 1 tap row (5 taps) x 2 vectors: 10 accumulators of the 16 registers.
+            Isa::Avx2 => unsafe { conv2_weight_avx2(job) },
+            Isa::Generic => return false,
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dweight, accumulate, d, inp, isa);
+        false
+    }
+}
+
+/// [`direct_conv2_weight`]'s operands, prepared.
+struct Conv2Weight<'a> {
+    dweight: &'a mut [f32],
+    accumulate: bool,
+    dt: &'a [[f32; DIRECT2_COUT]],
+    at: &'a [usize],
+    inp: &'a [f32],
+    s: &'a ConvShape,
+    /// Pixels per pass of the reduction.
+    pass: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn conv2_weight_avx512(job: Conv2Weight) {
+    conv2_weight_rows::<lanes16::Avx512, 2>(job);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn conv2_weight_avx2(job: Conv2Weight) {
+    conv2_weight_rows::<lanes16::Avx2, 1>(job);
+}
+
+/// The body of [`direct_conv2_weight`]: for each pass, the taps in groups of R rows of 5 (one
+/// row at a time for the rest).
+///
+/// # Safety
+/// As for `V`'s methods: the CPU has V's instruction set.
+#[inline(always)]
+unsafe fn conv2_weight_rows<V: lanes16::Lanes16, const R: usize>(job: Conv2Weight) {
+    let Conv2Weight { dweight, accumulate, dt, at, inp, s, pass } = job;
+    let rows = s.in_channels * 5;
+    for (i, first) in (0..dt.len()).step_by(pass).enumerate() {
+        let px = first..(first + pass).min(dt.len());
+        let store = i == 0 && !accumulate;
+        let mut row = 0;
+        while row < rows {
+            if rows - row >= R {
+                conv2_weight_taps::<V, R>(dweight, store, &dt[px.clone()], &at[px.clone()], inp, s, row);
+                row += R;
+            } else {
+                conv2_weight_taps::<V, 1>(dweight, store, &dt[px.clone()], &at[px.clone()], inp, s, row);
+                row += 1;
+            }
+        }
+    }
+}
+
+/// Tap rows `row..row + R` (row = ci * 5 + ky) over one pass's pixels: their sums stored into,
+/// or added to, `dweight[co, row * 5 + kx]`.
+///
+/// # Safety
+/// As for `V`'s methods: the CPU has V's instruction set.
+#[inline(always)]
+unsafe fn conv2_weight_taps<V: lanes16::Lanes16, const R: usize>(
+    dweight: &mut [f32],
+    store: bool,
+    dt: &[[f32; DIRECT2_COUT]],
+    at: &[usize],
+    inp: &[f32],
+    s: &ConvShape,
+    row: usize,
+) {
+    let (h, w) = (s.height, s.width);
+    let ckk = s.in_channels * 25;
+    // Where each tap row starts relative to a pixel's window.
+    let offs: [usize; R] = std::array::from_fn(|r| ((row + r) / 5) * h * w + ((row + r) % 5) * w);
+    let mut acc = [[V::zero(); 5]; R];
+    for (dv, &at) in dt.iter().zip(at) {
+        let g = V::load(dv);
+        for (acc, &off) in acc.iter_mut().zip(&offs) {
+            let x: &[f32; 5] = inp[at + off..][..5].try_into().unwrap();
+            for (a, &x) in acc.iter_mut().zip(x) {
+                *a = a.fma(x, g);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (kx, acc) in acc.iter().enumerate() {
+            for (co, a) in acc.to_array().into_iter().enumerate() {
+                let dw = &mut dweight[co * ckk + (row + r) * 5 + kx];
+                *dw = if store { a } else { *dw + a };
+            }
+        }
+    }
+}
+
+/// 16 f32 lanes as the instruction set's vectors, for kernels written once for both: one
+/// AVX-512 register, or two AVX2 ones. Intrinsics rather than arrays of f32, which the compiler
+/// left as scalar FMAs on memory in [`conv2_weight_taps`].
+mod lanes16 {
+    #[cfg(target_arch = "x86_64")]
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// Every method needs the CPU to have the type's instruction set, and is meant to be inlined
+    /// into a function compiled for it.
+    pub unsafe trait Lanes16: Copy {
+        unsafe fn zero() -> Self;
+        unsafe fn load(v: &[f32; 16]) -> Self;
+        /// self + x * g, one rounding per lane.
+        unsafe fn fma(self, x: f32, g: Self) -> Self;
+        unsafe fn to_array(self) -> [f32; 16];
+    }
+
+    /// Portable lanes (the kernels' order checked outside the instruction sets).
+    unsafe impl Lanes16 for [f32; 16] {
+        unsafe fn zero() -> Self {
+            [0.0; 16]
+        }
+        unsafe fn load(v: &[f32; 16]) -> Self {
+            *v
+        }
+        unsafe fn fma(self, x: f32, g: Self) -> Self {
+            std::array::from_fn(|l| x.mul_add(g[l], self[l]))
+        }
+        unsafe fn to_array(self) -> [f32; 16] {
+            self
+        }
+    }
+
+    /// One AVX-512 register.
+    #[cfg(target_arch = "x86_64")]
+    #[derive(Clone, Copy)]
+    pub struct Avx512(__m512);
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe impl Lanes16 for Avx512 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx512(_mm512_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn load(v: &[f32; 16]) -> Self {
+            Avx512(_mm512_loadu_ps(v.as_ptr()))
+        }
+        #[inline(always)]
+        unsafe fn fma(self, x: f32, g: Self) -> Self {
+            Avx512(_mm512_fmadd_ps(_mm512_set1_ps(x), g.0, self.0))
+        }
+        #[inline(always)]
+        unsafe fn to_array(self) -> [f32; 16] {
+            let mut out = [0.0; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), self.0);
+            out
+        }
+    }
+
+    /// Two AVX2 registers.
+    #[cfg(target_arch = "x86_64")]
+    #[derive(Clone, Copy)]
+    pub struct Avx2([__m256; 2]);
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe impl Lanes16 for Avx2 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx2([_mm256_setzero_ps(); 2])
+        }
+        #[inline(always)]
+        unsafe fn load(v: &[f32; 16]) -> Self {
+            Avx2([_mm256_loadu_ps(v.as_ptr()), _mm256_loadu_ps(v.as_ptr().add(8))])
+        }
+        #[inline(always)]
+        unsafe fn fma(self, x: f32, g: Self) -> Self {
+            let x = _mm256_set1_ps(x);
+            Avx2([_mm256_fmadd_ps(x, g.0[0], self.0[0]), _mm256_fmadd_ps(x, g.0[1], self.0[1])])
+        }
+        #[inline(always)]
+        unsafe fn to_array(self) -> [f32; 16] {
+            let mut out = [0.0; 16];
+            _mm256_storeu_ps(out.as_mut_ptr(), self.0[0]);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), self.0[1]);
+            out
+        }
+    }
 }
 
 /// dweight = sum of the weight parts of `partials` in block order; dbias likewise.
@@ -1551,6 +1947,149 @@ mod tests {
             with_isa(isa, || conv_forward_block(&mut got, inp, weight, &bias, &s, true));
             assert_ne!(got, want);
         }
+    }
+
+    /// LeNet-5's conv2 and a shape with 3 input channels, uneven runs (a 19-wide output: runs of
+    /// 5 or 10 and single pixels) and, for 8 images, 2,432 pixels: 5 passes of the weight
+    /// gradient's reduction, the last one shorter.
+    fn conv2_shapes(batch: usize) -> [ConvShape; 2] {
+        [
+            ConvShape {
+                batch,
+                in_channels: 6,
+                out_channels: 16,
+                height: 14,
+                width: 14,
+                kernel: 5,
+                padding: 0,
+            },
+            ConvShape {
+                batch,
+                in_channels: 3,
+                out_channels: 16,
+                height: 20,
+                width: 23,
+                kernel: 5,
+                padding: 0,
+            },
+        ]
+    }
+
+    /// The direct conv2 kernel gives the im2col + GEMM path's bits (conv output after ReLU), on
+    /// each instruction set, for a whole block, a partial block and one image.
+    #[test]
+    fn direct_conv2_is_the_gemm_path_bit_for_bit() {
+        for isa in isas() {
+            for s in [CONV_BLOCK, 5, 1].into_iter().flat_map(conv2_shapes) {
+                let (inp, weight, bias) =
+                    (values(s.input_len(), 7), params(s.weight_len(), 8), params(16, 9));
+                let mut direct = vec![f32::NAN; s.output_len()];
+                assert!(direct_conv2(&mut direct, &inp, &weight, &bias, &s, isa));
+                let mut gemm = vec![f32::NAN; s.output_len()];
+                with_isa(isa, || conv_forward_block(&mut gemm, &inp, &weight, &bias, &s, true));
+                let same = direct.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{isa:?} {s:?}");
+            }
+        }
+    }
+
+    /// Planted faults the bit comparison above must see: a tap read one column off, a weight's
+    /// sign flipped, the taps summed in another order (the last input channel first).
+    #[test]
+    fn direct_conv2_comparison_catches_planted_faults() {
+        let Some(&isa) = isas().first() else { return };
+        let [s, _] = conv2_shapes(2);
+        let (inp, weight, bias) = (values(s.input_len(), 10), params(s.weight_len(), 11), params(16, 12));
+        let mut want = vec![0.0; s.output_len()];
+        with_isa(isa, || conv_forward_block(&mut want, &inp, &weight, &bias, &s, true));
+        let shifted: Vec<f32> = (0..inp.len()).map(|i| if i % 14 == 13 { 0.0 } else { inp[i + 1] }).collect();
+        let mut flipped = weight.clone();
+        flipped[7] = -flipped[7];
+        // The order planted: input channels rotated in both operands, so each product is the
+        // same and only the summation order differs.
+        let plane = s.height * s.width;
+        let rotate = |x: &[f32], len: usize| -> Vec<f32> {
+            x.chunks(len * s.in_channels)
+                .flat_map(|c| c[len * 5..].iter().chain(&c[..len * 5]))
+                .copied()
+                .collect()
+        };
+        let (rot_inp, rot_weight) = (rotate(&inp, plane), rotate(&weight, 25));
+        for (inp, weight) in [(&shifted, &weight), (&inp, &flipped), (&rot_inp, &rot_weight)] {
+            let mut got = vec![0.0; s.output_len()];
+            assert!(direct_conv2(&mut got, inp, weight, &bias, &s, isa));
+            let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(!same);
+        }
+    }
+
+    /// The direct conv2 weight gradient gives the im2col + GEMM path's bits, on each
+    /// instruction set, stored or accumulated, for a whole block (LeNet's: 2 passes of 400
+    /// pixels), a partial block and one image.
+    #[test]
+    fn direct_conv2_weight_is_the_gemm_path_bit_for_bit() {
+        for isa in isas() {
+            for s in [CONV_BLOCK, 5, 1].into_iter().flat_map(conv2_shapes) {
+                let (inp, d) = (values(s.input_len(), 31), params(s.output_len(), 32));
+                for accumulate in [false, true] {
+                    let before = params(s.weight_len(), 33);
+                    let mut direct = before.clone();
+                    assert!(direct_conv2_weight(&mut direct, accumulate, &d, &inp, &s, isa));
+                    let mut gemm = before.clone();
+                    with_isa(isa, || weight_block_gemm(&mut gemm, accumulate, &d, &inp, &s));
+                    let same = direct.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa:?} {s:?} accumulate {accumulate}");
+                }
+            }
+        }
+    }
+
+    /// Planted faults the comparison above must see: the input read one column off, one output
+    /// gradient 1% off, and LeNet's block summed in one pass instead of two of 400.
+    #[test]
+    fn direct_conv2_weight_comparison_catches_planted_faults() {
+        let Some(&isa) = isas().first() else { return };
+        let [s, _] = conv2_shapes(CONV_BLOCK);
+        assert_eq!(
+            super::super::isa::gemm_pass(isa, 150, 16, 800),
+            400,
+            "the pass this test plants a fault in"
+        );
+        let (inp, d) = (values(s.input_len(), 34), params(s.output_len(), 35));
+        let mut want = vec![0.0; s.weight_len()];
+        with_isa(isa, || weight_block_gemm(&mut want, false, &d, &inp, &s));
+        let shifted: Vec<f32> = (0..inp.len()).map(|i| if i % 14 == 13 { 0.0 } else { inp[i + 1] }).collect();
+        let mut scaled = d.clone();
+        scaled[123] *= 1.01;
+        let same = |got: &[f32]| got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+        for (inp, d) in [(&shifted, &d), (&inp, &scaled)] {
+            let mut got = vec![0.0; s.weight_len()];
+            assert!(direct_conv2_weight(&mut got, false, d, inp, &s, isa));
+            assert!(!same(&got));
+        }
+        // One pass: the same kernel body with the pass as long as the block.
+        let (ckk, ld) = (150, 800);
+        let mut dt = vec![[0f32; DIRECT2_COUT]; ld];
+        for (co, row) in d.chunks_exact(ld).enumerate() {
+            for (t, &v) in dt.iter_mut().zip(row) {
+                t[co] = v;
+            }
+        }
+        let at: Vec<usize> =
+            (0..ld).map(|p| (p / 100) * s.input_len() / s.batch + (p % 100 / 10) * 14 + p % 10).collect();
+        let mut got = vec![0.0; s.weight_len()];
+        let job = Conv2Weight {
+            dweight: &mut got,
+            accumulate: false,
+            dt: &dt,
+            at: &at,
+            inp: &inp,
+            s: &s,
+            pass: ld,
+        };
+        // SAFETY: portable lanes.
+        unsafe { conv2_weight_rows::<[f32; 16], 1>(job) };
+        assert!(!same(&got), "one pass of {ld} over {ckk} taps");
     }
 
     /// conv1's weight gradient for a block of images (the GEMM path: gathered by channel, im2col,

@@ -13,7 +13,11 @@
 //!
 //! Bits: a result is a function of the instruction set (the GEMM's register blocking, and so its
 //! order of partial sums, differs between the AVX2 and the AVX-512 kernels), never of the thread
-//! count; the same instruction set gives the same bits on any machine.
+//! count. One more input in principle: a reduction longer than 512 (conv2's weight gradient over
+//! a block of 8 images, 800 pixels; a linear layer's weight gradient at a batch above 512) is
+//! summed in passes whose length the `gemm` crate derives from the L1 data cache's geometry
+//! ([`gemm_pass`]). It is 512 for every L1 of 4 KiB a way and up to 32 ways, which covers the
+//! x86 cores we know of; so the same instruction set gives the same bits on such machines.
 
 use std::sync::OnceLock;
 
@@ -244,6 +248,33 @@ pub unsafe fn gemm(
         false,
         gemm::Parallelism::None,
     );
+}
+
+/// The reduction pass length [`gemm`] uses for an m x n x k product (after its transposition
+/// of a column-oriented destination): each output sums its k products in passes of this many,
+/// each pass from zero in order and then added to the destination. The `gemm` crate's (0.19)
+/// choice: k itself up to 512; beyond, a function of the L1 data cache's geometry (512 on x86
+/// caches of 4 KiB a way, so passes of 400 for k = 800). Direct kernels that replace a GEMM call
+/// this to keep its bits.
+pub fn gemm_pass(isa: Isa, m: usize, n: usize, k: usize) -> usize {
+    let (mr, nr) = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            use gemm_f32::microkernel::avx512f::f32 as kr;
+            (kr::MR_DIV_N * 16, kr::NR)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            use gemm_f32::microkernel::fma::f32 as kr;
+            (kr::MR_DIV_N * 8, kr::NR)
+        }
+        _ => return k.min(512),
+    };
+    if m <= 64 && n <= 64 {
+        k.min(512)
+    } else {
+        gemm_common::cache::kernel_params(m, n, k, mr, nr, std::mem::size_of::<f32>()).kc
+    }
 }
 
 #[cfg(test)]
