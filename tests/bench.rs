@@ -174,7 +174,7 @@ fn two_steps() -> (StepResult, StepResult, f64) {
         shifts: vec![0; 2 * batch],
         steps: vec![opt.step(1, opt.lr, None)],
     };
-    let mut fast = OpsBackend::with_ops(Fast::default(), "cpu", "fast".into(), &data).unwrap();
+    let mut fast = OpsBackend::with_ops(Fast, "cpu", "fast".into(), &data).unwrap();
     let mut reference = OpsBackend::with_ops(Reference, "cpu", "reference".into(), &data).unwrap();
     let result = |b: &mut dyn Backend, grads: Params| {
         let mut after = state.clone();

@@ -355,7 +355,7 @@ fn a_training_step_is_bit_identical_on_any_thread_count() {
     let data = random_images(&mut rng, batch);
     let params = Params::init(9);
     let run = || {
-        let mut fast = OpsBackend::with_ops(Fast::default(), "cpu", "fast".into(), &data).unwrap();
+        let mut fast = OpsBackend::with_ops(Fast, "cpu", "fast".into(), &data).unwrap();
         let (loss, grads) = step_gradients(&mut fast, |b| b.gradients().unwrap(), &params, batch);
         (loss.to_bits(), grads)
     };
@@ -380,7 +380,7 @@ fn network_gradient_matches_f64_finite_differences_for_every_parameter_tensor() 
         params.tensors.iter().map(|t| t.iter().map(|&x| x as f64).collect()).collect();
     let l0 = loss64(&p64, &images, &labels);
     let mut reference = OpsBackend::with_ops(Reference, "cpu", "reference".into(), &data).unwrap();
-    let mut fast = OpsBackend::with_ops(Fast::default(), "cpu", "fast".into(), &data).unwrap();
+    let mut fast = OpsBackend::with_ops(Fast, "cpu", "fast".into(), &data).unwrap();
     let runs = [
         ("reference", step_gradients(&mut reference, |b| b.gradients().unwrap(), &params, batch)),
         ("fast", step_gradients(&mut fast, |b| b.gradients().unwrap(), &params, batch)),
@@ -466,7 +466,7 @@ fn maxpool_ties_route_the_gradient_to_the_first_maximum() {
         argmax: &mut fast_argmax,
         s,
     };
-    Fast::default().conv_relu_pool_forward(&lifted, l).unwrap();
+    Fast.conv_relu_pool_forward(&lifted, l).unwrap();
     assert_eq!(conv, lifted, "the identity convolution is exact");
     let fast_argmax: Vec<usize> = fast_argmax.iter().map(|&i| i as usize).collect();
     assert_eq!(fast_argmax, expected_pos, "fast argmax");

@@ -78,7 +78,7 @@ fn every_op_has_cases() {
 /// The one test body, on each implementation.
 #[test]
 fn fast() {
-    check_all(&mut Fast::default());
+    check_all(&mut Fast);
 }
 
 /// The naive kernels (`v1`), the GPU's reference.

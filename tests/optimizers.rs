@@ -239,7 +239,7 @@ fn the_fast_update_is_the_references_bits_for_every_optimizer() {
             ops(UpdateArgs { params: &mut p, grads: &grads, moments: &mut m, step: &step });
             (p, m)
         };
-        let fast = run(&mut |a| Fast::default().update(a).unwrap());
+        let fast = run(&mut |a| Fast.update(a).unwrap());
         let reference = run(&mut |a| Reference.update(a).unwrap());
         let bits = |(p, m): &(Vec<Vec<f32>>, Vec<Vec<Vec<f32>>>)| -> Vec<u32> {
             p.iter().chain(m.iter().flatten()).flatten().map(|x| x.to_bits()).collect()

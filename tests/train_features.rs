@@ -460,7 +460,7 @@ fn the_gpu_gathers_the_loops_shifted_batch_bit_for_bit() {
     let reference = bits(gather(&mut Reference, &data.train, &indices, &shifts));
     // The shifts matter: the same images unshifted are another batch.
     assert_ne!(reference, bits(gather(&mut Reference, &data.train, &indices, &vec![0; shifts.len()])));
-    assert_eq!(bits(gather(&mut Fast::default(), &data.train, &indices, &shifts)), reference);
+    assert_eq!(bits(gather(&mut Fast, &data.train, &indices, &shifts)), reference);
     let Some(ctx) = common::gpu() else { return };
     for variant in [lenet::gpu::Variant::V1, lenet::gpu::Variant::Mixed] {
         let mut gpu = lenet::gpu::GpuOps::with_variant(ctx.clone(), variant).unwrap();

@@ -336,7 +336,7 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
             }
             groups
         }
-        None => opcheck::step_cases(Fast::default(), b, &optimizer)?.into_iter().map(|c| (c, 0..0)).collect(),
+        None => opcheck::step_cases(Fast, b, &optimizer)?.into_iter().map(|c| (c, 0..0)).collect(),
     };
 
     // (1) Validation. The ops that validate each row run the kernels the trainer records.
@@ -353,7 +353,7 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
                 record_check(&mut row, opcheck::check(ops, case, cfg.seed));
             }
             // No GPU: the CPU op is the one validated.
-            _ => record_check(&mut row, opcheck::check(&mut Fast::default(), case, cfg.seed)),
+            _ => record_check(&mut row, opcheck::check(&mut Fast, case, cfg.seed)),
         }
         rows.push(row);
     }
@@ -416,7 +416,7 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
     // (3) The CPU's timing.
     if cfg.cpu {
         for (case, row) in groups.iter().map(|(c, _)| c).zip(rows.iter_mut()) {
-            let mut fast = Fast::default();
+            let mut fast = Fast;
             let mut staged = Staged::new(&mut fast, case, &opcheck::inputs(case, cfg.seed))?;
             time_cpu(cfg, &mut || staged.exec(&mut fast))?.fill(row);
         }

@@ -14,7 +14,7 @@ impl OpsBackend<Fast> {
     /// A CPU backend that trains on `train`.
     pub fn new(train: &Dataset) -> Result<Self> {
         super::isa::check()?;
-        OpsBackend::with_ops(Fast::default(), "cpu", cpu_description(), train)
+        OpsBackend::with_ops(Fast, "cpu", cpu_description(), train)
     }
 }
 

@@ -40,6 +40,8 @@ thread_local! {
     static PAD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// A block of images' outputs or output gradients as one [C, images*HW] matrix.
     static GATHER: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One block of images' output gradient, scattered from the pool's argmaxes.
+    static DCONV: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Per-block partial weight gradients, used by the thread that calls a backward-weight op.
     static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -389,10 +391,10 @@ fn col2im(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
     let (ho, wo, k, p) = (s.out_height(), s.out_width(), s.kernel, s.padding);
     let (h, w) = (s.height, s.width);
     let hw = ho * wo;
-    dinp.fill(0.0);
     if p == 0 && wo == 10 {
-        return col2im_rows::<10>(dinp, col, ld, s);
+        return col2im_rows_isa(dinp, col, ld, s, super::isa::selected());
     }
+    dinp.fill(0.0);
     for ci in 0..s.in_channels {
         let plane = &mut dinp[ci * h * w..][..h * w];
         for ky in 0..k {
@@ -411,6 +413,62 @@ fn col2im(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// [`col2im`] for LeNet's conv2 (10-wide output, 5x5, no padding: 14-wide input rows) on the
+/// instruction set: each input row summed in one vector register, its contributions (ky, kx)
+/// in col2im's order, each a 10-float row of col loaded at lane offset kx (zeros elsewhere:
+/// adding them changes no sum, which starts at +0 and so is never -0). The same bits as
+/// [`col2im_rows`]; the per-row adds to memory that this replaces stalled on their stores.
+fn col2im_rows_isa(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape, isa: super::isa::Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if s.kernel == 5 {
+        use super::isa::Isa;
+        #[target_feature(enable = "avx512f,avx2")]
+        fn avx512(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
+            // SAFETY: compiled with AVX-512F, called only where the CPU has it.
+            unsafe { col2im_rows10::<lanes16::Avx512>(dinp, col, ld, s) }
+        }
+        #[target_feature(enable = "avx2")]
+        fn avx2(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
+            // SAFETY: compiled with AVX2, called only where the CPU has it.
+            unsafe { col2im_rows10::<lanes16::Avx2>(dinp, col, ld, s) }
+        }
+        // SAFETY: the instruction set was checked against the CPU when it was selected.
+        match isa {
+            Isa::Avx512 => return unsafe { avx512(dinp, col, ld, s) },
+            Isa::Avx2 => return unsafe { avx2(dinp, col, ld, s) },
+            Isa::Generic => {}
+        }
+    }
+    let _ = isa;
+    dinp.fill(0.0);
+    col2im_rows::<10>(dinp, col, ld, s);
+}
+
+/// The body of [`col2im_rows_isa`]: writes every element of `dinp`.
+///
+/// # Safety
+/// As for `V`'s methods: the CPU has V's instruction set.
+#[inline(always)]
+unsafe fn col2im_rows10<V: lanes16::Lanes16>(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
+    // 10 wide out, 5 wide kernel, no padding: 14 wide in.
+    const W: usize = 14;
+    let (ho, h) = (s.out_height(), s.height);
+    for (ci, plane) in dinp.chunks_exact_mut(h * W).enumerate() {
+        for (iy, out) in plane.as_chunks_mut::<W>().0.iter_mut().enumerate() {
+            let mut acc = V::zero();
+            for ky in iy.saturating_sub(ho - 1)..=iy.min(4) {
+                let y = iy - ky;
+                for kx in 0..5 {
+                    let src: &[f32; 10] =
+                        col[((ci * 5 + ky) * 5 + kx) * ld + y * 10..][..10].try_into().unwrap();
+                    acc = acc.add(V::load_window(src, kx));
+                }
+            }
+            *out = acc.to_array()[..W].try_into().unwrap();
         }
     }
 }
@@ -819,88 +877,122 @@ fn gather_channels(dst: &mut [f32], src: &[f32], channels: usize, hw: usize) {
     }
 }
 
-/// See [`super::reference::conv2d_backward_input`].
-fn conv2d_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: ConvShape) {
-    assert_eq!(dinp.len(), s.input_len());
-    assert_eq!(dout.len(), s.output_len());
-    assert_eq!(weight.len(), s.weight_len());
+/// [`Ops::conv_backward_from_pool`]: the pool's and ReLU's backward, the weight and bias
+/// gradients and the input gradient, one block of images at a time while its output gradient
+/// is in cache. Each of the (at most 8) reduction blocks of [`reduction_block`] images is one
+/// task, which works through it CONV_BLOCK images at a time: their output gradient scattered
+/// from the pool's argmaxes, their weight-gradient GEMM (or direct kernel) added to the block's
+/// partial, and their input gradient. The partials are then summed in block order.
+///
+/// The same operations in the same orders as the layer-by-layer functions this replaced (pool
+/// backward, then weight, then input, each a pass over the batch): an input gradient's element
+/// is a 16-term sum whatever the block, so the same bits.
+fn conv_backward_from_pool(a: ConvBackward<Fast>) -> Result<()> {
+    let ConvBackwardArgs { dpooled, conv, argmax, input, weight, dweight, dbias, mut dinput, s } = a;
     let ConvDims { hw, ckk, in_len, out_len } = conv_dims(&s);
-    if s.batch == 0 || in_len == 0 {
-        return;
+    let (wlen, cout) = (s.weight_len(), s.out_channels);
+    let lens =
+        dweight.len() == wlen && dbias.len() == cout && weight.len() == wlen && input.len() == s.input_len();
+    ensure!(lens, "conv_backward_from_pool: the tensors do not match {s:?}");
+    let (ho, wo) = (s.out_height(), s.out_width());
+    ensure!(ho.is_multiple_of(2) && wo.is_multiple_of(2), "max-pool input must have even sides");
+    let lens =
+        conv.len() == s.output_len() && dpooled.len() == conv.len() / 4 && argmax.len() == dpooled.len();
+    ensure!(lens, "conv_backward_from_pool: the pool's tensors do not match {s:?}");
+    if let Some(dinp) = &dinput {
+        ensure!(dinp.len() == s.input_len(), "conv_backward_from_pool: dinput does not match {s:?}");
     }
-    if hw == 0 || s.out_channels == 0 {
-        dinp.fill(0.0);
-        return;
-    }
-    let cout = s.out_channels;
-    dinp.par_chunks_mut(CONV_BLOCK * in_len).zip(dout.par_chunks(CONV_BLOCK * out_len)).for_each(
-        |(dinp, dout)| {
-            let nb = dinp.len() / in_len;
-            let ld = nb * hw;
-            with_buffer(&GATHER, cout * ld, |d| {
-                gather_channels(d, dout, cout, hw);
-                with_buffer(&COL, ckk * ld, |dcol| {
-                    // dcol[ckk, nb*hw] = weightᵀ[ckk, cout] · dout[cout, nb*hw]
-                    let wt = View { data: weight, rs: 1, cs: ckk };
-                    let dv = View { data: d, rs: ld, cs: 1 };
-                    matmul(dcol, ld, false, wt, dv, ckk, ld, cout);
-                    for (j, dinp) in dinp.chunks_mut(in_len).enumerate() {
-                        col2im(dinp, &dcol[j * hw..], ld, &s);
-                    }
-                });
-            });
-        },
-    );
-}
-
-/// See [`super::reference::conv2d_backward_weight`].
-fn conv2d_backward_weight(dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], s: ConvShape) {
-    assert_eq!(dweight.len(), s.weight_len());
-    assert_eq!(dbias.len(), s.out_channels);
-    assert_eq!(dout.len(), s.output_len());
-    assert_eq!(inp.len(), s.input_len());
-    let ConvDims { hw, in_len, out_len, .. } = conv_dims(&s);
-    let (wlen, cout) = (dweight.len(), s.out_channels);
     if s.batch == 0 || hw == 0 || in_len == 0 || cout == 0 {
         dweight.fill(0.0);
         dbias.fill(0.0);
-        return;
+        if let Some(dinp) = dinput {
+            dinp.fill(0.0);
+        }
+        return Ok(());
     }
+    let isa = super::isa::selected();
     let block = reduction_block(s.batch);
     let blocks = s.batch.div_ceil(block);
+    let pooled_len = out_len / 4;
+    // Each block's share of the input gradient, or nothing.
+    let mut dinp_blocks: Vec<Option<&mut [f32]>> = match dinput.as_mut() {
+        Some(dinp) => dinp.chunks_mut(block * in_len).map(Some).collect(),
+        None => (0..blocks).map(|_| None).collect(),
+    };
     with_buffer(&PARTIALS, blocks * (wlen + cout), |partials| {
-        partials
-            .par_chunks_mut(wlen + cout)
-            .zip(dout.par_chunks(block * out_len))
-            .zip(inp.par_chunks(block * in_len))
-            .for_each(|((part, dout), inp)| {
+        partials.par_chunks_mut(wlen + cout).zip(dinp_blocks.par_iter_mut()).enumerate().for_each(
+            |(blk, (part, dinp))| {
                 let (pw, pb) = part.split_at_mut(wlen);
                 pb.fill(0.0);
+                let first = blk * block;
+                let images = block.min(s.batch - first);
                 let sub = CONV_BLOCK.min(block);
-                for (i, (dout, inp)) in dout.chunks(sub * out_len).zip(inp.chunks(sub * in_len)).enumerate() {
-                    let nb = dout.len() / out_len;
-                    let ld = nb * hw;
-                    if direct_conv1_weight(pw, i > 0, dout, inp, &s, super::isa::selected()) {
-                        // The bias: each channel's sum over the block's images as sum_fixed
-                        // folds the gathered row (images of 784 = 49 x 16 values leave no
-                        // remainder, so image by image is the same order).
-                        for (co, b) in pb.iter_mut().enumerate() {
-                            *b += sum_fixed_images(dout.chunks(out_len).map(|img| &img[co * hw..][..hw]));
+                for (i, j0) in (0..images).step_by(sub).enumerate() {
+                    let nb = sub.min(images - j0);
+                    let img0 = first + j0;
+                    let inp = &input[img0 * in_len..][..nb * in_len];
+                    with_buffer(&DCONV, nb * out_len, |dout| {
+                        for (j, dout) in dout.chunks_exact_mut(out_len).enumerate() {
+                            let img = img0 + j;
+                            let at = img * pooled_len..(img + 1) * pooled_len;
+                            let conv = &conv[img * out_len..][..out_len];
+                            pool_relu_backward_image(
+                                dout,
+                                &dpooled[at.clone()],
+                                &argmax[at],
+                                conv,
+                                img * out_len,
+                            );
                         }
-                        continue;
-                    }
-                    with_buffer(&GATHER, cout * ld, |d| {
-                        gather_channels(d, dout, cout, hw);
-                        if !direct_conv2_weight(pw, i > 0, d, inp, &s, super::isa::selected()) {
-                            weight_block_gemm(pw, i > 0, d, inp, &s);
+                        if direct_conv1_weight(pw, i > 0, dout, inp, &s, isa) {
+                            // The bias: each channel's sum over the block's images as sum_fixed
+                            // folds the gathered row (images of 784 = 49 x 16 values leave no
+                            // remainder, so image by image is the same order).
+                            for (co, b) in pb.iter_mut().enumerate() {
+                                *b += sum_fixed_images(dout.chunks(out_len).map(|img| &img[co * hw..][..hw]));
+                            }
+                        } else {
+                            let ld = nb * hw;
+                            with_buffer(&GATHER, cout * ld, |d| {
+                                gather_channels(d, dout, cout, hw);
+                                if !direct_conv2_weight(pw, i > 0, d, inp, &s, isa) {
+                                    weight_block_gemm(pw, i > 0, d, inp, &s);
+                                }
+                                for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
+                                    *b += sum_fixed(row);
+                                }
+                            });
                         }
-                        for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
-                            *b += sum_fixed(row);
+                        if let Some(dinp) = dinp.as_deref_mut() {
+                            input_grad_block(&mut dinp[j0 * in_len..][..nb * in_len], dout, weight, &s, ckk);
                         }
                     });
                 }
-            });
+            },
+        );
         sum_partials(dweight, dbias, partials, wlen);
+    });
+    Ok(())
+}
+
+/// The input gradient of one block of images from their output gradient (see
+/// [`super::reference::conv2d_backward_input`]): the output gradient gathered by channel, one
+/// GEMM with the transposed weights into col, then [`col2im`] image by image.
+fn input_grad_block(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: &ConvShape, ckk: usize) {
+    let ConvDims { hw, in_len, .. } = conv_dims(s);
+    let cout = s.out_channels;
+    let ld = dinp.len() / in_len * hw;
+    with_buffer(&GATHER, cout * ld, |d| {
+        gather_channels(d, dout, cout, hw);
+        with_buffer(&COL, ckk * ld, |dcol| {
+            // dcol[ckk, nb*hw] = weightᵀ[ckk, cout] · dout[cout, nb*hw]
+            let wt = View { data: weight, rs: 1, cs: ckk };
+            let dv = View { data: d, rs: ld, cs: 1 };
+            matmul(dcol, ld, false, wt, dv, ckk, ld, cout);
+            for (j, dinp) in dinp.chunks_mut(in_len).enumerate() {
+                col2im(dinp, &dcol[j * hw..], ld, s);
+            }
+        });
     });
 }
 
@@ -1306,6 +1398,9 @@ mod lanes16 {
         /// self + x * g, one rounding per lane.
         unsafe fn fma(self, x: f32, g: Self) -> Self;
         unsafe fn to_array(self) -> [f32; 16];
+        /// Lanes shift..shift + N hold `src`, the others 0. shift + N <= 16.
+        unsafe fn load_window<const N: usize>(src: &[f32; N], shift: usize) -> Self;
+        unsafe fn add(self, other: Self) -> Self;
     }
 
     /// Portable lanes (the kernels' order checked outside the instruction sets).
@@ -1321,6 +1416,14 @@ mod lanes16 {
         }
         unsafe fn to_array(self) -> [f32; 16] {
             self
+        }
+        unsafe fn load_window<const N: usize>(src: &[f32; N], shift: usize) -> Self {
+            let mut v = [0.0; 16];
+            v[shift..shift + N].copy_from_slice(src);
+            v
+        }
+        unsafe fn add(self, other: Self) -> Self {
+            std::array::from_fn(|l| self[l] + other[l])
         }
     }
 
@@ -1348,6 +1451,17 @@ mod lanes16 {
             let mut out = [0.0; 16];
             _mm512_storeu_ps(out.as_mut_ptr(), self.0);
             out
+        }
+        #[inline(always)]
+        unsafe fn load_window<const N: usize>(src: &[f32; N], shift: usize) -> Self {
+            debug_assert!(shift + N <= 16);
+            // The masked-out lanes are not read, so the address before `src` is never touched.
+            let mask = (((1u32 << N) - 1) << shift) as u16;
+            Avx512(_mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_sub(shift)))
+        }
+        #[inline(always)]
+        unsafe fn add(self, other: Self) -> Self {
+            Avx512(_mm512_add_ps(self.0, other.0))
         }
     }
 
@@ -1377,6 +1491,26 @@ mod lanes16 {
             _mm256_storeu_ps(out.as_mut_ptr(), self.0[0]);
             _mm256_storeu_ps(out.as_mut_ptr().add(8), self.0[1]);
             out
+        }
+        #[inline(always)]
+        unsafe fn load_window<const N: usize>(src: &[f32; N], shift: usize) -> Self {
+            debug_assert!(shift + N <= 16);
+            // Lane l reads src[l - shift] where shift <= l < shift + N; the masked-out lanes
+            // are not read, so the addresses outside `src` are never touched.
+            let base = src.as_ptr().wrapping_sub(shift);
+            let (lo, hi) = (shift as i32, (shift + N) as i32);
+            let half = |first: i32| {
+                let lane =
+                    _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(first));
+                let from = _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(lo - 1));
+                let to = _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), lane);
+                _mm256_and_si256(from, to)
+            };
+            Avx2([_mm256_maskload_ps(base, half(0)), _mm256_maskload_ps(base.wrapping_add(8), half(8))])
+        }
+        #[inline(always)]
+        unsafe fn add(self, other: Self) -> Self {
+            Avx2([_mm256_add_ps(self.0[0], other.0[0]), _mm256_add_ps(self.0[1], other.0[1])])
         }
     }
 }
@@ -1512,13 +1646,19 @@ pub fn maxpool2x2_relu_backward(
         return;
     }
     dinp.par_chunks_mut(img_in).zip(conv.par_chunks(img_in)).enumerate().for_each(|(b, (dinp, conv))| {
-        dinp.fill(0.0);
         let r = b * img_out..(b + 1) * img_out;
-        for (&g, &i) in dout[r.clone()].iter().zip(&argmax[r]) {
-            let i = (i as usize).checked_sub(b * img_in).expect("argmax outside its image");
-            dinp[i] = if conv[i] > 0.0 { g } else { 0.0 };
-        }
+        pool_relu_backward_image(dinp, &dout[r.clone()], &argmax[r], conv, b * img_in);
     });
+}
+
+/// [`maxpool2x2_relu_backward`] for one image: `base` is the image's offset in the batch's conv
+/// (the argmaxes index the whole batch).
+fn pool_relu_backward_image(dinp: &mut [f32], dout: &[f32], argmax: &[u32], conv: &[f32], base: usize) {
+    dinp.fill(0.0);
+    for (&g, &i) in dout.iter().zip(argmax) {
+        let i = (i as usize).checked_sub(base).expect("argmax outside its image");
+        dinp[i] = if conv[i] > 0.0 { g } else { 0.0 };
+    }
 }
 
 /// Rows per block of the linear layers' batch-parallel GEMMs.
@@ -1791,10 +1931,7 @@ fn span_body<R: optim::Rule>(k: &optim::Scalars, param: &mut [f32], grad: &[f32]
 /// The fast CPU path as an [`Ops`] implementation: im2col + GEMM convolutions, the layers'
 /// ReLU and max-pool fused in, threads over the batch (see the module docs).
 #[derive(Debug, Default)]
-pub struct Fast {
-    /// The conv-output gradient between the pool's backward and the conv's.
-    dconv: Vec<f32>,
-}
+pub struct Fast;
 
 impl Ops for Fast {
     super::host_buffers!();
@@ -1835,24 +1972,7 @@ impl Ops for Fast {
     }
 
     fn conv_backward_from_pool(&mut self, a: ConvBackward<Self>) -> Result<()> {
-        let s = a.s;
-        self.dconv.resize(s.output_len(), 0.0);
-        let (ho, wo) = (s.out_height(), s.out_width());
-        maxpool2x2_relu_backward(
-            &mut self.dconv,
-            a.dpooled,
-            a.argmax,
-            a.conv,
-            s.batch,
-            s.out_channels,
-            ho,
-            wo,
-        );
-        conv2d_backward_weight(a.dweight, a.dbias, &self.dconv, a.input, s);
-        if let Some(dinput) = a.dinput {
-            conv2d_backward_input(dinput, &self.dconv, a.weight, s);
-        }
-        Ok(())
+        conv_backward_from_pool(a)
     }
 
     fn update(&mut self, a: Update<Self>) -> Result<()> {
@@ -2020,6 +2140,82 @@ mod tests {
             assert!(direct_conv2(&mut got, inp, weight, &bias, &s, isa));
             let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(!same);
+        }
+    }
+
+    /// Each instruction set's Lanes16 does what the portable lanes do, lane for lane: windows at
+    /// every shift (the masked lanes zero, nothing outside the source read into them), FMAs,
+    /// adds.
+    #[test]
+    fn lanes16_match_the_portable_lanes() {
+        use lanes16::Lanes16;
+        fn run<V: Lanes16>() -> Vec<[f32; 16]> {
+            let src: [f32; 10] = std::array::from_fn(|i| i as f32 * 1.5 - 4.0);
+            let g: [f32; 16] = std::array::from_fn(|i| 0.1 + i as f32 * 1e-3);
+            // SAFETY: called only for instruction sets the CPU has (see below).
+            unsafe {
+                (0..=6)
+                    .flat_map(|shift| {
+                        let w = V::load_window(&src, shift);
+                        [w.to_array(), w.fma(0.3, V::load(&g)).add(w).to_array()]
+                    })
+                    .collect()
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx2")]
+            fn avx512() -> Vec<[f32; 16]> {
+                run::<lanes16::Avx512>()
+            }
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2() -> Vec<[f32; 16]> {
+                run::<lanes16::Avx2>()
+            }
+            let want = run::<[f32; 16]>();
+            // The window at shift 1: lane 0 masked, lanes 1..11 the source, the rest masked.
+            assert_eq!(want[2][..2], [0.0, -4.0]);
+            assert_eq!(want[2][11..], [0.0; 5]);
+            for isa in isas() {
+                // SAFETY: `isas` lists what the CPU has.
+                let got = unsafe {
+                    if isa == Isa::Avx512 {
+                        avx512()
+                    } else {
+                        avx2()
+                    }
+                };
+                assert_eq!(got, want, "{isa:?}");
+            }
+        }
+    }
+
+    /// conv2's col2im on each instruction set (one vector register a row) gives the portable
+    /// row-by-row adds' bits, for a whole block, a partial one and one image; a col with one
+    /// entry 1% off does not.
+    #[test]
+    fn col2im_rows_isa_is_the_row_adds_bit_for_bit() {
+        for isa in isas() {
+            for s in [CONV_BLOCK, 5, 1].map(|b| conv2_shapes(b)[0]) {
+                let ld = s.batch * 100;
+                let col = values(150 * ld, 41);
+                let mut want = vec![0.0; s.input_len()];
+                let mut got = vec![f32::NAN; s.input_len()];
+                for (j, (want, got)) in want
+                    .chunks_mut(s.input_len() / s.batch)
+                    .zip(got.chunks_mut(s.input_len() / s.batch))
+                    .enumerate()
+                {
+                    col2im_rows::<10>(want, &col[j * 100..], ld, &s);
+                    col2im_rows_isa(got, &col[j * 100..], ld, &s, isa);
+                }
+                let same = |got: &[f32]| got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same(&got), "{isa:?} {s:?}");
+                let mut off = col.clone();
+                off[ld * 77 + 3] *= 1.01;
+                col2im_rows_isa(&mut got[..s.input_len() / s.batch], &off, ld, &s, isa);
+                assert!(!same(&got), "{isa:?} {s:?}: the planted 1%");
+            }
         }
     }
 
