@@ -320,24 +320,22 @@ pub fn run(cfg: &BenchConfig, gpu: Option<&GpuContext>) -> Result<Report> {
     let mut rows = Vec::new();
     let mut step_dispatches = None;
     // (case, dispatch range) per row.
-    let groups: Vec<(OpCase, std::ops::Range<usize>)> = match gpu_backend
-        .as_ref()
-        .and_then(|be| be.step_program())
-    {
-        Some((ds, _)) => {
-            step_dispatches = Some(ds.len());
-            let mut groups: Vec<(OpCase, std::ops::Range<usize>)> = Vec::new();
-            for (i, d) in ds.iter().enumerate() {
-                let case = d.case.clone().context("a dispatch without its op")?;
-                match groups.last_mut() {
-                    Some((c, r)) if *c == case && r.end == i => r.end = i + 1,
-                    _ => groups.push((case, i..i + 1)),
+    let groups: Vec<(OpCase, std::ops::Range<usize>)> =
+        match gpu_backend.as_ref().and_then(|be| be.step_program()) {
+            Some((ds, _)) => {
+                step_dispatches = Some(ds.len());
+                let mut groups: Vec<(OpCase, std::ops::Range<usize>)> = Vec::new();
+                for (i, d) in ds.iter().enumerate() {
+                    let case = d.case.clone().context("a dispatch without its op")?;
+                    match groups.last_mut() {
+                        Some((c, r)) if *c == case && r.end == i => r.end = i + 1,
+                        _ => groups.push((case, i..i + 1)),
+                    }
                 }
+                groups
             }
-            groups
-        }
-        None => opcheck::step_cases(Fast, b, &optimizer)?.into_iter().map(|c| (c, 0..0)).collect(),
-    };
+            None => opcheck::step_cases(Fast, b, &optimizer)?.into_iter().map(|c| (c, 0..0)).collect(),
+        };
 
     // (1) Validation. The ops that validate each row run the kernels the trainer records.
     let mut gpu_ops = match (gpu, gpu_backend.as_ref()) {

@@ -40,6 +40,8 @@ thread_local! {
     static PAD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// A block of images' outputs or output gradients as one [C, images*HW] matrix.
     static GATHER: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One block of images' output gradient pixel-major (see [`pixel_major_from_pool`]).
+    static PIXELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// One block of images' output gradient, scattered from the pool's argmaxes.
     static DCONV: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Per-block partial weight gradients, used by the thread that calls a backward-weight op.
@@ -955,7 +957,14 @@ fn conv_backward_from_pool(a: ConvBackward<Fast>) -> Result<()> {
                             let ld = nb * hw;
                             with_buffer(&GATHER, cout * ld, |d| {
                                 gather_channels(d, dout, cout, hw);
-                                if !direct_conv2_weight(pw, i > 0, d, inp, &s, isa) {
+                                let direct = direct2_fits(&s)
+                                    && with_buffer(&PIXELS, ld * DIRECT2_COUT, |dt| {
+                                        let dt = dt.as_chunks_mut::<DIRECT2_COUT>().0;
+                                        let pool = (dpooled.as_slice(), argmax.as_slice(), conv.as_slice());
+                                        pixel_major_from_pool(dt, pool, img0, &s);
+                                        direct_conv2_weight(pw, i > 0, dt, inp, &s, isa)
+                                    });
+                                if !direct {
                                     weight_block_gemm(pw, i > 0, d, inp, &s);
                                 }
                                 for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
@@ -1229,20 +1238,20 @@ fn weight_block_gemm(dweight: &mut [f32], accumulate: bool, d: &[f32], inp: &[f3
 }
 
 /// conv2's weight gradient for one block of images without im2col: `dweight[co, tap]` (+)= the
-/// sum over the block's pixels of `d[co, pixel]` (the output gradient gathered by channel, as
-/// [`gather_channels`] lays it out) times the input under that tap, in the order the GEMM path
+/// sum over the block's pixels of `dt[pixel][co]` (the output gradient, pixel-major: see
+/// [`pixel_major_from_pool`]) times the input under that tap, in the order the GEMM path
 /// sums it: passes of [`super::isa::gemm_pass`] pixels, each from zero in order with FMAs and
 /// then added to the destination (or stored, for the first pass when not accumulating). The
 /// same bits as [`weight_block_gemm`] (a unit test compares them on each instruction set). False
 /// (nothing done) for another shape or the generic instruction set.
 ///
 /// Why: im2col wrote every image 25 times over (60 KB) for this product. Here a tap's 16
-/// channels are one vector (two on AVX2), the output gradient is transposed once to a vector a
-/// pixel, and each pixel's input under a run of taps is read in place.
+/// channels are one vector (two on AVX2), as is a pixel's output gradient, and each pixel's
+/// input under a run of taps is read in place.
 fn direct_conv2_weight(
     dweight: &mut [f32],
     accumulate: bool,
-    d: &[f32],
+    dt: &[[f32; DIRECT2_COUT]],
     inp: &[f32],
     s: &ConvShape,
     isa: super::isa::Isa,
@@ -1257,21 +1266,18 @@ fn direct_conv2_weight(
         let (ho, wo, w) = (s.out_height(), s.out_width(), s.width);
         let nb = inp.len() / in_len;
         let ld = nb * hw;
-        // dt[pixel] holds the pixel's output gradient for each output channel.
-        let mut dt = vec![[0f32; DIRECT2_COUT]; ld];
-        for (co, row) in d.chunks_exact(ld).enumerate() {
-            for (t, &v) in dt.iter_mut().zip(row) {
-                t[co] = v;
+        assert_eq!(dt.len(), ld, "direct_conv2_weight: one gradient vector a pixel");
+        // at[pixel]: where the pixel's window starts in the block's input.
+        let mut at = Vec::with_capacity(ld);
+        for j in 0..nb {
+            for y in 0..ho {
+                at.extend((0..wo).map(|x| j * in_len + y * w + x));
             }
         }
-        // at[pixel]: where the pixel's window starts in the block's input.
-        let at: Vec<usize> = (0..nb)
-            .flat_map(|j| (0..ho).flat_map(move |y| (0..wo).map(move |x| j * in_len + y * w + x)))
-            .collect();
         let job = Conv2Weight {
             dweight,
             accumulate,
-            dt: &dt,
+            dt,
             at: &at,
             inp,
             s,
@@ -1289,7 +1295,7 @@ fn direct_conv2_weight(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (dweight, accumulate, d, inp, isa);
+        let _ = (dweight, accumulate, dt, inp, isa);
         false
     }
 }
@@ -1649,6 +1655,33 @@ pub fn maxpool2x2_relu_backward(
         let r = b * img_out..(b + 1) * img_out;
         pool_relu_backward_image(dinp, &dout[r.clone()], &argmax[r], conv, b * img_in);
     });
+}
+
+/// The output gradient of the images `img0..img0 + dt.len() / HW` (HW = the conv's output
+/// pixels) pixel-major, for [`direct_conv2_weight`]: `dt[j * HW + pixel][co]` is the gradient
+/// [`pool_relu_backward_image`] gives image `img0 + j` at (co, pixel), the same values, scattered
+/// straight from the pool's argmaxes instead of transposed from the channel-major gradient.
+fn pixel_major_from_pool(
+    dt: &mut [[f32; DIRECT2_COUT]],
+    pool: (&[f32], &[u32], &[f32]),
+    img0: usize,
+    s: &ConvShape,
+) {
+    let (dpooled, argmax, conv) = pool;
+    let hw = s.out_height() * s.out_width();
+    let (out_len, pooled_len) = (s.out_channels * hw, s.out_channels * hw / 4);
+    dt.fill([0.0; DIRECT2_COUT]);
+    for (j, dt) in dt.chunks_exact_mut(hw).enumerate() {
+        let img = img0 + j;
+        let at = img * pooled_len..(img + 1) * pooled_len;
+        let conv = &conv[img * out_len..][..out_len];
+        for (&g, &i) in dpooled[at.clone()].iter().zip(&argmax[at]) {
+            let i = (i as usize).checked_sub(img * out_len).expect("argmax outside its image");
+            if conv[i] > 0.0 {
+                dt[i % hw][i / hw] = g;
+            }
+        }
+    }
 }
 
 /// [`maxpool2x2_relu_backward`] for one image: `base` is the image's offset in the batch's conv
@@ -2219,6 +2252,17 @@ mod tests {
         }
     }
 
+    /// A channel-major output gradient d[co, pixel] (`ld` pixels) pixel-major.
+    fn pixel_major(d: &[f32], ld: usize) -> Vec<[f32; DIRECT2_COUT]> {
+        let mut dt = vec![[0f32; DIRECT2_COUT]; ld];
+        for (co, row) in d.chunks_exact(ld).enumerate() {
+            for (t, &v) in dt.iter_mut().zip(row) {
+                t[co] = v;
+            }
+        }
+        dt
+    }
+
     /// The direct conv2 weight gradient gives the im2col + GEMM path's bits, on each
     /// instruction set, stored or accumulated, for a whole block (LeNet's: 2 passes of 400
     /// pixels), a partial block and one image.
@@ -2230,7 +2274,8 @@ mod tests {
                 for accumulate in [false, true] {
                     let before = params(s.weight_len(), 33);
                     let mut direct = before.clone();
-                    assert!(direct_conv2_weight(&mut direct, accumulate, &d, &inp, &s, isa));
+                    let dt = pixel_major(&d, s.output_len() / 16);
+                    assert!(direct_conv2_weight(&mut direct, accumulate, &dt, &inp, &s, isa));
                     let mut gemm = before.clone();
                     with_isa(isa, || weight_block_gemm(&mut gemm, accumulate, &d, &inp, &s));
                     let same = direct.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits());
@@ -2260,17 +2305,12 @@ mod tests {
         let same = |got: &[f32]| got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
         for (inp, d) in [(&shifted, &d), (&inp, &scaled)] {
             let mut got = vec![0.0; s.weight_len()];
-            assert!(direct_conv2_weight(&mut got, false, d, inp, &s, isa));
+            assert!(direct_conv2_weight(&mut got, false, &pixel_major(d, 800), inp, &s, isa));
             assert!(!same(&got));
         }
         // One pass: the same kernel body with the pass as long as the block.
         let (ckk, ld) = (150, 800);
-        let mut dt = vec![[0f32; DIRECT2_COUT]; ld];
-        for (co, row) in d.chunks_exact(ld).enumerate() {
-            for (t, &v) in dt.iter_mut().zip(row) {
-                t[co] = v;
-            }
-        }
+        let dt = pixel_major(&d, ld);
         let at: Vec<usize> =
             (0..ld).map(|p| (p / 100) * s.input_len() / s.batch + (p % 100 / 10) * 14 + p % 10).collect();
         let mut got = vec![0.0; s.weight_len()];
