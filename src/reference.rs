@@ -319,10 +319,23 @@ pub fn softmax_xent(
     batch: usize,
     classes: usize,
 ) {
+    softmax_xent_scaled(dlogits, losses, correct, logits, labels, classes, 1.0 / batch as f32);
+}
+
+/// [`softmax_xent`] of some rows of a batch: `scale` is 1 / the whole batch's size.
+pub fn softmax_xent_scaled(
+    dlogits: &mut [f32],
+    losses: &mut [f32],
+    correct: &mut [u32],
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    scale: f32,
+) {
+    let batch = labels.len();
     assert_eq!(logits.len(), batch * classes);
     assert_eq!(dlogits.len(), batch * classes);
-    assert!(labels.len() == batch && losses.len() == batch && correct.len() == batch);
-    let scale = 1.0 / batch as f32;
+    assert!(losses.len() == batch && correct.len() == batch);
     for b in 0..batch {
         let row = &logits[b * classes..][..classes];
         let label = labels[b] as usize;

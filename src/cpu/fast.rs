@@ -1675,10 +1675,14 @@ fn pixel_major_from_pool(
         let img = img0 + j;
         let at = img * pooled_len..(img + 1) * pooled_len;
         let conv = &conv[img * out_len..][..out_len];
-        for (&g, &i) in dpooled[at.clone()].iter().zip(&argmax[at]) {
-            let i = (i as usize).checked_sub(img * out_len).expect("argmax outside its image");
-            if conv[i] > 0.0 {
-                dt[i % hw][i / hw] = g;
+        let pooled = dpooled[at.clone()].chunks_exact(hw / 4).zip(argmax[at].chunks_exact(hw / 4));
+        for (co, (dpooled, argmax)) in pooled.enumerate() {
+            // Channel co's plane of the image's conv output.
+            let base = img * out_len + co * hw;
+            for (&g, &i) in dpooled.iter().zip(argmax) {
+                let i = (i as usize).checked_sub(base).filter(|&i| i < hw).expect("argmax outside its plane");
+                // A select, not a branch: the sign of conv is a coin toss to the predictor.
+                dt[i][co] = if conv[co * hw + i] > 0.0 { g } else { 0.0 };
             }
         }
     }
@@ -1709,17 +1713,23 @@ fn linear_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], s:
     }
     let in_rows = LINEAR_ROWS * in_features.max(1);
     out.par_chunks_mut(LINEAR_ROWS * out_features).enumerate().for_each(|(blk, out)| {
-        let rows = out.len() / out_features;
-        for row in out.chunks_mut(out_features) {
-            row.copy_from_slice(bias);
-        }
-        let x = View { data: &inp[(blk * in_rows).min(inp.len())..], rs: in_features, cs: 1 };
-        let wt = View { data: weight, rs: 1, cs: in_features };
-        matmul(out, out_features, true, x, wt, rows, out_features, in_features);
-        if relu {
-            relu_in_place(out);
-        }
+        linear_rows(out, &inp[(blk * in_rows).min(inp.len())..], weight, bias, in_features, relu);
     });
+}
+
+/// One block of rows of [`linear_forward`]: out = bias + inp · weightᵀ as one GEMM, then ReLU.
+fn linear_rows(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], in_features: usize, relu: bool) {
+    let out_features = bias.len();
+    let rows = out.len() / out_features;
+    for row in out.chunks_mut(out_features) {
+        row.copy_from_slice(bias);
+    }
+    let x = View { data: inp, rs: in_features, cs: 1 };
+    let wt = View { data: weight, rs: 1, cs: in_features };
+    matmul(out, out_features, true, x, wt, rows, out_features, in_features);
+    if relu {
+        relu_in_place(out);
+    }
 }
 
 /// See [`super::reference::linear_backward_input`]: dX = dY · W as one GEMM per fixed block of
@@ -1740,14 +1750,95 @@ fn linear_backward_input(
         return;
     }
     dinp.par_chunks_mut(LINEAR_ROWS * in_features).enumerate().for_each(|(blk, dinp)| {
-        let rows = dinp.len() / in_features;
-        let d = View { data: &dout[blk * LINEAR_ROWS * out_features..], rs: out_features, cs: 1 };
-        let w = View { data: weight, rs: in_features, cs: 1 };
-        matmul(dinp, in_features, false, d, w, rows, in_features, out_features);
-        if let Some(mask) = relu_mask {
-            relu_backward_in_place(dinp, &mask[blk * LINEAR_ROWS * in_features..][..dinp.len()]);
-        }
+        let rows = blk * LINEAR_ROWS..blk * LINEAR_ROWS + dinp.len() / in_features;
+        let mask = relu_mask.map(|m| &m[rows.start * in_features..rows.end * in_features]);
+        input_grad_rows(dinp, &dout[rows.start * out_features..], weight, out_features, mask);
     });
+}
+
+/// One block of rows of [`linear_backward_input`].
+fn input_grad_rows(
+    dinp: &mut [f32],
+    dout: &[f32],
+    weight: &[f32],
+    out_features: usize,
+    mask: Option<&[f32]>,
+) {
+    let in_features = weight.len() / out_features;
+    let rows = dinp.len() / in_features;
+    let d = View { data: dout, rs: out_features, cs: 1 };
+    let w = View { data: weight, rs: in_features, cs: 1 };
+    matmul(dinp, in_features, false, d, w, rows, in_features, out_features);
+    if let Some(mask) = mask {
+        relu_backward_in_place(dinp, mask);
+    }
+}
+
+/// [`Ops::head_forward_backward`] in two parallel passes instead of the five of its layer
+/// ops: each block of rows of the batch goes forward through the three layers, the loss, and
+/// back to the head's input (each of those its own op's rows, [`linear_rows`],
+/// [`input_grad_rows`], the reference's loss); then the three layers' weight gradients, side by
+/// side. Every value is computed as the layer ops compute it (the same blocks of rows, the same
+/// GEMMs), so the same bits; at LeNet's sizes the layer ops' fork-joins and the loss's copies
+/// cost more than their arithmetic.
+fn head_forward_backward(a: Head<Fast>) -> Result<()> {
+    let HeadArgs { input, layers: [l1, l2, l3], labels, losses, correct, dinput, s } = a;
+    let [f0, f1, f2, f3] = s.features;
+    let b = s.batch;
+    let layer_lens = |l: &HeadLayerArgs<Vec<f32>>, fin: usize, fout: usize| {
+        l.weight.len() == fout * fin
+            && l.bias.len() == fout
+            && l.out.len() == b * fout
+            && l.dout.len() == b * fout
+            && l.dweight.len() == fout * fin
+            && l.dbias.len() == fout
+    };
+    let lens = input.len() == b * f0
+        && dinput.len() == b * f0
+        && labels.len() == b
+        && losses.len() == b
+        && correct.len() == b
+        && layer_lens(&l1, f0, f1)
+        && layer_lens(&l2, f1, f2)
+        && layer_lens(&l3, f2, f3);
+    ensure!(lens, "head_forward_backward: the tensors do not match {s:?}");
+    ensure!(labels.iter().all(|&l| (l as usize) < f3), "a label is not below {f3}");
+    let [s1, s2, s3] = s.layers();
+    if s.features.contains(&0) || b == 0 {
+        let layers = [l1, l2, l3];
+        return head_by_layers(&mut Fast, HeadArgs { input, layers, labels, losses, correct, dinput, s });
+    }
+    let scale = 1.0 / b as f32;
+    let r = LINEAR_ROWS;
+    let (w1, w2, w3) = (l1.weight.as_slice(), l2.weight.as_slice(), l3.weight.as_slice());
+    let (b1, b2, b3) = (l1.bias.as_slice(), l2.bias.as_slice(), l3.bias.as_slice());
+    let forward =
+        input.par_chunks(r * f0).zip(l1.out.par_chunks_mut(r * f1)).zip(l2.out.par_chunks_mut(r * f2));
+    let loss = l3.out.par_chunks_mut(r * f3).zip(l3.dout.par_chunks_mut(r * f3)).zip(labels.par_chunks(r));
+    let loss = loss.zip(losses.par_chunks_mut(r)).zip(correct.par_chunks_mut(r));
+    let backward =
+        l2.dout.par_chunks_mut(r * f2).zip(l1.dout.par_chunks_mut(r * f1)).zip(dinput.par_chunks_mut(r * f0));
+    let blocks = forward.zip(loss).zip(backward);
+    blocks.for_each(|((((x, h1), h2), ((((z, dz), lab), loss), corr)), ((dh2, dh1), dx))| {
+        linear_rows(h1, x, w1, b1, f0, true);
+        linear_rows(h2, h1, w2, b2, f1, true);
+        linear_rows(z, h2, w3, b3, f2, false);
+        super::reference::softmax_xent_scaled(dz, loss, corr, z, lab, f3, scale);
+        input_grad_rows(dh2, dz, w3, f3, Some(h2));
+        input_grad_rows(dh1, dh2, w2, f2, Some(h1));
+        input_grad_rows(dx, dh1, w1, f1, None);
+    });
+    let (h1, h2) = (&*l1.out, &*l2.out);
+    rayon::join(
+        || linear_backward_weight(l1.dweight, l1.dbias, l1.dout, input, s1),
+        || {
+            rayon::join(
+                || linear_backward_weight(l2.dweight, l2.dbias, l2.dout, h1, s2),
+                || linear_backward_weight(l3.dweight, l3.dbias, l3.dout, h2, s3),
+            )
+        },
+    );
+    Ok(())
 }
 
 /// See [`super::reference::linear_backward_weight`]: dW = dYᵀ · X, split into fixed blocks of
@@ -2006,6 +2097,10 @@ impl Ops for Fast {
 
     fn conv_backward_from_pool(&mut self, a: ConvBackward<Self>) -> Result<()> {
         conv_backward_from_pool(a)
+    }
+
+    fn head_forward_backward(&mut self, a: Head<Self>) -> Result<()> {
+        head_forward_backward(a)
     }
 
     fn update(&mut self, a: Update<Self>) -> Result<()> {
