@@ -484,14 +484,26 @@ pub fn train_step<O: Ops>(
             trunk_backward_step(ops, w, acts, t)?;
         }
         (None, Some(h)) => {
-            forward_layers(ops, &w.params, acts, batch, 0, first)?;
-            head_step(ops, w, acts, out, first, h)?;
-            backward_layers(ops, w, acts, first)?;
+            // The trunk as one op where the implementation takes its tensors one by one.
+            match trunk_shape(&acts.shapes).filter(|t| !ops.fuses(Fusion::Trunk(*t))) {
+                Some(t) => {
+                    trunk_forward_step(ops, &w.params, acts, batch, t)?;
+                    forward_layers(ops, &w.params, acts, batch, 2, first)?;
+                    head_step(ops, w, acts, out, first, h)?;
+                    backward_layers(ops, w, acts, 2, first)?;
+                    trunk_backward_step(ops, w, acts, t)?;
+                }
+                None => {
+                    forward_layers(ops, &w.params, acts, batch, 0, first)?;
+                    head_step(ops, w, acts, out, first, h)?;
+                    backward_layers(ops, w, acts, 0, first)?;
+                }
+            }
         }
         (None, None) => {
             forward_layers(ops, &w.params, acts, batch, 0, last)?;
             output_layer_step(ops, w, acts, out, last)?;
-            backward_layers(ops, w, acts, last)?;
+            backward_layers(ops, w, acts, 0, last)?;
         }
     }
     let (params, grads, moments) = (&mut w.params[..], &w.grads[..], &mut w.moments[..]);
@@ -652,14 +664,15 @@ fn output_layer_step<O: Ops>(
     })
 }
 
-/// The backward pass of layers `0..upto`, in reverse.
+/// The backward pass of layers `from..upto`, in reverse.
 fn backward_layers<O: Ops>(
     ops: &mut O,
     w: &mut Weights<O>,
     acts: &mut Activations<O>,
+    from: usize,
     upto: usize,
 ) -> Result<()> {
-    for i in (0..upto).rev() {
+    for i in (from..upto).rev() {
         let (wi, _) = layer_params(i);
         let (dbefore, dthis) = acts.grads.split_at_mut(i);
         let before = &acts.layers[..i];

@@ -431,12 +431,12 @@ fn col2im_rows_isa(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape, isa:
         #[target_feature(enable = "avx512f,avx2")]
         fn avx512(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
             // SAFETY: compiled with AVX-512F, called only where the CPU has it.
-            unsafe { col2im_rows10::<lanes16::Avx512>(dinp, col, ld, s) }
+            unsafe { col2im_rows10::<lanes::Avx512>(dinp, col, ld, s) }
         }
         #[target_feature(enable = "avx2")]
         fn avx2(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
             // SAFETY: compiled with AVX2, called only where the CPU has it.
-            unsafe { col2im_rows10::<lanes16::Avx2>(dinp, col, ld, s) }
+            unsafe { col2im_rows10::<lanes::Avx2>(dinp, col, ld, s) }
         }
         // SAFETY: the instruction set was checked against the CPU when it was selected.
         match isa {
@@ -455,7 +455,7 @@ fn col2im_rows_isa(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape, isa:
 /// # Safety
 /// As for `V`'s methods: the CPU has V's instruction set.
 #[inline(always)]
-unsafe fn col2im_rows10<V: lanes16::Lanes16>(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
+unsafe fn col2im_rows10<V: lanes::Lanes16>(dinp: &mut [f32], col: &[f32], ld: usize, s: &ConvShape) {
     // 10 wide out, 5 wide kernel, no padding: 14 wide in.
     const W: usize = 14;
     let (ho, h) = (s.out_height(), s.height);
@@ -520,13 +520,8 @@ fn conv_dims(s: &ConvShape) -> ConvDims {
 ///
 /// out: [B, Cout, Ho, Wo]; pooled and argmax: [B, Cout, Ho/2, Wo/2]
 fn conv_relu_pool_forward(inp: &[f32], l: ConvLayer<Fast>) -> Result<()> {
+    check_conv_layer(inp.len(), &l)?;
     let ConvLayerArgs { weight, bias, conv: out, pooled, argmax, s } = l;
-    let lens = inp.len() == s.input_len() && weight.len() == s.weight_len() && bias.len() == s.out_channels;
-    ensure!(lens, "conv_relu_pool_forward: the inputs do not match {s:?}");
-    let (ho, wo) = (s.out_height(), s.out_width());
-    ensure!(ho.is_multiple_of(2) && wo.is_multiple_of(2), "max-pool input must have even sides");
-    let lens = out.len() == s.output_len() && pooled.len() == out.len() / 4 && argmax.len() == pooled.len();
-    ensure!(lens, "conv_relu_pool_forward: the outputs do not match {s:?}");
     let ConvDims { hw, in_len, out_len, .. } = conv_dims(&s);
     if s.batch == 0 || hw == 0 {
         return Ok(());
@@ -538,18 +533,107 @@ fn conv_relu_pool_forward(inp: &[f32], l: ConvLayer<Fast>) -> Result<()> {
         .zip(argmax.par_chunks_mut(CONV_BLOCK * out_len / 4))
         .enumerate()
         .for_each(|(blk, (((out, inp), pooled), argmax))| {
-            if !direct_conv1(out, inp, weight, bias, &s, isa)
-                && !direct_conv2(out, inp, weight, bias, &s, isa)
-            {
-                conv_forward_block(out, inp, weight, bias, &s, true);
-            }
-            let images =
-                out.chunks(out_len).zip(pooled.chunks_mut(out_len / 4)).zip(argmax.chunks_mut(out_len / 4));
-            for (j, ((out, pooled), argmax)) in images.enumerate() {
-                let base = (blk * CONV_BLOCK + j) * out_len;
-                maxpool_image_isa(pooled, argmax, out, base, wo, isa);
-            }
+            conv_pool_block(
+                ConvBlock { out, pooled, argmax, first: blk * CONV_BLOCK },
+                inp,
+                weight,
+                bias,
+                &s,
+                isa,
+            );
         });
+    Ok(())
+}
+
+/// [`conv_relu_pool_forward`]'s checks: the tensors' sizes, and even sides for the pool.
+fn check_conv_layer(input_len: usize, l: &ConvLayer<Fast>) -> Result<()> {
+    let s = l.s;
+    let lens =
+        input_len == s.input_len() && l.weight.len() == s.weight_len() && l.bias.len() == s.out_channels;
+    ensure!(lens, "conv_relu_pool_forward: the inputs do not match {s:?}");
+    let (ho, wo) = (s.out_height(), s.out_width());
+    ensure!(ho.is_multiple_of(2) && wo.is_multiple_of(2), "max-pool input must have even sides");
+    let lens = l.conv.len() == s.output_len()
+        && l.pooled.len() == l.conv.len() / 4
+        && l.argmax.len() == l.pooled.len();
+    ensure!(lens, "conv_relu_pool_forward: the outputs do not match {s:?}");
+    Ok(())
+}
+
+/// One block of images' conv outputs: `first` is the block's first image in the batch.
+struct ConvBlock<'a> {
+    out: &'a mut [f32],
+    pooled: &'a mut [f32],
+    argmax: &'a mut [u32],
+    first: usize,
+}
+
+/// The conv, ReLU and max-pool of one block of whole images (at most CONV_BLOCK): a direct
+/// kernel where one takes the shape, else im2col + GEMM; then each image pooled while its output
+/// is in cache.
+fn conv_pool_block(
+    b: ConvBlock,
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    s: &ConvShape,
+    isa: super::isa::Isa,
+) {
+    let ConvBlock { out, pooled, argmax, first } = b;
+    let out_len = s.output_len() / s.batch;
+    if !direct_conv1(out, inp, weight, bias, s, isa) && !direct_conv2(out, inp, weight, bias, s, isa) {
+        conv_forward_block(out, inp, weight, bias, s, true);
+    }
+    let images = out.chunks(out_len).zip(pooled.chunks_mut(out_len / 4)).zip(argmax.chunks_mut(out_len / 4));
+    for (j, ((out, pooled), argmax)) in images.enumerate() {
+        maxpool_image_isa(pooled, argmax, out, (first + j) * out_len, s.out_width(), isa);
+    }
+}
+
+/// [`Ops::trunk_forward`] in one parallel pass instead of three: each block of CONV_BLOCK
+/// images gathered, through conv1 and its pool, then through conv2 and its pool, while the
+/// block is in cache (conv1's output for the whole batch is 4.8 MB at batch 256). Every value
+/// is computed as the layer ops compute it (the same blocks, the same kernels), so the same bits.
+fn trunk_forward(a: TrunkForward<Fast>) -> Result<()> {
+    let TrunkForwardArgs { gather, conv1, conv2, s } = a;
+    let GatherArgs { input, labels, batch } = gather;
+    super::super::reference::check_batch(batch.data, batch.indices, batch.shifts)?;
+    let pixels = batch.data.rows * batch.data.cols;
+    let n = batch.indices.len();
+    ensure!(input.len() == n * pixels && labels.len() == n, "gather: the buffers do not match the batch");
+    check_conv_layer(input.len(), &conv1)?;
+    check_conv_layer(conv1.pooled.len(), &conv2)?;
+    let (s1, s2) = (s.conv1, s.conv2);
+    let (in1, out1) = (s1.input_len() / n.max(1), s1.output_len() / n.max(1));
+    let out2 = s2.output_len() / n.max(1);
+    if n == 0 || in1 == 0 || out1 == 0 || out2 == 0 {
+        let gather = GatherArgs { input, labels, batch };
+        return trunk_forward_by_layers(&mut Fast, TrunkForwardArgs { gather, conv1, conv2, s });
+    }
+    let isa = super::isa::selected();
+    let b = CONV_BLOCK;
+    let gathered = input.par_chunks_mut(b * in1).zip(labels.par_chunks_mut(b));
+    let picks = batch.indices.par_chunks(b).zip(batch.shifts.par_chunks(2 * b));
+    let (w1, b1, w2, b2) = (conv1.weight, conv1.bias, conv2.weight, conv2.bias);
+    let layer1 = conv1.conv.par_chunks_mut(b * out1).zip(conv1.pooled.par_chunks_mut(b * out1 / 4));
+    let layer1 = layer1.zip(conv1.argmax.par_chunks_mut(b * out1 / 4));
+    let layer2 = conv2.conv.par_chunks_mut(b * out2).zip(conv2.pooled.par_chunks_mut(b * out2 / 4));
+    let layer2 = layer2.zip(conv2.argmax.par_chunks_mut(b * out2 / 4));
+    gathered.zip(picks).zip(layer1).zip(layer2).enumerate().for_each(
+        |(blk, ((((input, labels), (indices, shifts)), ((c1, p1), a1)), ((c2, p2), a2)))| {
+            super::super::reference::gather_batch(input, labels, batch.data, indices, shifts);
+            let first = blk * b;
+            conv_pool_block(
+                ConvBlock { out: c1, pooled: &mut *p1, argmax: a1, first },
+                input,
+                w1,
+                b1,
+                &s1,
+                isa,
+            );
+            conv_pool_block(ConvBlock { out: c2, pooled: p2, argmax: a2, first }, p1, w2, b2, &s2, isa);
+        },
+    );
     Ok(())
 }
 
@@ -1095,7 +1179,7 @@ unsafe fn conv1_weight_avx512(
     cout: usize,
 ) {
     // 3 channels x 5 taps: 15 accumulators of 16 lanes, with 3 + 5 loads, in 32 registers.
-    conv1_weight::<16, 3>(dweight, accumulate, dout, shifted, cout);
+    conv1_weight::<lanes::Avx512, 16, 3, 15>(dweight, accumulate, dout, shifted, cout);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1108,13 +1192,17 @@ unsafe fn conv1_weight_avx2(
     cout: usize,
 ) {
     // 2 channels x 5 taps: 10 accumulators of 8 lanes, in 16 registers.
-    conv1_weight::<8, 2>(dweight, accumulate, dout, shifted, cout);
+    conv1_weight::<lanes::Avx2x8, 8, 2, 10>(dweight, accumulate, dout, shifted, cout);
 }
 
-/// The body of [`direct_conv1_weight`] for W lanes, channels in groups of G (a tap row's 5 taps
-/// at once, so each load of dout serves 5 FMAs and each shifted load G).
+/// The body of [`direct_conv1_weight`] for W lanes (V's width), channels in groups of G (a tap
+/// row's 5 taps at once, so each load of dout serves 5 FMAs and each shifted load G); T = 5G
+/// accumulators.
+///
+/// # Safety
+/// As for `V`'s methods: the CPU has V's instruction set.
 #[inline(always)]
-fn conv1_weight<const W: usize, const G: usize>(
+unsafe fn conv1_weight<V: lanes::Native, const W: usize, const G: usize, const T: usize>(
     dweight: &mut [f32],
     accumulate: bool,
     dout: &[f32],
@@ -1122,8 +1210,9 @@ fn conv1_weight<const W: usize, const G: usize>(
     cout: usize,
 ) {
     const HW: usize = DIRECT_SIDE * DIRECT_SIDE;
-    const { assert!(HW.is_multiple_of(W) && HORIZONTAL_KC.is_multiple_of(W)) };
+    const { assert!(HW.is_multiple_of(W) && HORIZONTAL_KC.is_multiple_of(W) && V::W == W && T == 5 * G) };
     let total = shifted.len() / SHIFTED_LEN * HW;
+    assert!(dout.len() == total / HW * cout * HW, "conv1_weight: the gradient does not match the images");
     let mut first = !accumulate;
     for start in (0..total).step_by(HORIZONTAL_KC) {
         let end = (start + HORIZONTAL_KC).min(total);
@@ -1133,10 +1222,10 @@ fn conv1_weight<const W: usize, const G: usize>(
             for ky in 0..5 {
                 let mut sums = [[0f32; 5]; G];
                 if g == G {
-                    conv1_weight_pass::<W, G>(&mut sums, dout, shifted, cout, co, ky, start, end);
+                    conv1_weight_pass::<V, W, G, T>(&mut sums, dout, shifted, cout, co, ky, start, end);
                 } else {
                     let one: &mut [[f32; 5]; 1] = (&mut sums[..1]).try_into().unwrap();
-                    conv1_weight_pass::<W, 1>(one, dout, shifted, cout, co, ky, start, end);
+                    conv1_weight_pass::<V, W, 1, 5>(one, dout, shifted, cout, co, ky, start, end);
                 }
                 for (c, sums) in sums.iter().enumerate().take(g) {
                     let dst = &mut dweight[(co + c) * 25 + ky * 5..][..5];
@@ -1152,10 +1241,13 @@ fn conv1_weight<const W: usize, const G: usize>(
 }
 
 /// One pass (pixels start..end of the block) for channels co..co + G and tap row ky: the lane
-/// sums, reduced.
+/// sums, reduced. Lane l of each accumulator takes the pixels at l modulo W, in order.
+///
+/// # Safety
+/// As for `V`'s methods: the CPU has V's instruction set.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn conv1_weight_pass<const W: usize, const G: usize>(
+unsafe fn conv1_weight_pass<V: lanes::Native, const W: usize, const G: usize, const T: usize>(
     sums: &mut [[f32; 5]; G],
     dout: &[f32],
     shifted: &[f32],
@@ -1167,30 +1259,33 @@ fn conv1_weight_pass<const W: usize, const G: usize>(
 ) {
     const HW: usize = DIRECT_SIDE * DIRECT_SIDE;
     let copy_len = SHIFTED_ROWS * DIRECT_SIDE;
-    let mut acc = [[[0f32; W]; 5]; G];
+    let mut acc = [[V::zero(); 5]; G];
     let mut k = start;
     while k < end {
         // The run of pixels of one image inside this pass.
         let (j, p0) = (k / HW, k % HW);
         let p1 = (p0 + end - k).min(HW);
+        // The image's G gradient planes and its shifted copies (bounds checked here; every load
+        // below is W values at p < p1 <= HW, p a multiple of W, inside them).
+        let d = &dout[(j * cout + co) * HW..][..G * HW];
         let img = &shifted[j * SHIFTED_LEN..][..SHIFTED_LEN];
+        const { assert!(4 * DIRECT_SIDE + HW <= SHIFTED_ROWS * DIRECT_SIDE) };
         for p in (p0..p1).step_by(W) {
-            let d: [&[f32; W]; G] =
-                std::array::from_fn(|c| dout[(j * cout + co + c) * HW + p..][..W].try_into().unwrap());
+            let dv: [V; G] = std::array::from_fn(|c| V::loadu(d.as_ptr().add(c * HW + p)));
             for kx in 0..5 {
-                let x: &[f32; W] = img[kx * copy_len + ky * DIRECT_SIDE + p..][..W].try_into().unwrap();
-                for (acc, d) in acc.iter_mut().zip(&d) {
-                    for ((a, &x), &d) in acc[kx].iter_mut().zip(x).zip(*d) {
-                        *a = x.mul_add(d, *a);
-                    }
+                let x = V::loadu(img.as_ptr().add(kx * copy_len + ky * DIRECT_SIDE + p));
+                for (acc, &dv) in acc.iter_mut().zip(&dv) {
+                    acc[kx] = acc[kx].fma(x, dv);
                 }
             }
         }
         k += p1 - p0;
     }
     for (sums, acc) in sums.iter_mut().zip(&acc) {
-        for (s, lanes) in sums.iter_mut().zip(acc) {
-            *s = reduce_lanes(lanes);
+        for (s, acc) in sums.iter_mut().zip(acc) {
+            let mut lanes = [0f32; W];
+            acc.storeu(lanes.as_mut_ptr());
+            *s = reduce_lanes(&lanes);
         }
     }
 }
@@ -1315,13 +1410,13 @@ struct Conv2Weight<'a> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn conv2_weight_avx512(job: Conv2Weight) {
-    conv2_weight_rows::<lanes16::Avx512, 2>(job);
+    conv2_weight_rows::<lanes::Avx512, 2, 10>(job);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn conv2_weight_avx2(job: Conv2Weight) {
-    conv2_weight_rows::<lanes16::Avx2, 1>(job);
+    conv2_weight_rows::<lanes::Avx2, 1, 5>(job);
 }
 
 /// The body of [`direct_conv2_weight`]: for each pass, the taps in groups of R rows of 5 (one
@@ -1330,7 +1425,7 @@ unsafe fn conv2_weight_avx2(job: Conv2Weight) {
 /// # Safety
 /// As for `V`'s methods: the CPU has V's instruction set.
 #[inline(always)]
-unsafe fn conv2_weight_rows<V: lanes16::Lanes16, const R: usize>(job: Conv2Weight) {
+unsafe fn conv2_weight_rows<V: lanes::Lanes16, const R: usize, const T: usize>(job: Conv2Weight) {
     let Conv2Weight { dweight, accumulate, dt, at, inp, s, pass } = job;
     let rows = s.in_channels * 5;
     for (i, first) in (0..dt.len()).step_by(pass).enumerate() {
@@ -1339,23 +1434,23 @@ unsafe fn conv2_weight_rows<V: lanes16::Lanes16, const R: usize>(job: Conv2Weigh
         let mut row = 0;
         while row < rows {
             if rows - row >= R {
-                conv2_weight_taps::<V, R>(dweight, store, &dt[px.clone()], &at[px.clone()], inp, s, row);
+                conv2_weight_taps::<V, R, T>(dweight, store, &dt[px.clone()], &at[px.clone()], inp, s, row);
                 row += R;
             } else {
-                conv2_weight_taps::<V, 1>(dweight, store, &dt[px.clone()], &at[px.clone()], inp, s, row);
+                conv2_weight_taps::<V, 1, 5>(dweight, store, &dt[px.clone()], &at[px.clone()], inp, s, row);
                 row += 1;
             }
         }
     }
 }
 
-/// Tap rows `row..row + R` (row = ci * 5 + ky) over one pass's pixels: their sums stored into,
-/// or added to, `dweight[co, row * 5 + kx]`.
+/// Tap rows `row..row + R` (row = ci * 5 + ky, T = 5R taps) over one pass's pixels: their
+/// sums stored into, or added to, `dweight[co, row * 5 + kx]`.
 ///
 /// # Safety
 /// As for `V`'s methods: the CPU has V's instruction set.
 #[inline(always)]
-unsafe fn conv2_weight_taps<V: lanes16::Lanes16, const R: usize>(
+unsafe fn conv2_weight_taps<V: lanes::Lanes16, const R: usize, const T: usize>(
     dweight: &mut [f32],
     store: bool,
     dt: &[[f32; DIRECT2_COUT]],
@@ -1364,26 +1459,28 @@ unsafe fn conv2_weight_taps<V: lanes16::Lanes16, const R: usize>(
     s: &ConvShape,
     row: usize,
 ) {
+    const { assert!(T == 5 * R) };
     let (h, w) = (s.height, s.width);
     let ckk = s.in_channels * 25;
-    // Where each tap row starts relative to a pixel's window.
-    let offs: [usize; R] = std::array::from_fn(|r| ((row + r) / 5) * h * w + ((row + r) % 5) * w);
-    let mut acc = [[V::zero(); 5]; R];
+    // Where each tap reads relative to a pixel's window, in the taps' order.
+    let taps: [usize; T] =
+        std::array::from_fn(|t| ((row + t / 5) / 5) * h * w + ((row + t / 5) % 5) * w + t % 5);
+    // Every read below is at a pixel's window start plus a tap: inside `inp` if the last is.
+    let last = at.iter().max().map_or(0, |&a| a + taps[T - 1]);
+    assert!(dt.len() == at.len() && last < inp.len(), "conv2_weight_taps: a window outside the input");
+    let mut acc = [V::zero(); T];
     for (dv, &at) in dt.iter().zip(at) {
         let g = V::load(dv);
-        for (acc, &off) in acc.iter_mut().zip(&offs) {
-            let x: &[f32; 5] = inp[at + off..][..5].try_into().unwrap();
-            for (a, &x) in acc.iter_mut().zip(x) {
-                *a = a.fma(x, g);
-            }
+        let window = inp.as_ptr().add(at);
+        for (a, &t) in acc.iter_mut().zip(&taps) {
+            // SAFETY: at + t <= last < inp.len() (checked above).
+            *a = a.fma(*window.add(t), g);
         }
     }
-    for (r, acc) in acc.iter().enumerate() {
-        for (kx, acc) in acc.iter().enumerate() {
-            for (co, a) in acc.to_array().into_iter().enumerate() {
-                let dw = &mut dweight[co * ckk + (row + r) * 5 + kx];
-                *dw = if store { a } else { *dw + a };
-            }
+    for (t, acc) in acc.iter().enumerate() {
+        for (co, a) in acc.to_array().into_iter().enumerate() {
+            let dw = &mut dweight[co * ckk + row * 5 + t];
+            *dw = if store { a } else { *dw + a };
         }
     }
 }
@@ -1391,7 +1488,7 @@ unsafe fn conv2_weight_taps<V: lanes16::Lanes16, const R: usize>(
 /// 16 f32 lanes as the instruction set's vectors, for kernels written once for both: one
 /// AVX-512 register, or two AVX2 ones. Intrinsics rather than arrays of f32, which the compiler
 /// left as scalar FMAs on memory in [`conv2_weight_taps`].
-mod lanes16 {
+mod lanes {
     #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
 
@@ -1517,6 +1614,69 @@ mod lanes16 {
         #[inline(always)]
         unsafe fn add(self, other: Self) -> Self {
             Avx2([_mm256_add_ps(self.0[0], other.0[0]), _mm256_add_ps(self.0[1], other.0[1])])
+        }
+    }
+
+    /// One vector of the instruction set's native width (W lanes), for kernels whose order
+    /// follows that width (the `gemm` crate's lanes).
+    ///
+    /// # Safety
+    /// As for [`Lanes16`].
+    pub unsafe trait Native: Copy {
+        const W: usize;
+        unsafe fn zero() -> Self;
+        /// W values from `p`.
+        unsafe fn loadu(p: *const f32) -> Self;
+        /// self + a * b, one rounding per lane.
+        unsafe fn fma(self, a: Self, b: Self) -> Self;
+        /// The W lanes to `p`.
+        unsafe fn storeu(self, p: *mut f32);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe impl Native for Avx512 {
+        const W: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx512(_mm512_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn loadu(p: *const f32) -> Self {
+            Avx512(_mm512_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn fma(self, a: Self, b: Self) -> Self {
+            Avx512(_mm512_fmadd_ps(a.0, b.0, self.0))
+        }
+        #[inline(always)]
+        unsafe fn storeu(self, p: *mut f32) {
+            _mm512_storeu_ps(p, self.0)
+        }
+    }
+
+    /// One AVX2 register (8 lanes).
+    #[cfg(target_arch = "x86_64")]
+    #[derive(Clone, Copy)]
+    pub struct Avx2x8(__m256);
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe impl Native for Avx2x8 {
+        const W: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx2x8(_mm256_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn loadu(p: *const f32) -> Self {
+            Avx2x8(_mm256_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn fma(self, a: Self, b: Self) -> Self {
+            Avx2x8(_mm256_fmadd_ps(a.0, b.0, self.0))
+        }
+        #[inline(always)]
+        unsafe fn storeu(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self.0)
         }
     }
 }
@@ -2103,6 +2263,10 @@ impl Ops for Fast {
         head_forward_backward(a)
     }
 
+    fn trunk_forward(&mut self, a: TrunkForward<Self>) -> Result<()> {
+        trunk_forward(a)
+    }
+
     fn update(&mut self, a: Update<Self>) -> Result<()> {
         let step = a.step;
         let isa = super::isa::selected();
@@ -2276,7 +2440,7 @@ mod tests {
     /// adds.
     #[test]
     fn lanes16_match_the_portable_lanes() {
-        use lanes16::Lanes16;
+        use lanes::Lanes16;
         fn run<V: Lanes16>() -> Vec<[f32; 16]> {
             let src: [f32; 10] = std::array::from_fn(|i| i as f32 * 1.5 - 4.0);
             let g: [f32; 16] = std::array::from_fn(|i| 0.1 + i as f32 * 1e-3);
@@ -2294,11 +2458,11 @@ mod tests {
         {
             #[target_feature(enable = "avx512f,avx2")]
             fn avx512() -> Vec<[f32; 16]> {
-                run::<lanes16::Avx512>()
+                run::<lanes::Avx512>()
             }
             #[target_feature(enable = "avx2,fma")]
             fn avx2() -> Vec<[f32; 16]> {
-                run::<lanes16::Avx2>()
+                run::<lanes::Avx2>()
             }
             let want = run::<[f32; 16]>();
             // The window at shift 1: lane 0 masked, lanes 1..11 the source, the rest masked.
@@ -2419,7 +2583,7 @@ mod tests {
             pass: ld,
         };
         // SAFETY: portable lanes.
-        unsafe { conv2_weight_rows::<[f32; 16], 1>(job) };
+        unsafe { conv2_weight_rows::<[f32; 16], 1, 5>(job) };
         assert!(!same(&got), "one pass of {ld} over {ckk} taps");
     }
 
