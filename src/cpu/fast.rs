@@ -975,19 +975,10 @@ fn gather_channels(dst: &mut [f32], src: &[f32], channels: usize, hw: usize) {
 /// is a 16-term sum whatever the block, so the same bits.
 fn conv_backward_from_pool(a: ConvBackward<Fast>) -> Result<()> {
     let ConvBackwardArgs { dpooled, conv, argmax, input, weight, dweight, dbias, mut dinput, s } = a;
-    let ConvDims { hw, ckk, in_len, out_len } = conv_dims(&s);
+    let l = LayerBackward { dpooled, first: 0, conv, argmax, input, weight, s };
+    l.check(dweight, dbias, dinput.as_deref().map(|d| d.len()))?;
+    let ConvDims { hw, in_len, .. } = conv_dims(&s);
     let (wlen, cout) = (s.weight_len(), s.out_channels);
-    let lens =
-        dweight.len() == wlen && dbias.len() == cout && weight.len() == wlen && input.len() == s.input_len();
-    ensure!(lens, "conv_backward_from_pool: the tensors do not match {s:?}");
-    let (ho, wo) = (s.out_height(), s.out_width());
-    ensure!(ho.is_multiple_of(2) && wo.is_multiple_of(2), "max-pool input must have even sides");
-    let lens =
-        conv.len() == s.output_len() && dpooled.len() == conv.len() / 4 && argmax.len() == dpooled.len();
-    ensure!(lens, "conv_backward_from_pool: the pool's tensors do not match {s:?}");
-    if let Some(dinp) = &dinput {
-        ensure!(dinp.len() == s.input_len(), "conv_backward_from_pool: dinput does not match {s:?}");
-    }
     if s.batch == 0 || hw == 0 || in_len == 0 || cout == 0 {
         dweight.fill(0.0);
         dbias.fill(0.0);
@@ -999,7 +990,6 @@ fn conv_backward_from_pool(a: ConvBackward<Fast>) -> Result<()> {
     let isa = super::isa::selected();
     let block = reduction_block(s.batch);
     let blocks = s.batch.div_ceil(block);
-    let pooled_len = out_len / 4;
     // Each block's share of the input gradient, or nothing.
     let mut dinp_blocks: Vec<Option<&mut [f32]>> = match dinput.as_mut() {
         Some(dinp) => dinp.chunks_mut(block * in_len).map(Some).collect(),
@@ -1008,62 +998,187 @@ fn conv_backward_from_pool(a: ConvBackward<Fast>) -> Result<()> {
     with_buffer(&PARTIALS, blocks * (wlen + cout), |partials| {
         partials.par_chunks_mut(wlen + cout).zip(dinp_blocks.par_iter_mut()).enumerate().for_each(
             |(blk, (part, dinp))| {
-                let (pw, pb) = part.split_at_mut(wlen);
-                pb.fill(0.0);
-                let first = blk * block;
-                let images = block.min(s.batch - first);
-                let sub = CONV_BLOCK.min(block);
-                for (i, j0) in (0..images).step_by(sub).enumerate() {
-                    let nb = sub.min(images - j0);
-                    let img0 = first + j0;
-                    let inp = &input[img0 * in_len..][..nb * in_len];
-                    with_buffer(&DCONV, nb * out_len, |dout| {
-                        for (j, dout) in dout.chunks_exact_mut(out_len).enumerate() {
-                            let img = img0 + j;
-                            let at = img * pooled_len..(img + 1) * pooled_len;
-                            let conv = &conv[img * out_len..][..out_len];
-                            pool_relu_backward_image(
-                                dout,
-                                &dpooled[at.clone()],
-                                &argmax[at],
-                                conv,
-                                img * out_len,
-                            );
-                        }
-                        if direct_conv1_weight(pw, i > 0, dout, inp, &s, isa) {
-                            // The bias: each channel's sum over the block's images as sum_fixed
-                            // folds the gathered row (images of 784 = 49 x 16 values leave no
-                            // remainder, so image by image is the same order).
-                            for (co, b) in pb.iter_mut().enumerate() {
-                                *b += sum_fixed_images(dout.chunks(out_len).map(|img| &img[co * hw..][..hw]));
-                            }
-                        } else {
-                            let ld = nb * hw;
-                            with_buffer(&GATHER, cout * ld, |d| {
-                                gather_channels(d, dout, cout, hw);
-                                let direct = direct2_fits(&s)
-                                    && with_buffer(&PIXELS, ld * DIRECT2_COUT, |dt| {
-                                        let dt = dt.as_chunks_mut::<DIRECT2_COUT>().0;
-                                        let pool = (dpooled.as_slice(), argmax.as_slice(), conv.as_slice());
-                                        pixel_major_from_pool(dt, pool, img0, &s);
-                                        direct_conv2_weight(pw, i > 0, dt, inp, &s, isa)
-                                    });
-                                if !direct {
-                                    weight_block_gemm(pw, i > 0, d, inp, &s);
-                                }
-                                for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
-                                    *b += sum_fixed(row);
-                                }
-                            });
-                        }
-                        if let Some(dinp) = dinp.as_deref_mut() {
-                            input_grad_block(&mut dinp[j0 * in_len..][..nb * in_len], dout, weight, &s, ckk);
-                        }
-                    });
+                part[wlen..].fill(0.0);
+                for (i, (img0, nb)) in sub_blocks(blk, block, s.batch).enumerate() {
+                    let j0 = img0 - blk * block;
+                    let dinp = dinp.as_deref_mut().map(|d| &mut d[j0 * in_len..][..nb * in_len]);
+                    l.images(part, i, img0, nb, dinp, isa);
                 }
             },
         );
         sum_partials(dweight, dbias, partials, wlen);
+    });
+    Ok(())
+}
+
+/// The sub-blocks (first image, images) of reduction block `blk` of `block` images: CONV_BLOCK
+/// images at a time, the last one shorter.
+fn sub_blocks(blk: usize, block: usize, batch: usize) -> impl Iterator<Item = (usize, usize)> {
+    let first = blk * block;
+    let images = block.min(batch - first);
+    let sub = CONV_BLOCK.min(block);
+    (0..images).step_by(sub).map(move |j0| (first + j0, sub.min(images - j0)))
+}
+
+/// A conv layer's backward tensors, as [`ConvBackwardArgs`] less its outputs; `dpooled` starts
+/// at image `first` of the batch (the others index the whole batch).
+struct LayerBackward<'a> {
+    dpooled: &'a [f32],
+    first: usize,
+    conv: &'a [f32],
+    argmax: &'a [u32],
+    input: &'a [f32],
+    weight: &'a [f32],
+    s: ConvShape,
+}
+
+impl LayerBackward<'_> {
+    /// The checks of [`Ops::conv_backward_from_pool`].
+    fn check(&self, dweight: &[f32], dbias: &[f32], dinput: Option<usize>) -> Result<()> {
+        let s = self.s;
+        let (wlen, cout) = (s.weight_len(), s.out_channels);
+        let lens = dweight.len() == wlen
+            && dbias.len() == cout
+            && self.weight.len() == wlen
+            && self.input.len() == s.input_len();
+        ensure!(lens, "conv_backward_from_pool: the tensors do not match {s:?}");
+        let (ho, wo) = (s.out_height(), s.out_width());
+        ensure!(ho.is_multiple_of(2) && wo.is_multiple_of(2), "max-pool input must have even sides");
+        let lens = self.conv.len() == s.output_len()
+            && self.dpooled.len() == self.conv.len() / 4
+            && self.argmax.len() == self.dpooled.len();
+        ensure!(lens, "conv_backward_from_pool: the pool's tensors do not match {s:?}");
+        if let Some(len) = dinput {
+            ensure!(len == s.input_len(), "conv_backward_from_pool: dinput does not match {s:?}");
+        }
+        Ok(())
+    }
+
+    /// Images img0..img0 + nb, sub-block `i` of their reduction block: their output gradient
+    /// scattered from the pool, their weight gradient added to the block's partial `part`
+    /// (weights then biases; stored for i = 0) and their input gradient into `dinp`.
+    fn images(
+        &self,
+        part: &mut [f32],
+        i: usize,
+        img0: usize,
+        nb: usize,
+        dinp: Option<&mut [f32]>,
+        isa: super::isa::Isa,
+    ) {
+        let s = &self.s;
+        let ConvDims { hw, ckk, in_len, out_len } = conv_dims(s);
+        let cout = s.out_channels;
+        let (pw, pb) = part.split_at_mut(s.weight_len());
+        let pooled_len = out_len / 4;
+        let inp = &self.input[img0 * in_len..][..nb * in_len];
+        with_buffer(&DCONV, nb * out_len, |dout| {
+            for (j, dout) in dout.chunks_exact_mut(out_len).enumerate() {
+                let img = img0 + j;
+                let at = (img - self.first) * pooled_len..(img - self.first + 1) * pooled_len;
+                let conv = &self.conv[img * out_len..][..out_len];
+                let argmax = &self.argmax[img * pooled_len..][..pooled_len];
+                pool_relu_backward_image(dout, &self.dpooled[at], argmax, conv, img * out_len);
+            }
+            if direct_conv1_weight(pw, i > 0, dout, inp, s, isa) {
+                // The bias: each channel's sum over the block's images as sum_fixed folds the
+                // gathered row (images of 784 = 49 x 16 values leave no remainder, so image by
+                // image is the same order).
+                for (co, b) in pb.iter_mut().enumerate() {
+                    *b += sum_fixed_images(dout.chunks(out_len).map(|img| &img[co * hw..][..hw]));
+                }
+            } else {
+                let ld = nb * hw;
+                with_buffer(&GATHER, cout * ld, |d| {
+                    gather_channels(d, dout, cout, hw);
+                    let direct = direct2_fits(s)
+                        && with_buffer(&PIXELS, ld * DIRECT2_COUT, |dt| {
+                            let dt = dt.as_chunks_mut::<DIRECT2_COUT>().0;
+                            let pooled = &self.dpooled[(img0 - self.first) * pooled_len..][..nb * pooled_len];
+                            let argmax = &self.argmax[img0 * pooled_len..][..nb * pooled_len];
+                            let conv = &self.conv[img0 * out_len..][..nb * out_len];
+                            pixel_major_from_pool(dt, (pooled, argmax, conv), img0, s);
+                            direct_conv2_weight(pw, i > 0, dt, inp, s, isa)
+                        });
+                    if !direct {
+                        weight_block_gemm(pw, i > 0, d, inp, s);
+                    }
+                    for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
+                        *b += sum_fixed(row);
+                    }
+                });
+            }
+            if let Some(dinp) = dinp {
+                input_grad_block(dinp, dout, self.weight, s, ckk);
+            }
+        });
+    }
+}
+
+/// [`Ops::trunk_backward`] in one parallel pass instead of two: each block of images through
+/// conv2's backward (its input gradient is those images' `dpooled1`) and then, while that is in
+/// cache, conv1's. The same sub-blocks, partials and orders as the two layer ops, so the same
+/// bits.
+fn trunk_backward(a: TrunkBackward<Fast>) -> Result<()> {
+    let TrunkBackwardArgs { dpooled, conv2: t2, dpooled1, conv1: t1, s } = a;
+    let l2 = LayerBackward {
+        dpooled,
+        first: 0,
+        conv: t2.conv,
+        argmax: t2.argmax,
+        input: t2.input,
+        weight: t2.weight,
+        s: s.conv2,
+    };
+    l2.check(t2.dweight, t2.dbias, Some(dpooled1.len()))?;
+    let l1 = LayerBackward {
+        dpooled: &*dpooled1,
+        first: 0,
+        conv: t1.conv,
+        argmax: t1.argmax,
+        input: t1.input,
+        weight: t1.weight,
+        s: s.conv1,
+    };
+    l1.check(t1.dweight, t1.dbias, None)?;
+    let (s1, s2) = (s.conv1, s.conv2);
+    let degenerate = |s: &ConvShape| s.batch == 0 || s.output_len() == 0 || s.input_len() == 0;
+    if degenerate(&s1) || degenerate(&s2) || s1.batch != s2.batch {
+        let conv2 = TrunkLayerArgs { ..t2 };
+        let conv1 = TrunkLayerArgs { ..t1 };
+        return trunk_backward_by_layers(&mut Fast, TrunkBackwardArgs { dpooled, conv2, dpooled1, conv1, s });
+    }
+    let isa = super::isa::selected();
+    let batch = s2.batch;
+    let block = reduction_block(batch);
+    let blocks = batch.div_ceil(block);
+    let (part2, part1) = (s2.weight_len() + s2.out_channels, s1.weight_len() + s1.out_channels);
+    let in2 = s2.input_len() / batch;
+    let (conv1, argmax1, input1, weight1) =
+        (t1.conv.as_slice(), t1.argmax.as_slice(), t1.input.as_slice(), t1.weight.as_slice());
+    with_buffer(&PARTIALS, blocks * (part2 + part1), |partials| {
+        let (parts2, parts1) = partials.split_at_mut(blocks * part2);
+        let tasks = parts2.par_chunks_mut(part2).zip(parts1.par_chunks_mut(part1));
+        tasks.zip(dpooled1.par_chunks_mut(block * in2)).enumerate().for_each(|(blk, ((p2, p1), dp1))| {
+            p2[s2.weight_len()..].fill(0.0);
+            p1[s1.weight_len()..].fill(0.0);
+            for (i, (img0, nb)) in sub_blocks(blk, block, batch).enumerate() {
+                let dp1 = &mut dp1[(img0 - blk * block) * in2..][..nb * in2];
+                l2.images(p2, i, img0, nb, Some(&mut *dp1), isa);
+                let l1 = LayerBackward {
+                    dpooled: dp1,
+                    first: img0,
+                    conv: conv1,
+                    argmax: argmax1,
+                    input: input1,
+                    weight: weight1,
+                    s: s1,
+                };
+                l1.images(p1, i, img0, nb, None, isa);
+            }
+        });
+        sum_partials(t2.dweight, t2.dbias, parts2, s2.weight_len());
+        sum_partials(t1.dweight, t1.dbias, parts1, s1.weight_len());
     });
     Ok(())
 }
@@ -1818,7 +1933,8 @@ pub fn maxpool2x2_relu_backward(
 }
 
 /// The output gradient of the images `img0..img0 + dt.len() / HW` (HW = the conv's output
-/// pixels) pixel-major, for [`direct_conv2_weight`]: `dt[j * HW + pixel][co]` is the gradient
+/// pixels; `pool` holds those images' pooled gradient, argmaxes and conv output, the argmaxes
+/// indexing the whole batch) pixel-major, for [`direct_conv2_weight`]: `dt[j * HW + pixel][co]` is the gradient
 /// [`pool_relu_backward_image`] gives image `img0 + j` at (co, pixel), the same values, scattered
 /// straight from the pool's argmaxes instead of transposed from the channel-major gradient.
 fn pixel_major_from_pool(
@@ -1833,8 +1949,8 @@ fn pixel_major_from_pool(
     dt.fill([0.0; DIRECT2_COUT]);
     for (j, dt) in dt.chunks_exact_mut(hw).enumerate() {
         let img = img0 + j;
-        let at = img * pooled_len..(img + 1) * pooled_len;
-        let conv = &conv[img * out_len..][..out_len];
+        let at = j * pooled_len..(j + 1) * pooled_len;
+        let conv = &conv[j * out_len..][..out_len];
         let pooled = dpooled[at.clone()].chunks_exact(hw / 4).zip(argmax[at].chunks_exact(hw / 4));
         for (co, (dpooled, argmax)) in pooled.enumerate() {
             // Channel co's plane of the image's conv output.
@@ -2265,6 +2381,10 @@ impl Ops for Fast {
 
     fn trunk_forward(&mut self, a: TrunkForward<Self>) -> Result<()> {
         trunk_forward(a)
+    }
+
+    fn trunk_backward(&mut self, a: TrunkBackward<Self>) -> Result<()> {
+        trunk_backward(a)
     }
 
     fn update(&mut self, a: Update<Self>) -> Result<()> {
