@@ -319,19 +319,22 @@ pub fn softmax_xent(
     batch: usize,
     classes: usize,
 ) {
-    softmax_xent_scaled(dlogits, losses, correct, logits, labels, classes, 1.0 / batch as f32);
+    assert!(labels.len() == batch);
+    softmax_xent_rows(XentRows { dlogits, losses, correct, logits, labels }, classes, 1.0 / batch as f32);
+}
+
+/// Some rows of [`softmax_xent`]'s tensors (the batch's rows `labels.len()`).
+pub struct XentRows<'a> {
+    pub dlogits: &'a mut [f32],
+    pub losses: &'a mut [f32],
+    pub correct: &'a mut [u32],
+    pub logits: &'a [f32],
+    pub labels: &'a [u32],
 }
 
 /// [`softmax_xent`] of some rows of a batch: `scale` is 1 / the whole batch's size.
-pub fn softmax_xent_scaled(
-    dlogits: &mut [f32],
-    losses: &mut [f32],
-    correct: &mut [u32],
-    logits: &[f32],
-    labels: &[u32],
-    classes: usize,
-    scale: f32,
-) {
+pub fn softmax_xent_rows(rows: XentRows, classes: usize, scale: f32) {
+    let XentRows { dlogits, losses, correct, logits, labels } = rows;
     let batch = labels.len();
     assert_eq!(logits.len(), batch * classes);
     assert_eq!(dlogits.len(), batch * classes);

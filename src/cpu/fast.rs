@@ -2,15 +2,18 @@
 //! signatures and the same results up to f32 rounding, and [`Fast`], the [`Ops`]
 //! implementation the CPU backend trains with (tests/ops.rs checks it against the reference).
 //!
-//! How: convolutions as im2col + GEMM over blocks of 8 images (the `gemm` crate's AVX-512 or
-//! AVX2 microkernels, as [`super::isa`] selects: `LENET_CPU_ISA`), except the forward pass and
-//! the weight gradient of conv1 and of conv2, direct FMA kernels in the GEMM's order (the same
-//! bits); im2col rows
-//! copied as fixed-size arrays, the padding written in place, with a
-//! patch-contiguous (transposed) im2col for the weight gradient when it pays; linear layers as
-//! GEMMs over row blocks; max-pool with selects instead of branches; ReLU fused into the layer
-//! before it (and into the pool's backward); the optimizer's element update as one vectorised
-//! pass; rayon over the batch.
+//! How: a training step in four parallel passes over fixed blocks of images or rows: the trunk
+//! forward (each block of 8 images gathered, through conv1 and conv2 with their ReLU and
+//! max-pool), the head (each block of 32 rows forward through fc1, fc2, fc3, the loss and back,
+//! then the three weight gradients), the trunk backward (each block through conv2's backward and
+//! then conv1's), the optimizer's one vectorised pass. The convolutions' forward passes and
+//! weight gradients are direct FMA kernels in the order of the GEMM they replace (the same
+//! bits); conv2's input gradient is a GEMM and col2im. The GEMMs are the `gemm` crate's AVX-512
+//! or AVX2 microkernels, as [`super::isa`] selects (`LENET_CPU_ISA`); the direct kernels are
+//! written over [`lanes`]' vector types, since array loops compiled to spills and scalar FMAs.
+//! Max-pool with selects instead of branches; ReLU fused into the layer before it (and into the
+//! pool's backward). Each fused pass computes exactly what the per-layer ops it replaces compute
+//! (tests/ops.rs runs both), in the same blocks.
 //!
 //! Determinism: every output element is computed by one task with a reduction order that
 //! depends only on the shapes, never on the thread count or on scheduling. Work is split into
@@ -28,7 +31,7 @@ use rayon::prelude::*;
 
 use anyhow::{ensure, Result};
 
-use super::reference::partials;
+use super::reference::{partials, XentRows};
 use crate::data::Dataset;
 use crate::ops::*;
 use crate::optim;
@@ -1600,9 +1603,11 @@ unsafe fn conv2_weight_taps<V: lanes::Lanes16, const R: usize, const T: usize>(
     }
 }
 
-/// 16 f32 lanes as the instruction set's vectors, for kernels written once for both: one
-/// AVX-512 register, or two AVX2 ones. Intrinsics rather than arrays of f32, which the compiler
-/// left as scalar FMAs on memory in [`conv2_weight_taps`].
+/// Vector types for kernels written once for both instruction sets: [`lanes::Lanes16`] (16
+/// lanes: one AVX-512 register, or two AVX2 ones) and [`lanes::Native`] (the instruction set's
+/// own width). Intrinsics rather than arrays of f32, which the compiler left as scalar FMAs on
+/// memory in [`conv2_weight_taps`], and kept as memory operands or spilled in
+/// [`conv1_weight_pass`].
 mod lanes {
     #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
@@ -1748,52 +1753,38 @@ mod lanes {
         unsafe fn storeu(self, p: *mut f32);
     }
 
-    #[cfg(target_arch = "x86_64")]
-    unsafe impl Native for Avx512 {
-        const W: usize = 16;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            Avx512(_mm512_setzero_ps())
-        }
-        #[inline(always)]
-        unsafe fn loadu(p: *const f32) -> Self {
-            Avx512(_mm512_loadu_ps(p))
-        }
-        #[inline(always)]
-        unsafe fn fma(self, a: Self, b: Self) -> Self {
-            Avx512(_mm512_fmadd_ps(a.0, b.0, self.0))
-        }
-        #[inline(always)]
-        unsafe fn storeu(self, p: *mut f32) {
-            _mm512_storeu_ps(p, self.0)
-        }
-    }
-
     /// One AVX2 register (8 lanes).
     #[cfg(target_arch = "x86_64")]
     #[derive(Clone, Copy)]
     pub struct Avx2x8(__m256);
 
-    #[cfg(target_arch = "x86_64")]
-    unsafe impl Native for Avx2x8 {
-        const W: usize = 8;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            Avx2x8(_mm256_setzero_ps())
-        }
-        #[inline(always)]
-        unsafe fn loadu(p: *const f32) -> Self {
-            Avx2x8(_mm256_loadu_ps(p))
-        }
-        #[inline(always)]
-        unsafe fn fma(self, a: Self, b: Self) -> Self {
-            Avx2x8(_mm256_fmadd_ps(a.0, b.0, self.0))
-        }
-        #[inline(always)]
-        unsafe fn storeu(self, p: *mut f32) {
-            _mm256_storeu_ps(p, self.0)
-        }
+    /// [`Native`] for a one-register type from its intrinsics.
+    macro_rules! native {
+        ($t:ident, $w:literal, $zero:ident, $load:ident, $fma:ident, $store:ident) => {
+            #[cfg(target_arch = "x86_64")]
+            unsafe impl Native for $t {
+                const W: usize = $w;
+                #[inline(always)]
+                unsafe fn zero() -> Self {
+                    $t($zero())
+                }
+                #[inline(always)]
+                unsafe fn loadu(p: *const f32) -> Self {
+                    $t($load(p))
+                }
+                #[inline(always)]
+                unsafe fn fma(self, a: Self, b: Self) -> Self {
+                    $t($fma(a.0, b.0, self.0))
+                }
+                #[inline(always)]
+                unsafe fn storeu(self, p: *mut f32) {
+                    $store(p, self.0)
+                }
+            }
+        };
     }
+    native!(Avx512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_storeu_ps);
+    native!(Avx2x8, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
 }
 
 /// dweight = sum of the weight parts of `partials` in block order; dbias likewise.
@@ -2099,7 +2090,8 @@ fn head_forward_backward(a: Head<Fast>) -> Result<()> {
         linear_rows(h1, x, w1, b1, f0, true);
         linear_rows(h2, h1, w2, b2, f1, true);
         linear_rows(z, h2, w3, b3, f2, false);
-        super::reference::softmax_xent_scaled(dz, loss, corr, z, lab, f3, scale);
+        let rows = XentRows { dlogits: dz, losses: loss, correct: corr, logits: z, labels: lab };
+        super::reference::softmax_xent_rows(rows, f3, scale);
         input_grad_rows(dh2, dz, w3, f3, Some(h2));
         input_grad_rows(dh1, dh2, w2, f2, Some(h1));
         input_grad_rows(dx, dh1, w1, f1, None);
