@@ -1451,9 +1451,24 @@ impl<O: Ops> Ops for Trace<O> {
         self.inner.conv_backward_from_pool(a)
     }
 
-    // The fused ops are not overridden: their definitions (`head_by_layers`, ...) call the
-    // per-layer ops through this trace, so the CPU's bench has a row per layer, and `O`'s own
-    // fused kernels, if it has any, are not called.
+    // The fused ops are recorded as themselves and run as `O` runs them: the fast CPU path's
+    // step is these passes, so the CPU's bench has a row per pass, as the GPU's family has a row
+    // per kernel.
+
+    fn trunk_forward(&mut self, a: TrunkForward<Self>) -> Result<()> {
+        self.calls.push(OpCase::TrunkForward { s: a.s, images: a.gather.batch.batch, max_shift: 2 });
+        self.inner.trunk_forward(a)
+    }
+
+    fn head_forward_backward(&mut self, a: Head<Self>) -> Result<()> {
+        self.calls.push(OpCase::Head(a.s));
+        self.inner.head_forward_backward(a)
+    }
+
+    fn trunk_backward(&mut self, a: TrunkBackward<Self>) -> Result<()> {
+        self.calls.push(OpCase::TrunkBackward(a.s));
+        self.inner.trunk_backward(a)
+    }
 
     fn update(&mut self, a: Update<Self>) -> Result<()> {
         let (lens, partials) = update_shapes(a.params, a.grads, |b| self.inner.len(b));
