@@ -2439,17 +2439,28 @@ mod tests {
     /// each instruction set, for a whole block, a partial block and one image.
     #[test]
     fn direct_conv1_is_the_gemm_path_bit_for_bit() {
+        let shapes: Vec<ConvShape> = [CONV_BLOCK, 5, 1].map(conv1).to_vec();
+        assert_forward_is_the_gemm_path(direct_conv1, &shapes, 1);
+    }
+
+    /// `direct` (a direct forward kernel) gives conv_forward_block's bits on each instruction
+    /// set for each shape, on inputs drawn from `seed`.
+    fn assert_forward_is_the_gemm_path(
+        direct: fn(&mut [f32], &[f32], &[f32], &[f32], &ConvShape, Isa) -> bool,
+        shapes: &[ConvShape],
+        seed: u32,
+    ) {
         for isa in isas() {
-            for batch in [CONV_BLOCK, 5, 1] {
-                let s = conv1(batch);
-                let (inp, weight, bias) = (values(s.input_len(), 1), params(s.weight_len(), 2), params(6, 3));
-                let mut direct = vec![f32::NAN; s.output_len()];
-                assert!(direct_conv1(&mut direct, &inp, &weight, &bias, &s, isa));
+            for s in shapes {
+                let inp = values(s.input_len(), seed);
+                let (weight, bias) = (params(s.weight_len(), seed + 1), params(s.out_channels, seed + 2));
+                let mut direct_out = vec![f32::NAN; s.output_len()];
+                assert!(direct(&mut direct_out, &inp, &weight, &bias, s, isa));
                 // The GEMM path with the same instruction set's GEMM.
                 let mut gemm = vec![f32::NAN; s.output_len()];
-                with_isa(isa, || conv_forward_block(&mut gemm, &inp, &weight, &bias, &s, true));
-                let same = direct.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{isa:?} batch {batch}");
+                with_isa(isa, || conv_forward_block(&mut gemm, &inp, &weight, &bias, s, true));
+                let same = direct_out.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{isa:?} {s:?}");
             }
         }
     }
@@ -2503,18 +2514,8 @@ mod tests {
     /// each instruction set, for a whole block, a partial block and one image.
     #[test]
     fn direct_conv2_is_the_gemm_path_bit_for_bit() {
-        for isa in isas() {
-            for s in [CONV_BLOCK, 5, 1].into_iter().flat_map(conv2_shapes) {
-                let (inp, weight, bias) =
-                    (values(s.input_len(), 7), params(s.weight_len(), 8), params(16, 9));
-                let mut direct = vec![f32::NAN; s.output_len()];
-                assert!(direct_conv2(&mut direct, &inp, &weight, &bias, &s, isa));
-                let mut gemm = vec![f32::NAN; s.output_len()];
-                with_isa(isa, || conv_forward_block(&mut gemm, &inp, &weight, &bias, &s, true));
-                let same = direct.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{isa:?} {s:?}");
-            }
-        }
+        let shapes: Vec<ConvShape> = [CONV_BLOCK, 5, 1].into_iter().flat_map(conv2_shapes).collect();
+        assert_forward_is_the_gemm_path(direct_conv2, &shapes, 7);
     }
 
     /// Planted faults the bit comparison above must see: a tap read one column off, a weight's
@@ -2639,17 +2640,36 @@ mod tests {
     /// pixels), a partial block and one image.
     #[test]
     fn direct_conv2_weight_is_the_gemm_path_bit_for_bit() {
+        let shapes: Vec<ConvShape> = [CONV_BLOCK, 5, 1].into_iter().flat_map(conv2_shapes).collect();
+        assert_weight_is_the_gemm_path(&shapes, 31, |direct, accumulate, d, inp, s, isa| {
+            direct_conv2_weight(direct, accumulate, &pixel_major(d, s.output_len() / 16), inp, s, isa)
+        });
+    }
+
+    /// A direct weight-gradient kernel gives the GEMM path's bits ([`weight_block_gemm`], or for
+    /// conv1 its im2col form) on each instruction set for each shape, stored and accumulated,
+    /// on inputs drawn from `seed`.
+    fn assert_weight_is_the_gemm_path(
+        shapes: &[ConvShape],
+        seed: u32,
+        direct: impl Fn(&mut [f32], bool, &[f32], &[f32], &ConvShape, Isa) -> bool,
+    ) {
         for isa in isas() {
-            for s in [CONV_BLOCK, 5, 1].into_iter().flat_map(conv2_shapes) {
-                let (inp, d) = (values(s.input_len(), 31), params(s.output_len(), 32));
+            for s in shapes {
+                let (inp, d) = (values(s.input_len(), seed), params(s.output_len(), seed + 1));
                 for accumulate in [false, true] {
-                    let before = params(s.weight_len(), 33);
-                    let mut direct = before.clone();
-                    let dt = pixel_major(&d, s.output_len() / 16);
-                    assert!(direct_conv2_weight(&mut direct, accumulate, &dt, &inp, &s, isa));
+                    let before = params(s.weight_len(), seed + 2);
+                    let mut direct_out = before.clone();
+                    assert!(direct(&mut direct_out, accumulate, &d, &inp, s, isa));
                     let mut gemm = before.clone();
-                    with_isa(isa, || weight_block_gemm(&mut gemm, accumulate, &d, &inp, &s));
-                    let same = direct.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits());
+                    with_isa(isa, || {
+                        if s.in_channels == 1 {
+                            conv1_weight_by_gemm(&mut gemm, accumulate, &d, &inp, s)
+                        } else {
+                            weight_block_gemm(&mut gemm, accumulate, &d, &inp, s)
+                        }
+                    });
+                    let same = direct_out.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{isa:?} {s:?} accumulate {accumulate}");
                 }
             }
@@ -2713,21 +2733,8 @@ mod tests {
     /// block and one image, storing and accumulating.
     #[test]
     fn direct_conv1_weight_is_the_gemm_path_bit_for_bit() {
-        for isa in isas() {
-            for batch in [CONV_BLOCK, 5, 1] {
-                let s = conv1(batch);
-                let (inp, dout) = (values(s.input_len(), 21), params(s.output_len(), 22));
-                for accumulate in [false, true] {
-                    let before = params(s.weight_len(), 23);
-                    let mut direct = before.clone();
-                    assert!(direct_conv1_weight(&mut direct, accumulate, &dout, &inp, &s, isa));
-                    let mut gemm = before.clone();
-                    with_isa(isa, || conv1_weight_by_gemm(&mut gemm, accumulate, &dout, &inp, &s));
-                    let same = direct.iter().zip(&gemm).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{isa:?} batch {batch} accumulate {accumulate}");
-                }
-            }
-        }
+        let shapes: Vec<ConvShape> = [CONV_BLOCK, 5, 1].map(conv1).to_vec();
+        assert_weight_is_the_gemm_path(&shapes, 21, direct_conv1_weight);
     }
 
     /// Planted faults the bit comparison above must see: the input read one column off, one
