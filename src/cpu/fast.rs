@@ -10,7 +10,7 @@
 //! weight gradients are direct FMA kernels in the order of the GEMM they replace (the same
 //! bits); conv2's input gradient is a GEMM and col2im. The GEMMs are the `gemm` crate's AVX-512
 //! or AVX2 microkernels, as [`super::isa`] selects (`LENET_CPU_ISA`); the direct kernels are
-//! written over [`lanes`]' vector types, since array loops compiled to spills and scalar FMAs.
+//! written over the `lanes` module's vector types, since array loops compiled to spills and scalar FMAs.
 //! Max-pool with selects instead of branches; ReLU fused into the layer before it (and into the
 //! pool's backward). Each fused pass computes exactly what the per-layer ops it replaces compute
 //! (tests/ops.rs runs both), in the same blocks.
@@ -2443,13 +2443,13 @@ mod tests {
         assert_forward_is_the_gemm_path(direct_conv1, &shapes, 1);
     }
 
-    /// `direct` (a direct forward kernel) gives conv_forward_block's bits on each instruction
-    /// set for each shape, on inputs drawn from `seed`.
-    fn assert_forward_is_the_gemm_path(
-        direct: fn(&mut [f32], &[f32], &[f32], &[f32], &ConvShape, Isa) -> bool,
-        shapes: &[ConvShape],
-        seed: u32,
-    ) {
+    /// A direct forward kernel: (out, input, weight, bias, shape, instruction set) -> whether it
+    /// took the shape.
+    type DirectForward = fn(&mut [f32], &[f32], &[f32], &[f32], &ConvShape, Isa) -> bool;
+
+    /// `direct` gives conv_forward_block's bits on each instruction set for each shape, on
+    /// inputs drawn from `seed`.
+    fn assert_forward_is_the_gemm_path(direct: DirectForward, shapes: &[ConvShape], seed: u32) {
         for isa in isas() {
             for s in shapes {
                 let inp = values(s.input_len(), seed);
