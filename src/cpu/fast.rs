@@ -530,20 +530,14 @@ fn conv_relu_pool_forward(inp: &[f32], l: ConvLayer<Fast>) -> Result<()> {
         return Ok(());
     }
     let isa = super::isa::selected();
+    let w = LayerWeights::new(weight, bias, &s);
     out.par_chunks_mut(CONV_BLOCK * out_len)
         .zip(inp.par_chunks(CONV_BLOCK * in_len.max(1)))
         .zip(pooled.par_chunks_mut(CONV_BLOCK * out_len / 4))
         .zip(argmax.par_chunks_mut(CONV_BLOCK * out_len / 4))
         .enumerate()
         .for_each(|(blk, (((out, inp), pooled), argmax))| {
-            conv_pool_block(
-                ConvBlock { out, pooled, argmax, first: blk * CONV_BLOCK },
-                inp,
-                weight,
-                bias,
-                &s,
-                isa,
-            );
+            conv_pool_block(ConvBlock { out, pooled, argmax, first: blk * CONV_BLOCK }, inp, &w, &s, isa);
         });
     Ok(())
 }
@@ -571,21 +565,30 @@ struct ConvBlock<'a> {
     first: usize,
 }
 
+/// A conv layer's parameters for [`conv_pool_block`], with what its blocks share prepared once
+/// a call: the weights tap-major where [`direct_conv2`] takes the shape.
+struct LayerWeights<'a> {
+    weight: &'a [f32],
+    bias: &'a [f32],
+    tap_major: Option<Vec<[f32; DIRECT2_COUT]>>,
+}
+
+impl<'a> LayerWeights<'a> {
+    fn new(weight: &'a [f32], bias: &'a [f32], s: &ConvShape) -> Self {
+        LayerWeights { weight, bias, tap_major: direct2_fits(s).then(|| tap_major(weight, s)) }
+    }
+}
+
 /// The conv, ReLU and max-pool of one block of whole images (at most CONV_BLOCK): a direct
 /// kernel where one takes the shape, else im2col + GEMM; then each image pooled while its output
 /// is in cache.
-fn conv_pool_block(
-    b: ConvBlock,
-    inp: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    s: &ConvShape,
-    isa: super::isa::Isa,
-) {
+fn conv_pool_block(b: ConvBlock, inp: &[f32], w: &LayerWeights, s: &ConvShape, isa: super::isa::Isa) {
     let ConvBlock { out, pooled, argmax, first } = b;
     let out_len = s.output_len() / s.batch;
-    if !direct_conv1(out, inp, weight, bias, s, isa) && !direct_conv2(out, inp, weight, bias, s, isa) {
-        conv_forward_block(out, inp, weight, bias, s, true);
+    let direct = direct_conv1(out, inp, w.weight, w.bias, s, isa)
+        || w.tap_major.as_deref().is_some_and(|wt| direct_conv2(out, inp, wt, w.bias, s, isa));
+    if !direct {
+        conv_forward_block(out, inp, w.weight, w.bias, s, true);
     }
     let images = out.chunks(out_len).zip(pooled.chunks_mut(out_len / 4)).zip(argmax.chunks_mut(out_len / 4));
     for (j, ((out, pooled), argmax)) in images.enumerate() {
@@ -617,7 +620,8 @@ fn trunk_forward(a: TrunkForward<Fast>) -> Result<()> {
     let b = CONV_BLOCK;
     let gathered = input.par_chunks_mut(b * in1).zip(labels.par_chunks_mut(b));
     let picks = batch.indices.par_chunks(b).zip(batch.shifts.par_chunks(2 * b));
-    let (w1, b1, w2, b2) = (conv1.weight, conv1.bias, conv2.weight, conv2.bias);
+    let (w1, w2) =
+        (LayerWeights::new(conv1.weight, conv1.bias, &s1), LayerWeights::new(conv2.weight, conv2.bias, &s2));
     let layer1 = conv1.conv.par_chunks_mut(b * out1).zip(conv1.pooled.par_chunks_mut(b * out1 / 4));
     let layer1 = layer1.zip(conv1.argmax.par_chunks_mut(b * out1 / 4));
     let layer2 = conv2.conv.par_chunks_mut(b * out2).zip(conv2.pooled.par_chunks_mut(b * out2 / 4));
@@ -626,15 +630,8 @@ fn trunk_forward(a: TrunkForward<Fast>) -> Result<()> {
         |(blk, ((((input, labels), (indices, shifts)), ((c1, p1), a1)), ((c2, p2), a2)))| {
             super::super::reference::gather_batch(input, labels, batch.data, indices, shifts);
             let first = blk * b;
-            conv_pool_block(
-                ConvBlock { out: c1, pooled: &mut *p1, argmax: a1, first },
-                input,
-                w1,
-                b1,
-                &s1,
-                isa,
-            );
-            conv_pool_block(ConvBlock { out: c2, pooled: p2, argmax: a2, first }, p1, w2, b2, &s2, isa);
+            conv_pool_block(ConvBlock { out: c1, pooled: &mut *p1, argmax: a1, first }, input, &w1, &s1, isa);
+            conv_pool_block(ConvBlock { out: c2, pooled: p2, argmax: a2, first }, p1, &w2, &s2, isa);
         },
     );
     Ok(())
@@ -798,7 +795,7 @@ fn direct2_fits(s: &ConvShape) -> bool {
 fn direct_conv2(
     out: &mut [f32],
     inp: &[f32],
-    weight: &[f32],
+    wt: &[[f32; DIRECT2_COUT]],
     bias: &[f32],
     s: &ConvShape,
     isa: super::isa::Isa,
@@ -806,32 +803,38 @@ fn direct_conv2(
     if !direct2_fits(s) {
         return false;
     }
+    assert_eq!(wt.len(), s.in_channels * 25, "direct_conv2: the weights tap-major (see tap_major)");
     #[cfg(target_arch = "x86_64")]
     {
         use super::isa::Isa;
-        let ckk = s.in_channels * 25;
-        // The weights tap-major: wt[tap] holds the tap's weight for each output channel.
-        let mut wt = vec![[0f32; DIRECT2_COUT]; ckk];
-        for (co, w) in weight.chunks_exact(ckk).enumerate() {
-            for (t, &w) in wt.iter_mut().zip(w) {
-                t[co] = w;
-            }
-        }
         // SAFETY: the instruction set was checked against the CPU when it was selected.
         match isa {
             // 10 pixels x 1 vector: 10 accumulators of the 32 registers.
-            Isa::Avx512 => unsafe { direct_conv2_avx512(out, inp, &wt, bias, s) },
+            Isa::Avx512 => unsafe { direct_conv2_avx512(out, inp, wt, bias, s) },
             // 5 pixels x 2 vectors: 10 accumulators of the 16 registers.
-            Isa::Avx2 => unsafe { direct_conv2_avx2(out, inp, &wt, bias, s) },
+            Isa::Avx2 => unsafe { direct_conv2_avx2(out, inp, wt, bias, s) },
             Isa::Generic => return false,
         }
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (out, inp, weight, bias, isa);
+        let _ = (out, inp, bias, isa);
         false
     }
+}
+
+/// conv weights [Cout = 16, Cin, 5, 5] tap-major for [`direct_conv2`]: `wt[tap]` holds the
+/// tap's weight for each output channel.
+fn tap_major(weight: &[f32], s: &ConvShape) -> Vec<[f32; DIRECT2_COUT]> {
+    let ckk = s.in_channels * 25;
+    let mut wt = vec![[0f32; DIRECT2_COUT]; ckk];
+    for (co, w) in weight.chunks_exact(ckk).enumerate() {
+        for (t, &w) in wt.iter_mut().zip(w) {
+            t[co] = w;
+        }
+    }
+    wt
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1083,17 +1086,24 @@ impl LayerBackward<'_> {
                 let argmax = &self.argmax[img * pooled_len..][..pooled_len];
                 pool_relu_backward_image(dout, &self.dpooled[at], argmax, conv, img * out_len);
             }
-            if direct_conv1_weight(pw, i > 0, dout, inp, s, isa) {
+            let conv1 = direct_conv1_weight(pw, i > 0, dout, inp, s, isa);
+            if conv1 {
                 // The bias: each channel's sum over the block's images as sum_fixed folds the
                 // gathered row (images of 784 = 49 x 16 values leave no remainder, so image by
                 // image is the same order).
                 for (co, b) in pb.iter_mut().enumerate() {
                     *b += sum_fixed_images(dout.chunks(out_len).map(|img| &img[co * hw..][..hw]));
                 }
-            } else {
-                let ld = nb * hw;
-                with_buffer(&GATHER, cout * ld, |d| {
-                    gather_channels(d, dout, cout, hw);
+            }
+            if conv1 && dinp.is_none() {
+                return;
+            }
+            // The gradient gathered by channel, once for the weight GEMM, the bias and the
+            // input gradient.
+            let ld = nb * hw;
+            with_buffer(&GATHER, cout * ld, |d| {
+                gather_channels(d, dout, cout, hw);
+                if !conv1 {
                     let direct = direct2_fits(s)
                         && with_buffer(&PIXELS, ld * DIRECT2_COUT, |dt| {
                             let dt = dt.as_chunks_mut::<DIRECT2_COUT>().0;
@@ -1109,11 +1119,11 @@ impl LayerBackward<'_> {
                     for (b, row) in pb.iter_mut().zip(d.chunks(ld)) {
                         *b += sum_fixed(row);
                     }
-                });
-            }
-            if let Some(dinp) = dinp {
-                input_grad_block(dinp, dout, self.weight, s, ckk);
-            }
+                }
+                if let Some(dinp) = dinp {
+                    input_grad_block(dinp, d, self.weight, s, ckk);
+                }
+            });
         });
     }
 }
@@ -1186,24 +1196,21 @@ fn trunk_backward(a: TrunkBackward<Fast>) -> Result<()> {
     Ok(())
 }
 
-/// The input gradient of one block of images from their output gradient (see
-/// [`super::reference::conv2d_backward_input`]): the output gradient gathered by channel, one
-/// GEMM with the transposed weights into col, then [`col2im`] image by image.
-fn input_grad_block(dinp: &mut [f32], dout: &[f32], weight: &[f32], s: &ConvShape, ckk: usize) {
+/// The input gradient of one block of images (see [`super::reference::conv2d_backward_input`])
+/// from their output gradient gathered by channel (`d`, as [`gather_channels`] lays it out):
+/// one GEMM with the transposed weights into col, then [`col2im`] image by image.
+fn input_grad_block(dinp: &mut [f32], d: &[f32], weight: &[f32], s: &ConvShape, ckk: usize) {
     let ConvDims { hw, in_len, .. } = conv_dims(s);
     let cout = s.out_channels;
     let ld = dinp.len() / in_len * hw;
-    with_buffer(&GATHER, cout * ld, |d| {
-        gather_channels(d, dout, cout, hw);
-        with_buffer(&COL, ckk * ld, |dcol| {
-            // dcol[ckk, nb*hw] = weightᵀ[ckk, cout] · dout[cout, nb*hw]
-            let wt = View { data: weight, rs: 1, cs: ckk };
-            let dv = View { data: d, rs: ld, cs: 1 };
-            matmul(dcol, ld, false, wt, dv, ckk, ld, cout);
-            for (j, dinp) in dinp.chunks_mut(in_len).enumerate() {
-                col2im(dinp, &dcol[j * hw..], ld, s);
-            }
-        });
+    with_buffer(&COL, ckk * ld, |dcol| {
+        // dcol[ckk, nb*hw] = weightᵀ[ckk, cout] · dout[cout, nb*hw]
+        let wt = View { data: weight, rs: 1, cs: ckk };
+        let dv = View { data: d, rs: ld, cs: 1 };
+        matmul(dcol, ld, false, wt, dv, ckk, ld, cout);
+        for (j, dinp) in dinp.chunks_mut(in_len).enumerate() {
+            col2im(dinp, &dcol[j * hw..], ld, s);
+        }
     });
 }
 
@@ -1297,7 +1304,7 @@ unsafe fn conv1_weight_avx512(
     cout: usize,
 ) {
     // 3 channels x 5 taps: 15 accumulators of 16 lanes, with 3 + 5 loads, in 32 registers.
-    conv1_weight::<lanes::Avx512, 16, 3, 15>(dweight, accumulate, dout, shifted, cout);
+    conv1_weight::<lanes::Avx512, 16, 3>(dweight, accumulate, dout, shifted, cout);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1310,17 +1317,16 @@ unsafe fn conv1_weight_avx2(
     cout: usize,
 ) {
     // 2 channels x 5 taps: 10 accumulators of 8 lanes, in 16 registers.
-    conv1_weight::<lanes::Avx2x8, 8, 2, 10>(dweight, accumulate, dout, shifted, cout);
+    conv1_weight::<lanes::Avx2x8, 8, 2>(dweight, accumulate, dout, shifted, cout);
 }
 
 /// The body of [`direct_conv1_weight`] for W lanes (V's width), channels in groups of G (a tap
-/// row's 5 taps at once, so each load of dout serves 5 FMAs and each shifted load G); T = 5G
-/// accumulators.
+/// row's 5 taps at once, so each load of dout serves 5 FMAs and each shifted load G).
 ///
 /// # Safety
 /// As for `V`'s methods: the CPU has V's instruction set.
 #[inline(always)]
-unsafe fn conv1_weight<V: lanes::Native, const W: usize, const G: usize, const T: usize>(
+unsafe fn conv1_weight<V: lanes::Native, const W: usize, const G: usize>(
     dweight: &mut [f32],
     accumulate: bool,
     dout: &[f32],
@@ -1328,7 +1334,7 @@ unsafe fn conv1_weight<V: lanes::Native, const W: usize, const G: usize, const T
     cout: usize,
 ) {
     const HW: usize = DIRECT_SIDE * DIRECT_SIDE;
-    const { assert!(HW.is_multiple_of(W) && HORIZONTAL_KC.is_multiple_of(W) && V::W == W && T == 5 * G) };
+    const { assert!(HW.is_multiple_of(W) && HORIZONTAL_KC.is_multiple_of(W) && V::W == W) };
     let total = shifted.len() / SHIFTED_LEN * HW;
     assert!(dout.len() == total / HW * cout * HW, "conv1_weight: the gradient does not match the images");
     let mut first = !accumulate;
@@ -1340,10 +1346,10 @@ unsafe fn conv1_weight<V: lanes::Native, const W: usize, const G: usize, const T
             for ky in 0..5 {
                 let mut sums = [[0f32; 5]; G];
                 if g == G {
-                    conv1_weight_pass::<V, W, G, T>(&mut sums, dout, shifted, cout, co, ky, start, end);
+                    conv1_weight_pass::<V, W, G>(&mut sums, dout, shifted, cout, co, ky, start, end);
                 } else {
                     let one: &mut [[f32; 5]; 1] = (&mut sums[..1]).try_into().unwrap();
-                    conv1_weight_pass::<V, W, 1, 5>(one, dout, shifted, cout, co, ky, start, end);
+                    conv1_weight_pass::<V, W, 1>(one, dout, shifted, cout, co, ky, start, end);
                 }
                 for (c, sums) in sums.iter().enumerate().take(g) {
                     let dst = &mut dweight[(co + c) * 25 + ky * 5..][..5];
@@ -1365,7 +1371,7 @@ unsafe fn conv1_weight<V: lanes::Native, const W: usize, const G: usize, const T
 /// As for `V`'s methods: the CPU has V's instruction set.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn conv1_weight_pass<V: lanes::Native, const W: usize, const G: usize, const T: usize>(
+unsafe fn conv1_weight_pass<V: lanes::Native, const W: usize, const G: usize>(
     sums: &mut [[f32; 5]; G],
     dout: &[f32],
     shifted: &[f32],
@@ -2515,7 +2521,9 @@ mod tests {
     #[test]
     fn direct_conv2_is_the_gemm_path_bit_for_bit() {
         let shapes: Vec<ConvShape> = [CONV_BLOCK, 5, 1].into_iter().flat_map(conv2_shapes).collect();
-        assert_forward_is_the_gemm_path(direct_conv2, &shapes, 7);
+        let direct: DirectForward =
+            |out, inp, weight, bias, s, isa| direct_conv2(out, inp, &tap_major(weight, s), bias, s, isa);
+        assert_forward_is_the_gemm_path(direct, &shapes, 7);
     }
 
     /// Planted faults the bit comparison above must see: a tap read one column off, a weight's
@@ -2542,7 +2550,7 @@ mod tests {
         let (rot_inp, rot_weight) = (rotate(&inp, plane), rotate(&weight, 25));
         for (inp, weight) in [(&shifted, &weight), (&inp, &flipped), (&rot_inp, &rot_weight)] {
             let mut got = vec![0.0; s.output_len()];
-            assert!(direct_conv2(&mut got, inp, weight, &bias, &s, isa));
+            assert!(direct_conv2(&mut got, inp, &tap_major(weight, &s), &bias, &s, isa));
             let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(!same);
         }
